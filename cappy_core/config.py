@@ -1,0 +1,144 @@
+"""Job configs: dataclasses loadable from YAML and overridable from the command line.
+
+Precedence is defaults < ``--config FILE.yaml`` < explicit CLI flags. Unknown YAML keys are an
+error that names the file and the key, so a typo never silently falls back to a default.
+
+Each field becomes a flag ``--field-name``; ``metadata={"help": ...}`` on the field becomes its
+``--help`` text. Supported field types: str, int, float, bool (``--x/--no-x``), Optional of
+those, and ``list[str]`` / ``list[int]`` / ``list[float]`` (``nargs='+'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+import yaml
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file and field."""
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert a YAML value to the field's declared type."""
+    tp, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: null is not allowed (expected {getattr(tp, '__name__', tp)})")
+    origin = typing.get_origin(tp)
+    if origin in (list, Sequence, tuple):
+        (item_tp,) = typing.get_args(tp)[:1] or (str,)
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def load_yaml(cls: type[C], path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping of overrides for ``cls``; unknown keys are an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    types_ = _field_types(cls)
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in types_:
+            close = difflib.get_close_matches(name, list(types_), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"{path}: unknown key '{key}' for {cls.__name__}{hint}")
+        out[name] = _coerce(value, types_[name], f"{path}: {key}")
+    return out
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add ``--config`` and one flag per dataclass field (defaults are resolved later)."""
+    parser.add_argument(
+        "--config", metavar="YAML", default=None,
+        help="YAML file of config values; explicit flags override it",
+    )
+    types_ = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        tp, _ = _unwrap_optional(types_[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        help_ = f.metadata.get("help", "")
+        help_ = f"{help_} (default: {default!r})" if help_ else f"default: {default!r}"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_}
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        origin = typing.get_origin(tp)
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif origin in (list, Sequence, tuple):
+            (item_tp,) = typing.get_args(tp)[:1] or (str,)
+            kwargs.update(nargs="+", type=item_tp, metavar=f.name.upper())
+        else:
+            kwargs.update(type=tp, metavar=f.metadata.get("metavar", f.name.upper()))
+        parser.add_argument(flag, **kwargs)
+
+
+def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
+    """defaults < YAML (``args.config``) < flags given on the command line."""
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        values.update(load_yaml(cls, args.config))
+    names = {f.name for f in dataclasses.fields(cls)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return cls(**values)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain dict of the resolved config, for writing next to results."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

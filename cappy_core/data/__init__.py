@@ -1,0 +1,1 @@
+"""BIG-Bench offline: the source archive cache, the task.json loader and the Parquet records."""

@@ -1,0 +1,1 @@
+"""Benchmarks as jobs: each prints one JSON line (``python -m jobs.bench.<name>``)."""
