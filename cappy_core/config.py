@@ -110,7 +110,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         help_ = f.metadata.get("help", "")
-        help_ = f"{help_} (default: {default!r})" if help_ else f"default: {default!r}"
+        if default is not None:
+            help_ = f"{help_} (default: {default!r})" if help_ else f"default: {default!r}"
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]

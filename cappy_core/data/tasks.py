@@ -1,0 +1,75 @@
+"""Named task sets: the paper's 45 generative BIG-Bench tasks, and the pretraining set (the rest).
+
+Task specs accepted everywhere a task list is: ``all45``, ``pretrain``, or task names. Names are
+resolved against the tasks actually present (the cache, plus a user's ``--task-dir``); an unknown
+name is an error that lists close matches.
+"""
+
+from __future__ import annotations
+
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Iterable, Mapping
+
+ALL45 = "all45"
+PRETRAIN = "pretrain"
+
+
+def _read_45() -> tuple[str, ...]:
+    text = resources.files("cappy_core.data").joinpath("bigbench_45_tasks.txt").read_text()
+    return tuple(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
+
+
+GENERATIVE_45: tuple[str, ...] = _read_45()
+
+# Tasks of the 45 that bigbench==1.0.0 does not ship, with how to add them.
+UNAVAILABLE_OFFLINE: dict[str, str] = {
+    "tellmewhy": (
+        "tellmewhy is not in bigbench==1.0.0, so it is unavailable offline; to add it, pass "
+        "--task-dir DIR where DIR/tellmewhy/task.json exists (a BIG-Bench checkout's "
+        "bigbench/benchmark_tasks, or JSON of your own in the BIG-Bench task format)"
+    ),
+}
+
+
+class UnknownTaskError(ValueError):
+    pass
+
+
+def resolve_tasks(specs: Iterable[str], available: Mapping[str, Path] | Iterable[str]) -> tuple[list[str], dict[str, str]]:
+    """Expand task specs; returns (task names to use, {unavailable name: explanation}).
+
+    ``available`` are the tasks that can be loaded. Members of the 45 that are not available are
+    reported (not an error) so ``all45`` runs the 44 offline tasks; any other unknown name raises
+    :class:`UnknownTaskError` with close matches.
+    """
+    available = set(available)
+    names: list[str] = []
+    unavailable: dict[str, str] = {}
+
+    def add(name: str) -> None:
+        if name not in names:
+            names.append(name)
+
+    for spec in specs:
+        if spec == ALL45:
+            for t in GENERATIVE_45:
+                if t in available:
+                    add(t)
+                else:
+                    unavailable[t] = UNAVAILABLE_OFFLINE.get(t, f"{t} is not in the task folders")
+        elif spec == PRETRAIN:
+            for t in sorted(available - set(GENERATIVE_45)):
+                add(t)
+        elif spec in available:
+            add(spec)
+        elif spec in UNAVAILABLE_OFFLINE:
+            unavailable[spec] = UNAVAILABLE_OFFLINE[spec]
+        else:
+            close = difflib.get_close_matches(spec, sorted(available | {ALL45, PRETRAIN}), n=5, cutoff=0.6)
+            hint = f"; close matches: {', '.join(close)}" if close else ""
+            raise UnknownTaskError(
+                f"unknown task {spec!r} (not {ALL45!r}, {PRETRAIN!r}, nor a task folder){hint}"
+            )
+    return names, unavailable
