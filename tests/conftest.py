@@ -25,3 +25,21 @@ def bigbench_root() -> Path:
         return bigbench_task_root()
     except BigBenchNotFound as e:
         pytest.fail(str(e), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def ray_address() -> str:
+    """One local Ray for the whole session (2 CPUs, no dashboard, loopback only, no token
+    auth). Jobs run as subprocesses connect to it through ``RAY_ADDRESS`` instead of starting
+    their own cluster. A stalled Ray Data pipeline fails instead of hanging."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "300")
+    import ray
+
+    ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                   object_store_memory=1_500_000_000, _node_ip_address="127.0.0.1")
+    address = ctx.address_info["gcs_address"]
+    os.environ["RAY_ADDRESS"] = address
+    yield address
+    ray.shutdown()
+    os.environ.pop("RAY_ADDRESS", None)
