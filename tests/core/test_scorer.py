@@ -1,0 +1,226 @@
+"""The Cappy scorer: batched scoring equals plain per-pair transformers scoring, selection rules,
+the one checkpoint format (safetensors + cappy.json, atomic), pickle refusal, and the embedded
+MiniLM's deterministic head."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cappy_core.scorer import (
+    CAPPY_JSON,
+    PickleCheckpointError,
+    Scorer,
+    flops_per_pair,
+    length_buckets,
+    select_best,
+    select_best_grouped,
+)
+
+WORDS = ("the cat sat on a mat while seven quick foxes jumped over lazy dogs and one "
+         "bright answer appeared near the river bank").split()
+
+
+def _text(rng: random.Random, n_words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+def _pairs(n: int = 40, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Mixed lengths, a few shared instructions, one pair far beyond 512 tokens."""
+    rng = random.Random(seed)
+    ins, res = [], []
+    for i in range(n):
+        instruction = _text(rng, rng.choice([3, 10, 40, 120])) if i % 3 else "Q: what is 2+2?"
+        ins.append(instruction)
+        res.append(_text(rng, rng.choice([1, 4, 15, 60])))
+    if n > 11:
+        ins[7] = _text(rng, 900)  # truncated (longest_first) to 512 tokens
+        res[7] = _text(rng, 30)
+        res[11] = ""  # an empty response is a valid candidate
+    return ins, res
+
+
+@pytest.fixture(scope="module")
+def scorer() -> Scorer:
+    return Scorer.from_pretrained("minilm", device="cpu", seed=0)
+
+
+def _same_weights(a: Scorer, b: Scorer) -> bool:
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _assert_same_scores(a: list[float], b: list[float]) -> None:
+    # Same weights give the same scores up to MKL's alignment-dependent rounding (~1e-9).
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+
+
+def _per_pair_reference(s: Scorer, ins: list[str], res: list[str]) -> np.ndarray:
+    """Plain transformers: each pair encoded alone, no padding, first logit.
+
+    Encoded as a one-pair batch: ``tokenizer(i, "")`` (non-batched) silently drops an empty
+    second text and encodes a single sequence, unlike the batched call the scorer makes.
+    """
+    out = []
+    with torch.inference_mode():
+        for i, r in zip(ins, res):
+            enc = s.tokenizer([i], [r], truncation="longest_first", max_length=512,
+                              return_tensors="pt")
+            out.append(float(s.model(**enc).logits[0, 0]))
+    return np.array(out)
+
+
+def test_batched_scores_equal_per_pair_transformers(scorer):
+    ins, res = _pairs()
+    lengths = [len(x) for x in scorer.encode(ins, res)["input_ids"]]
+    assert max(lengths) == 512 and min(lengths) < 20  # truncation happened; lengths are mixed
+    sep = scorer.tokenizer.sep_token_id
+    assert scorer.encode(ins, res)["input_ids"][11][-2:] == [sep, sep]  # "" is still a pair
+    ref = _per_pair_reference(scorer, ins, res)
+    assert np.std(ref) > 1e-3  # the pairs get distinguishable scores, so order is checked below
+    got = scorer.score(ins, res, batch_size=8)
+    assert isinstance(got, list) and all(isinstance(x, float) for x in got)
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+    # a token budget (bigger batches of short pairs) changes batching, not results
+    np.testing.assert_allclose(scorer.score(ins, res, batch_size=64, max_tokens=1024), ref,
+                               atol=1e-5, rtol=0)
+    # input order is preserved: scoring a permutation permutes the scores
+    perm = list(range(len(ins)))
+    random.Random(1).shuffle(perm)
+    got_perm = scorer.score([ins[p] for p in perm], [res[p] for p in perm], batch_size=8)
+    np.testing.assert_allclose(got_perm, ref[perm], atol=1e-5, rtol=0)
+
+
+def test_bf16_close_to_fp32(scorer):
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN: bf16 matmuls unsupported on this CPU build")
+    ins, res = _pairs(24, seed=3)
+    ref = np.array(scorer.score(ins, res))
+    bf = Scorer(scorer.model, scorer.tokenizer, dtype="bfloat16")
+    got = np.array(bf.score(ins, res))
+    assert np.abs(got - ref).max() < 3e-3
+    assert np.corrcoef(got, ref)[0, 1] > 0.98
+    assert next(scorer.model.parameters()).dtype == torch.float32  # autocast, weights untouched
+    # the head runs in fp32: scores are not rounded to bf16's ~3 digits (which would make ties)
+    assert any(float(torch.tensor(x).bfloat16()) != x for x in got)
+
+
+def test_input_validation(scorer):
+    assert scorer.score([], []) == []
+    with pytest.raises(ValueError, match="2 instructions but 1 responses"):
+        scorer.score(["a", "b"], ["x"])
+    with pytest.raises(TypeError, match=r"responses\[1\] must be a str"):
+        scorer.score(["a", "b"], ["x", 3])
+    with pytest.raises(TypeError, match="list of strings"):
+        scorer.score("abc", "xyz")
+    with pytest.raises(ValueError, match="no candidates"):
+        scorer.score_and_select("pick one", [])
+
+
+def test_score_and_select(scorer):
+    cands = ["blue", "green", "red", "blue"]
+    idx, scores = scorer.score_and_select("What colour is the sky?", cands)
+    assert len(scores) == 4 and idx == select_best(scores)
+    assert scores[0] == pytest.approx(scores[3], abs=1e-6)  # duplicates score the same
+
+
+def test_select_best_rules():
+    assert select_best([0.1, 0.5, 0.5, 0.2]) == 1  # ties go to the first
+    assert select_best([3.0]) == 0
+    assert select_best([float("nan"), -1.0, -2.0]) == 1  # NaN never wins
+    assert select_best([float("nan")] * 2) == 0
+    assert select_best(np.array([1.0, 2.0, 2.0], dtype=np.float32)) == 1
+    with pytest.raises(ValueError, match="no candidates"):
+        select_best([])
+    assert select_best_grouped([1, 2, 2, 5, 0, 5, 7], [3, 3, 1]) == [1, 0, 0]
+    with pytest.raises(ValueError, match="sum to 5"):
+        select_best_grouped([1, 2, 3, 4], [2, 3])
+    with pytest.raises(ValueError, match="≥1 candidate"):
+        select_best_grouped([1, 2], [2, 0])
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(1, 600), max_size=60), st.integers(1, 16),
+       st.one_of(st.none(), st.integers(1, 4000)))
+def test_length_buckets_cover_every_pair_once_within_budget(lengths, batch_size, max_tokens):
+    batches = length_buckets(lengths, batch_size, max_tokens)
+    flat = sorted(int(i) for b in batches for i in b)
+    assert flat == list(range(len(lengths)))
+    for b in batches:
+        assert 1 <= len(b) <= batch_size
+        padded = len(b) * max(lengths[i] for i in b)
+        assert max_tokens is None or len(b) == 1 or padded <= max_tokens
+
+
+def test_save_load_round_trip(scorer, tmp_path):
+    ins, res = _pairs(12, seed=5)
+    before = scorer.score(ins, res)
+    ckpt = tmp_path / "ckpt"
+    scorer.save_pretrained(ckpt, metadata={"step": 7, "metrics": {"rougeL": 12.5}})
+    names = {p.name for p in ckpt.iterdir()}
+    assert "model.safetensors" in names and "config.json" in names
+    assert not any(n.endswith((".bin", ".pt", ".pth")) for n in names)
+    info = json.loads((ckpt / CAPPY_JSON).read_text())
+    assert info["format_version"] == 1 and info["max_length"] == 512
+    assert info["metadata"] == {"step": 7, "metrics": {"rougeL": 12.5}}
+    assert "all-MiniLM-L6-v2" in info["base_model"]
+    # the head comes from the checkpoint, not from the seed
+    loaded = Scorer.from_pretrained(ckpt, device="cpu", seed=123)
+    assert _same_weights(loaded, scorer)
+    _assert_same_scores(loaded.score(ins, res), before)
+    assert loaded.metadata["metadata"]["step"] == 7 and loaded.base_model == info["base_model"]
+    # overwriting an existing checkpoint is atomic and leaves no temporary folders behind
+    scorer.save_pretrained(ckpt, metadata={"step": 8})
+    assert json.loads((ckpt / CAPPY_JSON).read_text())["metadata"] == {"step": 8}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_pickle_only_folder_refused_unless_allowed(scorer, tmp_path):
+    ckpt = tmp_path / "pickled"
+    scorer.save_pretrained(ckpt)
+    state = {k: v.contiguous() for k, v in scorer.model.state_dict().items()}
+    torch.save(state, ckpt / "pytorch_model.bin")
+    (ckpt / "model.safetensors").unlink()
+    with pytest.raises(PickleCheckpointError, match="allow_pickle"):
+        Scorer.from_pretrained(ckpt)
+    loaded = Scorer.from_pretrained(ckpt, allow_pickle=True, device="cpu")
+    ins, res = _pairs(6, seed=9)
+    assert _same_weights(loaded, scorer)
+    _assert_same_scores(loaded.score(ins, res), scorer.score(ins, res))
+
+
+def test_missing_path_is_a_clear_error(tmp_path):
+    missing = tmp_path / "no" / "such" / "ckpt"
+    with pytest.raises(FileNotFoundError, match="no/such/ckpt"):
+        Scorer.from_pretrained(missing)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        Scorer.from_pretrained("./nope-not-here")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Scorer.from_pretrained(tmp_path / "empty")
+
+
+def test_embedded_head_is_deterministic_in_seed(scorer):
+    ins, res = _pairs(8, seed=11)
+    again = Scorer.from_pretrained("minilm", device="cpu", seed=0)
+    other = Scorer.from_pretrained("minilm", device="cpu", seed=1)
+    torch.manual_seed(999)  # global RNG state does not matter
+    assert _same_weights(again, scorer) and not _same_weights(other, scorer)
+    _assert_same_scores(again.score(ins, res), scorer.score(ins, res))
+    assert not np.allclose(other.score(ins, res), scorer.score(ins, res), atol=1e-4)
+
+
+def test_flops_per_pair_formula(scorer):
+    cfg = scorer.model.config  # MiniLM-L6: d=384, 6 layers, d_ff=1536
+    d, n_layers, d_ff = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size
+    t = 100
+    expected = 2 * n_layers * (4 * d * d + 2 * d * d_ff) * t + 4 * n_layers * t * t * d
+    assert math.isclose(flops_per_pair(cfg, t), expected, rel_tol=1e-3)
+    assert flops_per_pair(cfg, 2 * t) > 2 * flops_per_pair(cfg, t)  # attention is quadratic
