@@ -1,0 +1,138 @@
+"""Evaluation: Cappy's pick against the baselines, and classification with Cappy alone.
+
+Generation (per task, on validation candidates). Every method picks one candidate per
+instruction; the metric is that candidate's Rouge-L F1 against the best-matching reference
+(``cappy_core.labeling.rouge_l``), averaged over the task's instructions; the summary is the
+unweighted mean over tasks, ×100.
+
+* ``cappy``: highest scorer score, ties to the first candidate in decoding order.
+* ``beam4`` and one baseline per sampling config: the first sample (``sample_idx == 0``) of that
+  decoding — the LLM used alone with that decoding.
+* ``self_score_sum`` / ``self_score_mean``: the candidate the generator itself rates most likely
+  (summed / per-token mean log-likelihood), ties to the first.
+* ``oracle`` (best of all candidates) and ``random`` (expected value of a uniform pick) bound
+  what selection can do; they are reported, not baselines.
+
+Classification: score each answer choice with Cappy, argmax (ties to the first), accuracy against
+the choices with the highest ``choice_score``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+BEAM = "beam4"
+SELF_SUM, SELF_MEAN, CAPPY, ORACLE, RANDOM = "self_score_sum", "self_score_mean", "cappy", "oracle", "random"
+
+
+@dataclass(frozen=True)
+class ScoredCandidate:
+    """What evaluation needs of one candidate (decoding order = list order)."""
+
+    decoding: str
+    sample_idx: int
+    rouge: float  # Rouge-L F1 against the instruction's references
+    logprob_sum: float
+    logprob_mean: float
+    score: float | None = None  # Cappy's raw score, if scored
+
+
+def argmax_first(values: Sequence[float]) -> int:
+    """Index of the maximum; ties (and NaNs, which never win) go to the first."""
+    best, best_i = None, -1
+    for i, v in enumerate(values):
+        if v == v and (best is None or v > best):  # v == v is False for NaN
+            best, best_i = v, i
+    if best_i < 0:
+        raise ValueError("no candidate has a comparable value (empty or all NaN)")
+    return best_i
+
+
+def baseline_methods(decodings: Sequence[str]) -> list[str]:
+    """The LLM-alone baselines present in ``decodings`` (in decoding order), then self-scores."""
+    seen: list[str] = []
+    for d in decodings:
+        if d not in seen:
+            seen.append(d)
+    return seen + [SELF_SUM, SELF_MEAN]
+
+
+def pick(method: str, candidates: Sequence[ScoredCandidate]) -> int | None:
+    """Index of the candidate ``method`` picks, or None if it cannot pick (e.g. no such decoding)."""
+    if not candidates:
+        raise ValueError("an instruction has no candidates")
+    if method == CAPPY:
+        if any(c.score is None for c in candidates):
+            raise ValueError("cappy pick needs a score on every candidate")
+        return argmax_first([c.score for c in candidates])
+    if method == SELF_SUM:
+        return argmax_first([c.logprob_sum for c in candidates])
+    if method == SELF_MEAN:
+        return argmax_first([c.logprob_mean for c in candidates])
+    if method == ORACLE:
+        return argmax_first([c.rouge for c in candidates])
+    for i, c in enumerate(candidates):  # a decoding's first sample
+        if c.decoding == method and c.sample_idx == 0:
+            return i
+    return None
+
+
+def evaluate_instructions(groups: Sequence[Sequence[ScoredCandidate]], methods: Sequence[str]) -> dict[str, float]:
+    """Mean Rouge-L ×100 per method over instructions (plus ``random``); a method that cannot pick
+    for some instruction is left out rather than counted as 0."""
+    if not groups:
+        raise ValueError("no instructions to evaluate")
+    out: dict[str, float] = {}
+    for m in methods:
+        picks = [pick(m, g) for g in groups]
+        if any(p is None for p in picks):
+            continue
+        out[m] = 100.0 * sum(g[p].rouge for g, p in zip(groups, picks)) / len(groups)
+    out[RANDOM] = 100.0 * sum(sum(c.rouge for c in g) / len(g) for g in groups) / len(groups)
+    return out
+
+
+def evaluate_task(groups: Sequence[Sequence[ScoredCandidate]]) -> dict[str, float]:
+    """All methods for one task: Cappy (if scored), the baselines, oracle and random."""
+    decodings = [c.decoding for g in groups for c in g]
+    methods = baseline_methods(decodings) + [ORACLE]
+    if all(c.score is not None for g in groups for c in g):
+        methods = [CAPPY] + methods
+    return evaluate_instructions(groups, methods)
+
+
+def mean_over_tasks(per_task: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """Unweighted mean over tasks, for the methods every task has."""
+    if not per_task:
+        raise ValueError("no tasks to summarise")
+    common = set.intersection(*(set(v) for v in per_task.values()))
+    first = next(iter(per_task.values()))
+    return {m: sum(v[m] for v in per_task.values()) / len(per_task) for m in first if m in common}
+
+
+def best_baseline(summary: Mapping[str, float]) -> tuple[str, float]:
+    """The strongest LLM-alone or self-score baseline (not cappy, oracle or random)."""
+    cands = {m: v for m, v in summary.items() if m not in (CAPPY, ORACLE, RANDOM)}
+    if not cands:
+        raise ValueError("no baseline in the summary")
+    m = max(cands, key=lambda k: cands[k])
+    return m, cands[m]
+
+
+# --- classification (Cappy alone) -----------------------------------------------------------
+
+def classification_accuracy(choice_scores: Sequence[Sequence[float]], scores: Sequence[Sequence[float]]) -> float:
+    """Accuracy of argmax(Cappy score) over choices; correct = a choice with the top
+    ``choice_score`` (several choices can be correct)."""
+    if len(choice_scores) != len(scores):
+        raise ValueError(f"{len(choice_scores)} examples but {len(scores)} score lists")
+    if not scores:
+        raise ValueError("no examples to evaluate")
+    correct = 0
+    for i, (gold, pred) in enumerate(zip(choice_scores, scores)):
+        if len(gold) != len(pred) or not gold:
+            raise ValueError(f"example {i}: {len(gold)} choices but {len(pred)} scores")
+        top = max(gold)
+        correct += gold[argmax_first(pred)] == top
+    return correct / len(scores)

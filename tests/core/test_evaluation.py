@@ -1,0 +1,62 @@
+"""Evaluation numbers on hand-computed cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from cappy_core.evaluation import (
+    CAPPY, ORACLE, RANDOM, SELF_MEAN, SELF_SUM, ScoredCandidate as C, argmax_first, best_baseline,
+    classification_accuracy, evaluate_task, mean_over_tasks, pick,
+)
+
+
+def group(rouges, scores, lp_sum, lp_mean, decodings):
+    return [C(decoding=d, sample_idx=s, rouge=r, logprob_sum=ls, logprob_mean=lm, score=sc)
+            for (d, s), r, sc, ls, lm in zip(decodings, rouges, scores, lp_sum, lp_mean)]
+
+
+DEC = [("beam4", 0), ("sample", 0), ("sample", 1), ("top_k_40", 0)]
+
+
+def test_each_method_picks_what_it_should():
+    g = group([0.2, 0.5, 0.9, 0.1], [1.0, 3.0, 2.0, 3.0], [-5, -2, -9, -1], [-1.0, -0.5, -0.2, -0.9], DEC)
+    assert pick(CAPPY, g) == 1  # 3.0 twice: ties go to the first in decoding order
+    assert pick("beam4", g) == 0 and pick("sample", g) == 1 and pick("top_k_40", g) == 3
+    assert pick(SELF_SUM, g) == 3 and pick(SELF_MEAN, g) == 2 and pick(ORACLE, g) == 2
+    assert pick("top_p_0.95", g) is None
+
+
+def test_task_and_summary_numbers():
+    g1 = group([0.2, 0.5, 0.9, 0.1], [1.0, 3.0, 2.0, 3.0], [-5, -2, -9, -1], [-1.0, -0.5, -0.2, -0.9], DEC)
+    g2 = group([1.0, 0.0, 0.0, 0.5], [0.0, 0.0, 0.0, 1.0], [-1, -2, -3, -4], [-1.0, -2.0, -3.0, -4.0], DEC)
+    res = evaluate_task([g1, g2])
+    assert res[CAPPY] == pytest.approx(100 * (0.5 + 0.5) / 2)
+    assert res["beam4"] == pytest.approx(100 * (0.2 + 1.0) / 2)
+    assert res["sample"] == pytest.approx(100 * (0.5 + 0.0) / 2)
+    assert res[SELF_SUM] == pytest.approx(100 * (0.1 + 1.0) / 2)
+    assert res[SELF_MEAN] == pytest.approx(100 * (0.9 + 1.0) / 2)
+    assert res[ORACLE] == pytest.approx(100 * (0.9 + 1.0) / 2)
+    assert res[RANDOM] == pytest.approx(100 * ((1.7 / 4) + (1.5 / 4)) / 2)
+    summary = mean_over_tasks({"a": res, "b": {**res, CAPPY: 0.0}})
+    assert summary[CAPPY] == pytest.approx(25.0) and summary["beam4"] == pytest.approx(60.0)
+    assert best_baseline(summary) == (SELF_MEAN, pytest.approx(95.0))
+
+
+def test_unscored_candidates_leave_cappy_out_and_errors_are_clear():
+    g = group([0.3], [None], [-1], [-1], [("beam4", 0)])
+    assert CAPPY not in evaluate_task([g])
+    with pytest.raises(ValueError, match="no candidates"):
+        pick(CAPPY, [])
+    with pytest.raises(ValueError, match="all NaN"):
+        argmax_first([math.nan, math.nan])
+    assert argmax_first([math.nan, 1.0, 1.0]) == 1
+
+
+def test_classification_accuracy():
+    gold = [[0.0, 1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]
+    pred = [[0.1, 0.5, 0.2], [-1.0, 3.0], [2.0, 2.0]]  # right, right (either correct), tie → first: wrong
+    assert classification_accuracy(gold, pred) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="example 0: 2 choices but 3 scores"):
+        classification_accuracy([[0.0, 1.0]], [[1.0, 2.0, 3.0]])
