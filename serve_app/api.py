@@ -1,0 +1,113 @@
+"""HTTP request and response models of the ingress (they are the OpenAPI schema at ``/docs``).
+
+Static constraints (non-empty lists and strings, task id pattern, unknown fields refused) live
+here; the configurable limits (``ingress`` args: longest instruction, most responses, ...) are
+checked by the ingress and answered with the same 422 format, naming the field.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from serve_app.args import TASK_ID_PATTERN
+
+_TASK = Field(None, pattern=TASK_ID_PATTERN, examples=["word_sorting"],
+              description="use this task's finetuned scorer (multiplexed); absent: the pretrained scorer")
+
+
+class _Req(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ScoreRequest(_Req):
+    instruction: str = Field(min_length=1, description="the instruction (prompt)")
+    responses: list[str] = Field(min_length=1, description="candidate responses to score")
+    task: Optional[str] = _TASK
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"instruction": "Sort the words: pear apple fig\nA:", "responses": ["apple fig pear", "pear fig apple"]}]})
+
+
+class ClassifyRequest(_Req):
+    instruction: str = Field(min_length=1, description="the question")
+    choices: list[str] = Field(min_length=1, description="answer choices; the highest-scoring one wins")
+    task: Optional[str] = _TASK
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"instruction": "Is the sentence in the past tense? 'I walked home.'\nA:", "choices": ["yes", "no"]}]})
+
+
+class SelectRequest(_Req):
+    instruction: str = Field(min_length=1, description="the instruction to answer")
+    num_candidates: Optional[int] = Field(None, ge=1, description="total candidates, spread over the default "
+                                          "decodings (17 = the paper's beam4 + 4 × 4 samples); "
+                                          "excludes decodings/num_samples")
+    decodings: Optional[list[str]] = Field(None, min_length=1, description="decoding names: greedy, beam<N>, "
+                                           "sample, temp<T>, topk<K>, topp<P>",
+                                           examples=[["beam4", "sample", "temp0.9", "topk40", "topp0.95"]])
+    num_samples: Optional[int] = Field(None, ge=1, description="candidates per sampling decoding (default 4)")
+    max_new_tokens: Optional[int] = Field(None, ge=1, description="new tokens per candidate (default: the "
+                                          "generator's, 64)")
+    seed: Optional[int] = Field(None, ge=0, description="sampling seed (default: the generator's)")
+    task: Optional[str] = _TASK
+    return_candidates: bool = Field(False, description="also return every candidate with its score and "
+                                    "log-likelihoods")
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"instruction": "Q: What is the capital of France?\nA:", "num_candidates": 17, "return_candidates": True}]})
+
+    @model_validator(mode="after")
+    def _one_way(self):
+        if self.num_candidates is not None and (self.decodings is not None or self.num_samples is not None):
+            raise ValueError("num_candidates: give num_candidates, or decodings/num_samples, not both")
+        return self
+
+
+class ScoreMeta(BaseModel):
+    scorer: str = Field(description="'default' or the task whose scorer was used")
+    batch_requests: int = Field(description="requests in the scorer batch this one was part of")
+    batch_pairs: int = Field(description="(instruction, response) pairs in that batch")
+    replica: str = Field(description="scorer replica id")
+
+
+class ScoreResponse(BaseModel):
+    scores: list[float] = Field(description="raw scorer logits, in request order (higher = better)")
+    meta: ScoreMeta
+
+
+class ClassifyResponse(BaseModel):
+    label: str = Field(description="the chosen choice")
+    index: int = Field(description="its position in choices (ties: the first)")
+    scores: list[float]
+    meta: ScoreMeta
+
+
+class CandidateOut(BaseModel):
+    text: str
+    decoding: str
+    sample_idx: int
+    num_tokens: int
+    logprob_sum: float = Field(description="generator log-likelihood of the candidate's tokens")
+    logprob_mean: float
+    score: float = Field(description="scorer logit")
+
+
+class SelectResponse(BaseModel):
+    response: str = Field(description="the candidate the scorer ranks highest")
+    score: float
+    index: int = Field(description="its position among the candidates (decoding order)")
+    decoding: str
+    sample_idx: int
+    num_candidates: int
+    generator: dict = Field(description="backend and model that generated the candidates")
+    meta: ScoreMeta
+    timings_ms: dict[str, float]
+    candidates: Optional[list[CandidateOut]] = None
+
+
+class Health(BaseModel):
+    status: str
+    generator: Optional[dict] = None
+    scorer: Optional[dict] = None

