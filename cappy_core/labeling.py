@@ -40,8 +40,8 @@ reference Cappy rules; :data:`PAIR_SCHEMA` is their Parquet schema:
 | task        | string  | task of the example the pair comes from                              |
 | instruction | string  | the scorer's first segment (the example's formatted input)           |
 | response    | string  | the scorer's second segment                                          |
-| label       | float64 | regression target: 1.0 reference, 0.0 negative, Rouge-L F1 candidate |
-| source      | string  | ``reference``, ``negative`` or ``candidate``                         |
+| label       | float64 | 1.0 reference or correct choice, 0.0 negative or wrong choice, else Rouge-L F1 |
+| source      | string  | ``reference``, ``negative``, ``candidate`` or ``choice``             |
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ def rouge_l_batch(predictions: Sequence[str], references: Sequence[Sequence[str]
 
 # -- training pairs ---------------------------------------------------------------------------
 
-SOURCES = ("reference", "negative", "candidate")
+SOURCES = ("reference", "negative", "candidate", "choice")  # choice: multiple-choice pretraining pairs
 
 # Parquet schema of the labelled pairs (column meanings: the table in the module docstring).
 PAIR_SCHEMA = pa.schema(

@@ -94,7 +94,7 @@ def _weights_kind(folder: Path) -> str:
     return "none"
 
 
-def _resolve_source(name_or_path: str | os.PathLike, allow_pickle: bool) -> tuple[str, bool, bool]:
+def resolve_source(name_or_path: str | os.PathLike, allow_pickle: bool) -> tuple[str, bool, bool]:
     """Return ``(path_or_hub_id, use_safetensors, is_local)``, refusing bad sources clearly."""
     name = os.fspath(name_or_path)
     if name == EMBEDDED_ALIAS:
@@ -316,7 +316,7 @@ class Scorer:
 
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        source, use_safetensors, is_local = _resolve_source(name_or_path, allow_pickle)
+        source, use_safetensors, is_local = resolve_source(name_or_path, allow_pickle)
         name = os.fspath(name_or_path)
         meta: dict = {}
         if is_local and (Path(source) / CAPPY_JSON).is_file():

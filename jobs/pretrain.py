@@ -1,0 +1,94 @@
+"""``cappy pretrain``: regression-pretrain the scorer on BIG-Bench tasks outside the 45.
+
+    cappy pretrain --preset local
+    cappy pretrain --tasks pretrain --examples data/bigbench-pretrain --samples data/samples \\
+        --init roberta-large --num-workers 8 --use-gpu
+    ray job submit --working-dir . -- python -m jobs.pretrain --preset cluster
+
+Pipeline: config → pair mixture (multiple-choice tasks give exact 1/0 labels; generative ones
+references, random negatives and, with ``--samples``, Rouge-L-labelled candidates; capped per
+task; held-out slice by instruction; see ``cappy_core/pretrain_data.py``) written as Parquet under
+the run → Ray Train (``jobs/train_scorer.py``) → the final scorer (a Hugging Face folder) and
+``results.json`` with the resolved config. Rerunning the same command resumes the run from its
+last checkpoint; ``--fresh`` starts over.
+
+Examples come from ``--examples DIR`` (``cappy data prepare --tasks pretrain --out DIR``) or,
+without it, straight from the BIG-Bench cache (fast for a few tasks; ~5 minutes for all of them).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+from cappy_core.config import ConfigError
+from jobs.train_scorer import (TrainScorerConfig, build_parser, config_from_args, load_examples, run_job,
+                               run_main, write_pair_files)
+
+JOB = "pretrain"
+DESCRIPTION = ("Regression-pretrain a Cappy scorer on BIG-Bench tasks outside the 45 evaluation tasks "
+               "with Ray Train; rerun the same command to resume.")
+EPILOG = """examples:
+  cappy pretrain --preset local
+  cappy pretrain --preset local --num-workers 1 --name pretrain-1w
+  ray job submit --working-dir . -- python -m jobs.pretrain --preset cluster"""
+
+
+@dataclass
+class PretrainConfig(TrainScorerConfig):
+    tasks: list[str] = field(default_factory=lambda: ["pretrain"], metadata={
+        "help": "'pretrain' (every BIG-Bench JSON task outside the 45) or task names"})
+    splits: list[str] = field(default_factory=lambda: ["train", "validation"], metadata={
+        "help": "splits of the pretraining tasks to use (none of them is evaluated)"})
+    examples: Optional[str] = field(default=None, metadata={
+        "help": "a `cappy data prepare` folder (default: read the BIG-Bench cache directly)"})
+    samples: Optional[str] = field(default=None, metadata={
+        "help": "folder of sample+label Parquet (Rouge-L-labelled candidates) to add"})
+    max_pairs_per_task: Optional[int] = field(default=2000, metadata={
+        "help": "cap per task (whole instructions) so one big task cannot dominate"})
+    max_wrong_choices: Optional[int] = field(default=4, metadata={
+        "help": "wrong choices kept per multiple-choice example (a seeded sample)"})
+    cache_dir: Optional[str] = field(default=None, metadata={
+        "help": "cache holding the extracted BIG-Bench (default $CAPPY_CACHE_DIR or ~/.cache/cappy)"})
+
+
+def build_pairs(cfg: PretrainConfig, pairs_dir: str, log=print) -> tuple[str, str | None]:
+    from cappy_core.data.tasks import GENERATIVE_45
+    from cappy_core.pretrain_data import build_pair_mixture, read_samples
+
+    def refuse(tasks):
+        if tasks:
+            raise ConfigError(f"{sorted(tasks)[:5]} {'is' if len(tasks) == 1 else 'are'} among the 45 evaluation "
+                              "tasks; pretraining on them would leak the evaluation data (use `cappy finetune`)")
+
+    refuse({t for t in cfg.tasks if t in GENERATIVE_45 or t == "all45"})
+    examples, names = load_examples(cfg.tasks, cfg.splits, cfg.examples, cfg.cache_dir, log)
+    refuse(set(names) & set(GENERATIVE_45))
+    if not examples:
+        raise ValueError(f"no examples in tasks {cfg.tasks} (splits {cfg.splits}): the dataset is empty")
+    candidates = read_samples(cfg.samples, tasks=names, splits=cfg.splits) if cfg.samples else None
+    log(f"examples: {len(examples)} from {len(names)} task(s)"
+        + (f"; {len(candidates)} sampled candidates" if candidates is not None else ""))
+    train, held = build_pair_mixture(examples, candidates, train_size=cfg.train_size,
+                                     eval_size=cfg.eval_size, max_pairs_per_task=cfg.max_pairs_per_task,
+                                     max_wrong_choices=cfg.max_wrong_choices, seed=cfg.seed)
+    return write_pair_files(train, held, pairs_dir, log)
+
+
+def run(cfg: PretrainConfig, log=print) -> dict:
+    data_key = {k: getattr(cfg, k) for k in ("tasks", "splits", "examples", "samples", "max_pairs_per_task",
+                                              "max_wrong_choices", "train_pairs", "eval_pairs")}
+    return run_job(JOB, cfg, default_name="pretrain", data_key=data_key,
+                   build_pairs=lambda pairs_dir: build_pairs(cfg, pairs_dir, log),
+                   run_info={"tasks": cfg.tasks}, label=JOB, log=log)
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = build_parser(PretrainConfig, JOB, prog, description=DESCRIPTION, epilog=EPILOG)
+    args = parser.parse_args(argv)
+    return run_main(JOB, lambda a: run(config_from_args(PretrainConfig, a, JOB)), args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""``cappy pretrain`` / ``cappy finetune`` on Ray Train: shipped configs, bad input (no Ray
+needed: refused before anything starts), and tiny runs as subprocesses on the session's Ray —
+pretrain → finetune through the CLI, two finetunes at once, fault injection with resume, and
+resume by rerunning."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cappy_core.config import load_yaml
+from cappy_core.labeling import LabeledPair, pairs_to_table
+from cappy_core.pretrain_data import write_pairs
+from conftest import REPO
+from jobs import finetune, pretrain
+from jobs.train_scorer import CONFIG_DIR, FAIL_ENV, presets
+
+# Fast settings for a tiny model on 2 cores (one worker's share of CPU leaves room for Ray Data).
+FAST = ["--max-length", "64", "--micro-batch-size", "8", "--batch-size", "16", "--cpus-per-worker", "0.25",
+        "--torch-threads", "1", "--eval-batch-size", "32", "--max-failures", "1", "--log-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_scorer(tmp_path_factory) -> str:
+    """A randomly initialised 2-layer BERT (hidden 32) with the MiniLM tokenizer, no dropout."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from cappy_core.scorer import embedded_model_path
+
+    out = tmp_path_factory.mktemp("tiny_scorer")
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     num_labels=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    BertForSequenceClassification(cfg).save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(embedded_model_path())).save_pretrained(out)
+    return str(out)
+
+
+def synthetic_pairs(n: int, seed: int = 0) -> list[LabeledPair]:
+    import random
+
+    rng = random.Random(seed)
+    words = "apple pear fig plum kiwi lime date grape melon berry".split()
+    out = []
+    for i in range(n):  # four responses per instruction
+        q = random.Random(seed * 100003 + i // 4)
+        instr = f"Q{i // 4}: sort " + " ".join(q.sample(words, q.randint(2, 8)))
+        out.append(LabeledPair(instr, " ".join(rng.sample(words, rng.randint(1, 6))), rng.random(), "candidate", "t"))
+    return out
+
+
+def run_job(args: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def results(output: Path) -> dict:
+    return json.loads((output / "results.json").read_text())
+
+
+# --- configs ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_starts_with_its_command(path):
+    job, preset = path.stem.split("_", 1)
+    cls = {"pretrain": pretrain.PretrainConfig, "finetune": finetune.FinetuneConfig}[job]
+    values = load_yaml(cls, path)
+    cfg = cls(**values)
+    assert cfg.batch_size % (cfg.micro_batch_size * cfg.num_workers) == 0
+    first = path.read_text().splitlines()[0]
+    assert re.match(rf"# ray job submit --working-dir \. -- python -m jobs\.{job} --preset {preset}\b", first), first
+    assert preset in presets(job)
+    if preset == "local":
+        assert not cfg.use_gpu and cfg.cpus_per_worker < 1  # Ray Data must keep a CPU on 2 cores
+    if preset == "paper":
+        assert (cfg.lr, cfg.batch_size, cfg.epochs, cfg.train_size, cfg.warmup_ratio) == (2e-5, 128, 1, 102400, 0.1)
+
+
+# --- bad input (refused in the driver, before Ray starts) -------------------------------------
+
+def bad_pairs_file(tmp_path: Path, label) -> Path:
+    table = pairs_to_table(synthetic_pairs(6)).set_column(3, "label", pa.array([0.1, 0.2, 0.3, label, 0.5, 0.6]))
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(table, path)
+    return path
+
+
+@pytest.mark.parametrize("label", [1.5, float("nan"), -0.5])
+def test_bad_labels_name_the_file_and_row(tmp_path, capsys, tiny_scorer, label):
+    path = bad_pairs_file(tmp_path, label)
+    rc = finetune.main(["--train-pairs", str(path), "--init", tiny_scorer, "--storage-path", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert str(path) in err and "row 3 (0-based)" in err and "not in [0, 1]" in err
+    assert "Traceback" not in err
+
+
+def test_empty_dataset_is_a_clear_error(tmp_path, capsys, tiny_scorer):
+    path = write_pairs([], tmp_path / "empty.parquet")
+    rc = pretrain.main(["--train-pairs", str(path), "--init", tiny_scorer, "--storage-path", str(tmp_path)])
+    assert rc == 2 and "empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("init", ["./no/such/scorer", "/definitely/missing/folder"])
+def test_unknown_init_path_is_a_clear_error(tmp_path, init):
+    proc = run_job(["-m", "jobs.pretrain", "--init", init, "--train-pairs", "x.parquet",
+                    "--storage-path", str(tmp_path)], timeout=120)
+    assert proc.returncode == 2
+    assert "error: --init" in proc.stderr and "not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_config_errors_are_clear(tmp_path, capsys, tiny_scorer):
+    base = ["--init", tiny_scorer, "--storage-path", str(tmp_path)]
+    assert finetune.main(["--task", "auto_categorization", "--batch-size", "10", "--micro-batch-size", "4", *base]) == 2
+    assert "not a multiple" in capsys.readouterr().err
+    assert pretrain.main(["--tasks", "word_sorting", *base]) == 2
+    assert "45 evaluation tasks" in capsys.readouterr().err
+    assert finetune.main(base) == 2
+    assert "--task is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        finetune.main(["--preset", "nope"])
+
+
+@pytest.mark.bigbench
+def test_unknown_task_and_bad_sample_labels(tmp_path, capsys, tiny_scorer, bigbench_root):
+    base = ["--init", tiny_scorer, "--storage-path", str(tmp_path)]
+    assert finetune.main(["--task", "auto_categorisation", *base]) == 2
+    assert "auto_categorization" in capsys.readouterr().err  # the close match is suggested
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    rows = {"task": ["auto_categorization"] * 2, "subtask": ["", ""], "split": ["train"] * 2,
+            "example_idx": [0, 1], "instruction": ["a", "b"], "text": ["x", "y"], "label": [0.5, 2.0],
+            "decoding": ["beam4", "sample"], "sample_idx": [0, 0]}
+    pq.write_table(pa.table(rows), samples / "part-00000.parquet")
+    assert finetune.main(["--task", "auto_categorization", "--samples", str(samples), *base]) == 2
+    err = capsys.readouterr().err
+    assert "part-00000.parquet: row 1 (0-based): label 2.0 is not in [0, 1]" in err
+
+
+# --- tiny runs on the session's Ray ----------------------------------------------------------
+
+SUMMARY = re.compile(r"^(pretrain|finetune \S+): (\d+)/(\d+) updates in \d+s, loss [\d.]+ -> [\d.]+; "
+                     r"eval before: mse [\d.]+.*pairwise_acc [\d.]+.*; after: .*; scorer -> (\S+)$", re.M)
+
+
+@pytest.mark.bigbench
+@pytest.mark.slow
+def test_pretrain_then_finetune_two_tasks_at_once_through_the_cli(tmp_path, tiny_scorer, ray_address):
+    from cappy_core.scorer import Scorer
+
+    storage = str(tmp_path / "runs")
+    proc = run_job(["-m", "jobs.cli", "pretrain", "--preset", "local", "--init", tiny_scorer,
+                    "--tasks", "general_knowledge", "periodic_elements", "--max-pairs-per-task", "60",
+                    "--train-size", "96", "--eval-size", "24", "--checkpoint-every", "3",
+                    "--storage-path", storage, *FAST, "--num-workers", "1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = SUMMARY.search(proc.stdout)
+    assert m and m.group(1) == "pretrain" and m.group(2) == m.group(3) == "6", proc.stdout[-2000:]
+    pretrained = Path(m.group(4))
+    assert pretrained == tmp_path / "runs" / "pretrain-local" / "scorer"
+    res = results(pretrained)
+    assert res["updates"] == 6 and len(res["losses"]) == 6
+    assert [e["update"] for e in res["evals"]] == [0, 3, 6]
+    assert {"mse", "pearson", "spearman", "pairwise_acc"} <= set(res["evals"][-1])
+    assert not (pretrained / "optimizer.safetensors").exists()
+    meta = Scorer.from_pretrained(pretrained).metadata["metadata"]
+    assert meta["update"] == 6 and meta["metrics"]["eval_n"] == res["evals"][-1]["n"]
+
+    procs = {task: subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", "finetune", "--preset", "local", "--task", task,
+         "--init", str(pretrained), "--train-size", "48", "--eval-size", "16", "--checkpoint-every", "2",
+         "--storage-path", storage, *FAST, "--num-workers", "1"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for task in ("auto_categorization", "rephrase")}
+    for task, p in procs.items():
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+        m = SUMMARY.search(out)
+        assert m and m.group(1) == f"finetune {task}" and m.group(2) == m.group(3) == "3", out[-2000:]
+        res = results(Path(m.group(4)))
+        assert res["config"]["init"] == str(pretrained) and res["paths"]["name"] == f"finetune-{task}"
+        assert len(res["evals"]) == 3 and res["evals"][0]["update"] == 0
+
+
+@pytest.mark.slow
+def test_fault_resumes_from_checkpoint_and_loss_curve_continues(tmp_path, tiny_scorer, ray_address, capsys):
+    """Two DDP workers; one raises after update 5 on its first attempt; the group restarts from
+    the update-4 checkpoint and finishes all 8 updates. The loss curve (all-reduced over ranks)
+    equals an uninterrupted run of the same loop in a plain process on the same global batches,
+    and the eval history continues. Rerunning the command resumes the (finished) run from
+    storage; rerunning it with a different config under the same name is refused."""
+    from jobs.train_scorer import train_in_process, worker_config
+
+    pairs = write_pairs(synthetic_pairs(128), tmp_path / "train.parquet")
+    held = write_pairs(synthetic_pairs(24, seed=2), tmp_path / "eval.parquet")
+    args = ["--train-pairs", str(pairs), "--eval-pairs", str(held), "--init", tiny_scorer,
+            "--storage-path", str(tmp_path / "runs"), "--name", "fault", "--eval-size", "24",
+            "--checkpoint-every", "4", *FAST, "--num-workers", "2"]
+    proc = run_job(["-m", "jobs.finetune", *args], env={FAIL_ENV: "5"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "injected fault after update 5" in proc.stdout + proc.stderr
+    output = tmp_path / "runs" / "fault" / "scorer"
+    res = results(output)
+    assert res["updates"] == 8 and len(res["losses"]) == 8 and res["resumed_at"] == [4]
+    assert [e["update"] for e in res["evals"]] == [0, 4, 8]  # the eval history survives the restart
+
+    cfg = finetune.config_from_args(finetune.FinetuneConfig, finetune.build_parser(
+        finetune.FinetuneConfig, "finetune", None, "", "").parse_args(args), "finetune")
+    c = worker_config(cfg, 128, 0, {})
+    plain = {**c, "micro_batch_size": 2 * c["micro_batch_size"]}  # one process, the same global batches
+    state, _ = train_in_process(plain, str(pairs))
+    assert state.update == 8
+    assert res["losses"] == pytest.approx(state.losses, rel=1e-4)
+
+    again = run_job(["-m", "jobs.finetune", *args])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming run 'fault'" in again.stdout and SUMMARY.search(again.stdout)
+    assert results(output)["losses"] == res["losses"]
+    assert finetune.main(args + ["--lr", "1e-3"]) == 2
+    assert "different config (lr: 2e-05 -> 0.001)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_starved_data_feed_fails_instead_of_hanging(tmp_path, tiny_scorer, ray_address):
+    """One worker holding both CPUs of the session's Ray leaves none for Ray Data's read: the
+    feed makes no progress and the run fails with an error that says what to do."""
+    pairs = write_pairs(synthetic_pairs(64), tmp_path / "train.parquet")
+    proc = run_job(["-m", "jobs.finetune", "--train-pairs", str(pairs), "--init", tiny_scorer,
+                    "--storage-path", str(tmp_path / "runs"), "--eval-size", "0", *FAST,
+                    "--cpus-per-worker", "2", "--max-failures", "0", "--data-timeout-s", "5"])
+    assert proc.returncode == 1
+    assert "Ray Data feed made no progress" in proc.stderr and "--cpus-per-worker" in proc.stderr
