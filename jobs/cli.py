@@ -16,8 +16,18 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
      "fetch the bigbench==1.0.0 source archive from PyPI once and extract its task JSONs"),
     (("data", "prepare"), "jobs.prepare_data",
      "write BIG-Bench tasks as Parquet per task and split (all45 | pretrain | NAME ...)"),
+    (("generator", "train"), "jobs.train_generator",
+     "train the embedded generator (BPE + small Llama) on BIG-Bench, saved under the cache"),
+    (("sample",), "jobs.sample_label",
+     "sample candidates with an LLM (vllm | hf) on Ray Data and label them with Rouge-L (rerun resumes)"),
     (("score",), "jobs.score",
      "score (instruction, response) pairs with a Cappy scorer and print the pick"),
+    (("pretrain",), "jobs.pretrain",
+     "pretrain the scorer on BIG-Bench tasks outside the 45 with Ray Train (rerun resumes)"),
+    (("finetune",), "jobs.finetune",
+     "finetune a scorer on one task's labelled pairs with Ray Train (rerun resumes)"),
+    (("serve",), "jobs.serve",
+     "serve generate-then-select (generator + batched scorer) with Ray Serve locally; prints the URL"),
 ]
 
 
