@@ -182,15 +182,10 @@ class Shard:
         return f"{self.task}/{self.split}/{self.index:05d}"
 
 
-def default_generator_path() -> Path:
-    """The generator used without ``--generator`` (hook for the embedded generator)."""
-    from cappy_core.generation import default_generator_path as _path
-
-    return _path()
-
-
 def resolve_generator(cfg: SampleConfig) -> str:
     """A generator path or hub id that loads, or a clear error."""
+    from cappy_core.generation import default_generator_path
+
     name = cfg.generator or str(default_generator_path())
     path = Path(name).expanduser()
     if path.exists():
