@@ -168,7 +168,9 @@ def test_evaluate_generator_reports_greedy_and_spread(tmp_path):
     assert set(m["tasks"]) == {"a", "b"} and m["num_examples"] == 3
     for k in ("greedy_rouge_l", "sample_rouge_l", "sample_spread", "oracle_rouge_l"):
         assert 0.0 <= m[k] <= 100.0
-    assert m["oracle_rouge_l"] >= m["greedy_rouge_l"]
+    assert m["oracle_rouge_l"] >= m["greedy_rouge_l"] and m["skipped_tasks"] == []
+    late = evaluate_generator(model, tok, by_task, max_new_tokens=4, deadline=time.monotonic() - 1)
+    assert late["skipped_tasks"] == ["a", "b", "c"] and late["tasks"] == {}
 
 
 def test_default_generator_path_follows_the_cache(monkeypatch, tmp_path):
