@@ -13,14 +13,16 @@ unweighted mean over tasks, ×100.
 * ``oracle`` (best of all candidates) and ``random`` (expected value of a uniform pick) bound
   what selection can do; they are reported, not baselines.
 
-Classification: score each answer choice with Cappy, argmax (ties to the first), accuracy against
-the choices with the highest ``choice_score``.
+Classification: score each answer choice with Cappy (:func:`score_choices`), argmax (ties to the
+first), accuracy against the choices with the highest ``choice_score``
+(:func:`classification_accuracy`); :func:`chance_accuracy` is a uniform random pick's expected
+accuracy. ``cappy eval-mc`` (``jobs/eval_mc.py``) runs this on held-out BIG-Bench tasks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 BEAM = "beam4"
 SELF_SUM, SELF_MEAN, CAPPY, ORACLE, RANDOM = "self_score_sum", "self_score_mean", "cappy", "oracle", "random"
@@ -136,3 +138,60 @@ def classification_accuracy(choice_scores: Sequence[Sequence[float]], scores: Se
         top = max(gold)
         correct += gold[argmax_first(pred)] == top
     return correct / len(scores)
+
+
+def chance_accuracy(choice_scores: Sequence[Sequence[float]]) -> float:
+    """Expected accuracy of a uniform random pick: mean over examples of the fraction of choices
+    that are correct (have the top ``choice_score``)."""
+    if not choice_scores:
+        raise ValueError("no examples to evaluate")
+    total = 0.0
+    for i, gold in enumerate(choice_scores):
+        if not gold:
+            raise ValueError(f"example {i}: no choices")
+        top = max(gold)
+        total += sum(1 for g in gold if g == top) / len(gold)
+    return total / len(choice_scores)
+
+
+def score_choices(scorer: Any, examples: Sequence[Any], *, chunk_pairs: int = 1024,
+                  progress: Callable[[int], None] | None = None, **score_kwargs: Any) -> list[list[float]]:
+    """Score every ``(instruction, choice)`` pair of multiple-choice examples; one score list per
+    example, aligned with its ``choices``.
+
+    ``scorer`` is anything with ``score(instructions, responses, **score_kwargs) -> list[float]``
+    (a :class:`cappy_core.scorer.Scorer`); ``examples`` anything with ``instruction`` and
+    ``choices`` (a :class:`cappy_core.data.records.Example`). The pairs of all examples are scored
+    together, ``chunk_pairs`` per call (the scorer batches each call by length); ``progress(n)``
+    is called after each call with the number of pairs it scored.
+    """
+    if chunk_pairs < 1:
+        raise ValueError(f"chunk_pairs must be >= 1, got {chunk_pairs}")
+    instructions: list[str] = []
+    responses: list[str] = []
+    sizes: list[int] = []
+    for i, ex in enumerate(examples):
+        choices = list(ex.choices)
+        if not choices:
+            where = f" of task {ex.task!r}" if getattr(ex, "task", None) else ""
+            raise ValueError(f"example {i}{where} has no answer choices (not multiple-choice)")
+        instructions += [ex.instruction] * len(choices)
+        responses += choices
+        sizes.append(len(choices))
+    flat: list[float] = []
+    for start in range(0, len(responses), chunk_pairs):
+        part = scorer.score(instructions[start:start + chunk_pairs], responses[start:start + chunk_pairs],
+                            **score_kwargs)
+        part = [float(x) for x in part]
+        if len(part) != len(responses[start:start + chunk_pairs]):
+            raise ValueError(f"scorer returned {len(part)} scores for "
+                             f"{len(responses[start:start + chunk_pairs])} pairs")
+        flat += part
+        if progress is not None:
+            progress(len(part))
+    out: list[list[float]] = []
+    pos = 0
+    for n in sizes:
+        out.append(flat[pos:pos + n])
+        pos += n
+    return out

@@ -22,6 +22,8 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
      "sample candidates with an LLM (vllm | hf) on Ray Data and label them with Rouge-L (rerun resumes)"),
     (("score",), "jobs.score",
      "score (instruction, response) pairs with a Cappy scorer and print the pick"),
+    (("eval-mc",), "jobs.eval_mc",
+     "classification with Cappy alone: accuracy on held-out multiple-choice BIG-Bench tasks"),
     (("pretrain",), "jobs.pretrain",
      "pretrain the scorer on BIG-Bench tasks outside the 45 with Ray Train (rerun resumes)"),
     (("finetune",), "jobs.finetune",
