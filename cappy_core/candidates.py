@@ -12,7 +12,7 @@ settings that define the output. Rows within a file are in input order, then dec
 | subtask        | string  | ``task:subtask`` or ``""``                                               |
 | split          | string  | ``train`` or ``validation``                                              |
 | example_idx    | int64   | the example's index (as in the example Parquet)                          |
-| instruction    | string  | the example's instruction (the generator saw its last 512 tokens)        |
+| instruction    | string  | the example's instruction (the generator saw its last max_prompt_tokens) |
 | decoding       | string  | decoding name: ``beam4``, ``sample``, ``temp0.9``, ``topk40``, ``topp0.95`` … |
 | sample_idx     | int32   | 0..n-1 within the decoding                                               |
 | text           | string  | the candidate response                                                   |

@@ -12,6 +12,8 @@ import sys
 
 # (words, module, one-line help). Longest match wins, so "data prepare" beats "data".
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
+    (("sweep",), "jobs.sweep",
+     "the main job: sample, finetune a scorer per task, score, and compare Cappy with 7 baselines"),
     (("data", "download"), "jobs.download_data",
      "fetch the bigbench==1.0.0 source archive from PyPI once and extract its task JSONs"),
     (("data", "prepare"), "jobs.prepare_data",

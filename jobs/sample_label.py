@@ -41,6 +41,7 @@ Ray 2.60 enables token authentication for Jobs: pass the cluster's token as Ray'
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -79,8 +80,9 @@ class SampleConfig:
     samples_per_decoding: int = field(default=4, metadata={"help": "candidates per sampling decoding"})
     max_new_tokens: int = field(default=64, metadata={"help": "most generated tokens"})
     min_new_tokens: int = field(default=3, metadata={"help": "fewest tokens before end-of-sequence"})
-    max_prompt_tokens: int = field(default=512, metadata={
-        "help": "instructions keep their last N generator tokens"})
+    max_prompt_tokens: Optional[int] = field(default=None, metadata={
+        "help": "instructions keep their last N generator tokens (default: the length the embedded "
+                "generator was trained on, from its cappy_generator.json; 512 for other models)"})
     seed: int = field(default=0, metadata={"help": "sampling seed (per instruction, decoding and sample)"})
     max_examples_per_task: Optional[int] = field(default=None, metadata={
         "help": "use only the first N examples of each task and split (small runs)"})
@@ -216,6 +218,15 @@ def resolve_generator(cfg: SampleConfig) -> str:
     return name
 
 
+def default_prompt_tokens(generator: str) -> int:
+    """The prompt length a generator was trained with (``cappy_generator.json``), else the paper's 512:
+    prompts longer than its training ones only put a small model off its distribution."""
+    from cappy_core.lm import generator_metadata
+
+    path = Path(generator)
+    return int(generator_metadata(path).get("max_prompt_tokens", 512)) if path.is_dir() else 512
+
+
 def _read_split(path: Path) -> pa.Table:
     import pyarrow.parquet as pq
 
@@ -347,6 +358,8 @@ def run(cfg: SampleConfig, log=print) -> dict:
     if not tasks:
         raise FileNotFoundError(f"none of the tasks {cfg.tasks} is prepared under {data}")
     generator = resolve_generator(cfg)
+    if cfg.max_prompt_tokens is None:
+        cfg = dataclasses.replace(cfg, max_prompt_tokens=default_prompt_tokens(generator))
     _check_out_dir(cfg, generator)
     todo, done = plan(cfg, tasks)
 

@@ -477,6 +477,14 @@ def train_in_process(c: dict, train_file: str, *, device: str = "cpu") -> tuple[
     """The worker's training, without Ray: same scorer, optimizer, collator, windows and loop,
     fed from the Parquet file in this process (one rank). For the benchmark and the tests that
     check a Ray run against it. ``c`` is the worker config dict. Returns ``(state, samples/s)``."""
+    _, state, rate = fit_in_process(c, train_file, device=device)
+    return state, rate
+
+
+def fit_in_process(c: dict, train_file: str, *, device: str = "cpu") -> tuple[Any, Any, float]:
+    """:func:`train_in_process` returning the trained scorer too: ``(scorer, state, samples/s)``.
+    The sweep finetunes each task this way inside one Ray task (a worker group per task would
+    cost more than the training itself at the local preset's size)."""
     import torch
     import transformers
 
@@ -509,7 +517,8 @@ def train_in_process(c: dict, train_file: str, *, device: str = "cpu") -> tuple[
           weight_decay=c["weight_decay"], grad_accum_steps=c["grad_accum_steps"], bf16=c["bf16"],
           max_grad_norm=c["max_grad_norm"], seed=c["seed"], optimizer=optimizer, state=state,
           device=device, on_update=lambda info: rate.__setitem__(0, meter.tick(state.samples)))
-    return state, rate[0]
+    scorer.model.eval()
+    return scorer, state, rate[0]
 
 
 # --- the driver ------------------------------------------------------------------------------

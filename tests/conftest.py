@@ -15,6 +15,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def tiny_t5(out: Path, tokenizer_dir: Path) -> Path:
+    """A tiny random T5 (encoder-decoder, standing in for FLAN-T5) with the tokenizer of ``tokenizer_dir``."""
+    import torch
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = T5Config(vocab_size=len(tok), d_model=32, d_ff=64, d_kv=16, num_layers=1, num_heads=2,
+                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                   decoder_start_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return Path(out)
+
+
 @pytest.fixture(scope="session")
 def bigbench_root() -> Path:
     """The extracted BIG-Bench tasks. Missing cache is a failure, not a skip: the README's test

@@ -157,16 +157,9 @@ def test_loglik_api(hf):
 
 def test_hf_seq2seq_model(tmp_path, tiny_path):
     """The transformers backend also runs encoder-decoder models (FLAN-T5 in the paper)."""
-    import torch
-    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+    from conftest import tiny_t5
 
-    tok = AutoTokenizer.from_pretrained(tiny_path)
-    cfg = T5Config(vocab_size=len(tok), d_model=32, d_ff=64, d_kv=16, num_layers=1, num_heads=2,
-                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                   decoder_start_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "t5")
-    tok.save_pretrained(tmp_path / "t5")
+    tiny_t5(tmp_path / "t5", tiny_path)
     gen = load_generator("hf", tmp_path / "t5", dtype="float32")
     assert gen.is_encoder_decoder
     out = gen.generate(PROMPTS[:2], **SMALL)

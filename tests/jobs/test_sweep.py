@@ -1,0 +1,95 @@
+"""`cappy sweep` end to end on the session's Ray (subprocesses), with user models standing in for the
+paper's: a tiny local T5 folder as the generator (FLAN-T5's code path, ``--backend hf``) and a
+scorer folder. Checks failed-task isolation, rerun-computes-only-missing-or-failed, that the
+numbers in each task's JSON are what evaluation gives on the scored candidates, and the reports."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REPO, tiny_t5
+
+pytestmark = [pytest.mark.bigbench, pytest.mark.slow]
+
+TASKS = ["tense", "rephrase"]
+SMALL = ["--max-examples-per-task", "3", "--max-new-tokens", "6", "--train-size", "16", "--batch-size", "8",
+         "--micro-batch-size", "4", "--max-length", "64", "--cpus-per-task", "0.5", "--cpus-per-actor", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny random T5 (seq2seq, like FLAN-T5) with a BPE tokenizer, and a MiniLM scorer folder."""
+    from cappy_core.lm import tiny_generator
+    from cappy_core.scorer import Scorer
+
+    root = tmp_path_factory.mktemp("models")
+    tiny_t5(root / "t5", tiny_generator(root / "llama"))
+    Scorer.from_pretrained("minilm", seed=0).save_pretrained(root / "scorer")
+    return root
+
+
+def sweep(out, models, *extra, fail=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("CAPPY_SWEEP_FAIL_TASKS", None)
+    if fail:
+        env["CAPPY_SWEEP_FAIL_TASKS"] = fail
+    args = [sys.executable, "-m", "jobs.sweep", "--tasks", *TASKS, "--out", str(out),
+            "--generator", str(models / "t5"), "--backend", "hf", "--scorer", str(models / "scorer"), *SMALL, *extra]
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_failed_task_is_recorded_and_a_rerun_computes_only_it(tmp_path, models, bigbench_root, ray_address):
+    from cappy_core.evaluation import evaluate_task, mean_over_tasks
+    from jobs.sweep import _validation_groups
+
+    out = tmp_path / "sweep"
+    r1 = sweep(out, models, fail="tense")
+    assert r1.returncode == 1, r1.stderr[-3000:]
+    tense, rephrase = (json.loads((out / "tasks" / f"{t}.json").read_text()) for t in TASKS)
+    assert tense["status"] == "failed" and "injected failure" in tense["error"]
+    assert rephrase["status"] == "ok"
+    # the task's numbers are evaluation's numbers on its scored validation candidates
+    scored = pq.read_table(out / "tasks" / "rephrase" / "validation_scored.parquet")
+    groups, ids, _ = _validation_groups(scored)
+    assert len(ids) == 3 and all(len(g) == 17 for g in groups)
+    assert rephrase["metrics"] == pytest.approx(evaluate_task(groups))
+    assert set(rephrase["metrics"]) == {"cappy", "beam4", "sample", "temp0.9", "topk40", "topp0.95",
+                                        "self_score_sum", "self_score_mean", "oracle", "random"}
+    assert rephrase["training"]["updates"] == 2 and rephrase["sizes"]["train_pairs"] == 16
+    assert "tense" in (out / "summary.md").read_text().split("Not finished")[1]
+
+    before = (out / "tasks" / "rephrase.json").read_text()
+    r2 = sweep(out, models)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "1 task(s) already finished with these settings; 1 to run" in r2.stdout
+    assert "sampled 0 instructions" in r2.stdout  # tense's candidates were kept from the first run
+    assert (out / "tasks" / "rephrase.json").read_text() == before
+    records = {t: json.loads((out / "tasks" / f"{t}.json").read_text()) for t in TASKS}
+    assert all(r["status"] == "ok" for r in records.values())
+    # the summary is the unweighted mean over tasks, per method, rounded to 0.1
+    means = mean_over_tasks({t: r["metrics"] for t, r in records.items()})
+    rows = list(csv.reader((out / "summary.csv").open()))
+    header, mean_row = rows[0], rows[-1]
+    assert mean_row[0] == "mean" and [r[0] for r in rows[1:-1]] == TASKS
+    for i, name in enumerate(header[1:-1], start=1):
+        assert float(mean_row[i]) == pytest.approx(round(means[name], 1))
+    assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "chart: " + str(out / "summary.png") in r2.stdout
+
+    r3 = sweep(out, models, "--lr", "5e-5")  # other settings: both tasks are recomputed
+    assert r3.returncode == 0, r3.stderr[-3000:]
+    assert "0 task(s) already finished with these settings; 2 to run" in r3.stdout
+
+
+def test_bad_input_is_a_clear_error(tmp_path, models, bigbench_root):
+    r = sweep(tmp_path / "x", models, "--tasks", "no_such_task")
+    assert r.returncode == 2 and "no_such_task" in r.stderr and "Traceback" not in r.stderr
+    r = sweep(tmp_path / "x", models, "--batch-size", "6")
+    assert r.returncode == 2 and "multiple of --micro-batch-size" in r.stderr
