@@ -230,7 +230,23 @@ def run_task(task: str, spec: dict) -> dict:
     metrics = evaluate_task(groups)
     sizes.update(validation_instructions=len(groups), validation_candidates=sum(map(len, groups)),
                  validation_unlabeled_instructions=unlabeled)
-    return {"metrics": metrics, "sizes": sizes, "training": train_info, "timings": timings, "device": device}
+    return {"metrics": metrics, "sizes": sizes, "training": train_info, "timings": timings, "device": device,
+            **_where()}
+
+
+def _where() -> dict:
+    """Which node and process ran the task (the multi-node test checks that work spread)."""
+    import socket
+
+    where = {"hostname": socket.gethostname(), "pid": os.getpid(), "node_id": None}
+    try:
+        import ray
+
+        if ray.is_initialized():
+            where["node_id"] = ray.get_runtime_context().get_node_id()
+    except ImportError:
+        pass
+    return where
 
 
 # --- the driver -------------------------------------------------------------------------------

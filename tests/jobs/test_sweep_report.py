@@ -45,3 +45,20 @@ def test_write_reports_lists_failures_and_writes_files(tmp_path):
 def test_nothing_finished_is_reported_not_crashed(tmp_path):
     summary = write_reports(tmp_path, {"a": {"status": "failed", "error": "x"}}, log=lambda s: None)
     assert summary["finished"] == 0 and "No task finished" in (tmp_path / "summary.md").read_text()
+
+
+def test_presets_resolve_to_the_documented_settings():
+    """local: the six DESIGN.md tasks on CPU; paper: the 45 tasks, 17 candidates, the paper's finetuning."""
+    from jobs.sweep import LOCAL_TASKS, JOB, SweepConfig
+    from jobs.train_scorer import build_parser, config_from_args
+
+    parser = build_parser(SweepConfig, JOB, None, "", "")
+    local = config_from_args(SweepConfig, parser.parse_args(["--preset", "local"]), JOB)
+    assert local.tasks == LOCAL_TASKS and local.gpus_per_task == 0 and local.scorer is None
+    paper = config_from_args(SweepConfig, parser.parse_args(["--preset", "paper", "--num-actors", "16"]), JOB)
+    assert paper.tasks == ["all45"] and paper.max_examples_per_task is None
+    assert (paper.train_size, paper.lr, paper.batch_size, paper.max_length) == (102400, 2e-5, 128, 512)
+    assert paper.gpus_per_actor == 1 and paper.gpus_per_task == 1 and paper.num_actors == 16
+    from cappy_core.generation import candidates_per_instruction, decodings_from_names
+
+    assert candidates_per_instruction(decodings_from_names(paper.decodings, paper.samples_per_decoding)) == 17
