@@ -15,7 +15,8 @@ Stages (each reuses what an earlier run left, so a rerun is cheap):
 3. **scorer init**: ``--scorer`` (folder, hub id or ``minilm``), or the scorer pretrained once
    into the cache with ``cappy pretrain --preset <pretrain-preset>`` on tasks outside the 45;
 4. **sample + label** (``cappy sample``, Ray Data): candidates for the first
-   ``--max-examples-per-task`` train and validation instructions → ``OUT/candidates``;
+   ``--max-train-examples-per-task`` train instructions and ``--max-examples-per-task``
+   validation instructions → ``OUT/candidates/{train,validation}``;
 5. **per task**, one Ray task each with declared resources (``--cpus-per-task``,
    ``--gpus-per-task``), so a GPU cluster runs many side by side: finetune the scorer on the
    task's train pairs (references, random negatives and the Rouge-L-labelled train candidates;
@@ -71,7 +72,7 @@ LOCAL_TASKS = ["simple_text_editing", "tense", "gender_inclusive_sentences_germa
 
 # Settings that change a task's result: a finished task is recomputed when one of them differs.
 RESULT_DEFINING = ("generator", "backend", "decodings", "samples_per_decoding", "max_new_tokens",
-                   "max_examples_per_task", "scorer", "finetune", "train_size", "max_length", "lr",
+                   "max_examples_per_task", "max_train_examples_per_task", "scorer", "finetune", "train_size", "max_length", "lr",
                    "warmup_ratio", "weight_decay", "epochs", "batch_size", "micro_batch_size", "bf16", "seed",
                    "score_dtype")
 
@@ -99,7 +100,9 @@ class SweepConfig:
         "help": "wall-clock budget for training the embedded generator (when it is missing)"})
     # sampling
     max_examples_per_task: Optional[int] = field(default=40, metadata={
-        "help": "sample the first N train and N validation instructions of each task (none: all)"})
+        "help": "evaluate on the first N validation instructions of each task (none: all)"})
+    max_train_examples_per_task: Optional[int] = field(default=40, metadata={
+        "help": "finetune on candidates for the first N train instructions of each task (none: all)"})
     decodings: list[str] = field(default_factory=lambda: list(PAPER_DECODING_NAMES), metadata={
         "help": "decodings; the paper's: beam4 + 4 samples each of sample, temp0.9, topk40, topp0.95 = 17"})
     samples_per_decoding: int = field(default=4, metadata={"help": "candidates per sampling decoding"})
@@ -186,9 +189,9 @@ def run_task(task: str, spec: dict) -> dict:
     train_info: dict[str, Any] = {}
     if spec["finetune"]:
         examples = read_examples(split_path(spec["data"], task, "train"))
-        if spec["max_examples_per_task"] is not None:
-            examples = examples[:spec["max_examples_per_task"]]  # the instructions that were sampled
-        cands = read_samples(spec["candidates"], tasks=[task], splits=["train"])
+        if spec["max_train_examples_per_task"] is not None:
+            examples = examples[:spec["max_train_examples_per_task"]]  # the instructions that were sampled
+        cands = read_samples(Path(spec["candidates"]) / "train", tasks=[task], splits=["train"])
         # cut or tiled to train_size, as the finetune job does
         built, _ = build_pair_mixture(examples, cands, train_size=None, eval_size=0, seed=spec["seed"])
         train = tile(built, spec["train_size"])
@@ -215,9 +218,10 @@ def run_task(task: str, spec: dict) -> dict:
         scorer = Scorer.from_pretrained(spec["init"], dtype=spec["score_dtype"], device=device,
                                         max_length=spec["max_length"])
     t = time.monotonic()
-    val = read_candidates(spec["candidates"], tasks=[task], splits=["validation"])
+    val_dir = Path(spec["candidates"]) / "validation"
+    val = read_candidates(val_dir, tasks=[task], splits=["validation"])
     if val.num_rows == 0:
-        raise ValueError(f"task {task}: no validation candidates under {spec['candidates']}")
+        raise ValueError(f"task {task}: no validation candidates under {val_dir}")
     scores = scorer.score(val["instruction"].to_pylist(), val["text"].to_pylist())
     val = val.append_column("score", pa.array(scores, pa.float64()))
     tmp = task_dir / "validation_scored.parquet.tmp"
@@ -341,17 +345,20 @@ def ensure_scorer_init(cfg: SweepConfig, log) -> str:
     return str(path)
 
 
-def sample(cfg: SweepConfig, tasks: list[str], out: Path, generator: str, log) -> dict:
+def sample(cfg: SweepConfig, tasks: list[str], out: Path, generator: str, log) -> None:
+    """Candidates for the train instructions (finetuning) and the validation ones (evaluation):
+    two `cappy sample` outputs, ``OUT/candidates/{train,validation}``, as their sizes differ."""
     from jobs.sample_label import SampleConfig, run as run_sample
 
-    scfg = SampleConfig(tasks=tasks, splits=["train", "validation"], data=str(out / "data"),
-                        out=str(out / "candidates"), generator=generator, backend=cfg.backend,
-                        decodings=list(cfg.decodings), samples_per_decoding=cfg.samples_per_decoding,
-                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                        max_examples_per_task=cfg.max_examples_per_task, batch_size=cfg.sample_batch_size,
-                        num_actors=cfg.num_actors, gpus_per_actor=cfg.gpus_per_actor,
-                        cpus_per_actor=cfg.cpus_per_actor)
-    return run_sample(scfg, log=log)
+    splits = [("train", cfg.max_train_examples_per_task)] if cfg.finetune else []
+    for split, cap in splits + [("validation", cfg.max_examples_per_task)]:
+        log(f"-- {split} split")
+        run_sample(SampleConfig(
+            tasks=tasks, splits=[split], data=str(out / "data"), out=str(out / "candidates" / split),
+            generator=generator, backend=cfg.backend, decodings=list(cfg.decodings),
+            samples_per_decoding=cfg.samples_per_decoding, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+            max_examples_per_task=cap, batch_size=cfg.sample_batch_size, num_actors=cfg.num_actors,
+            gpus_per_actor=cfg.gpus_per_actor, cpus_per_actor=cfg.cpus_per_actor), log=log)
 
 
 def run_tasks(cfg: SweepConfig, tasks: list[str], out: Path, spec: dict, key: dict, log) -> dict[str, dict]:

@@ -19,7 +19,7 @@ from conftest import REPO, tiny_t5
 pytestmark = [pytest.mark.bigbench, pytest.mark.slow]
 
 TASKS = ["tense", "rephrase"]
-SMALL = ["--max-examples-per-task", "3", "--max-new-tokens", "6", "--train-size", "16", "--batch-size", "8",
+SMALL = ["--max-examples-per-task", "3", "--max-train-examples-per-task", "3", "--max-new-tokens", "6", "--train-size", "16", "--batch-size", "8",
          "--micro-batch-size", "4", "--max-length", "64", "--cpus-per-task", "0.5", "--cpus-per-actor", "0.5"]
 
 
@@ -57,6 +57,7 @@ def test_failed_task_is_recorded_and_a_rerun_computes_only_it(tmp_path, models, 
     assert rephrase["status"] == "ok"
     # the task's numbers are evaluation's numbers on its scored validation candidates
     scored = pq.read_table(out / "tasks" / "rephrase" / "validation_scored.parquet")
+    assert (out / "candidates" / "train" / "rephrase" / "train" / "part-00000.done.json").is_file()
     groups, ids, _ = _validation_groups(scored)
     assert len(ids) == 3 and all(len(g) == 17 for g in groups)
     assert rephrase["metrics"] == pytest.approx(evaluate_task(groups))
