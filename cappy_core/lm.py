@@ -145,6 +145,13 @@ def generator_metadata(path: str | Path) -> dict:
     return json.loads(f.read_text()) if f.is_file() else {}
 
 
+def trained_prompt_tokens(generator: str | Path, default: int = 512) -> int:
+    """The prompt length a generator folder was trained with (``cappy_generator.json``), else
+    ``default`` (the paper's 512): longer prompts only put a small model off its distribution."""
+    path = Path(generator).expanduser()
+    return int(generator_metadata(path).get("max_prompt_tokens", default)) if path.is_dir() else default
+
+
 def load_generator(path: str | Path, *, device: str | None = None):
     """``(model, tokenizer)`` from a generator folder, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -218,15 +218,6 @@ def resolve_generator(cfg: SampleConfig) -> str:
     return name
 
 
-def default_prompt_tokens(generator: str) -> int:
-    """The prompt length a generator was trained with (``cappy_generator.json``), else the paper's 512:
-    prompts longer than its training ones only put a small model off its distribution."""
-    from cappy_core.lm import generator_metadata
-
-    path = Path(generator)
-    return int(generator_metadata(path).get("max_prompt_tokens", 512)) if path.is_dir() else 512
-
-
 def _read_split(path: Path) -> pa.Table:
     import pyarrow.parquet as pq
 
@@ -359,7 +350,9 @@ def run(cfg: SampleConfig, log=print) -> dict:
         raise FileNotFoundError(f"none of the tasks {cfg.tasks} is prepared under {data}")
     generator = resolve_generator(cfg)
     if cfg.max_prompt_tokens is None:
-        cfg = dataclasses.replace(cfg, max_prompt_tokens=default_prompt_tokens(generator))
+        from cappy_core.lm import trained_prompt_tokens
+
+        cfg = dataclasses.replace(cfg, max_prompt_tokens=trained_prompt_tokens(generator))
     _check_out_dir(cfg, generator)
     todo, done = plan(cfg, tasks)
 

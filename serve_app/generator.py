@@ -33,6 +33,10 @@ def _load(backend: str, model: str | None, load_kwargs: dict[str, Any]):
         raise FileNotFoundError(
             f"the embedded generator is not at {path}: run `cappy generator train` first, or set "
             "generator.model to a Hugging Face folder or hub id")
+    if "max_prompt_tokens" not in load_kwargs:
+        from cappy_core.lm import trained_prompt_tokens
+
+        load_kwargs = {**load_kwargs, "max_prompt_tokens": trained_prompt_tokens(path)}
     if backend == "auto":
         try:
             return load_generator("vllm", path, **load_kwargs)

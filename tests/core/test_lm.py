@@ -177,3 +177,16 @@ def test_default_generator_path_follows_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("CAPPY_CACHE_DIR", str(tmp_path))
     assert default_generator_path() == tmp_path / "generator" / "bigbench-llama"
     assert default_generator_path("x", cache_dir=tmp_path / "c") == tmp_path / "c" / "generator" / "x"
+
+
+def test_trained_prompt_tokens_reads_the_generator_metadata(tmp_path):
+    """Samplers and serve keep as many prompt tokens as the embedded generator was trained on."""
+    import json
+
+    from cappy_core.lm import METADATA_FILE, trained_prompt_tokens
+
+    (tmp_path / METADATA_FILE).write_text(json.dumps({"max_prompt_tokens": 160}))
+    assert trained_prompt_tokens(tmp_path) == 160
+    assert trained_prompt_tokens(tmp_path / "missing") == 512  # e.g. a hub id
+    (tmp_path / METADATA_FILE).write_text("{}")
+    assert trained_prompt_tokens(tmp_path, default=300) == 300
