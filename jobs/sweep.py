@@ -306,8 +306,10 @@ def ensure_data(cfg: SweepConfig, out: Path, log) -> list[str]:
 
 def ensure_generator_for(cfg: SweepConfig, tasks: list[str], log) -> str:
     """``--generator`` as given, or the embedded generator for these tasks (trained once, cached)."""
-    if cfg.generator:
-        return cfg.generator
+    if cfg.generator:  # checked now, not after the data and scorer stages
+        from jobs.sample_label import SampleConfig, resolve_generator
+
+        return resolve_generator(SampleConfig(generator=cfg.generator, backend=cfg.backend))
     from jobs.train_generator import GeneratorConfig, ensure_generator
 
     train_tasks = sorted(tasks) if cfg.generator_tasks == ["sweep"] else list(cfg.generator_tasks)
@@ -323,7 +325,10 @@ def ensure_generator_for(cfg: SweepConfig, tasks: list[str], log) -> str:
 
 def ensure_scorer_init(cfg: SweepConfig, log) -> str:
     """``--scorer`` as given, or the scorer pretrained once into the cache (pretrain job, Ray Train)."""
-    if cfg.scorer:
+    if cfg.scorer:  # checked now, not in every task after sampling
+        from jobs.train_scorer import check_init
+
+        check_init(cfg.scorer, flag="--scorer")
         return cfg.scorer
     from cappy_core.config import load_yaml
     from cappy_core.data.source import default_cache_dir

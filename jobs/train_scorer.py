@@ -166,14 +166,14 @@ def check_config(cfg: TrainScorerConfig) -> None:
     check_init(cfg.init, cfg.allow_pickle)
 
 
-def check_init(init: str, allow_pickle: bool = False) -> None:
-    """Refuse an unusable ``--init`` in the driver, before any worker starts (clear message)."""
+def check_init(init: str, allow_pickle: bool = False, flag: str = "--init") -> None:
+    """Refuse an unusable scorer source in the driver, before any worker starts (clear message)."""
     from cappy_core.scorer import resolve_source
 
     try:
         resolve_source(init, allow_pickle)
     except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"--init {init!r}: {e}") from None
+        raise ConfigError(f"{flag} {init!r}: {e}") from None
 
 
 def resolve_paths(cfg: TrainScorerConfig, default_name: str) -> dict[str, str]:

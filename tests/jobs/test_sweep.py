@@ -92,5 +92,10 @@ def test_failed_task_is_recorded_and_a_rerun_computes_only_it(tmp_path, models, 
 def test_bad_input_is_a_clear_error(tmp_path, models, bigbench_root):
     r = sweep(tmp_path / "x", models, "--tasks", "no_such_task")
     assert r.returncode == 2 and "no_such_task" in r.stderr and "Traceback" not in r.stderr
+    r = sweep(tmp_path / "x", models, "--scorer", str(tmp_path / "no_scorer"))  # refused before sampling
+    assert r.returncode == 2 and "--scorer" in r.stderr and "no such folder" in r.stderr
+    assert not (tmp_path / "x" / "candidates").exists()
+    r = sweep(tmp_path / "x", models, "--generator", str(tmp_path / "no_gen"))
+    assert r.returncode == 2 and "no_gen" in r.stderr and "Traceback" not in r.stderr
     r = sweep(tmp_path / "x", models, "--batch-size", "6")
     assert r.returncode == 2 and "multiple of --micro-batch-size" in r.stderr
