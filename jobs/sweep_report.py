@@ -105,7 +105,7 @@ def write_reports(out: Path, records: Mapping[str, dict], log=print) -> dict:
     notes = [f"- {t}: {why}" for t, why in failed.items()]
     if not per_task:
         _write_text(out / "summary.md", "No task finished.\n\n" + "\n".join(notes) + "\n")
-        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        _write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
         log("no task finished:\n" + "\n".join(notes))
         return summary
     header, rows, stats = summary_rows(per_task)
