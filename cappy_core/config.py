@@ -6,6 +6,12 @@ error that names the file and the key, so a typo never silently falls back to a 
 Each field becomes a flag ``--field-name``; ``metadata={"help": ...}`` on the field becomes its
 ``--help`` text. Supported field types: str, int, float, bool (``--x/--no-x``), Optional of
 those, and ``list[str]`` / ``list[int]`` / ``list[float]`` (``nargs='+'``).
+
+One mechanism for every command: :func:`build_parser` (flags from the dataclass, plus
+``--preset NAME`` when the job ships presets, i.e. YAML files), :func:`config_from_args`
+(defaults < ``--preset`` < ``--config`` < flags) and :func:`run_main` (bad input → one
+``error:`` line and exit status 2, no traceback). Option groups repeated across jobs are small
+dataclasses (:class:`CacheOptions`) that job configs inherit.
 """
 
 from __future__ import annotations
@@ -13,10 +19,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
 
 import yaml
 
@@ -126,9 +133,32 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         parser.add_argument(flag, **kwargs)
 
 
-def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
-    """defaults < YAML (``args.config``) < flags given on the command line."""
+def find_presets(config_dir: str | Path, job: str) -> dict[str, Path]:
+    """``{preset: path}`` for the files ``<config_dir>/<job>_<preset>.yaml``."""
+    return {p.stem[len(job) + 1:]: p for p in sorted(Path(config_dir).glob(f"{job}_*.yaml"))}
+
+
+def build_parser(cls: type, *, prog: str, description: str, epilog: str = "",
+                 presets: Mapping[str, Path] | None = None) -> argparse.ArgumentParser:
+    """An argument parser with ``--preset`` (when ``presets``), ``--config`` and one flag per field."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog or None,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    if presets:
+        parser.add_argument("--preset", choices=sorted(presets), default=None,
+                            help="a shipped config (YAML); --config and explicit flags override it")
+    add_dataclass_arguments(parser, cls)
+    return parser
+
+
+def config_from_args(cls: type[C], args: argparse.Namespace,
+                     presets: Mapping[str, Path] | None = None) -> C:
+    """defaults < ``--preset`` YAML < ``--config`` YAML < flags given on the command line."""
     values: dict[str, Any] = {}
+    preset = getattr(args, "preset", None)
+    if preset:
+        if not presets or preset not in presets:
+            raise ConfigError(f"unknown preset {preset!r}; choose from {sorted(presets or {})}")
+        values.update(load_yaml(cls, presets[preset]))
     if getattr(args, "config", None):
         values.update(load_yaml(cls, args.config))
     names = {f.name for f in dataclasses.fields(cls)}
@@ -141,5 +171,41 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def dump_yaml(cfg: Any) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+#: Exceptions that mean "the input is wrong", not "the program is": one line, exit status 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError)
+
+
+def run_main(fn: Callable[[], Optional[int]], *,
+             explain: Callable[[BaseException], Optional[tuple[int, str]]] | None = None,
+             user_errors: tuple[type[BaseException], ...] = USER_ERRORS) -> int:
+    """Run a command's body and turn its failure into an exit status.
+
+    ``fn()`` returns the exit status (``None`` = 0). ``explain(e)`` may claim an exception first
+    and return ``(status, message)`` (e.g. a training run that failed beyond its retries); then
+    any of ``user_errors`` (bad config, missing file, malformed data: ``ValueError``,
+    ``OSError``, ``ImportError``) prints ``error: <message>`` to stderr and returns 2; anything
+    else is a bug and propagates with its traceback.
+    """
+    try:
+        return int(fn() or 0)
+    except Exception as e:
+        claimed = explain(e) if explain is not None else None
+        if claimed is not None:
+            status, message = claimed
+            print(f"error: {message}", file=sys.stderr)
+            return status
+        if isinstance(e, user_errors):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+# --- option groups shared by several jobs ----------------------------------------------------
+
+@dataclasses.dataclass
+class CacheOptions:
+    """Where BIG-Bench, the embedded generator and the pretrained scorer are cached."""
+
+    cache_dir: Optional[str] = dataclasses.field(default=None, metadata={
+        "help": "cache for BIG-Bench, the embedded generator and the pretrained scorer "
+                "(default $CAPPY_CACHE_DIR or ~/.cache/cappy)"})

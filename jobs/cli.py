@@ -9,6 +9,17 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
+
+#: Shipped presets: ``jobs/configs/<job>_<preset>.yaml``, each headed by the command that runs it.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def presets(job: str) -> dict[str, Path]:
+    """The shipped presets of ``job`` (``cappy <job> --preset NAME``)."""
+    from cappy_core.config import find_presets
+
+    return find_presets(CONFIG_DIR, job)
 
 # (words, module, one-line help). Longest match wins, so "data prepare" beats "data".
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [

@@ -33,6 +33,12 @@ UNAVAILABLE_OFFLINE: dict[str, str] = {
 }
 
 
+# The six small generative tasks of the sweep's local preset (and the embedded generator's check):
+# tasks of the 45 on which a few-million-parameter generator trained on CPU does something.
+LOCAL_TASKS: tuple[str, ...] = ("simple_text_editing", "tense", "gender_inclusive_sentences_german", "rephrase",
+                                "word_sorting", "unnatural_in_context_learning")
+
+
 class UnknownTaskError(ValueError):
     pass
 

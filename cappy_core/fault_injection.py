@@ -1,0 +1,52 @@
+"""Fault injection for tests and drills: the one place that reads the fault variables.
+
+Production code asks here whether to fail; nothing else reads these variables. Both are read in
+the *driver* (the process the user starts) and passed on explicitly, so the Ray workers and
+tasks that act on them need no environment of their own.
+
+* ``CAPPY_FAIL_AT_UPDATE=K``: a scorer training run (``cappy pretrain`` / ``cappy finetune``)
+  raises right after optimizer update ``K`` in an attempt that did not start from a checkpoint,
+  so Ray Train restarts the worker group and resumes (``--fail-at-update K`` does the same).
+* ``CAPPY_SWEEP_FAIL_TASKS=a,b``: the sweep's Ray task for each named task raises before doing
+  any work, so the sweep records it as failed, finishes the others, and a rerun retries it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+FAIL_AT_UPDATE_ENV = "CAPPY_FAIL_AT_UPDATE"
+SWEEP_FAIL_TASKS_ENV = "CAPPY_SWEEP_FAIL_TASKS"
+
+
+class InjectedFault(RuntimeError):
+    """Raised where a test asked for a failure."""
+
+
+def fail_at_update(explicit: Optional[int] = None) -> Optional[int]:
+    """The update after which training must fail: ``explicit`` if given, else the variable."""
+    if explicit is not None:
+        return explicit
+    env = os.environ.get(FAIL_AT_UPDATE_ENV)
+    if not env:
+        return None
+    try:
+        return int(env)
+    except ValueError:
+        raise ValueError(f"{FAIL_AT_UPDATE_ENV}={env!r} is not an integer") from None
+
+
+def sweep_fail_tasks() -> list[str]:
+    """The sweep tasks that must fail (empty unless the variable is set)."""
+    return [t for t in os.environ.get(SWEEP_FAIL_TASKS_ENV, "").split(",") if t.strip()]
+
+
+def check_update(update: int, fail_at: Optional[int]) -> None:
+    if fail_at is not None and update == fail_at:
+        raise InjectedFault(f"injected fault after update {update} ({FAIL_AT_UPDATE_ENV} / fail_at_update)")
+
+
+def check_task(task: str, fail_tasks: list[str]) -> None:
+    if task in fail_tasks:
+        raise InjectedFault(f"injected failure for task {task} ({SWEEP_FAIL_TASKS_ENV})")
