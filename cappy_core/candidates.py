@@ -25,10 +25,13 @@ settings that define the output. Rows within a file are in input order, then dec
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    from cappy_core.generation import Candidate
 
 __all__ = [
     "CANDIDATE_SCHEMA",
@@ -37,6 +40,8 @@ __all__ = [
     "done_path",
     "candidate_files",
     "read_candidates",
+    "expand_with_candidates",
+    "add_labels",
 ]
 
 CANDIDATE_SCHEMA = pa.schema(
@@ -92,3 +97,36 @@ def read_candidates(out_dir: str | Path, tasks: Iterable[str] | None = None,
     if not files:
         return CANDIDATE_SCHEMA.empty_table()
     return pa.concat_tables([pq.read_table(f, schema=CANDIDATE_SCHEMA) for f in files])
+
+
+def expand_with_candidates(batch: pa.Table, cands: Sequence[Sequence["Candidate"]], started: float) -> pa.Table:
+    """One row per candidate: each input row repeated for its candidates, with the candidate
+    columns, ``_k`` (the candidate's index within its instruction, for ordering) and ``_t0``
+    (``started``: when generation of this batch began)."""
+    flat = [c for per in cands for c in per]
+    out = batch.take([i for i, per in enumerate(cands) for _ in per])
+    cols = {
+        "decoding": pa.array([c.decoding for c in flat], pa.string()),
+        "sample_idx": pa.array([c.sample_idx for c in flat], pa.int32()),
+        "text": pa.array([c.text for c in flat], pa.string()),
+        "num_tokens": pa.array([c.num_tokens for c in flat], pa.int32()),
+        "logprob_sum": pa.array([c.logprob_sum for c in flat], pa.float64()),
+        "logprob_mean": pa.array([c.logprob_mean for c in flat], pa.float64()),
+        "_k": pa.array([k for per in cands for k in range(len(per))], pa.int32()),
+        "_t0": pa.array([started] * len(flat), pa.float64()),
+    }
+    for name, col in cols.items():
+        out = out.append_column(name, col)
+    return out
+
+
+def add_labels(batch: pa.Table) -> pa.Table:
+    """Replace ``references`` by ``label``: Rouge-L F1 of each candidate's ``text`` against its
+    example's references (null without references)."""
+    from cappy_core.labeling import rouge_l
+
+    labels = []
+    for text, refs in zip(batch["text"].to_pylist(), batch["references"].to_pylist()):
+        refs = [r for r in (refs or []) if r is not None]
+        labels.append(rouge_l(text, refs) if refs else None)
+    return batch.drop_columns(["references"]).append_column("label", pa.array(labels, pa.float64()))

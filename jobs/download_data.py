@@ -9,18 +9,15 @@ extracted cache (``$CAPPY_CACHE_DIR``, default ``~/.cache/cappy``).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-from cappy_core.config import ConfigError, add_dataclass_arguments, config_from_args
+from cappy_core.config import USER_ERRORS, CacheOptions, build_parser, config_from_args, run_main
 
 
 @dataclass
-class DownloadConfig:
-    cache_dir: Optional[str] = field(default=None, metadata={
-        "help": "cache folder (default $CAPPY_CACHE_DIR or ~/.cache/cappy)"})
+class DownloadConfig(CacheOptions):
     archive: Optional[str] = field(default=None, metadata={
         "help": "use this local bigbench-1.0.0.tar.gz instead of downloading"})
     force: bool = field(default=False, metadata={"help": "download and extract again even if cached"})
@@ -29,25 +26,23 @@ class DownloadConfig:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog=prog or "python -m jobs.download_data",
+    parser = build_parser(
+        DownloadConfig, prog=prog or "python -m jobs.download_data",
         description="Download the bigbench==1.0.0 source archive from PyPI (pip download "
-        "--no-binary), verify its sha256 and extract only benchmark_tasks/**/task.json into the "
-        "cache. Does nothing when the cache is already complete.",
-    )
-    add_dataclass_arguments(p, DownloadConfig)
-    args = p.parse_args(argv)
-    from cappy_core.data.source import BigBenchNotFound, CorruptArchive, download_bigbench
+                    "--no-binary), verify its sha256 and extract only benchmark_tasks/**/task.json into "
+                    "the cache. Does nothing when the cache is already complete.")
+    args = parser.parse_args(argv)
 
-    try:
+    def body() -> None:
+        from cappy_core.data.source import download_bigbench
+
         cfg = config_from_args(DownloadConfig, args)
         root = download_bigbench(cfg.cache_dir, force=cfg.force, archive=cfg.archive,
                                  keep_archive=cfg.keep_archive)
-    except (ConfigError, BigBenchNotFound, CorruptArchive, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"BIG-Bench tasks ready: {root}")
-    return 0
+        print(f"BIG-Bench tasks ready: {root}")
+
+    # RuntimeError: pip could not fetch the archive (its message says what to do instead).
+    return run_main(body, user_errors=USER_ERRORS + (RuntimeError,))
 
 
 if __name__ == "__main__":

@@ -26,9 +26,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-from cappy_core.config import ConfigError
-from jobs.train_scorer import (TrainScorerConfig, build_parser, config_from_args, load_examples, run_job,
-                               run_main, write_pair_files)
+from cappy_core.config import CacheOptions, ConfigError, build_parser, config_from_args, run_main
+from jobs.cli import presets
+from jobs.train_scorer import TrainScorerConfig, explain, run_job
 
 JOB = "finetune"
 DESCRIPTION = ("Finetune a Cappy scorer on one task's labelled pairs with Ray Train; "
@@ -40,18 +40,16 @@ EPILOG = """examples:
 
 
 @dataclass
-class FinetuneConfig(TrainScorerConfig):
+class FinetuneConfig(CacheOptions, TrainScorerConfig):
     task: Optional[str] = field(default=None, metadata={"help": "the task to finetune on (required)"})
     examples: Optional[str] = field(default=None, metadata={
         "help": "a `cappy data prepare` folder (default: read the BIG-Bench cache directly)"})
     samples: Optional[str] = field(default=None, metadata={
         "help": "folder of sample+label Parquet (Rouge-L-labelled candidates for the task)"})
-    cache_dir: Optional[str] = field(default=None, metadata={
-        "help": "cache holding the extracted BIG-Bench (default $CAPPY_CACHE_DIR or ~/.cache/cappy)"})
 
 
 def build_pairs(cfg: FinetuneConfig, pairs_dir: str, log=print) -> tuple[str, str | None]:
-    from cappy_core.pretrain_data import build_pair_mixture, read_samples
+    from cappy_core.pretrain_data import build_pair_mixture, load_examples, read_samples, write_pair_files
 
     examples, names = load_examples([cfg.task], ["train"], cfg.examples, cfg.cache_dir, log)
     if not examples:
@@ -74,9 +72,14 @@ def run(cfg: FinetuneConfig, log=print) -> dict:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = build_parser(FinetuneConfig, JOB, prog, description=DESCRIPTION, epilog=EPILOG)
+    parser = build_parser(FinetuneConfig, prog=prog or "python -m jobs.finetune", description=DESCRIPTION,
+                          epilog=EPILOG, presets=presets(JOB))
     args = parser.parse_args(argv)
-    return run_main(JOB, lambda a: run(config_from_args(FinetuneConfig, a, JOB)), args)
+
+    def job() -> None:
+        run(config_from_args(FinetuneConfig, args, presets(JOB)))
+
+    return run_main(job, explain=explain)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-from cappy_core.config import ConfigError
-from jobs.train_scorer import (TrainScorerConfig, build_parser, config_from_args, load_examples, run_job,
-                               run_main, write_pair_files)
+from cappy_core.config import CacheOptions, ConfigError, build_parser, config_from_args, run_main
+from jobs.cli import presets
+from jobs.train_scorer import TrainScorerConfig, explain, run_job
 
 JOB = "pretrain"
 DESCRIPTION = ("Regression-pretrain a Cappy scorer on BIG-Bench tasks outside the 45 evaluation tasks "
@@ -36,7 +36,7 @@ EPILOG = """examples:
 
 
 @dataclass
-class PretrainConfig(TrainScorerConfig):
+class PretrainConfig(CacheOptions, TrainScorerConfig):
     tasks: list[str] = field(default_factory=lambda: ["pretrain"], metadata={
         "help": "'pretrain' (every BIG-Bench JSON task outside the 45) or task names"})
     splits: list[str] = field(default_factory=lambda: ["train", "validation"], metadata={
@@ -49,13 +49,11 @@ class PretrainConfig(TrainScorerConfig):
         "help": "cap per task (whole instructions) so one big task cannot dominate"})
     max_wrong_choices: Optional[int] = field(default=4, metadata={
         "help": "wrong choices kept per multiple-choice example (a seeded sample)"})
-    cache_dir: Optional[str] = field(default=None, metadata={
-        "help": "cache holding the extracted BIG-Bench (default $CAPPY_CACHE_DIR or ~/.cache/cappy)"})
 
 
 def build_pairs(cfg: PretrainConfig, pairs_dir: str, log=print) -> tuple[str, str | None]:
     from cappy_core.data.tasks import GENERATIVE_45
-    from cappy_core.pretrain_data import build_pair_mixture, read_samples
+    from cappy_core.pretrain_data import build_pair_mixture, load_examples, read_samples, write_pair_files
 
     def refuse(tasks):
         if tasks:
@@ -85,9 +83,14 @@ def run(cfg: PretrainConfig, log=print) -> dict:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = build_parser(PretrainConfig, JOB, prog, description=DESCRIPTION, epilog=EPILOG)
+    parser = build_parser(PretrainConfig, prog=prog or "python -m jobs.pretrain", description=DESCRIPTION,
+                          epilog=EPILOG, presets=presets(JOB))
     args = parser.parse_args(argv)
-    return run_main(JOB, lambda a: run(config_from_args(PretrainConfig, a, JOB)), args)
+
+    def job() -> None:
+        run(config_from_args(PretrainConfig, args, presets(JOB)))
+
+    return run_main(job, explain=explain)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,13 @@ Runs in one process; under ``ray job submit -- python -m jobs.score ...`` it run
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from cappy_core.config import ConfigError, add_dataclass_arguments, config_from_args
+from cappy_core.config import ConfigError, build_parser, config_from_args, run_main
 
 
 @dataclass
@@ -29,7 +28,7 @@ class ScoreConfig:
         "help": "'minilm' (embedded, untrained head), a checkpoint folder, or a hub id"})
     instruction: Optional[str] = field(default=None, metadata={"help": "the instruction"})
     response: list[str] = field(default_factory=list, metadata={
-        "help": "a candidate response; repeat the flag for several"})
+        "help": "a candidate response; repeat the flag for several", "repeatable": True, "metavar": "TEXT"})
     pairs: Optional[str] = field(default=None, metadata={
         "help": "Parquet/JSONL file with columns instruction, response (instead of --instruction)"})
     out: Optional[str] = field(default=None, metadata={
@@ -48,53 +47,21 @@ class ScoreConfig:
     json: bool = field(default=False, metadata={"help": "print one JSON object instead of a table"})
 
 
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog, description="Score (instruction, response) pairs with a Cappy scorer.",
-        conflict_handler="resolve")
-    add_dataclass_arguments(parser, ScoreConfig)
-    # Repeatable: `--response A --response B` (and `--response A B`) accumulate.
-    parser.add_argument("--response", dest="response", action="extend", nargs="+",
-                        metavar="TEXT", default=argparse.SUPPRESS,
-                        help="a candidate response; repeat the flag for several")
-    return parser
-
-
-def read_pairs(path: str | Path) -> tuple[list[str], list[str]]:
-    """``instruction`` and ``response`` columns of a Parquet or JSONL file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such pairs file: {path}")
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        rows = pq.read_table(path, columns=None).to_pylist()
-    elif path.suffix in (".jsonl", ".json"):
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    else:
-        raise ValueError(f"{path}: expected a .parquet or .jsonl file")
-    for i, row in enumerate(rows):
-        if "instruction" not in row or "response" not in row:
-            raise ValueError(f"{path}: row {i} lacks an 'instruction' or 'response' column")
-    return [r["instruction"] for r in rows], [r["response"] for r in rows]
-
-
 def write_scores(rows: list[dict], out: str | None) -> None:
+    """JSONL to stdout, or ``out`` (``.parquet``, else JSONL) written atomically."""
+    from cappy_core.io import write_parquet, write_text
+
     if out is None:
         for row in rows:
             print(json.dumps(row, ensure_ascii=False))
         return
     path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     if path.suffix == ".parquet":
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
-        pq.write_table(pa.Table.from_pylist(rows), tmp)
+        write_parquet(pa.Table.from_pylist(rows), path)
     else:
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    tmp.replace(path)
+        write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     print(f"wrote {len(rows)} scores to {path}", file=sys.stderr)
 
 
@@ -106,51 +73,27 @@ def format_table(instruction: str, responses: list[str], scores: list[float], pi
     return "\n".join(lines)
 
 
-def _quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
-def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = build_parser(prog)
-    args = parser.parse_args(argv)
-    prog = parser.prog
-    try:
-        cfg = config_from_args(ScoreConfig, args)
-    except ConfigError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+def run(cfg: ScoreConfig) -> None:
     if cfg.pairs is None and (cfg.instruction is None or not cfg.response):
-        print(f"{prog}: error: nothing to score: give --instruction TEXT and at least one "
-              "--response TEXT (or --pairs FILE)", file=sys.stderr)
-        return 2
+        raise ConfigError("nothing to score: give --instruction TEXT and at least one "
+                          "--response TEXT (or --pairs FILE)")
     if cfg.pairs is not None and (cfg.instruction is not None or cfg.response):
-        print(f"{prog}: error: give either --pairs or --instruction/--response, not both",
-              file=sys.stderr)
-        return 2
+        raise ConfigError("give either --pairs or --instruction/--response, not both")
 
-    _quiet_transformers()
-    from cappy_core.scorer import Scorer, select_best
+    from cappy_core.data.records import read_text_pairs
+    from cappy_core.scorer import Scorer, quiet_transformers, select_best
 
-    try:
-        if cfg.pairs is not None:
-            instructions, responses = read_pairs(cfg.pairs)
-        scorer = Scorer.from_pretrained(cfg.scorer, dtype=cfg.dtype, device=cfg.device,
-                                        max_length=cfg.max_length, allow_pickle=cfg.allow_pickle,
-                                        seed=cfg.seed)
-    except (FileNotFoundError, ValueError, OSError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+    quiet_transformers()
+    if cfg.pairs is not None:
+        instructions, responses = read_text_pairs(cfg.pairs)
+    scorer = Scorer.from_pretrained(cfg.scorer, dtype=cfg.dtype, device=cfg.device,
+                                    max_length=cfg.max_length, allow_pickle=cfg.allow_pickle, seed=cfg.seed)
     kwargs = dict(batch_size=cfg.batch_size, max_tokens=cfg.max_tokens)
-
     if cfg.pairs is not None:
         scores = scorer.score(instructions, responses, **kwargs)
         write_scores([{"instruction": i, "response": r, "score": s}
                       for i, r, s in zip(instructions, responses, scores)], cfg.out)
-        return 0
-
+        return
     scores = scorer.score([cfg.instruction] * len(cfg.response), cfg.response, **kwargs)
     pick = select_best(scores)
     if cfg.json:
@@ -159,7 +102,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                           "best_response": cfg.response[pick]}, ensure_ascii=False))
     else:
         print(format_table(cfg.instruction, cfg.response, scores, pick))
-    return 0
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = build_parser(ScoreConfig, prog=prog or "python -m jobs.score",
+                          description="Score (instruction, response) pairs with a Cappy scorer.")
+    args = parser.parse_args(argv)
+    return run_main(lambda: run(config_from_args(ScoreConfig, args)))
 
 
 if __name__ == "__main__":

@@ -72,15 +72,6 @@ def resolve(args: argparse.Namespace):
     return data, app, AppArgs.model_validate(raw)
 
 
-def _check_generator(app_args) -> None:
-    from cappy_core.generation import default_generator_path
-
-    if app_args.generator.model is None and not default_generator_path().is_dir():
-        raise FileNotFoundError(
-            f"the embedded generator is not at {default_generator_path()}: run `cappy generator train` "
-            "first, or pass --generator PATH (any Hugging Face causal LM folder)")
-
-
 def _examples(url: str) -> str:
     return "\n".join([
         f"  curl -s {url}/healthz",
@@ -94,15 +85,21 @@ def _examples(url: str) -> str:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = build_parser(prog)
-    args = parser.parse_args(argv)
-    try:
-        data, app_entry, app_args = resolve(args)
-        if not args.dry_run:
-            _check_generator(app_args)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
+    from cappy_core.config import run_main
+
+    args = build_parser(prog).parse_args(argv)
+    return run_main(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate, then (unless ``--dry-run``) deploy and serve until stopped; the exit status."""
+    data, app_entry, app_args = resolve(args)
+    if not args.dry_run and app_args.generator.model is None:
+        # the embedded generator must be there (on this machine: a local Ray); a named model is
+        # resolved by the replica, on its node
+        from cappy_core.generation import resolve_generator
+
+        resolve_generator(None, app_args.generator.backend)
     http = dict(data.get("http_options") or {})
     host = args.host or http.get("host") or "127.0.0.1"
     port = args.port or http.get("port") or 8000
@@ -131,7 +128,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     try:
         serve.run(build_app(app_args), name=name, route_prefix=route, blocking=False)
     except Exception as e:  # noqa: BLE001 - deployment failures come back as various Ray errors
-        print(f"{parser.prog}: error: the app failed to deploy: {e}", file=sys.stderr)
+        print(f"error: the app failed to deploy: {e}", file=sys.stderr)
         serve.shutdown()
         return 1
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host

@@ -39,10 +39,12 @@ def app_builder(args: dict[str, Any] | None = None) -> Application:
 
     Nested keys may also come flat as ``section.key=value`` (what ``serve run ... k=v`` passes).
     """
-    return build_app(AppArgs.model_validate(_unflatten(dict(args or {}))))
+    return build_app(AppArgs.model_validate(unflatten_args(dict(args or {}))))
 
 
-def _unflatten(args: dict[str, Any]) -> dict[str, Any]:
+def unflatten_args(args: dict[str, Any]) -> dict[str, Any]:
+    """``{"section.key": value}`` → ``{"section": {"key": value}}``; a string value of a dotted
+    key is parsed as YAML (``"2"`` → 2, ``"true"``, ``"[a, b]"``), as ``serve run ... k=v`` gives."""
     import yaml
 
     out: dict[str, Any] = {}

@@ -28,6 +28,8 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cappy_core.generation import MAX_NEW_TOKENS, MIN_NEW_TOKENS, PAPER_DECODING_NAMES, PAPER_NUM_SAMPLES
+
 #: What a task / multiplexed model id may look like: no slashes, so an id is never a path.
 TASK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 _TASK_ID = re.compile(TASK_ID_PATTERN)
@@ -77,8 +79,8 @@ class GeneratorArgs(ReplicaArgs):
     load_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to load_generator "
                                         "(dtype, device, max_prompt_tokens; vLLM engine options such as "
                                         "gpu_memory_utilization, max_model_len, tensor_parallel_size)")
-    max_new_tokens: int = Field(64, ge=1, description="default new tokens per candidate (paper: 64)")
-    min_new_tokens: int = Field(3, ge=0, description="minimum new tokens per candidate (paper: 3)")
+    max_new_tokens: int = Field(MAX_NEW_TOKENS, ge=1, description="default new tokens per candidate (paper: 64)")
+    min_new_tokens: int = Field(MIN_NEW_TOKENS, ge=0, description="minimum new tokens per candidate (paper: 3)")
     seed: int = Field(0, ge=0, description="base sampling seed (a request may give its own)")
     max_batch_size: int = Field(8, ge=1, description="@serve.batch: most requests per generate() call")
     batch_wait_timeout_s: float = Field(0.02, ge=0, description="@serve.batch: wait for a batch to fill")
@@ -153,9 +155,10 @@ class IngressArgs(ReplicaArgs):
     retries: int = Field(2, ge=0, description="re-sends of a call whose replica died (other replicas "
                          "or its replacement answer)")
     default_decodings: list[str] = Field(
-        default_factory=lambda: ["beam4", "sample", "temp0.9", "topk40", "topp0.95"],
+        default_factory=lambda: list(PAPER_DECODING_NAMES),
         description="/v1/select decodings when a request names none (paper: 17 candidates)")
-    default_num_samples: int = Field(4, ge=1, description="samples per sampling decoding (paper: 4)")
+    default_num_samples: int = Field(PAPER_NUM_SAMPLES, ge=1,
+                                     description="samples per sampling decoding (paper: 4)")
 
     def limits(self) -> dict[str, Any]:
         return self.model_dump(exclude=set(ReplicaArgs.model_fields))

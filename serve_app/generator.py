@@ -1,7 +1,8 @@
 """``Generator`` deployment: candidates with log-likelihoods from a ``cappy_core.generation`` backend.
 
 A thin shell over :func:`cappy_core.generation.load_generator`: the vLLM backend (``vllm.LLM``)
-when it is installed, the transformers backend otherwise (or when asked). Requests are batched
+when it is installed, the transformers backend otherwise (or when asked); the model name means
+what :func:`cappy_core.generation.resolve_generator` says. Requests are batched
 with ``@serve.batch`` (sizes from ``user_config``) and requests that share decodings, length and
 seed go to the backend as one ``generate`` call; seeds are keyed by instruction text, so a
 candidate does not depend on what else was in its batch. The backend is created and called on one
@@ -18,7 +19,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any, Sequence
+from typing import Any
 
 from ray import serve
 
@@ -26,17 +27,11 @@ logger = logging.getLogger("ray.serve")
 
 
 def _load(backend: str, model: str | None, load_kwargs: dict[str, Any]):
-    from cappy_core.generation import default_generator_path, load_generator
+    from cappy_core.generation import load_generator, resolve_generator
 
-    path = model or str(default_generator_path())
-    if model is None and not os.path.isdir(path):
-        raise FileNotFoundError(
-            f"the embedded generator is not at {path}: run `cappy generator train` first, or set "
-            "generator.model to a Hugging Face folder or hub id")
-    if "max_prompt_tokens" not in load_kwargs:
-        from cappy_core.lm import trained_prompt_tokens
-
-        load_kwargs = {**load_kwargs, "max_prompt_tokens": trained_prompt_tokens(path)}
+    resolved = resolve_generator(model, backend, option="generator.model")
+    path = resolved.path
+    load_kwargs = {"max_prompt_tokens": resolved.max_prompt_tokens, **load_kwargs}
     if backend == "auto":
         try:
             return load_generator("vllm", path, **load_kwargs)
@@ -102,29 +97,3 @@ class GeneratorDeployment:
                 out[i] = [dataclasses.asdict(c) for c in cs]
         return out
 
-
-def decoding_plan(names: Sequence[str] | None, num_samples: int | None, num_candidates: int | None,
-                  default_names: Sequence[str], default_num_samples: int) -> tuple:
-    """The ``DecodingSpec`` tuple a /v1/select request asks for.
-
-    ``num_candidates = N`` keeps the default decodings' order and spreads ``N`` over them: one
-    candidate for each deterministic decoding (beam, greedy) first, the rest split as evenly as
-    possible over the sampling decodings (earlier ones get the extra); decodings left with
-    nothing are dropped. With the paper's defaults, 17 gives exactly beam4 + 4 × 4 samples.
-    Otherwise ``names`` (default: ``default_names``) with ``num_samples`` each (default:
-    ``default_num_samples``). Raises ``ValueError`` for unknown or duplicate names.
-    """
-    from cappy_core.generation import decodings_from_names, parse_decoding
-
-    if num_candidates is None:
-        return decodings_from_names(list(names or default_names), num_samples or default_num_samples)
-    specs = decodings_from_names(list(default_names), 1)
-    fixed = [d.name for d in specs if d.kind != "sample"][:num_candidates]
-    sampled = [d.name for d in specs if d.kind == "sample"]
-    rest = num_candidates - len(fixed)
-    if rest and not sampled:
-        raise ValueError(f"num_candidates={num_candidates}: the default decodings {list(default_names)} "
-                         f"give at most {len(fixed)} candidates")
-    share = {name: rest // len(sampled) + (k < rest % len(sampled)) for k, name in enumerate(sampled)}
-    return tuple(parse_decoding(d.name, share[d.name]) if d.kind == "sample" else d
-                 for d in specs if d.name in fixed or share.get(d.name, 0) > 0)

@@ -220,10 +220,8 @@ class IngressDeployment:
     @app.post("/v1/select", response_model=SelectResponse, response_model_exclude_none=True,
               summary="Generate candidates and return the one the scorer ranks highest")
     async def select(self, req: SelectRequest) -> SelectResponse:
-        from cappy_core.generation import candidates_per_instruction
+        from cappy_core.generation import candidates_per_instruction, decoding_plan
         from cappy_core.scorer import select_best
-
-        from serve_app.generator import decoding_plan
 
         lim = self.limits
         self._check_instruction(req.instruction)

@@ -17,12 +17,15 @@ One row per BIG-Bench example and split. Schema (documented in docs/data.md):
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from cappy_core.io import write_parquet
 
 EXAMPLE_SCHEMA = pa.schema(
     [
@@ -71,20 +74,16 @@ def table_to_examples(table: pa.Table) -> list[Example]:
 
 
 def write_examples(examples: Sequence[Example], path: str | Path) -> Path:
-    """Write atomically (temp file + rename) so a crash never leaves a half-written Parquet."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(examples_to_table(examples), tmp)
-    tmp.replace(path)
-    return path
+    """Write atomically (:func:`cappy_core.io.write_parquet`): a crash never leaves a half-written Parquet."""
+    return write_parquet(examples_to_table(examples), path)
 
 
 def read_examples(paths: str | Path | Iterable[str | Path]) -> list[Example]:
-    """Read one Parquet file, a directory written by ``cappy data prepare``, or several files."""
+    """Read one Parquet file, a directory written by ``cappy data prepare`` (its ``*.parquet``
+    files, hidden ones such as a crashed write's temporary skipped), or several files."""
     if isinstance(paths, (str, Path)):
         p = Path(paths)
-        files = sorted(p.rglob("*.parquet")) if p.is_dir() else [p]
+        files = sorted(f for f in p.rglob("*.parquet") if not f.name.startswith(".")) if p.is_dir() else [p]
     else:
         files = [Path(p) for p in paths]
     out: list[Example] = []
@@ -100,6 +99,23 @@ def read_examples(paths: str | Path | Iterable[str | Path]) -> list[Example]:
         except ValueError as e:
             raise ValueError(f"{f}: {e}") from e
     return out
+
+
+def read_text_pairs(path: str | Path) -> tuple[list[str], list[str]]:
+    """The ``instruction`` and ``response`` columns of a Parquet or JSONL file (pairs to score)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such pairs file: {path}")
+    if path.suffix == ".parquet":
+        rows = pq.read_table(path).to_pylist()
+    elif path.suffix in (".jsonl", ".json"):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    else:
+        raise ValueError(f"{path}: expected a .parquet or .jsonl file")
+    for i, row in enumerate(rows):
+        if "instruction" not in row or "response" not in row:
+            raise ValueError(f"{path}: row {i} lacks an 'instruction' or 'response' column")
+    return [r["instruction"] for r in rows], [r["response"] for r in rows]
 
 
 def split_path(out_dir: str | Path, task: str, split: str) -> Path:

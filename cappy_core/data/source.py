@@ -26,6 +26,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from cappy_core.io import atomic_dir, atomic_path, write_text
+
 BIGBENCH_VERSION = "1.0.0"
 ARCHIVE_NAME = f"bigbench-{BIGBENCH_VERSION}.tar.gz"
 ARCHIVE_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
@@ -170,7 +172,8 @@ def download_bigbench(
     if archive is not None:
         verify_archive(Path(archive))
         if Path(archive).resolve() != cached.resolve():
-            shutil.copyfile(archive, cached)
+            with atomic_path(cached) as tmp:
+                shutil.copyfile(archive, tmp)
     elif force or not cached.is_file():
         with tempfile.TemporaryDirectory(dir=root) as tmp:
             got = _pip_download(Path(tmp))
@@ -180,25 +183,15 @@ def download_bigbench(
         verify_archive(cached)  # a leftover archive from an interrupted run: check it first
 
     (root / "COMPLETE").unlink(missing_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix="benchmark_tasks.", dir=root))
-    try:
+    with atomic_dir(root / "benchmark_tasks") as staging:
         count = _extract_tasks(cached, staging, root / "reference_code")
         if count != NUM_TASK_FILES:
             raise CorruptArchive(
                 f"{cached}: extracted {count} task.json files, expected {NUM_TASK_FILES}: "
                 "delete it and run `cappy data download --force`"
             )
-        final = root / "benchmark_tasks"
-        if final.exists():
-            shutil.rmtree(final)
-        staging.replace(final)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    (root / "COMPLETE").write_text(
-        json.dumps({"version": BIGBENCH_VERSION, "sha256": ARCHIVE_SHA256, "task_files": count,
-                    "layout": CACHE_LAYOUT}) + "\n"
-    )
+    write_text(root / "COMPLETE", json.dumps({"version": BIGBENCH_VERSION, "sha256": ARCHIVE_SHA256,
+                                              "task_files": count, "layout": CACHE_LAYOUT}) + "\n")
     if not keep_archive:
         cached.unlink(missing_ok=True)
     return root / "benchmark_tasks"

@@ -79,3 +79,19 @@ def resolve_tasks(specs: Iterable[str], available: Mapping[str, Path] | Iterable
                 f"unknown task {spec!r} (not {ALL45!r}, {PRETRAIN!r}, nor a task folder){hint}"
             )
     return names, unavailable
+
+
+def expand_task_specs(specs: Iterable[str], available: Iterable[str]) -> set[str]:
+    """The task names a recorded task list stands for, without checking them: ``pretrain`` =
+    every available task outside the 45, ``all45`` = the 45, any other entry itself (a training
+    run's record may name tasks this machine does not have)."""
+    available = set(available)
+    out: set[str] = set()
+    for spec in specs:
+        if spec == PRETRAIN:
+            out |= available - set(GENERATIVE_45)
+        elif spec == ALL45:
+            out |= set(GENERATIVE_45)
+        else:
+            out.add(str(spec))
+    return out

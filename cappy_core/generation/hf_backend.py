@@ -29,7 +29,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from cappy_core.generation import DecodingSpec, Generator, eos_token_ids
+from cappy_core.generation import DEFAULT_PROMPT_TOKENS, DecodingSpec, Generator, eos_token_ids
 
 __all__ = ["TransformersGenerator", "SeededChooser"]
 
@@ -82,8 +82,8 @@ class TransformersGenerator(Generator):
 
     backend = "hf"
 
-    def __init__(self, model: str, *, max_prompt_tokens: int = 512, dtype: str = "auto", device: str | None = None,
-                 batch_rows: int = 64, max_logits_elements: int = 1 << 27, trust_remote_code: bool = False):
+    def __init__(self, model: str, *, max_prompt_tokens: int = DEFAULT_PROMPT_TOKENS, dtype: str = "auto",
+                 device: str | None = None, batch_rows: int = 64, max_logits_elements: int = 1 << 27, trust_remote_code: bool = False):
         if max_prompt_tokens < 2:
             raise ValueError(f"max_prompt_tokens must be >= 2, got {max_prompt_tokens}")
         self.model = str(model)

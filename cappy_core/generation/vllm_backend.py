@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cappy_core.generation import DecodingSpec, Generator, eos_token_ids
+from cappy_core.generation import DEFAULT_PROMPT_TOKENS, DecodingSpec, Generator, eos_token_ids
 
 __all__ = ["VLLMGenerator"]
 
@@ -36,8 +36,8 @@ class VLLMGenerator(Generator):
 
     backend = "vllm"
 
-    def __init__(self, model: str, *, max_prompt_tokens: int = 512, dtype: str = "auto", seed: int = 0,
-                 max_model_len: int | None = None, enforce_eager: bool | None = None,
+    def __init__(self, model: str, *, max_prompt_tokens: int = DEFAULT_PROMPT_TOKENS, dtype: str = "auto",
+                 seed: int = 0, max_model_len: int | None = None, enforce_eager: bool | None = None,
                  gpu_memory_utilization: float | None = None, kv_cache_memory_bytes: int | None = None,
                  max_logprobs: int = 32, **llm_kwargs: Any):
         try:

@@ -10,13 +10,15 @@ instance: caches cold; then again warm), checks every value is equal and prints 
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
+
+from cappy_core.config import ConfigError, build_parser, config_from_args, run_main
 
 # Generative tasks whose references are mostly short to medium (words) and varied: English
 # sentences, word lists, German with umlauts and gender stars, labels, multi-reference sets.
@@ -47,6 +49,17 @@ _PUNCT = (
 )
 _SUFFIXES = ("s", "es", "ed", "ing", "ly", "ness", "ational", "ization", "ful", "er", "est", "ies")
 _NUMBERS = ("0", "7", "42", "3.14", "1,000", "-5", "2023", "10th", "1e9", "007", "x2", "4ever")
+
+
+@dataclass
+class LabelingBenchConfig:
+    pairs: int = field(default=20_000, metadata={"help": "number of (prediction, references) pairs"})
+    seed: int = field(default=0, metadata={"help": "pair sampling seed"})
+    per_set: int = field(default=17, metadata={
+        "help": "predictions per reference set (paper: 17 candidates per instruction)"})
+    tasks_dir: Optional[str] = field(default=None, metadata={
+        "help": "BIG-Bench benchmark_tasks folder (default: the cappy cache)"})
+    max_words: int = field(default=40, metadata={"help": "longest reference kept, in words"})
 
 
 def load_reference_pool(
@@ -202,33 +215,18 @@ def make_rouge_pairs(
     return pairs
 
 
-def _default_task_root() -> Path:
-    from cappy_core.data.source import bigbench_task_root
-
-    return bigbench_task_root()
-
-
-def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=20_000,
-                        help="number of (prediction, references) pairs")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--per-set", type=int, default=17,
-                        help="predictions per reference set (paper: 17 candidates per instruction)")
-    parser.add_argument("--tasks-dir", type=Path, default=None,
-                        help="BIG-Bench benchmark_tasks folder (default: the cappy cache)")
-    parser.add_argument("--max-words", type=int, default=40,
-                        help="longest reference kept, in words")
-    args = parser.parse_args(argv)
-    if args.pairs < 1 or args.per_set < 1:
-        parser.error("--pairs and --per-set must be positive")
+def run(cfg: LabelingBenchConfig) -> int:
+    """Score the pairs both ways, print one JSON line; 1 when any value differs."""
+    if cfg.pairs < 1 or cfg.per_set < 1:
+        raise ConfigError("--pairs and --per-set must be positive")
 
     from rouge_score import rouge_scorer
 
+    from cappy_core.data.source import bigbench_task_root
     from cappy_core.labeling import RougeL
 
-    pool = load_reference_pool(args.tasks_dir or _default_task_root(), max_words=args.max_words)
-    pairs = make_rouge_pairs(pool, args.pairs, args.seed, per_set=args.per_set)
+    pool = load_reference_pool(cfg.tasks_dir or bigbench_task_root(), max_words=cfg.max_words)
+    pairs = make_rouge_pairs(pool, cfg.pairs, cfg.seed, per_set=cfg.per_set)
     predictions = [p for p, _ in pairs]
     references = [r for _, r in pairs]
 
@@ -249,7 +247,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     result = {
         "bench": "labeling",
         "pairs": len(pairs),
-        "per_set": args.per_set,
+        "per_set": cfg.per_set,
         "rouge_score_pairs_per_s": round(len(pairs) / t_ref, 1),
         "ours_pairs_per_s": round(len(pairs) / t_cold, 1),
         "speedup": round(t_ref / t_cold, 2),
@@ -261,5 +259,12 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     return 0 if all_equal else 1
 
 
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    parser = build_parser(LabelingBenchConfig, prog=prog or "python -m jobs.bench.labeling",
+                          description=__doc__.splitlines()[0])
+    args = parser.parse_args(argv)
+    return run_main(lambda: run(config_from_args(LabelingBenchConfig, args)))
+
+
 if __name__ == "__main__":
-    sys.exit(main(prog="python -m jobs.bench.labeling"))
+    sys.exit(main())

@@ -20,7 +20,6 @@ counted) divided by the bucketed fp32 time. Prints one JSON line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -28,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from cappy_core.config import add_dataclass_arguments, config_from_args
+from cappy_core.config import build_parser, config_from_args, run_main
 
 DEFAULT_TASKS = ["tense", "rephrase", "simple_text_editing", "word_sorting",
                  "gender_inclusive_sentences_german", "unnatural_in_context_learning",
@@ -127,19 +126,13 @@ def time_bucketed(scorer, instructions, responses, batch_size: int, max_tokens, 
     return best
 
 
-def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    add_dataclass_arguments(parser, ScorerBenchConfig)
-    cfg = config_from_args(ScorerBenchConfig, parser.parse_args(argv))
-
+def run(cfg: ScorerBenchConfig) -> None:
     import torch
-    from transformers.utils import logging as hf_logging
 
     from cappy_core.data.source import bigbench_task_root
-    from cappy_core.scorer import Scorer, flops_per_pair
+    from cappy_core.scorer import Scorer, flops_per_pair, quiet_transformers
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    quiet_transformers()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     threads = torch.get_num_threads()
@@ -182,7 +175,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         "max_tokens_seen": max(lengths),
     }
     print(json.dumps(result))
-    return 0
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = build_parser(ScorerBenchConfig, prog=prog or "python -m jobs.bench.scorer",
+                          description=__doc__.splitlines()[0])
+    args = parser.parse_args(argv)
+    return run_main(lambda: run(config_from_args(ScorerBenchConfig, args)))
 
 
 if __name__ == "__main__":

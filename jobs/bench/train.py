@@ -5,8 +5,8 @@
 Data: a pretraining pair mixture of a few small BIG-Bench tasks (the local preset's), written
 once as Parquet. Timed on the SAME pairs, same config, one after the other:
 
-- ``plain``: :func:`jobs.train_scorer.train_in_process`: scorer, optimizer, collator, windows and
-  :func:`cappy_core.training.train` in this process, ``--threads`` torch threads;
+- ``plain``: :func:`cappy_core.training.fit_scorer` on the pair file in this process (the same
+  fit the Ray worker runs, fed from memory instead of Ray Data), ``--threads`` torch threads;
 - ``ray_1w``: the ``cappy pretrain`` machinery (``run_training``: TorchTrainer, Ray Data feed via
   ``get_dataset_shard`` + ``iter_torch_batches``, one worker with ``--threads`` threads);
 - ``ray_2w``: the same with 2 workers (gloo DDP) of ``--threads`` threads each.
@@ -15,7 +15,7 @@ once as Parquet. Timed on the SAME pairs, same config, one after the other:
 other load hurts both alike. The default is one thread: on a shared 2-core machine one process
 with two torch threads slows down many-fold whenever another process wants a core.
 
-Samples/s is measured the same way in all three (:class:`jobs.train_scorer.Throughput`): from the
+Samples/s is measured the same way in all three (:class:`cappy_core.training.Throughput`): from the
 end of the first update to the last, without eval or checkpoint time, so model loading, Ray
 start-up and the feed's first block are not counted; ``ratio_1w_vs_plain`` is the overhead of the
 Ray loop itself (target ≥ 0.9). The machine's other load moves all numbers: run on a quiet one.
@@ -29,7 +29,6 @@ Prints one JSON line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -39,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from cappy_core.config import add_dataclass_arguments, config_from_args
+from cappy_core.config import build_parser, config_from_args
 
 LOCAL_TASKS = ["general_knowledge", "riddle_sense", "cause_and_effect", "physical_intuition", "snarks",
                "hindu_knowledge", "misconceptions", "strategyqa", "navigate", "periodic_elements"]
@@ -66,8 +65,7 @@ class TrainBenchConfig:
 
 
 def make_pairs(cfg: TrainBenchConfig, out_dir: Path) -> str:
-    from cappy_core.pretrain_data import build_pair_mixture, write_pairs
-    from jobs.train_scorer import load_examples
+    from cappy_core.pretrain_data import build_pair_mixture, load_examples, write_pairs
 
     examples, _ = load_examples(cfg.tasks, ["train", "validation"], None, None, log=lambda *_: None)
     train, _ = build_pair_mixture(examples, train_size=cfg.pairs, max_pairs_per_task=max(64, cfg.pairs // 4),
@@ -86,23 +84,34 @@ def train_config(cfg: TrainBenchConfig, workers: int, threads: int, storage: Pat
 
 
 def time_ray(cfg: TrainBenchConfig, pairs: str, workers: int, threads: int, storage: Path, name: str) -> dict:
-    from jobs.train_scorer import resolve_paths, run_training
+    from cappy_core.scorer_runs import resolve_paths
+    from jobs.train_scorer import run_training
 
     tc = train_config(cfg, workers, threads, storage, f"bench-{name}")
     t = time.time()
-    outcome = run_training(tc, resolve_paths(tc, tc.name), pairs, None, run_info={"job": "bench"},
-                           log=lambda *_: None)
+    outcome = run_training(tc, resolve_paths(tc.name, tc.storage_path, output=tc.output), pairs, None,
+                           run_info={"job": "bench"}, log=lambda *_: None)
     return {"samples_per_s": outcome.samples_per_s, "updates": outcome.updates, "wall_s": time.time() - t}
 
 
 def time_plain(cfg: TrainBenchConfig, pairs: str, storage: Path) -> dict:
-    from cappy_core.pretrain_data import check_pair_file
-    from jobs.train_scorer import train_in_process, worker_config
+    import torch
+
+    from cappy_core.pretrain_data import read_pair_columns
+    from cappy_core.scorer import Scorer
+    from cappy_core.training import Throughput, fit_scorer
+    from jobs.train_scorer import schedule_of
 
     tc = train_config(cfg, 1, cfg.threads, storage, "plain")
+    torch.set_num_threads(cfg.threads)
     t = time.time()
-    state, rate = train_in_process(worker_config(tc, check_pair_file(pairs), 0, {}), pairs)
-    return {"samples_per_s": rate, "updates": state.update, "wall_s": time.time() - t}
+    schedule = schedule_of(tc)
+    scorer = Scorer.from_pretrained(tc.init, dtype="bfloat16" if schedule.bf16 else "float32", device="cpu",
+                                    max_length=tc.max_length, seed=schedule.seed)
+    meter, rate = Throughput(1), [0.0]
+    state = fit_scorer(scorer, read_pair_columns(pairs), schedule, device="cpu",
+                       on_update=lambda info: rate.__setitem__(0, meter.tick(info.samples)))
+    return {"samples_per_s": rate[0], "updates": state.update, "wall_s": time.time() - t}
 
 
 def gpu_bench(cfg: TrainBenchConfig) -> dict:
@@ -111,7 +120,7 @@ def gpu_bench(cfg: TrainBenchConfig) -> dict:
     from transformers import AutoModelForSequenceClassification, RobertaConfig
 
     from cappy_core.scorer import flops_per_pair
-    from cappy_core.training import scorer_mse_loss, train
+    from cappy_core.training import ScorerSchedule, scorer_loss, train
 
     dev = torch.device("cuda")
     conf = RobertaConfig(vocab_size=50265, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
@@ -128,7 +137,7 @@ def gpu_bench(cfg: TrainBenchConfig) -> dict:
         torch.cuda.synchronize()
         marks.append(time.perf_counter())
 
-    train(model, batches, loss_fn=scorer_mse_loss, total_updates=n, lr=2e-5, bf16=True, device=dev,
+    train(model, batches, loss_fn=scorer_loss(ScorerSchedule()), total_updates=n, lr=2e-5, bf16=True, device=dev,
           on_update=on_update)
     rate = b * (len(marks) - 3) / (marks[-1] - marks[2])
     a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
@@ -148,8 +157,8 @@ def gpu_bench(cfg: TrainBenchConfig) -> dict:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=prog or "python -m jobs.bench.train", description=__doc__.split("\n")[0])
-    add_dataclass_arguments(parser, TrainBenchConfig)
+    parser = build_parser(TrainBenchConfig, prog=prog or "python -m jobs.bench.train",
+                          description=__doc__.split("\n")[0])
     cfg = config_from_args(TrainBenchConfig, parser.parse_args(argv))
     os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "600")
     import ray

@@ -168,14 +168,15 @@ def test_kuberay_manifest_structure(name, kind, spec_key):
 
 
 def test_rayjob_entrypoint_parses_with_the_sweep_cli():
+    from cappy_core.config import build_parser, config_from_args
+    from jobs.cli import presets
     from jobs.sweep import JOB, DESCRIPTION, SweepConfig
-    from jobs.train_scorer import build_parser, config_from_args
 
     job = _kuberay("rayjob-sweep.yaml")
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[:3] == ["python", "-m", "jobs.sweep"]
-    args = build_parser(SweepConfig, JOB, None, DESCRIPTION, "").parse_args(argv[3:])
-    cfg = config_from_args(SweepConfig, args, JOB)
+    args = build_parser(SweepConfig, prog="sweep", description=DESCRIPTION, presets=presets(JOB)).parse_args(argv[3:])
+    cfg = config_from_args(SweepConfig, args, presets(JOB))
     assert args.preset == "paper" and cfg.gpus_per_task == 1.0
     assert cfg.out.startswith("/mnt/shared/"), "OUT must be on the shared volume"
     env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]

@@ -208,11 +208,52 @@ def test_missing_or_corrupt_cache_gives_the_command_to_run(tmp_path):
         download_bigbench(tmp_path / "cache", archive=bad)
 
 
+def _fake_archive(path, n_tasks: int) -> str:
+    """A ``bigbench-1.0.0.tar.gz`` look-alike with ``n_tasks`` task.json files; returns its sha256."""
+    import hashlib
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tar:
+        files = {f"bigbench-1.0.0/bigbench/benchmark_tasks/t{i}/task.json": b"{}" for i in range(n_tasks)}
+        files["bigbench-1.0.0/bigbench/benchmark_tasks/task_metadata.json"] = b"{}"
+        files["bigbench-1.0.0/bigbench/api/json_task.py"] = b"# reference code"
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_download_extracts_into_place_and_a_bad_archive_keeps_the_old_tasks(tmp_path, monkeypatch):
+    import cappy_core.data.source as source
+
+    good, bad = tmp_path / "good.tar.gz", tmp_path / "bad.tar.gz"
+    monkeypatch.setattr(source, "ARCHIVE_SHA256", _fake_archive(good, 3))
+    monkeypatch.setattr(source, "NUM_TASK_FILES", 3)
+    cache = tmp_path / "cache"
+    root = download_bigbench(cache, archive=good, keep_archive=False)
+    assert root == bigbench_task_root(cache)
+    assert sorted(p.name for p in root.iterdir()) == ["t0", "t1", "t2", "task_metadata.json"]
+    assert json.loads((root.parent / "COMPLETE").read_text())["task_files"] == 3
+    assert (root.parent / "reference_code" / "json_task.py").is_file()
+    assert download_bigbench(cache) == root  # complete: nothing to do
+    # an archive with the wrong number of tasks: refused, the extracted tasks stay, no temporary left
+    monkeypatch.setattr(source, "ARCHIVE_SHA256", _fake_archive(bad, 2))
+    with pytest.raises(CorruptArchive, match="extracted 2 task.json files, expected 3"):
+        download_bigbench(cache, archive=bad, force=True)
+    assert sorted(p.name for p in root.parent.iterdir()) == ["benchmark_tasks", "bigbench-1.0.0.tar.gz",
+                                                            "reference_code"]
+    assert sorted(p.name for p in root.iterdir()) == ["t0", "t1", "t2", "task_metadata.json"]
+
+
 def test_parquet_round_trip(tmp_path, bigbench_root):
     examples = load_task(bigbench_root, "anachronisms")["train"][:50]
     path = write_examples(examples, tmp_path / "a" / "train.parquet")
     assert read_examples(path) == examples
-    assert not list(tmp_path.rglob("*.tmp"))
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["train.parquet"]  # no temporary left
+    (tmp_path / "a" / ".train.tmp-1-dead.parquet").write_text("a crashed write")
+    assert read_examples(tmp_path / "a") == examples  # a folder read skips hidden files
     (tmp_path / "junk.parquet").write_text("nope")
     with pytest.raises(ValueError, match="junk.parquet"):
         read_examples(tmp_path / "junk.parquet")

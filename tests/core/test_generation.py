@@ -12,11 +12,14 @@ from cappy_core.generation import (
     PAPER_DECODINGS,
     Candidate,
     DecodingSpec,
+    ResolvedGenerator,
     candidate_seed,
     candidates_per_instruction,
+    decoding_plan,
     decodings_from_names,
     load_generator,
     parse_decoding,
+    resolve_generator,
 )
 
 PROMPTS = [
@@ -81,6 +84,22 @@ def test_decoding_names_parse_and_errors():
         parse_decoding("beam1")
 
 
+def test_decoding_plan_spreads_num_candidates_like_the_paper():
+    plan = decoding_plan(None, None, 17)
+    assert [(d.name, d.num_samples) for d in plan] == [("beam4", 1), ("sample", 4), ("temp0.9", 4),
+                                                       ("topk40", 4), ("topp0.95", 4)]
+    assert decoding_plan() == PAPER_DECODINGS
+    assert [(d.name, d.num_samples) for d in decoding_plan(None, None, 3)] == [
+        ("beam4", 1), ("sample", 1), ("temp0.9", 1)]
+    assert [d.name for d in decoding_plan(None, None, 1)] == ["beam4"]
+    assert sum(d.num_samples for d in decoding_plan(["greedy", "topk40"], 2, None)) == 3
+    assert [d.name for d in decoding_plan(None, None, 2, ["greedy", "sample"], 4)] == ["greedy", "sample"]
+    with pytest.raises(ValueError, match="unknown decoding"):
+        decoding_plan(["nucleus"], None, None)
+    with pytest.raises(ValueError, match="at most 1 candidates"):
+        decoding_plan(None, None, 2, ["beam4"], 4)
+
+
 def test_seeds_depend_on_instruction_and_decoding_only():
     s = candidate_seed(0, "tense/train/3", "sample")
     assert s == candidate_seed(0, "tense/train/3", "sample") and 0 <= s < 2**62
@@ -94,6 +113,50 @@ def test_unknown_backend_and_missing_vllm_are_clear(tiny_path):
     if not HAS_VLLM:
         with pytest.raises(ImportError, match="--backend hf"):
             load_generator("vllm", tiny_path)
+
+
+# -- what a generator name means ------------------------------------------------------------------
+
+
+def test_resolve_generator_default_is_the_embedded_folder(tmp_path, tiny_path, monkeypatch):
+    import json
+    import shutil
+
+    monkeypatch.setenv("CAPPY_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError, match="no --generator given .* `cappy generator train`"):
+        resolve_generator(None, "hf")
+    folder = tmp_path / "cache" / "generator" / "bigbench-llama"
+    shutil.copytree(tiny_path, folder)
+    assert resolve_generator(None, "hf") == ResolvedGenerator(str(folder.resolve()), 512, embedded=True)
+    # the trained prompt length from cappy_generator.json, for the default and a named folder alike
+    (folder / "cappy_generator.json").write_text(json.dumps({"max_prompt_tokens": 160}))
+    assert resolve_generator(None, "auto").max_prompt_tokens == 160
+    assert resolve_generator(str(folder), "hf") == ResolvedGenerator(str(folder.resolve()), 160, embedded=False)
+    other = tmp_path / "other"
+    shutil.copytree(tiny_path, other / "generator" / "bigbench-llama")
+    assert resolve_generator(None, "hf", cache_dir=other).path == str((other / "generator" / "bigbench-llama").resolve())
+
+
+def test_resolve_generator_errors_name_the_value(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"--generator '.*nope': no such folder"):
+        resolve_generator(str(tmp_path / "nope"), "hf")
+    with pytest.raises(FileNotFoundError, match=r"generator.model 'a/b/c': no such folder"):
+        resolve_generator("a/b/c", "hf", option="generator.model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty is not a Hugging Face model folder"):
+        resolve_generator(str(tmp_path / "empty"), "hf")
+    with pytest.raises(ValueError, match="unknown generation backend 'tgi'"):
+        resolve_generator(str(tmp_path / "empty"), "tgi")
+
+
+def test_resolve_generator_passes_a_hub_id_through(monkeypatch):
+    import transformers
+
+    seen = []
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained",
+                        staticmethod(lambda name, **kw: seen.append(name) or transformers.LlamaConfig()))
+    assert resolve_generator("org/model", "hf") == ResolvedGenerator("org/model", 512, embedded=False)
+    assert seen == ["org/model"]  # its config is checked (from the hub or its cache), the id kept as given
 
 
 # -- transformers backend -------------------------------------------------------------------------
@@ -170,6 +233,8 @@ def test_hf_seq2seq_model(tmp_path, tiny_path):
     flat = [(prompts[i], ids, lp) for i, per in enumerate(res) for ids, lp in per]
     rescored = gen._loglik_ids([p for p, _, _ in flat], [ids for _, ids, _ in flat])
     assert [lp for _, _, lp in flat] == pytest.approx(rescored, abs=1e-4)
+    with pytest.raises(ValueError, match="encoder-decoder model, which vLLM does not run"):
+        resolve_generator(str(tmp_path / "t5"), "vllm")
     if HAS_VLLM:
         with pytest.raises(ValueError, match="encoder-decoder"):
             load_generator("vllm", tmp_path / "t5")

@@ -25,6 +25,7 @@ def _assert_all_equal(pairs, got):
 
 
 @pytest.mark.bigbench
+@pytest.mark.slow
 def test_exact_on_100k_bigbench_pairs(bigbench_root):
     pool = load_reference_pool(bigbench_root, max_words=40)
     # Half with one prediction per reference set (most varied), half with 8 per set (the
@@ -52,7 +53,7 @@ def test_exact_per_reference_and_with_tiny_caches(bigbench_root):
     scorer = RougeL()
     for pred, refs in pairs[:1_000]:
         want = [SCORER.score(r, pred)["rougeL"].fmeasure for r in refs]
-        assert scorer.score_against_each(pred, refs) == want
+        assert [scorer.score(pred, [r]) for r in refs] == want
 
 
 WORDS = [
@@ -80,7 +81,8 @@ def test_property_equal_to_rouge_score(prediction, references, data):
         prediction = data.draw(st.sampled_from(variants))
     assert rouge_l(prediction, references) == expected(prediction, references)
     want_each = [SCORER.score(r, prediction)["rougeL"].fmeasure for r in references]
-    assert RougeL().score_against_each(prediction, references) == want_each
+    scorer = RougeL()
+    assert [scorer.score(prediction, [r]) for r in references] == want_each
 
 
 def test_known_values_and_empty_texts():

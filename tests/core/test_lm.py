@@ -11,8 +11,8 @@ import torch
 from cappy_core.data.records import Example
 from cappy_core.generator_data import (LengthBucketedBatches, LMSequence, collate, encode_examples, mix_tasks,
                                        tokenizer_texts)
-from cappy_core.lm import (default_generator_path, evaluate_generator, generate_texts, is_generator_dir,
-                           load_generator, new_llama, prompt_text, save_generator, tiny_generator, train_tokenizer)
+from cappy_core.lm import (default_generator_path, evaluate_generator, generate_texts, is_generator_dir, new_llama,
+                           prompt_text, save_generator, tiny_generator, train_tokenizer)
 from cappy_core.training import causal_lm_loss, train
 
 TEXTS = [
@@ -130,13 +130,21 @@ def test_a_tiny_training_run_lowers_the_loss(tokenizer):
     assert state.losses[-1] < 0.6 * state.losses[0], state.losses
 
 
+def load(path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
 def test_saved_folder_loads_in_transformers_and_generates(tmp_path, tokenizer):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = new_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2)
     tokenizer.model_max_length = 48
     path = save_generator(model, tokenizer, tmp_path / "gen", metadata={"kind": "test"})
-    assert is_generator_dir(path) and not list(tmp_path.glob("gen.*"))  # no temp folder left
+    assert is_generator_dir(path) and [p.name for p in tmp_path.iterdir()] == ["gen"]  # no temp folder left
+    save_generator(model, tokenizer, path, metadata={"kind": "again"})  # replaces the folder
+    assert [p.name for p in tmp_path.iterdir()] == ["gen"] and "again" in (path / "cappy_generator.json").read_text()
     assert not list(path.glob("*.bin")) and (path / "model.safetensors").is_file()
     m2 = AutoModelForCausalLM.from_pretrained(path)
     t2 = AutoTokenizer.from_pretrained(path)
@@ -148,20 +156,18 @@ def test_saved_folder_loads_in_transformers_and_generates(tmp_path, tokenizer):
     assert out.shape[1] > ids["input_ids"].shape[1]
     torch.testing.assert_close(m2.model.embed_tokens.weight, model.model.embed_tokens.weight)
 
-    model, tok = load_generator(path)
+    model, tok = load(path)
     texts = generate_texts(model, tok, ["Q: a\nA:", "Q: a much longer question here\nA:", "x"],
                            max_new_tokens=4, num_samples=3, do_sample=True, seed=1, batch_size=2)
     assert [len(t) for t in texts] == [3, 3, 3] and all(isinstance(s, str) for t in texts for s in t)
     greedy1 = generate_texts(model, tok, ["Q: a\nA:"], max_new_tokens=6)
     greedy2 = generate_texts(model, tok, ["Q: zzz\nA:", "Q: a\nA:"], max_new_tokens=6, batch_size=2)
     assert greedy1[0] == greedy2[1]  # left padding does not change a greedy answer
-    with pytest.raises(FileNotFoundError, match="cappy generator train"):
-        load_generator(tmp_path / "missing")
 
 
 def test_evaluate_generator_reports_greedy_and_spread(tmp_path):
     path = tiny_generator(tmp_path / "tiny")
-    model, tok = load_generator(path)
+    model, tok = load(path)
     by_task = {"a": [ex("a", "Q: capital of France?\nA:", ["Paris"]), ex("a", "Q: b\nA:", ["x y"], 1)],
                "b": [ex("b", "Sort: pear fig\nSorted:", ["fig pear"])], "c": [ex("c", "no refs", [])]}
     m = evaluate_generator(model, tok, by_task, max_new_tokens=4, num_samples=3)
@@ -177,16 +183,3 @@ def test_default_generator_path_follows_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("CAPPY_CACHE_DIR", str(tmp_path))
     assert default_generator_path() == tmp_path / "generator" / "bigbench-llama"
     assert default_generator_path("x", cache_dir=tmp_path / "c") == tmp_path / "c" / "generator" / "x"
-
-
-def test_trained_prompt_tokens_reads_the_generator_metadata(tmp_path):
-    """Samplers and serve keep as many prompt tokens as the embedded generator was trained on."""
-    import json
-
-    from cappy_core.lm import METADATA_FILE, trained_prompt_tokens
-
-    (tmp_path / METADATA_FILE).write_text(json.dumps({"max_prompt_tokens": 160}))
-    assert trained_prompt_tokens(tmp_path) == 160
-    assert trained_prompt_tokens(tmp_path / "missing") == 512  # e.g. a hub id
-    (tmp_path / METADATA_FILE).write_text("{}")
-    assert trained_prompt_tokens(tmp_path, default=300) == 300

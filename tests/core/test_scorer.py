@@ -134,8 +134,11 @@ def test_score_and_select(scorer):
 def test_select_best_rules():
     assert select_best([0.1, 0.5, 0.5, 0.2]) == 1  # ties go to the first
     assert select_best([3.0]) == 0
-    assert select_best([float("nan"), -1.0, -2.0]) == 1  # NaN never wins
-    assert select_best([float("nan")] * 2) == 0
+    assert select_best([float("nan"), -1.0, -2.0]) == 1  # NaN never wins over a number
+    assert select_best([-1.0, float("nan"), 5.0, float("nan")]) == 2
+    assert select_best([float("-inf"), float("nan")]) == 0  # -inf is a number
+    with pytest.raises(ValueError, match="every one of the 2 scores is NaN"):
+        select_best([float("nan")] * 2)  # nothing to compare: an error, not a silent pick
     assert select_best(np.array([1.0, 2.0, 2.0], dtype=np.float32)) == 1
     with pytest.raises(ValueError, match="no candidates"):
         select_best([])

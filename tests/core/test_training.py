@@ -1,21 +1,24 @@
 """The plain training loop (schedule, accumulation, bf16, clipping, seeding, resume state), the
-scorer batch collator, and the scorer metrics (hand-computed cases)."""
+scorer losses, the scorer batch collator (length- and instruction-grouped) and ``fit_scorer``.
+The scorer metrics are tested in ``test_metrics.py``."""
 
 from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from cappy_core import metrics
-from cappy_core.training import (PairWindowCollator, TrainState, iter_micro_batches, load_train_state, lr_at,
-                                 make_optimizer, micro_batches_per_epoch, save_train_state, scorer_mse_loss,
-                                 table_windows, train, warmup_updates)
+from cappy_core.training import (SCORER_LOSSES, PairWindowCollator, ScorerSchedule, TrainState, fit_scorer,
+                                 iter_micro_batches, listwise_loss, load_train_state, lr_at, make_optimizer,
+                                 micro_batches_per_epoch, pack_instructions, plan_pair_updates, plan_updates,
+                                 save_train_state, scorer_loss, table_windows, train, warmup_updates)
+
+scorer_mse_loss = scorer_loss(ScorerSchedule())  # the paper's objective (the default schedule's)
 
 
 def tiny_bert(dropout: float = 0.0, seed: int = 0):
@@ -230,53 +233,184 @@ def test_iter_micro_batches_skips_and_repeats_epochs():
     assert [b["labels"].tolist() for b in skipped] == [b["labels"].tolist() for b in all_mb[3:]]
 
 
+def grouped_columns(n_instructions: int = 12, seed: int = 0) -> dict[str, np.ndarray]:
+    """A shuffled pair stream: instructions with 1-6 responses, one with 11 (more than a micro-batch)."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 7, n_instructions)
+    sizes[0] = 11
+    instructions = [f"q{i}" for i, k in enumerate(sizes) for _ in range(k)]
+    instructions = [instructions[i] for i in rng.permutation(len(instructions))]
+    n = len(instructions)
+    return {"instruction": np.array(instructions, dtype=object),
+            "response": np.array([f"r{i}" for i in range(n)], dtype=object), "label": np.arange(n) / n}
+
+
+def test_grouped_collator_keeps_each_instruction_in_one_micro_batch_and_covers_every_row():
+    w = grouped_columns()
+    n = len(w["label"])
+    collate = PairWindowCollator(FakeTokenizer(), max_length=64, micro_batch_size=8, group_by_instruction=True,
+                                 seed=3)
+    plan = [ranks[0] for ranks in collate.plan(w["instruction"], w["response"])]
+    assert sorted(i for rows in plan for i in rows.tolist()) == list(range(n))  # each row once
+    batches_of: dict[str, set[int]] = {}
+    for b, rows in enumerate(plan):
+        for i in rows:
+            batches_of.setdefault(w["instruction"][i], set()).add(b)
+    assert len(batches_of) == 12 and all(len(b) == 1 for b in batches_of.values())  # never split
+    sizes = sorted(len(rows) for rows in plan)
+    assert sizes[-1] == 11 and sizes[-2] <= 8  # only the instruction larger than a micro-batch exceeds it
+    again = [ranks[0] for ranks in collate.plan(w["instruction"], w["response"])]
+    assert all(np.array_equal(a, b) for a, b in zip(plan, again))  # deterministic
+    for mb, rows in zip(collate(w), plan):  # tokenised in plan order, with per-row instruction ids
+        assert mb["labels"].tolist() == pytest.approx(w["label"][rows].tolist())
+        same_id = mb["group"][:, None] == mb["group"][None, :]
+        same_instruction = torch.tensor([[w["instruction"][a] == w["instruction"][b] for b in rows] for a in rows])
+        assert torch.equal(same_id, same_instruction)
+
+    ranks = [PairWindowCollator(FakeTokenizer(), max_length=64, micro_batch_size=8, world_size=2, rank=r,
+                                group_by_instruction=True, seed=3) for r in range(2)]
+    plans = [c.plan(w["instruction"], w["response"]) for c in ranks]
+    assert len(plans[0]) == len(plan) // 2  # the same plan dealt out two micro-batches at a time
+    assert all(np.array_equal(a, b) for p, q in zip(*plans) for a, b in zip(p, q))
+    outs = [c(w) for c in ranks]
+    assert [len(o) for o in outs] == [len(plan) // 2] * 2
+    seen = [set(w["instruction"][i] for i in ranks_[r]) for ranks_ in plans[0] for r in range(2)]
+    assert sum(map(len, seen)) == len(set().union(*seen))  # no instruction on two ranks
+
+
 def test_train_state_round_trips_and_reads_old_dicts():
     s = TrainState(update=3, samples=12, losses=[1.0, 0.5, 0.25], evals=[{"update": 3}], resumes=[2])
     assert TrainState.from_state_dict(copy.deepcopy(s.state_dict())) == s
     assert TrainState.from_state_dict({"update": 1, "samples": 2}) == TrainState(update=1, samples=2)
 
 
-# --- metrics (hand-computed) -----------------------------------------------------------------
+# --- fit_scorer --------------------------------------------------------------------------------
 
-def test_mse_and_pearson_by_hand():
-    assert metrics.mse([1, 2, 3], [1, 1, 1]) == pytest.approx(5 / 3)
-    # dx = (-1, 0, 1), dy = (-4/3, -1/3, 5/3): Σdxdy = 3, Σdx² = 2, Σdy² = 14/3
-    assert metrics.pearson([1, 2, 3], [1, 2, 4]) == pytest.approx(3 / math.sqrt(2 * 14 / 3))
-    assert math.isnan(metrics.pearson([1, 1, 1], [1, 2, 3]))
-    assert math.isnan(metrics.mse([], []))
+def tiny_scorer(dropout: float = 0.1) -> SimpleNamespace:
+    """What fit_scorer uses of a Scorer: the model, its tokenizer and the pair truncation length."""
+    return SimpleNamespace(model=tiny_bert(dropout=dropout), tokenizer=FakeTokenizer(), max_length=24)
 
 
-def test_ranks_and_spearman_with_ties_by_hand():
-    assert metrics.rankdata([5, 1, 5]).tolist() == [2.5, 1.0, 2.5]
-    assert metrics.rankdata([3, 1, 4, 1, 5]).tolist() == [3.0, 1.5, 4.0, 1.5, 5.0]
-    # ranks (1, 2, 3, 4) vs (1, 2.5, 2.5, 4): Σdxdy = 4.5, Σdx² = 5, Σdy² = 4.5
-    assert metrics.spearman([1, 2, 3, 4], [10, 20, 20, 30]) == pytest.approx(4.5 / math.sqrt(5 * 4.5))
-    assert metrics.spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
+def pair_columns(n: int, seed: int = 0) -> dict[str, list]:
+    return {k: list(v) for k, v in window(n, seed).items()}
 
 
-@settings(max_examples=50, deadline=None)
-@given(st.lists(st.floats(-100, 100, allow_nan=False), min_size=3, max_size=30, unique=True))
-def test_spearman_without_ties_matches_the_textbook_formula(xs):
-    ys = [x ** 3 - 5 * x for x in xs]
-    if len(set(ys)) < len(ys):
-        return
-    rx, ry = metrics.rankdata(xs), metrics.rankdata(ys)
-    n = len(xs)
-    textbook = 1 - 6 * float(((rx - ry) ** 2).sum()) / (n * (n * n - 1))
-    assert metrics.spearman(xs, ys) == pytest.approx(textbook, abs=1e-9)
+def test_fit_scorer_default_equals_the_collator_and_train_path():
+    """The reference is how the Ray worker and the sweep trained before fit_scorer existed (the
+    paper's MSE on the first logit, length-grouped windows, one ``train`` call): the default
+    schedule must keep computing exactly the same numbers."""
+    cols = pair_columns(48)
+    s = ScorerSchedule(lr=1e-2, batch_size=8, micro_batch_size=4, epochs=2, bucket_window=3, seed=5,
+                       max_grad_norm=1.0, weight_decay=0.01)
+    fitted = tiny_scorer()
+    state = fit_scorer(fitted, cols, s)
+
+    ref = tiny_scorer()
+    ref.model.train()
+    opt = make_optimizer(ref.model, s.lr, s.weight_decay)
+    collate = PairWindowCollator(ref.tokenizer, max_length=24, micro_batch_size=4, sort_by_length=True, seed=5)
+    windows = lambda: (collate(w) for w in table_windows(cols, 4 * 3))  # noqa: E731
+
+    def mse(model, batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+        return torch.nn.functional.mse_loss(logits.float(), batch["labels"].float())
+
+    expected = train(ref.model, iter_micro_batches(windows, epochs=2), loss_fn=mse, total_updates=12, lr=s.lr,
+                     warmup_ratio=0.1, weight_decay=s.weight_decay, grad_accum_steps=2, max_grad_norm=1.0, seed=5,
+                     optimizer=opt)
+    assert state.update == 12 and state.losses == expected.losses and state.samples == expected.samples
+    assert all(torch.equal(x, y) for x, y in zip(params(fitted.model), params(ref.model)))
+    assert not fitted.model.training
 
 
-def test_pairwise_accuracy_and_selected_label_by_hand():
-    groups = ["A", "A", "A", "B", "B", "C", "C", "D"]
-    labels = [1.0, 0.0, 0.5, 0.0, 1.0, 1.0, 1.0, 0.3]
-    scores = [0.9, 0.1, 0.9, 0.3, 0.2, 0.4, 0.4, 9.0]
-    # A: (1>0) right, (1 vs 0.5) tied score → ½, (0.5>0) right; B: wrong; C: equal labels; D: alone
-    assert metrics.pairwise_counts(scores, labels, groups) == (2.5, 4)
-    assert metrics.pairwise_accuracy(scores, labels, groups) == pytest.approx(2.5 / 4)
-    # picks: A → first 0.9 (label 1), B → 0.3 (label 0), C → first (label 1); D has one response
-    assert metrics.selected_label(scores, labels, groups) == pytest.approx(2 / 3)
-    m = metrics.scorer_metrics(scores, labels, groups)
-    assert m["pairs"] == 4 and m["n"] == 8 and m["pairwise_acc"] == pytest.approx(0.625)
-    assert math.isnan(metrics.pairwise_accuracy([1, 2], [0.5, 0.5], ["a", "a"]))
-    with pytest.raises(ValueError):
-        metrics.pairwise_accuracy([1, 2], [0, 1], ["a"])
+def test_fit_scorer_resumes_from_a_saved_state(tmp_path):
+    cols = pair_columns(32)
+    s = ScorerSchedule(lr=1e-2, batch_size=8, micro_batch_size=4, bucket_window=2)
+    straight = tiny_scorer(dropout=0.0)
+    full = fit_scorer(straight, cols, s)
+    assert full.update == 4
+
+    class Stop(Exception):
+        pass
+
+    first = tiny_scorer(dropout=0.0)
+    opt = make_optimizer(first.model, s.lr)
+
+    def stop_after_two(info):
+        if info.update == 2:
+            save_train_state(tmp_path, state, opt)
+            raise Stop
+
+    state = TrainState()
+    with pytest.raises(Stop):
+        fit_scorer(first, cols, s, optimizer=opt, state=state, on_update=stop_after_two)
+    second = tiny_scorer(dropout=0.0)
+    second.model.load_state_dict(first.model.state_dict())
+    opt2 = make_optimizer(second.model, s.lr)
+    resumed, _ = load_train_state(tmp_path, opt2)
+    fit_scorer(second, cols, s, optimizer=opt2, state=resumed)  # skips the 4 micro-batches used
+    assert resumed.losses == full.losses
+    assert all(torch.equal(x, y) for x, y in zip(params(second.model), params(straight.model)))
+
+
+def test_fit_scorer_listwise_on_instruction_groups():
+    cols = {k: list(v) for k, v in grouped_columns().items()}
+    s = ScorerSchedule(lr=1e-2, batch_size=8, micro_batch_size=8, loss="listwise+mse", mse_weight=0.5,
+                       group_by_instruction=True)
+    sc = tiny_scorer(dropout=0.0)
+    before = params(sc.model)
+    seen = []
+    state = fit_scorer(sc, cols, s, on_update=seen.append)
+    assert state.update == len(seen) == plan_pair_updates(cols, s)[1] and all(map(math.isfinite, state.losses))
+    assert state.samples == len(cols["label"])  # one epoch: every row once
+    assert any(not torch.equal(x, y) for x, y in zip(before, params(sc.model)))
+    with pytest.raises(ValueError, match="exactly one"):
+        fit_scorer(sc, None, s)
+    with pytest.raises(ValueError, match="total_updates"):
+        fit_scorer(sc, None, s, windows=lambda: [])
+
+
+# --- scorer losses ---------------------------------------------------------------------------
+
+def test_listwise_loss_by_hand():
+    # group 0: scores (1, 0), labels (1, 0); tau 0.5 → target softmax(2, 0) = (e²/(e²+1), 1/(e²+1)),
+    # log_softmax(1, 0) = (1 - log(1+e), -log(1+e)) → loss log(1+e) - e²/(e²+1).
+    # group 1: equal labels and scores → uniform target, log ½ each → loss log 2. Row 4 is alone.
+    scores = torch.tensor([1.0, 0.0, 3.0, 3.0, 9.0])
+    labels = torch.tensor([1.0, 0.0, 0.2, 0.2, 0.7])
+    groups = torch.tensor([0, 0, 1, 1, 2])
+    g0 = math.log(1 + math.e) - math.exp(2) / (math.exp(2) + 1)
+    assert float(listwise_loss(scores[:2], labels[:2], groups[:2], tau=0.5)) == pytest.approx(g0, rel=1e-6)
+    assert float(listwise_loss(scores, labels, groups, tau=0.5)) == pytest.approx((g0 + math.log(2)) / 2, rel=1e-6)
+    mixed = SCORER_LOSSES["listwise+mse"](scores, labels, groups, ScorerSchedule(listwise_tau=0.5, mse_weight=2.0))
+    mse = float(((scores - labels) ** 2).mean())
+    assert float(mixed) == pytest.approx((g0 + math.log(2)) / 2 + 2.0 * mse, rel=1e-6)
+    assert float(SCORER_LOSSES["mse"](scores, labels, groups, ScorerSchedule())) == pytest.approx(mse)
+
+
+def test_listwise_loss_of_lone_rows_is_zero_with_a_gradient_and_needs_groups():
+    lone = torch.tensor([1.0, 2.0], requires_grad=True)
+    out = listwise_loss(lone, torch.tensor([0.1, 0.9]), torch.tensor([0, 1]), tau=0.3)
+    out.backward()
+    assert out.item() == 0.0 and lone.grad.tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="group"):
+        listwise_loss(lone, torch.tensor([0.1, 0.9]), None, tau=0.3)
+    with pytest.raises(ValueError, match="unknown scorer loss"):
+        ScorerSchedule(loss="hinge")
+    with pytest.raises(ValueError, match="listwise_tau"):
+        ScorerSchedule(listwise_tau=0.0)
+
+
+def test_plan_updates():
+    s = ScorerSchedule(batch_size=16, micro_batch_size=8, epochs=2)
+    assert plan_updates(100, s) == (2, 12)  # 12 micro-batches an epoch, 2 per update, 2 epochs
+    assert plan_updates(100, s, world_size=2) == (1, 12)  # 6 global micro-batches of 2 x 8
+    with pytest.raises(ValueError, match="not a multiple"):
+        plan_updates(100, replace(s, batch_size=12))
+    with pytest.raises(ValueError, match="no full update"):
+        plan_updates(7, s)
+    cols = grouped_columns()
+    assert plan_pair_updates(cols, s) == plan_updates(len(cols["label"]), s)
+    grouped = replace(s, group_by_instruction=True)
+    per_epoch = len(pack_instructions(cols["instruction"], cols["response"], 8))
+    assert plan_pair_updates(cols, grouped) == (2, per_epoch * 2 // 2)

@@ -1,5 +1,5 @@
-"""``cappy eval-mc``: the accuracy pipeline on hand-made examples, the held-out checks, and the
-command on one real multiple-choice task."""
+"""``cappy eval-mc``: the accuracy pipeline on hand-made examples, the held-out checks
+(``cappy_core.classification``), and the command on one real multiple-choice task."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from cappy_core.classification import check_tasks, trained_tasks
 from cappy_core.config import ConfigError
 from cappy_core.evaluation import chance_accuracy, classification_accuracy, score_choices
 from conftest import REPO
@@ -79,38 +80,38 @@ def test_trained_tasks_reads_results_cappy_json_and_follows_init(tmp_path):
     available = ["implicatures", "ruin_names", "snarks", "gem"]
     pre = _scorer_folder(tmp_path / "pre", {"tasks": ["snarks", "implicatures"], "init": "minilm"})
     fine = _scorer_folder(tmp_path / "fine", {"task": "gem", "init": str(pre)}, run={"task": "gem"})
-    assert eval_mc.trained_tasks(str(pre), available) == ({"snarks", "implicatures"}, [])
-    assert eval_mc.trained_tasks(str(fine), available) == ({"gem", "snarks", "implicatures"}, [])
+    assert trained_tasks(str(pre), available) == ({"snarks", "implicatures"}, [])
+    assert trained_tasks(str(fine), available) == ({"gem", "snarks", "implicatures"}, [])
     everything = _scorer_folder(tmp_path / "all", run={"tasks": ["pretrain"]})
-    assert eval_mc.trained_tasks(str(everything), available) == ({"implicatures", "ruin_names", "snarks"}, [])
-    assert eval_mc.trained_tasks("minilm", available) == (set(), [])
+    assert trained_tasks(str(everything), available) == ({"implicatures", "ruin_names", "snarks"}, [])
+    assert trained_tasks("minilm", available) == (set(), [])
     bare = _scorer_folder(tmp_path / "bare")
-    assert eval_mc.trained_tasks(str(bare), available) == (set(), [str(bare)])
-    assert eval_mc.trained_tasks("btan2/cappy-large", available) == (set(), ["btan2/cappy-large"])
+    assert trained_tasks(str(bare), available) == (set(), [str(bare)])
+    assert trained_tasks("btan2/cappy-large", available) == (set(), ["btan2/cappy-large"])
 
 
 def test_check_tasks_refuses_seen_generative_unknown_and_task_sets():
     available = ["implicatures", "ruin_names", "gem"]
-    assert eval_mc.check_tasks(["ruin_names", "implicatures", "ruin_names"], available) == \
+    assert check_tasks(["ruin_names", "implicatures", "ruin_names"], available) == \
         ["ruin_names", "implicatures"]
     with pytest.raises(ConfigError, match="'implicatures' is in the training data of scorer 'S'"):
-        eval_mc.check_tasks(["ruin_names", "implicatures"], available, {"S": {"implicatures"}})
+        check_tasks(["ruin_names", "implicatures"], available, {"S": {"implicatures"}})
     warned = []
-    assert eval_mc.check_tasks(["implicatures"], available, {"S": {"implicatures"}}, allow_seen=True,
-                               warn=warned.append) == ["implicatures"]
+    assert check_tasks(["implicatures"], available, {"S": {"implicatures"}}, allow_seen=True,
+                       warn=warned.append) == ["implicatures"]
     assert len(warned) == 1 and "implicatures" in warned[0]
     with pytest.raises(ConfigError, match="'gem' is one of the 45 generative"):
-        eval_mc.check_tasks(["gem"], available)
+        check_tasks(["gem"], available)
     with pytest.raises(ConfigError, match="unknown task 'implicature'.*implicatures"):
-        eval_mc.check_tasks(["implicature"], available)
+        check_tasks(["implicature"], available)
     with pytest.raises(ConfigError, match="not the task set 'pretrain'"):
-        eval_mc.check_tasks(["pretrain"], available)
+        check_tasks(["pretrain"], available)
 
 
 def _error(capsys, *argv):
     rc = eval_mc.main(list(argv), prog="cappy eval-mc")
     err = capsys.readouterr().err
-    assert rc == 2 and "Traceback" not in err
+    assert rc == 2 and "Traceback" not in err and err.splitlines()[-1].startswith("error: ")
     return err
 
 

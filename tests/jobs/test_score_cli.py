@@ -44,7 +44,7 @@ def test_json_output_parses_and_agrees_with_config_file(tmp_path):
 def test_no_responses_is_a_clear_usage_error():
     p = run_score("--instruction", "What colour is the sky?")
     assert p.returncode == 2
-    assert "at least one --response" in p.stderr
+    assert p.stderr.startswith("error: nothing to score") and "at least one --response" in p.stderr
     assert "Traceback" not in p.stderr
 
 

@@ -1,7 +1,8 @@
-"""`cappy sweep` end to end on the session's Ray (subprocesses), with user models standing in for the
-paper's: a tiny local T5 folder as the generator (FLAN-T5's code path, ``--backend hf``) and a
-scorer folder. Checks failed-task isolation, rerun-computes-only-missing-or-failed, that the
-numbers in each task's JSON are what evaluation gives on the scored candidates, and the reports."""
+"""`cappy sweep`: its presets, and end to end on the session's Ray (subprocesses, slow), with user
+models standing in for the paper's: a tiny local T5 folder as the generator (FLAN-T5's code path,
+``--backend hf``) and a scorer folder. Checks failed-task isolation, rerun-computes-only-missing-or-
+failed, that the numbers in each task's JSON are what evaluation gives on the scored candidates,
+and the reports."""
 
 from __future__ import annotations
 
@@ -15,8 +16,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO, tiny_t5
-
-pytestmark = [pytest.mark.bigbench, pytest.mark.slow]
 
 TASKS = ["tense", "rephrase"]
 SMALL = ["--max-examples-per-task", "3", "--max-train-examples-per-task", "3", "--max-new-tokens", "6", "--train-size", "16", "--batch-size", "8",
@@ -45,9 +44,10 @@ def sweep(out, models, *extra, fail=None):
     return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
 
 
+@pytest.mark.bigbench
+@pytest.mark.slow
 def test_failed_task_is_recorded_and_a_rerun_computes_only_it(tmp_path, models, bigbench_root, ray_address):
-    from cappy_core.evaluation import evaluate_task, mean_over_tasks
-    from jobs.sweep import _validation_groups
+    from cappy_core.evaluation import evaluate_task, mean_over_tasks, scored_groups
 
     out = tmp_path / "sweep"
     r1 = sweep(out, models, fail="tense")
@@ -58,7 +58,7 @@ def test_failed_task_is_recorded_and_a_rerun_computes_only_it(tmp_path, models, 
     # the task's numbers are evaluation's numbers on its scored validation candidates
     scored = pq.read_table(out / "tasks" / "rephrase" / "validation_scored.parquet")
     assert (out / "candidates" / "train" / "rephrase" / "train" / "part-00000.done.json").is_file()
-    groups, ids, _ = _validation_groups(scored)
+    groups, ids, _ = scored_groups(scored)
     assert len(ids) == 3 and all(len(g) == 17 for g in groups)
     assert rephrase["metrics"] == pytest.approx(evaluate_task(groups))
     assert set(rephrase["metrics"]) == {"cappy", "beam4", "sample", "temp0.9", "topk40", "topp0.95",
@@ -89,6 +89,8 @@ def test_failed_task_is_recorded_and_a_rerun_computes_only_it(tmp_path, models, 
     assert "0 task(s) already finished with these settings; 2 to run" in r3.stdout
 
 
+@pytest.mark.bigbench
+@pytest.mark.slow
 def test_bad_input_is_a_clear_error(tmp_path, models, bigbench_root):
     r = sweep(tmp_path / "x", models, "--tasks", "no_such_task")
     assert r.returncode == 2 and "no_such_task" in r.stderr and "Traceback" not in r.stderr
@@ -99,3 +101,22 @@ def test_bad_input_is_a_clear_error(tmp_path, models, bigbench_root):
     assert r.returncode == 2 and "no_gen" in r.stderr and "Traceback" not in r.stderr
     r = sweep(tmp_path / "x", models, "--batch-size", "6")
     assert r.returncode == 2 and "multiple of --micro-batch-size" in r.stderr
+
+
+def test_presets_resolve_to_the_documented_settings():
+    """local: the six LOCAL_TASKS on CPU; paper: the 45 tasks, 17 candidates, the paper's finetuning."""
+    from cappy_core.config import build_parser, config_from_args
+    from cappy_core.data.tasks import LOCAL_TASKS
+    from cappy_core.generation import PAPER_DECODING_NAMES, candidates_per_instruction, decodings_from_names
+    from jobs.cli import presets
+    from jobs.sweep import JOB, SweepConfig
+
+    parser = build_parser(SweepConfig, prog="sweep", description="", presets=presets(JOB))
+    assert SweepConfig().tasks == list(LOCAL_TASKS) and SweepConfig().decodings == list(PAPER_DECODING_NAMES)
+    local = config_from_args(SweepConfig, parser.parse_args(["--preset", "local"]), presets(JOB))
+    assert local.tasks == list(LOCAL_TASKS) and local.gpus_per_task == 0 and local.scorer is None
+    paper = config_from_args(SweepConfig, parser.parse_args(["--preset", "paper", "--num-actors", "16"]), presets(JOB))
+    assert paper.tasks == ["all45"] and paper.max_examples_per_task is None
+    assert (paper.train_size, paper.lr, paper.batch_size, paper.max_length) == (102400, 2e-5, 128, 512)
+    assert paper.gpus_per_actor == 1 and paper.gpus_per_task == 1 and paper.num_actors == 16
+    assert candidates_per_instruction(decodings_from_names(paper.decodings, paper.samples_per_decoding)) == 17

@@ -83,8 +83,11 @@ def test_ensure_generator_reuses_an_existing_folder(trained, monkeypatch):
 
 def test_ensure_generator_trains_when_missing(tmp_path, bigbench_root):
     import jobs.train_generator as tg
+    from cappy_core.config import load_yaml
+    from jobs.cli import presets
 
-    cfg = tg.GeneratorConfig(**{**tg.PRESETS["tiny"], "tasks": ["tense"], "updates": 3, "time_budget_s": 0,
+    tiny = load_yaml(tg.GeneratorConfig, presets("generator")["tiny"])
+    cfg = tg.GeneratorConfig(**{**tiny, "tasks": ["tense"], "updates": 3, "time_budget_s": 0,
                                 "eval_examples": 0, "threads": 1})
     path = tg.ensure_generator(tmp_path / "g", config=cfg, log=lambda s: None)
     from cappy_core.lm import generator_metadata, is_generator_dir
@@ -108,15 +111,15 @@ def test_time_budget_stops_training_gracefully(tmp_path, bigbench_root):
 
 
 def test_presets_yaml_and_flags_compose(tmp_path):
-    from jobs.train_generator import GeneratorConfig, build_parser, resolve_config
+    from jobs.train_generator import GeneratorConfig, parse_config
 
-    cfg = resolve_config(build_parser().parse_args(["--preset", "tiny", "--hidden-size", "32"]))
+    cfg = parse_config(["--preset", "tiny", "--hidden-size", "32"])
     assert cfg.hidden_size == 32 and cfg.vocab_size == 512
     y = tmp_path / "c.yaml"
-    y.write_text("preset: tiny\nvocab_size: 300\nlr: 0.01\n")
-    cfg = resolve_config(build_parser().parse_args(["--config", str(y), "--lr", "0.02"]))
+    y.write_text("vocab_size: 300\nlr: 0.01\n")
+    cfg = parse_config(["--preset", "tiny", "--config", str(y), "--lr", "0.02"])
     assert (cfg.vocab_size, cfg.lr, cfg.num_layers) == (300, 0.02, 2)
-    assert resolve_config(build_parser().parse_args([])) == GeneratorConfig()
+    assert parse_config([]) == parse_config(["--preset", "cpu"]) == GeneratorConfig()
 
 
 def test_clear_errors(tmp_path, bigbench_root):

@@ -16,12 +16,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cappy_core.config import load_yaml
+from cappy_core.config import build_parser, config_from_args, load_yaml
+from cappy_core.fault_injection import FAIL_AT_UPDATE_ENV
 from cappy_core.labeling import LabeledPair, pairs_to_table
 from cappy_core.pretrain_data import write_pairs
 from conftest import REPO
 from jobs import finetune, pretrain
-from jobs.train_scorer import CONFIG_DIR, FAIL_ENV, presets
+from jobs.cli import CONFIG_DIR, presets
 
 # Fast settings for a tiny model on 2 cores (one worker's share of CPU leaves room for Ray Data).
 FAST = ["--max-length", "64", "--micro-batch-size", "8", "--batch-size", "16", "--cpus-per-worker", "0.25",
@@ -72,16 +73,19 @@ def results(output: Path) -> dict:
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_starts_with_its_command(path):
-    from jobs.sweep import SweepConfig
+    import importlib
 
     job, preset = path.stem.split("_", 1)
-    cls = {"pretrain": pretrain.PretrainConfig, "finetune": finetune.FinetuneConfig, "sweep": SweepConfig}[job]
-    values = load_yaml(cls, path)
-    cfg = cls(**values)
-    assert cfg.batch_size % (cfg.micro_batch_size * getattr(cfg, "num_workers", 1)) == 0
+    module, cls_name = {"pretrain": ("pretrain", "PretrainConfig"), "finetune": ("finetune", "FinetuneConfig"),
+                        "sweep": ("sweep", "SweepConfig"), "generator": ("train_generator", "GeneratorConfig")}[job]
+    cls = getattr(importlib.import_module(f"jobs.{module}"), cls_name)
+    cfg = cls(**load_yaml(cls, path))
     first = path.read_text().splitlines()[0]
-    assert re.match(rf"# ray job submit --working-dir \. -- python -m jobs\.{job} --preset {preset}\b", first), first
+    assert re.match(rf"# ray job submit --working-dir \. -- python -m jobs\.{module} --preset {preset}\b", first), first
     assert preset in presets(job)
+    if job == "generator":
+        return
+    assert cfg.batch_size % (cfg.micro_batch_size * getattr(cfg, "num_workers", 1)) == 0
     if preset == "local" and job != "sweep":
         assert not cfg.use_gpu and cfg.cpus_per_worker < 1  # Ray Data must keep a CPU on 2 cores
     if preset == "paper":
@@ -129,6 +133,8 @@ def test_config_errors_are_clear(tmp_path, capsys, tiny_scorer):
     assert "45 evaluation tasks" in capsys.readouterr().err
     assert finetune.main(base) == 2
     assert "--task is required" in capsys.readouterr().err
+    assert finetune.main(["--task", "auto_categorization", "--loss", "hinge", *base]) == 2
+    assert "unknown scorer loss 'hinge'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         finetune.main(["--preset", "nope"])
 
@@ -201,14 +207,19 @@ def test_fault_resumes_from_checkpoint_and_loss_curve_continues(tmp_path, tiny_s
     equals an uninterrupted run of the same loop in a plain process on the same global batches,
     and the eval history continues. Rerunning the command resumes the (finished) run from
     storage; rerunning it with a different config under the same name is refused."""
-    from jobs.train_scorer import train_in_process, worker_config
+    from dataclasses import replace
+
+    from cappy_core.pretrain_data import read_pair_columns
+    from cappy_core.scorer import Scorer
+    from cappy_core.training import fit_scorer
+    from jobs.train_scorer import schedule_of
 
     pairs = write_pairs(synthetic_pairs(128), tmp_path / "train.parquet")
     held = write_pairs(synthetic_pairs(24, seed=2), tmp_path / "eval.parquet")
     args = ["--train-pairs", str(pairs), "--eval-pairs", str(held), "--init", tiny_scorer,
             "--storage-path", str(tmp_path / "runs"), "--name", "fault", "--eval-size", "24",
             "--checkpoint-every", "4", *FAST, "--num-workers", "2"]
-    proc = run_job(["-m", "jobs.finetune", *args], env={FAIL_ENV: "5"})
+    proc = run_job(["-m", "jobs.finetune", *args], env={FAIL_AT_UPDATE_ENV: "5"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "injected fault after update 5" in proc.stdout + proc.stderr
     output = tmp_path / "runs" / "fault" / "scorer"
@@ -216,11 +227,13 @@ def test_fault_resumes_from_checkpoint_and_loss_curve_continues(tmp_path, tiny_s
     assert res["updates"] == 8 and len(res["losses"]) == 8 and res["resumed_at"] == [4]
     assert [e["update"] for e in res["evals"]] == [0, 4, 8]  # the eval history survives the restart
 
-    cfg = finetune.config_from_args(finetune.FinetuneConfig, finetune.build_parser(
-        finetune.FinetuneConfig, "finetune", None, "", "").parse_args(args), "finetune")
-    c = worker_config(cfg, 128, 0, {})
-    plain = {**c, "micro_batch_size": 2 * c["micro_batch_size"]}  # one process, the same global batches
-    state, _ = train_in_process(plain, str(pairs))
+    cfg = config_from_args(finetune.FinetuneConfig,
+                           build_parser(finetune.FinetuneConfig, prog="finetune", description="").parse_args(args))
+    schedule = schedule_of(cfg)
+    scorer = Scorer.from_pretrained(tiny_scorer, dtype="float32", device="cpu", max_length=cfg.max_length,
+                                    seed=schedule.seed)
+    plain = replace(schedule, micro_batch_size=2 * schedule.micro_batch_size)  # one process, same global batches
+    state = fit_scorer(scorer, read_pair_columns(pairs), plain, device="cpu")
     assert state.update == 8
     assert res["losses"] == pytest.approx(state.losses, rel=1e-4)
 

@@ -10,9 +10,6 @@ import yaml
 from conftest import REPO
 
 from serve_app.args import AppArgs, resolve_task_scorer
-from serve_app.generator import decoding_plan
-
-PAPER = ["beam4", "sample", "temp0.9", "topk40", "topp0.95"]
 
 
 @pytest.mark.parametrize("name", ["config.yaml", "config_gpu.yaml"])
@@ -38,22 +35,19 @@ def test_app_args_refuse_unknown_keys_and_name_them():
 
 
 def test_app_builder_accepts_flat_cli_args():
-    from serve_app.app import _unflatten
+    from serve_app.app import unflatten_args
 
-    assert _unflatten({"generator.max_new_tokens": "8", "scorer": {"model": "x"}}) == {
+    assert unflatten_args({"generator.max_new_tokens": "8", "scorer": {"model": "x"}}) == {
         "generator": {"max_new_tokens": 8}, "scorer": {"model": "x"}}
 
 
-def test_decoding_plan_spreads_num_candidates_like_the_paper():
-    plan = decoding_plan(None, None, 17, PAPER, 4)
-    assert [(d.name, d.num_samples) for d in plan] == [("beam4", 1), ("sample", 4), ("temp0.9", 4),
-                                                       ("topk40", 4), ("topp0.95", 4)]
-    assert [(d.name, d.num_samples) for d in decoding_plan(None, None, 3, PAPER, 4)] == [
-        ("beam4", 1), ("sample", 1), ("temp0.9", 1)]
-    assert [d.name for d in decoding_plan(None, None, 1, PAPER, 4)] == ["beam4"]
-    assert sum(d.num_samples for d in decoding_plan(["greedy", "topk40"], 2, None, PAPER, 4)) == 3
-    with pytest.raises(ValueError, match="unknown decoding"):
-        decoding_plan(["nucleus"], None, None, PAPER, 4)
+def test_defaults_are_the_papers():
+    from cappy_core.generation import PAPER_DECODING_NAMES
+
+    args = AppArgs()
+    assert args.ingress.default_decodings == list(PAPER_DECODING_NAMES) == ["beam4", "sample", "temp0.9", "topk40",
+                                                                            "topp0.95"]
+    assert (args.ingress.default_num_samples, args.generator.max_new_tokens, args.generator.min_new_tokens) == (4, 64, 3)
 
 
 def test_task_scorer_resolution(tmp_path):

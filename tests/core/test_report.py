@@ -1,5 +1,5 @@
-"""The sweep's summary on hand-made per-task numbers: the mean row, Cappy minus the best baseline,
-failed tasks listed, and the three files written."""
+"""The sweep's report (cappy_core.report) on hand-made per-task numbers: the mean row, Cappy minus
+the best baseline, failed tasks listed, the files written, and the method order."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from jobs.sweep_report import markdown_table, summary_rows, write_reports
+from cappy_core.evaluation import evaluate_task, method_order
+from cappy_core.report import markdown_table, progress_line, summary_rows, table_methods, write_reports
 
 PER_TASK = {
     "a": {"cappy": 30.0, "beam4": 20.0, "sample": 10.0, "self_score_mean": 25.0, "oracle": 40.0, "random": 12.0},
@@ -47,18 +48,21 @@ def test_nothing_finished_is_reported_not_crashed(tmp_path):
     assert summary["finished"] == 0 and "No task finished" in (tmp_path / "summary.md").read_text()
 
 
-def test_presets_resolve_to_the_documented_settings():
-    """local: the six DESIGN.md tasks on CPU; paper: the 45 tasks, 17 candidates, the paper's finetuning."""
-    from jobs.sweep import LOCAL_TASKS, JOB, SweepConfig
-    from jobs.train_scorer import build_parser, config_from_args
+def test_columns_follow_evaluation_method_order():
+    """One order: the table's columns are cappy_core.evaluation.method_order (what evaluate_task
+    reports), anything else after it alphabetically."""
+    assert table_methods(set(method_order())) == method_order()
+    assert table_methods({"random", "zz_new", "beam4", "cappy", "aa_new"}) == ["cappy", "beam4", "random", "aa_new",
+                                                                                "zz_new"]
+    from cappy_core.evaluation import ScoredCandidate as C
 
-    parser = build_parser(SweepConfig, JOB, None, "", "")
-    local = config_from_args(SweepConfig, parser.parse_args(["--preset", "local"]), JOB)
-    assert local.tasks == LOCAL_TASKS and local.gpus_per_task == 0 and local.scorer is None
-    paper = config_from_args(SweepConfig, parser.parse_args(["--preset", "paper", "--num-actors", "16"]), JOB)
-    assert paper.tasks == ["all45"] and paper.max_examples_per_task is None
-    assert (paper.train_size, paper.lr, paper.batch_size, paper.max_length) == (102400, 2e-5, 128, 512)
-    assert paper.gpus_per_actor == 1 and paper.gpus_per_task == 1 and paper.num_actors == 16
-    from cappy_core.generation import candidates_per_instruction, decodings_from_names
+    group = [C(decoding=d, sample_idx=0, rouge=0.5, logprob_sum=-1.0, logprob_mean=-1.0, score=1.0)
+             for d in ("beam4", "sample", "temp0.9", "topk40", "topp0.95")]
+    metrics = evaluate_task([group])
+    header, _, _ = summary_rows({"t": metrics})
+    assert header[1:-1] == list(metrics) == method_order()
 
-    assert candidates_per_instruction(decodings_from_names(paper.decodings, paper.samples_per_decoding)) == 17
+
+def test_progress_line():
+    rec = {"metrics": {"cappy": 31.25, "beam4": 20.0, "oracle": 50.0}, "wall_s": 12.4}
+    assert progress_line("tense", rec) == "tense: cappy 31.2, beam4 20.0, oracle 50.0 (12s)"

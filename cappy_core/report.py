@@ -1,4 +1,4 @@
-"""The sweep's summary: a Markdown and a CSV table, a PNG chart and a JSON, from the per-task results.
+"""The sweep's report: a Markdown and a CSV table, a PNG chart and a JSON, from the per-task results.
 
 Columns: every method's Rouge-L ×100 (Cappy, the seven baselines, then oracle and random, which
 bound what any selection can do) and ``cappy - best``: Cappy minus the strongest baseline *of the
@@ -11,25 +11,24 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 from typing import Mapping
 
-from cappy_core.evaluation import CAPPY, ORACLE, RANDOM, best_baseline, mean_over_tasks
-
-METHOD_ORDER = [CAPPY, "beam4", "sample", "temp0.9", "topk40", "topp0.95", "self_score_sum", "self_score_mean",
-                ORACLE, RANDOM]
+from cappy_core.evaluation import CAPPY, ORACLE, RANDOM, best_baseline, mean_over_tasks, method_order
+from cappy_core.io import atomic_path, write_json, write_text
 
 
-def _methods(per_task: Mapping[str, Mapping[str, float]]) -> list[str]:
-    present = set().union(*(m.keys() for m in per_task.values()))
-    return [m for m in METHOD_ORDER if m in present] + sorted(present - set(METHOD_ORDER))
+def table_methods(present: set[str]) -> list[str]:
+    """The table's columns: the methods present, in :func:`cappy_core.evaluation.method_order`,
+    then any others alphabetically."""
+    order = method_order()
+    return [m for m in order if m in present] + sorted(present - set(order))
 
 
 def summary_rows(per_task: Mapping[str, Mapping[str, float]]) -> tuple[list[str], list[list], dict]:
     """``(header, rows, summary)``; rows per task then ``mean``; values rounded to 0.1."""
     means = mean_over_tasks(per_task)
-    methods = _methods({"mean": means})
+    methods = table_methods(set(means))
     best_name, best_value = best_baseline(means)
     has_cappy = CAPPY in means
     header = ["task"] + methods + (["cappy - best"] if has_cappy else [])
@@ -42,6 +41,13 @@ def summary_rows(per_task: Mapping[str, Mapping[str, float]]) -> tuple[list[str]
     summary = {"mean": means, "best_baseline": best_name, "best_baseline_value": best_value,
                "cappy_minus_best": (means[CAPPY] - best_value) if has_cappy else None}
     return header, rows, summary
+
+
+def progress_line(task: str, record: Mapping) -> str:
+    """One finished task, as the sweep prints it: Cappy, beam4 and oracle, and its wall time."""
+    m, nan = record["metrics"], float("nan")
+    return (f"{task}: cappy {m.get(CAPPY, nan):.1f}, beam4 {m.get('beam4', nan):.1f}, oracle {m[ORACLE]:.1f} "
+            f"({record['wall_s']:.0f}s)")
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
@@ -83,18 +89,12 @@ def write_chart(path: Path, header: list[str], rows: list[list], best_name: str)
     ax2.set_xlabel("mean Rouge-L ×100 over tasks")
     ax2.set_title(f"mean of {len(rows) - 1} task(s)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
     return path
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def write_reports(out: Path, records: Mapping[str, dict], log=print) -> dict:
@@ -104,8 +104,8 @@ def write_reports(out: Path, records: Mapping[str, dict], log=print) -> dict:
     summary: dict = {"tasks": len(records), "finished": len(per_task), "failed": failed}
     notes = [f"- {t}: {why}" for t, why in failed.items()]
     if not per_task:
-        _write_text(out / "summary.md", "No task finished.\n\n" + "\n".join(notes) + "\n")
-        _write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+        write_text(out / "summary.md", "No task finished.\n\n" + "\n".join(notes) + "\n")
+        write_json(out / "summary.json", summary)
         log("no task finished:\n" + "\n".join(notes))
         return summary
     header, rows, stats = summary_rows(per_task)
@@ -115,13 +115,13 @@ def write_reports(out: Path, records: Mapping[str, dict], log=print) -> dict:
             f"Best baseline (by mean): {stats['best_baseline']} {stats['best_baseline_value']:.1f}"
             + (f"; Cappy − best = {stats['cappy_minus_best']:+.1f}" if stats["cappy_minus_best"] is not None else "")
             + "\n" + ("\nNot finished:\n" + "\n".join(notes) + "\n" if notes else ""))
-    _write_text(out / "summary.md", text)
+    write_text(out / "summary.md", text)
     buf = io.StringIO()
     csv.writer(buf).writerows([header] + rows)
-    _write_text(out / "summary.csv", buf.getvalue())
+    write_text(out / "summary.csv", buf.getvalue())
     chart = write_chart(out / "summary.png", header, rows, stats["best_baseline"])
     summary.update(table=str(out / "summary.md"), csv=str(out / "summary.csv"), chart=str(chart))
-    _write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    write_json(out / "summary.json", summary)
     log("\n" + text)
     log(f"table: {out / 'summary.md'} and {out / 'summary.csv'}\nchart: {chart}")
     return summary

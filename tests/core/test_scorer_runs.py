@@ -1,0 +1,83 @@
+"""Scorer training runs on disk: paths, the resume key and its check, the run record, the
+between-update bookkeeping (eval / report cadence) and the summary line."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from cappy_core.config import ConfigError
+from cappy_core.scorer_runs import (RESUME_KEYS, RUN_RECORD, RunProgress, TrainOutcome, check_run_dir, format_metrics,
+                                    resolve_paths, resume_key, summary_line, write_run_record)
+from cappy_core.training import ScorerSchedule, TrainState
+
+
+def settings(**changes) -> dict:
+    base = {k: 1 for k in RESUME_KEYS}
+    base.update({"init": "minilm", "loss": "mse", "listwise_tau": 0.3, "mse_weight": 0.0,
+                 "group_by_instruction": False, "log_every": 10})
+    return {**base, **changes}
+
+
+def test_resolve_paths_defaults_under_the_run(tmp_path):
+    paths = resolve_paths("run", str(tmp_path))
+    assert paths == {"name": "run", "storage_path": str(tmp_path), "run_dir": str(tmp_path / "run"),
+                     "pairs_dir": str(tmp_path / "run" / "pairs"), "output": str(tmp_path / "run" / "scorer")}
+    assert resolve_paths("run", str(tmp_path), output=str(tmp_path / "x"))["output"] == str(tmp_path / "x")
+
+
+def test_resume_key_holds_later_schedule_settings_only_when_not_default():
+    key = resume_key(settings(), {"task": "t"})
+    assert set(key) == set(RESUME_KEYS) | {"task"}  # runs recorded before the loss options still match
+    assert resume_key(settings(loss="listwise"), {})["loss"] == "listwise"
+    assert ScorerSchedule().loss == "mse" and ScorerSchedule().group_by_instruction is False
+
+
+def test_check_run_dir_resumes_refuses_a_different_config_and_fresh_deletes(tmp_path):
+    paths = resolve_paths("run", str(tmp_path))
+    key = resume_key(settings(), {"task": "t"})
+    assert check_run_dir(paths, key, log=lambda *_: None) is False  # nothing there yet
+    write_run_record(paths, key, {"everything": 1})
+    record = json.loads((tmp_path / "run" / RUN_RECORD).read_text())
+    assert record == {"key": key, "config": {"everything": 1}}
+    logs = []
+    assert check_run_dir(paths, key, log=logs.append) is True and "resuming run 'run'" in logs[0]
+    changed = resume_key(settings(lr=2, loss="listwise"), {"task": "t"})
+    with pytest.raises(ConfigError, match=r"different config \(loss: None -> 'listwise', lr: 1 -> 2\)"):
+        check_run_dir(paths, changed)
+    assert check_run_dir(paths, changed, fresh=True, log=lambda *_: None) is False
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_progress_logs_evaluates_and_reports_on_its_cadence():
+    state = TrainState()
+    reports, logs = [], []
+    progress = RunProgress(state, 5, report=lambda m, ckpt: reports.append((m, ckpt)),
+                           evaluate=lambda: {"mse": float("nan"), "n": 3}, log_every=2, eval_every=2,
+                           checkpoint_every=4, log=logs.append)
+    progress.begin()
+    assert reports == [({"update": 0, "eval_mse": None, "eval_n": 3}, False)]  # NaN reported as None
+    for u in range(1, 6):
+        state.update, state.samples = u, 4 * u
+        state.losses.append(float(u))
+        progress(SimpleNamespace(update=u, loss=float(u), lr=0.1))
+    assert [(m["update"], ckpt) for m, ckpt in reports[1:]] == [(2, False), (4, True), (5, True)]
+    assert [m["loss"] for m, _ in reports[1:]] == [1.5, 3.5, 5.0]  # mean since the previous report
+    assert [e["update"] for e in state.evals] == [0, 2, 4, 5] and math.isnan(state.evals[0]["mse"])
+    assert sum(line.startswith("[train] update") for line in logs) == 3  # updates 2, 4 and the last
+    progress.begin()  # not a fresh run any more: no second eval at update 0
+    assert len(state.evals) == 4
+
+
+def test_summary_line():
+    ev = {"mse": 0.25, "pearson": float("nan"), "spearman": 0.5, "pairwise_acc": 0.75, "n": 8, "pairs": 4}
+    assert format_metrics(ev) == "mse 0.250, pearson n/a, spearman 0.500, pairwise_acc 0.750 (n 8, pairs 4)"
+    out = TrainOutcome(output="/x", updates=10, total_updates=10, seconds=3.2, losses=[1.0] + [0.5] * 9,
+                       evals=[ev, ev], checkpoint_path="/c")
+    assert summary_line("finetune t", out) == (
+        "finetune t: 10/10 updates in 3s, loss 1.0000 -> 0.5000; eval before: " + format_metrics(ev)
+        + "; after: " + format_metrics(ev) + "; scorer -> /x")
+    assert "no eval" in summary_line("x", TrainOutcome("/x", 0, 1, 0.0, [], [], "/c"))
