@@ -5,17 +5,28 @@ instruction; the metric is that candidate's Rouge-L F1 against the best-matching
 (``cappy_core.labeling.rouge_l``), averaged over the task's instructions; the summary is the
 unweighted mean over tasks, ×100.
 
-* ``cappy``: highest scorer score, ties to the first candidate in decoding order.
+* ``cappy``: highest scorer score (the paper's scorer), ties to the first candidate in decoding order.
+* ``cappy+lm+mbr`` (beyond the paper): highest ``fused`` value — the within-instruction
+  standardized Cappy score, generator likelihood and MBR, weighted per task on held-out train
+  instructions (:mod:`cappy_core.selectors`); reported only when every candidate has one.
 * ``beam4`` and one baseline per sampling config: the first sample (``sample_idx == 0``) of that
   decoding — the LLM used alone with that decoding.
 * ``self_score_sum`` / ``self_score_mean``: the candidate the generator itself rates most likely
   (summed / per-token mean log-likelihood), ties to the first.
+* ``mbr``: the training-free Rouge-L consensus pick (highest ``mbr`` value: mean Rouge-L against
+  the other candidates); a baseline, reported only when every candidate has one.
 * ``oracle`` (best of all candidates) and ``random`` (expected value of a uniform pick) bound
   what selection can do; they are reported, not baselines.
 
 Every argmax is :func:`cappy_core.scorer.select_best`, the rule serve uses too: ties go to the
 first candidate, NaN never wins over a number, and an instruction whose values are all NaN is an
 error. :func:`method_order` is the order methods are reported in (the sweep's table).
+
+Only ``oracle`` (and the ``random`` expectation) read the labels (``rouge``): :func:`picks` is
+every other method's choice without them, so masking validation labels until this final step
+changes no pick. :func:`per_instruction_values` keeps each pick's Rouge-L per instruction (for
+the paired bootstrap of :mod:`cappy_core.bootstrap`); :func:`ranker_spearman` is how well each
+ranking signal orders one instruction's candidates by Rouge-L.
 
 Classification: score each answer choice with Cappy (:func:`score_choices`), argmax (ties to the
 first), accuracy against the choices with the highest ``choice_score``
@@ -25,13 +36,21 @@ accuracy. ``cappy eval-mc`` (``jobs/eval_mc.py``) runs this on held-out BIG-Benc
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from cappy_core.generation import PAPER_DECODING_NAMES
+from cappy_core.metrics import spearman
 from cappy_core.scorer import select_best
 
 SELF_SUM, SELF_MEAN, CAPPY, ORACLE, RANDOM = "self_score_sum", "self_score_mean", "cappy", "oracle", "random"
+#: The training-free Rouge-L consensus baseline, and the fused selector (Cappy beyond the paper).
+MBR, FUSED = "mbr", "cappy+lm+mbr"
+#: Bounds of what selection can do: reported, never a baseline.
+BOUNDS = (ORACLE, RANDOM)
+#: Cappy's selectors: compared against the baselines, never one of them.
+SELECTORS = (CAPPY, FUSED)
 
 
 @dataclass(frozen=True)
@@ -40,39 +59,44 @@ class ScoredCandidate:
 
     decoding: str
     sample_idx: int
-    rouge: float  # Rouge-L F1 against the instruction's references
+    rouge: float  # Rouge-L F1 against the instruction's references (the label)
     logprob_sum: float
     logprob_mean: float
     score: float | None = None  # Cappy's raw score, if scored
+    mbr: float | None = None  # mean Rouge-L against the other candidates (cappy_core.selectors.mbr_scores)
+    fused: float | None = None  # the fused selector's value (cappy_core.selectors.fused_scores)
+
+
+#: The per-candidate value each ranking method picks the highest of (the rankers of :func:`ranker_spearman`).
+RANKER_FIELDS = {CAPPY: "score", FUSED: "fused", SELF_SUM: "logprob_sum", SELF_MEAN: "logprob_mean", MBR: "mbr"}
 
 
 def baseline_methods(decodings: Sequence[str]) -> list[str]:
-    """The LLM-alone baselines present in ``decodings`` (in decoding order), then self-scores."""
+    """The LLM-alone baselines present in ``decodings`` (in decoding order), then self-scores, then MBR."""
     seen: list[str] = []
     for d in decodings:
         if d not in seen:
             seen.append(d)
-    return seen + [SELF_SUM, SELF_MEAN]
+    return seen + [SELF_SUM, SELF_MEAN, MBR]
 
 
 def method_order(decodings: Sequence[str] = PAPER_DECODING_NAMES) -> list[str]:
-    """Every method in the order results are reported: Cappy, the baselines of ``decodings``
-    (:func:`baseline_methods`), then the bounds oracle and random."""
-    return [CAPPY] + baseline_methods(decodings) + [ORACLE, RANDOM]
+    """Every method in the order results are reported: Cappy, the fused selector, the baselines
+    of ``decodings`` (:func:`baseline_methods`), then the bounds oracle and random."""
+    return [CAPPY, FUSED] + baseline_methods(decodings) + [ORACLE, RANDOM]
 
 
 def pick(method: str, candidates: Sequence[ScoredCandidate]) -> int | None:
-    """Index of the candidate ``method`` picks, or None if it cannot pick (e.g. no such decoding)."""
+    """Index of the candidate ``method`` picks, or None if it cannot pick (e.g. no such decoding).
+    Only ``oracle`` reads the labels (``rouge``)."""
     if not candidates:
         raise ValueError("an instruction has no candidates")
-    if method == CAPPY:
-        if any(c.score is None for c in candidates):
-            raise ValueError("cappy pick needs a score on every candidate")
-        return select_best([c.score for c in candidates])
-    if method == SELF_SUM:
-        return select_best([c.logprob_sum for c in candidates])
-    if method == SELF_MEAN:
-        return select_best([c.logprob_mean for c in candidates])
+    field = RANKER_FIELDS.get(method)
+    if field is not None:
+        values = [getattr(c, field) for c in candidates]
+        if any(v is None for v in values):
+            raise ValueError(f"{method} pick needs a {field} value on every candidate")
+        return select_best(values)
     if method == ORACLE:
         return select_best([c.rouge for c in candidates])
     for i, c in enumerate(candidates):  # a decoding's first sample
@@ -81,37 +105,89 @@ def pick(method: str, candidates: Sequence[ScoredCandidate]) -> int | None:
     return None
 
 
+def picks(groups: Sequence[Sequence[ScoredCandidate]], methods: Sequence[str]) -> dict[str, list[int]]:
+    """``{method: [index of its pick, per instruction]}`` for the ``methods`` that can pick in
+    every instruction (others are left out; ``random`` has no pick). Reads no label except for
+    ``oracle``."""
+    out: dict[str, list[int]] = {}
+    for m in methods:
+        if m == RANDOM:
+            continue
+        chosen = [pick(m, g) for g in groups]
+        if all(p is not None for p in chosen):
+            out[m] = chosen
+    return out
+
+
+def task_methods(groups: Sequence[Sequence[ScoredCandidate]]) -> list[str]:
+    """The methods :func:`evaluate_task` reports for ``groups``, in :func:`method_order`: Cappy,
+    the fused selector and MBR only when every candidate has their value."""
+    have = {m: all(getattr(c, f) is not None for g in groups for c in g) for m, f in RANKER_FIELDS.items()}
+    return [m for m in method_order([c.decoding for g in groups for c in g]) if have.get(m, True)]
+
+
+def per_instruction_values(groups: Sequence[Sequence[ScoredCandidate]],
+                           methods: Sequence[str] | None = None) -> dict[str, list[float]]:
+    """``{method: [Rouge-L ×100 of its pick, per instruction]}``, aligned across methods
+    (instruction order = ``groups``); ``random`` gets each instruction's mean Rouge-L ×100.
+    ``methods`` defaults to :func:`task_methods`; one that cannot pick everywhere is left out.
+    The mean of a method's list is its :func:`evaluate_task` number."""
+    if not groups:
+        raise ValueError("no instructions to evaluate")
+    methods = task_methods(groups) if methods is None else methods
+    out = {m: [100.0 * g[p].rouge for g, p in zip(groups, chosen)] for m, chosen in picks(groups, methods).items()}
+    if RANDOM in methods:
+        out[RANDOM] = [100.0 * sum(c.rouge for c in g) / len(g) for g in groups]
+    return {m: out[m] for m in methods if m in out}
+
+
 def evaluate_instructions(groups: Sequence[Sequence[ScoredCandidate]], methods: Sequence[str]) -> dict[str, float]:
     """Mean Rouge-L ×100 per method over instructions (plus ``random``); a method that cannot pick
     for some instruction is left out rather than counted as 0."""
     if not groups:
         raise ValueError("no instructions to evaluate")
-    out: dict[str, float] = {}
-    for m in methods:
-        picks = [pick(m, g) for g in groups]
-        if any(p is None for p in picks):
-            continue
-        out[m] = 100.0 * sum(g[p].rouge for g, p in zip(groups, picks)) / len(groups)
+    out = {m: 100.0 * sum(g[p].rouge for g, p in zip(groups, chosen)) / len(groups)
+           for m, chosen in picks(groups, methods).items()}
     out[RANDOM] = 100.0 * sum(sum(c.rouge for c in g) / len(g) for g in groups) / len(groups)
     return out
 
 
 def evaluate_task(groups: Sequence[Sequence[ScoredCandidate]]) -> dict[str, float]:
-    """All methods for one task, in :func:`method_order`: Cappy (if every candidate is scored),
-    the baselines, oracle and random."""
-    scored = all(c.score is not None for g in groups for c in g)
-    methods = [m for m in method_order([c.decoding for g in groups for c in g])
-               if m != RANDOM and (scored or m != CAPPY)]
-    return evaluate_instructions(groups, methods)
+    """All methods for one task (:func:`task_methods`), in :func:`method_order`: Cappy and the
+    fused selector (if every candidate has their value), the baselines, oracle and random."""
+    return evaluate_instructions(groups, [m for m in task_methods(groups) if m != RANDOM])
+
+
+def ranker_spearman(groups: Sequence[Sequence[ScoredCandidate]]) -> dict[str, dict[str, Any]]:
+    """How well each ranking signal orders an instruction's candidates by Rouge-L:
+    ``{ranker: {"mean": mean over instructions of Spearman(signal, rouge), "instructions": n}}``
+    for the rankers of :data:`RANKER_FIELDS` whose value every candidate has, in
+    :func:`method_order`. A NaN signal ranks lowest (as in a pick); an instruction where either
+    side is constant (or has one candidate) has no correlation and is not counted (``mean`` is
+    None when no instruction counts)."""
+    out: dict[str, dict[str, Any]] = {}
+    for m in task_methods(groups):
+        field = RANKER_FIELDS.get(m)
+        if field is None:
+            continue
+        rhos = []
+        for g in groups:
+            signal = [-math.inf if math.isnan(float(getattr(c, field))) else float(getattr(c, field)) for c in g]
+            rho = spearman(signal, [c.rouge for c in g])
+            if not math.isnan(rho):
+                rhos.append(rho)
+        out[m] = {"mean": sum(rhos) / len(rhos) if rhos else None, "instructions": len(rhos)}
+    return out
 
 
 def scored_groups(table: Any) -> tuple[list[list[ScoredCandidate]], list[str], int]:
-    """A scored candidate table (``cappy_core.candidates`` columns plus ``score``) as
-    ``(groups, instruction_ids, unlabeled)``: one group of candidates per instruction, in file
-    order (= decoding order); instructions without references (null labels) are left out and
-    counted in ``unlabeled``."""
+    """A scored candidate table (``cappy_core.candidates`` columns plus ``score``, and ``mbr`` /
+    ``fused`` where present) as ``(groups, instruction_ids, unlabeled)``: one group of candidates
+    per instruction, in file order (= decoding order); instructions without references (null
+    labels) are left out and counted in ``unlabeled``."""
+    optional = [c for c in ("mbr", "fused") if c in table.column_names]
     cols = table.select(["instruction_id", "decoding", "sample_idx", "label", "logprob_sum", "logprob_mean",
-                         "score"]).to_pydict()
+                         "score"] + optional).to_pydict()
     groups: dict[str, list[ScoredCandidate]] = {}
     unlabeled: set[str] = set()
     for i, iid in enumerate(cols["instruction_id"]):
@@ -120,7 +196,8 @@ def scored_groups(table: Any) -> tuple[list[list[ScoredCandidate]], list[str], i
             continue
         groups.setdefault(iid, []).append(ScoredCandidate(
             decoding=cols["decoding"][i], sample_idx=cols["sample_idx"][i], rouge=cols["label"][i],
-            logprob_sum=cols["logprob_sum"][i], logprob_mean=cols["logprob_mean"][i], score=cols["score"][i]))
+            logprob_sum=cols["logprob_sum"][i], logprob_mean=cols["logprob_mean"][i], score=cols["score"][i],
+            **{c: cols[c][i] for c in optional}))
     return list(groups.values()), list(groups), len(unlabeled - set(groups))
 
 
@@ -134,8 +211,9 @@ def mean_over_tasks(per_task: Mapping[str, Mapping[str, float]]) -> dict[str, fl
 
 
 def best_baseline(summary: Mapping[str, float]) -> tuple[str, float]:
-    """The strongest LLM-alone or self-score baseline (not cappy, oracle or random)."""
-    cands = {m: v for m, v in summary.items() if m not in (CAPPY, ORACLE, RANDOM)}
+    """The strongest baseline: LLM alone, self-score or MBR (never cappy, the fused selector,
+    oracle or random)."""
+    cands = {m: v for m, v in summary.items() if m not in SELECTORS + BOUNDS}
     if not cands:
         raise ValueError("no baseline in the summary")
     m = max(cands, key=lambda k: cands[k])

@@ -1,10 +1,28 @@
-"""The sweep's report: a Markdown and a CSV table, a PNG chart and a JSON, from the per-task results.
+"""The sweep's report: Markdown and CSV tables, a PNG chart and a JSON, from the per-task results.
 
-Columns: every method's Rouge-L ×100 (Cappy, the seven baselines, then oracle and random, which
-bound what any selection can do) and ``cappy - best``: Cappy minus the strongest baseline *of the
-mean row* (per task, minus that same baseline), so the last row reads "how far Cappy is above
+Main table (``summary.csv``): every method's Rouge-L ×100 (Cappy, the fused selector, the
+baselines, then oracle and random, which bound what any selection can do) and ``cappy - best``:
+Cappy minus the strongest baseline *of the mean row* (:func:`cappy_core.evaluation.best_baseline`,
+MBR included; per task, minus that same baseline), so the last row reads "how far Cappy is above
 the best baseline". The mean is the unweighted mean over the finished tasks; failed or missing
 tasks are listed under the table.
+
+How sure (``summary_ci.csv``): for every method but the bounds and the best baseline itself, the
+paired-bootstrap 95% interval (:func:`cappy_core.bootstrap.paired_bootstrap`: instructions
+resampled within each task, 2,000 resamples, seeded) of method − best baseline, per task and for
+the mean over tasks, from each task record's ``per_instruction`` values
+(:func:`cappy_core.evaluation.per_instruction_values`). A record without them (written before
+they were recorded) still reports, without intervals; the mean's interval needs every task's.
+Long format: ``method, baseline, task, diff, low, high, half_width`` (``task`` = ``mean`` for the
+mean over tasks), rounded to 0.01.
+
+Rank agreement (``summary_spearman.csv``): each task record's ``spearman``
+(:func:`cappy_core.evaluation.ranker_spearman`), long format ``task, ranker, spearman,
+instructions``; the ``mean`` rows are the unweighted mean over the tasks that have a value.
+
+``summary.json`` holds all of it (``intervals``, ``spearman``: None when no record has them);
+``summary.png`` shows the selectors' differences from the best baseline with their intervals as
+error bars, and every method's mean.
 """
 
 from __future__ import annotations
@@ -12,10 +30,17 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping, Sequence
 
-from cappy_core.evaluation import CAPPY, ORACLE, RANDOM, best_baseline, mean_over_tasks, method_order
+from cappy_core.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, Interval, paired_bootstrap
+from cappy_core.evaluation import (
+    BOUNDS, CAPPY, ORACLE, SELECTORS, best_baseline, mean_over_tasks, method_order,
+)
 from cappy_core.io import atomic_path, write_json, write_text
+
+#: Above this half-width (Rouge-L points) of the mean's Cappy − best interval, the report says
+#: the validation set is too small to resolve the differences it shows.
+RESOLUTION_POINTS = 1.0
 
 
 def table_methods(present: set[str]) -> list[str]:
@@ -43,6 +68,89 @@ def summary_rows(per_task: Mapping[str, Mapping[str, float]]) -> tuple[list[str]
     return header, rows, summary
 
 
+# --- how sure: paired intervals against the best baseline ----------------------------------
+
+def paired_intervals(per_instruction: Mapping[str, Mapping[str, Sequence[float]]], methods: Sequence[str],
+                     baseline: str, tasks: Sequence[str], *, resamples: int = DEFAULT_RESAMPLES,
+                     seed: int = DEFAULT_SEED) -> dict[str, dict[str, Any]]:
+    """``{method: {"mean": Interval | None, "per_task": {task: Interval}}}``: method − ``baseline``
+    on the tasks whose ``per_instruction[task]`` has both; the mean's interval only when that is
+    every one of ``tasks`` (else it would be a mean over other tasks than the table's)."""
+    out: dict[str, dict[str, Any]] = {}
+    for m in methods:
+        pairs = {t: (v[m], v[baseline]) for t, v in per_instruction.items() if m in v and baseline in v}
+        if not pairs:
+            continue
+        total, per = paired_bootstrap(pairs, resamples=resamples, seed=seed)
+        out[m] = {"mean": total if set(pairs) == set(tasks) else None, "per_task": {t: per[t] for t in tasks
+                                                                                       if t in per}}
+    return out
+
+
+def interval_json(iv: Interval | None) -> dict[str, float] | None:
+    return None if iv is None else {**iv.as_dict(), "half_width": iv.half_width}
+
+
+def interval_cell(iv: Interval | None) -> str:
+    return "" if iv is None else f"{iv.mean:+.1f} [{iv.low:+.1f}, {iv.high:+.1f}]"
+
+
+def intervals_section(intervals: Mapping[str, Mapping[str, Any]], baseline: str, tasks: Sequence[str],
+                      sizes: Sequence[int], resamples: int = DEFAULT_RESAMPLES) -> str:
+    """The Markdown "vs best baseline" table (rows = methods; the mean's difference, its 95%
+    interval and half-width, then each task's) and, when Cappy's mean interval is wider than
+    ±:data:`RESOLUTION_POINTS`, the sentence that says so."""
+    header = ["method", "mean", "95% CI", "±"] + list(tasks)
+    lines = [f"## vs best baseline ({baseline})", "",
+             f"Method − {baseline}, Rouge-L ×100, with paired-bootstrap 95% intervals (validation instructions "
+             f"resampled within each task, {resamples:,} resamples, seeded).", "",
+             "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for m, iv in intervals.items():
+        mean = iv["mean"]
+        cells = ([f"{mean.mean:+.1f}", f"[{mean.low:+.1f}, {mean.high:+.1f}]", f"{mean.half_width:.1f}"]
+                 if mean is not None else ["", "", ""])
+        lines.append("| " + " | ".join([m] + cells + [interval_cell(iv["per_task"].get(t)) for t in tasks]) + " |")
+    cappy = intervals.get(CAPPY, {}).get("mean")
+    if cappy is not None and cappy.half_width > RESOLUTION_POINTS:
+        n = f"{min(sizes)}" if min(sizes) == max(sizes) else f"{min(sizes)}–{max(sizes)}"
+        lines += ["", f"{n} validation instructions per task cannot resolve differences below "
+                      f"±{cappy.half_width:.1f} points (the half-width of Cappy − {baseline} on the mean)."]
+    return "\n".join(lines)
+
+
+# --- rank agreement within instructions -----------------------------------------------------
+
+def spearman_summary(per_task: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, Any]:
+    """``{"per_task": per_task, "mean": {ranker: {"mean", "tasks"}}}``: the unweighted mean over
+    the tasks where the ranker has a value."""
+    rankers = table_methods({r for v in per_task.values() for r in v})
+    mean: dict[str, dict[str, Any]] = {}
+    for r in rankers:
+        vals = [v[r]["mean"] for v in per_task.values() if r in v and v[r]["mean"] is not None]
+        mean[r] = {"mean": sum(vals) / len(vals) if vals else None, "tasks": len(vals)}
+    return {"per_task": {t: dict(v) for t, v in per_task.items()}, "mean": mean}
+
+
+def spearman_section(spearman: Mapping[str, Any]) -> str:
+    """The Markdown table of within-instruction Spearman: rows = tasks then the mean, columns = rankers."""
+    rankers = list(spearman["mean"])
+
+    def cell(v: Mapping[str, Any] | None, count: str) -> str:
+        return "" if v is None or v["mean"] is None else f"{v['mean']:+.2f} ({v[count]})"
+
+    lines = ["## Within-instruction Spearman (ranker vs Rouge-L)", "",
+             "Mean over a task's validation instructions of the rank correlation between a ranker's value and "
+             "the candidates' Rouge-L; in brackets the instructions counted (one where either side is constant "
+             "has no correlation), on the mean row the tasks.", "",
+             "| " + " | ".join(["task"] + rankers) + " |", "|" + "|".join(["---"] + ["---:"] * len(rankers)) + "|"]
+    for t, v in spearman["per_task"].items():
+        lines.append("| " + " | ".join([t] + [cell(v.get(r), "instructions") for r in rankers]) + " |")
+    lines.append("| " + " | ".join(["**mean**"] + [cell(spearman["mean"][r], "tasks") for r in rankers]) + " |")
+    return "\n".join(lines)
+
+
+# --- formatting and files ---------------------------------------------------------------------
+
 def progress_line(task: str, record: Mapping) -> str:
     """One finished task, as the sweep prints it: Cappy, beam4 and oracle, and its wall time."""
     m, nan = record["metrics"], float("nan")
@@ -61,27 +169,76 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def write_chart(path: Path, header: list[str], rows: list[list], best_name: str) -> Path:
-    """Left: Cappy minus the best baseline per task (and the mean). Right: the mean of each method."""
+def csv_text(rows: Sequence[Sequence[Any]]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    return buf.getvalue()
+
+
+def ci_rows(intervals: Mapping[str, Mapping[str, Any]] | None, baseline: str) -> list[list]:
+    """``summary_ci.csv``: header, then per method its tasks and ``mean`` (values rounded to 0.01)."""
+    rows: list[list] = [["method", "baseline", "task", "diff", "low", "high", "half_width"]]
+    for m, iv in (intervals or {}).items():
+        for t, x in list(iv["per_task"].items()) + [("mean", iv["mean"])]:
+            if x is not None:
+                rows.append([m, baseline, t] + [round(v, 2) for v in (x.mean, x.low, x.high, x.half_width)])
+    return rows
+
+
+def spearman_rows(spearman: Mapping[str, Any] | None) -> list[list]:
+    """``summary_spearman.csv``: header, then per task and ranker, then the ``mean`` rows (0.001)."""
+    rows: list[list] = [["task", "ranker", "spearman", "instructions"]]
+    if spearman is None:
+        return rows
+    for t, v in list(spearman["per_task"].items()) + [("mean", spearman["mean"])]:
+        for r, x in v.items():
+            rho = None if x["mean"] is None else round(x["mean"], 3)
+            rows.append([t, r, rho, x.get("instructions", x.get("tasks"))])
+    return rows
+
+
+def write_chart(path: Path, header: list[str], rows: list[list], best_name: str,
+                intervals: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
+    """Left: each selector (Cappy, the fused one) minus the best baseline per task and on the
+    mean, with its 95% interval as an error bar where known. Right: the mean of each method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 0.45 * len(rows) + 2.5),
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 0.45 * len(rows) * 1.5 + 2.5),
                                    gridspec_kw={"width_ratios": [3, 2]})
     tasks = [r[0] for r in rows]
-    if "cappy - best" in header:
-        delta = [r[header.index("cappy - best")] or 0.0 for r in rows]
-        ax1.barh(tasks, delta, color=["tab:green" if d >= 0 else "tab:red" for d in delta])
+    col = {h: i for i, h in enumerate(header)}
+    selectors = [m for m in SELECTORS if m in col and best_name in col]
+    height = 0.8 / max(len(selectors), 1)
+    for k, m in enumerate(selectors):
+        ivs = (intervals or {}).get(m)
+        delta, err = [], [[], []]
+        for r in rows:
+            iv = None if ivs is None else (ivs["mean"] if r[0] == "mean" else ivs["per_task"].get(r[0]))
+            d = iv.mean if iv is not None else (
+                r[col[m]] - r[col[best_name]] if r[col[m]] is not None and r[col[best_name]] is not None else 0.0)
+            delta.append(d)
+            err[0].append(d - iv.low if iv is not None else np.nan)  # NaN: no error bar drawn
+            err[1].append(iv.high - d if iv is not None else np.nan)
+        y = np.arange(len(rows)) + (k - (len(selectors) - 1) / 2) * height
+        xerr = np.array(err)
+        ax1.barh(y, delta, height=height, color="tab:green" if m == CAPPY else "tab:purple", alpha=0.85,
+                 xerr=None if np.isnan(xerr).all() else xerr, error_kw={"capsize": 3, "lw": 1}, label=m)
+    if selectors:
         ax1.axvline(0, color="black", lw=0.8)
-        ax1.set_xlabel(f"Cappy − {best_name} (Rouge-L ×100)")
+        ax1.set_xlabel(f"selector − {best_name} (Rouge-L ×100)" + (", 95% paired bootstrap CI" if intervals else ""))
+        ax1.legend(loc="best", fontsize=8)
+    ax1.set_yticks(range(len(rows)), tasks)
     ax1.invert_yaxis()
     ax1.set_title("per task")
     mean = rows[-1]
-    names = [h for h in header[1:] if h != "cappy - best" and mean[header.index(h)] is not None]
-    vals = [mean[header.index(h)] for h in names]
-    colors = ["tab:green" if n == CAPPY else "tab:gray" if n in (ORACLE, RANDOM) else "tab:blue" for n in names]
+    names = [h for h in header[1:] if h != "cappy - best" and mean[col[h]] is not None]
+    vals = [mean[col[h]] for h in names]
+    colors = ["tab:green" if n == CAPPY else "tab:purple" if n in SELECTORS else "tab:gray" if n in BOUNDS
+              else "tab:orange" if n == best_name else "tab:blue" for n in names]
     ax2.barh(names, vals, color=colors)
     for i, v in enumerate(vals):
         ax2.text(v, i, f" {v:.1f}", va="center", fontsize=8)
@@ -98,8 +255,10 @@ def write_chart(path: Path, header: list[str], rows: list[list], best_name: str)
 
 
 def write_reports(out: Path, records: Mapping[str, dict], log=print) -> dict:
-    """Write ``summary.{md,csv,png,json}`` under ``out`` and print the table; returns the summary."""
-    per_task = {t: r["metrics"] for t, r in records.items() if r.get("status") == "ok"}
+    """Write ``summary.{md,csv,png,json}``, ``summary_ci.csv`` and ``summary_spearman.csv`` under
+    ``out`` and print the tables; returns the summary."""
+    ok = {t: r for t, r in records.items() if r.get("status") == "ok"}
+    per_task = {t: r["metrics"] for t, r in ok.items()}
     failed = {t: r.get("error", r.get("status")) for t, r in records.items() if r.get("status") != "ok"}
     summary: dict = {"tasks": len(records), "finished": len(per_task), "failed": failed}
     notes = [f"- {t}: {why}" for t, why in failed.items()]
@@ -110,18 +269,50 @@ def write_reports(out: Path, records: Mapping[str, dict], log=print) -> dict:
         return summary
     header, rows, stats = summary_rows(per_task)
     summary.update(stats, per_task=per_task)
-    table = markdown_table(header, rows)
-    text = (f"# Cappy sweep: Rouge-L ×100 on validation ({len(per_task)} task(s))\n\n{table}\n\n"
-            f"Best baseline (by mean): {stats['best_baseline']} {stats['best_baseline_value']:.1f}"
-            + (f"; Cappy − best = {stats['cappy_minus_best']:+.1f}" if stats["cappy_minus_best"] is not None else "")
-            + "\n" + ("\nNot finished:\n" + "\n".join(notes) + "\n" if notes else ""))
+    best = stats["best_baseline"]
+    tasks = list(per_task)
+
+    per_instruction = {t: r["per_instruction"] for t, r in ok.items() if r.get("per_instruction")}
+    without = [t for t in tasks if t not in per_instruction]
+    compared = [m for m in table_methods(set(stats["mean"])) if m not in BOUNDS and m != best]
+    intervals = paired_intervals(per_instruction, compared, best, tasks) if per_instruction else None
+    sizes = [len(v[best]) for v in per_instruction.values() if best in v]
+    spearman = spearman_summary({t: r["spearman"] for t, r in ok.items() if r.get("spearman")})
+    if not spearman["per_task"]:
+        spearman = None
+
+    sections = [f"# Cappy sweep: Rouge-L ×100 on validation ({len(per_task)} task(s))", markdown_table(header, rows),
+                f"Best baseline (by mean): {best} {stats['best_baseline_value']:.1f}"
+                + (f"; Cappy − best = {stats['cappy_minus_best']:+.1f}" if stats["cappy_minus_best"] is not None
+                   else "")]
+    if intervals:
+        sections.append(intervals_section(intervals, best, tasks, sizes))
+    if without:
+        sections.append(f"No paired intervals for {', '.join(without)}: "
+                        + ("their results were" if len(without) > 1 else "its result was")
+                        + " recorded without per-instruction values (rerun to get them)"
+                        + ("; the mean's interval needs every task's." if intervals else "."))
+    if spearman is not None:
+        sections.append(spearman_section(spearman))
+    if notes:
+        sections.append("Not finished:\n" + "\n".join(notes))
+    text = "\n\n".join(sections) + "\n"
     write_text(out / "summary.md", text)
-    buf = io.StringIO()
-    csv.writer(buf).writerows([header] + rows)
-    write_text(out / "summary.csv", buf.getvalue())
-    chart = write_chart(out / "summary.png", header, rows, stats["best_baseline"])
-    summary.update(table=str(out / "summary.md"), csv=str(out / "summary.csv"), chart=str(chart))
+    write_text(out / "summary.csv", csv_text([header] + rows))
+    write_text(out / "summary_ci.csv", csv_text(ci_rows(intervals, best)))
+    write_text(out / "summary_spearman.csv", csv_text(spearman_rows(spearman)))
+    chart = write_chart(out / "summary.png", header, rows, best, intervals)
+    summary.update(
+        intervals=None if intervals is None else {
+            "baseline": best, "resamples": DEFAULT_RESAMPLES, "seed": DEFAULT_SEED, "confidence": 0.95,
+            "tasks_without_per_instruction": without,
+            "methods": {m: {"mean": interval_json(iv["mean"]),
+                            "per_task": {t: interval_json(x) for t, x in iv["per_task"].items()}}
+                        for m, iv in intervals.items()}},
+        spearman=spearman, table=str(out / "summary.md"), csv=str(out / "summary.csv"),
+        csv_ci=str(out / "summary_ci.csv"), csv_spearman=str(out / "summary_spearman.csv"), chart=str(chart))
     write_json(out / "summary.json", summary)
     log("\n" + text)
-    log(f"table: {out / 'summary.md'} and {out / 'summary.csv'}\nchart: {chart}")
+    log(f"tables: {out / 'summary.md'}, {out / 'summary.csv'}, {out / 'summary_ci.csv'}, "
+        f"{out / 'summary_spearman.csv'}\nchart: {chart}")
     return summary

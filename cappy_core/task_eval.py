@@ -1,21 +1,39 @@
-"""One task of the sweep, whole: finetune a scorer on the task's pairs, score its validation
-candidates, evaluate Cappy's pick against the baselines. Plain Python: ``jobs/sweep.py`` runs
-:func:`run_task` as one Ray task per BIG-Bench task.
+"""One task of the sweep, whole: finetune a scorer on the task's pairs, score its held-out train
+("dev") and validation candidates, fit the fused selector on dev, evaluate every method on
+validation. Plain Python: ``jobs/sweep.py`` runs :func:`run_task` as one Ray task per BIG-Bench
+task (and :func:`finetune_shared` once before them with ``finetune_scope: all``).
 
 Inputs, written by the sweep's earlier stages (:class:`TaskSettings` says where):
 
 * ``data_dir/<task>/train.parquet``: the task's train examples (``cappy data prepare``);
 * ``candidates_dir/train`` and ``candidates_dir/validation``: sampled, Rouge-L-labelled
-  candidates (``cappy sample``; ``train/`` only when finetuning).
+  candidates (``cappy sample``; ``train/`` only when finetuning or holding out dev).
 
-Steps: the train pairs (references, random negatives and the labelled train candidates of the
-first ``max_train_examples`` instructions, :func:`cappy_core.pretrain_data.build_pair_mixture`,
-cut or tiled to ``train_size``) → ``tasks_dir/<task>/train_pairs.parquet`` →
-:func:`cappy_core.training.fit_scorer` from ``init`` with the :class:`ScorerSchedule` → score every
-validation candidate → ``tasks_dir/<task>/validation_scored.parquet`` →
-:func:`cappy_core.evaluation.evaluate_task`. Without a schedule the ``init`` scorer scores as is.
-Scoring runs under bf16 autocast when ``score_dtype`` is ``bfloat16`` *or* the scorer was
-finetuned with ``schedule.bf16`` (it is loaded that way for training and keeps it).
+Instructions. The sampled train instructions are the first ``max_train_examples`` of the train
+split. The last ``dev_examples`` of them are **dev** (:func:`split_dev`): they give no finetuning
+pair (no reference, negative or candidate of theirs, nor of a train example with the same
+instruction text), and every choice made after finetuning is made on them. Validation labels
+are read only by the final evaluation.
+
+Steps: the train pairs (references, random negatives and the labelled candidates of the other
+train instructions, :func:`cappy_core.pretrain_data.build_pair_mixture`, cut or tiled to
+``train_size``) → ``tasks_dir/<task>/train_pairs.parquet`` → :func:`cappy_core.training.fit_scorer`
+from ``init`` with the :class:`ScorerSchedule` (its loss, batches and precision); the finetuned
+scorer then scores in ``score_dtype`` (bf16 autocast only when that says ``bfloat16``). Without
+a schedule the ``init`` scorer scores as is. Then:
+
+* **dev** candidates: ``score`` (the scorer), ``mbr`` (:func:`cappy_core.selectors.mbr_scores`
+  per instruction over ``text``) → the fused weights, :func:`cappy_core.selectors.fit_weights`
+  over :data:`SIGNALS` on the labelled dev instructions (equal weights when there is none) →
+  ``fused`` → ``tasks_dir/<task>/dev_scored.parquet`` and every method's Rouge-L on dev
+  (``dev_metrics``; ``cappy+lm+mbr`` there is in-sample);
+* **validation** candidates: ``score``, ``mbr`` and ``fused`` with the dev weights (no label is
+  read: :func:`with_selector_columns`) → ``tasks_dir/<task>/validation_scored.parquet`` →
+  :func:`cappy_core.evaluation.evaluate_task`, per-instruction values and rankers' Spearman.
+
+With ``keep_scorer`` the finetuned scorer is saved under ``tasks_dir/<task>/scorer`` with the
+fused weights in it (:data:`cappy_core.selectors.SELECTOR_FILE`), for serve (a task scored by
+the shared scorer, ``tasks_dir/_shared/scorer``, keeps its weights in ``tasks_dir/<task>``).
 
 The sweep's bookkeeping of finished tasks lives here too: each task's result record is
 ``tasks_dir/<task>.json`` (:func:`result_record`), and a task counts as finished when its record
@@ -25,16 +43,30 @@ says ``ok`` and carries the digest (:func:`key_digest`) of the settings that def
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import random
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
-if TYPE_CHECKING:  # torch loads only where a task runs
+from cappy_core.config import ConfigError
+from cappy_core.selectors import CAPPY_SIGNAL, LM_SIGNAL, MBR_SIGNAL
+
+if TYPE_CHECKING:  # torch and pyarrow load only where a task runs
+    import pyarrow as pa
+
+    from cappy_core.data.records import Example
     from cappy_core.training import ScorerSchedule
+
+#: The fused selector's signals and the scored-table column each is read from.
+SIGNALS = (CAPPY_SIGNAL, LM_SIGNAL, MBR_SIGNAL)
+SIGNAL_COLUMNS = {CAPPY_SIGNAL: "score", LM_SIGNAL: "logprob_mean", MBR_SIGNAL: "mbr"}
+#: Where :func:`finetune_shared` keeps the scorer finetuned on every task: ``<tasks_dir>/_shared``.
+SHARED_DIR = "_shared"
 
 
 @dataclass(frozen=True)
@@ -49,32 +81,100 @@ class TaskSettings:
     schedule: Optional[ScorerSchedule] = None  # how to finetune; None: score with init as is
     train_size: int = 512  # finetuning pairs (cut or tiled)
     max_train_examples: Optional[int] = None  # the train instructions that were sampled (None: all)
-    score_dtype: str = "float32"  # "bfloat16": score under bf16 autocast (a bf16-finetuned scorer always does)
+    score_dtype: str = "float32"  # "bfloat16": score under bf16 autocast
     keep_scorer: bool = False  # save the finetuned scorer under <tasks_dir>/<task>/scorer
+    dev_examples: int = 0  # the last N sampled train instructions: held out, fit the fused selector
+    finetune_scope: str = "task"  # "all": finetune_shared makes one scorer for every task
+    shared_training: Optional[dict] = None  # finetune_shared's record: init is that shared scorer
+
+
+def settings_from_config(config: Mapping[str, Any], out: str | Path, init: str) -> TaskSettings:
+    """The tasks' settings from the sweep's config (``to_dict(SweepConfig)``) and its ``OUT``
+    folder: inputs under ``OUT/data`` and ``OUT/candidates``, results under ``OUT/tasks``."""
+    from cappy_core.training import ScorerSchedule
+
+    c, out = config, Path(out)
+    schedule = ScorerSchedule(
+        lr=c["lr"], warmup_ratio=c["warmup_ratio"], weight_decay=c["weight_decay"], epochs=c["epochs"],
+        batch_size=c["batch_size"], micro_batch_size=c["micro_batch_size"], bf16=c["bf16"], seed=c["seed"],
+        loss=c["loss"], listwise_tau=c["listwise_tau"], mse_weight=c["mse_weight"],
+        group_by_instruction=c["group_by_instruction"]) if c["finetune"] else None
+    return TaskSettings(data_dir=str(out / "data"), candidates_dir=str(out / "candidates"),
+                        tasks_dir=str(out / "tasks"), init=init, max_length=c["max_length"], schedule=schedule,
+                        train_size=c["train_size"], max_train_examples=c["max_train_examples_per_task"],
+                        score_dtype=c["score_dtype"], keep_scorer=c["keep_scorers"],
+                        dev_examples=c["dev_examples_per_task"], finetune_scope=c["finetune_scope"])
+
+
+def check_config(config: Mapping[str, Any]) -> None:
+    """:class:`ConfigError` for sweep settings that cannot run (before any stage does)."""
+    c = config
+    for name in ("train_size", "batch_size", "micro_batch_size", "epochs", "torch_threads", "max_length"):
+        if c[name] < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+    if c["batch_size"] % c["micro_batch_size"]:
+        raise ConfigError(f"--batch-size {c['batch_size']} must be a multiple of --micro-batch-size "
+                          f"{c['micro_batch_size']}")
+    if c["dev_examples_per_task"] < 0:
+        raise ConfigError("--dev-examples-per-task must be >= 0")
+    cap = c["max_train_examples_per_task"]
+    if c["finetune"] and cap is not None and c["dev_examples_per_task"] >= cap:
+        raise ConfigError(f"--dev-examples-per-task {c['dev_examples_per_task']} leaves none of the "
+                          f"{cap} train instructions (--max-train-examples-per-task) to finetune on")
+    if c["loss"].startswith("listwise") and not c["group_by_instruction"]:
+        raise ConfigError(f"--loss {c['loss']} ranks one instruction's candidates against each other: it needs "
+                          "--group-by-instruction (micro-batches that keep an instruction's candidates together)")
+    if not c["listwise_tau"] > 0 or c["mse_weight"] < 0:
+        raise ConfigError("--listwise-tau must be > 0 and --mse-weight >= 0")
+
+
+# --- instructions and pairs ------------------------------------------------------------------
+
+def split_dev(examples: Sequence[Example], dev_examples: int) -> tuple[list[Example], list[Example]]:
+    """``(train, dev)``: the last ``dev_examples`` of the sampled train examples are dev; a train
+    example whose instruction text is a dev instruction's is dropped (it would leak its pairs)."""
+    examples = list(examples)
+    if dev_examples <= 0:
+        return examples, []
+    if dev_examples >= len(examples):
+        raise ValueError(f"{dev_examples} dev instruction(s) leave none of the {len(examples)} sampled "
+                         "train instructions to finetune on")
+    train, dev = examples[:-dev_examples], examples[-dev_examples:]
+    texts = {e.instruction for e in dev}
+    return [e for e in train if e.instruction not in texts], dev
+
+
+def sampled_train_examples(data_dir: str | Path, task: str, max_train_examples: int | None) -> list[Example]:
+    """The task's train examples that were sampled: the first ``max_train_examples`` (None: all)."""
+    from cappy_core.data.records import read_examples, split_path
+
+    examples = read_examples(split_path(data_dir, task, "train"))
+    return examples if max_train_examples is None else examples[:max_train_examples]
 
 
 def train_pairs(task: str, *, data_dir: str | Path, candidates_dir: str | Path, max_train_examples: int | None,
-                train_size: int, seed: int) -> tuple[list, dict[str, int]]:
-    """The task's finetuning pairs, cut or tiled to ``train_size``, and their sizes."""
-    from cappy_core.data.records import read_examples, split_path
+                train_size: int | None, seed: int, dev_examples: int = 0) -> tuple[list, dict[str, int]]:
+    """The task's finetuning pairs (dev instructions held out, :func:`split_dev`), cut or tiled
+    to ``train_size`` (None: as built), and their sizes."""
     from cappy_core.pretrain_data import build_pair_mixture, read_samples, tile
 
-    examples = read_examples(split_path(data_dir, task, "train"))
-    if max_train_examples is not None:
-        examples = examples[:max_train_examples]  # the instructions that were sampled
+    examples, dev = split_dev(sampled_train_examples(data_dir, task, max_train_examples), dev_examples)
     cands = read_samples(Path(candidates_dir) / "train", tasks=[task], splits=["train"])
     built, _ = build_pair_mixture(examples, cands, train_size=None, eval_size=0, seed=seed)
     pairs = tile(built, train_size)
-    return pairs, {"train_examples": len(examples), "train_candidates": len(cands),
+    return pairs, {"train_examples": len(examples), "dev_instructions": len(dev),
+                   "train_candidates": sum(len(cands.for_example(e)) for e in examples),
                    "train_pairs_built": len(built), "train_pairs": len(pairs)}
 
 
+# --- finetuning ------------------------------------------------------------------------------
+
 def finetune(init: str, pairs_file: str | Path, schedule: ScorerSchedule, *, max_length: int,
-             device: str) -> tuple[Any, dict[str, float]]:
+             device: str, score_dtype: str = "float32") -> tuple[Any, dict[str, float]]:
     """A scorer from ``init`` finetuned in this process on the pair file; ``(scorer, info)``
     with the update count, pairs seen, samples/s and the mean loss of the first and last tenth
-    of updates. The scorer is loaded in bf16 autocast when ``schedule.bf16`` (and so also
-    scores that way)."""
+    of updates. It trains under bf16 autocast when ``schedule.bf16`` and then scores in
+    ``score_dtype``."""
     from cappy_core.pretrain_data import read_pair_columns
     from cappy_core.scorer import Scorer
     from cappy_core.training import Throughput, fit_scorer
@@ -84,75 +184,254 @@ def finetune(init: str, pairs_file: str | Path, schedule: ScorerSchedule, *, max
     meter, rate = Throughput(1), [0.0]
     state = fit_scorer(scorer, read_pair_columns(pairs_file), schedule, device=device,
                        on_update=lambda info: rate.__setitem__(0, meter.tick(info.samples)))
+    scorer.dtype = score_dtype  # training's autocast is fit_scorer's; scoring follows score_dtype
     k = max(1, len(state.losses) // 10)
     return scorer, {"updates": state.update, "pairs": state.samples, "samples_per_s": rate[0],
                     "loss_first_tenth": sum(state.losses[:k]) / k, "loss_last_tenth": sum(state.losses[-k:]) / k}
 
 
-def score_validation(scorer: Any, task: str, candidates_dir: str | Path) -> Any:
-    """The task's validation candidates (Arrow table) with a ``score`` column appended."""
-    import pyarrow as pa
-
-    from cappy_core.candidates import read_candidates
-
-    val_dir = Path(candidates_dir) / "validation"
-    val = read_candidates(val_dir, tasks=[task], splits=["validation"])
-    if val.num_rows == 0:
-        raise ValueError(f"task {task}: no validation candidates under {val_dir}")
-    scores = scorer.score(val["instruction"].to_pylist(), val["text"].to_pylist())
-    return val.append_column("score", pa.array(scores, pa.float64()))
-
-
-def run_task(task: str, settings: TaskSettings, *, use_gpu: bool = False, torch_threads: int = 1) -> dict[str, Any]:
-    """Finetune (when ``settings.schedule``), score and evaluate one task, on CUDA when
-    ``use_gpu`` and there is one, else on CPU with ``torch_threads`` threads. Returns
-    ``{"metrics", "sizes", "training", "timings", "device"}`` (the task's result record, less
-    the sweep's bookkeeping)."""
+def set_device(use_gpu: bool, torch_threads: int) -> str:
+    """``"cuda"`` when asked and present, else ``"cpu"`` with ``torch_threads`` threads."""
     import torch
 
-    from cappy_core.evaluation import evaluate_task, scored_groups
-    from cappy_core.io import write_parquet
-    from cappy_core.pretrain_data import write_pairs
-    from cappy_core.scorer import Scorer, quiet_transformers
+    from cappy_core.scorer import quiet_transformers
 
     quiet_transformers()  # load reports and progress bars, once per task process
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
     if device == "cpu":
         torch.set_num_threads(torch_threads)
+    return device
+
+
+def finetune_shared(tasks: Sequence[str], settings: TaskSettings, digest: str, *, use_gpu: bool = False,
+                    torch_threads: int = 1) -> TaskSettings:
+    """``finetune_scope: all``: one scorer finetuned on the union of every task's train pairs
+    (dev held out; each task's pairs as built, the union shuffled and cut or tiled to
+    ``train_size`` × tasks), saved under ``<tasks_dir>/_shared/scorer``. Returns the settings
+    that score every task with it (``init`` that folder, no schedule, ``shared_training`` its
+    record). Kept and reused while its record's ``digest`` matches."""
+    from cappy_core.io import atomic_dir, write_json
+    from cappy_core.pretrain_data import tile, write_pairs
+
+    if settings.schedule is None:
+        raise ValueError("finetune_shared needs a schedule")
+    shared = Path(settings.tasks_dir) / SHARED_DIR
+    record_file = shared / "training.json"
+    if record_file.is_file() and (shared / "scorer").is_dir():
+        record = json.loads(record_file.read_text())
+        if record.get("digest") == digest:
+            return dataclasses.replace(settings, init=str(shared / "scorer"), schedule=None, shared_training=record)
+    device = set_device(use_gpu, torch_threads)
+    t = time.monotonic()
+    union: list = []
+    sizes: dict[str, dict] = {}
+    for task in sorted(tasks):
+        pairs, sizes[task] = train_pairs(task, data_dir=settings.data_dir, candidates_dir=settings.candidates_dir,
+                                         max_train_examples=settings.max_train_examples, train_size=None,
+                                         seed=settings.schedule.seed, dev_examples=settings.dev_examples)
+        union += pairs
+    random.Random(settings.schedule.seed).shuffle(union)
+    union = tile(union, settings.train_size * len(sizes))
+    shared.mkdir(parents=True, exist_ok=True)
+    pairs_file = write_pairs(union, shared / "train_pairs.parquet")
+    pairs_s = time.monotonic() - t
+    t = time.monotonic()
+    scorer, info = finetune(settings.init, pairs_file, settings.schedule, max_length=settings.max_length,
+                            device=device, score_dtype=settings.score_dtype)
+    with atomic_dir(shared / "scorer") as tmp:
+        scorer.save_pretrained(tmp)
+    record = {"digest": digest, "scope": "all", "tasks": sorted(tasks), "train_pairs": len(union),
+              "sizes": sizes, **info, "pairs_s": pairs_s, "finetune_s": time.monotonic() - t}
+    write_json(record_file, record)
+    return dataclasses.replace(settings, init=str(shared / "scorer"), schedule=None, shared_training=record)
+
+
+# --- scoring and the selector columns ----------------------------------------------------------
+
+def read_split_candidates(task: str, candidates_dir: str | Path, split: str,
+                          examples: Sequence[Example] | None = None) -> pa.Table:
+    """The task's sampled candidates of ``split`` (file order), only those of ``examples`` when given."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from cappy_core.candidates import instruction_id, read_candidates
+
+    table = read_candidates(Path(candidates_dir) / split, tasks=[task], splits=[split])
+    if examples is not None:
+        ids = [instruction_id(e.task, e.subtask, e.split, e.example_idx) for e in examples]
+        table = table.filter(pc.is_in(table["instruction_id"], value_set=pa.array(ids, pa.string())))
+    if table.num_rows == 0:
+        raise ValueError(f"task {task}: no {split} candidates under {Path(candidates_dir) / split}"
+                         + (f" for its {len(examples)} instruction(s)" if examples is not None else ""))
+    return table
+
+
+def score_table(scorer: Any, table: pa.Table) -> pa.Table:
+    """``table`` (candidate rows) with a ``score`` column appended: the scorer's score of each
+    (instruction, text)."""
+    import pyarrow as pa
+
+    scores = scorer.score(table["instruction"].to_pylist(), table["text"].to_pylist())
+    return table.append_column("score", pa.array(scores, pa.float64()))
+
+
+def score_validation(scorer: Any, task: str, candidates_dir: str | Path) -> pa.Table:
+    """The task's validation candidates (Arrow table) with a ``score`` column appended."""
+    return score_table(scorer, read_split_candidates(task, candidates_dir, "validation"))
+
+
+def instruction_rows(instruction_ids: Sequence[str]) -> list[list[int]]:
+    """Row indices of each instruction, in first-appearance order (rows in file order)."""
+    rows: dict[str, list[int]] = {}
+    for i, iid in enumerate(instruction_ids):
+        rows.setdefault(iid, []).append(i)
+    return list(rows.values())
+
+
+def add_mbr(table: pa.Table) -> pa.Table:
+    """``table`` (candidate rows) with ``mbr`` appended: :func:`cappy_core.selectors.mbr_scores`
+    of each instruction's ``text`` (reads no label)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from cappy_core.selectors import mbr_scores
+
+    texts = table["text"].to_pylist()
+    mbr = np.zeros(table.num_rows)
+    for rows in instruction_rows(table["instruction_id"].to_pylist()):
+        mbr[rows] = mbr_scores([texts[i] for i in rows])
+    return table.append_column("mbr", pa.array(mbr, pa.float64()))
+
+
+def add_fused(table: pa.Table, weights: Mapping[str, float]) -> pa.Table:
+    """``table`` (scored, with ``mbr``) with ``fused`` appended: :func:`cappy_core.selectors.fused_scores`
+    of the weighted :data:`SIGNALS` per instruction (reads no label)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from cappy_core.selectors import fused_scores
+
+    cols = {name: np.asarray(table[SIGNAL_COLUMNS[name]].to_pylist(), dtype=np.float64) for name in weights}
+    fused = np.zeros(table.num_rows)
+    for rows in instruction_rows(table["instruction_id"].to_pylist()):
+        fused[rows] = fused_scores({name: col[rows] for name, col in cols.items()}, weights)
+    return table.append_column("fused", pa.array(fused, pa.float64()))
+
+
+def with_selector_columns(table: pa.Table, weights: Mapping[str, float] | None = None) -> pa.Table:
+    """A scored candidate table with ``mbr`` (:func:`add_mbr`) and, given ``weights``, ``fused``
+    (:func:`add_fused`) appended. Reads ``instruction_id``, ``text``, ``score`` and
+    ``logprob_mean``: never a label."""
+    table = add_mbr(table)
+    return table if weights is None else add_fused(table, weights)
+
+
+def fit_fused(table: pa.Table) -> tuple[dict[str, float], float | None, int]:
+    """The fused weights fitted on the labelled instructions of a scored table with ``mbr``
+    (:func:`cappy_core.selectors.fit_weights` over :data:`SIGNALS`): ``(weights, mean Rouge-L
+    of their picks, instructions)``. No labelled instruction: equal weights, ``None``, 0."""
+    import numpy as np
+
+    from cappy_core.selectors import fit_weights, weight_grid
+
+    labels = table["label"].to_pylist()
+    cols = {name: np.asarray(table[col].to_pylist(), dtype=np.float64) for name, col in SIGNAL_COLUMNS.items()}
+    signals, rouges = [], []
+    for rows in instruction_rows(table["instruction_id"].to_pylist()):
+        if any(labels[i] is None for i in rows):
+            continue
+        signals.append({name: col[rows] for name, col in cols.items()})
+        rouges.append([labels[i] for i in rows])
+    if not signals:
+        return weight_grid(SIGNALS)[0], None, 0
+    weights, value = fit_weights(signals, rouges, SIGNALS)
+    return weights, value, len(signals)
+
+
+def evaluate_scored(table: pa.Table, what: str) -> tuple[list, int, dict[str, Any]]:
+    """``(groups, unlabeled instructions, {"metrics", "per_instruction", "spearman"})`` of a
+    scored table with selector columns (:func:`cappy_core.evaluation.evaluate_task` and
+    friends); ``what`` names the table in the error when no instruction has references."""
+    from cappy_core.evaluation import evaluate_task, per_instruction_values, ranker_spearman, scored_groups
+
+    groups, _, unlabeled = scored_groups(table)
+    if not groups:
+        raise ValueError(f"{what}: no instruction has references to evaluate against")
+    metrics = evaluate_task(groups)
+    return groups, unlabeled, {"metrics": metrics, "per_instruction": per_instruction_values(groups),
+                               "spearman": ranker_spearman(groups)}
+
+
+# --- one task --------------------------------------------------------------------------------
+
+def run_task(task: str, settings: TaskSettings, *, use_gpu: bool = False, torch_threads: int = 1) -> dict[str, Any]:
+    """Finetune (when ``settings.schedule``), score dev and validation, fit the fused selector
+    on dev and evaluate one task, on CUDA when ``use_gpu`` and there is one, else on CPU with
+    ``torch_threads`` threads. Returns ``{"metrics", "per_instruction", "spearman",
+    "fused_weights", "sizes", "training", "timings", "device"}`` (the task's result record, less
+    the sweep's bookkeeping); with dev held out also ``"fused_fit"`` (``dev_rouge``: the fitted
+    pick's Rouge-L ×100 on dev, ``dev_instructions``: the labelled ones it was fitted on),
+    ``"dev_metrics"`` and ``"dev_spearman"``. ``fused_weights`` is None without dev."""
+    from cappy_core.io import write_parquet
+    from cappy_core.pretrain_data import write_pairs
+    from cappy_core.scorer import Scorer
+    from cappy_core.selectors import write_selector
+
+    device = set_device(use_gpu, torch_threads)
     timings: dict[str, float] = {}
     t = time.monotonic()
     task_dir = Path(settings.tasks_dir) / task
     task_dir.mkdir(parents=True, exist_ok=True)
     sizes: dict[str, Any] = {}
-    training: dict[str, Any] = {}
+    training: dict[str, Any] = dict(settings.shared_training or {})
+    dev_examples: list = []
+    if settings.dev_examples:
+        _, dev_examples = split_dev(sampled_train_examples(settings.data_dir, task, settings.max_train_examples),
+                                    settings.dev_examples)
     if settings.schedule is not None:
         pairs, sizes = train_pairs(task, data_dir=settings.data_dir, candidates_dir=settings.candidates_dir,
-                                   max_train_examples=settings.max_train_examples,
-                                   train_size=settings.train_size, seed=settings.schedule.seed)
+                                   max_train_examples=settings.max_train_examples, train_size=settings.train_size,
+                                   seed=settings.schedule.seed, dev_examples=settings.dev_examples)
         pairs_file = write_pairs(pairs, task_dir / "train_pairs.parquet")
         timings["pairs_s"] = time.monotonic() - t
         t = time.monotonic()
         scorer, training = finetune(settings.init, pairs_file, settings.schedule, max_length=settings.max_length,
-                                    device=device)
+                                    device=device, score_dtype=settings.score_dtype)
         timings["finetune_s"] = time.monotonic() - t
-        if settings.score_dtype == "bfloat16":
-            scorer.dtype = "bfloat16"
-        if settings.keep_scorer:
-            scorer.save_pretrained(task_dir / "scorer")
     else:
         scorer = Scorer.from_pretrained(settings.init, dtype=settings.score_dtype, device=device,
                                         max_length=settings.max_length)
     t = time.monotonic()
-    val = score_validation(scorer, task, settings.candidates_dir)
+    weights, dev_record = None, {}  # dev: fit the fused selector (and report every method there)
+    if dev_examples:
+        dev = add_mbr(score_table(scorer, read_split_candidates(task, settings.candidates_dir, "train",
+                                                                 dev_examples)))
+        weights, dev_value, fitted_on = fit_fused(dev)
+        dev = add_fused(dev, weights)
+        write_parquet(dev, task_dir / "dev_scored.parquet")
+        dev_record["fused_fit"] = {"dev_rouge": None if dev_value is None else 100.0 * dev_value,
+                                   "dev_instructions": fitted_on}
+        if fitted_on:
+            _, _, dev_eval = evaluate_scored(dev, f"task {task} dev")
+            dev_record.update(dev_metrics=dev_eval["metrics"], dev_spearman=dev_eval["spearman"])
+        sizes.update(dev_instructions=len(dev_examples), dev_labelled_instructions=fitted_on,
+                     dev_candidates=dev.num_rows)
+        timings["dev_s"] = time.monotonic() - t
+        t = time.monotonic()
+    kept = task_dir / "scorer" if settings.keep_scorer and settings.schedule is not None else None
+    if kept is not None:
+        scorer.save_pretrained(kept)
+    if settings.keep_scorer and weights is not None:  # in the kept scorer, else in the task's folder
+        write_selector(kept or task_dir, weights, task=task, scorer=str(kept or settings.init),
+                       **dev_record["fused_fit"])
+    val = with_selector_columns(score_validation(scorer, task, settings.candidates_dir), weights)
     write_parquet(val, task_dir / "validation_scored.parquet")
     timings["score_s"] = time.monotonic() - t
-    groups, _, unlabeled = scored_groups(val)
-    if not groups:
-        raise ValueError(f"task {task}: no validation instruction has references to evaluate against")
-    metrics = evaluate_task(groups)
+    groups, unlabeled, result = evaluate_scored(val, f"task {task}")  # the one place validation labels are read
     sizes.update(validation_instructions=len(groups), validation_candidates=sum(map(len, groups)),
                  validation_unlabeled_instructions=unlabeled)
-    return {"metrics": metrics, "sizes": sizes, "training": training, "timings": timings, "device": device}
+    return {**result, "fused_weights": weights, **dev_record, "sizes": sizes,
+            "training": training, "timings": timings, "device": device}
 
 
 # --- results on disk: what is finished ------------------------------------------------------
@@ -161,16 +440,22 @@ def run_task(task: str, settings: TaskSettings, *, use_gpu: bool = False, torch_
 RESULT_DEFINING = ("generator", "backend", "decodings", "samples_per_decoding", "max_new_tokens",
                    "max_examples_per_task", "max_train_examples_per_task", "scorer", "finetune", "train_size",
                    "max_length", "lr", "warmup_ratio", "weight_decay", "epochs", "batch_size", "micro_batch_size",
-                   "bf16", "seed", "score_dtype")
+                   "bf16", "seed", "score_dtype", "dev_examples_per_task", "loss", "listwise_tau", "mse_weight",
+                   "group_by_instruction", "finetune_scope")
 #: Raised when a task's result is computed differently: every earlier result is then recomputed.
-RESULT_VERSION = 1
+RESULT_VERSION = 2
 
 
-def result_key(config: Mapping[str, Any], generator: str, init: str) -> dict[str, Any]:
+def result_key(config: Mapping[str, Any], generator: str, init: str,
+               tasks: Sequence[str] | None = None) -> dict[str, Any]:
     """What defines a task's result: the :data:`RESULT_DEFINING` values of the sweep's ``config``,
-    with the generator and scorer init it resolved to, and :data:`RESULT_VERSION`."""
-    return {**{k: config[k] for k in RESULT_DEFINING}, "generator": generator, "scorer": init,
-            "version": RESULT_VERSION}
+    with the generator and scorer init it resolved to, and :data:`RESULT_VERSION`; with
+    ``finetune_scope: all`` also the sweep's ``tasks`` (the shared scorer trains on all of them)."""
+    key = {**{k: config[k] for k in RESULT_DEFINING}, "generator": generator, "scorer": init,
+           "version": RESULT_VERSION}
+    if config["finetune_scope"] == "all" and config["finetune"]:
+        key["finetune_tasks"] = sorted(tasks or [])
+    return key
 
 
 def key_digest(key: Mapping[str, Any]) -> str:

@@ -1,6 +1,6 @@
 """One training loop for everything that trains: the scorer (regression) and the generator (LM).
 
-A plain function in one process (STYLE.md practice 6): the Ray Train wrapper in ``jobs/`` adds
+A plain function in one process: the Ray Train wrapper in ``jobs/`` adds
 only model preparation (DDP), the dataset shard and ``ray.train.report`` through ``on_update``.
 
 * AdamW; the learning rate follows a linear warmup then linear decay computed per *optimizer

@@ -4,10 +4,10 @@ Stages, each reusing what an earlier run left (examples: ``cappy sweep --help``)
 BIG-Bench cache, ``cappy data download`` if missing → ``OUT/data``); **generator** (``--generator``,
 or the embedded Llama trained once into the cache on ``--generator-tasks``); **scorer init**
 (``--scorer``, or the scorer pretrained once into the cache); **sample + label** (``cappy sample``,
-Ray Data → ``OUT/candidates/{train,validation}``); **per task**, one Ray task each with declared
-resources, finetune, score and evaluate (:func:`cappy_core.task_eval.run_task`), each result
-written to ``OUT/tasks/<task>.json`` as it arrives (a failure with its error; the sweep goes on);
-**summary** (:func:`cappy_core.report.write_reports`, ``OUT/summary.{md,csv,png,json}``).
+Ray Data → ``OUT/candidates/{train,validation}``); **per task**, one Ray task each (after one shared
+finetune with ``--finetune-scope all``): finetune, score and evaluate (:func:`cappy_core.task_eval.run_task`),
+each result written to ``OUT/tasks/<task>.json`` as it arrives (a failure with its error; the sweep
+goes on); **summary** (:func:`cappy_core.report.write_reports`, ``OUT/summary.{md,csv,png,json}``).
 
 A rerun computes only the tasks that are missing, failed, or were run with other settings
 (``--redo``: all); no "running" marker is ever left behind to block it.
@@ -32,7 +32,8 @@ from cappy_core.data.tasks import LOCAL_TASKS, resolve_tasks
 from cappy_core.fault_injection import check_task, sweep_fail_tasks
 from cappy_core.generation import PAPER_DECODING_NAMES
 from cappy_core.io import write_json
-from cappy_core.task_eval import TaskSettings, finished, key_digest, read_result, result_key, result_path, result_record
+from cappy_core.task_eval import (TaskSettings, check_config, finetune_shared, finished, key_digest, read_result,
+                                  result_key, result_path, result_record, run_task, settings_from_config)
 from jobs.cli import presets
 
 JOB = "sweep"
@@ -64,8 +65,10 @@ class SweepConfig(CacheOptions):
         "choices": ["vllm", "hf"], "help": "vllm (decoder-only) or hf (transformers; also seq2seq such as FLAN-T5)"})
     generator_tasks: list[str] = field(default_factory=lambda: ["sweep"], metadata={
         "help": "what the embedded generator trains on: 'sweep' (this sweep's tasks), 'all45' or task names"})
-    generator_time_budget_s: float = field(default=480.0, metadata={
-        "help": "wall-clock budget for training the embedded generator (when it is missing)"})
+    generator_updates: int = field(default=1500, metadata={
+        "help": "optimizer updates of the embedded generator (when it is missing; fixed, so reruns agree)"})
+    generator_time_budget_s: float = field(default=0.0, metadata={
+        "help": "optional wall-clock cap on training the embedded generator (0: none)"})
     # sampling
     max_examples_per_task: Optional[int] = field(default=40, metadata={
         "help": "evaluate on the first N validation instructions of each task (none: all)"})
@@ -96,6 +99,14 @@ class SweepConfig(CacheOptions):
     batch_size: int = field(default=16, metadata={"help": "pairs per optimizer update"})
     micro_batch_size: int = field(default=8, metadata={"help": "pairs per forward pass"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast for finetuning"})
+    loss: str = field(default="mse", metadata={"choices": ["mse", "listwise", "listwise+mse"], "help": "the paper's "
+                      "mse, or listwise: softmax CE against softmax(label/tau) (needs --group-by-instruction)"})
+    listwise_tau: float = field(default=0.3, metadata={"help": "temperature tau of the listwise target"})
+    mse_weight: float = field(default=0.0, metadata={"help": "listwise+mse: loss = listwise + w * mse"})
+    group_by_instruction: bool = field(default=False, metadata={"help": "micro-batches keep an instruction together"})
+    finetune_scope: str = field(default="task", metadata={"choices": ["task", "all"], "help": "per task or all"})
+    dev_examples_per_task: int = field(default=0, metadata={"help": "hold out the last N sampled train "
+                                       "instructions per task from finetuning; the fused selector is fitted on them"})
     score_dtype: str = field(default="float32", metadata={
         "choices": ["float32", "bfloat16"], "help": "dtype for scoring the validation candidates"})
     seed: int = field(default=0, metadata={"help": "seeds sampling, pairs and finetuning"})
@@ -105,15 +116,6 @@ class SweepConfig(CacheOptions):
     cpus_per_task: float = field(default=1.0, metadata={"help": "CPUs reserved per task (finetune + score)"})
     gpus_per_task: float = field(default=0.0, metadata={"help": "GPUs per task (fractions pack tasks on a GPU)"})
     torch_threads: int = field(default=1, metadata={"help": "torch threads per task on CPU"})
-
-
-def check(cfg: SweepConfig) -> None:
-    for name in ("train_size", "batch_size", "micro_batch_size", "epochs", "torch_threads", "max_length"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
-    if cfg.batch_size % cfg.micro_batch_size:
-        raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size "
-                          f"{cfg.micro_batch_size}")
 
 
 # --- stages ----------------------------------------------------------------------------------
@@ -142,11 +144,12 @@ def ensure_generator_for(cfg: SweepConfig, tasks: list[str], log) -> str:
     from jobs.train_generator import GeneratorConfig, ensure_generator
 
     train_tasks = sorted(tasks) if cfg.generator_tasks == ["sweep"] else list(cfg.generator_tasks)
-    name = DEFAULT_GENERATOR_NAME if train_tasks == ["all45"] else (  # one cached generator per task set
-        f"{DEFAULT_GENERATOR_NAME}-{hashlib.sha256(' '.join(train_tasks).encode()).hexdigest()[:8]}")
+    # one cached generator per task set and training length
+    what = " ".join(train_tasks) + f" updates={cfg.generator_updates} budget={cfg.generator_time_budget_s:g}"
+    name = f"{DEFAULT_GENERATOR_NAME}-{hashlib.sha256(what.encode()).hexdigest()[:8]}"
     gcfg = GeneratorConfig(name=name, cache_dir=cfg.cache_dir, tasks=train_tasks, task_dir=list(cfg.task_dir),
-                           time_budget_s=cfg.generator_time_budget_s, eval_tasks=sorted(tasks)[:6],
-                           eval_examples=16, seed=cfg.seed)
+                           updates=cfg.generator_updates, time_budget_s=cfg.generator_time_budget_s,
+                           eval_tasks=sorted(tasks)[:6], eval_examples=16, seed=cfg.seed)
     return str(ensure_generator(config=gcfg, log=log))
 
 
@@ -178,7 +181,7 @@ def sample(cfg: SweepConfig, tasks: list[str], out: Path, generator: str, log) -
     """Candidates for the train (finetuning) and validation (evaluation) instructions: two outputs."""
     from jobs.sample_label import SampleConfig, run as run_sample
 
-    splits = [("train", cfg.max_train_examples_per_task)] if cfg.finetune else []
+    splits = [("train", cfg.max_train_examples_per_task)] if cfg.finetune or cfg.dev_examples_per_task else []
     for split, cap in splits + [("validation", cfg.max_examples_per_task)]:
         log(f"-- {split} split")
         run_sample(SampleConfig(
@@ -192,8 +195,6 @@ def sample(cfg: SweepConfig, tasks: list[str], out: Path, generator: str, log) -
 def sweep_task(task: str, settings: TaskSettings, gpus: float, torch_threads: int, fail_tasks: list[str]) -> dict:
     """One Ray task: :func:`cappy_core.task_eval.run_task`, and where it ran (for the multi-node test)."""
     import ray
-
-    from cappy_core.task_eval import run_task
 
     check_task(task, fail_tasks)
     result = run_task(task, settings, use_gpu=gpus > 0, torch_threads=torch_threads)
@@ -235,9 +236,8 @@ def run(cfg: SweepConfig, preset: str | None = None, log=print) -> dict:
     import ray
 
     from cappy_core.report import write_reports
-    from cappy_core.training import ScorerSchedule
 
-    check(cfg)
+    check_config(to_dict(cfg))
     out = Path(cfg.out or f"~/cappy_runs/sweep-{preset or 'custom'}").expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     stages: dict[str, float] = {}
@@ -255,21 +255,20 @@ def run(cfg: SweepConfig, preset: str | None = None, log=print) -> dict:
     generator = stage("generator_s", f"== generator ({len(tasks)} tasks: {', '.join(tasks)})",
                       ensure_generator_for, cfg, tasks, log)
     init = stage("scorer_init_s", "== scorer init", ensure_scorer_init, cfg, log)
-    key = result_key(to_dict(cfg), generator, init)
-    schedule = ScorerSchedule(lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
-                              epochs=cfg.epochs, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
-                              bf16=cfg.bf16, seed=cfg.seed) if cfg.finetune else None
-    settings = TaskSettings(data_dir=str(out / "data"), candidates_dir=str(out / "candidates"),
-                            tasks_dir=str(out / "tasks"), init=init, max_length=cfg.max_length, schedule=schedule,
-                            train_size=cfg.train_size, max_train_examples=cfg.max_train_examples_per_task,
-                            score_dtype=cfg.score_dtype, keep_scorer=cfg.keep_scorers)
+    key = result_key(to_dict(cfg), generator, init, tasks)
+    settings = settings_from_config(to_dict(cfg), out, init)
     todo = [t for t in tasks if cfg.redo or finished(settings.tasks_dir, t, key_digest(key)) is None]
     log(f"== {len(tasks) - len(todo)} task(s) already finished with these settings; {len(todo)} to run")
     if todo:
         if not ray.is_initialized():
             ray.init()
-        stage("sampling_s", "== sample + label (train and validation candidates)", sample, cfg, todo, out,
-              generator, log)
+        stage("sampling_s", "== sample + label (train and validation candidates)", sample, cfg,
+              tasks if cfg.finetune_scope == "all" else todo, out, generator, log)
+        if cfg.finetune and cfg.finetune_scope == "all":  # one scorer for every task, finetuned first (one Ray task)
+            shared = ray.remote(finetune_shared).options(num_cpus=cfg.cpus_per_task, num_gpus=cfg.gpus_per_task or None,
+                                                         max_retries=0, name="finetune_shared").remote(
+                tasks, settings, key_digest(key), use_gpu=cfg.gpus_per_task > 0, torch_threads=cfg.torch_threads)
+            settings = stage("shared_finetune_s", "== one scorer finetuned on all tasks", ray.get, shared)
         stage("tasks_s", f"== finetune, score and evaluate: {len(todo)} Ray task(s), {cfg.cpus_per_task} CPU"
               + (f" + {cfg.gpus_per_task} GPU" if cfg.gpus_per_task else "") + " each",
               run_tasks, cfg, todo, settings, key, log)

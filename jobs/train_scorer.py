@@ -1,15 +1,10 @@
-"""The Ray Train wrapper shared by ``cappy pretrain`` and ``cappy finetune``.
-
-It adds to the plain fit (:func:`cappy_core.training.fit_scorer`) only what Ray is for (STYLE.md
-practice 6): a ``TorchTrainer`` worker group (gloo on CPU, nccl on GPU, same code; restarts from
-the last checkpoint up to ``max_failures``), the feed (every worker reads the same ordered Ray
-Data stream of pairs in windows and ``fit_scorer`` takes its rank's slice of each global
-micro-batch, so 1 and N workers see the same global batches and a restart skips exactly the
-micro-batches consumed), DDP, checkpoints every ``checkpoint_every`` updates (rank 0) and
-``ray.train.report``. Rerunning a command resumes its run (:mod:`cappy_core.scorer_runs`); the
-held-out pairs are scored, sharded over ranks, before training and every ``eval_every`` updates.
-Fault injection: ``fail_at_update=K`` or ``CAPPY_FAIL_AT_UPDATE=K``
-(:mod:`cappy_core.fault_injection`) makes rank 0 raise after update K unless it resumed.
+"""The Ray Train wrapper shared by ``cappy pretrain`` and ``cappy finetune``: around the plain fit
+(:func:`cappy_core.training.fit_scorer`) only what Ray is for. A ``TorchTrainer`` worker group
+(gloo on CPU, nccl on GPU; restarts from the last checkpoint up to ``max_failures``); every worker
+reads the same ordered Ray Data stream and takes its rank's slice of each global micro-batch, so 1
+and N workers see the same batches; DDP; rank-0 checkpoints and ``ray.train.report``. Rerunning a
+command resumes its run (:mod:`cappy_core.scorer_runs`). Fault injection: ``--fail-at-update K``
+or ``CAPPY_FAIL_AT_UPDATE=K`` (:mod:`cappy_core.fault_injection`).
 """
 
 from __future__ import annotations
@@ -113,8 +108,6 @@ def check_config(cfg: TrainScorerConfig) -> None:
     check_init(cfg.init, cfg.allow_pickle)
 
 
-# --- the worker ------------------------------------------------------------------------------
-
 #: Print once from a worker (Ray Train's patched ``print`` shows stdout lines twice).
 _say = functools.partial(print, file=sys.__stdout__, flush=True)
 
@@ -213,7 +206,10 @@ def run_training(cfg: TrainScorerConfig, paths: dict[str, str], train_file: str,
     threads = cfg.torch_threads or max(1, int(cfg.cpus_per_worker))
     if not ray.is_initialized():
         ray.init()
+    # Set for this fit only: left behind, a short timeout fails the sweep's later sampling stage.
     data_ctx = ray.data.DataContext.get_current()
+    saved = (data_ctx.execution_options.preserve_order, data_ctx.enable_progress_bars,
+             data_ctx.execution_no_progress_timeout_s)
     data_ctx.execution_options.preserve_order = True
     data_ctx.enable_progress_bars = False  # one feed per worker: bars would interleave in the log
     if cfg.data_timeout_s is not None:
@@ -245,7 +241,11 @@ def run_training(cfg: TrainScorerConfig, paths: dict[str, str], train_file: str,
     if before_fit is not None:
         before_fit()
     t0 = time.time()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        (data_ctx.execution_options.preserve_order, data_ctx.enable_progress_bars,
+         data_ctx.execution_no_progress_timeout_s) = saved
     seconds = time.time() - t0
     if result.checkpoint is None:
         raise RuntimeError(f"run {paths['name']} finished without a checkpoint")

@@ -243,6 +243,7 @@ def test_hf_seq2seq_model(tmp_path, tiny_path):
 # -- vLLM against transformers --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_vllm_and_hf_agree_on_greedy_beam_and_loglik(hf, vllm_gen):
     decs = decodings_from_names(["greedy", "beam4"])
     a = hf.generate(PROMPTS, decs, **SMALL)

@@ -53,6 +53,7 @@ def data(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_hf_job_labels_resumes_exactly_after_a_kill(tmp_path, tiny, data, ray_address):
     out = tmp_path / "out"
     # 5 candidates per instruction (17 in the vLLM test): beam2, 2 plain samples, 2 top-k samples
@@ -125,6 +126,7 @@ def test_bad_input_is_a_clear_error(tmp_path, tiny, data):
     assert proc.returncode == 2 and "missing column(s) ['references']" in proc.stderr
 
 
+@pytest.mark.slow
 def test_vllm_job_17_candidates_match_hf_beam(tmp_path, tiny, data, ray_address):
     pytest.importorskip("vllm")
     out = tmp_path / "vllm"

@@ -1,8 +1,9 @@
-"""`cappy sweep`: its presets, and end to end on the session's Ray (subprocesses, slow), with user
-models standing in for the paper's: a tiny local T5 folder as the generator (FLAN-T5's code path,
-``--backend hf``) and a scorer folder. Checks failed-task isolation, rerun-computes-only-missing-or-
-failed, that the numbers in each task's JSON are what evaluation gives on the scored candidates,
-and the reports."""
+"""`cappy sweep`: its presets and settings checks, and end to end on the session's Ray
+(subprocesses, slow), with user models standing in for the paper's: a tiny local T5 folder as the
+generator (FLAN-T5's code path, ``--backend hf``) and a scorer folder. Checks failed-task
+isolation, rerun-computes-only-missing-or-failed, that the numbers in each task's JSON are what
+evaluation gives on the scored candidates, the fused selector fitted on a held-out train
+instruction, the reports, and that the same command into another folder gives the same numbers."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ import pytest
 from conftest import REPO, tiny_t5
 
 TASKS = ["tense", "rephrase"]
-SMALL = ["--max-examples-per-task", "3", "--max-train-examples-per-task", "3", "--max-new-tokens", "6", "--train-size", "16", "--batch-size", "8",
-         "--micro-batch-size", "4", "--max-length", "64", "--cpus-per-task", "0.5", "--cpus-per-actor", "0.5"]
+SMALL = ["--max-examples-per-task", "3", "--max-train-examples-per-task", "3", "--dev-examples-per-task", "1",
+         "--max-new-tokens", "6", "--train-size", "16", "--batch-size", "8", "--micro-batch-size", "4",
+         "--max-length", "64", "--cpus-per-task", "0.5", "--cpus-per-actor", "0.5"]
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +63,16 @@ def test_failed_task_is_recorded_and_a_rerun_computes_only_it(tmp_path, models, 
     groups, ids, _ = scored_groups(scored)
     assert len(ids) == 3 and all(len(g) == 17 for g in groups)
     assert rephrase["metrics"] == pytest.approx(evaluate_task(groups))
-    assert set(rephrase["metrics"]) == {"cappy", "beam4", "sample", "temp0.9", "topk40", "topp0.95",
-                                        "self_score_sum", "self_score_mean", "oracle", "random"}
+    assert set(rephrase["metrics"]) == {"cappy", "cappy+lm+mbr", "beam4", "sample", "temp0.9", "topk40", "topp0.95",
+                                        "self_score_sum", "self_score_mean", "mbr", "oracle", "random"}
     assert rephrase["training"]["updates"] == 2 and rephrase["sizes"]["train_pairs"] == 16
+    # the last sampled train instruction is dev: no finetuning pair, the fused weights are fitted on it
+    assert rephrase["sizes"]["dev_instructions"] == 1 and rephrase["sizes"]["train_examples"] <= 2
+    assert set(rephrase["fused_weights"]) == {"cappy", "logprob_mean", "mbr"} and "cappy" in rephrase["dev_metrics"]
+    dev = pq.read_table(out / "tasks" / "rephrase" / "dev_scored.parquet")
+    assert set(dev["example_idx"].to_pylist()) == {2} and set(dev["split"].to_pylist()) == {"train"}
+    pairs = pq.read_table(out / "tasks" / "rephrase" / "train_pairs.parquet")
+    assert not set(pairs["instruction"].to_pylist()) & set(dev["instruction"].to_pylist())
     assert "tense" in (out / "summary.md").read_text().split("Not finished")[1]
 
     before = (out / "tasks" / "rephrase.json").read_text()
@@ -88,6 +97,35 @@ def test_failed_task_is_recorded_and_a_rerun_computes_only_it(tmp_path, models, 
     assert r3.returncode == 0, r3.stderr[-3000:]
     assert "0 task(s) already finished with these settings; 2 to run" in r3.stdout
 
+    # the same command into a fresh folder (sampling included) gives the same numbers
+    other = tmp_path / "again"
+    r4 = sweep(other, models, "--lr", "5e-5")
+    assert r4.returncode == 0, r4.stderr[-3000:]
+    assert numbers(other) == numbers(out)
+
+    r5 = sweep(other, models, "--lr", "5e-5", "--finetune-scope", "all")  # one scorer for both tasks
+    assert r5.returncode == 0, r5.stderr[-3000:]
+    assert "0 task(s) already finished with these settings; 2 to run" in r5.stdout
+    shared = json.loads((other / "tasks" / "_shared" / "training.json").read_text())
+    assert shared["tasks"] == sorted(TASKS) and shared["train_pairs"] == 2 * 16 and shared["updates"] == 4
+    for t in TASKS:
+        r = json.loads((other / "tasks" / f"{t}.json").read_text())
+        assert r["status"] == "ok" and r["training"]["scope"] == "all" and r["fused_weights"]
+
+
+def numbers(out) -> dict:
+    """Every number a sweep reports (summary.json less its file paths; per task the metrics,
+    per-instruction values, Spearman, fused weights, dev metrics and the training losses)."""
+    summary = json.loads((out / "summary.json").read_text())
+    tasks = {}
+    for t in TASKS:
+        r = json.loads((out / "tasks" / f"{t}.json").read_text())
+        tasks[t] = {k: r[k] for k in ("metrics", "per_instruction", "spearman", "fused_weights", "dev_metrics",
+                                      "sizes")}
+        tasks[t]["training"] = {k: r["training"][k] for k in ("updates", "loss_first_tenth", "loss_last_tenth")}
+    return {"summary": {k: v for k, v in summary.items() if not (isinstance(v, str) and str(out) in v)},
+            "tasks": tasks}
+
 
 @pytest.mark.bigbench
 @pytest.mark.slow
@@ -101,6 +139,32 @@ def test_bad_input_is_a_clear_error(tmp_path, models, bigbench_root):
     assert r.returncode == 2 and "no_gen" in r.stderr and "Traceback" not in r.stderr
     r = sweep(tmp_path / "x", models, "--batch-size", "6")
     assert r.returncode == 2 and "multiple of --micro-batch-size" in r.stderr
+    r = sweep(tmp_path / "x", models, "--loss", "listwise")
+    assert r.returncode == 2 and "--group-by-instruction" in r.stderr
+
+
+def test_settings_checks_and_what_defines_a_result():
+    """Every option that changes a task's result is in its key; settings that cannot run are refused."""
+    from dataclasses import fields, replace
+
+    from cappy_core.config import ConfigError, to_dict
+    from cappy_core.task_eval import RESULT_DEFINING, check_config, settings_from_config
+    from jobs.sweep import SweepConfig
+
+    names = {f.name for f in fields(SweepConfig)}
+    assert set(RESULT_DEFINING) <= names
+    assert {"dev_examples_per_task", "loss", "listwise_tau", "mse_weight", "group_by_instruction",
+            "finetune_scope"} <= set(RESULT_DEFINING)
+    ok = SweepConfig(loss="listwise+mse", group_by_instruction=True, mse_weight=0.5, dev_examples_per_task=16)
+    check_config(to_dict(ok))
+    s = settings_from_config(to_dict(ok), "/tmp/out", "init").schedule
+    assert (s.loss, s.group_by_instruction, s.mse_weight, s.listwise_tau) == ("listwise+mse", True, 0.5, 0.3)
+    for bad, match in ((replace(ok, group_by_instruction=False), "--group-by-instruction"),
+                       (replace(ok, dev_examples_per_task=40), "leaves none of the 40"),
+                       (replace(ok, dev_examples_per_task=-1), ">= 0"), (replace(ok, listwise_tau=0.0), "tau")):
+        with pytest.raises(ConfigError, match=match):
+            check_config(to_dict(bad))
+    check_config(to_dict(replace(ok, finetune=False, dev_examples_per_task=40)))  # nothing to finetune
 
 
 def test_presets_resolve_to_the_documented_settings():
@@ -115,8 +179,10 @@ def test_presets_resolve_to_the_documented_settings():
     assert SweepConfig().tasks == list(LOCAL_TASKS) and SweepConfig().decodings == list(PAPER_DECODING_NAMES)
     local = config_from_args(SweepConfig, parser.parse_args(["--preset", "local"]), presets(JOB))
     assert local.tasks == list(LOCAL_TASKS) and local.gpus_per_task == 0 and local.scorer is None
+    assert local.dev_examples_per_task == 16 and local.loss == "mse" and local.finetune_scope == "task"
     paper = config_from_args(SweepConfig, parser.parse_args(["--preset", "paper", "--num-actors", "16"]), presets(JOB))
     assert paper.tasks == ["all45"] and paper.max_examples_per_task is None
+    assert paper.loss == "mse" and not paper.group_by_instruction  # the paper's pointwise loss
     assert (paper.train_size, paper.lr, paper.batch_size, paper.max_length) == (102400, 2e-5, 128, 512)
     assert paper.gpus_per_actor == 1 and paper.gpus_per_task == 1 and paper.num_actors == 16
     assert candidates_per_instruction(decodings_from_names(paper.decodings, paper.samples_per_decoding)) == 17

@@ -95,6 +95,7 @@ def test_ensure_generator_trains_when_missing(tmp_path, bigbench_root):
     assert is_generator_dir(path) and generator_metadata(path)["training"]["updates"] == 3
 
 
+@pytest.mark.slow
 def test_time_budget_stops_training_gracefully(tmp_path, bigbench_root):
     out = tmp_path / "budget"
     proc = run("--preset", "tiny", "--tasks", "tense", "--eval-tasks", "tense", "--eval-examples", "4",
@@ -145,6 +146,7 @@ def test_cappy_cli_dispatches():
     assert proc.returncode == 0 and "--time-budget-s" in proc.stdout and "cappy generator train" in proc.stdout
 
 
+@pytest.mark.slow
 def test_loads_in_vllm(trained):
     pytest.importorskip("vllm")
     out, _ = trained

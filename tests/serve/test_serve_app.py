@@ -21,7 +21,7 @@ import requests
 import yaml
 from conftest import REPO
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # deploys the app once: minutes
 
 INSTRUCTION = "Sort the words: pear apple fig\nA:"
 RESPONSES = ["apple fig pear", "pear fig apple", "fig", ""]

@@ -1,0 +1,52 @@
+"""MBR consensus and the fused selector."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cappy_core.labeling import rouge_l
+from cappy_core.selectors import fit_weights, fused_scores, mbr_scores, standardize, weight_grid
+
+
+def test_mbr_is_the_mean_rouge_against_the_others():
+    texts = ["the cat sat on the mat", "the cat sat", "a dog ran away", "the cat sat on a mat"]
+    got = mbr_scores(texts)
+    for i, t in enumerate(texts):
+        others = [rouge_l(t, [u]) for j, u in enumerate(texts) if j != i]
+        assert got[i] == pytest.approx(sum(others) / len(others))
+    assert int(np.argmax(got)) in (0, 3) and int(np.argmin(got)) == 2  # the outlier is last
+    assert mbr_scores(["alone"]) == [0.0] and mbr_scores([]) == []
+
+
+def test_standardize_constant_nan_and_scale():
+    assert list(standardize([3.0, 3.0, 3.0])) == [0.0, 0.0, 0.0]
+    z = standardize([1.0, 2.0, 3.0])
+    assert z.mean() == pytest.approx(0.0) and z.std() == pytest.approx(1.0)
+    z = standardize([float("nan"), 1.0, 3.0])
+    assert z[0] == z[1] < z[2]  # NaN counts as the lowest value
+
+
+def test_fused_scores_and_unknown_signal():
+    s = {"cappy": [0.0, 1.0, 2.0], "logprob_mean": [-1.0, -3.0, -2.0]}
+    assert list(fused_scores(s, {"cappy": 1.0, "logprob_mean": 0.0})) == list(standardize(s["cappy"]))
+    with pytest.raises(ValueError, match="'mbr'"):
+        fused_scores(s, {"mbr": 1.0})
+
+
+def test_weight_grid_starts_with_equal_weights_and_has_no_all_zero():
+    g = weight_grid(["a", "b"])
+    assert g[0] == {"a": 1.0, "b": 1.0}
+    assert {"a": 0.0, "b": 0.0} not in g and len(g) == 4 ** 2 - 1
+
+
+def test_fit_weights_finds_the_informative_signal():
+    rng = np.random.default_rng(0)
+    instructions, rouges = [], []
+    for _ in range(30):
+        r = rng.uniform(0, 1, 6)
+        instructions.append({"good": 2 * r + 1, "noise": rng.normal(0, 1, 6)})
+        rouges.append(list(r))
+    w, value = fit_weights(instructions, rouges, ["good", "noise"])
+    assert w["good"] > 0 and w["noise"] == 0.0
+    assert value == pytest.approx(np.mean([max(r) for r in rouges]))

@@ -1,0 +1,212 @@
+"""One sweep task (cappy_core.task_eval): dev instructions held out of finetuning, the fused
+selector fitted on them and applied to validation, the scorer's dtype after finetuning, and one
+scorer finetuned for several tasks. Small synthetic tasks on disk; a tiny BERT or a fake scorer."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cappy_core.candidates import CANDIDATE_SCHEMA, done_path, instruction_id, shard_path
+from cappy_core.data.records import Example, split_path, write_examples
+from cappy_core.selectors import SELECTOR_FILE, read_selector
+from cappy_core.task_eval import (SIGNALS, TaskSettings, add_fused, add_mbr, finetune, finetune_shared, fit_fused,
+                                  split_dev, train_pairs, with_selector_columns)
+from cappy_core.training import ScorerSchedule
+
+WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa".split()
+LABELS = (0.1, 0.9, 0.3, 0.5)  # per candidate, rotated per instruction
+DECODINGS = (("beam4", 0), ("sample", 0), ("sample", 1), ("temp0.9", 0))
+
+
+def candidate_text(task: str, split: str, i: int, k: int) -> str:
+    """Distinct words per candidate, so no two candidates share a token (MBR is constant 0)."""
+    rng = np.random.default_rng([len(task), {"train": 0, "validation": 1}[split], i, k])
+    return f"{task}{split}{i}c{k} " + " ".join(f"{w}{i}{k}{split[0]}" for w in rng.choice(WORDS, 3, replace=False))
+
+
+def make_task(root, task: str, n_train: int = 8, n_val: int = 4) -> tuple[str, str]:
+    """``(data_dir, candidates_dir)`` with one synthetic generative task: ``n_train`` train and
+    ``n_val`` validation instructions of four candidates each. ``logprob_mean`` is the negated
+    label (the generator's own ranking is exactly wrong)."""
+    data, cands = root / "data", root / "candidates"
+    for split, n in (("train", n_train), ("validation", n_val)):
+        examples = [Example(task, "", split, i, f"{task} {split} instruction {i}: say {WORDS[i % len(WORDS)]}",
+                            [f"{task} reference {split} {i}"]) for i in range(n)]
+        write_examples(examples, split_path(data, task, split))
+        rows = []
+        for e in examples:
+            for k, (decoding, sample_idx) in enumerate(DECODINGS):
+                label = LABELS[(k + e.example_idx) % len(LABELS)]
+                rows.append({"instruction_id": instruction_id(task, "", split, e.example_idx), "task": task,
+                             "subtask": "", "split": split, "example_idx": e.example_idx,
+                             "instruction": e.instruction, "decoding": decoding, "sample_idx": sample_idx,
+                             "text": candidate_text(task, split, e.example_idx, k), "num_tokens": 4,
+                             "logprob_sum": -4 * label, "logprob_mean": -label, "label": label})
+        path = shard_path(cands / split, task, split, 0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows, schema=CANDIDATE_SCHEMA), path)
+        done_path(cands / split, task, split, 0).write_text("{}")
+    return str(data), str(cands)
+
+
+class LabelScorer:
+    """Scores a candidate by its label (looked up by text): a perfectly informative scorer."""
+
+    def __init__(self, cands_dir: str):
+        from cappy_core.candidates import read_candidates
+
+        self.by_text = {}
+        for split in ("train", "validation"):
+            t = read_candidates(f"{cands_dir}/{split}")
+            self.by_text.update(zip(t["text"].to_pylist(), t["label"].to_pylist()))
+        self.dtype = "float32"
+
+    def score(self, instructions, responses):
+        return [self.by_text[r] for r in responses]
+
+
+@pytest.fixture(scope="module")
+def tiny_scorer(tmp_path_factory) -> str:
+    """A randomly initialised 1-layer BERT (hidden 32) with the MiniLM tokenizer, no dropout."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from cappy_core.scorer import embedded_model_path
+
+    out = tmp_path_factory.mktemp("tiny_scorer")
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                     num_labels=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    BertForSequenceClassification(cfg).save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(embedded_model_path())).save_pretrained(out)
+    return str(out)
+
+
+def test_split_dev_holds_out_the_last_instructions_and_their_duplicates():
+    ex = [Example("t", "", "train", i, f"q{i % 5}") for i in range(8)]
+    train, dev = split_dev(ex, 2)
+    assert [e.example_idx for e in dev] == [6, 7]
+    assert [e.example_idx for e in train] == [0, 3, 4, 5]  # 1 and 2 repeat dev's instructions q1, q2
+    assert split_dev(ex, 0) == (ex, [])
+    with pytest.raises(ValueError, match="none of the 8"):
+        split_dev(ex, 8)
+
+
+def test_dev_instructions_never_appear_in_the_finetuning_pairs(tmp_path):
+    data, cands = make_task(tmp_path, "t")
+    dev_texts = {f"t train instruction {i}: say {WORDS[i]}" for i in (6, 7)}
+    dev_responses = {candidate_text("t", "train", i, k) for i in (6, 7) for k in range(4)} | {
+        "t reference train 6", "t reference train 7"}
+    pairs, sizes = train_pairs("t", data_dir=data, candidates_dir=cands, max_train_examples=None, train_size=64,
+                               seed=0, dev_examples=2)
+    assert sizes["dev_instructions"] == 2 and sizes["train_examples"] == 6 and sizes["train_candidates"] == 24
+    assert not {p.instruction for p in pairs} & dev_texts
+    assert not {p.response for p in pairs} & dev_responses  # not even as another instruction's negative
+    all_pairs, _ = train_pairs("t", data_dir=data, candidates_dir=cands, max_train_examples=None, train_size=None,
+                               seed=0)
+    assert {p.instruction for p in all_pairs} & dev_texts  # without dev they are used
+    capped, sizes = train_pairs("t", data_dir=data, candidates_dir=cands, max_train_examples=5, train_size=None,
+                                seed=0, dev_examples=1)  # dev = the last of the *sampled* instructions
+    assert sizes["train_examples"] == 4 and "t train instruction 4: say echo" not in {p.instruction for p in capped}
+
+
+def test_selector_columns_read_no_label_and_fused_weights_come_from_dev(tmp_path):
+    from cappy_core.candidates import read_candidates
+    from cappy_core.task_eval import score_table
+
+    _, cands = make_task(tmp_path, "t")
+    scorer = LabelScorer(cands)
+    dev = add_mbr(score_table(scorer, read_candidates(f"{cands}/train")))
+    assert set(dev["mbr"].to_pylist()) == {0.0}  # no shared tokens: MBR says nothing here
+    weights, value, n = fit_fused(dev)
+    assert n == 8 and value == pytest.approx(max(LABELS))
+    assert set(weights) == set(SIGNALS) and weights["cappy"] > weights["logprob_mean"]  # the informative signal
+    val = score_table(scorer, read_candidates(f"{cands}/validation"))
+    masked = val.drop_columns(["label"])  # validation labels are not needed to compute any pick value
+    fused = with_selector_columns(masked, weights)
+    assert fused["fused"].to_pylist() == add_fused(add_mbr(val), weights)["fused"].to_pylist()
+    # an instruction with no labels does not count; none at all: equal weights
+    unlabeled = dev.set_column(dev.schema.get_field_index("label"), "label", pa.nulls(dev.num_rows, pa.float64()))
+    assert fit_fused(unlabeled) == ({s: 1.0 for s in SIGNALS}, None, 0)
+
+
+def test_run_task_fits_on_dev_and_records_it(tmp_path, monkeypatch):
+    """A fake scorer that knows the labels: the weights fitted on dev favour it, and the fused
+    pick on validation is then the oracle's."""
+    from cappy_core.scorer import Scorer
+    from cappy_core.task_eval import run_task
+
+    data, cands = make_task(tmp_path, "t")
+    monkeypatch.setattr(Scorer, "from_pretrained", classmethod(lambda cls, *a, **k: LabelScorer(cands)))
+    settings = TaskSettings(data_dir=data, candidates_dir=cands, tasks_dir=str(tmp_path / "tasks"), init="fake",
+                            max_length=32, dev_examples=3)
+    rec = run_task("t", settings)
+    assert rec["fused_weights"]["cappy"] > rec["fused_weights"]["logprob_mean"]
+    assert rec["fused_fit"] == {"dev_rouge": pytest.approx(90.0), "dev_instructions": 3} and rec["sizes"]["dev_instructions"] == 3
+    m = rec["metrics"]
+    assert m["cappy"] == m["oracle"] == pytest.approx(90.0) and m["cappy+lm+mbr"] == pytest.approx(90.0)
+    assert m["self_score_mean"] == pytest.approx(10.0) and "mbr" in m
+    assert set(rec["dev_metrics"]) == set(m)
+    assert len(rec["per_instruction"]["cappy+lm+mbr"]) == 4 and "cappy" in rec["spearman"]
+    json.dumps(rec)  # the record is JSON as it is
+    val = pq.read_table(tmp_path / "tasks" / "t" / "validation_scored.parquet")
+    dev = pq.read_table(tmp_path / "tasks" / "t" / "dev_scored.parquet")
+    assert {"score", "mbr", "fused"} <= set(val.column_names) and dev.num_rows == 3 * 4
+    assert set(dev["example_idx"].to_pylist()) == {5, 6, 7}
+
+
+def test_run_task_finetunes_without_dev_pairs_and_keeps_the_selector(tmp_path, tiny_scorer):
+    from cappy_core.task_eval import run_task
+
+    data, cands = make_task(tmp_path, "t")
+    schedule = ScorerSchedule(lr=1e-3, batch_size=8, micro_batch_size=4, seed=0, loss="listwise",
+                              group_by_instruction=True)
+    settings = TaskSettings(data_dir=data, candidates_dir=cands, tasks_dir=str(tmp_path / "tasks"),
+                            init=tiny_scorer, max_length=32, schedule=schedule, train_size=16, dev_examples=2,
+                            keep_scorer=True)
+    rec = run_task("t", settings)
+    assert rec["training"]["updates"] >= 1 and rec["sizes"]["train_pairs"] == 16
+    pairs = pq.read_table(tmp_path / "tasks" / "t" / "train_pairs.parquet")
+    assert not set(pairs["instruction"].to_pylist()) & {f"t train instruction {i}: say {WORDS[i]}" for i in (6, 7)}
+    kept = tmp_path / "tasks" / "t" / "scorer"
+    assert read_selector(kept) == rec["fused_weights"]
+    assert json.loads((kept / SELECTOR_FILE).read_text())["task"] == "t"
+
+
+def test_a_bf16_finetuned_scorer_scores_in_the_score_dtype(tmp_path, tiny_scorer):
+    from cappy_core.labeling import LabeledPair
+    from cappy_core.pretrain_data import write_pairs
+
+    pairs = write_pairs([LabeledPair(f"q{i}", f"a{i}", i / 8, "candidate", "t") for i in range(8)],
+                        tmp_path / "pairs.parquet")
+    schedule = ScorerSchedule(batch_size=8, micro_batch_size=8, bf16=True)
+    scorer, info = finetune(tiny_scorer, pairs, schedule, max_length=16, device="cpu")
+    assert info["updates"] == 1 and scorer.dtype == "float32"
+    scorer, _ = finetune(tiny_scorer, pairs, schedule, max_length=16, device="cpu", score_dtype="bfloat16")
+    assert scorer.dtype == "bfloat16"
+
+
+def test_finetune_shared_trains_once_on_every_task_without_dev(tmp_path, tiny_scorer):
+    root = tmp_path
+    for task in ("a", "b"):
+        data, cands = make_task(root, task, n_train=6)
+    schedule = ScorerSchedule(lr=1e-3, batch_size=8, micro_batch_size=8, seed=0)
+    settings = TaskSettings(data_dir=data, candidates_dir=cands, tasks_dir=str(root / "tasks"), init=tiny_scorer,
+                            max_length=32, schedule=schedule, train_size=16, dev_examples=1)
+    shared = finetune_shared(["a", "b"], settings, "digest-1")
+    assert shared.schedule is None and shared.init == str(root / "tasks" / "_shared" / "scorer")
+    rec = shared.shared_training
+    assert rec["scope"] == "all" and rec["tasks"] == ["a", "b"] and rec["train_pairs"] == 32 and rec["updates"] == 4
+    pairs = pq.read_table(root / "tasks" / "_shared" / "train_pairs.parquet")
+    instructions = set(pairs["instruction"].to_pylist())
+    assert {i.split()[0] for i in instructions} == {"a", "b"}
+    assert not instructions & {"a train instruction 5: say foxtrot", "b train instruction 5: say foxtrot"}
+    record = root / "tasks" / "_shared" / "training.json"
+    stamp = record.stat().st_mtime_ns
+    again = finetune_shared(["a", "b"], settings, "digest-1")  # same digest: kept
+    assert again.shared_training == shared.shared_training and record.stat().st_mtime_ns == stamp
