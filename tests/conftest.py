@@ -30,6 +30,22 @@ def tiny_t5(out: Path, tokenizer_dir: Path) -> Path:
     return Path(out)
 
 
+def tiny_bert_scorer(out: Path, num_layers: int = 1) -> str:
+    """A randomly initialised BERT (hidden 32, ``num_layers`` layers) with the MiniLM tokenizer and
+    no dropout: a scorer folder that trains and scores in a blink."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from cappy_core.scorer import embedded_model_path
+
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=2, intermediate_size=64,
+                     num_labels=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    BertForSequenceClassification(cfg).save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(embedded_model_path())).save_pretrained(out)
+    return str(out)
+
+
 @pytest.fixture(scope="session")
 def bigbench_root() -> Path:
     """The extracted BIG-Bench tasks. Missing cache is a failure, not a skip: the README's test

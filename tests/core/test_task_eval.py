@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import tiny_bert_scorer
 
 from cappy_core.candidates import CANDIDATE_SCHEMA, done_path, instruction_id, shard_path
 from cappy_core.data.records import Example, split_path, write_examples
@@ -73,18 +74,7 @@ class LabelScorer:
 @pytest.fixture(scope="module")
 def tiny_scorer(tmp_path_factory) -> str:
     """A randomly initialised 1-layer BERT (hidden 32) with the MiniLM tokenizer, no dropout."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from cappy_core.scorer import embedded_model_path
-
-    out = tmp_path_factory.mktemp("tiny_scorer")
-    torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                     num_labels=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    BertForSequenceClassification(cfg).save_pretrained(out)
-    AutoTokenizer.from_pretrained(str(embedded_model_path())).save_pretrained(out)
-    return str(out)
+    return tiny_bert_scorer(tmp_path_factory.mktemp("tiny_scorer"), num_layers=1)
 
 
 def test_split_dev_holds_out_the_last_instructions_and_their_duplicates():

@@ -20,7 +20,7 @@ from cappy_core.config import build_parser, config_from_args, load_yaml
 from cappy_core.fault_injection import FAIL_AT_UPDATE_ENV
 from cappy_core.labeling import LabeledPair, pairs_to_table
 from cappy_core.pretrain_data import write_pairs
-from conftest import REPO
+from conftest import tiny_bert_scorer, REPO
 from jobs import finetune, pretrain
 from jobs.cli import CONFIG_DIR, presets
 
@@ -32,18 +32,7 @@ FAST = ["--max-length", "64", "--micro-batch-size", "8", "--batch-size", "16", "
 @pytest.fixture(scope="module")
 def tiny_scorer(tmp_path_factory) -> str:
     """A randomly initialised 2-layer BERT (hidden 32) with the MiniLM tokenizer, no dropout."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from cappy_core.scorer import embedded_model_path
-
-    out = tmp_path_factory.mktemp("tiny_scorer")
-    torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                     num_labels=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    BertForSequenceClassification(cfg).save_pretrained(out)
-    AutoTokenizer.from_pretrained(str(embedded_model_path())).save_pretrained(out)
-    return str(out)
+    return tiny_bert_scorer(tmp_path_factory.mktemp("tiny_scorer"), num_layers=2)
 
 
 def synthetic_pairs(n: int, seed: int = 0) -> list[LabeledPair]:
