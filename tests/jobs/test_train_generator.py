@@ -98,7 +98,10 @@ def test_ensure_generator_trains_when_missing(tmp_path, bigbench_root):
 @pytest.mark.slow
 def test_time_budget_stops_training_gracefully(tmp_path, bigbench_root):
     out = tmp_path / "budget"
-    proc = run("--preset", "tiny", "--tasks", "tense", "--eval-tasks", "tense", "--eval-examples", "4",
+    no_fixed_updates = tmp_path / "budget.yaml"
+    no_fixed_updates.write_text("updates: null\n")  # size the run to the budget, not to --updates
+    proc = run("--preset", "tiny", "--config", str(no_fixed_updates), "--tasks", "tense", "--eval-tasks", "tense",
+               "--eval-examples", "4",
                "--threads", "1", "--time-budget-s", "20", "--eval-reserve-s", "6", "--calibration-updates", "5",
                "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
