@@ -70,6 +70,17 @@ def fused_scores(signals: Mapping[str, Sequence[float]], weights: Mapping[str, f
     return out
 
 
+def fused_for_candidates(cappy: Sequence[float], logprob_mean: Sequence[float], texts: Sequence[str],
+                         weights: Mapping[str, float]) -> np.ndarray:
+    """The fused selector's value of each of one instruction's candidates from their Cappy scores,
+    mean log-likelihoods and texts (MBR is computed only when it has a weight); serve uses this
+    with a task's stored weights."""
+    signals: dict[str, Sequence[float]] = {CAPPY_SIGNAL: cappy, LM_SIGNAL: logprob_mean}
+    if weights.get(MBR_SIGNAL):
+        signals[MBR_SIGNAL] = mbr_scores(texts)
+    return fused_scores(signals, {k: w for k, w in weights.items() if w or k in signals})
+
+
 def weight_grid(names: Sequence[str]) -> list[dict[str, float]]:
     """Every combination of :data:`WEIGHT_GRID` values over ``names``, all-zero excluded, in a
     fixed order that starts with equal weights."""

@@ -91,7 +91,8 @@ class SampleConfig:
     cpus_per_actor: float = field(default=1.0, metadata={"help": "CPUs reserved per generator actor"})
     label_cpus: float = field(default=0.25, metadata={"help": "CPUs per Rouge-L labelling task"})
     label_tasks: int = field(default=2, metadata={"help": "most concurrent labelling tasks (Rouge-L is fast)"})
-    dtype: str = field(default="auto", metadata={"help": "model dtype: auto, float32, bfloat16, float16"})
+    dtype: str = field(default="auto", metadata={
+        "help": "model dtype: auto (as the checkpoint was saved), float32, bfloat16, float16"})
     kv_cache_gb: Optional[float] = field(default=None, metadata={
         "help": "vLLM KV cache size in GiB (default: vLLM's; on CPU 10%% of RAM)"})
     gpu_memory_utilization: Optional[float] = field(default=None, metadata={

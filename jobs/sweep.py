@@ -134,19 +134,25 @@ def ensure_data(cfg: SweepConfig, out: Path, log) -> list[str]:
     return tasks
 
 
+def embedded_generator_name(cfg: SweepConfig, tasks: list[str]) -> tuple[str, list[str]]:
+    """(cache name, training tasks) of the embedded generator this sweep trains: one cached
+    generator per task set and training length (the sampling benchmark reads the same one)."""
+    from cappy_core.lm import DEFAULT_GENERATOR_NAME
+
+    train_tasks = sorted(tasks) if cfg.generator_tasks == ["sweep"] else list(cfg.generator_tasks)
+    what = " ".join(train_tasks) + f" updates={cfg.generator_updates} budget={cfg.generator_time_budget_s:g}"
+    return f"{DEFAULT_GENERATOR_NAME}-{hashlib.sha256(what.encode()).hexdigest()[:8]}", train_tasks
+
+
 def ensure_generator_for(cfg: SweepConfig, tasks: list[str], log) -> str:
     """``--generator`` as given, or the embedded generator for these tasks (trained once, cached)."""
     if cfg.generator:  # checked now, not after the data and scorer stages
         from cappy_core.generation import resolve_generator
 
         return resolve_generator(cfg.generator, cfg.backend, cache_dir=cfg.cache_dir).path
-    from cappy_core.lm import DEFAULT_GENERATOR_NAME
     from jobs.train_generator import GeneratorConfig, ensure_generator
 
-    train_tasks = sorted(tasks) if cfg.generator_tasks == ["sweep"] else list(cfg.generator_tasks)
-    # one cached generator per task set and training length
-    what = " ".join(train_tasks) + f" updates={cfg.generator_updates} budget={cfg.generator_time_budget_s:g}"
-    name = f"{DEFAULT_GENERATOR_NAME}-{hashlib.sha256(what.encode()).hexdigest()[:8]}"
+    name, train_tasks = embedded_generator_name(cfg, tasks)
     gcfg = GeneratorConfig(name=name, cache_dir=cfg.cache_dir, tasks=train_tasks, task_dir=list(cfg.task_dir),
                            updates=cfg.generator_updates, time_budget_s=cfg.generator_time_budget_s,
                            eval_tasks=sorted(tasks)[:6], eval_examples=16, seed=cfg.seed)

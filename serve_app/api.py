@@ -7,7 +7,7 @@ checked by the ingress and answered with the same 422 format, naming the field.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -54,6 +54,10 @@ class SelectRequest(_Req):
     task: Optional[str] = _TASK
     return_candidates: bool = Field(False, description="also return every candidate with its score and "
                                     "log-likelihoods")
+    selector: Literal["auto", "cappy"] = Field(
+        "auto", description="auto: the task's fused selector (cappy+lm+mbr, weights fitted by the sweep on "
+        "held-out train instructions and stored beside its scorer) when it has one, else Cappy alone; "
+        "cappy: the scorer alone")
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"instruction": "Q: What is the capital of France?\nA:", "num_candidates": 17, "return_candidates": True}]})
@@ -92,11 +96,14 @@ class CandidateOut(BaseModel):
     logprob_sum: float = Field(description="generator log-likelihood of the candidate's tokens")
     logprob_mean: float
     score: float = Field(description="scorer logit")
+    fused: Optional[float] = Field(None, description="fused selector value (when it picked)")
 
 
 class SelectResponse(BaseModel):
-    response: str = Field(description="the candidate the scorer ranks highest")
-    score: float
+    response: str = Field(description="the candidate the selector ranks highest")
+    score: float = Field(description="its scorer logit")
+    selector: str = Field(description="what picked it: 'cappy', or 'cappy+lm+mbr' with the task's weights")
+    selector_weights: Optional[dict[str, float]] = Field(None, description="the fused selector's weights")
     index: int = Field(description="its position among the candidates (decoding order)")
     decoding: str
     sample_idx: int

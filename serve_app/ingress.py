@@ -249,14 +249,23 @@ class IngressDeployment:
         result = await self._score(req.instruction, [c["text"] for c in cands], req.task)
         t2 = time.monotonic()
         scores = result["scores"]
-        best = select_best(scores)
+        weights = result.get("selector") if req.selector == "auto" else None
+        fused = None
+        if weights:
+            from cappy_core.selectors import fused_for_candidates
+
+            fused = [float(x) for x in fused_for_candidates(scores, [c["logprob_mean"] for c in cands],
+                                                            [c["text"] for c in cands], weights)]
+        best = select_best(fused if fused is not None else scores)
         gen_info = self._gen_info or await self._generator_info()
         return SelectResponse(
-            response=cands[best]["text"], score=scores[best], index=best, decoding=cands[best]["decoding"],
+            response=cands[best]["text"], score=scores[best], selector="cappy+lm+mbr" if weights else "cappy",
+            selector_weights=weights or None, index=best, decoding=cands[best]["decoding"],
             sample_idx=cands[best]["sample_idx"], num_candidates=len(cands), generator=gen_info,
             meta=self._meta(result), timings_ms={"generate": round(1e3 * (t1 - t0), 1),
                                                  "score": round(1e3 * (t2 - t1), 1)},
-            candidates=[CandidateOut(**c, score=s) for c, s in zip(cands, scores)] if req.return_candidates else None)
+            candidates=[CandidateOut(**c, score=s, fused=f) for c, s, f in
+                        zip(cands, scores, fused or [None] * len(cands))] if req.return_candidates else None)
 
     async def _generator_info(self) -> dict:
         try:

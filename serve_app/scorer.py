@@ -23,6 +23,7 @@ import time
 
 from ray import serve
 
+from cappy_core.selectors import read_selector
 from serve_app.args import resolve_task_scorer
 
 logger = logging.getLogger("ray.serve")
@@ -61,7 +62,9 @@ class ScorerDeployment:
         async def load_task_scorer(model_id: str):
             path = resolve_task_scorer(model_id, self.task_scorers, self.scorers_dir)
             logger.info("scorer: loading task scorer %r from %s", model_id, path)
-            return await asyncio.to_thread(Scorer.from_pretrained, path, **self._load_kwargs)
+            scorer = await asyncio.to_thread(Scorer.from_pretrained, path, **self._load_kwargs)
+            scorer.selector = read_selector(path)  # fused weights the sweep fitted for this task, if any
+            return scorer
 
         # Built here, not as a decorated method, so the LRU size comes from the config.
         self._task_scorer = serve.multiplexed(max_num_models_per_replica=max_models_per_replica)(load_task_scorer)
@@ -92,6 +95,7 @@ class ScorerDeployment:
         out, start = [], 0
         for rs in responses:
             out.append({"scores": scores[start:start + len(rs)], "scorer": name,
+                        "selector": getattr(scorer, "selector", None),
                         "batch_requests": len(instructions), "batch_pairs": len(flat_r), "replica": self.replica})
             start += len(rs)
         return out

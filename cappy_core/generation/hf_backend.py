@@ -9,6 +9,20 @@ hands ``generate`` a one-hot distribution. The model's ``generation_config`` is 
 bare one at load time, so no other processor runs before it and the scores it sees are the raw
 logits. Beam search is ``generate(num_beams=...)``; its candidates are rescored with
 :meth:`TransformersGenerator._loglik_ids` (a teacher-forced forward pass).
+
+Decoder-only models decode with a loop of their own instead of ``generate`` (``decode_loop=
+"cached"``, the default). Sampling and greedy: every sampled row of every sampling decoding of a chunk of prompts
+decodes in one batch; each prompt is prefilled **once** and its KV cache repeated for its rows
+(17 candidates share one prompt, which is most of the tokens); a row that has ended leaves the
+batch (``generate`` keeps computing it until the longest row ends, and samples of 64 tokens are
+common). The per-row rule is :class:`SeededChooser`'s, token for token: end-of-sequence masked
+until ``min_new_tokens``, temperature → top-k → top-p with transformers' warpers, one
+``torch.multinomial`` draw per row and step from that row's own seeded ``torch.Generator``, the
+raw log-probability recorded. Beam search: transformers' algorithm step by step
+(:func:`~cappy_core.generation.beam_search_step`, which the vLLM backend runs too) over the same
+cache, one prefill per prompt instead of one per beam; the reported log-likelihood is the beam's
+raw sum. ``decode_loop="generate"`` keeps the ``generate`` path (the benchmark compares the two;
+seq2seq models always use it).
 """
 
 from __future__ import annotations
@@ -16,6 +30,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -29,13 +44,101 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from cappy_core.generation import DEFAULT_PROMPT_TOKENS, DecodingSpec, Generator, eos_token_ids
+from cappy_core.generation import (
+    DEFAULT_PROMPT_TOKENS,
+    DecodingSpec,
+    Generator,
+    beam_search_step,
+    beam_width,
+    eos_token_ids,
+)
 
 __all__ = ["TransformersGenerator", "SeededChooser"]
 
 
+def spec_warpers(spec: DecodingSpec) -> list:
+    """transformers' warpers for a sampling decoding, in their order: temperature, top-k, top-p."""
+    warpers = []
+    if spec.kind != "greedy":
+        if spec.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(spec.temperature))
+        if spec.top_k > 0:
+            warpers.append(TopKLogitsWarper(top_k=spec.top_k))
+        if spec.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p=spec.top_p))
+    return warpers
+
+
+def choose_tokens(scores: torch.Tensor, greedy: bool, warpers: list, gens: Sequence[torch.Generator] | None,
+                  mask_eos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next token of each row and its raw log-probability: the one per-row rule of both loops.
+
+    ``scores`` are raw logits (rows × vocab); ``mask_eos`` the end-of-sequence ids to forbid (still
+    before ``min_new_tokens``) or None; sampling draws one ``torch.multinomial`` per row from that
+    row's generator, so a row's draw does not depend on the other rows.
+    """
+    scores = scores.float()
+    raw = torch.log_softmax(scores, dim=-1)
+    x = scores.clone()
+    if mask_eos is not None:
+        x[:, mask_eos] = -float("inf")
+    if greedy:
+        tokens = x.argmax(dim=-1)
+    else:
+        for w in warpers:
+            x = w(None, x)
+        probs = torch.softmax(x, dim=-1)
+        tokens = torch.stack([torch.multinomial(probs[r], 1, generator=g)[0] for r, g in enumerate(gens)])
+    return tokens, raw.gather(1, tokens[:, None])[:, 0]
+
+
+class _PreallocatedLayer(DynamicLayer):
+    """A KV-cache layer that writes into a buffer sized for the whole decode and hands out views.
+
+    ``DynamicLayer`` concatenates the whole cache at every step (copying it); this layer copies only
+    the new token's keys and values. ``keys`` / ``values`` stay views of the filled part, so the
+    model's attention reads exactly what ``DynamicLayer`` would give it.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            b, h, _, d = key_states.shape
+            self._k = key_states.new_empty((b, h, self.capacity, d))
+            self._v = value_states.new_empty((b, h, self.capacity, value_states.shape[-1]))
+            self._n = 0
+        n, m = self._n, key_states.shape[-2]
+        if n + m > self.capacity:
+            raise RuntimeError(f"KV cache of {self.capacity} positions is full")
+        self._k[:, :, n:n + m] = key_states
+        self._v[:, :, n:n + m] = value_states
+        self._n = n + m
+        self.keys, self.values = self._k[:, :, :self._n], self._v[:, :, :self._n]
+        return self.keys, self.values
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._k = self._k.repeat_interleave(repeats, dim=0)
+            self._v = self._v.repeat_interleave(repeats, dim=0)
+            self.keys, self.values = self._k[:, :, :self._n], self._v[:, :, :self._n]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._k, self._v = self._k[indices], self._v[indices]
+            self.keys, self.values = self._k[:, :, :self._n], self._v[:, :, :self._n]
+
+
+def preallocated_cache(capacity: int) -> Cache:
+    """A cache of :class:`_PreallocatedLayer` layers (one per model layer, created on first use)."""
+    return Cache(layer_class_to_replicate=lambda: _PreallocatedLayer(capacity))
+
+
 class SeededChooser(LogitsProcessor):
-    """Chooses the next token of every row (greedy or seeded sampling); see the module docstring."""
+    """Chooses the next token of every row (greedy or seeded sampling) inside ``generate``."""
 
     def __init__(self, spec: DecodingSpec, seeds: Sequence[int] | None, start_len: int, min_new_tokens: int,
                  eos_ids: Sequence[int], device: torch.device | str = "cpu"):
@@ -44,30 +147,14 @@ class SeededChooser(LogitsProcessor):
         self.min_new_tokens = min_new_tokens
         self.eos = torch.tensor(list(eos_ids), dtype=torch.long)
         self.gens = None if self.greedy else [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
-        self.warpers = []
-        if not self.greedy:
-            if spec.temperature != 1.0:
-                self.warpers.append(TemperatureLogitsWarper(spec.temperature))
-            if spec.top_k > 0:
-                self.warpers.append(TopKLogitsWarper(top_k=spec.top_k))
-            if spec.top_p < 1.0:
-                self.warpers.append(TopPLogitsWarper(top_p=spec.top_p))
+        self.warpers = spec_warpers(spec)
         self.logprobs: list[torch.Tensor] = []  # per step: raw log-prob of each row's token
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        scores = scores.float()
-        raw = torch.log_softmax(scores, dim=-1)
-        x = scores.clone()
-        if input_ids.shape[1] - self.start_len < self.min_new_tokens:
-            x[:, self.eos.to(x.device)] = -float("inf")
-        if self.greedy:
-            tokens = x.argmax(dim=-1)
-        else:
-            for w in self.warpers:
-                x = w(input_ids, x)
-            probs = torch.softmax(x, dim=-1)
-            tokens = torch.stack([torch.multinomial(probs[r], 1, generator=g)[0] for r, g in enumerate(self.gens)])
-        self.logprobs.append(raw.gather(1, tokens[:, None])[:, 0])
+        early = input_ids.shape[1] - self.start_len < self.min_new_tokens
+        tokens, logprobs = choose_tokens(scores, self.greedy, self.warpers, self.gens,
+                                         self.eos.to(scores.device) if early else None)
+        self.logprobs.append(logprobs)
         out = torch.full_like(scores, -float("inf"))
         out.scatter_(1, tokens[:, None], 0.0)
         return out
@@ -83,15 +170,19 @@ class TransformersGenerator(Generator):
     backend = "hf"
 
     def __init__(self, model: str, *, max_prompt_tokens: int = DEFAULT_PROMPT_TOKENS, dtype: str = "auto",
-                 device: str | None = None, batch_rows: int = 64, max_logits_elements: int = 1 << 27, trust_remote_code: bool = False):
+                 device: str | None = None, batch_rows: int = 64, max_logits_elements: int = 1 << 27,
+                 trust_remote_code: bool = False, decode_loop: str = "cached"):
         if max_prompt_tokens < 2:
             raise ValueError(f"max_prompt_tokens must be >= 2, got {max_prompt_tokens}")
+        if decode_loop not in ("cached", "generate"):
+            raise ValueError(f"decode_loop must be 'cached' or 'generate', got {decode_loop!r}")
         self.model = str(model)
         self.max_prompt_tokens = max_prompt_tokens
         self.batch_rows = max(1, batch_rows)
         self.max_logits_elements = max_logits_elements
         config = AutoConfig.from_pretrained(self.model, trust_remote_code=trust_remote_code)
         self.is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+        self.decode_loop = "generate" if self.is_encoder_decoder else decode_loop
         cls = AutoModelForSeq2SeqLM if self.is_encoder_decoder else AutoModelForCausalLM
         torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -146,6 +237,8 @@ class TransformersGenerator(Generator):
     # -- backend hooks ------------------------------------------------------------------------
 
     def _run_samples(self, prompts, specs, seeds, max_new_tokens, min_new_tokens):
+        if self.decode_loop == "cached":
+            return self._sample_cached(prompts, specs, seeds, max_new_tokens, min_new_tokens)
         results = []
         for spec, spec_seeds in zip(specs, seeds):
             n = spec.num_samples
@@ -166,7 +259,129 @@ class TransformersGenerator(Generator):
             results.append(per_prompt)
         return results
 
+    def _sample_cached(self, prompts, specs, seeds, max_new_tokens, min_new_tokens):
+        """Decoder-only sampling with a shared prefill per prompt (see the module docstring)."""
+        per_prompt = sum(spec.num_samples for spec in specs)
+        results = [[[] for _ in prompts] for _ in specs]
+        step = max(1, self.batch_rows // per_prompt)
+        for c in range(0, len(prompts), step):
+            chunk = list(range(c, min(c + step, len(prompts))))
+            # rows: prompt-major, then decoding, then sample (the order results are filled in)
+            rows = [(i, s, j) for i in chunk for s, spec in enumerate(specs) for j in range(spec.num_samples)]
+            out = self._decode_rows([prompts[i] for i in chunk], per_prompt, rows, specs, seeds,
+                                    max_new_tokens, min_new_tokens)
+            for (i, s, _), res in zip(rows, out):
+                results[s][i].append(res)
+        return results
+
+    def _decode_rows(self, chunk_prompts, per_prompt, rows, specs, seeds, max_new_tokens, min_new_tokens):
+        dev = self.device
+        ids, mask = self._pad(chunk_prompts, left=True)
+        gens = [None if specs[s].kind == "greedy" else
+                torch.Generator(device=dev).manual_seed(int(seeds[s][i] + j)) for i, s, j in rows]
+        warpers = [spec_warpers(spec) for spec in specs]
+        spec_of = torch.tensor([s for _, s, _ in rows])
+        eos = torch.tensor(list(self.eos_ids), dtype=torch.long, device=dev)
+        with torch.inference_mode():
+            cache = preallocated_cache(ids.shape[1] + max_new_tokens)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = self.lm(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                             use_cache=True, logits_to_keep=1).logits[:, -1]
+            # one prefill per prompt, repeated for its rows
+            cache.batch_repeat_interleave(per_prompt)
+            logits = logits.repeat_interleave(per_prompt, dim=0)
+            mask = mask.repeat_interleave(per_prompt, dim=0)
+            next_pos = pos[:, -1].repeat_interleave(per_prompt) + 1
+            active = torch.arange(len(rows))  # original row of each batch row
+            running = torch.ones(len(rows), dtype=torch.bool)  # not ended yet (ended rows wait to leave)
+            tokens_out: list[list[int]] = [[] for _ in rows]
+            logprob_out = [0.0] * len(rows)
+            for t in range(max_new_tokens):
+                tokens = torch.empty(len(active), dtype=torch.long)
+                lps = torch.empty(len(active), dtype=torch.float64)
+                for s, spec in enumerate(specs):
+                    sel = (spec_of[active] == s).nonzero()[:, 0]
+                    if not len(sel):
+                        continue
+                    tok, lp = choose_tokens(logits[sel.to(dev)], spec.kind == "greedy", warpers[s],
+                                            [gens[int(active[r])] for r in sel],
+                                            eos if t < min_new_tokens else None)
+                    tokens[sel] = tok.cpu()
+                    lps[sel] = lp.double().cpu()
+                for row, tok, lp, live in zip(active.tolist(), tokens.tolist(), lps.tolist(), running.tolist()):
+                    if live:
+                        tokens_out[row].append(tok)
+                        logprob_out[row] += lp
+                running &= ~torch.isin(tokens, eos.cpu())
+                keep = running.nonzero()[:, 0]
+                if t == max_new_tokens - 1 or not len(keep):
+                    break
+                # Ended rows leave the batch once they are a quarter of it: a row costs little next to
+                # copying the whole KV cache to drop it, which is what leaving takes.
+                if len(keep) <= 0.75 * len(active):
+                    cache.batch_select_indices(keep.to(dev))
+                    mask, next_pos, tokens = mask[keep.to(dev)], next_pos[keep.to(dev)], tokens[keep]
+                    active, running = active[keep], running[keep]
+                mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+                logits = self.lm(input_ids=tokens[:, None].to(dev), attention_mask=mask,
+                                 position_ids=next_pos[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+                next_pos = next_pos + 1
+        return [(toks, lp) for toks, lp in zip(tokens_out, logprob_out)]
+
+    def _beam_cached(self, prompts, spec, max_new_tokens, min_new_tokens):
+        """transformers' beam search (:func:`beam_search_step`) on the KV-cached loop: one prefill per
+        prompt, then one forward per step over every running beam of the chunk."""
+        k, eos = spec.num_beams, set(self.eos_ids)
+        width = beam_width(k, len(self.eos_ids))
+        eos_t = torch.tensor(list(self.eos_ids), dtype=torch.long, device=self.device)
+        out: list[tuple[list[int], float]] = []
+        per_call = max(1, self.batch_rows // k)
+        for c in range(0, len(prompts), per_call):
+            chunk = prompts[c:c + per_call]
+            running = [[([], 0.0, i)] for i in range(len(chunk))]  # (ids, logprob sum, batch row)
+            finished: list[list[tuple]] = [[] for _ in chunk]
+            active = list(range(len(chunk)))
+            with torch.inference_mode():
+                ids, mask = self._pad(chunk, left=True)
+                cache = preallocated_cache(ids.shape[1] + max_new_tokens)
+                pos = (mask.cumsum(-1) - 1).clamp(min=0)
+                logits = self.lm(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                                 use_cache=True, logits_to_keep=1).logits[:, -1]
+                next_pos = pos[:, -1] + 1
+                for step in range(max_new_tokens):
+                    logp = torch.log_softmax(logits.float(), dim=-1)
+                    if step < min_new_tokens:
+                        logp[:, eos_t] = -float("inf")
+                    top_lp, top_tok = logp.topk(min(width, logp.shape[-1]), dim=-1)
+                    top_lp, top_tok = top_lp.double().cpu().tolist(), top_tok.cpu().tolist()
+                    cands = {i: [(s + lp, ids_ + [tok], r) for ids_, s, r in running[i]
+                                 for lp, tok in zip(top_lp[r], top_tok[r]) if lp > -float("inf")]
+                             for i in active}
+                    active = beam_search_step(step, cands, running, finished, k, eos, spec.length_penalty,
+                                              last=step + 1 == max_new_tokens)
+                    if not active:
+                        break
+                    # the next batch: every running beam, its cache row taken from the beam it extends
+                    src = [r for i in active for _, _, r in running[i]]
+                    tokens = [ids_[-1] for i in active for ids_, _, _ in running[i]]
+                    n = 0
+                    for i in active:
+                        running[i] = [(ids_, s, n + b) for b, (ids_, s, _) in enumerate(running[i])]
+                        n += len(running[i])
+                    rows = torch.tensor(src, device=self.device)
+                    cache.batch_select_indices(rows)
+                    mask = torch.cat([mask[rows], mask.new_ones((len(src), 1))], dim=1)
+                    next_pos = next_pos[rows]
+                    logits = self.lm(input_ids=torch.tensor(tokens, device=self.device)[:, None], attention_mask=mask,
+                                     position_ids=next_pos[:, None], past_key_values=cache,
+                                     use_cache=True).logits[:, -1]
+                    next_pos = next_pos + 1
+            out += [(f[0][1], f[0][2]) for f in finished]
+        return out
+
     def _run_beam(self, prompts, spec, max_new_tokens, min_new_tokens):
+        if self.decode_loop == "cached":
+            return self._beam_cached(prompts, spec, max_new_tokens, min_new_tokens)
         per_call = max(1, self.batch_rows // spec.num_beams)
         outs: list[list[int]] = []
         for c in range(0, len(prompts), per_call):

@@ -25,7 +25,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from cappy_core.generation import DEFAULT_PROMPT_TOKENS, DecodingSpec, Generator, eos_token_ids
+from cappy_core.generation import (
+    DEFAULT_PROMPT_TOKENS,
+    DecodingSpec,
+    Generator,
+    beam_search_step,
+    beam_width,
+    eos_token_ids,
+)
 
 __all__ = ["VLLMGenerator"]
 
@@ -65,6 +72,12 @@ class VLLMGenerator(Generator):
         model_max = getattr(config, "max_position_embeddings", None)
         if max_model_len is not None and model_max:
             max_model_len = min(max_model_len, model_max)
+        if dtype == "auto":
+            # vLLM's "auto" turns a float32 checkpoint into bfloat16 on CPU (and float16 on some
+            # GPUs), with a warning per weight; without native bf16 (AVX2 CPUs) that is ~40x slower.
+            # "auto" here means what the folder was saved in, as transformers reads it.
+            saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+            dtype = str(saved).removeprefix("torch.") if saved is not None else "auto"
         kwargs: dict[str, Any] = dict(
             model=self.model, tokenizer=self.model, dtype=dtype, seed=seed, max_model_len=max_model_len,
             logprobs_mode="raw_logprobs", max_logprobs=max_logprobs, generation_config="vllm",
@@ -118,15 +131,16 @@ class VLLMGenerator(Generator):
 
     def _run_beam(self, prompts, spec: DecodingSpec, max_new_tokens, min_new_tokens):
         k = spec.num_beams
-        width = (1 + len(self.eos_ids)) * k  # transformers: max(2, 1 + n_eos) * num_beams
+        width = beam_width(k, len(self.eos_ids))
         if width > self.max_logprobs:
             raise ValueError(f"beam search with {k} beams needs max_logprobs >= {width}")
-        eos, lp_pow = set(self.eos_ids), spec.length_penalty
+        eos = set(self.eos_ids)
         running = [[([], 0.0)] for _ in prompts]  # per prompt: (generated ids, summed logprob)
         finished: list[list[tuple[float, list[int], float]]] = [[] for _ in prompts]  # (score, ids, sum)
         active = list(range(len(prompts)))
         params = self._params(max_tokens=1, logprobs=width, temperature=0.0)
         for step in range(max_new_tokens):
+            # one engine call per step: every running beam of every prompt, one token each
             reqs = [(i, ids, s) for i in active for ids, s in running[i]]
             outs = self._generate([prompts[i] + ids for i, ids, _ in reqs], [params] * len(reqs))
             cands: dict[int, list[tuple[float, list[int]]]] = {i: [] for i in active}
@@ -135,21 +149,8 @@ class VLLMGenerator(Generator):
                     if step < min_new_tokens and tok in eos:
                         continue
                     cands[i].append((s + lp.logprob, ids + [tok]))
-            last = step + 1 == max_new_tokens
-            still = []
-            for i in active:
-                top = sorted(cands[i], key=lambda c: -c[0])[:width]
-                for rank, (s, ids) in enumerate(top[:k]):
-                    if last or ids[-1] in eos:
-                        finished[i].append((s / (step + 1) ** lp_pow, ids, s))
-                finished[i] = sorted(finished[i], key=lambda f: -f[0])[:k]
-                running[i] = [(ids, s) for s, ids in top if ids[-1] not in eos][:k]
-                # transformers' early_stopping=False heuristic: stop once the best running beam,
-                # scored at the current length, cannot beat the worst kept hypothesis.
-                full = len(finished[i]) == k
-                if not last and running[i] and not (full and running[i][0][1] / (step + 1) ** lp_pow <= finished[i][-1][0]):
-                    still.append(i)
-            active = still
+            active = beam_search_step(step, cands, running, finished, k, eos, spec.length_penalty,
+                                      last=step + 1 == max_new_tokens)
             if not active:
                 break
         return [(f[0][1], f[0][2]) for f in finished]

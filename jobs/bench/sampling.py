@@ -1,21 +1,27 @@
-"""Candidate sampling throughput: vLLM backend, transformers backend, and the whole Ray Data job.
+"""Candidate sampling throughput of every sampling path, side by side on the same instructions.
 
-    python -m jobs.bench.sampling [--instructions 32] [--max-new-tokens 32] [--batch-size 16]
+    python -m jobs.bench.sampling [--instructions 48] [--paths vllm hf-generate hf job-vllm job-hf]
 
-Same tiny random Llama (``cappy_core.lm.tiny_generator``, or ``--generator PATH``), same
-instructions (BIG-Bench-like ``Q: … A:`` prompts of varied length), the paper's 17 decodings:
+The generator is the local sweep's embedded generator (``cappy sweep --preset local`` trains and
+caches it; ``--generator PATH`` for another, ``--generator tiny`` for a tiny random Llama). The
+instructions are the first train instructions of the sweep's six tasks, round-robin (BIG-Bench
+must be in the cache: ``cappy data download``). The paper's 17 decodings, 64 new tokens at most.
+Paths, run one after another in this process:
 
-- (a) ``vllm``: :class:`VLLMGenerator` called directly, batch by batch, in this process;
-- (b) ``hf``: :class:`TransformersGenerator` called directly, the same way;
-- (c) ``job``: ``jobs.sample_label.run`` with the vLLM backend (one generator actor, Rouge-L
-  labelling stage, Parquet written per shard) on a local Ray (or ``RAY_ADDRESS``).
+- ``vllm``: :class:`VLLMGenerator` called directly, ``--batch-size`` instructions per call;
+- ``hf-generate``: :class:`TransformersGenerator` with ``decode_loop="generate"`` (one
+  ``model.generate`` per sampling decoding: the transformers path before the cached loop);
+- ``hf``: :class:`TransformersGenerator` with its KV-cached sampling loop (the default);
+- ``job-vllm`` / ``job-hf``: the whole Ray Data job (``jobs.sample_label.run``: one generator
+  actor, Rouge-L labelling stage, Parquet per shard) with that backend. ``job-vllm`` is what the
+  local sweep sampled with before the hf backend became its default on CPU.
 
-Rates are candidates per second once the model is loaded: for (a) and (b) from the first
-``generate`` call to the last; for (c) from the moment the actor's first ``generate`` call began
-to the last shard written by the driver (so (c) pays for Ray Data's transfers, the labelling
-stage and the Parquet writes, not for starting Ray, the actor or the engine). End-to-end rates,
-loading included, are reported too (``*_e2e``). Prints one JSON line with (b)/(a) and (c)/(a) (target: (c)/(a) >= 0.85). The three
-paths run one after another; on a shared machine numbers are noisy.
+Rates are candidates/s and generated tokens/s once the model is loaded (for the jobs: from the
+actor's first ``generate`` to the last shard written). ``flop_fraction`` is the share of the
+forward-pass FLOP bound reached: (prompt tokens + generated tokens) × 2 × parameters per second,
+over the fp32 matmul FLOP/s this machine measures at the same thread count (``matmul_flops``).
+One JSON line on stdout; ``--vllm-dtype bfloat16`` reproduces vLLM's own "auto" on a CPU (what
+the sampler used before it loaded checkpoints in their saved dtype).
 """
 
 from __future__ import annotations
@@ -23,44 +29,82 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-WORDS = ("apple pear fig plum grape lemon cherry melon river stone cloud table window garden "
-         "seven twelve ninety quickly slowly bright quiet").split()
+PATHS = ("vllm", "hf-generate", "hf", "job-vllm", "job-hf")
 
 
-def make_instructions(n: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 40)))
-        out.append(f"Q: Sort these words alphabetically: {words}\nA:")
-    return out
+def bench_instructions(n: int) -> list[str]:
+    """The first train instructions of the local sweep's tasks, round-robin."""
+    from cappy_core.data.bigbench import load_task
+    from cappy_core.data.source import bigbench_task_root
+    from cappy_core.data.tasks import LOCAL_TASKS
+
+    root = bigbench_task_root()
+    per_task = [[e.instruction for e in load_task(root, t)["train"]] for t in LOCAL_TASKS]
+    out = [x for k in range(n) for x in (p[k] for p in per_task if k < len(p))]
+    return out[:n]
 
 
-def time_direct(gen, instructions: list[str], batch_size: int, **kw) -> tuple[float, int]:
-    """(seconds, candidates) of generating for all instructions in batches, as an actor does."""
+def local_sweep_generator() -> str:
+    from cappy_core.config import load_yaml
+    from cappy_core.data.tasks import LOCAL_TASKS
+    from cappy_core.lm import default_generator_path
+    from jobs.cli import presets
+    from jobs.sweep import SweepConfig, embedded_generator_name
+
+    cfg = SweepConfig(**load_yaml(SweepConfig, presets("sweep")["local"]))
+    path = default_generator_path(embedded_generator_name(cfg, list(LOCAL_TASKS))[0])
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"the local sweep's embedded generator is not at {path}: run `cappy sweep --preset local` "
+                         "(it trains it), or pass --generator PATH (or --generator tiny)")
+    return str(path)
+
+
+def matmul_flops(threads: int, n: int = 512, reps: int = 20) -> float:
+    """fp32 FLOP/s of an n×n matmul at ``threads`` threads (best of three rounds)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = min(best, time.perf_counter() - t)
+    torch.set_num_threads(before)
+    return 2 * n ** 3 * reps / best
+
+
+def time_direct(gen, instructions: list[str], batch_size: int, **kw) -> tuple[float, int, int]:
+    """(seconds, candidates, generated tokens) for all instructions in batches, as an actor does."""
     keys = [f"bench/train/{i}" for i in range(len(instructions))]
-    t0, n = time.perf_counter(), 0
+    t0, n, toks = time.perf_counter(), 0, 0
     for i in range(0, len(instructions), batch_size):
         out = gen.generate(instructions[i:i + batch_size], keys=keys[i:i + batch_size], **kw)
         n += sum(len(c) for c in out)
-    return time.perf_counter() - t0, n
+        toks += sum(x.num_tokens for c in out for x in c)
+    return time.perf_counter() - t0, n, toks
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    p.add_argument("--instructions", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=16, help="instructions per generator call (all paths)")
-    p.add_argument("--generator", default=None, help="HF folder (default: a fresh tiny random Llama)")
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[2:]))
+    p.add_argument("--instructions", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32, help="instructions per generator call (all paths)")
+    p.add_argument("--generator", default=None, help="HF folder, or 'tiny' (default: the local sweep's)")
+    p.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the direct paths (the actor's: 1)")
+    p.add_argument("--vllm-dtype", default="auto", help="dtype for the vLLM paths (auto = as saved)")
     p.add_argument("--kv-cache-gb", type=float, default=0.25)
-    p.add_argument("--skip-hf", action="store_true", help="skip (b), the slowest path")
     args = p.parse_args(argv)
     # stdout is the JSON line: vLLM logs (stdout by default) go to stderr, warnings only
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
@@ -75,56 +119,79 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 
 def _run(args, tmp: Path) -> dict:
+    import torch
+
     from cappy_core.data.records import Example, split_path, write_examples
     from cappy_core.generation import PAPER_DECODINGS, candidates_per_instruction, load_generator
-    from cappy_core.lm import tiny_generator
+    from cappy_core.lm import generator_metadata, tiny_generator
 
-    model = args.generator or str(tiny_generator(tmp / "tiny"))
-    instructions = make_instructions(args.instructions)
+    if args.generator == "tiny":
+        model = str(tiny_generator(tmp / "tiny"))
+    else:
+        model = args.generator or local_sweep_generator()
+    max_prompt = int(generator_metadata(model).get("max_prompt_tokens", 512))
+    instructions = bench_instructions(args.instructions)
     kw = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=3)
-    res: dict = {"bench": "sampling", "generator": args.generator or "tiny random Llama (2×64, 352-token BPE)",
-                 "instructions": len(instructions), "candidates_per_instruction": candidates_per_instruction(PAPER_DECODINGS),
-                 "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "cpus": os.cpu_count()}
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    t = time.perf_counter()
-    gen = load_generator("vllm", model, dtype="float32", kv_cache_memory_bytes=int(args.kv_cache_gb * (1 << 30)),
-                         max_model_len=512 + args.max_new_tokens)
-    res["a_load_s"] = round(time.perf_counter() - t, 1)
-    secs, n = time_direct(gen, instructions, args.batch_size, **kw)
-    gen.close()
-    del gen
-    res["a_vllm_cands_per_s"] = round(n / secs, 2)
-    res["a_vllm_e2e_cands_per_s"] = round(n / (secs + res["a_load_s"]), 2)
+    params = sum(x.numel() for x in AutoModelForCausalLM.from_pretrained(model).parameters())
+    tok = AutoTokenizer.from_pretrained(model)
+    prompt_tokens = sum(min(len(tok(t + "\n")["input_ids"]), max_prompt) for t in instructions)
+    bound = matmul_flops(args.threads)
+    res: dict = {"bench": "sampling", "generator": model, "params": params, "instructions": len(instructions),
+                 "candidates_per_instruction": candidates_per_instruction(PAPER_DECODINGS),
+                 "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "threads": args.threads,
+                 "cpus": os.cpu_count(), "matmul_flops": round(bound / 1e9, 1), "paths": {}}
 
-    if not args.skip_hf:
+    def record(path: str, secs: float, n: int, toks: int, load_s: float) -> None:
+        flops = 2 * params * (prompt_tokens + toks) / secs
+        res["paths"][path] = {"cands_per_s": round(n / secs, 2), "gen_tokens_per_s": round(toks / secs, 1),
+                              "flop_fraction": round(flops / bound, 4), "load_s": round(load_s, 1),
+                              "seconds": round(secs, 1)}
+        print(f"{path}: {res['paths'][path]}", file=sys.stderr)
+
+    torch.set_num_threads(args.threads)
+    for path in [x for x in args.paths if not x.startswith("job-")]:
         t = time.perf_counter()
-        gen = load_generator("hf", model, dtype="float32")
-        res["b_load_s"] = round(time.perf_counter() - t, 1)
-        secs, n = time_direct(gen, instructions, args.batch_size, **kw)
-        res["b_hf_cands_per_s"] = round(n / secs, 2)
-        del gen
+        if path == "vllm":
+            gen = load_generator("vllm", model, dtype=args.vllm_dtype, max_prompt_tokens=max_prompt,
+                                 kv_cache_memory_bytes=int(args.kv_cache_gb * (1 << 30)),
+                                 max_model_len=max_prompt + args.max_new_tokens)
+        else:
+            gen = load_generator("hf", model, dtype="float32", max_prompt_tokens=max_prompt,
+                                 decode_loop="generate" if path == "hf-generate" else "cached")
+        load_s = time.perf_counter() - t
+        secs, n, toks = time_direct(gen, instructions, args.batch_size, **kw)
+        gen.close()
+        record(path, secs, n, toks, load_s)
 
-    from jobs.sample_label import SampleConfig, run
+    jobs = [x for x in args.paths if x.startswith("job-")]
+    if jobs:
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
 
-    examples = [Example("bench", "", "train", i, text, [" ".join(sorted(text.split(": ")[1].split()[:-1]))])
-                for i, text in enumerate(instructions)]
-    write_examples(examples, split_path(tmp / "data", "bench", "train"))
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    cfg = SampleConfig(tasks=["bench"], splits=["train"], data=str(tmp / "data"), out=str(tmp / "out"),
-                       generator=model, backend="vllm", max_new_tokens=args.max_new_tokens, dtype="float32",
-                       batch_size=args.batch_size, shard_size=args.batch_size, kv_cache_gb=args.kv_cache_gb,
-                       cpus_per_actor=1.0, label_cpus=0.25)
-    summary = run(cfg, log=lambda msg: print(msg, file=sys.stderr))
-    res["c_wall_s"] = summary["seconds"]
-    res["c_load_s"] = round(summary["seconds"] - summary["seconds_after_load"], 1)
-    res["c_job_cands_per_s"] = round(summary["new_rows"] / summary["seconds_after_load"], 2)
-    res["c_job_e2e_cands_per_s"] = round(summary["new_rows"] / summary["seconds"], 2)
+        from jobs.sample_label import SampleConfig, run
 
-    a = res["a_vllm_cands_per_s"]
-    if "b_hf_cands_per_s" in res:
-        res["b_over_a"] = round(res["b_hf_cands_per_s"] / a, 3)
-    res["c_over_a"] = round(res["c_job_cands_per_s"] / a, 3)
-    res["c_over_a_e2e"] = round(res["c_job_e2e_cands_per_s"] / res["a_vllm_e2e_cands_per_s"], 3)
+        examples = [Example("bench", "", "train", i, text, ["x"]) for i, text in enumerate(instructions)]
+        write_examples(examples, split_path(tmp / "data", "bench", "train"))
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        for path in jobs:
+            backend = path.removeprefix("job-")
+            out = tmp / path
+            cfg = SampleConfig(tasks=["bench"], splits=["train"], data=str(tmp / "data"), out=str(out),
+                               generator=model, backend=backend, max_new_tokens=args.max_new_tokens,
+                               dtype=args.vllm_dtype if backend == "vllm" else "float32",
+                               batch_size=args.batch_size, shard_size=args.batch_size, kv_cache_gb=args.kv_cache_gb,
+                               cpus_per_actor=1.0, label_cpus=0.25)
+            summary = run(cfg, log=lambda msg: print(msg, file=sys.stderr))
+            toks = sum(pc.sum(pq.read_table(f, columns=["num_tokens"])["num_tokens"]).as_py()
+                       for f in sorted(out.rglob("part-*.parquet")))
+            record(path, summary["seconds_after_load"], summary["new_rows"], toks,
+                   summary["seconds"] - summary["seconds_after_load"])
+    rates = {k: v["cands_per_s"] for k, v in res["paths"].items()}
+    for new, old in (("hf", "hf-generate"), ("hf", "vllm"), ("job-hf", "job-vllm")):
+        if new in rates and old in rates:
+            res[f"{new}_over_{old}"] = round(rates[new] / rates[old], 2)
     res["load_avg_1m"] = round(os.getloadavg()[0], 1)
     return res
 

@@ -184,6 +184,26 @@ def test_hf_sampling_is_reproducible_and_independent_of_batching(hf):
     assert [c.text for c in other_key[0]] != [c.text for c in alone[0]]
 
 
+@pytest.mark.parametrize("batch_rows", [5, 64])
+def test_hf_cached_loop_gives_the_generate_loops_candidates(tiny_path, hf, batch_rows):
+    """The KV-cached loop (shared prefill, ended rows leave the batch) draws exactly what
+    ``generate`` with the same per-row rule draws, and its beam search finds transformers' beam:
+    same tokens, same log-likelihoods; also when a chunk holds one prompt and rows end at
+    different steps."""
+    assert hf.decode_loop == "cached"
+    old = load_generator("hf", tiny_path, dtype="float32", max_prompt_tokens=64, decode_loop="generate")
+    cached = load_generator("hf", tiny_path, dtype="float32", max_prompt_tokens=64, batch_rows=batch_rows)
+    decs = decodings_from_names(["greedy", "beam3", "sample", "temp0.7", "topk5", "topp0.9"], num_samples=3)
+    kw = dict(max_new_tokens=20, min_new_tokens=2)
+    a, b = old.generate(PROMPTS, decs, **kw), cached.generate(PROMPTS, decs, **kw)
+    for x, y in zip(a, b):
+        assert_same(x, y)
+    lengths = {c.num_tokens for cands in b for c in cands}
+    assert len(lengths) >= 2  # rows really ended at different steps
+    with pytest.raises(ValueError, match="decode_loop"):
+        load_generator("hf", tiny_path, decode_loop="fast")
+
+
 def test_hf_logprobs_are_the_raw_log_likelihood(hf):
     """What the sampler records equals a teacher-forced rescoring of the same tokens, for every
     decoding (temperature/top-k/top-p change what is drawn, not the reported likelihood)."""

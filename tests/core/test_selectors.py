@@ -50,3 +50,17 @@ def test_fit_weights_finds_the_informative_signal():
     w, value = fit_weights(instructions, rouges, ["good", "noise"])
     assert w["good"] > 0 and w["noise"] == 0.0
     assert value == pytest.approx(np.mean([max(r) for r in rouges]))
+
+
+def test_fused_for_candidates_matches_the_fused_signals():
+    from cappy_core.selectors import fused_for_candidates, fused_scores, mbr_scores, standardize
+
+    texts = ["a b c", "a b d", "x y z", "a b c"]
+    cappy, lm = [0.1, 0.9, 0.3, 0.2], [-1.0, -2.0, -0.5, -1.5]
+    w = {"cappy": 1.0, "logprob_mean": 0.5, "mbr": 2.0}
+    got = fused_for_candidates(cappy, lm, texts, w)
+    assert list(got) == pytest.approx(list(standardize(cappy) + 0.5 * standardize(lm) + 2 * standardize(mbr_scores(texts))))
+    # mbr without weight is not computed (nor needed)
+    no_mbr = fused_for_candidates(cappy, lm, texts, {"cappy": 1.0, "logprob_mean": 1.0, "mbr": 0.0})
+    assert list(no_mbr) == pytest.approx(list(fused_scores({"cappy": cappy, "logprob_mean": lm},
+                                                           {"cappy": 1.0, "logprob_mean": 1.0})))

@@ -180,9 +180,12 @@ def test_presets_resolve_to_the_documented_settings():
     local = config_from_args(SweepConfig, parser.parse_args(["--preset", "local"]), presets(JOB))
     assert local.tasks == list(LOCAL_TASKS) and local.gpus_per_task == 0 and local.scorer is None
     assert local.dev_examples_per_task == 16 and local.loss == "mse" and local.finetune_scope == "task"
+    # CPU: the transformers backend in one single-thread actor per core; the paper preset keeps vLLM
+    assert local.backend == "hf" and local.num_actors * local.cpus_per_actor <= 2
     paper = config_from_args(SweepConfig, parser.parse_args(["--preset", "paper", "--num-actors", "16"]), presets(JOB))
     assert paper.tasks == ["all45"] and paper.max_examples_per_task is None
     assert paper.loss == "mse" and not paper.group_by_instruction  # the paper's pointwise loss
     assert (paper.train_size, paper.lr, paper.batch_size, paper.max_length) == (102400, 2e-5, 128, 512)
     assert paper.gpus_per_actor == 1 and paper.gpus_per_task == 1 and paper.num_actors == 16
+    assert paper.backend == "vllm"
     assert candidates_per_instruction(decodings_from_names(paper.decodings, paper.samples_per_decoding)) == 17

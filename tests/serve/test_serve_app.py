@@ -45,6 +45,11 @@ def scorers(tmp_path_factory):
     task_a.save_pretrained(root / "explicit" / "task_a")
     task_b = Scorer.from_pretrained("minilm", seed=2, device="cpu")
     task_b.save_pretrained(root / "runs" / "finetune-task_b" / "scorer")  # where `cappy finetune` writes
+    # the sweep stores a task's fused selector beside its scorer; mbr-heavy so it can disagree with Cappy
+    from cappy_core.selectors import write_selector
+
+    write_selector(root / "runs" / "finetune-task_b" / "scorer", {"cappy": 0.5, "logprob_mean": 1.0, "mbr": 2.0},
+                   task="task_b")
     return {"root": root, "default": default, "task_a": task_a, "task_b": task_b}
 
 
@@ -155,6 +160,26 @@ def test_select_returns_the_candidate_the_scorer_ranks_highest(url, scorers):
     # same instruction and seed: the same candidates; candidates left out by default
     again = post(url, "/v1/select", {"instruction": INSTRUCTION, "num_candidates": 5}).json()
     assert again["response"] == body["response"] and "candidates" not in again
+
+
+def test_select_uses_the_tasks_fused_selector(url, scorers):
+    """A task whose scorer folder holds selector.json picks by the fused value, computed as the sweep
+    computes it; selector="cappy" (or a task without one) picks by the scorer alone."""
+    from cappy_core.selectors import fused_for_candidates
+
+    body = {"instruction": INSTRUCTION, "num_candidates": 5, "return_candidates": True, "task": "task_b"}
+    fused = post(url, "/v1/select", body).json()
+    cands = fused["candidates"]
+    assert fused["selector"] == "cappy+lm+mbr" and fused["selector_weights"] == {"cappy": 0.5, "logprob_mean": 1.0,
+                                                                                   "mbr": 2.0}
+    expected = fused_for_candidates([c["score"] for c in cands], [c["logprob_mean"] for c in cands],
+                                    [c["text"] for c in cands], fused["selector_weights"])
+    assert [c["fused"] for c in cands] == pytest.approx(list(expected))
+    assert fused["index"] == max(range(5), key=lambda i: (expected[i], -i))
+    alone = post(url, "/v1/select", {**body, "selector": "cappy"}).json()
+    assert alone["selector"] == "cappy" and "selector_weights" not in alone
+    assert alone["index"] == max(range(5), key=lambda i: (cands[i]["score"], -i))
+    assert post(url, "/v1/select", {**body, "task": "task_a"}).json()["selector"] == "cappy"  # no selector.json
 
 
 def test_multiplexed_task_scorers(url, scorers):
