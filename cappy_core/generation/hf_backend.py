@@ -259,6 +259,25 @@ class TransformersGenerator(Generator):
             results.append(per_prompt)
         return results
 
+    def _prefill(self, prompts, max_new_tokens: int, repeats: int = 1):
+        """Run the (left-padded) prompts once into a cache with room for ``max_new_tokens`` more,
+        each prompt's cache repeated ``repeats`` times; returns (cache, last logits, attention mask,
+        next position ids), all with ``len(prompts) * repeats`` rows. Call under inference_mode."""
+        ids, mask = self._pad(prompts, left=True)
+        cache = preallocated_cache(ids.shape[1] + max_new_tokens)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self.lm(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1).logits[:, -1]
+        if repeats > 1:
+            cache.batch_repeat_interleave(repeats)
+        rep = lambda x: x.repeat_interleave(repeats, dim=0) if repeats > 1 else x  # noqa: E731
+        return cache, rep(logits), rep(mask), rep(pos[:, -1]) + 1
+
+    def _step(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        """One decode step: each row's next token in, its next-token logits out."""
+        return self.lm(input_ids=tokens[:, None].to(self.device), attention_mask=mask, position_ids=positions[:, None],
+                       past_key_values=cache, use_cache=True).logits[:, -1]
+
     def _sample_cached(self, prompts, specs, seeds, max_new_tokens, min_new_tokens):
         """Decoder-only sampling with a shared prefill per prompt (see the module docstring)."""
         per_prompt = sum(spec.num_samples for spec in specs)
@@ -276,22 +295,13 @@ class TransformersGenerator(Generator):
 
     def _decode_rows(self, chunk_prompts, per_prompt, rows, specs, seeds, max_new_tokens, min_new_tokens):
         dev = self.device
-        ids, mask = self._pad(chunk_prompts, left=True)
         gens = [None if specs[s].kind == "greedy" else
                 torch.Generator(device=dev).manual_seed(int(seeds[s][i] + j)) for i, s, j in rows]
         warpers = [spec_warpers(spec) for spec in specs]
         spec_of = torch.tensor([s for _, s, _ in rows])
         eos = torch.tensor(list(self.eos_ids), dtype=torch.long, device=dev)
         with torch.inference_mode():
-            cache = preallocated_cache(ids.shape[1] + max_new_tokens)
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = self.lm(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                             use_cache=True, logits_to_keep=1).logits[:, -1]
-            # one prefill per prompt, repeated for its rows
-            cache.batch_repeat_interleave(per_prompt)
-            logits = logits.repeat_interleave(per_prompt, dim=0)
-            mask = mask.repeat_interleave(per_prompt, dim=0)
-            next_pos = pos[:, -1].repeat_interleave(per_prompt) + 1
+            cache, logits, mask, next_pos = self._prefill(chunk_prompts, max_new_tokens, repeats=per_prompt)
             active = torch.arange(len(rows))  # original row of each batch row
             running = torch.ones(len(rows), dtype=torch.bool)  # not ended yet (ended rows wait to leave)
             tokens_out: list[list[int]] = [[] for _ in rows]
@@ -323,8 +333,7 @@ class TransformersGenerator(Generator):
                     mask, next_pos, tokens = mask[keep.to(dev)], next_pos[keep.to(dev)], tokens[keep]
                     active, running = active[keep], running[keep]
                 mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-                logits = self.lm(input_ids=tokens[:, None].to(dev), attention_mask=mask,
-                                 position_ids=next_pos[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+                logits = self._step(tokens, mask, next_pos, cache)
                 next_pos = next_pos + 1
         return [(toks, lp) for toks, lp in zip(tokens_out, logprob_out)]
 
@@ -342,12 +351,7 @@ class TransformersGenerator(Generator):
             finished: list[list[tuple]] = [[] for _ in chunk]
             active = list(range(len(chunk)))
             with torch.inference_mode():
-                ids, mask = self._pad(chunk, left=True)
-                cache = preallocated_cache(ids.shape[1] + max_new_tokens)
-                pos = (mask.cumsum(-1) - 1).clamp(min=0)
-                logits = self.lm(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                                 use_cache=True, logits_to_keep=1).logits[:, -1]
-                next_pos = pos[:, -1] + 1
+                cache, logits, mask, next_pos = self._prefill(chunk, max_new_tokens)
                 for step in range(max_new_tokens):
                     logp = torch.log_softmax(logits.float(), dim=-1)
                     if step < min_new_tokens:
@@ -372,9 +376,7 @@ class TransformersGenerator(Generator):
                     cache.batch_select_indices(rows)
                     mask = torch.cat([mask[rows], mask.new_ones((len(src), 1))], dim=1)
                     next_pos = next_pos[rows]
-                    logits = self.lm(input_ids=torch.tensor(tokens, device=self.device)[:, None], attention_mask=mask,
-                                     position_ids=next_pos[:, None], past_key_values=cache,
-                                     use_cache=True).logits[:, -1]
+                    logits = self._step(torch.tensor(tokens), mask, next_pos, cache)
                     next_pos = next_pos + 1
             out += [(f[0][1], f[0][2]) for f in finished]
         return out
