@@ -127,8 +127,15 @@ def _run(args, tmp: Path) -> dict:
 
     if args.generator == "tiny":
         model = str(tiny_generator(tmp / "tiny"))
+    elif args.generator:
+        from cappy_core.generation import resolve_generator
+
+        try:  # the project's one rule for a generator name: a clear error for a wrong path
+            model = resolve_generator(args.generator, "hf").path
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(str(e)) from None
     else:
-        model = args.generator or local_sweep_generator()
+        model = local_sweep_generator()
     max_prompt = int(generator_metadata(model).get("max_prompt_tokens", 512))
     instructions = bench_instructions(args.instructions)
     kw = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=3)
