@@ -8,6 +8,8 @@ Each subcommand is a module in ``jobs/`` with ``main(argv, prog)``; the same mod
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +22,74 @@ def presets(job: str) -> dict[str, Path]:
     from cappy_core.config import find_presets
 
     return find_presets(CONFIG_DIR, job)
+
+# --- log level: one option for every command, handled here before the command's own parser ---
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_LOG_LEVEL = "info"
+LOG_LEVEL_HELP = ("--log-level {debug,info,warning,error}  (every command; default info: progress bars "
+                  "and one line per stage; Ray, vLLM and transformers logs only at debug, otherwise "
+                  "in Ray's session folder, /tmp/ray/session_latest/logs)")
+#: Libraries whose INFO/WARNING chatter (engine start-up, per-layer dtype notes, load reports,
+#: deprecation warnings) buries our progress lines; shown only at ``debug``.
+THIRD_PARTY_LOGGERS = ("ray", "vllm", "transformers", "torch", "huggingface_hub", "py.warnings")
+
+
+def split_log_level(argv: list[str]) -> tuple[str, list[str]]:
+    """``(level, argv without --log-level)``; the option may stand anywhere before ``--``."""
+    level, rest, i = DEFAULT_LOG_LEVEL, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            rest += argv[i:]
+            break
+        if arg == "--log-level" or arg.startswith("--log-level="):
+            if "=" in arg:
+                value = arg.split("=", 1)[1]
+            elif i + 1 < len(argv):
+                value, i = argv[i + 1], i + 1
+            else:
+                raise ValueError(f"--log-level needs a value: one of {', '.join(LOG_LEVELS)}")
+            if value.lower() not in LOG_LEVELS:
+                raise ValueError(f"--log-level {value!r}: choose one of {', '.join(LOG_LEVELS)}")
+            level = value.lower()
+        else:
+            rest.append(arg)
+        i += 1
+    return level, rest
+
+
+def apply_log_level(level: str) -> dict[str, int]:
+    """Set our loggers to ``level`` and the libraries' to INFO at debug, else ERROR.
+
+    Environment variables carry the same choice into processes started from here (local Ray
+    workers inherit the driver's environment; vLLM and transformers read theirs at import) and
+    are set only if the user has not set them. Returns ``{logger: level}`` as applied.
+    """
+    ours = getattr(logging, level.upper())
+    libs = logging.INFO if level == "debug" else logging.ERROR
+    lib_name = logging.getLevelName(libs)
+    os.environ["CAPPY_LOG_LEVEL"] = level
+    env = {
+        "RAY_LOGGER_LEVEL": lib_name.lower(),       # ray.init's driver logger ("Started a local Ray instance")
+        "RAY_DATA_LOG_LEVEL": lib_name,             # Ray Data's console lines
+        "VLLM_LOGGING_LEVEL": lib_name,             # engine start-up, per-layer dtype warnings
+        "TRANSFORMERS_VERBOSITY": lib_name.lower(),  # load reports ("Some weights ... newly initialized")
+        "HF_HUB_VERBOSITY": lib_name.lower(),
+    }
+    if level != "debug":
+        env["PYTHONWARNINGS"] = "ignore"  # library deprecation warnings in worker processes
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    logging.captureWarnings(True)  # warnings.warn in this process go through "py.warnings"
+    applied = {"cappy_core": ours, "jobs": ours, "serve_app": ours}
+    applied.update({name: libs for name in THIRD_PARTY_LOGGERS})
+    for name, lvl in applied.items():
+        logging.getLogger(name).setLevel(lvl)
+    logging.getLogger().setLevel(libs)  # any other library: as the ones above
+    return applied
+
 
 # (words, module, one-line help). Longest match wins, so "data prepare" beats "data".
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
@@ -57,12 +127,19 @@ def _usage() -> str:
         "commands:",
     ]
     lines += [f"  {' '.join(w):<{width}}  {h}" for w, _, h in COMMANDS]
-    lines += ["", "Run `cappy <command> --help` for a command's options."]
+    lines += ["", "options of every command:", f"  {LOG_LEVEL_HELP}",
+              "", "Run `cappy <command> --help` for a command's options."]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        level, argv = split_log_level(argv)
+    except ValueError as e:
+        print(f"cappy: error: {e}", file=sys.stderr)
+        return 2
+    apply_log_level(level)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
@@ -85,7 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     words, module = best
     mod = importlib.import_module(module)
-    return int(mod.main(argv[len(words):], prog="cappy " + " ".join(words)) or 0)
+    try:
+        return int(mod.main(argv[len(words):], prog="cappy " + " ".join(words)) or 0)
+    except SystemExit as e:  # argparse's --help: name the option this dispatcher handles
+        if e.code in (0, None) and {"-h", "--help"} & set(argv[len(words):]):
+            print(f"\noptions of every cappy command:\n  {LOG_LEVEL_HELP}")
+        raise
 
 
 if __name__ == "__main__":
