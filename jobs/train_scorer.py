@@ -219,7 +219,9 @@ def run_training(cfg: TrainScorerConfig, paths: dict[str, str], train_file: str,
         "total_updates": total, "grad_accum_steps": accum, "torch_threads": threads,
         "checkpoint_every": cfg.checkpoint_every, "eval_every": cfg.eval_every or cfg.checkpoint_every,
         "log_every": cfg.log_every, "eval_batch_size": cfg.eval_batch_size,
-        "fail_at_update": fail_at_update(cfg.fail_at_update), "run_info": run_info,
+        "fail_at_update": fail_at_update(cfg.fail_at_update),
+        # in every checkpoint's cappy.json, and so in its model card
+        "run_info": {**run_info, "train_pairs": rows, "eval_pairs": eval_rows, "loss": cfg.loss},
         # The held-out pairs are small and every rank scores its share of all of them: one object
         # in the object store instead of a second Ray Data pipeline per worker and attempt.
         "eval_pairs": ray.put(read_pair_columns(eval_file)) if eval_rows else None}

@@ -185,6 +185,40 @@ def test_save_load_round_trip(scorer, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+def test_saved_scorer_has_a_model_card_and_loads_in_plain_transformers(scorer, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    ckpt = tmp_path / "tense-scorer"
+    run = {"job": "finetune", "name": "finetune-tense", "task": "tense", "train_pairs": 1024, "eval_pairs": 64,
+           "loss": "mse"}
+    scorer.save_pretrained(ckpt, metadata={"update": 8, "total_updates": 8, "metrics": {"spearman": 0.4321}, "run": run})
+    card = (ckpt / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n") and "\nbase_model: sentence-transformers/all-MiniLM-L6-v2\n" in card
+    for row in ("| training data | BIG-Bench: tense |", "| training pairs | 1,024 (64 held out) |", "| loss | mse |",
+                "| updates | 8 of 8 |", "| metric: spearman | 0.4321 |", "| max length | 512 tokens"):
+        assert row in card, row
+    # the card's recipe: the tokenizer's plain pair encoding, one padded batch, first logit
+    ins, res = _pairs(12, seed=9)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    model = AutoModelForSequenceClassification.from_pretrained(ckpt).eval()
+    enc = tok(ins, res, truncation="longest_first", max_length=512, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        plain = model(**enc).logits[:, 0].numpy()
+    ours = np.array(scorer.score(ins, res))
+    np.testing.assert_allclose(plain, ours, atol=1e-5, rtol=0)
+    assert np.ptp(ours) > 1e-2  # the pairs score differently, so equal scores mean equal inputs
+    swapped = np.array(scorer.score(res, ins))  # e.g. (response, instruction) would not pass
+    assert np.abs(swapped - ours).max() > 1e-3
+
+
+def test_saved_scorer_loads_as_a_sentence_transformers_cross_encoder(scorer, tmp_path):
+    st_ = pytest.importorskip("sentence_transformers")
+    ckpt = scorer.save_pretrained(tmp_path / "scorer")
+    ins, res = _pairs(12, seed=11)
+    model = st_.CrossEncoder(str(ckpt), max_length=512, activation_fn=torch.nn.Identity(), device="cpu")
+    np.testing.assert_allclose(model.predict(list(zip(ins, res))), scorer.score(ins, res), atol=1e-5, rtol=0)
+
+
 def test_pickle_only_folder_refused_unless_allowed(scorer, tmp_path):
     ckpt = tmp_path / "pickled"
     scorer.save_pretrained(ckpt)
