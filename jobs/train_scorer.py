@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import shutil
 import sys
 import tempfile
@@ -83,6 +84,9 @@ class TrainScorerConfig:
     listwise_tau: float = field(default=0.3, metadata={"help": "listwise target: softmax(label / tau)"})
     mse_weight: float = field(default=0.0, metadata={"help": "listwise+mse: weight of the MSE term"})
     group_by_instruction: bool = field(default=False, metadata={"help": "one instruction's pairs per micro-batch"})
+    push_to_hub: Optional[str] = field(default=None, metadata={
+        "metavar": "REPO", "help": "upload the finished scorer (with its model card) to this Hugging Face "
+                                   "model repo, e.g. me/cappy-tense; checked before training"})
 
 
 def schedule_of(cfg: TrainScorerConfig):
@@ -106,6 +110,45 @@ def check_config(cfg: TrainScorerConfig) -> None:
             raise ConfigError(f"{k} must be {rule}, got {getattr(cfg, k)}")
     accum_steps(schedule_of(cfg), cfg.num_workers)  # the schedule's rules; batch = micro x workers x k
     check_init(cfg.init, cfg.allow_pickle)
+    if cfg.push_to_hub:
+        check_hub_push(cfg.push_to_hub)
+
+
+HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def check_hub_push(repo: str) -> None:
+    """Fail before training, not after, when ``--push-to-hub REPO`` cannot work: a malformed
+    repo id, offline mode, no token, or no route to the hub (one ``whoami`` call)."""
+    if not HUB_REPO.fullmatch(repo):
+        raise ConfigError(f"--push-to-hub {repo!r}: expected a model repo id OWNER/NAME")
+    from huggingface_hub import HfApi, constants, get_token
+
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError(f"--push-to-hub {repo}: HF_HUB_OFFLINE is set; unset it on a machine with network")
+    if not get_token():
+        raise ConfigError(f"--push-to-hub {repo}: no Hugging Face token (set HF_TOKEN or run `hf auth login`)")
+    try:
+        HfApi().whoami()
+    except Exception as e:  # connection refused, DNS, proxy, 401: all "cannot push from here"
+        raise ConfigError(f"--push-to-hub {repo}: cannot reach the Hugging Face hub with this token "
+                          f"({type(e).__name__}: {e})") from e
+
+
+def push_to_hub(folder: str, repo: str, log: Callable[[str], None] = print) -> str:
+    """Upload a scorer folder (weights, tokenizer, cappy.json, model card) to ``repo``; its URL."""
+    from huggingface_hub import HfApi
+
+    from cappy_core.training import TRAIN_STATE_FILE
+
+    api = HfApi()
+    api.create_repo(repo, repo_type="model", exist_ok=True)
+    info = api.upload_folder(folder_path=folder, repo_id=repo, repo_type="model",
+                             ignore_patterns=[TRAIN_STATE_FILE, "results.json"],  # local paths, curves
+                             commit_message="Cappy scorer (cappy on Ray)")
+    url = getattr(info, "repo_url", None) or f"https://huggingface.co/{repo}"
+    log(f"pushed {folder} to {url}")
+    return str(url)
 
 
 #: Print once from a worker (Ray Train's patched ``print`` shows stdout lines twice).
@@ -284,6 +327,8 @@ def run_job(job: str, cfg: TrainScorerConfig, *, default_name: str, data_key: di
                "losses": outcome.losses, "evals": outcome.evals}
     write_json(Path(outcome.output) / "results.json", results)
     print(summary_line(label, outcome), flush=True)
+    if cfg.push_to_hub:
+        results["hub_url"] = push_to_hub(outcome.output, cfg.push_to_hub, log)
     return results
 
 

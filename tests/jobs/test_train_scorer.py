@@ -128,6 +128,29 @@ def test_config_errors_are_clear(tmp_path, capsys, tiny_scorer):
         finetune.main(["--preset", "nope"])
 
 
+def test_push_to_hub_fails_before_training_without_network(tmp_path, capsys, tiny_scorer, monkeypatch):
+    import huggingface_hub.constants as hub
+
+    base = ["--task", "tense", "--init", tiny_scorer, "--storage-path", str(tmp_path), "--push-to-hub"]
+    assert finetune.main([*base, "not a repo"]) == 2
+    assert "expected a model repo id OWNER/NAME" in capsys.readouterr().err
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    assert pretrain.main(["--tasks", "implicatures", *base[2:], "me/cappy"]) == 2
+    assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(hub, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    assert finetune.main([*base, "me/cappy"]) == 2
+    assert "no Hugging Face token" in capsys.readouterr().err
+    # a token but no route to the hub: an unreachable local endpoint stands in for no network
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    monkeypatch.setattr(hub, "ENDPOINT", "http://127.0.0.1:9")
+    assert finetune.main([*base, "me/cappy"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --push-to-hub me/cappy: cannot reach the Hugging Face hub") and "Traceback" not in err
+    assert not any(tmp_path.glob("finetune-*"))  # nothing was trained
+
+
 @pytest.mark.bigbench
 def test_unknown_task_and_bad_sample_labels(tmp_path, capsys, tiny_scorer, bigbench_root):
     base = ["--init", tiny_scorer, "--storage-path", str(tmp_path)]
