@@ -290,10 +290,18 @@ def run(cfg: SweepConfig, preset: str | None = None, log=print) -> dict:
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = build_parser(SweepConfig, prog=prog or f"python -m jobs.{JOB}", description=DESCRIPTION,
                           epilog=EPILOG, presets=presets(JOB))
+    parser.add_argument("--dry-run", action="store_true", help="print the plan (tasks, instructions and candidates "
+                        "per split, cached stages, estimated minutes) and run nothing")
     args = parser.parse_args(argv)
 
     def body() -> int:  # 1: some task failed
-        return 1 if run(config_from_args(SweepConfig, args, presets(JOB)), preset=args.preset).get("failed") else 0
+        cfg = config_from_args(SweepConfig, args, presets(JOB))
+        if args.dry_run:  # not a config field: it changes no result
+            from jobs.sweep_plan import format_plan, plan
+
+            print(format_plan(plan(cfg, args.preset)))
+            return 0
+        return 1 if run(cfg, preset=args.preset).get("failed") else 0
 
     return run_main(body)
 

@@ -1,0 +1,159 @@
+"""``cappy sweep --dry-run``: what a sweep would do, from what is on disk, without doing any of it.
+
+Per task and split the instructions and candidates it would sample; per stage whether it is
+cached (BIG-Bench, ``OUT/data``, the generator, the pretrained scorer, sampled shards, finished
+tasks, with the same checks the sweep makes); and an estimated time from the measured rates
+below. Nothing is trained, sampled, downloaded or written, and Ray is not started.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+# Measured rates: `cappy sweep --preset local` cold on a 2-core AVX2 CPU (README, "The main job":
+# generator 500 s for 1,500 updates, scorer pretraining 180 s, sampling 300 s for 669 x 17
+# candidates with the transformers backend in two actors, six tasks 591 s with two at a time,
+# BIG-Bench download 54 s). Other presets, models or machines scale differently: the estimate
+# says which rate it used.
+GENERATOR_S_PER_UPDATE = 500 / 1500
+PRETRAIN_LOCAL_S = 180.0
+SAMPLING_CANDIDATES_PER_S = 669 * 17 / 300
+TASK_S = 591 / 6  # wall seconds per task at the local preset's sizes and concurrency
+DOWNLOAD_S = 54.0
+RATES_SOURCE = "measured: `cappy sweep --preset local`, cold, 2-core CPU (README, The main job)"
+
+
+def _task_sizes(cfg: Any, out: Path) -> tuple[dict[str, dict[str, int]], dict[str, str], bool, str]:
+    """``({task: {split: examples}}, {spec: why unavailable}, OUT/data ready, where from)``."""
+    from cappy_core.data.bigbench import TooFewExamples, find_tasks, load_task
+    from cappy_core.data.prepare import MANIFEST
+    from cappy_core.data.source import bigbench_task_root
+    from cappy_core.data.tasks import resolve_tasks
+
+    roots = [bigbench_task_root(cfg.cache_dir)] + [Path(d).expanduser() for d in cfg.task_dir]
+    names, unavailable = resolve_tasks(cfg.tasks, find_tasks(roots))
+    manifest_path = out / "data" / MANIFEST
+    prepared = json.loads(manifest_path.read_text())["tasks"] if manifest_path.is_file() else {}
+    sizes: dict[str, dict[str, int]] = {}
+    for name in names:
+        if name in prepared and (out / "data" / name / "validation.parquet").is_file():
+            sizes[name] = dict(prepared[name]["sizes"])
+            continue
+        located = find_tasks(roots)[name]
+        try:
+            sizes[name] = {s: len(rows) for s, rows in load_task(located, name).items()}
+        except TooFewExamples as e:
+            unavailable[name] = str(e)
+    ready = bool(sizes) and all(t in prepared for t in sizes)
+    return sizes, unavailable, ready, "OUT/data" if ready else "the BIG-Bench cache"
+
+
+def plan(cfg: Any, preset: str | None = None) -> dict[str, Any]:
+    """The plan as a dict (see :func:`format_plan`); raises the sweep's own config errors."""
+    from cappy_core.config import to_dict
+    from cappy_core.data.source import BigBenchNotFound, default_cache_dir
+    from cappy_core.generation import candidates_per_instruction, decodings_from_names
+    from cappy_core.lm import default_generator_path, is_generator_dir
+    from cappy_core.task_eval import check_config, finished, key_digest, result_key, settings_from_config
+    from jobs.sweep import embedded_generator_name
+
+    check_config(to_dict(cfg))
+    out = Path(cfg.out or f"~/cappy_runs/sweep-{preset or 'custom'}").expanduser().resolve()
+    per_instruction = candidates_per_instruction(decodings_from_names(cfg.decodings, cfg.samples_per_decoding))
+    stages: list[dict[str, Any]] = []
+    try:
+        sizes, unavailable, data_ready, sizes_from = _task_sizes(cfg, out)
+        stages.append({"stage": "data", "cached": data_ready, "seconds": 0.0,
+                       "what": f"BIG-Bench cached; OUT/data {'prepared' if data_ready else 'to prepare'}"})
+    except BigBenchNotFound:
+        sizes, unavailable, sizes_from = {}, {}, None
+        stages.append({"stage": "data", "cached": False, "seconds": DOWNLOAD_S,
+                       "what": "BIG-Bench not cached: download (`cappy data download`), then prepare"})
+    tasks = sorted(sizes)
+
+    if cfg.generator:
+        from cappy_core.generation import resolve_generator
+
+        generator = resolve_generator(cfg.generator, cfg.backend, cache_dir=cfg.cache_dir).path
+        stages.append({"stage": "generator", "cached": True, "seconds": 0.0, "what": f"given: {generator}"})
+    else:
+        name, _ = embedded_generator_name(cfg, tasks)
+        path = default_generator_path(name, cfg.cache_dir)
+        generator, cached = str(path), is_generator_dir(path)
+        stages.append({"stage": "generator", "cached": cached, "what": f"embedded, {path}",
+                       "seconds": 0.0 if cached else cfg.generator_updates * GENERATOR_S_PER_UPDATE})
+
+    if cfg.scorer:
+        from cappy_core.scorer_runs import check_init
+
+        check_init(cfg.scorer, flag="--scorer")  # the sweep's own check
+        init = cfg.scorer
+        stages.append({"stage": "scorer init", "cached": True, "seconds": 0.0, "what": f"given: {init}"})
+    else:
+        cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+        path = cache / "scorer" / f"pretrain-{cfg.pretrain_preset}"
+        init, cached = str(path), (path / "config.json").is_file()
+        stages.append({"stage": "scorer init", "cached": cached, "what": f"pretrained ({cfg.pretrain_preset}), {path}",
+                       "seconds": 0.0 if cached else PRETRAIN_LOCAL_S})
+
+    key = result_key(to_dict(cfg), generator, init, tasks)
+    settings = settings_from_config(to_dict(cfg), out, init)
+    done = {t for t in tasks if not cfg.redo and finished(settings.tasks_dir, t, key_digest(key)) is not None}
+    todo = [t for t in tasks if t not in done]
+    sampled_for = tasks if cfg.finetune_scope == "all" else todo
+    splits = ([("train", cfg.max_train_examples_per_task)] if cfg.finetune or cfg.dev_examples_per_task else []) + \
+        [("validation", cfg.max_examples_per_task)]
+    rows = []
+    for task in tasks:
+        row: dict[str, Any] = {"task": task, "finished": task in done}
+        for split, cap in splits:
+            n = sizes[task].get(split, 0)
+            row[split] = min(n, cap) if cap is not None else n
+            row[f"{split}_sampled"] = _sampled(out / "candidates" / split, task, split)
+        rows.append(row)
+    to_sample = sum(max(0, r[s] - r[f"{s}_sampled"]) for r in rows if r["task"] in sampled_for for s, _ in splits)
+    total = sum(r[s] for r in rows for s, _ in splits)
+    stages.append({"stage": "sample + label", "cached": not todo or to_sample == 0,
+                   "what": f"{total:,} instructions x {per_instruction} = {total * per_instruction:,} candidates; "
+                           f"{to_sample:,} instructions to sample",
+                   "seconds": (to_sample * per_instruction / SAMPLING_CANDIDATES_PER_S) if todo else 0.0})
+    stages.append({"stage": "tasks", "cached": not todo, "seconds": len(todo) * TASK_S,
+                   "what": f"{len(done)} finished with these settings, {len(todo)} to run "
+                           f"({cfg.cpus_per_task} CPU{f' + {cfg.gpus_per_task} GPU' if cfg.gpus_per_task else ''} each)"})
+    return {"out": str(out), "tasks": tasks, "unavailable": unavailable, "sizes_from": sizes_from,
+            "splits": [s for s, _ in splits], "candidates_per_instruction": per_instruction, "rows": rows,
+            "stages": stages, "estimated_s": sum(s["seconds"] for s in stages), "rates": RATES_SOURCE}
+
+
+def _sampled(folder: Path, task: str, split: str) -> int:
+    """Instructions in completed shards (``part-NNNNN.done.json``) of one task and split."""
+    n = 0
+    for record in (folder / task / split).glob("part-*.done.json"):
+        try:
+            n += int(json.loads(record.read_text()).get("instructions", 0))
+        except (OSError, ValueError):
+            continue
+    return n
+
+
+def format_plan(p: dict[str, Any]) -> str:
+    """The plan as the text ``cappy sweep --dry-run`` prints."""
+    splits = p["splits"]
+    lines = [f"sweep plan (dry run: nothing is run or written) into {p['out']}",
+             f"tasks: {len(p['tasks'])}" + (f" (sizes from {p['sizes_from']})" if p["sizes_from"] else "")]
+    lines += [f"  unavailable: {spec}: {why}" for spec, why in p["unavailable"].items()]
+    if p["rows"]:
+        head = " | ".join(f"{s} instr (sampled)" for s in splits)
+        lines += ["", f"| task | {head} | candidates | finished |", "|---" * (len(splits) + 3) + "|"]
+        for r in p["rows"]:
+            cells = " | ".join(f"{r[s]} ({r[f'{s}_sampled']})" for s in splits)
+            cands = sum(r[s] for s in splits) * p["candidates_per_instruction"]
+            lines.append(f"| {r['task']} | {cells} | {cands:,} | {'yes' if r['finished'] else 'no'} |")
+    lines += ["", "stages:"]
+    for s in p["stages"]:
+        state = "cached" if s["cached"] else f"~{s['seconds'] / 60:.1f} min"
+        lines.append(f"  {s['stage']:<15} {state:<11} {s['what']}")
+    lines += ["", f"estimated time: ~{p['estimated_s'] / 60:.0f} min ({p['rates']})"]
+    return "\n".join(lines)

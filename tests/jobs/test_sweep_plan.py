@@ -1,0 +1,66 @@
+"""`cappy sweep --dry-run`: the plan matches the data and what is on disk, and nothing is run or written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cappy_core.config import to_dict
+
+TASKS = ["tense", "rephrase"]
+
+
+@pytest.fixture(scope="module")
+def generator(tmp_path_factory):
+    from cappy_core.lm import tiny_generator
+
+    return str(tiny_generator(tmp_path_factory.mktemp("gen") / "llama"))
+
+
+@pytest.mark.bigbench
+def test_dry_run_plans_from_the_data_and_the_outputs_on_disk(tmp_path, generator, bigbench_root, capsys):
+    from cappy_core.data.bigbench import load_task
+    from cappy_core.task_eval import key_digest, result_key
+    from jobs import sweep
+    from jobs.sweep_plan import SAMPLING_CANDIDATES_PER_S, TASK_S, plan
+
+    out = tmp_path / "out"
+    argv = ["--tasks", *TASKS, "--out", str(out), "--generator", generator, "--backend", "hf", "--scorer", "minilm",
+            "--max-examples-per-task", "20", "--max-train-examples-per-task", "30", "--dry-run"]
+    assert sweep.main(argv) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"sweep plan (dry run: nothing is run or written) into {out}")
+    assert not out.exists()  # nothing written
+
+    sizes = {t: {s: len(rows) for s, rows in load_task(bigbench_root, t).items()} for t in TASKS}
+    want = {t: (min(30, sizes[t]["train"]), min(20, sizes[t]["validation"])) for t in TASKS}
+    for t, (tr, va) in want.items():
+        assert f"| {t} | {tr} (0) | {va} (0) | {(tr + va) * 17:,} | no |" in text
+    cfg = sweep.SweepConfig(tasks=TASKS, out=str(out), generator=generator, backend="hf", scorer="minilm",
+                            max_examples_per_task=20, max_train_examples_per_task=30)
+    p = plan(cfg)
+    assert [(r["task"], r["train"], r["validation"]) for r in sorted(p["rows"], key=lambda r: TASKS.index(r["task"]))] \
+        == [(t, *want[t]) for t in TASKS]
+    total = sum(sum(v) for v in want.values())
+    assert p["estimated_s"] == pytest.approx(total * 17 / SAMPLING_CANDIDATES_PER_S + 2 * TASK_S)
+
+    # tense finished with these settings (the sweep's own key) and 7 rephrase validation instructions sampled:
+    # tense is neither sampled nor run again; rephrase samples what is left
+    key = result_key(to_dict(cfg), generator, "minilm", sorted(TASKS))
+    (out / "tasks").mkdir(parents=True)
+    (out / "tasks" / "tense.json").write_text(json.dumps({"status": "ok", "key_digest": key_digest(key)}))
+    shard = out / "candidates" / "validation" / "rephrase" / "validation"
+    shard.mkdir(parents=True)
+    (shard / "part-00000.done.json").write_text(json.dumps({"instructions": 7}))
+    p = plan(cfg)
+    rows = {r["task"]: r for r in p["rows"]}
+    assert rows["tense"]["finished"] and not rows["rephrase"]["finished"] and rows["rephrase"]["validation_sampled"] == 7
+    stages = {s["stage"]: s for s in p["stages"]}
+    assert stages["tasks"]["what"].startswith("1 finished with these settings, 1 to run")
+    left = sum(want["rephrase"]) - 7
+    assert stages["sample + label"]["seconds"] == pytest.approx(left * 17 / SAMPLING_CANDIDATES_PER_S)
+    assert stages["generator"]["cached"] and stages["scorer init"]["cached"]
+    # a stale result (other settings) is not finished
+    (out / "tasks" / "tense.json").write_text(json.dumps({"status": "ok", "key_digest": "other"}))
+    assert not any(r["finished"] for r in plan(cfg)["rows"])
