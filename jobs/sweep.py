@@ -35,6 +35,7 @@ from cappy_core.io import write_json
 from cappy_core.task_eval import (TaskSettings, check_config, finetune_shared, finished, key_digest, read_result,
                                   result_key, result_path, result_record, run_task, settings_from_config)
 from jobs.cli import presets
+from jobs.tracking import TrackingOptions, check_report_to
 
 JOB = "sweep"
 DESCRIPTION = ("The main job: sample candidates for BIG-Bench tasks, finetune a Cappy scorer per task, and "
@@ -51,7 +52,7 @@ candidates/ (sampled and labelled), data/ (BIG-Bench Parquet), sweep_run.json (s
 
 
 @dataclass
-class SweepConfig(CacheOptions):
+class SweepConfig(CacheOptions, TrackingOptions):
     tasks: list[str] = field(default_factory=lambda: list(LOCAL_TASKS), metadata={
         "help": "'all45' (the paper's 45 generative tasks; 44 offline) or task names"})
     task_dir: list[str] = field(default_factory=list, metadata={
@@ -155,7 +156,7 @@ def ensure_generator_for(cfg: SweepConfig, tasks: list[str], log) -> str:
     name, train_tasks = embedded_generator_name(cfg, tasks)
     gcfg = GeneratorConfig(name=name, cache_dir=cfg.cache_dir, tasks=train_tasks, task_dir=list(cfg.task_dir),
                            updates=cfg.generator_updates, time_budget_s=cfg.generator_time_budget_s,
-                           eval_tasks=sorted(tasks)[:6], eval_examples=16, seed=cfg.seed)
+                           eval_tasks=sorted(tasks)[:6], eval_examples=16, seed=cfg.seed, report_to=cfg.report_to)
     return str(ensure_generator(config=gcfg, log=log))
 
 
@@ -178,7 +179,7 @@ def ensure_scorer_init(cfg: SweepConfig, log) -> str:
         raise ConfigError(f"--pretrain-preset {cfg.pretrain_preset!r}: unknown; choose from {sorted(known)}")
     log(f"no pretrained scorer at {path}: pretraining one (`cappy pretrain --preset {cfg.pretrain_preset}`)")
     values = load_yaml(PretrainConfig, known[cfg.pretrain_preset])
-    values.update(output=str(path), storage_path=str(cache / "runs"), cache_dir=cfg.cache_dir)
+    values.update(output=str(path), storage_path=str(cache / "runs"), cache_dir=cfg.cache_dir, report_to=cfg.report_to)
     run_pretrain(PretrainConfig(**values), log=log)
     return str(path)
 
@@ -244,6 +245,7 @@ def run(cfg: SweepConfig, preset: str | None = None, log=print) -> dict:
     from cappy_core.report import write_reports
 
     check_config(to_dict(cfg))
+    check_report_to(cfg.report_to)
     out = Path(cfg.out or f"~/cappy_runs/sweep-{preset or 'custom'}").expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     stages: dict[str, float] = {}
@@ -284,6 +286,9 @@ def run(cfg: SweepConfig, preset: str | None = None, log=print) -> dict:
     write_json(out / "sweep_run.json", {"config": to_dict(cfg), "preset": preset, "generator": generator,
                                         "scorer_init": init, "tasks": tasks, "ran": todo, "stages": stages})
     log(f"stage times (s): {json.dumps(stages)}")
+    from jobs.tracking import report, sweep_run
+
+    report(cfg.report_to, out, "sweep", to_dict(cfg), lambda tracker: sweep_run(tracker, summary, records, stages), log)
     return summary
 
 

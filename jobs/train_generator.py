@@ -47,12 +47,13 @@ from typing import Callable, Optional
 from cappy_core.config import CacheOptions, ConfigError, build_parser, config_from_args, run_main, to_dict
 from cappy_core.data.tasks import LOCAL_TASKS
 from cappy_core.lm import DEFAULT_GENERATOR_NAME, default_generator_path, generator_metadata, is_generator_dir
+from jobs.tracking import TrackingOptions, check_report_to
 
 __all__ = ["GeneratorConfig", "ensure_generator", "parse_config", "train_generator", "main"]
 
 
 @dataclass
-class GeneratorConfig(CacheOptions):
+class GeneratorConfig(CacheOptions, TrackingOptions):
     # where
     name: str = field(default=DEFAULT_GENERATOR_NAME, metadata={
         "help": "folder name under <cache>/generator/ (ignored with --out)"})
@@ -142,6 +143,7 @@ def train_generator(cfg: GeneratorConfig, log: Callable[[str], None] = print) ->
 
     t_start = time.monotonic()
     check_config(cfg)
+    check_report_to(cfg.report_to)
     out = output_path(cfg)
     gt.check_output_folder(out)
     deadline = t_start + cfg.time_budget_s if cfg.time_budget_s > 0 else None
@@ -177,6 +179,11 @@ def train_generator(cfg: GeneratorConfig, log: Callable[[str], None] = print) ->
 
     save_generator(fit.model, tokenizer, out, metadata=metadata)
     log(gt.summary_line(out, metadata, time.monotonic() - t_start))
+    from jobs.tracking import generator_run, report
+
+    # beside the generator folder, not in it: the folder is written atomically and read by vLLM
+    report(cfg.report_to, out.parent / "runs", out.name, to_dict(cfg),
+           lambda tracker: generator_run(tracker, fit.state.losses, metadata), log)
     return metadata
 
 

@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from cappy_core.config import ConfigError, to_dict
+from jobs.tracking import TrackingOptions, check_report_to
 
 
 @dataclass
-class TrainScorerConfig:
+class TrainScorerConfig(TrackingOptions):
     """Fields shared by the pretrain and finetune jobs (each adds its data fields)."""
 
     init: str = field(default="minilm", metadata={
@@ -110,6 +111,7 @@ def check_config(cfg: TrainScorerConfig) -> None:
             raise ConfigError(f"{k} must be {rule}, got {getattr(cfg, k)}")
     accum_steps(schedule_of(cfg), cfg.num_workers)  # the schedule's rules; batch = micro x workers x k
     check_init(cfg.init, cfg.allow_pickle)
+    check_report_to(cfg.report_to)
     if cfg.push_to_hub:
         check_hub_push(cfg.push_to_hub)
 
@@ -327,6 +329,10 @@ def run_job(job: str, cfg: TrainScorerConfig, *, default_name: str, data_key: di
                "losses": outcome.losses, "evals": outcome.evals}
     write_json(Path(outcome.output) / "results.json", results)
     print(summary_line(label, outcome), flush=True)
+    from jobs.tracking import report, scorer_run
+
+    report(cfg.report_to, paths["run_dir"], paths["name"], to_dict(cfg),
+           lambda tracker: scorer_run(tracker, results, outcome.total_updates), log)
     if cfg.push_to_hub:
         results["hub_url"] = push_to_hub(outcome.output, cfg.push_to_hub, log)
     return results

@@ -1,0 +1,156 @@
+"""Experiment tracking (``--report-to``): a job's curves and metrics in TensorBoard, MLflow or W&B.
+
+Each job logs what it already records, once it has it: pretrain / finetune the loss of every
+update, its learning rate (the schedule's :func:`~cappy_core.training.lr_at`), the evals and the
+throughput; generator training its loss curve, tokens/s and greedy Rouge-L; the sweep every task's
+metrics, the means and the stage times. The values are the job's own (``results.json``,
+``cappy_generator.json``, ``summary.json``), so a tracker and the JSON never disagree.
+
+All three work offline on local files: TensorBoard event files (``tensorboardX``, which the vLLM
+extras install; ``pip install -e ".[tracking]"`` otherwise) under ``FOLDER/tensorboard/<run>``,
+an MLflow file store under ``FOLDER/mlruns`` (experiment ``cappy``), W&B in offline mode under
+``FOLDER/wandb`` (``wandb sync`` uploads it later). A missing package is an error naming it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+REPORT_TO = ("none", "tensorboard", "mlflow", "wandb")
+_PACKAGES = {"tensorboard": "tensorboardX", "mlflow": "mlflow", "wandb": "wandb"}
+
+
+@dataclass
+class TrackingOptions:
+    """``--report-to``, shared by the jobs that train or evaluate (their configs inherit it)."""
+
+    report_to: str = field(default="none", metadata={
+        "choices": list(REPORT_TO), "help": "also log curves and metrics to TensorBoard, MLflow or W&B "
+                                            "(offline, local files under the job's output folder)"})
+
+
+def check_report_to(kind: str) -> None:
+    """Fail before the job runs when the tracker's package is missing."""
+    if kind not in REPORT_TO:
+        raise ValueError(f"--report-to {kind!r}: choose one of {', '.join(REPORT_TO)}")
+    if kind == "none":
+        return
+    import importlib.util
+
+    package = _PACKAGES[kind]
+    if importlib.util.find_spec(package) is None:
+        raise ImportError(f"--report-to {kind}: the {package!r} package is not installed "
+                          f"(pip install {'-e .[tracking]' if kind == 'tensorboard' else package})")
+
+
+def _numeric(values: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+
+
+class Tracker:
+    """One run of one tracker: :meth:`scalars` at a step, :meth:`close` → where it was written."""
+
+    def __init__(self, kind: str, folder: str | Path, run_name: str, params: Mapping[str, Any]):
+        check_report_to(kind)
+        self.kind, folder = kind, Path(folder)
+        flat = {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in params.items()}
+        if kind == "tensorboard":
+            from tensorboardX import SummaryWriter
+
+            self.where = folder / "tensorboard" / run_name
+            self._tb = SummaryWriter(logdir=str(self.where))
+            self._tb.add_text("config", "\n".join(f"    {k}: {v}" for k, v in flat.items()), 0)
+        elif kind == "mlflow":
+            import mlflow
+
+            self.where = folder / "mlruns"
+            self._ml = mlflow.MlflowClient(tracking_uri=self.where.resolve().as_uri())
+            exp = self._ml.get_experiment_by_name("cappy")
+            exp_id = exp.experiment_id if exp else self._ml.create_experiment("cappy")
+            self._run = self._ml.create_run(exp_id, run_name=run_name)
+            for k, v in flat.items():
+                self._ml.log_param(self._run.info.run_id, k, str(v)[:500])
+        else:
+            import wandb
+
+            self.where = folder / "wandb"
+            self.where.mkdir(parents=True, exist_ok=True)
+            self._wb = wandb.init(project="cappy", name=run_name, config=flat, dir=str(self.where), mode="offline",
+                                  reinit=True)
+
+    def scalars(self, values: Mapping[str, Any], step: int) -> None:
+        values = _numeric(values)
+        if self.kind == "tensorboard":
+            for k, v in values.items():
+                self._tb.add_scalar(k, v, step)
+        elif self.kind == "mlflow":
+            for k, v in values.items():
+                self._ml.log_metric(self._run.info.run_id, k.replace("@", "_"), v, step=step)
+        else:
+            self._wb.log(values, step=step)
+
+    def curve(self, tag: str, values: Sequence[float], first_step: int = 1) -> None:
+        for i, v in enumerate(values):
+            self.scalars({tag: v}, first_step + i)
+
+    def close(self) -> Path:
+        if self.kind == "tensorboard":
+            self._tb.close()
+        elif self.kind == "mlflow":
+            self._ml.set_terminated(self._run.info.run_id)
+        else:
+            self._wb.finish()
+        return self.where
+
+
+def report(kind: str, folder: str | Path, run_name: str, params: Mapping[str, Any],
+           write: Callable[[Tracker], None], log: Callable[[str], None] = print) -> Path | None:
+    """Open a tracker (unless ``kind`` is ``none``), let ``write`` log into it, close it."""
+    if kind == "none":
+        return None
+    tracker = Tracker(kind, folder, run_name, params)
+    try:
+        write(tracker)
+    finally:
+        where = tracker.close()
+    log(f"{kind}: {where}")
+    return where
+
+
+# --- what each job logs ----------------------------------------------------------------------
+
+def scorer_run(tracker: Tracker, results: Mapping[str, Any], total_updates: int) -> None:
+    """pretrain / finetune: loss and learning rate per update, evals, throughput."""
+    from cappy_core.training import lr_at, warmup_updates
+
+    cfg = results["config"]
+    warmup = warmup_updates(total_updates, cfg["warmup_ratio"])
+    for i, loss in enumerate(results["losses"]):
+        tracker.scalars({"train/loss": loss, "train/lr": lr_at(i, total_updates, warmup, cfg["lr"])}, i + 1)
+    for ev in results.get("evals") or []:
+        tracker.scalars({f"eval/{k}": v for k, v in ev.items() if k != "update"}, int(ev.get("update", 0)))
+    last = len(results["losses"])
+    tracker.scalars({"train/samples_per_s": results.get("samples_per_s"), "train/seconds": results.get("seconds")}, last)
+
+
+def generator_run(tracker: Tracker, losses: Sequence[float], metadata: Mapping[str, Any]) -> None:
+    """generator training: loss per update, then throughput and the greedy eval."""
+    tracker.curve("train/loss", losses)
+    training = metadata.get("training", {})
+    tracker.scalars({"train/tokens_per_s": training.get("tokens_per_s"), "train/seconds": training.get("seconds"),
+                     **{f"eval/{k}": v for k, v in (metadata.get("eval") or {}).items()}}, len(losses))
+
+
+def sweep_run(tracker: Tracker, summary: Mapping[str, Any], records: Mapping[str, dict],
+              stages: Mapping[str, float]) -> None:
+    """the sweep: each task's metrics and training numbers, the means, the stage times (step 0)."""
+    for task, rec in records.items():
+        if rec.get("status") == "ok":
+            tracker.scalars({f"{task}/{m}": v for m, v in rec.get("metrics", {}).items()}, 0)
+            tracker.scalars({f"{task}/training/{k}": v for k, v in (rec.get("training") or {}).items()}, 0)
+    tracker.scalars({f"mean/{m}": v for m, v in (summary.get("mean") or {}).items()}, 0)
+    tracker.scalars({f"stages/{k}": v for k, v in stages.items()}, 0)
