@@ -65,6 +65,10 @@ class Tracker:
             self._tb = SummaryWriter(logdir=str(self.where))
             self._tb.add_text("config", "\n".join(f"    {k}: {v}" for k, v in flat.items()), 0)
         elif kind == "mlflow":
+            import os
+
+            # the file store needs no database packages and no server; MLflow 3 keeps it behind this opt-in
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             import mlflow
 
             self.where = folder / "mlruns"

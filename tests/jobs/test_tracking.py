@@ -66,8 +66,9 @@ def test_scorer_run_logs_loss_lr_evals_and_throughput(tmp_path):
     assert logged["train/samples_per_s"] == [(4, 80.0)]
 
 
-def test_mlflow_file_store_holds_the_same_curve(tmp_path):
+def test_mlflow_file_store_holds_the_same_curve(tmp_path, monkeypatch):
     mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # what the tracker sets; restored afterwards
     where = tracking.report("mlflow", tmp_path, "finetune-tense", {"lr": 1e-3, "tasks": ["tense"]},
                             lambda t: tracking.scorer_run(t, RESULTS, total_updates=4), log=lambda s: None)
     client = mlflow.MlflowClient(tracking_uri=where.resolve().as_uri())
