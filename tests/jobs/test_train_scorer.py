@@ -182,7 +182,7 @@ def test_pretrain_then_finetune_two_tasks_at_once_through_the_cli(tmp_path, tiny
     proc = run_job(["-m", "jobs.cli", "pretrain", "--preset", "local", "--init", tiny_scorer,
                     "--tasks", "general_knowledge", "periodic_elements", "--max-pairs-per-task", "60",
                     "--train-size", "96", "--eval-size", "24", "--checkpoint-every", "3",
-                    "--storage-path", storage, *FAST, "--num-workers", "1"])
+                    "--storage-path", storage, *FAST, "--num-workers", "1", "--report-to", "tensorboard"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = SUMMARY.search(proc.stdout)
     assert m and m.group(1) == "pretrain" and m.group(2) == m.group(3) == "6", proc.stdout[-2000:]
@@ -195,6 +195,17 @@ def test_pretrain_then_finetune_two_tasks_at_once_through_the_cli(tmp_path, tiny
     assert not (pretrained / "optimizer.safetensors").exists()
     meta = Scorer.from_pretrained(pretrained).metadata["metadata"]
     assert meta["update"] == 6 and meta["metrics"]["eval_n"] == res["evals"][-1]["n"]
+    # --report-to tensorboard: the job's own loss curve and evals, read back from the event files
+    from test_tracking import read_tensorboard
+
+    logged = read_tensorboard(tmp_path / "runs" / "pretrain-local" / "tensorboard" / "pretrain-local")
+    assert logged["train/loss"] == [(i + 1, pytest.approx(v, rel=1e-6)) for i, v in enumerate(res["losses"])]
+    assert [s for s, _ in logged["eval/mse"]] == [0, 3, 6]
+    assert logged["eval/mse"][-1][1] == pytest.approx(res["evals"][-1]["mse"], rel=1e-6)
+    # the model card says what the scorer was trained on
+    card = (pretrained / "README.md").read_text()
+    assert "| training data | BIG-Bench: general_knowledge, periodic_elements |" in card
+    assert "| training pairs | 96 (24 held out) |" in card and "| loss | mse |" in card and "| updates | 6 of 6 |" in card
 
     procs = {task: subprocess.Popen(
         [sys.executable, "-m", "jobs.cli", "finetune", "--preset", "local", "--task", task,
