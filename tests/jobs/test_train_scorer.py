@@ -205,7 +205,9 @@ def test_pretrain_then_finetune_two_tasks_at_once_through_the_cli(tmp_path, tiny
     # the model card says what the scorer was trained on
     card = (pretrained / "README.md").read_text()
     assert "| training data | BIG-Bench: general_knowledge, periodic_elements |" in card
-    assert "| training pairs | 96 (24 held out) |" in card and "| loss | mse |" in card and "| updates | 6 of 6 |" in card
+    n_train, n_eval = (pq.read_metadata(res[k]).num_rows for k in ("train_pairs", "eval_pairs"))
+    assert f"| training pairs | {n_train:,} ({n_eval:,} held out) |" in card, card
+    assert "| loss | mse |" in card and "| updates | 6 of 6 |" in card
 
     procs = {task: subprocess.Popen(
         [sys.executable, "-m", "jobs.cli", "finetune", "--preset", "local", "--task", task,
