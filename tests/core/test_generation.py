@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+import torch
 
 from cappy_core.generation import (
     PAPER_DECODING_NAMES,
@@ -182,6 +183,27 @@ def test_hf_sampling_is_reproducible_and_independent_of_batching(hf):
     assert_same(together[1], alone[0])
     other_key = hf.generate(PROMPTS[1:2], decs, keys=["z"], **SMALL)
     assert [c.text for c in other_key[0]] != [c.text for c in alone[0]]
+
+
+def test_sampling_draws_follow_the_warped_distribution():
+    """The per-row rule draws each token with its (warped) probability, never a masked or
+    zero-probability one, and a row's uniform depends on its seed and step only."""
+    from cappy_core.generation.hf_backend import choose_tokens, row_uniforms, spec_warpers
+
+    seeds = torch.arange(20_000, dtype=torch.int64) * 7919 + 2**40
+    u0, u1 = row_uniforms(seeds, 0), row_uniforms(seeds, 1)
+    assert 0.0 <= float(u0.min()) and float(u0.max()) < 1.0 and abs(float(u0.mean()) - 0.5) < 0.01
+    assert abs(float(torch.corrcoef(torch.stack([u0, u1]))[0, 1])) < 0.03  # steps are independent draws
+    assert torch.equal(row_uniforms(seeds[5:6], 3), row_uniforms(seeds, 3)[5:6])  # batch-independent
+
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])).repeat(len(seeds), 1)
+    tokens, lps = choose_tokens(logits, False, [], seeds, 0, None)
+    freq = torch.bincount(tokens, minlength=5).double() / len(seeds)
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0], dtype=torch.float64), atol=0.012)
+    assert torch.allclose(lps, logits.gather(1, tokens[:, None])[:, 0])  # the raw log-probability
+    (spec,) = decodings_from_names(["topk2"], num_samples=1)
+    tokens, _ = choose_tokens(logits, False, spec_warpers(spec), seeds, 0, torch.tensor([0]))
+    assert set(tokens.tolist()) == {1, 2}  # token 0 masked (min length), top-2 of the rest
 
 
 @pytest.mark.parametrize("batch_rows", [5, 64])
