@@ -105,6 +105,9 @@ class SweepConfig(CacheOptions):
     mse_weight: float = field(default=0.0, metadata={"help": "listwise+mse: loss = listwise + w * mse"})
     group_by_instruction: bool = field(default=False, metadata={"help": "micro-batches keep an instruction together"})
     finetune_scope: str = field(default="task", metadata={"choices": ["task", "all"], "help": "per task or all"})
+    selector_loss: str = field(default="same", metadata={"choices": ["same", "listwise", "listwise+mse"], "help":
+                               "the fused selector's Cappy signal: same: the cappy row's scorer; listwise[+mse]: "
+                               "a second per-task scorer finetuned on the same pairs with that loss"})
     dev_examples_per_task: int = field(default=0, metadata={"help": "hold out the last N sampled train "
                                        "instructions per task from finetuning; the fused selector is fitted on them"})
     score_dtype: str = field(default="float32", metadata={
