@@ -8,7 +8,8 @@ Pipeline: read a Serve config file (``--config``, default ``serve_app/config.yam
 against Ray's own schema, and its app ``args`` against ``serve_app.args.AppArgs``) → apply the
 flags → start (or join, with ``RAY_ADDRESS``) Ray and Serve on ``--host:--port`` → ``serve.run``
 the app built by ``serve_app.app:app_builder`` → print the URL and example requests → serve until
-Ctrl-C / SIGTERM, then shut Serve down. ``serve run serve_app/config.yaml`` does the same with
+Ctrl-C / SIGTERM, then delete this application only (``serve.delete``: other applications on a
+shared cluster keep running). ``serve run serve_app/config.yaml`` does the same with
 Ray's CLI; use it for a config with per-deployment ``deployments:`` overrides, which this command
 refuses.
 """
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         serve.run(build_app(app_args), name=name, route_prefix=route, blocking=False)
     except Exception as e:  # noqa: BLE001 - deployment failures come back as various Ray errors
         print(f"error: the app failed to deploy: {e}", file=sys.stderr)
-        serve.shutdown()
+        _delete(serve, name)
         return 1
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{shown}:{port}{route.rstrip('/')}"
@@ -143,9 +144,18 @@ def run(args: argparse.Namespace) -> int:
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
-    print("shutting down Serve", flush=True)
-    serve.shutdown()
+    print(f"deleting application {name!r}", flush=True)
+    _delete(serve, name)
     return 0
+
+
+def _delete(serve, name: str) -> None:
+    """Remove this application only; a second Ctrl-C while it waits exits at once."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        serve.delete(name)
+    except Exception as e:  # noqa: BLE001 - already gone, or Ray went away
+        print(f"warning: could not delete application {name!r}: {e}", file=sys.stderr)
 
 
 if __name__ == "__main__":

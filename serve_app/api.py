@@ -7,11 +7,22 @@ checked by the ingress and answered with the same 422 format, naming the field.
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from cappy_core.generation import MAX_DECODING_NAME_CHARS
 from serve_app.args import TASK_ID_PATTERN
+
+#: A hard cap on the decodings list, checked while the body is parsed (the ingress's configurable
+#: ``max_decodings`` is checked next, before any work).
+MAX_DECODINGS_LISTED = 64
+DecodingName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_DECODING_NAME_CHARS)]
+
+
+class RequestError(ValueError):
+    """A request the generator or scorer cannot serve as asked: the caller's fault, answered 422,
+    never retried (raised inside a replica; Ray re-raises it in the ingress as a subclass)."""
 
 _TASK = Field(None, pattern=TASK_ID_PATTERN, examples=["word_sorting"],
               description="use this task's finetuned scorer (multiplexed); absent: the pretrained scorer")
@@ -44,13 +55,14 @@ class SelectRequest(_Req):
     num_candidates: Optional[int] = Field(None, ge=1, description="total candidates, spread over the default "
                                           "decodings (17 = the paper's beam4 + 4 × 4 samples); "
                                           "excludes decodings/num_samples")
-    decodings: Optional[list[str]] = Field(None, min_length=1, description="decoding names: greedy, beam<N>, "
-                                           "sample, temp<T>, topk<K>, topp<P>",
-                                           examples=[["beam4", "sample", "temp0.9", "topk40", "topp0.95"]])
+    decodings: Optional[list[DecodingName]] = Field(None, min_length=1, max_length=MAX_DECODINGS_LISTED,
+                                                    description="decoding names: greedy, beam<N> (N <= 8), "
+                                                    "sample, temp<T>, topk<K>, topp<P>",
+                                                    examples=[["beam4", "sample", "temp0.9", "topk40", "topp0.95"]])
     num_samples: Optional[int] = Field(None, ge=1, description="candidates per sampling decoding (default 4)")
     max_new_tokens: Optional[int] = Field(None, ge=1, description="new tokens per candidate (default: the "
                                           "generator's, 64)")
-    seed: Optional[int] = Field(None, ge=0, description="sampling seed (default: the generator's)")
+    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1, description="sampling seed (default: the generator's)")
     task: Optional[str] = _TASK
     return_candidates: bool = Field(False, description="also return every candidate with its score and "
                                     "log-likelihoods")

@@ -20,6 +20,8 @@ Route handlers only validate and delegate: scoring is ``cappy_core.scorer``, gen
 # No `from __future__ import annotations` here: FastAPI must see the route parameters' real
 # classes, and Serve's ingress re-binds the methods outside this module's globals.
 import asyncio
+import logging
+import re
 import time
 from typing import Any, Awaitable, Callable
 
@@ -28,14 +30,14 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
-from ray.exceptions import RayActorError
-from ray.serve.exceptions import ReplicaUnavailableError
+from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.api import (CandidateOut, ClassifyRequest, ClassifyResponse, Health, ScoreMeta, ScoreRequest,
-                           ScoreResponse, SelectRequest, SelectResponse)
+from serve_app.api import (CandidateOut, ClassifyRequest, ClassifyResponse, Health, RequestError, ScoreMeta,
+                           ScoreRequest, ScoreResponse, SelectRequest, SelectResponse)
 from serve_app.scorer import UnknownTaskError
 
+logger = logging.getLogger("ray.serve")
 DEFAULT_MAX_BODY_BYTES = 1_000_000
 
 app = FastAPI(
@@ -97,18 +99,22 @@ def field_error(field: str, msg: str, kind: str = "value_error") -> RequestValid
 
 
 class Unavailable(Exception):
-    """A deployment did not answer: failed, timed out or has no replica. → 503."""
+    """A deployment did not answer: failed, timed out, overloaded or has no replica. → 503."""
 
 
-RETRYABLE = (RayActorError, ReplicaUnavailableError)
+#: Re-sent to another replica: only a call that never reached one. A replica that died while
+#: serving a call (``RayActorError``) is not retried: the call may be what killed it.
+RETRYABLE = (ReplicaUnavailableError,)
 
 
 async def call_with_deadline(make_call: Callable[[], Any], what: str, timeout_s: float, retries: int) -> Any:
     """Await ``make_call()`` (a ``DeploymentResponse``) within ``timeout_s`` in total.
 
-    A replica that died (``RayActorError``, ``ReplicaUnavailableError``) gets the call sent again,
-    up to ``retries`` times, inside the same deadline. Timeouts, other failures and running out of
-    retries raise :class:`Unavailable` with a reason; :class:`UnknownTaskError` passes through.
+    A call no replica received (``ReplicaUnavailableError``) is sent again, up to ``retries``
+    times, inside the same deadline. A full queue (``BackPressureError``), timeouts, other
+    failures and running out of retries raise :class:`Unavailable` with a reason (the full error
+    goes to the log only); :class:`UnknownTaskError` and :class:`RequestError` (the caller's
+    fault) pass through.
     """
     deadline = time.monotonic() + timeout_s
     attempt = 0
@@ -119,14 +125,17 @@ async def call_with_deadline(make_call: Callable[[], Any], what: str, timeout_s:
         except asyncio.TimeoutError:
             _cancel(response)
             raise Unavailable(f"{what} did not answer within {timeout_s:g} s") from None
-        except UnknownTaskError:
+        except (UnknownTaskError, RequestError):
             raise
+        except BackPressureError:
+            raise Unavailable(f"{what} is overloaded (its queue is full)") from None
         except RETRYABLE as e:
             attempt += 1
             if attempt > retries or time.monotonic() >= deadline:
-                raise Unavailable(f"{what} replica failed ({_short(e)}); gave up after {attempt} attempt(s)") from e
+                raise Unavailable(f"{what} replica unavailable ({_short(e)}); gave up after {attempt} attempt(s)") from e
             await asyncio.sleep(min(0.1 * attempt, max(0.0, deadline - time.monotonic())))
         except Exception as e:  # noqa: BLE001 - any other failure is the deployment's, reported as 503
+            logger.warning("%s failed: %r", what, e)
             raise Unavailable(f"{what} failed: {_short(e)}") from e
 
 
@@ -141,18 +150,57 @@ def _cancel(response: Any) -> None:
         pass
 
 
+# An absolute or home-relative filesystem path inside an error message: never sent to clients.
+_PATH = re.compile(r"(?<![\w.:/])(?:~|\.{1,2})?/[^\s'\",:;)\]}]+")
+
+
 def _short(e: BaseException, n: int = 300) -> str:
+    """One line naming the failure for a client: its exception type and last message line, with
+    filesystem paths replaced by ``<path>``."""
     cause = getattr(e, "cause", None)  # RayTaskError: the replica's own exception
     text = f"{type(cause or e).__name__}: {cause or e}"
     lines = [ln for ln in str(text).strip().splitlines() if ln.strip()]
     text = lines[-1] if lines else type(e).__name__
     if not text.startswith(type(cause or e).__name__):
         text = f"{type(cause or e).__name__}: {text}"
-    return text[:n]
+    return _PATH.sub("<path>", text)[:n]
 
 
 def _unavailable(e: Unavailable) -> HTTPException:
     return HTTPException(503, detail=str(e), headers={"Retry-After": "1"})
+
+
+def plan_select(req: SelectRequest, lim: Any) -> tuple:
+    """The decoding specs of a /v1/select request, after every bound is checked, cheapest first
+    and before any work (``lim``: :class:`serve_app.args.IngressArgs`). Raises a 422 naming the
+    field."""
+    from cappy_core.generation import candidates_per_instruction, decoding_plan
+
+    if len(req.instruction) > lim.max_instruction_chars:
+        raise field_error("instruction", f"instruction has {len(req.instruction)} characters; the limit is "
+                          f"{lim.max_instruction_chars}", "string_too_long")
+    if req.decodings is not None and len(req.decodings) > lim.max_decodings:
+        raise field_error("decodings", f"{len(req.decodings)} decodings given; the limit is {lim.max_decodings}",
+                          "too_long")
+    for field in ("num_candidates", "num_samples"):
+        value = getattr(req, field)
+        if value is not None and value > lim.max_candidates:
+            raise field_error(field, f"{field}={value}; the limit is {lim.max_candidates} candidates",
+                              "less_than_equal")
+    if req.max_new_tokens is not None and req.max_new_tokens > lim.max_new_tokens:
+        raise field_error("max_new_tokens", f"max_new_tokens={req.max_new_tokens}; the limit is "
+                          f"{lim.max_new_tokens}", "less_than_equal")
+    try:
+        specs = decoding_plan(req.decodings, req.num_samples, req.num_candidates,
+                              lim.default_decodings, lim.default_num_samples)
+    except ValueError as e:
+        raise field_error("num_candidates" if req.num_candidates else "decodings", str(e)) from None
+    n = candidates_per_instruction(specs)
+    if n > lim.max_candidates:
+        field = "num_candidates" if req.num_candidates else ("num_samples" if req.num_samples else "decodings")
+        raise field_error(field, f"this request asks for {n} candidates; the limit is {lim.max_candidates}",
+                          "too_long")
+    return specs
 
 
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
@@ -191,9 +239,42 @@ class IngressDeployment:
             return await call_with_deadline(lambda: handle.score.remote(instruction, texts), "scorer",
                                             self.limits.score_timeout_s, self.limits.retries)
         except UnknownTaskError as e:
-            raise field_error("task", str(getattr(e, "cause", None) or e).splitlines()[-1]) from None
+            raise field_error("task", _short(getattr(e, "cause", None) or e).split(": ", 1)[-1]) from None
+        except RequestError as e:
+            raise field_error("responses", _short(getattr(e, "cause", None) or e).split(": ", 1)[-1]) from None
         except Unavailable as e:
             raise _unavailable(e) from None
+
+    async def generate_select(self, instruction: str, specs: tuple, max_new_tokens: int | None, seed: int | None,
+                              task: str | None, selector: str = "auto") -> dict:
+        """Generate-then-select, the one path of /v1/select and the OpenAI routes: the candidates
+        (dicts), their scores, the fused values (a task's stored selector, ``selector="auto"``),
+        the pick's index, the scorer's meta and timings."""
+        from cappy_core.scorer import select_best
+
+        t0 = time.monotonic()
+        try:
+            cands = await call_with_deadline(
+                lambda: self.generator.generate.remote(instruction, specs, max_new_tokens, seed),
+                "generator", self.limits.generate_timeout_s, self.limits.retries)
+        except RequestError as e:
+            raise field_error("body", _short(getattr(e, "cause", None) or e).split(": ", 1)[-1]) from None
+        except Unavailable as e:
+            raise _unavailable(e) from None
+        t1 = time.monotonic()
+        result = await self._score(instruction, [c["text"] for c in cands], task)
+        t2 = time.monotonic()
+        scores = result["scores"]
+        weights = result.get("selector") if selector == "auto" else None
+        fused = None
+        if weights:
+            from cappy_core.selectors import fused_for_candidates
+
+            fused = [float(x) for x in fused_for_candidates(scores, [c["logprob_mean"] for c in cands],
+                                                            [c["text"] for c in cands], weights)]
+        return {"candidates": cands, "scores": scores, "fused": fused, "weights": weights or None,
+                "best": select_best(fused if fused is not None else scores), "meta": self._meta(result),
+                "timings_ms": {"generate": round(1e3 * (t1 - t0), 1), "score": round(1e3 * (t2 - t1), 1)}}
 
     @staticmethod
     def _meta(result: dict) -> ScoreMeta:
@@ -220,51 +301,16 @@ class IngressDeployment:
     @app.post("/v1/select", response_model=SelectResponse, response_model_exclude_none=True,
               summary="Generate candidates and return the one the scorer ranks highest")
     async def select(self, req: SelectRequest) -> SelectResponse:
-        from cappy_core.generation import candidates_per_instruction, decoding_plan
-        from cappy_core.scorer import select_best
-
-        lim = self.limits
-        self._check_instruction(req.instruction)
-        try:
-            specs = decoding_plan(req.decodings, req.num_samples, req.num_candidates,
-                                  lim.default_decodings, lim.default_num_samples)
-        except ValueError as e:
-            raise field_error("num_candidates" if req.num_candidates else "decodings", str(e)) from None
-        n = candidates_per_instruction(specs)
-        if n > lim.max_candidates:
-            field = "num_candidates" if req.num_candidates else ("num_samples" if req.num_samples else "decodings")
-            raise field_error(field, f"this request asks for {n} candidates; the limit is {lim.max_candidates}",
-                              "too_long")
-        if req.max_new_tokens is not None and req.max_new_tokens > lim.max_new_tokens:
-            raise field_error("max_new_tokens", f"max_new_tokens={req.max_new_tokens}; the limit is "
-                              f"{lim.max_new_tokens}", "less_than_equal")
-        t0 = time.monotonic()
-        try:
-            cands = await call_with_deadline(
-                lambda: self.generator.generate.remote(req.instruction, specs, req.max_new_tokens, req.seed),
-                "generator", lim.generate_timeout_s, lim.retries)
-        except Unavailable as e:
-            raise _unavailable(e) from None
-        t1 = time.monotonic()
-        result = await self._score(req.instruction, [c["text"] for c in cands], req.task)
-        t2 = time.monotonic()
-        scores = result["scores"]
-        weights = result.get("selector") if req.selector == "auto" else None
-        fused = None
-        if weights:
-            from cappy_core.selectors import fused_for_candidates
-
-            fused = [float(x) for x in fused_for_candidates(scores, [c["logprob_mean"] for c in cands],
-                                                            [c["text"] for c in cands], weights)]
-        best = select_best(fused if fused is not None else scores)
+        specs = plan_select(req, self.limits)
+        out = await self.generate_select(req.instruction, specs, req.max_new_tokens, req.seed, req.task, req.selector)
+        cands, scores, fused, best = out["candidates"], out["scores"], out["fused"], out["best"]
         gen_info = self._gen_info or await self._generator_info()
         return SelectResponse(
-            response=cands[best]["text"], score=scores[best], selector="cappy+lm+mbr" if weights else "cappy",
-            selector_weights=weights or None, index=best, decoding=cands[best]["decoding"],
-            sample_idx=cands[best]["sample_idx"], num_candidates=len(cands), generator=gen_info,
-            meta=self._meta(result), timings_ms={"generate": round(1e3 * (t1 - t0), 1),
-                                                 "score": round(1e3 * (t2 - t1), 1)},
-            candidates=[CandidateOut(**c, score=s, fused=f) for c, s, f in
+            response=cands[best]["text"], score=scores[best],
+            selector="cappy+lm+mbr" if out["weights"] else "cappy", selector_weights=out["weights"], index=best,
+            decoding=cands[best]["decoding"], sample_idx=cands[best]["sample_idx"], num_candidates=len(cands),
+            generator=gen_info, meta=out["meta"], timings_ms=out["timings_ms"],
+            candidates=[CandidateOut(**c, score=sc, fused=f) for c, sc, f in
                         zip(cands, scores, fused or [None] * len(cands))] if req.return_candidates else None)
 
     async def _generator_info(self) -> dict:
