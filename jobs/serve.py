@@ -1,8 +1,15 @@
 """``cappy serve``: start the generate-then-select app locally and print its URL.
 
-    cappy serve                                   # embedded default: serve_app/config.yaml on 127.0.0.1:8000
+    cappy serve                                   # after `cappy sweep --preset local`: its generator and
+                                                  # pretrained scorer, serve_app/config.yaml on 127.0.0.1:8000
     cappy serve --generator /path/to/hf_folder --scorers-dir ~/cappy_runs --port 8080
     cappy serve --config serve_app/config.yaml --dry-run   # validate and print the resolved args
+
+Defaults (no ``--generator`` / ``--scorer`` and none in the file), by the sweep's own cache rules
+(:func:`jobs.sweep.sweep_models`): the generator ``cappy sweep --preset local`` trained (else the
+one ``cappy generator train`` wrote), and the scorer it pretrained; missing ones are an error that
+says how to get them. An untrained scorer head (``minilm``) is served only with
+``--allow-untrained-scorer``, and ``/healthz`` then says so.
 
 Pipeline: read a Serve config file (``--config``, default ``serve_app/config.yaml``; checked
 against Ray's own schema, and its app ``args`` against ``serve_app.args.AppArgs``) → apply the
@@ -44,8 +51,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--generator-backend", choices=["auto", "vllm", "hf"], default=None)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default new tokens per candidate")
     p.add_argument("--scorer", default=None, help="default scorer: 'minilm', a folder or a hub id")
-    p.add_argument("--scorers-dir", default=None, help="per-task scorers: <dir>/<task>/ or "
-                   "<dir>/finetune-<task>/scorer/")
+    p.add_argument("--scorers-dir", default=None, help="per-task scorers: <dir>/<task>/, <dir>/<task>/scorer/ "
+                   "(a sweep's OUT/tasks with --keep-scorers) or <dir>/finetune-<task>/scorer/")
+    p.add_argument("--allow-untrained-scorer", action="store_true",
+                   help="serve the embedded MiniLM with its untrained head when no pretrained scorer is cached "
+                   "(its picks mean nothing; /healthz warns)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray it starts (default: all)")
     p.add_argument("--dry-run", action="store_true", help="validate, print the resolved args as JSON, exit")
     return p
@@ -70,7 +80,40 @@ def resolve(args: argparse.Namespace):
                                 ("scorer", "scorers_dir", args.scorers_dir)):
         if value is not None:
             raw.setdefault(section, {})[key] = value
+    apply_sweep_defaults(raw, getattr(args, "allow_untrained_scorer", False), strict=not args.dry_run)
     return data, app, AppArgs.model_validate(raw)
+
+
+def apply_sweep_defaults(raw: dict, allow_untrained: bool, strict: bool = True, cache_dir: str | None = None) -> None:
+    """Fill the app args' generator and scorer the way ``cappy sweep --preset local`` finds them.
+
+    Generator not named: the sweep's embedded generator if it is cached, else ``cappy generator
+    train``'s (``model: null``), else (``strict``) a ``FileNotFoundError`` naming both. Scorer not
+    named, or ``minilm`` (an untrained head): the sweep's pretrained scorer if cached; else
+    ``minilm`` only with ``allow_untrained``, else (``strict``) a ``FileNotFoundError``.
+    """
+    from cappy_core.lm import default_generator_path
+    from jobs.sweep import sweep_models
+
+    sweep_gen, sweep_scorer = sweep_models(cache_dir=cache_dir)
+    gen, sc = raw.setdefault("generator", {}), raw.setdefault("scorer", {})
+    if gen.get("model") is None:
+        trained = default_generator_path(cache_dir=cache_dir)
+        if (sweep_gen / "config.json").is_file():
+            gen["model"] = str(sweep_gen)
+        elif strict and not (trained / "config.json").is_file():
+            raise FileNotFoundError(
+                f"no --generator given, and neither the generator `cappy sweep --preset local` trains ({sweep_gen}) "
+                f"nor `cappy generator train`'s ({trained}) is there: run one of them, or give --generator")
+    if sc.get("model") in (None, "minilm"):
+        if (sweep_scorer / "config.json").is_file():
+            sc["model"] = str(sweep_scorer)
+        elif allow_untrained:
+            sc["model"] = "minilm"
+        elif strict:
+            raise FileNotFoundError(
+                f"no pretrained scorer at {sweep_scorer}: run `cappy pretrain --preset local` (the sweep does), "
+                "give --scorer, or pass --allow-untrained-scorer to serve MiniLM with an untrained head")
 
 
 def _examples(url: str) -> str:
@@ -95,12 +138,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     """Validate, then (unless ``--dry-run``) deploy and serve until stopped; the exit status."""
     data, app_entry, app_args = resolve(args)
-    if not args.dry_run and app_args.generator.model is None:
-        # the embedded generator must be there (on this machine: a local Ray); a named model is
-        # resolved by the replica, on its node
-        from cappy_core.generation import resolve_generator
-
-        resolve_generator(None, app_args.generator.backend)
     http = dict(data.get("http_options") or {})
     host = args.host or http.get("host") or "127.0.0.1"
     port = args.port or http.get("port") or 8000

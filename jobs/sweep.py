@@ -159,6 +159,23 @@ def ensure_generator_for(cfg: SweepConfig, tasks: list[str], log) -> str:
     return str(ensure_generator(config=gcfg, log=log))
 
 
+def pretrained_scorer_path(cfg: SweepConfig) -> Path:
+    """Where the scorer pretrained for this sweep lives: ``<cache>/scorer/pretrain-<preset>``."""
+    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    return cache / "scorer" / f"pretrain-{cfg.pretrain_preset}"
+
+
+def sweep_models(preset: str = "local", cache_dir: str | None = None) -> tuple[Path, Path]:
+    """``(embedded generator folder, pretrained scorer folder)`` that ``cappy sweep --preset PRESET``
+    trains or reuses, by the sweep's own rules (``cappy serve`` serves them by default)."""
+    from cappy_core.config import load_yaml
+    from cappy_core.lm import default_generator_path
+
+    cfg = SweepConfig(**{**load_yaml(SweepConfig, presets("sweep")[preset]), "cache_dir": cache_dir})
+    name, _ = embedded_generator_name(cfg, list(cfg.tasks))
+    return default_generator_path(name, cache_dir=cache_dir), pretrained_scorer_path(cfg)
+
+
 def ensure_scorer_init(cfg: SweepConfig, log) -> str:
     """``--scorer`` as given, or the scorer pretrained once into the cache (pretrain job, Ray Train)."""
     from cappy_core.scorer_runs import check_init
@@ -168,8 +185,7 @@ def ensure_scorer_init(cfg: SweepConfig, log) -> str:
         return cfg.scorer
     from jobs.pretrain import PretrainConfig, run as run_pretrain
 
-    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    path = cache / "scorer" / f"pretrain-{cfg.pretrain_preset}"
+    path = pretrained_scorer_path(cfg)
     if (path / "config.json").is_file():
         log(f"using the pretrained scorer at {path}")
         return str(path)

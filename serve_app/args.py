@@ -13,6 +13,7 @@ still overrides them, as Ray documents.
 Per-task scorers: the scorer's multiplexed model id is a task name (or any id you choose). An id
 resolves to a checkpoint folder by, in order: ``scorer.task_scorers[id]`` (explicit map, id →
 folder or hub id); ``<scorers_dir>/<id>/`` (a folder written by ``Scorer.save_pretrained``);
+``<scorers_dir>/<id>/scorer/`` (a sweep's ``OUT/tasks`` with ``--keep-scorers``);
 ``<scorers_dir>/finetune-<id>/scorer/`` (where ``cappy finetune --task <id>`` puts it, so
 ``scorers_dir: ~/cappy_runs`` serves every finetuned task). An id that resolves to nothing is
 scored by the pretrained default scorer (``unknown_task: default``, the response says
@@ -184,10 +185,25 @@ def resolve_task_scorer(task_id: str, task_scorers: dict[str, str], scorers_dir:
         return os.path.expanduser(task_scorers[task_id])
     if scorers_dir:
         root = Path(scorers_dir).expanduser()
-        for folder in (root / task_id, root / f"finetune-{task_id}" / "scorer"):
+        for folder in (root / task_id, root / task_id / "scorer", root / f"finetune-{task_id}" / "scorer"):
             if (folder / "config.json").is_file():
                 return str(folder)
     return None
+
+
+def list_task_scorers(task_scorers: dict[str, str], scorers_dir: str | None) -> list[str]:
+    """Every id :func:`resolve_task_scorer` resolves without being told one: the explicit map's,
+    ``<scorers_dir>/<id>/``, ``<scorers_dir>/<id>/scorer/`` and ``<scorers_dir>/finetune-<id>/scorer/``
+    folders (sorted)."""
+    ids = set(task_scorers)
+    root = Path(scorers_dir).expanduser() if scorers_dir else None
+    if root is not None and root.is_dir():
+        for child in root.iterdir():
+            if child.name.startswith("finetune-") and (child / "scorer" / "config.json").is_file():
+                ids.add(child.name[len("finetune-"):])
+            elif (child / "config.json").is_file() or (child / "scorer" / "config.json").is_file():
+                ids.add(child.name)
+    return sorted(i for i in ids if _TASK_ID.match(i))
 
 
 def load_serve_config(path: str | os.PathLike, app_name: str | None = None) -> tuple[dict, dict]:

@@ -114,33 +114,47 @@ class GeneratorDeployment:
         self._last_ok = time.monotonic()
         return out
 
-    async def generate(self, instruction: str, decodings: tuple, max_new_tokens: int | None,
-                       seed: int | None) -> list[dict]:
-        """Candidates of one instruction as dicts (``cappy_core.generation.Candidate`` fields),
-        batched with concurrent requests; this request's own error is raised here."""
-        result = await self._generate_batch(instruction, decodings, max_new_tokens, seed)
+    async def generate(self, prompt: str | list[dict], decodings: tuple, max_new_tokens: int | None,
+                       seed: int | None) -> dict:
+        """``{"candidates": [Candidate fields as dicts], "prompt_tokens", "max_new_tokens", "chat_template"}``
+        for one prompt: an instruction, or chat messages (``{"role", "content"}`` dicts, rendered
+        by :func:`chat_prompt`). Batched with concurrent requests; this request's own error is
+        raised here."""
+        result = await self._generate_batch(prompt, decodings, max_new_tokens, seed)
         if isinstance(result, BaseException):
             raise result
         return result
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def _generate_batch(self, instructions: list[str], decodings: list[tuple],
-                              max_new_tokens: list[int | None], seeds: list[int | None]) -> list:
-        """Per request, its candidates or the exception that request alone raised.
+    async def _generate_batch(self, prompts: list, decodings: list[tuple], max_new_tokens: list[int | None],
+                              seeds: list[int | None]) -> list:
+        """Per request, its result (see :meth:`generate`) or the exception that request alone raised.
 
         ``decodings``: a tuple of ``DecodingSpec`` per request; ``max_new_tokens`` / ``seeds``:
         None → the deployment's defaults.
         """
-        self.batch_sizes = (self.batch_sizes + [len(instructions)])[-256:]
+        self.batch_sizes = (self.batch_sizes + [len(prompts)])[-256:]
+        out: list = [None] * len(prompts)
+        texts: dict[int, str] = {}
+        templated = bool(getattr(self.gen.tokenizer, "chat_template", None))
+        for i, p in enumerate(prompts):
+            try:
+                texts[i] = p if isinstance(p, str) else chat_prompt(p, self.gen.tokenizer)
+            except Exception as e:  # noqa: BLE001 - a template that refuses these messages
+                out[i] = _as_request_error(e)
         groups: dict[tuple, list[int]] = {}
-        for i, (d, n, s) in enumerate(zip(decodings, max_new_tokens, seeds)):
-            key = (tuple(d), n or self.max_new_tokens, self.seed if s is None else s)
+        for i in texts:
+            n = max_new_tokens[i]
+            key = (tuple(decodings[i]), n or self.max_new_tokens, self.seed if seeds[i] is None else seeds[i])
             groups.setdefault(key, []).append(i)
-        out: list = [None] * len(instructions)
         for (specs, n_new, seed), idx in groups.items():
             def call(rows):
-                return partial(self.gen.generate, [instructions[i] for i in rows], specs, max_new_tokens=n_new,
-                               min_new_tokens=min(self.min_new_tokens, n_new), seed=seed)
+                def run():
+                    batch = [texts[i] for i in rows]
+                    cands = self.gen.generate(batch, specs, max_new_tokens=n_new,
+                                              min_new_tokens=min(self.min_new_tokens, n_new), seed=seed)
+                    return list(zip(cands, (len(ids) for ids in self.gen.encode_prompts(batch))))
+                return run
             try:
                 results = dict(zip(idx, await self._run(call(idx))))
             except Exception as e:  # noqa: BLE001 - find which request failed: run them one by one
@@ -153,9 +167,24 @@ class GeneratorDeployment:
                             results[i] = (await self._run(call([i])))[0]
                         except Exception as e1:  # noqa: BLE001 - this request's own failure
                             results[i] = _as_request_error(e1)
-            for i, cs in results.items():
-                out[i] = cs if isinstance(cs, BaseException) else [dataclasses.asdict(c) for c in cs]
+            for i, r in results.items():
+                out[i] = r if isinstance(r, BaseException) else {
+                    "candidates": [dataclasses.asdict(c) for c in r[0]], "prompt_tokens": r[1],
+                    "max_new_tokens": n_new, "chat_template": templated and not isinstance(prompts[i], str)}
         return out
+
+
+def chat_prompt(messages: list[dict], tokenizer: Any) -> str:
+    """The instruction chat messages make: the tokenizer's chat template with the generation prompt
+    when it has one (its leading BOS text dropped: the prompt encoder adds BOS itself), else
+    :func:`serve_app.api.plain_chat`."""
+    from serve_app.api import plain_chat
+
+    if not getattr(tokenizer, "chat_template", None):
+        return plain_chat(messages)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    bos = getattr(tokenizer, "bos_token", None)
+    return text[len(bos):] if bos and text.startswith(bos) else text
 
 
 def _as_request_error(e: Exception) -> Exception:

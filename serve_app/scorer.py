@@ -29,7 +29,7 @@ import time
 from ray import serve
 
 from cappy_core.selectors import read_selector
-from serve_app.args import resolve_task_scorer
+from serve_app.args import list_task_scorers, resolve_task_scorer
 
 logger = logging.getLogger("ray.serve")
 
@@ -141,6 +141,8 @@ class ScorerDeployment:
         self._last_ok = time.monotonic()
 
     async def info(self) -> dict:
-        """What this replica serves, its process id and its recent batch sizes."""
+        """What this replica serves (the default scorer, the task ids it has scorers for), its
+        process id and its recent batch sizes."""
         return {"model": self.model, "replica": self.replica, "pid": os.getpid(), "time": time.time(),
-                "recent_batches": self.batches[-64:]}
+                "tasks": list_task_scorers(self.task_scorers, self.scorers_dir), "recent_batches": self.batches[-64:],
+                "untrained_head": bool(getattr(self.default, "fresh_params", ()))}

@@ -187,6 +187,7 @@ def test_a_failing_request_in_a_generator_batch_fails_alone(batch_outside_serve)
 
     class Fake:
         calls = []
+        tokenizer = None
 
         def generate(self, instructions, specs, **kw):
             Fake.calls.append(list(instructions))
@@ -195,6 +196,9 @@ def test_a_failing_request_in_a_generator_batch_fails_alone(batch_outside_serve)
             if "crash" in instructions:
                 raise RuntimeError("engine died")
             return [[Candidate(t.upper(), "greedy", 0, 1, -1.0, -1.0)] for t in instructions]
+
+        def encode_prompts(self, instructions):
+            return [[1] * len(t) for t in instructions]
 
         def close(self):
             pass
@@ -208,7 +212,8 @@ def test_a_failing_request_in_a_generator_batch_fails_alone(batch_outside_serve)
                                     return_exceptions=True)
 
     a, bad, b, crash = asyncio.run(main())
-    assert [c["text"] for c in a] == ["A"] and [c["text"] for c in b] == ["B"]
+    assert [c["text"] for c in a["candidates"]] == ["A"] and [c["text"] for c in b["candidates"]] == ["B"]
+    assert a["prompt_tokens"] == 1 and a["max_new_tokens"] == 4
     assert isinstance(bad, RequestError) and "cannot do that" in str(bad)
     assert isinstance(crash, RuntimeError) and not isinstance(crash, ValueError)
     assert Fake.calls[0] == ["a", "bad", "b", "crash"]  # one batch, then one by one
@@ -262,6 +267,46 @@ def test_health_checks_exercise_the_model():
         asyncio.run(scorer.check_health())
 
 
+def test_chat_prompt_uses_the_template_or_the_documented_plain_join():
+    from serve_app.generator import chat_prompt
+
+    class Plain:
+        chat_template = None
+
+    class Templated:
+        chat_template = "x"
+        bos_token = "<s>"
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            assert not tokenize and add_generation_prompt
+            return "<s>" + "".join(f"<|{m['role']}|>{m['content']}" for m in messages) + "<|assistant|>"
+
+    one = [{"role": "user", "content": "Q: 2+2?\nA:"}]
+    two = [{"role": "system", "content": "Be brief."}, *one]
+    assert chat_prompt(one, Plain()) == "Q: 2+2?\nA:"  # one user message: the same as /v1/select
+    assert chat_prompt(two, Plain()) == "System: Be brief.\nUser: Q: 2+2?\nA:\nAssistant:"
+    assert chat_prompt(two, Templated()) == "<|system|>Be brief.<|user|>Q: 2+2?\nA:<|assistant|>"
+
+
+def test_openai_model_names_and_task_listing(tmp_path):
+    from fastapi import HTTPException
+
+    from serve_app.args import list_task_scorers
+    from serve_app.ingress import openai_model_task
+
+    assert openai_model_task("cappy") is None and openai_model_task("cappy:word_sorting") == "word_sorting"
+    for bad in ("gpt-4o", "cappy:", "cappy:../etc", "cappy:a/b"):
+        with pytest.raises(HTTPException) as info:
+            openai_model_task(bad)
+        assert info.value.status_code == 404 and info.value.code == "model_not_found"
+    (tmp_path / "tense").mkdir()
+    (tmp_path / "tense" / "config.json").write_text("{}")
+    (tmp_path / "finetune-rephrase" / "scorer").mkdir(parents=True)
+    (tmp_path / "finetune-rephrase" / "scorer" / "config.json").write_text("{}")
+    (tmp_path / "empty").mkdir()
+    assert list_task_scorers({"x": "/y"}, str(tmp_path)) == ["rephrase", "tense", "x"]
+
+
 def test_deployments_bound_their_queues():
     args = AppArgs()
     assert args.generator.deployment_options()["max_queued_requests"] == 64
@@ -300,3 +345,35 @@ def test_cappy_serve_dry_run(capsys, tmp_path):
                    "    args: {scorer: {modle: minilm}}\n")
     assert main(["--dry-run", "--config", str(bad)]) == 2
     assert "modle" in capsys.readouterr().err
+
+
+def test_cappy_serve_defaults_follow_the_sweeps_cache_rule(tmp_path):
+    """No flags: the generator and pretrained scorer `cappy sweep --preset local` leaves in the cache;
+    missing ones are errors that say how to get them; minilm only with --allow-untrained-scorer."""
+    from jobs.serve import apply_sweep_defaults
+    from jobs.sweep import SweepConfig, embedded_generator_name, sweep_models
+
+    gen, scorer = sweep_models(cache_dir=str(tmp_path))
+    from cappy_core.config import load_yaml
+    from jobs.cli import presets
+
+    cfg = SweepConfig(**load_yaml(SweepConfig, presets("sweep")["local"]))
+    assert gen == tmp_path / "generator" / embedded_generator_name(cfg, list(cfg.tasks))[0]
+    assert scorer == tmp_path / "scorer" / "pretrain-local"
+    with pytest.raises(FileNotFoundError, match="cappy sweep --preset local"):
+        apply_sweep_defaults({}, False, cache_dir=str(tmp_path))
+    for folder in (gen, scorer):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+    raw = {"scorer": {"model": "minilm"}}  # what serve_app/config.yaml says
+    apply_sweep_defaults(raw, False, cache_dir=str(tmp_path))
+    assert raw["generator"]["model"] == str(gen) and raw["scorer"]["model"] == str(scorer)
+    given = {"generator": {"model": "/g"}, "scorer": {"model": "/s"}}
+    apply_sweep_defaults(given, False, cache_dir=str(tmp_path))
+    assert given == {"generator": {"model": "/g"}, "scorer": {"model": "/s"}}
+    (scorer / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="--allow-untrained-scorer"):
+        apply_sweep_defaults({}, False, cache_dir=str(tmp_path))
+    raw = {}
+    apply_sweep_defaults(raw, True, cache_dir=str(tmp_path))
+    assert raw["scorer"]["model"] == "minilm"
