@@ -194,7 +194,7 @@ def ensure_scorer_init(cfg: SweepConfig, log) -> str:
         raise ConfigError(f"--pretrain-preset {cfg.pretrain_preset!r}: unknown; choose from {sorted(known)}")
     log(f"no pretrained scorer at {path}: pretraining one (`cappy pretrain --preset {cfg.pretrain_preset}`)")
     values = load_yaml(PretrainConfig, known[cfg.pretrain_preset])
-    values.update(output=str(path), storage_path=str(cache / "runs"), cache_dir=cfg.cache_dir)
+    values.update(output=str(path), storage_path=str(path.parents[1] / "runs"), cache_dir=cfg.cache_dir)
     run_pretrain(PretrainConfig(**values), log=log)
     return str(path)
 

@@ -148,7 +148,7 @@ class GeneratorDeployment:
             key = (tuple(decodings[i]), n or self.max_new_tokens, self.seed if seeds[i] is None else seeds[i])
             groups.setdefault(key, []).append(i)
         for (specs, n_new, seed), idx in groups.items():
-            def call(rows):
+            def call(rows, specs=specs, n_new=n_new, seed=seed):
                 def run():
                     batch = [texts[i] for i in rows]
                     cands = self.gen.generate(batch, specs, max_new_tokens=n_new,

@@ -346,6 +346,10 @@ class IngressDeployment:
                 "prompt_tokens": gen["prompt_tokens"], "max_new_tokens": gen["max_new_tokens"],
                 "timings_ms": {"generate": round(1e3 * (t1 - t0), 1), "score": round(1e3 * (t2 - t1), 1)}}
 
+    @staticmethod
+    def _meta(result: dict) -> ScoreMeta:
+        return ScoreMeta(**{k: result[k] for k in ScoreMeta.model_fields})
+
     # -- routes ------------------------------------------------------------------------------
 
     @app.post("/v1/score", response_model=ScoreResponse, summary="Score responses to an instruction")
