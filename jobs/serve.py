@@ -39,7 +39,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         prog=prog or "python -m jobs.serve",
         description="Serve generate-then-select (Generator + batched Cappy Scorer + FastAPI ingress) "
         "with Ray Serve, locally, and print the URL.",
-        epilog="Endpoints: POST /v1/select, /v1/score, /v1/classify; GET /healthz; docs at /docs.",
+        epilog="Endpoints: POST /v1/select, /v1/score, /v1/classify; OpenAI-compatible POST /v1/chat/completions, "
+        "/v1/completions, GET /v1/models; GET /healthz; docs at /docs.",
     )
     p.add_argument("--config", default=str(DEFAULT_CONFIG), metavar="YAML",
                    help="Serve config file (default: serve_app/config.yaml)")
@@ -125,6 +126,9 @@ def _examples(url: str) -> str:
         "-d '{\"instruction\": \"Q: 2+2?\\nA:\", \"choices\": [\"4\", \"5\"]}'",
         f"  curl -s {url}/v1/select -H 'content-type: application/json' "
         "-d '{\"instruction\": \"Q: 2+2?\\nA:\", \"num_candidates\": 17}'",
+        f"  curl -s {url}/v1/chat/completions -H 'content-type: application/json' "
+        "-d '{\"model\": \"cappy\", \"messages\": [{\"role\": \"user\", \"content\": \"Q: 2+2?\\nA:\"}]}'",
+        f"  OpenAI clients: base_url={url}/v1, model='cappy' or 'cappy:<task>'",
     ])
 
 
