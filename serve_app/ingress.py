@@ -94,9 +94,8 @@ app.add_middleware(BodySizeLimit)
 
 
 OPENAI_PATHS = ("/chat/completions", "/completions", "/models")
-#: the SelectRequest field a bound names → the OpenAI request field the client sent
-_OPENAI_PARAM = {"num_candidates": "n", "num_samples": "n", "decodings": "n", "max_new_tokens": "max_tokens",
-                 "responses": "messages"}
+#: the /v1/select field a bound names → the OpenAI request field the client sent
+_OPENAI_PARAM = {"num_candidates": "n", "max_new_tokens": "max_tokens"}
 
 
 def _is_openai(request: Request) -> bool:
@@ -124,12 +123,9 @@ async def _validation_error(request: Request, exc: RequestValidationError):
     errors = jsonable_encoder(exc.errors(), exclude={"input", "ctx", "url"})
     if _is_openai(request):  # OpenAI answers invalid input with 400 naming the parameter
         loc = [str(p) for p in (errors[0].get("loc") or ()) if p != "body"] if errors else []
-        param = _OPENAI_PARAM.get(loc[0], loc[0]) if loc else None
         message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: "
                             f"{e.get('msg')}" for e in errors)
-        for ours, theirs in _OPENAI_PARAM.items():
-            message = message.replace(f"{ours}:", f"{theirs}:")
-        return openai_error(400, message, "invalid_request_error", param, "invalid_value")
+        return openai_error(400, message, "invalid_request_error", loc[0] if loc else None, "invalid_value")
     message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in errors)
     return JSONResponse({"detail": errors, "message": message}, status_code=422)
 
