@@ -162,6 +162,23 @@ def ensure_generator_for(cfg: SweepConfig, tasks: list[str], log) -> str:
     return str(ensure_generator(config=gcfg, log=log))
 
 
+def pretrained_scorer_path(cfg: SweepConfig) -> Path:
+    """Where the scorer pretrained for this sweep lives: ``<cache>/scorer/pretrain-<preset>``."""
+    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    return cache / "scorer" / f"pretrain-{cfg.pretrain_preset}"
+
+
+def sweep_models(preset: str = "local", cache_dir: str | None = None) -> tuple[Path, Path]:
+    """``(embedded generator folder, pretrained scorer folder)`` that ``cappy sweep --preset PRESET``
+    trains or reuses, by the sweep's own rules (``cappy serve`` serves them by default)."""
+    from cappy_core.config import load_yaml
+    from cappy_core.lm import default_generator_path
+
+    cfg = SweepConfig(**{**load_yaml(SweepConfig, presets("sweep")[preset]), "cache_dir": cache_dir})
+    name, _ = embedded_generator_name(cfg, list(cfg.tasks))
+    return default_generator_path(name, cache_dir=cache_dir), pretrained_scorer_path(cfg)
+
+
 def ensure_scorer_init(cfg: SweepConfig, log) -> str:
     """``--scorer`` as given, or the scorer pretrained once into the cache (pretrain job, Ray Train)."""
     from cappy_core.scorer_runs import check_init
@@ -171,8 +188,7 @@ def ensure_scorer_init(cfg: SweepConfig, log) -> str:
         return cfg.scorer
     from jobs.pretrain import PretrainConfig, run as run_pretrain
 
-    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    path = cache / "scorer" / f"pretrain-{cfg.pretrain_preset}"
+    path = pretrained_scorer_path(cfg)
     if (path / "config.json").is_file():
         log(f"using the pretrained scorer at {path}")
         return str(path)
@@ -181,7 +197,7 @@ def ensure_scorer_init(cfg: SweepConfig, log) -> str:
         raise ConfigError(f"--pretrain-preset {cfg.pretrain_preset!r}: unknown; choose from {sorted(known)}")
     log(f"no pretrained scorer at {path}: pretraining one (`cappy pretrain --preset {cfg.pretrain_preset}`)")
     values = load_yaml(PretrainConfig, known[cfg.pretrain_preset])
-    values.update(output=str(path), storage_path=str(cache / "runs"), cache_dir=cfg.cache_dir)
+    values.update(output=str(path), storage_path=str(path.parents[1] / "runs"), cache_dir=cfg.cache_dir)
     run_pretrain(PretrainConfig(**values), log=log)
     return str(path)
 

@@ -85,6 +85,34 @@ def test_decoding_names_parse_and_errors():
         parse_decoding("beam1")
 
 
+@pytest.mark.parametrize("name,match", [
+    ("greedy\n", "unknown decoding"),  # re.match(...$) let a trailing newline through
+    ("beam999", "num_beams <= 8"),
+    ("beam9", "num_beams <= 8"),
+    ("topk99999999999999999999", "unknown decoding"),  # overflowed int64 in the backend
+    ("topk2000000", "top_k <= 1000000"),
+    ("temp0", "temperature must be > 0"),
+    ("temp1e9", "unknown decoding"),
+    ("topp0.5.1", "unknown decoding"),
+    ("x" * 10_000, "at most 32 characters"),
+])
+def test_hostile_decoding_names_are_value_errors(name, match):
+    with pytest.raises(ValueError, match=match):
+        parse_decoding(name)
+
+
+def test_decoding_bounds_hold_at_the_edges_and_duplicates_are_found_in_linear_time():
+    import time
+
+    assert parse_decoding("beam8").num_beams == 8 and parse_decoding("topk1000000").top_k == 1_000_000
+    assert parse_decoding("temp100").temperature == 100.0 and parse_decoding("topp1").top_p == 1.0
+    names = [f"topk{i}" for i in range(1, 70_001)] + ["topk1"]  # what fits a 1 MB body
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match=r"listed twice: \['topk1'\]"):
+        decodings_from_names(names)
+    assert time.monotonic() - t0 < 2.0  # list.count per name took minutes
+
+
 def test_decoding_plan_spreads_num_candidates_like_the_paper():
     plan = decoding_plan(None, None, 17)
     assert [(d.name, d.num_samples) for d in plan] == [("beam4", 1), ("sample", 4), ("temp0.9", 4),
