@@ -439,8 +439,9 @@ class Scorer:
             max_length = int(meta.get("max_length", 512))
         model.to(_resolve_device(device))
         model.eval()
-        return cls(model, tokenizer, max_length=max_length, dtype=dtype, base_model=base,
-                   metadata=meta)
+        scorer = cls(model, tokenizer, max_length=max_length, dtype=dtype, base_model=base, metadata=meta)
+        scorer.fresh_params = tuple(sorted(missing))  # non-empty: an untrained head (serve warns)
+        return scorer
 
     @property
     def device(self) -> torch.device:

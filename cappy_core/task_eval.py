@@ -20,7 +20,10 @@ train instructions, :func:`cappy_core.pretrain_data.build_pair_mixture`, cut or 
 ``train_size``) → ``tasks_dir/<task>/train_pairs.parquet`` → :func:`cappy_core.training.fit_scorer`
 from ``init`` with the :class:`ScorerSchedule` (its loss, batches and precision); the finetuned
 scorer then scores in ``score_dtype`` (bf16 autocast only when that says ``bfloat16``). Without
-a schedule the ``init`` scorer scores as is. Then:
+a schedule the ``init`` scorer scores as is. With a ``selector_schedule`` (``selector_loss:
+listwise``) a second scorer is finetuned from ``init`` on the same pairs with that loss; it scores
+every candidate too (``selector_score``) and is the fused selector's Cappy signal, while the
+``cappy`` row stays the first (the paper's) scorer. Then:
 
 * **dev** candidates: ``score`` (the scorer), ``mbr`` (:func:`cappy_core.selectors.mbr_scores`
   per instruction over ``text``) → the fused weights, :func:`cappy_core.selectors.fit_weights`
@@ -32,7 +35,8 @@ a schedule the ``init`` scorer scores as is. Then:
   :func:`cappy_core.evaluation.evaluate_task`, per-instruction values and rankers' Spearman.
 
 With ``keep_scorer`` the finetuned scorer is saved under ``tasks_dir/<task>/scorer`` with the
-fused weights in it (:data:`cappy_core.selectors.SELECTOR_FILE`), for serve (a task scored by
+fused weights in it (with a selector scorer of its own, that one is saved under
+``tasks_dir/<task>/selector_scorer`` and holds the weights instead, since they are fitted on its scores) (:data:`cappy_core.selectors.SELECTOR_FILE`), for serve (a task scored by
 the shared scorer, ``tasks_dir/_shared/scorer``, keeps its weights in ``tasks_dir/<task>``).
 
 The sweep's bookkeeping of finished tasks lives here too: each task's result record is
@@ -65,6 +69,8 @@ if TYPE_CHECKING:  # torch and pyarrow load only where a task runs
 #: The fused selector's signals and the scored-table column each is read from.
 SIGNALS = (CAPPY_SIGNAL, LM_SIGNAL, MBR_SIGNAL)
 SIGNAL_COLUMNS = {CAPPY_SIGNAL: "score", LM_SIGNAL: "logprob_mean", MBR_SIGNAL: "mbr"}
+#: The selector scorer's column: when a table has it, it is the fused selector's Cappy signal.
+SELECTOR_SCORE = "selector_score"
 #: Where :func:`finetune_shared` keeps the scorer finetuned on every task: ``<tasks_dir>/_shared``.
 SHARED_DIR = "_shared"
 
@@ -86,6 +92,7 @@ class TaskSettings:
     dev_examples: int = 0  # the last N sampled train instructions: held out, fit the fused selector
     finetune_scope: str = "task"  # "all": finetune_shared makes one scorer for every task
     shared_training: Optional[dict] = None  # finetune_shared's record: init is that shared scorer
+    selector_schedule: Optional[ScorerSchedule] = None  # the fused selector's own scorer; None: schedule's
 
 
 def settings_from_config(config: Mapping[str, Any], out: str | Path, init: str) -> TaskSettings:
@@ -99,11 +106,15 @@ def settings_from_config(config: Mapping[str, Any], out: str | Path, init: str) 
         batch_size=c["batch_size"], micro_batch_size=c["micro_batch_size"], bf16=c["bf16"], seed=c["seed"],
         loss=c["loss"], listwise_tau=c["listwise_tau"], mse_weight=c["mse_weight"],
         group_by_instruction=c["group_by_instruction"]) if c["finetune"] else None
+    selector_schedule = None
+    if schedule is not None and c["selector_loss"] != "same":  # listwise ranks within an instruction: grouped
+        selector_schedule = dataclasses.replace(schedule, loss=c["selector_loss"], group_by_instruction=True)
     return TaskSettings(data_dir=str(out / "data"), candidates_dir=str(out / "candidates"),
                         tasks_dir=str(out / "tasks"), init=init, max_length=c["max_length"], schedule=schedule,
                         train_size=c["train_size"], max_train_examples=c["max_train_examples_per_task"],
                         score_dtype=c["score_dtype"], keep_scorer=c["keep_scorers"],
-                        dev_examples=c["dev_examples_per_task"], finetune_scope=c["finetune_scope"])
+                        dev_examples=c["dev_examples_per_task"], finetune_scope=c["finetune_scope"],
+                        selector_schedule=selector_schedule)
 
 
 def check_config(config: Mapping[str, Any]) -> None:
@@ -124,6 +135,9 @@ def check_config(config: Mapping[str, Any]) -> None:
     if c["loss"].startswith("listwise") and not c["group_by_instruction"]:
         raise ConfigError(f"--loss {c['loss']} ranks one instruction's candidates against each other: it needs "
                           "--group-by-instruction (micro-batches that keep an instruction's candidates together)")
+    if c["selector_loss"] != "same" and not (c["finetune"] and c["finetune_scope"] == "task"):
+        raise ConfigError(f"--selector-loss {c['selector_loss']} finetunes a second scorer per task: it needs "
+                          "--finetune and --finetune-scope task")
     if not c["listwise_tau"] > 0 or c["mse_weight"] < 0:
         raise ConfigError("--listwise-tau must be > 0 and --mse-weight >= 0")
 
@@ -275,9 +289,23 @@ def score_table(scorer: Any, table: pa.Table) -> pa.Table:
     return table.append_column("score", pa.array(scores, pa.float64()))
 
 
-def score_validation(scorer: Any, task: str, candidates_dir: str | Path) -> pa.Table:
-    """The task's validation candidates (Arrow table) with a ``score`` column appended."""
-    return score_table(scorer, read_split_candidates(task, candidates_dir, "validation"))
+def signal_column(table: pa.Table, name: str) -> str:
+    """The column the fused selector reads signal ``name`` from: :data:`SIGNAL_COLUMNS`, except
+    that the Cappy signal is :data:`SELECTOR_SCORE` when the table has it."""
+    if name == CAPPY_SIGNAL and SELECTOR_SCORE in table.column_names:
+        return SELECTOR_SCORE
+    return SIGNAL_COLUMNS[name]
+
+
+def score_with(scorer: Any, selector: Any | None, table: pa.Table) -> pa.Table:
+    """``table`` with ``score`` (:func:`score_table`) and, given a selector scorer, :data:`SELECTOR_SCORE`."""
+    import pyarrow as pa
+
+    table = score_table(scorer, table)
+    if selector is None:
+        return table
+    scores = selector.score(table["instruction"].to_pylist(), table["text"].to_pylist())
+    return table.append_column(SELECTOR_SCORE, pa.array(scores, pa.float64()))
 
 
 def instruction_rows(instruction_ids: Sequence[str]) -> list[list[int]]:
@@ -311,7 +339,7 @@ def add_fused(table: pa.Table, weights: Mapping[str, float]) -> pa.Table:
 
     from cappy_core.selectors import fused_scores
 
-    cols = {name: np.asarray(table[SIGNAL_COLUMNS[name]].to_pylist(), dtype=np.float64) for name in weights}
+    cols = {name: np.asarray(table[signal_column(table, name)].to_pylist(), dtype=np.float64) for name in weights}
     fused = np.zeros(table.num_rows)
     for rows in instruction_rows(table["instruction_id"].to_pylist()):
         fused[rows] = fused_scores({name: col[rows] for name, col in cols.items()}, weights)
@@ -321,7 +349,7 @@ def add_fused(table: pa.Table, weights: Mapping[str, float]) -> pa.Table:
 def with_selector_columns(table: pa.Table, weights: Mapping[str, float] | None = None) -> pa.Table:
     """A scored candidate table with ``mbr`` (:func:`add_mbr`) and, given ``weights``, ``fused``
     (:func:`add_fused`) appended. Reads ``instruction_id``, ``text``, ``score`` and
-    ``logprob_mean``: never a label."""
+    ``logprob_mean`` (and :data:`SELECTOR_SCORE` when there): never a label."""
     table = add_mbr(table)
     return table if weights is None else add_fused(table, weights)
 
@@ -335,7 +363,7 @@ def fit_fused(table: pa.Table) -> tuple[dict[str, float], float | None, int]:
     from cappy_core.selectors import fit_weights, weight_grid
 
     labels = table["label"].to_pylist()
-    cols = {name: np.asarray(table[col].to_pylist(), dtype=np.float64) for name, col in SIGNAL_COLUMNS.items()}
+    cols = {name: np.asarray(table[signal_column(table, name)].to_pylist(), dtype=np.float64) for name in SIGNALS}
     signals, rouges = [], []
     for rows in instruction_rows(table["instruction_id"].to_pylist()):
         if any(labels[i] is None for i in rows):
@@ -380,6 +408,7 @@ def run_task(task: str, settings: TaskSettings, *, use_gpu: bool = False, torch_
     device = set_device(use_gpu, torch_threads)
     timings: dict[str, float] = {}
     t = time.monotonic()
+    selector = None  # the fused selector's own scorer (settings.selector_schedule), else the scorer's scores
     task_dir = Path(settings.tasks_dir) / task
     task_dir.mkdir(parents=True, exist_ok=True)
     sizes: dict[str, Any] = {}
@@ -398,14 +427,21 @@ def run_task(task: str, settings: TaskSettings, *, use_gpu: bool = False, torch_
         scorer, training = finetune(settings.init, pairs_file, settings.schedule, max_length=settings.max_length,
                                     device=device, score_dtype=settings.score_dtype)
         timings["finetune_s"] = time.monotonic() - t
+        if settings.selector_schedule is not None:
+            t = time.monotonic()
+            selector, training["selector"] = finetune(settings.init, pairs_file, settings.selector_schedule,
+                                                      max_length=settings.max_length, device=device,
+                                                      score_dtype=settings.score_dtype)
+            training["selector"]["loss"] = settings.selector_schedule.loss
+            timings["selector_finetune_s"] = time.monotonic() - t
     else:
         scorer = Scorer.from_pretrained(settings.init, dtype=settings.score_dtype, device=device,
                                         max_length=settings.max_length)
     t = time.monotonic()
     weights, dev_record = None, {}  # dev: fit the fused selector (and report every method there)
     if dev_examples:
-        dev = add_mbr(score_table(scorer, read_split_candidates(task, settings.candidates_dir, "train",
-                                                                 dev_examples)))
+        dev = add_mbr(score_with(scorer, selector, read_split_candidates(task, settings.candidates_dir, "train",
+                                                                         dev_examples)))
         weights, dev_value, fitted_on = fit_fused(dev)
         dev = add_fused(dev, weights)
         write_parquet(dev, task_dir / "dev_scored.parquet")
@@ -421,10 +457,14 @@ def run_task(task: str, settings: TaskSettings, *, use_gpu: bool = False, torch_
     kept = task_dir / "scorer" if settings.keep_scorer and settings.schedule is not None else None
     if kept is not None:
         scorer.save_pretrained(kept)
+        if selector is not None:  # the weights belong with the scores they were fitted on
+            kept = task_dir / "selector_scorer"
+            selector.save_pretrained(kept)
     if settings.keep_scorer and weights is not None:  # in the kept scorer, else in the task's folder
         write_selector(kept or task_dir, weights, task=task, scorer=str(kept or settings.init),
                        **dev_record["fused_fit"])
-    val = with_selector_columns(score_validation(scorer, task, settings.candidates_dir), weights)
+    val = read_split_candidates(task, settings.candidates_dir, "validation")
+    val = with_selector_columns(score_with(scorer, selector, val), weights)
     write_parquet(val, task_dir / "validation_scored.parquet")
     timings["score_s"] = time.monotonic() - t
     groups, unlabeled, result = evaluate_scored(val, f"task {task}")  # the one place validation labels are read
@@ -441,7 +481,7 @@ RESULT_DEFINING = ("generator", "backend", "decodings", "samples_per_decoding", 
                    "max_examples_per_task", "max_train_examples_per_task", "scorer", "finetune", "train_size",
                    "max_length", "lr", "warmup_ratio", "weight_decay", "epochs", "batch_size", "micro_batch_size",
                    "bf16", "seed", "score_dtype", "dev_examples_per_task", "loss", "listwise_tau", "mse_weight",
-                   "group_by_instruction", "finetune_scope")
+                   "group_by_instruction", "finetune_scope", "selector_loss")
 #: Raised when a task's result is computed differently: every earlier result is then recomputed.
 RESULT_VERSION = 2
 

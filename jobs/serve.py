@@ -1,14 +1,22 @@
 """``cappy serve``: start the generate-then-select app locally and print its URL.
 
-    cappy serve                                   # embedded default: serve_app/config.yaml on 127.0.0.1:8000
+    cappy serve                                   # after `cappy sweep --preset local`: its generator and
+                                                  # pretrained scorer, serve_app/config.yaml on 127.0.0.1:8000
     cappy serve --generator /path/to/hf_folder --scorers-dir ~/cappy_runs --port 8080
     cappy serve --config serve_app/config.yaml --dry-run   # validate and print the resolved args
+
+Defaults (no ``--generator`` / ``--scorer`` and none in the file), by the sweep's own cache rules
+(:func:`jobs.sweep.sweep_models`): the generator ``cappy sweep --preset local`` trained (else the
+one ``cappy generator train`` wrote), and the scorer it pretrained; missing ones are an error that
+says how to get them. An untrained scorer head (``minilm``) is served only with
+``--allow-untrained-scorer``, and ``/healthz`` then says so.
 
 Pipeline: read a Serve config file (``--config``, default ``serve_app/config.yaml``; checked
 against Ray's own schema, and its app ``args`` against ``serve_app.args.AppArgs``) → apply the
 flags → start (or join, with ``RAY_ADDRESS``) Ray and Serve on ``--host:--port`` → ``serve.run``
 the app built by ``serve_app.app:app_builder`` → print the URL and example requests → serve until
-Ctrl-C / SIGTERM, then shut Serve down. ``serve run serve_app/config.yaml`` does the same with
+Ctrl-C / SIGTERM, then delete this application only (``serve.delete``: other applications on a
+shared cluster keep running). ``serve run serve_app/config.yaml`` does the same with
 Ray's CLI; use it for a config with per-deployment ``deployments:`` overrides, which this command
 refuses.
 """
@@ -31,7 +39,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         prog=prog or "python -m jobs.serve",
         description="Serve generate-then-select (Generator + batched Cappy Scorer + FastAPI ingress) "
         "with Ray Serve, locally, and print the URL.",
-        epilog="Endpoints: POST /v1/select, /v1/score, /v1/classify; GET /healthz; docs at /docs.",
+        epilog="Endpoints: POST /v1/select, /v1/score, /v1/classify; OpenAI-compatible POST /v1/chat/completions, "
+        "/v1/completions, GET /v1/models; GET /healthz; docs at /docs.",
     )
     p.add_argument("--config", default=str(DEFAULT_CONFIG), metavar="YAML",
                    help="Serve config file (default: serve_app/config.yaml)")
@@ -43,8 +52,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--generator-backend", choices=["auto", "vllm", "hf"], default=None)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default new tokens per candidate")
     p.add_argument("--scorer", default=None, help="default scorer: 'minilm', a folder or a hub id")
-    p.add_argument("--scorers-dir", default=None, help="per-task scorers: <dir>/<task>/ or "
-                   "<dir>/finetune-<task>/scorer/")
+    p.add_argument("--scorers-dir", default=None, help="per-task scorers: <dir>/<task>/, <dir>/<task>/scorer/ "
+                   "(a sweep's OUT/tasks with --keep-scorers) or <dir>/finetune-<task>/scorer/")
+    p.add_argument("--allow-untrained-scorer", action="store_true",
+                   help="serve the embedded MiniLM with its untrained head when no pretrained scorer is cached "
+                   "(its picks mean nothing; /healthz warns)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray it starts (default: all)")
     p.add_argument("--dry-run", action="store_true", help="validate, print the resolved args as JSON, exit")
     return p
@@ -69,7 +81,40 @@ def resolve(args: argparse.Namespace):
                                 ("scorer", "scorers_dir", args.scorers_dir)):
         if value is not None:
             raw.setdefault(section, {})[key] = value
+    apply_sweep_defaults(raw, getattr(args, "allow_untrained_scorer", False), strict=not args.dry_run)
     return data, app, AppArgs.model_validate(raw)
+
+
+def apply_sweep_defaults(raw: dict, allow_untrained: bool, strict: bool = True, cache_dir: str | None = None) -> None:
+    """Fill the app args' generator and scorer the way ``cappy sweep --preset local`` finds them.
+
+    Generator not named: the sweep's embedded generator if it is cached, else ``cappy generator
+    train``'s (``model: null``), else (``strict``) a ``FileNotFoundError`` naming both. Scorer not
+    named, or ``minilm`` (an untrained head): the sweep's pretrained scorer if cached; else
+    ``minilm`` only with ``allow_untrained``, else (``strict``) a ``FileNotFoundError``.
+    """
+    from cappy_core.lm import default_generator_path
+    from jobs.sweep import sweep_models
+
+    sweep_gen, sweep_scorer = sweep_models(cache_dir=cache_dir)
+    gen, sc = raw.setdefault("generator", {}), raw.setdefault("scorer", {})
+    if gen.get("model") is None:
+        trained = default_generator_path(cache_dir=cache_dir)
+        if (sweep_gen / "config.json").is_file():
+            gen["model"] = str(sweep_gen)
+        elif strict and not (trained / "config.json").is_file():
+            raise FileNotFoundError(
+                f"no --generator given, and neither the generator `cappy sweep --preset local` trains ({sweep_gen}) "
+                f"nor `cappy generator train`'s ({trained}) is there: run one of them, or give --generator")
+    if sc.get("model") in (None, "minilm"):
+        if (sweep_scorer / "config.json").is_file():
+            sc["model"] = str(sweep_scorer)
+        elif allow_untrained:
+            sc["model"] = "minilm"
+        elif strict:
+            raise FileNotFoundError(
+                f"no pretrained scorer at {sweep_scorer}: run `cappy pretrain --preset local` (the sweep does), "
+                "give --scorer, or pass --allow-untrained-scorer to serve MiniLM with an untrained head")
 
 
 def _examples(url: str) -> str:
@@ -81,6 +126,9 @@ def _examples(url: str) -> str:
         "-d '{\"instruction\": \"Q: 2+2?\\nA:\", \"choices\": [\"4\", \"5\"]}'",
         f"  curl -s {url}/v1/select -H 'content-type: application/json' "
         "-d '{\"instruction\": \"Q: 2+2?\\nA:\", \"num_candidates\": 17}'",
+        f"  curl -s {url}/v1/chat/completions -H 'content-type: application/json' "
+        "-d '{\"model\": \"cappy\", \"messages\": [{\"role\": \"user\", \"content\": \"Q: 2+2?\\nA:\"}]}'",
+        f"  OpenAI clients: base_url={url}/v1, model='cappy' or 'cappy:<task>'",
     ])
 
 
@@ -94,12 +142,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     """Validate, then (unless ``--dry-run``) deploy and serve until stopped; the exit status."""
     data, app_entry, app_args = resolve(args)
-    if not args.dry_run and app_args.generator.model is None:
-        # the embedded generator must be there (on this machine: a local Ray); a named model is
-        # resolved by the replica, on its node
-        from cappy_core.generation import resolve_generator
-
-        resolve_generator(None, app_args.generator.backend)
     http = dict(data.get("http_options") or {})
     host = args.host or http.get("host") or "127.0.0.1"
     port = args.port or http.get("port") or 8000
@@ -129,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
         serve.run(build_app(app_args), name=name, route_prefix=route, blocking=False)
     except Exception as e:  # noqa: BLE001 - deployment failures come back as various Ray errors
         print(f"error: the app failed to deploy: {e}", file=sys.stderr)
-        serve.shutdown()
+        _delete(serve, name)
         return 1
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{shown}:{port}{route.rstrip('/')}"
@@ -143,9 +185,18 @@ def run(args: argparse.Namespace) -> int:
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
-    print("shutting down Serve", flush=True)
-    serve.shutdown()
+    print(f"deleting application {name!r}", flush=True)
+    _delete(serve, name)
     return 0
+
+
+def _delete(serve, name: str) -> None:
+    """Remove this application only; a second Ctrl-C while it waits exits at once."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        serve.delete(name)
+    except Exception as e:  # noqa: BLE001 - already gone, or Ray went away
+        print(f"warning: could not delete application {name!r}: {e}", file=sys.stderr)
 
 
 if __name__ == "__main__":

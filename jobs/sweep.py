@@ -106,6 +106,9 @@ class SweepConfig(CacheOptions, TrackingOptions):
     mse_weight: float = field(default=0.0, metadata={"help": "listwise+mse: loss = listwise + w * mse"})
     group_by_instruction: bool = field(default=False, metadata={"help": "micro-batches keep an instruction together"})
     finetune_scope: str = field(default="task", metadata={"choices": ["task", "all"], "help": "per task or all"})
+    selector_loss: str = field(default="same", metadata={"choices": ["same", "listwise", "listwise+mse"], "help":
+                               "the fused selector's Cappy signal: same: the cappy row's scorer; listwise[+mse]: "
+                               "a second per-task scorer finetuned on the same pairs with that loss"})
     dev_examples_per_task: int = field(default=0, metadata={"help": "hold out the last N sampled train "
                                        "instructions per task from finetuning; the fused selector is fitted on them"})
     score_dtype: str = field(default="float32", metadata={
@@ -160,6 +163,23 @@ def ensure_generator_for(cfg: SweepConfig, tasks: list[str], log) -> str:
     return str(ensure_generator(config=gcfg, log=log))
 
 
+def pretrained_scorer_path(cfg: SweepConfig) -> Path:
+    """Where the scorer pretrained for this sweep lives: ``<cache>/scorer/pretrain-<preset>``."""
+    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    return cache / "scorer" / f"pretrain-{cfg.pretrain_preset}"
+
+
+def sweep_models(preset: str = "local", cache_dir: str | None = None) -> tuple[Path, Path]:
+    """``(embedded generator folder, pretrained scorer folder)`` that ``cappy sweep --preset PRESET``
+    trains or reuses, by the sweep's own rules (``cappy serve`` serves them by default)."""
+    from cappy_core.config import load_yaml
+    from cappy_core.lm import default_generator_path
+
+    cfg = SweepConfig(**{**load_yaml(SweepConfig, presets("sweep")[preset]), "cache_dir": cache_dir})
+    name, _ = embedded_generator_name(cfg, list(cfg.tasks))
+    return default_generator_path(name, cache_dir=cache_dir), pretrained_scorer_path(cfg)
+
+
 def ensure_scorer_init(cfg: SweepConfig, log) -> str:
     """``--scorer`` as given, or the scorer pretrained once into the cache (pretrain job, Ray Train)."""
     from cappy_core.scorer_runs import check_init
@@ -169,8 +189,7 @@ def ensure_scorer_init(cfg: SweepConfig, log) -> str:
         return cfg.scorer
     from jobs.pretrain import PretrainConfig, run as run_pretrain
 
-    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    path = cache / "scorer" / f"pretrain-{cfg.pretrain_preset}"
+    path = pretrained_scorer_path(cfg)
     if (path / "config.json").is_file():
         log(f"using the pretrained scorer at {path}")
         return str(path)
@@ -179,7 +198,8 @@ def ensure_scorer_init(cfg: SweepConfig, log) -> str:
         raise ConfigError(f"--pretrain-preset {cfg.pretrain_preset!r}: unknown; choose from {sorted(known)}")
     log(f"no pretrained scorer at {path}: pretraining one (`cappy pretrain --preset {cfg.pretrain_preset}`)")
     values = load_yaml(PretrainConfig, known[cfg.pretrain_preset])
-    values.update(output=str(path), storage_path=str(cache / "runs"), cache_dir=cfg.cache_dir, report_to=cfg.report_to)
+    values.update(output=str(path), storage_path=str(path.parents[1] / "runs"), cache_dir=cfg.cache_dir,
+                  report_to=cfg.report_to)
     run_pretrain(PretrainConfig(**values), log=log)
     return str(path)
 

@@ -53,11 +53,11 @@ def _task_sizes(cfg: Any, out: Path) -> tuple[dict[str, dict[str, int]], dict[st
 def plan(cfg: Any, preset: str | None = None) -> dict[str, Any]:
     """The plan as a dict (see :func:`format_plan`); raises the sweep's own config errors."""
     from cappy_core.config import to_dict
-    from cappy_core.data.source import BigBenchNotFound, default_cache_dir
+    from cappy_core.data.source import BigBenchNotFound
     from cappy_core.generation import candidates_per_instruction, decodings_from_names
     from cappy_core.lm import default_generator_path, is_generator_dir
     from cappy_core.task_eval import check_config, finished, key_digest, result_key, settings_from_config
-    from jobs.sweep import embedded_generator_name
+    from jobs.sweep import embedded_generator_name, pretrained_scorer_path
 
     check_config(to_dict(cfg))
     out = Path(cfg.out or f"~/cappy_runs/sweep-{preset or 'custom'}").expanduser().resolve()
@@ -92,8 +92,7 @@ def plan(cfg: Any, preset: str | None = None) -> dict[str, Any]:
         init = cfg.scorer
         stages.append({"stage": "scorer init", "cached": True, "seconds": 0.0, "what": f"given: {init}"})
     else:
-        cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-        path = cache / "scorer" / f"pretrain-{cfg.pretrain_preset}"
+        path = pretrained_scorer_path(cfg)
         init, cached = str(path), (path / "config.json").is_file()
         stages.append({"stage": "scorer init", "cached": cached, "what": f"pretrained ({cfg.pretrain_preset}), {path}",
                        "seconds": 0.0 if cached else PRETRAIN_LOCAL_S})

@@ -7,11 +7,22 @@ checked by the ingress and answered with the same 422 format, naming the field.
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from cappy_core.generation import MAX_DECODING_NAME_CHARS
 from serve_app.args import TASK_ID_PATTERN
+
+#: A hard cap on the decodings list, checked while the body is parsed (the ingress's configurable
+#: ``max_decodings`` is checked next, before any work).
+MAX_DECODINGS_LISTED = 64
+DecodingName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_DECODING_NAME_CHARS)]
+
+
+class RequestError(ValueError):
+    """A request the generator or scorer cannot serve as asked: the caller's fault, answered 422,
+    never retried (raised inside a replica; Ray re-raises it in the ingress as a subclass)."""
 
 _TASK = Field(None, pattern=TASK_ID_PATTERN, examples=["word_sorting"],
               description="use this task's finetuned scorer (multiplexed); absent: the pretrained scorer")
@@ -44,13 +55,14 @@ class SelectRequest(_Req):
     num_candidates: Optional[int] = Field(None, ge=1, description="total candidates, spread over the default "
                                           "decodings (17 = the paper's beam4 + 4 × 4 samples); "
                                           "excludes decodings/num_samples")
-    decodings: Optional[list[str]] = Field(None, min_length=1, description="decoding names: greedy, beam<N>, "
-                                           "sample, temp<T>, topk<K>, topp<P>",
-                                           examples=[["beam4", "sample", "temp0.9", "topk40", "topp0.95"]])
+    decodings: Optional[list[DecodingName]] = Field(None, min_length=1, max_length=MAX_DECODINGS_LISTED,
+                                                    description="decoding names: greedy, beam<N> (N <= 8), "
+                                                    "sample, temp<T>, topk<K>, topp<P>",
+                                                    examples=[["beam4", "sample", "temp0.9", "topk40", "topp0.95"]])
     num_samples: Optional[int] = Field(None, ge=1, description="candidates per sampling decoding (default 4)")
     max_new_tokens: Optional[int] = Field(None, ge=1, description="new tokens per candidate (default: the "
                                           "generator's, 64)")
-    seed: Optional[int] = Field(None, ge=0, description="sampling seed (default: the generator's)")
+    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1, description="sampling seed (default: the generator's)")
     task: Optional[str] = _TASK
     return_candidates: bool = Field(False, description="also return every candidate with its score and "
                                     "log-likelihoods")
@@ -116,5 +128,70 @@ class SelectResponse(BaseModel):
 
 class Health(BaseModel):
     status: str
+    warnings: Optional[list[str]] = Field(None, description="e.g. a default scorer with an untrained head")
     generator: Optional[dict] = None
     scorer: Optional[dict] = None
+
+
+# -- OpenAI-compatible routes -------------------------------------------------------------------
+# Same generate-then-select as /v1/select: `n` is how many candidates the generator makes (default:
+# the paper's 17-candidate plan), the single choice returned is Cappy's pick. Fields OpenAI clients
+# commonly send and that a decoding plan overrides (temperature, top_p, user) are accepted and
+# ignored; anything else unknown is a 400 naming it.
+
+MAX_CHAT_MESSAGES = 64
+ChatRole = Literal["system", "developer", "user", "assistant"]
+
+
+class TextPart(_Req):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # e.g. "name": harmless, not used
+
+    role: ChatRole
+    content: str | list[TextPart] = Field(description="text, or a list of text parts (joined)")
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+def plain_chat(messages: list[dict]) -> str:
+    """The instruction for chat messages when the generator's tokenizer has no chat template: one
+    user message is its text as it is (so it matches /v1/select with that instruction); otherwise
+    one ``Role: text`` line per message and a final ``Assistant:`` cue."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    return "\n".join([f"{m['role'].capitalize()}: {m['content']}" for m in messages] + ["Assistant:"])
+
+
+class _OpenAIRequest(_Req):
+    model: str = Field(description="'cappy' (the pretrained scorer) or 'cappy:<task>' (that task's scorer)",
+                       examples=["cappy"], max_length=160)
+    n: Optional[int] = Field(None, ge=1, description="candidates to generate (default: the paper's 17); "
+                             "the response has one choice, the pick")
+    max_tokens: Optional[int] = Field(None, ge=1, description="new tokens per candidate")
+    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
+    stream: Optional[bool] = Field(False, description="not supported: true is a 400")
+    temperature: Optional[float] = Field(None, description="ignored: the decoding plan sets it")
+    top_p: Optional[float] = Field(None, description="ignored: the decoding plan sets it")
+    user: Optional[str] = Field(None, description="ignored")
+    return_candidates: bool = Field(False, description="Cappy extension: every candidate with its score "
+                                    "in the response's `cappy.candidates`")
+
+
+class ChatCompletionRequest(_OpenAIRequest):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_CHAT_MESSAGES)
+    max_completion_tokens: Optional[int] = Field(None, ge=1, description="same as max_tokens")
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"model": "cappy", "messages": [{"role": "user", "content": "Q: What is the capital of France?\nA:"}]}]})
+
+
+class CompletionRequest(_OpenAIRequest):
+    prompt: str = Field(min_length=1)
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"model": "cappy", "prompt": "Q: What is the capital of France?\nA:", "n": 5}]})

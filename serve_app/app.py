@@ -21,6 +21,10 @@ from serve_app.ingress import IngressDeployment
 from serve_app.scorer import ScorerDeployment
 
 
+UNTRAINED_SCORER_WARNING = ("the default scorer is MiniLM with an untrained head: its picks mean nothing; serve a "
+                            "pretrained scorer (cappy pretrain, or the sweep's)")
+
+
 def build_app(args: AppArgs) -> Application:
     g, s, i = args.generator, args.scorer, args.ingress
     generator = GeneratorDeployment.options(**g.deployment_options(), user_config=g.user_config()).bind(
@@ -31,7 +35,9 @@ def build_app(args: AppArgs) -> Application:
         task_scorers=s.task_scorers, scorers_dir=s.scorers_dir, unknown_task=s.unknown_task,
         max_models_per_replica=s.max_models_per_replica, score_batch_size=s.score_batch_size,
         score_max_tokens=s.score_max_tokens, torch_threads=s.torch_threads)
-    return IngressDeployment.options(**i.deployment_options()).bind(generator, scorer, limits=i.limits())
+    warnings = [UNTRAINED_SCORER_WARNING] if s.model == "minilm" else []
+    return IngressDeployment.options(**i.deployment_options()).bind(generator, scorer, limits=i.limits(),
+                                                                    warnings=warnings)
 
 
 def app_builder(args: dict[str, Any] | None = None) -> Application:

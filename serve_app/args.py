@@ -13,6 +13,7 @@ still overrides them, as Ray documents.
 Per-task scorers: the scorer's multiplexed model id is a task name (or any id you choose). An id
 resolves to a checkpoint folder by, in order: ``scorer.task_scorers[id]`` (explicit map, id →
 folder or hub id); ``<scorers_dir>/<id>/`` (a folder written by ``Scorer.save_pretrained``);
+``<scorers_dir>/<id>/scorer/`` (a sweep's ``OUT/tasks`` with ``--keep-scorers``);
 ``<scorers_dir>/finetune-<id>/scorer/`` (where ``cappy finetune --task <id>`` puts it, so
 ``scorers_dir: ~/cappy_runs`` serves every finetuned task). An id that resolves to nothing is
 scored by the pretrained default scorer (``unknown_task: default``, the response says
@@ -45,6 +46,8 @@ class ReplicaArgs(_Strict):
     num_cpus: float = Field(0.5, ge=0, description="CPUs per replica (fractional is fine)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (fractional is fine)")
     max_ongoing_requests: int = Field(16, ge=1, description="concurrent requests one replica accepts")
+    max_queued_requests: int = Field(64, ge=-1, description="requests waiting for a replica beyond those; "
+                                     "more are refused at once with 503 + Retry-After (-1: no limit)")
     num_replicas: Optional[int] = Field(None, ge=1, description="fixed replica count (default 1); "
                                         "give this or autoscaling_config")
     autoscaling_config: Optional[dict[str, Any]] = Field(
@@ -61,7 +64,8 @@ class ReplicaArgs(_Strict):
         actor: dict[str, Any] = {"num_cpus": self.num_cpus}
         if self.num_gpus:
             actor["num_gpus"] = self.num_gpus
-        opts: dict[str, Any] = {"ray_actor_options": actor, "max_ongoing_requests": self.max_ongoing_requests}
+        opts: dict[str, Any] = {"ray_actor_options": actor, "max_ongoing_requests": self.max_ongoing_requests,
+                                "max_queued_requests": self.max_queued_requests}
         if self.autoscaling_config is not None:
             opts["autoscaling_config"] = dict(self.autoscaling_config)
         else:
@@ -99,6 +103,7 @@ class ScorerArgs(ReplicaArgs):
 
     max_ongoing_requests: int = Field(64, ge=1, description="concurrent requests per replica; must be "
                                       "≥ max_batch_size or batches never fill")
+    max_queued_requests: int = Field(256, ge=-1)
     autoscaling_config: Optional[dict[str, Any]] = Field(default_factory=_default_scorer_autoscaling)
     model: str = Field("minilm", description="default (pretrained) scorer: 'minilm', a folder or a hub id")
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -143,11 +148,13 @@ class IngressArgs(ReplicaArgs):
 
     num_cpus: float = Field(0.1, ge=0)
     max_ongoing_requests: int = Field(256, ge=1)
+    max_queued_requests: int = Field(256, ge=-1)
     max_instruction_chars: int = Field(8000, ge=1, description="longest instruction accepted")
     max_response_chars: int = Field(4000, ge=1, description="longest response / choice accepted")
     max_responses: int = Field(64, ge=1, description="most responses per /v1/score request")
     max_choices: int = Field(64, ge=1, description="most choices per /v1/classify request")
     max_candidates: int = Field(32, ge=1, description="most candidates per /v1/select request")
+    max_decodings: int = Field(16, ge=1, description="most decoding names per /v1/select request")
     max_new_tokens: int = Field(256, ge=1, description="largest max_new_tokens a request may ask for")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
     generate_timeout_s: float = Field(120.0, gt=0, description="wait for the generator at most this long")
@@ -178,10 +185,25 @@ def resolve_task_scorer(task_id: str, task_scorers: dict[str, str], scorers_dir:
         return os.path.expanduser(task_scorers[task_id])
     if scorers_dir:
         root = Path(scorers_dir).expanduser()
-        for folder in (root / task_id, root / f"finetune-{task_id}" / "scorer"):
+        for folder in (root / task_id, root / task_id / "scorer", root / f"finetune-{task_id}" / "scorer"):
             if (folder / "config.json").is_file():
                 return str(folder)
     return None
+
+
+def list_task_scorers(task_scorers: dict[str, str], scorers_dir: str | None) -> list[str]:
+    """Every id :func:`resolve_task_scorer` resolves without being told one: the explicit map's,
+    ``<scorers_dir>/<id>/``, ``<scorers_dir>/<id>/scorer/`` and ``<scorers_dir>/finetune-<id>/scorer/``
+    folders (sorted)."""
+    ids = set(task_scorers)
+    root = Path(scorers_dir).expanduser() if scorers_dir else None
+    if root is not None and root.is_dir():
+        for child in root.iterdir():
+            if child.name.startswith("finetune-") and (child / "scorer" / "config.json").is_file():
+                ids.add(child.name[len("finetune-"):])
+            elif (child / "config.json").is_file() or (child / "scorer" / "config.json").is_file():
+                ids.add(child.name)
+    return sorted(i for i in ids if _TASK_ID.match(i))
 
 
 def load_serve_config(path: str | os.PathLike, app_name: str | None = None) -> tuple[dict, dict]:

@@ -8,6 +8,12 @@ seed go to the backend as one ``generate`` call; seeds are keyed by instruction 
 candidate does not depend on what else was in its batch. The backend is created and called on one
 dedicated thread: the replica's event loop never blocks, and vLLM's engine always sees the same
 caller thread.
+
+A failing request fails alone: a group that raises is run again one request at a time, and each
+request gets its own result or error. A ``ValueError`` from the backend (what the request asked
+for) comes back as :class:`serve_app.api.RequestError` (422 at the ingress); anything else is the
+deployment's failure (503). :meth:`check_health` runs a one-token generation unless a call
+succeeded in the last ``HEALTH_FRESH_S``, so a dead engine takes the replica out of service.
 """
 
 from __future__ import annotations
@@ -24,6 +30,10 @@ from typing import Any
 from ray import serve
 
 logger = logging.getLogger("ray.serve")
+
+HEALTH_FRESH_S = 30.0  # a successful call this recent proves the engine works: no probe
+HEALTH_PROBE_S = 20.0  # the probe's own deadline (inside Serve's 30 s health-check timeout)
+HEALTH_STUCK_S = 600.0  # a call running longer than this means the engine hangs
 
 
 def _load(backend: str, model: str | None, load_kwargs: dict[str, Any]):
@@ -54,46 +64,133 @@ class GeneratorDeployment:
         self.min_new_tokens = min_new_tokens
         self.seed = seed
         self.batch_sizes: list[int] = []
+        self._last_ok = time.monotonic()
+        self._busy_since: float | None = None  # when the running backend call started
         self.info_ = {"backend": self.gen.backend, "model": self.gen.model,
                       "load_s": round(time.monotonic() - t0, 2), "pid": os.getpid()}
         logger.info("generator ready: %s", self.info_)
 
     def __del__(self):  # Serve calls it when the replica stops: free vLLM's engine processes
         gen = getattr(self, "gen", None)
-        if gen is not None:
-            self._thread.submit(gen.close).result(timeout=30)
-        self._thread.shutdown(wait=False)
+        try:
+            if gen is not None:
+                self._thread.submit(gen.close).result(timeout=30)
+            self._thread.shutdown(wait=False)
+        except Exception:  # noqa: BLE001 - at interpreter exit the thread may already be gone
+            pass
 
     def reconfigure(self, user_config: dict) -> None:
         """``user_config``: ``max_batch_size`` and ``batch_wait_timeout_s`` of the batched call."""
         if "max_batch_size" in user_config:
-            self.generate.set_max_batch_size(int(user_config["max_batch_size"]))
+            self._generate_batch.set_max_batch_size(int(user_config["max_batch_size"]))
         if "batch_wait_timeout_s" in user_config:
-            self.generate.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+            self._generate_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
 
     async def info(self) -> dict:
         return dict(self.info_, recent_batch_sizes=self.batch_sizes[-32:])
 
+    async def check_health(self) -> None:
+        """Serve's periodic probe: raises when the engine cannot generate one token."""
+        from cappy_core.generation import DecodingSpec
+
+        now = time.monotonic()
+        if self._busy_since is not None:  # the single generator thread is working
+            if now - self._busy_since > HEALTH_STUCK_S:
+                raise RuntimeError(f"a generate call has run for {now - self._busy_since:.0f} s")
+            return
+        if now - self._last_ok < HEALTH_FRESH_S:
+            return
+        probe = partial(self.gen.generate, ["ping"], (DecodingSpec("greedy", "greedy"),), max_new_tokens=1,
+                        min_new_tokens=0)
+        await asyncio.wait_for(self._run(probe), timeout=HEALTH_PROBE_S)
+
+    async def _run(self, call):
+        """``call()`` on the generator thread, tracking when it ran and when it last succeeded."""
+        self._busy_since = time.monotonic()
+        try:
+            out = await asyncio.get_running_loop().run_in_executor(self._thread, call)
+        finally:
+            self._busy_since = None
+        self._last_ok = time.monotonic()
+        return out
+
+    async def generate(self, prompt: str | list[dict], decodings: tuple, max_new_tokens: int | None,
+                       seed: int | None) -> dict:
+        """``{"candidates": [Candidate fields as dicts], "prompt_tokens", "max_new_tokens", "chat_template"}``
+        for one prompt: an instruction, or chat messages (``{"role", "content"}`` dicts, rendered
+        by :func:`chat_prompt`). Batched with concurrent requests; this request's own error is
+        raised here."""
+        result = await self._generate_batch(prompt, decodings, max_new_tokens, seed)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def generate(self, instructions: list[str], decodings: list[tuple], max_new_tokens: list[int | None],
-                       seeds: list[int | None]) -> list[list[dict]]:
-        """Candidates of each instruction as dicts (``cappy_core.generation.Candidate`` fields).
+    async def _generate_batch(self, prompts: list, decodings: list[tuple], max_new_tokens: list[int | None],
+                              seeds: list[int | None]) -> list:
+        """Per request, its result (see :meth:`generate`) or the exception that request alone raised.
 
         ``decodings``: a tuple of ``DecodingSpec`` per request; ``max_new_tokens`` / ``seeds``:
         None → the deployment's defaults.
         """
-        self.batch_sizes = (self.batch_sizes + [len(instructions)])[-256:]
+        self.batch_sizes = (self.batch_sizes + [len(prompts)])[-256:]
+        out: list = [None] * len(prompts)
+        texts: dict[int, str] = {}
+        templated = bool(getattr(self.gen.tokenizer, "chat_template", None))
+        for i, p in enumerate(prompts):
+            try:
+                texts[i] = p if isinstance(p, str) else chat_prompt(p, self.gen.tokenizer)
+            except Exception as e:  # noqa: BLE001 - a template that refuses these messages
+                out[i] = _as_request_error(e)
         groups: dict[tuple, list[int]] = {}
-        for i, (d, n, s) in enumerate(zip(decodings, max_new_tokens, seeds)):
-            key = (tuple(d), n or self.max_new_tokens, self.seed if s is None else s)
+        for i in texts:
+            n = max_new_tokens[i]
+            key = (tuple(decodings[i]), n or self.max_new_tokens, self.seed if seeds[i] is None else seeds[i])
             groups.setdefault(key, []).append(i)
-        out: list[list[dict]] = [[] for _ in instructions]
-        loop = asyncio.get_running_loop()
         for (specs, n_new, seed), idx in groups.items():
-            call = partial(self.gen.generate, [instructions[i] for i in idx], specs, max_new_tokens=n_new,
-                           min_new_tokens=min(self.min_new_tokens, n_new), seed=seed)
-            cands = await loop.run_in_executor(self._thread, call)
-            for i, cs in zip(idx, cands):
-                out[i] = [dataclasses.asdict(c) for c in cs]
+            def call(rows, specs=specs, n_new=n_new, seed=seed):
+                def run():
+                    batch = [texts[i] for i in rows]
+                    cands = self.gen.generate(batch, specs, max_new_tokens=n_new,
+                                              min_new_tokens=min(self.min_new_tokens, n_new), seed=seed)
+                    return list(zip(cands, (len(ids) for ids in self.gen.encode_prompts(batch))))
+                return run
+            try:
+                results = dict(zip(idx, await self._run(call(idx))))
+            except Exception as e:  # noqa: BLE001 - find which request failed: run them one by one
+                if len(idx) == 1:
+                    results = {idx[0]: _as_request_error(e)}
+                else:
+                    results = {}
+                    for i in idx:
+                        try:
+                            results[i] = (await self._run(call([i])))[0]
+                        except Exception as e1:  # noqa: BLE001 - this request's own failure
+                            results[i] = _as_request_error(e1)
+            for i, r in results.items():
+                out[i] = r if isinstance(r, BaseException) else {
+                    "candidates": [dataclasses.asdict(c) for c in r[0]], "prompt_tokens": r[1],
+                    "max_new_tokens": n_new, "chat_template": templated and not isinstance(prompts[i], str)}
         return out
 
+
+def chat_prompt(messages: list[dict], tokenizer: Any) -> str:
+    """The instruction chat messages make: the tokenizer's chat template with the generation prompt
+    when it has one (its leading BOS text dropped: the prompt encoder adds BOS itself), else
+    :func:`serve_app.api.plain_chat`."""
+    from serve_app.api import plain_chat
+
+    if not getattr(tokenizer, "chat_template", None):
+        return plain_chat(messages)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    bos = getattr(tokenizer, "bos_token", None)
+    return text[len(bos):] if bos and text.startswith(bos) else text
+
+
+def _as_request_error(e: Exception) -> Exception:
+    """A backend ``ValueError`` is about what the request asked for (→ 422); the rest stays as is."""
+    from serve_app.api import RequestError
+
+    if isinstance(e, ValueError) and not isinstance(e, RequestError):
+        return RequestError(str(e))
+    return e

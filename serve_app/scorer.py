@@ -12,23 +12,29 @@ or the ``serve_multiplexed_model_id`` HTTP header) names a task; Serve splits ba
 routes an id to replicas that already hold it. :func:`serve_app.args.resolve_task_scorer` maps an
 id to a checkpoint; loaded task scorers live in an LRU of ``max_models_per_replica``. The empty
 id, and ids without a checkpoint (unless ``unknown_task="error"``), use the default scorer.
+
+A failing request fails alone: a batch that raises is scored again one request at a time.
+:meth:`check_health` scores one pair with the default scorer (a finite score) unless a batch
+succeeded in the last ``HEALTH_FRESH_S``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 
 from ray import serve
 
 from cappy_core.selectors import read_selector
-from serve_app.args import resolve_task_scorer
+from serve_app.args import list_task_scorers, resolve_task_scorer
 
 logger = logging.getLogger("ray.serve")
 
 DEFAULT_ID = "default"
+HEALTH_FRESH_S = 30.0  # a batch scored this recently proves the model works: no probe
 
 
 class UnknownTaskError(ValueError):
@@ -58,6 +64,7 @@ class ScorerDeployment:
         ctx = serve.get_replica_context()
         self.replica = ctx.replica_id.unique_id if ctx else str(os.getpid())
         self.batches: list[tuple[int, int]] = []  # (requests, pairs) of recent batches
+        self._last_ok = time.monotonic()
 
         async def load_task_scorer(model_id: str):
             path = resolve_task_scorer(model_id, self.task_scorers, self.scorers_dir)
@@ -72,35 +79,70 @@ class ScorerDeployment:
     def reconfigure(self, user_config: dict) -> None:
         """``user_config``: ``max_batch_size`` and ``batch_wait_timeout_s`` of :meth:`score`."""
         if "max_batch_size" in user_config:
-            self.score.set_max_batch_size(int(user_config["max_batch_size"]))
+            self._score_batch.set_max_batch_size(int(user_config["max_batch_size"]))
         if "batch_wait_timeout_s" in user_config:
-            self.score.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+            self._score_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
 
     async def _scorer_for(self, model_id: str):
         if model_id and resolve_task_scorer(model_id, self.task_scorers, self.scorers_dir) is not None:
             return await self._task_scorer(model_id), model_id
         if model_id and self.unknown_task == "error":
-            raise UnknownTaskError(f"no scorer for task {model_id!r} (scorers_dir={self.scorers_dir!r}, "
-                                   f"task_scorers={sorted(self.task_scorers)})")
+            # the client sees the id only; where we looked stays in the log
+            logger.info("scorer: no scorer for %r (scorers_dir=%r, task_scorers=%s)", model_id, self.scorers_dir,
+                        sorted(self.task_scorers))
+            raise UnknownTaskError(f"no scorer for task {model_id!r}")
         return self.default, DEFAULT_ID
 
+    async def score(self, instruction: str, responses: list[str]) -> dict:
+        """Raw scores of one request's responses, batched with concurrent requests; this
+        request's own error is raised here."""
+        result = await self._score_batch(instruction, responses)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def score(self, instructions: list[str], responses: list[list[str]]) -> list[dict]:
-        """Raw scores of each request's responses, plus which scorer and what batch made them."""
+    async def _score_batch(self, instructions: list[str], responses: list[list[str]]) -> list:
+        """Per request, its scores plus which scorer and what batch made them, or its exception."""
         scorer, name = await self._scorer_for(serve.get_multiplexed_model_id())
         flat_i = [ins for ins, rs in zip(instructions, responses) for _ in rs]
         flat_r = [r for rs in responses for r in rs]
-        scores = await asyncio.to_thread(scorer.score, flat_i, flat_r, **self.score_kwargs)
+        try:
+            scores = await asyncio.to_thread(scorer.score, flat_i, flat_r, **self.score_kwargs)
+        except Exception:  # noqa: BLE001 - find which request failed: score them one by one
+            if len(instructions) == 1:
+                raise
+            scores = None
         self.batches = (self.batches + [(len(instructions), len(flat_r))])[-1024:]
         out, start = [], 0
-        for rs in responses:
-            out.append({"scores": scores[start:start + len(rs)], "scorer": name,
-                        "selector": getattr(scorer, "selector", None),
-                        "batch_requests": len(instructions), "batch_pairs": len(flat_r), "replica": self.replica})
+        for ins, rs in zip(instructions, responses):
+            meta = {"scorer": name, "selector": getattr(scorer, "selector", None),
+                    "batch_requests": len(instructions), "batch_pairs": len(flat_r), "replica": self.replica}
+            if scores is not None:
+                out.append({"scores": scores[start:start + len(rs)], **meta})
+            else:
+                try:
+                    out.append({"scores": await asyncio.to_thread(scorer.score, [ins] * len(rs), rs,
+                                                                  **self.score_kwargs), **meta})
+                except Exception as e:  # noqa: BLE001 - this request's own failure
+                    out.append(e)
             start += len(rs)
+        if any(not isinstance(o, BaseException) for o in out):
+            self._last_ok = time.monotonic()
         return out
 
+    async def check_health(self) -> None:
+        """Serve's periodic probe: raises when the default scorer cannot score one pair."""
+        if time.monotonic() - self._last_ok < HEALTH_FRESH_S:
+            return
+        (value,) = await asyncio.to_thread(self.default.score, ["ping"], ["pong"])
+        if not math.isfinite(value):
+            raise RuntimeError(f"the default scorer gives {value} for a test pair")
+        self._last_ok = time.monotonic()
+
     async def info(self) -> dict:
-        """What this replica serves, its process id and its recent batch sizes."""
+        """What this replica serves (the default scorer, the task ids it has scorers for), its
+        process id and its recent batch sizes."""
         return {"model": self.model, "replica": self.replica, "pid": os.getpid(), "time": time.time(),
-                "recent_batches": self.batches[-64:]}
+                "tasks": list_task_scorers(self.task_scorers, self.scorers_dir), "recent_batches": self.batches[-64:],
+                "untrained_head": bool(getattr(self.default, "fresh_params", ()))}

@@ -58,7 +58,11 @@ __all__ = [
     "Candidate",
     "DEFAULT_PROMPT_TOKENS",
     "DecodingSpec",
+    "MAX_BEAMS",
+    "MAX_DECODING_NAME_CHARS",
     "MAX_NEW_TOKENS",
+    "MAX_TEMPERATURE",
+    "MAX_TOP_K",
     "MIN_NEW_TOKENS",
     "PAPER_DECODINGS",
     "PAPER_DECODING_NAMES",
@@ -83,6 +87,13 @@ DEFAULT_PROMPT_TOKENS = 512
 MIN_NEW_TOKENS = 3
 MAX_NEW_TOKENS = 64
 PAPER_NUM_SAMPLES = 4  # candidates per sampling decoding
+#: Bounds of a decoding name, checked before anything is built from it: a name is short, beam
+#: search keeps at most 8 beams (its cost grows with the beams, and vLLM's logprob width with them),
+#: top-k and temperature stay in ranges every backend's integer / float types hold.
+MAX_DECODING_NAME_CHARS = 32
+MAX_BEAMS = 8
+MAX_TOP_K = 1_000_000
+MAX_TEMPERATURE = 100.0
 
 
 @dataclass(frozen=True)
@@ -121,36 +132,42 @@ class DecodingSpec:
             raise ValueError(f"decoding {self.name!r}: num_samples must be >= 1")
         if self.kind != "sample" and self.num_samples != 1:
             raise ValueError(f"decoding {self.name!r}: only sampling gives more than one candidate")
-        if self.kind == "beam" and self.num_beams < 2:
-            raise ValueError(f"decoding {self.name!r}: beam search needs num_beams >= 2")
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"decoding {self.name!r}: temperature must be > 0")
-        if self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"decoding {self.name!r}: need top_k >= 0 and 0 < top_p <= 1")
+        if self.kind == "beam" and not 2 <= self.num_beams <= MAX_BEAMS:
+            raise ValueError(f"decoding {self.name!r}: beam search needs 2 <= num_beams <= {MAX_BEAMS}")
+        if not (0 < self.temperature <= MAX_TEMPERATURE and math.isfinite(self.temperature)):
+            raise ValueError(f"decoding {self.name!r}: temperature must be > 0 and <= {MAX_TEMPERATURE:g}")
+        if not 0 <= self.top_k <= MAX_TOP_K or not 0 < self.top_p <= 1:
+            raise ValueError(f"decoding {self.name!r}: need 0 <= top_k <= {MAX_TOP_K} and 0 < top_p <= 1")
 
 
-_NAME_RE = re.compile(r"^(greedy|sample|beam(\d+)|temp([0-9.]+)|topk(\d+)|topp([0-9.]+))$")
+# fullmatch (not match + $): "greedy\n" is not a name. Digits are bounded so int() stays small.
+_NAME_RE = re.compile(r"greedy|sample|beam(\d{1,3})|temp(\d{1,4}(?:\.\d{1,6})?)|topk(\d{1,7})|topp(\d(?:\.\d{1,6})?)")
 
 
 def parse_decoding(name: str, num_samples: int = PAPER_NUM_SAMPLES) -> DecodingSpec:
     """A decoding from its name: ``greedy``, ``beam<N>``, ``sample`` (plain), ``temp<T>``,
     ``topk<K>``, ``topp<P>``; sampling decodings get ``num_samples`` candidates."""
-    m = _NAME_RE.match(name)
+    if not isinstance(name, str) or len(name) > MAX_DECODING_NAME_CHARS:
+        shown = name[:MAX_DECODING_NAME_CHARS] + "..." if isinstance(name, str) else type(name).__name__
+        raise ValueError(f"unknown decoding {shown!r}: a decoding name has at most {MAX_DECODING_NAME_CHARS} "
+                         "characters")
+    m = _NAME_RE.fullmatch(name)
     if not m:
         raise ValueError(f"unknown decoding {name!r}: use greedy, beam<N>, sample, temp<T>, topk<K> or topp<P> "
                          f"(paper: {' '.join(PAPER_DECODING_NAMES)})")
+    beams, temp, top_k, top_p = m.groups()
     try:
         if name == "greedy":
             return DecodingSpec(name, "greedy")
-        if m.group(2):
-            return DecodingSpec(name, "beam", num_beams=int(m.group(2)))
         if name == "sample":
             return DecodingSpec(name, "sample", num_samples)
-        if m.group(3):
-            return DecodingSpec(name, "sample", num_samples, temperature=float(m.group(3)))
-        if m.group(4):
-            return DecodingSpec(name, "sample", num_samples, top_k=int(m.group(4)))
-        return DecodingSpec(name, "sample", num_samples, top_p=float(m.group(5)))
+        if beams is not None:
+            return DecodingSpec(name, "beam", num_beams=int(beams))
+        if temp is not None:
+            return DecodingSpec(name, "sample", num_samples, temperature=float(temp))
+        if top_k is not None:
+            return DecodingSpec(name, "sample", num_samples, top_k=int(top_k))
+        return DecodingSpec(name, "sample", num_samples, top_p=float(top_p))
     except ValueError as e:
         raise ValueError(f"decoding {name!r}: {e}") from e
 
@@ -159,7 +176,9 @@ def decodings_from_names(names: Sequence[str], num_samples: int = PAPER_NUM_SAMP
     """Specs for decoding names (see :func:`parse_decoding`); duplicate names are an error."""
     if not names:
         raise ValueError("no decodings given")
-    dupes = sorted({n for n in names if list(names).count(n) > 1})
+    from collections import Counter
+
+    dupes = sorted(n for n, k in Counter(names).items() if k > 1)  # linear: a long list must not stall
     if dupes:
         raise ValueError(f"decoding(s) listed twice: {dupes}")
     return tuple(parse_decoding(n, num_samples) for n in names)

@@ -3,8 +3,8 @@
 Greedy and sampling decodings run ``model.generate`` with one logits processor,
 :class:`SeededChooser`, that picks each next token itself: it masks end-of-sequence until
 ``min_new_tokens`` tokens exist, applies temperature → top-k → top-p (transformers' own warpers),
-draws from a ``torch.Generator`` per row seeded with that candidate's seed (so a sample does not
-depend on what else is in the batch), records the raw log-probability of the chosen token, and
+draws at a uniform that is a function of that candidate's seed and the step only
+(:func:`row_uniforms`, so a sample does not depend on what else is in the batch), records the raw log-probability of the chosen token, and
 hands ``generate`` a one-hot distribution. The model's ``generation_config`` is replaced by a
 bare one at load time, so no other processor runs before it and the scores it sees are the raw
 logits. Beam search is ``generate(num_beams=...)``; its candidates are rescored with
@@ -17,8 +17,8 @@ decodes in one batch; each prompt is prefilled **once** and its KV cache repeate
 batch (``generate`` keeps computing it until the longest row ends, and samples of 64 tokens are
 common). The per-row rule is :class:`SeededChooser`'s, token for token: end-of-sequence masked
 until ``min_new_tokens``, temperature → top-k → top-p with transformers' warpers, one
-``torch.multinomial`` draw per row and step from that row's own seeded ``torch.Generator``, the
-raw log-probability recorded. Beam search: transformers' algorithm step by step
+inverse-CDF draw per row and step at a counter-based uniform of that row's seed and the step
+(:func:`row_uniforms`), the raw log-probability recorded. Beam search: transformers' algorithm step by step
 (:func:`~cappy_core.generation.beam_search_step`, which the vLLM backend runs too) over the same
 cache, one prefill per prompt instead of one per beam; the reported log-likelihood is the beam's
 raw sum. ``decode_loop="generate"`` keeps the ``generate`` path (the benchmark compares the two;
@@ -69,13 +69,37 @@ def spec_warpers(spec: DecodingSpec) -> list:
     return warpers
 
 
-def choose_tokens(scores: torch.Tensor, greedy: bool, warpers: list, gens: Sequence[torch.Generator] | None,
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (Wellons' "lowbias32") on int64 tensors holding values < 2**32.
+    Products may wrap past 2**63; the low 32 bits kept by the mask are exact all the same."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def row_uniforms(seeds: torch.Tensor, step: int) -> torch.Tensor:
+    """One uniform in [0, 1) per row, a pure function of (row seed, step): counter-based, so a
+    row's draws never depend on which rows share its batch, and all rows draw in one tensor
+    operation (a seeded ``torch.Generator`` per row costs one Python-level call per row and step)."""
+    s = seeds.to(torch.int64)
+    x = _mix32((s & _MASK32) ^ _mix32((s >> 32) & _MASK32))
+    x = _mix32(x ^ _mix32(torch.full_like(x, int(step) & _MASK32) + 0x9E3779B9))
+    return x.double() / 2.0 ** 32
+
+
+def choose_tokens(scores: torch.Tensor, greedy: bool, warpers: list, seeds: torch.Tensor | None, step: int,
                   mask_eos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The next token of each row and its raw log-probability: the one per-row rule of both loops.
 
     ``scores`` are raw logits (rows × vocab); ``mask_eos`` the end-of-sequence ids to forbid (still
-    before ``min_new_tokens``) or None; sampling draws one ``torch.multinomial`` per row from that
-    row's generator, so a row's draw does not depend on the other rows.
+    before ``min_new_tokens``) or None. Sampling inverts each row's cumulative distribution at
+    :func:`row_uniforms` of the row's seed and the step (inverse-CDF sampling, exact for the
+    warped distribution; a token of probability 0 is never drawn).
     """
     scores = scores.float()
     raw = torch.log_softmax(scores, dim=-1)
@@ -87,8 +111,9 @@ def choose_tokens(scores: torch.Tensor, greedy: bool, warpers: list, gens: Seque
     else:
         for w in warpers:
             x = w(None, x)
-        probs = torch.softmax(x, dim=-1)
-        tokens = torch.stack([torch.multinomial(probs[r], 1, generator=g)[0] for r, g in enumerate(gens)])
+        cdf = torch.softmax(x, dim=-1).double().cumsum(dim=-1)
+        u = row_uniforms(seeds, step).to(cdf.device) * cdf[:, -1]
+        tokens = torch.searchsorted(cdf, u[:, None], right=True)[:, 0].clamp_(max=cdf.shape[1] - 1)
     return tokens, raw.gather(1, tokens[:, None])[:, 0]
 
 
@@ -141,19 +166,19 @@ class SeededChooser(LogitsProcessor):
     """Chooses the next token of every row (greedy or seeded sampling) inside ``generate``."""
 
     def __init__(self, spec: DecodingSpec, seeds: Sequence[int] | None, start_len: int, min_new_tokens: int,
-                 eos_ids: Sequence[int], device: torch.device | str = "cpu"):
+                 eos_ids: Sequence[int]):
         self.greedy = spec.kind == "greedy"
         self.start_len = start_len
         self.min_new_tokens = min_new_tokens
         self.eos = torch.tensor(list(eos_ids), dtype=torch.long)
-        self.gens = None if self.greedy else [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+        self.seeds = None if self.greedy else torch.tensor([int(s) for s in seeds], dtype=torch.int64)
         self.warpers = spec_warpers(spec)
         self.logprobs: list[torch.Tensor] = []  # per step: raw log-prob of each row's token
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        early = input_ids.shape[1] - self.start_len < self.min_new_tokens
-        tokens, logprobs = choose_tokens(scores, self.greedy, self.warpers, self.gens,
-                                         self.eos.to(scores.device) if early else None)
+        step = input_ids.shape[1] - self.start_len
+        tokens, logprobs = choose_tokens(scores, self.greedy, self.warpers, self.seeds, step,
+                                         self.eos.to(scores.device) if step < self.min_new_tokens else None)
         self.logprobs.append(logprobs)
         out = torch.full_like(scores, -float("inf"))
         out.scatter_(1, tokens[:, None], 0.0)
@@ -249,7 +274,7 @@ class TransformersGenerator(Generator):
                 batch = [prompts[i] for i, _ in chunk]
                 start_len = 1 if self.is_encoder_decoder else max(len(p) for p in batch)
                 chooser = SeededChooser(spec, [spec_seeds[i] + j for i, j in chunk], start_len, min_new_tokens,
-                                        self.eos_ids, device=self.device)
+                                        self.eos_ids)
                 gen, _ = self._generate(batch, logits_processor=LogitsProcessorList([chooser]), do_sample=False,
                                         num_beams=1, max_new_tokens=max_new_tokens)
                 steps = torch.stack(chooser.logprobs, dim=1).double().cpu()  # rows × steps
@@ -295,8 +320,8 @@ class TransformersGenerator(Generator):
 
     def _decode_rows(self, chunk_prompts, per_prompt, rows, specs, seeds, max_new_tokens, min_new_tokens):
         dev = self.device
-        gens = [None if specs[s].kind == "greedy" else
-                torch.Generator(device=dev).manual_seed(int(seeds[s][i] + j)) for i, s, j in rows]
+        row_seeds = torch.tensor([0 if specs[s].kind == "greedy" else int(seeds[s][i] + j) for i, s, j in rows],
+                                 dtype=torch.int64)
         warpers = [spec_warpers(spec) for spec in specs]
         spec_of = torch.tensor([s for _, s, _ in rows])
         eos = torch.tensor(list(self.eos_ids), dtype=torch.long, device=dev)
@@ -304,8 +329,8 @@ class TransformersGenerator(Generator):
             cache, logits, mask, next_pos = self._prefill(chunk_prompts, max_new_tokens, repeats=per_prompt)
             active = torch.arange(len(rows))  # original row of each batch row
             running = torch.ones(len(rows), dtype=torch.bool)  # not ended yet (ended rows wait to leave)
-            tokens_out: list[list[int]] = [[] for _ in rows]
-            logprob_out = [0.0] * len(rows)
+            history = torch.full((len(rows), max_new_tokens), -1, dtype=torch.long)  # -1: after the row ended
+            logprob_sum = torch.zeros(len(rows), dtype=torch.float64)
             for t in range(max_new_tokens):
                 tokens = torch.empty(len(active), dtype=torch.long)
                 lps = torch.empty(len(active), dtype=torch.float64)
@@ -314,14 +339,12 @@ class TransformersGenerator(Generator):
                     if not len(sel):
                         continue
                     tok, lp = choose_tokens(logits[sel.to(dev)], spec.kind == "greedy", warpers[s],
-                                            [gens[int(active[r])] for r in sel],
-                                            eos if t < min_new_tokens else None)
+                                            row_seeds[active[sel]], t, eos if t < min_new_tokens else None)
                     tokens[sel] = tok.cpu()
                     lps[sel] = lp.double().cpu()
-                for row, tok, lp, live in zip(active.tolist(), tokens.tolist(), lps.tolist(), running.tolist()):
-                    if live:
-                        tokens_out[row].append(tok)
-                        logprob_out[row] += lp
+                live = active[running]
+                history[live, t] = tokens[running]
+                logprob_sum[live] += lps[running]
                 running &= ~torch.isin(tokens, eos.cpu())
                 keep = running.nonzero()[:, 0]
                 if t == max_new_tokens - 1 or not len(keep):
@@ -335,7 +358,7 @@ class TransformersGenerator(Generator):
                 mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
                 logits = self._step(tokens, mask, next_pos, cache)
                 next_pos = next_pos + 1
-        return [(toks, lp) for toks, lp in zip(tokens_out, logprob_out)]
+        return [([x for x in h if x >= 0], lp) for h, lp in zip(history.tolist(), logprob_sum.tolist())]
 
     def _beam_cached(self, prompts, spec, max_new_tokens, min_new_tokens):
         """transformers' beam search (:func:`beam_search_step`) on the KV-cached loop: one prefill per

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+import torch
 
 from cappy_core.generation import (
     PAPER_DECODING_NAMES,
@@ -82,6 +83,34 @@ def test_decoding_names_parse_and_errors():
         parse_decoding("topp1.5")
     with pytest.raises(ValueError, match="beam"):
         parse_decoding("beam1")
+
+
+@pytest.mark.parametrize("name,match", [
+    ("greedy\n", "unknown decoding"),  # re.match(...$) let a trailing newline through
+    ("beam999", "num_beams <= 8"),
+    ("beam9", "num_beams <= 8"),
+    ("topk99999999999999999999", "unknown decoding"),  # overflowed int64 in the backend
+    ("topk2000000", "top_k <= 1000000"),
+    ("temp0", "temperature must be > 0"),
+    ("temp1e9", "unknown decoding"),
+    ("topp0.5.1", "unknown decoding"),
+    ("x" * 10_000, "at most 32 characters"),
+])
+def test_hostile_decoding_names_are_value_errors(name, match):
+    with pytest.raises(ValueError, match=match):
+        parse_decoding(name)
+
+
+def test_decoding_bounds_hold_at_the_edges_and_duplicates_are_found_in_linear_time():
+    import time
+
+    assert parse_decoding("beam8").num_beams == 8 and parse_decoding("topk1000000").top_k == 1_000_000
+    assert parse_decoding("temp100").temperature == 100.0 and parse_decoding("topp1").top_p == 1.0
+    names = [f"topk{i}" for i in range(1, 70_001)] + ["topk1"]  # what fits a 1 MB body
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match=r"listed twice: \['topk1'\]"):
+        decodings_from_names(names)
+    assert time.monotonic() - t0 < 2.0  # list.count per name took minutes
 
 
 def test_decoding_plan_spreads_num_candidates_like_the_paper():
@@ -182,6 +211,27 @@ def test_hf_sampling_is_reproducible_and_independent_of_batching(hf):
     assert_same(together[1], alone[0])
     other_key = hf.generate(PROMPTS[1:2], decs, keys=["z"], **SMALL)
     assert [c.text for c in other_key[0]] != [c.text for c in alone[0]]
+
+
+def test_sampling_draws_follow_the_warped_distribution():
+    """The per-row rule draws each token with its (warped) probability, never a masked or
+    zero-probability one, and a row's uniform depends on its seed and step only."""
+    from cappy_core.generation.hf_backend import choose_tokens, row_uniforms, spec_warpers
+
+    seeds = torch.arange(20_000, dtype=torch.int64) * 7919 + 2**40
+    u0, u1 = row_uniforms(seeds, 0), row_uniforms(seeds, 1)
+    assert 0.0 <= float(u0.min()) and float(u0.max()) < 1.0 and abs(float(u0.mean()) - 0.5) < 0.01
+    assert abs(float(torch.corrcoef(torch.stack([u0, u1]))[0, 1])) < 0.03  # steps are independent draws
+    assert torch.equal(row_uniforms(seeds[5:6], 3), row_uniforms(seeds, 3)[5:6])  # batch-independent
+
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])).repeat(len(seeds), 1)
+    tokens, lps = choose_tokens(logits, False, [], seeds, 0, None)
+    freq = torch.bincount(tokens, minlength=5).double() / len(seeds)
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0], dtype=torch.float64), atol=0.012)
+    assert torch.allclose(lps, logits.gather(1, tokens[:, None])[:, 0])  # the raw log-probability
+    (spec,) = decodings_from_names(["topk2"], num_samples=1)
+    tokens, _ = choose_tokens(logits, False, spec_warpers(spec), seeds, 0, torch.tensor([0]))
+    assert set(tokens.tolist()) == {1, 2}  # token 0 masked (min length), top-2 of the rest
 
 
 @pytest.mark.parametrize("batch_rows", [5, 64])

@@ -168,6 +168,53 @@ def test_run_task_finetunes_without_dev_pairs_and_keeps_the_selector(tmp_path, t
     assert json.loads((kept / SELECTOR_FILE).read_text())["task"] == "t"
 
 
+def test_a_selector_scorer_of_its_own_drives_the_fused_row_only(tmp_path, monkeypatch):
+    """``selector_schedule``: a second scorer, finetuned with that loss on the same pairs, is the
+    fused selector's Cappy signal; the ``cappy`` row stays the first scorer's pick, and the kept
+    weights sit with the scorer they were fitted on."""
+    import cappy_core.task_eval as te
+
+    data, cands = make_task(tmp_path, "t")
+
+    class Saved:
+        def save_pretrained(self, folder):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    class Wrong(Saved):  # the generator's own (exactly wrong) ranking: picks the worst candidate
+        dtype = "float32"
+
+        def __init__(self):
+            self.by_text = LabelScorer(cands).by_text
+
+        def score(self, instructions, responses):
+            return [-self.by_text[r] for r in responses]
+
+    class Right(LabelScorer, Saved):
+        pass
+
+    seen = []
+
+    def fake_finetune(init, pairs_file, schedule, **kw):
+        seen.append((schedule.loss, schedule.group_by_instruction, str(pairs_file)))
+        return (Right(cands) if schedule.loss == "listwise" else Wrong()), {"updates": 1}
+
+    monkeypatch.setattr(te, "finetune", fake_finetune)
+    mse = ScorerSchedule(seed=0)
+    settings = TaskSettings(data_dir=data, candidates_dir=cands, tasks_dir=str(tmp_path / "tasks"), init="x",
+                            max_length=32, schedule=mse, train_size=16, dev_examples=3, keep_scorer=True,
+                            selector_schedule=ScorerSchedule(seed=0, loss="listwise", group_by_instruction=True))
+    rec = te.run_task("t", settings)
+    assert [s[:2] for s in seen] == [("mse", False), ("listwise", True)] and seen[0][2] == seen[1][2]
+    m = rec["metrics"]
+    assert m["cappy"] == pytest.approx(10.0) and m["cappy+lm+mbr"] == m["oracle"] == pytest.approx(90.0)
+    assert rec["training"]["selector"]["loss"] == "listwise" and "selector_finetune_s" in rec["timings"]
+    val = pq.read_table(tmp_path / "tasks" / "t" / "validation_scored.parquet")
+    assert "selector_score" in val.column_names
+    task_dir = tmp_path / "tasks" / "t"
+    assert read_selector(task_dir / "selector_scorer") == rec["fused_weights"]
+    assert (task_dir / "scorer").is_dir() and read_selector(task_dir / "scorer") is None
+
+
 def test_a_bf16_finetuned_scorer_scores_in_the_score_dtype(tmp_path, tiny_scorer):
     from cappy_core.labeling import LabeledPair
     from cappy_core.pretrain_data import write_pairs

@@ -154,12 +154,16 @@ def test_settings_checks_and_what_defines_a_result():
     names = {f.name for f in fields(SweepConfig)}
     assert set(RESULT_DEFINING) <= names
     assert {"dev_examples_per_task", "loss", "listwise_tau", "mse_weight", "group_by_instruction",
-            "finetune_scope"} <= set(RESULT_DEFINING)
+            "finetune_scope", "selector_loss"} <= set(RESULT_DEFINING)
     ok = SweepConfig(loss="listwise+mse", group_by_instruction=True, mse_weight=0.5, dev_examples_per_task=16)
     check_config(to_dict(ok))
     s = settings_from_config(to_dict(ok), "/tmp/out", "init").schedule
     assert (s.loss, s.group_by_instruction, s.mse_weight, s.listwise_tau) == ("listwise+mse", True, 0.5, 0.3)
+    sel = settings_from_config(to_dict(replace(ok, selector_loss="listwise")), "/tmp/out", "init").selector_schedule
+    assert (sel.loss, sel.group_by_instruction, sel.lr) == ("listwise", True, s.lr)  # the same finetuning otherwise
+    assert settings_from_config(to_dict(ok), "/tmp/out", "init").selector_schedule is None
     for bad, match in ((replace(ok, group_by_instruction=False), "--group-by-instruction"),
+                       (replace(ok, selector_loss="listwise", finetune_scope="all"), "--finetune-scope task"),
                        (replace(ok, dev_examples_per_task=40), "leaves none of the 40"),
                        (replace(ok, dev_examples_per_task=-1), ">= 0"), (replace(ok, listwise_tau=0.0), "tau")):
         with pytest.raises(ConfigError, match=match):
@@ -180,6 +184,7 @@ def test_presets_resolve_to_the_documented_settings():
     local = config_from_args(SweepConfig, parser.parse_args(["--preset", "local"]), presets(JOB))
     assert local.tasks == list(LOCAL_TASKS) and local.gpus_per_task == 0 and local.scorer is None
     assert local.dev_examples_per_task == 16 and local.loss == "mse" and local.finetune_scope == "task"
+    assert local.selector_loss == "listwise"  # the fused row's own scorer; the cappy row stays MSE
     # CPU: the transformers backend in one single-thread actor per core; the paper preset keeps vLLM
     assert local.backend == "hf" and local.num_actors * local.cpus_per_actor <= 2
     paper = config_from_args(SweepConfig, parser.parse_args(["--preset", "paper", "--num-actors", "16"]), presets(JOB))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import pytest
@@ -73,9 +74,11 @@ class _Hang:
         _Hang.cancelled = True
 
 
-def test_call_with_deadline_times_out_and_retries_dead_replicas():
+def test_call_with_deadline_times_out_and_retries_only_unsent_calls():
     from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 
+    from serve_app.api import RequestError
     from serve_app.ingress import Unavailable, call_with_deadline
 
     t0 = time.monotonic()
@@ -83,21 +86,249 @@ def test_call_with_deadline_times_out_and_retries_dead_replicas():
         asyncio.run(call_with_deadline(_Hang, "scorer", 0.2, 2))
     assert time.monotonic() - t0 < 2 and _Hang.cancelled
 
-    calls = []
+    def failing(*errors):
+        calls = []
 
-    async def flaky():
-        calls.append(1)
-        if len(calls) == 1:
-            raise RayActorError()
-        return "ok"
+        async def call():
+            calls.append(1)
+            if len(calls) <= len(errors):
+                raise errors[len(calls) - 1]
+            return "ok"
+        return call, calls
 
-    assert asyncio.run(call_with_deadline(lambda: flaky(), "scorer", 5, 2)) == "ok" and len(calls) == 2
+    call, calls = failing(ReplicaUnavailableError("r1"))  # never reached a replica: sent again
+    assert asyncio.run(call_with_deadline(call, "scorer", 5, 2)) == "ok" and len(calls) == 2
+    call, calls = failing(RayActorError())  # the replica died serving it: the call may be the cause
+    with pytest.raises(Unavailable, match="scorer failed: RayActorError"):
+        asyncio.run(call_with_deadline(call, "scorer", 5, 2))
+    assert len(calls) == 1
+    call, calls = failing(BackPressureError(num_queued_requests=4, max_queued_requests=4))
+    with pytest.raises(Unavailable, match="generator is overloaded"):
+        asyncio.run(call_with_deadline(call, "generator", 5, 2))
+    call, calls = failing(RequestError("beam search with 8 beams needs max_logprobs >= 24"))
+    with pytest.raises(RequestError):  # the caller's fault: 422 at the ingress, not retried
+        asyncio.run(call_with_deadline(call, "generator", 5, 2))
+    assert len(calls) == 1
+    call, _ = failing(OSError("Can't load /home/me/cappy_runs/finetune-x/scorer or ~/models/y: not found"))
+    with pytest.raises(Unavailable) as info:
+        asyncio.run(call_with_deadline(call, "scorer", 5, 2))
+    assert str(info.value) == "scorer failed: OSError: Can't load <path> or <path>: not found"
 
-    async def broken():
-        raise RuntimeError("CUDA out of memory")
 
-    with pytest.raises(Unavailable, match="scorer failed: RuntimeError: CUDA out of memory"):
-        asyncio.run(call_with_deadline(lambda: broken(), "scorer", 5, 2))
+def _select(**body):
+    from serve_app.api import SelectRequest
+
+    return SelectRequest.model_validate({"instruction": "Q: 2+2?\nA:", **body})
+
+
+@pytest.mark.parametrize("body,field,match", [
+    ({"decodings": ["greedy\n"]}, "decodings", "unknown decoding"),
+    ({"decodings": ["beam999"]}, "decodings", "num_beams <= 8"),
+    ({"decodings": ["topk99999999999999999999"]}, "decodings", "unknown decoding"),
+    ({"decodings": [f"topk{i}" for i in range(1, 18)]}, "decodings", "17 decodings given; the limit is 16"),
+    ({"num_candidates": 10**30}, "num_candidates", "the limit is 32"),
+    ({"decodings": ["sample"], "num_samples": 10**30}, "num_samples", "the limit is 32"),
+    ({"decodings": ["sample", "topk5"], "num_samples": 20}, "num_samples", "asks for 40 candidates"),
+    ({"max_new_tokens": 10**30}, "max_new_tokens", "the limit is 256"),
+    ({"instruction": "x" * 8001}, "instruction", "the limit is 8000"),
+])
+def test_select_bounds_are_checked_before_any_work_and_name_the_field(body, field, match):
+    from fastapi.exceptions import RequestValidationError
+
+    from serve_app.args import IngressArgs
+    from serve_app.ingress import plan_select
+
+    with pytest.raises(RequestValidationError) as info:
+        plan_select(_select(**body), IngressArgs())
+    (err,) = info.value.errors()
+    assert err["loc"] == ("body", field) and re.search(match, err["msg"]), err
+
+
+def test_select_request_refuses_huge_lists_and_names_while_parsing():
+    from pydantic import ValidationError
+
+    from serve_app.args import IngressArgs
+    from serve_app.ingress import plan_select
+
+    t0 = time.monotonic()
+    with pytest.raises(ValidationError, match="at most 64 items"):  # the issue's 60,000 names: 42.7 s
+        _select(decodings=[f"topk{i}" for i in range(60_000)])
+    with pytest.raises(ValidationError, match="at most 32 characters"):
+        _select(decodings=["topk" + "9" * 1000])
+    with pytest.raises(ValidationError, match="less than or equal"):
+        _select(seed=2**64)
+    assert time.monotonic() - t0 < 1.0
+    assert [d.name for d in plan_select(_select(num_candidates=17), IngressArgs())][0] == "beam4"
+
+
+def _bare(deployment, **attrs):
+    """A deployment's class instance without __init__ (no model): its methods, on fakes."""
+    cls = deployment.func_or_class
+    obj = cls.__new__(cls)
+    obj.__dict__.update(attrs)
+    return obj
+
+
+@pytest.fixture
+def batch_outside_serve(monkeypatch):
+    """@serve.batch asks the replica context for max_ongoing_requests; outside Serve, give one."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr("ray.serve.get_replica_context",
+                        lambda: SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=64)))
+
+
+def test_a_failing_request_in_a_generator_batch_fails_alone(batch_outside_serve):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cappy_core.generation import Candidate, decodings_from_names
+    from serve_app.api import RequestError
+    from serve_app.generator import GeneratorDeployment
+
+    class Fake:
+        calls = []
+        tokenizer = None
+
+        def generate(self, instructions, specs, **kw):
+            Fake.calls.append(list(instructions))
+            if "bad" in instructions:
+                raise ValueError("cannot do that")
+            if "crash" in instructions:
+                raise RuntimeError("engine died")
+            return [[Candidate(t.upper(), "greedy", 0, 1, -1.0, -1.0)] for t in instructions]
+
+        def encode_prompts(self, instructions):
+            return [[1] * len(t) for t in instructions]
+
+        def close(self):
+            pass
+
+    gen = _bare(GeneratorDeployment, gen=Fake(), _thread=ThreadPoolExecutor(1), max_new_tokens=4,
+                min_new_tokens=1, seed=0, batch_sizes=[], _last_ok=0.0, _busy_since=None)
+    specs = decodings_from_names(["greedy"])
+
+    async def main():
+        return await asyncio.gather(*(gen.generate(t, specs, None, None) for t in ("a", "bad", "b", "crash")),
+                                    return_exceptions=True)
+
+    a, bad, b, crash = asyncio.run(main())
+    assert [c["text"] for c in a["candidates"]] == ["A"] and [c["text"] for c in b["candidates"]] == ["B"]
+    assert a["prompt_tokens"] == 1 and a["max_new_tokens"] == 4
+    assert isinstance(bad, RequestError) and "cannot do that" in str(bad)
+    assert isinstance(crash, RuntimeError) and not isinstance(crash, ValueError)
+    assert Fake.calls[0] == ["a", "bad", "b", "crash"]  # one batch, then one by one
+    assert gen.batch_sizes == [4] and gen._last_ok > 0
+
+
+def test_a_failing_request_in_a_scorer_batch_fails_alone(batch_outside_serve):
+    from serve_app.scorer import ScorerDeployment
+
+    class Fake:
+        def score(self, instructions, responses, **kw):
+            if "bad" in responses:
+                raise RuntimeError("cannot score")
+            return [float(len(r)) for r in responses]
+
+    fake = Fake()
+    scorer = _bare(ScorerDeployment, default=fake, task_scorers={}, scorers_dir=None, unknown_task="default",
+                   score_kwargs={}, replica="r", batches=[], _last_ok=0.0)
+
+    async def main():
+        return await asyncio.gather(*(scorer.score("q", rs) for rs in (["a", "bb"], ["bad"], ["ccc"])),
+                                    return_exceptions=True)
+
+    ok1, bad, ok2 = asyncio.run(main())
+    assert ok1["scores"] == [1.0, 2.0] and ok2["scores"] == [3.0] and ok1["batch_requests"] == 3
+    assert isinstance(bad, RuntimeError)
+
+
+def test_health_checks_exercise_the_model():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serve_app.generator import GeneratorDeployment
+    from serve_app.scorer import ScorerDeployment
+
+    class DeadEngine:
+        def generate(self, *a, **kw):
+            raise RuntimeError("engine process died")
+
+    class NanScorer:
+        def score(self, *a, **kw):
+            return [float("nan")]
+
+    gen = _bare(GeneratorDeployment, gen=DeadEngine(), _thread=ThreadPoolExecutor(1), _last_ok=0.0,
+                _busy_since=None)
+    with pytest.raises(RuntimeError, match="engine process died"):
+        asyncio.run(gen.check_health())
+    gen._last_ok = time.monotonic()  # a call just succeeded: no probe
+    asyncio.run(gen.check_health())
+    scorer = _bare(ScorerDeployment, default=NanScorer(), _last_ok=0.0)
+    with pytest.raises(RuntimeError, match="gives nan"):
+        asyncio.run(scorer.check_health())
+
+
+def test_chat_prompt_uses_the_template_or_the_documented_plain_join():
+    from serve_app.generator import chat_prompt
+
+    class Plain:
+        chat_template = None
+
+    class Templated:
+        chat_template = "x"
+        bos_token = "<s>"
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            assert not tokenize and add_generation_prompt
+            return "<s>" + "".join(f"<|{m['role']}|>{m['content']}" for m in messages) + "<|assistant|>"
+
+    one = [{"role": "user", "content": "Q: 2+2?\nA:"}]
+    two = [{"role": "system", "content": "Be brief."}, *one]
+    assert chat_prompt(one, Plain()) == "Q: 2+2?\nA:"  # one user message: the same as /v1/select
+    assert chat_prompt(two, Plain()) == "System: Be brief.\nUser: Q: 2+2?\nA:\nAssistant:"
+    assert chat_prompt(two, Templated()) == "<|system|>Be brief.<|user|>Q: 2+2?\nA:<|assistant|>"
+
+
+def test_openai_model_names_and_task_listing(tmp_path):
+    from fastapi import HTTPException
+
+    from serve_app.args import list_task_scorers
+    from serve_app.ingress import openai_model_task
+
+    assert openai_model_task("cappy") is None and openai_model_task("cappy:word_sorting") == "word_sorting"
+    for bad in ("gpt-4o", "cappy:", "cappy:../etc", "cappy:a/b"):
+        with pytest.raises(HTTPException) as info:
+            openai_model_task(bad)
+        assert info.value.status_code == 404 and info.value.code == "model_not_found"
+    (tmp_path / "tense").mkdir()
+    (tmp_path / "tense" / "config.json").write_text("{}")
+    (tmp_path / "finetune-rephrase" / "scorer").mkdir(parents=True)
+    (tmp_path / "finetune-rephrase" / "scorer" / "config.json").write_text("{}")
+    (tmp_path / "empty").mkdir()
+    assert list_task_scorers({"x": "/y"}, str(tmp_path)) == ["rephrase", "tense", "x"]
+
+
+def test_deployments_bound_their_queues():
+    args = AppArgs()
+    assert args.generator.deployment_options()["max_queued_requests"] == 64
+    assert args.scorer.deployment_options()["max_queued_requests"] == 256
+    assert args.ingress.deployment_options()["max_queued_requests"] == 256
+
+
+def test_cappy_serve_stops_by_deleting_only_its_application():
+    from jobs.serve import _delete
+
+    class FakeServe:
+        calls = []
+
+        def delete(self, name):
+            self.calls.append(("delete", name))
+
+        def shutdown(self):
+            self.calls.append(("shutdown",))
+
+    fake = FakeServe()
+    _delete(fake, "cappy")
+    assert fake.calls == [("delete", "cappy")]
 
 
 def test_cappy_serve_dry_run(capsys, tmp_path):
@@ -114,3 +345,35 @@ def test_cappy_serve_dry_run(capsys, tmp_path):
                    "    args: {scorer: {modle: minilm}}\n")
     assert main(["--dry-run", "--config", str(bad)]) == 2
     assert "modle" in capsys.readouterr().err
+
+
+def test_cappy_serve_defaults_follow_the_sweeps_cache_rule(tmp_path):
+    """No flags: the generator and pretrained scorer `cappy sweep --preset local` leaves in the cache;
+    missing ones are errors that say how to get them; minilm only with --allow-untrained-scorer."""
+    from jobs.serve import apply_sweep_defaults
+    from jobs.sweep import SweepConfig, embedded_generator_name, sweep_models
+
+    gen, scorer = sweep_models(cache_dir=str(tmp_path))
+    from cappy_core.config import load_yaml
+    from jobs.cli import presets
+
+    cfg = SweepConfig(**load_yaml(SweepConfig, presets("sweep")["local"]))
+    assert gen == tmp_path / "generator" / embedded_generator_name(cfg, list(cfg.tasks))[0]
+    assert scorer == tmp_path / "scorer" / "pretrain-local"
+    with pytest.raises(FileNotFoundError, match="cappy sweep --preset local"):
+        apply_sweep_defaults({}, False, cache_dir=str(tmp_path))
+    for folder in (gen, scorer):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+    raw = {"scorer": {"model": "minilm"}}  # what serve_app/config.yaml says
+    apply_sweep_defaults(raw, False, cache_dir=str(tmp_path))
+    assert raw["generator"]["model"] == str(gen) and raw["scorer"]["model"] == str(scorer)
+    given = {"generator": {"model": "/g"}, "scorer": {"model": "/s"}}
+    apply_sweep_defaults(given, False, cache_dir=str(tmp_path))
+    assert given == {"generator": {"model": "/g"}, "scorer": {"model": "/s"}}
+    (scorer / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="--allow-untrained-scorer"):
+        apply_sweep_defaults({}, False, cache_dir=str(tmp_path))
+    raw = {}
+    apply_sweep_defaults(raw, True, cache_dir=str(tmp_path))
+    assert raw["scorer"]["model"] == "minilm"
