@@ -9,7 +9,9 @@ failed write removes its temporary and leaves the target as it was.
   any writer (``pq.write_table``, ``fig.savefig``, ``save_file``, ...);
 * :func:`write_text`, :func:`write_json`, :func:`write_parquet`: the common cases;
 * :func:`atomic_dir`: build a folder under a temporary name, then put it in place of ``dest``
-  (an existing ``dest`` is moved aside first and removed only once the new one is in place).
+  (an existing ``dest`` is moved aside first and removed only once the new one is in place);
+* :func:`output_lock`: one job at a time per output folder (or file): a second run refuses at
+  once, naming the holder; a lock left by a killed run on this host is taken over.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import contextlib
 import json
 import os
 import shutil
+import socket
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -81,6 +85,9 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
     removed and ``dest`` is left as it was.
     """
     dest = Path(dest)
+    here = Path.cwd().resolve()
+    if dest.resolve() == here or dest.resolve() in here.parents:  # '.', '..', an absolute ancestor
+        raise ValueError(f"refusing to replace {dest}: it is or contains the working directory")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_sibling(dest)
     tmp.mkdir()
@@ -102,3 +109,140 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
         raise
     if old is not None:
         _remove(old)
+
+
+# --- one job per output ----------------------------------------------------------------------
+
+#: The lock file inside a locked folder (a locked *file* gets ``.NAME.lock`` beside it).
+LOCK_NAME = ".cappy.lock"
+
+
+class OutputLocked(OSError):
+    """Another live run holds the output's lock (an ``OSError``: the CLI reports it as a user error)."""
+
+
+def lock_path_for(target: str | os.PathLike, *, file: bool = False) -> Path:
+    """Where the lock of ``target`` lives: ``target/.cappy.lock`` for a folder, ``.NAME.lock``
+    beside it for a file (``file=True``)."""
+    target = Path(target).expanduser()
+    return target.with_name(f".{target.name}.lock") if file else target / LOCK_NAME
+
+
+def _proc_start(pid: int) -> str | None:
+    # The kernel's start time of ``pid`` (clock ticks since boot): tells a live holder from a
+    # new process that reused its pid. None where /proc is missing (then the pid alone decides).
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _alive(holder: dict) -> bool:
+    try:
+        pid = int(holder["pid"])
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    except (KeyError, TypeError, ValueError):
+        return False  # unreadable pid: not a lock this code wrote
+    started = holder.get("proc_start")
+    return started is None or _proc_start(pid) in (None, started)
+
+
+def _describe(holder: dict) -> str:
+    return (f"{holder.get('job') or 'a cappy job'} on host {holder.get('host')}, pid {holder.get('pid')}, "
+            f"started {holder.get('started')}")
+
+
+def _read_holder(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        # Created but not yet (or never) written: a run that died between O_EXCL and write,
+        # or one writing right now. Stale only once it is old.
+        try:
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        return {"pid": None, "host": socket.gethostname(), "unreadable": True} if age > 10 else {"writing": True}
+
+
+def _try_create(path: Path, info: dict) -> bool:
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        json.dump(info, f)
+        f.flush()
+        os.fsync(f.fileno())
+    return True
+
+
+def _take_over(path: Path, stale: dict) -> None:
+    """Remove a stale lock, at most one process at a time: under a guard file (itself taken with
+    O_EXCL) the lock is read again and removed only if it is still the stale one, so a
+    process that judged it stale a moment late cannot remove the lock a new run just took."""
+    guard = path.with_name(path.name + ".takeover")
+    try:
+        fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        with contextlib.suppress(FileNotFoundError):
+            if time.time() - guard.stat().st_mtime > 60:  # left by a process killed mid-takeover
+                guard.unlink()
+        return
+    os.close(fd)
+    try:
+        if _read_holder(path) == stale:
+            path.unlink()
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            guard.unlink()
+
+
+@contextlib.contextmanager
+def output_lock(target: str | os.PathLike, job: str = "", *, file: bool = False) -> Iterator[Path]:
+    """Hold the lock of output ``target`` (a folder, created if missing, or with ``file=True`` a
+    file) while the block runs; yields the lock file's path.
+
+    The lock file holds host, pid, process start time and start date, and is created with
+    ``O_CREAT | O_EXCL``, so of two runs exactly one gets it; the other raises
+    :class:`OutputLocked` at once naming the holder. A lock whose process is gone (same host,
+    pid dead or reused) is taken over; one from another host is never guessed stale: the
+    error says which file to delete once that run is known to be dead. Released on exit, only
+    if it is still this run's.
+    """
+    path = lock_path_for(target, file=file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname()
+    info = {"job": job, "host": host, "pid": os.getpid(), "proc_start": _proc_start(os.getpid()),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "token": uuid.uuid4().hex}
+    for _ in range(50):
+        if _try_create(path, info):
+            break
+        holder = _read_holder(path)
+        if holder is None:
+            continue  # released meanwhile
+        if holder.get("writing"):
+            time.sleep(0.05)
+            continue
+        if holder.get("host") == host and not _alive(holder):
+            _take_over(path, holder)
+            continue
+        where = "" if holder.get("host") == host else (
+            f"; if that run is dead, delete {path} (a lock from another host is never assumed stale)")
+        raise OutputLocked(f"{Path(target)} is in use by {_describe(holder)} (lock {path}): wait for it to "
+                           f"finish or use another output{where}")
+    else:
+        raise OutputLocked(f"could not take the lock {path}: it keeps changing hands")
+    try:
+        yield path
+    finally:
+        if _read_holder(path) == info:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()

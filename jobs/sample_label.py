@@ -142,13 +142,21 @@ def check_config(cfg: SampleConfig) -> None:
 
 
 def run(cfg: SampleConfig, log=print) -> dict:
-    """Sample, label and write; returns the summary (also printed)."""
+    """Sample, label and write; returns the summary (also printed). One run per ``--out`` at a
+    time: a second one refuses at once, naming the holder (:func:`cappy_core.io.output_lock`)."""
+    from cappy_core.io import output_lock
+
+    check_config(cfg)
+    with output_lock(cfg.out, "cappy sample"):
+        return _run_locked(cfg, log)
+
+
+def _run_locked(cfg: SampleConfig, log) -> dict:
     from cappy_core import shards as sh
     from cappy_core.candidates import CANDIDATE_SCHEMA
     from cappy_core.data.tasks import resolve_tasks
     from cappy_core.generation import candidates_per_instruction, decodings_from_names, resolve_generator
 
-    check_config(cfg)
     decodings = decodings_from_names(cfg.decodings, cfg.samples_per_decoding)
     per_instruction = candidates_per_instruction(decodings)
     tasks, unavailable = resolve_tasks(cfg.tasks, sh.prepared_tasks(cfg.data))

@@ -31,7 +31,7 @@ from cappy_core.data.source import BigBenchNotFound, bigbench_task_root, default
 from cappy_core.data.tasks import LOCAL_TASKS, resolve_tasks
 from cappy_core.fault_injection import check_task, sweep_fail_tasks
 from cappy_core.generation import PAPER_DECODING_NAMES
-from cappy_core.io import write_json
+from cappy_core.io import output_lock, write_json
 from cappy_core.task_eval import (TaskSettings, check_config, finetune_shared, finished, key_digest, read_result,
                                   result_key, result_path, result_record, run_task, settings_from_config)
 from jobs.cli import presets
@@ -238,14 +238,19 @@ def run_tasks(cfg: SweepConfig, tasks: list[str], settings: TaskSettings, key: d
 # --- the driver ------------------------------------------------------------------------------
 
 def run(cfg: SweepConfig, preset: str | None = None, log=print) -> dict:
-    """The whole sweep; returns the summary (also written under OUT)."""
+    """The whole sweep; returns the summary (also written under OUT). One sweep per OUT at a
+    time: a second one refuses at once, naming the holder (:func:`cappy_core.io.output_lock`)."""
+    check_config(to_dict(cfg))
+    out = Path(cfg.out or f"~/cappy_runs/sweep-{preset or 'custom'}").expanduser().resolve()
+    with output_lock(out, "cappy sweep"):
+        return _run_locked(cfg, out, preset, log)
+
+
+def _run_locked(cfg: SweepConfig, out: Path, preset: str | None, log) -> dict:
     import ray
 
     from cappy_core.report import write_reports
 
-    check_config(to_dict(cfg))
-    out = Path(cfg.out or f"~/cappy_runs/sweep-{preset or 'custom'}").expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
     stages: dict[str, float] = {}
     t_all = time.monotonic()
 
