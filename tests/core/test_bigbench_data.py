@@ -180,6 +180,11 @@ def _write_task(tmp_path, examples, name="bad"):
     ([{"input": 3, "target": "a"}], "examples[0].input"),
     ([{"input": "a", "target_scores": {"x": 0, "y": 0}}], "examples[0].target_scores: no correct choice"),
     ([{"input": "a", "target_scores": {"x": "high"}}], "target_scores['x']"),
+    ([{"input": "a", "target_scores": {"x": 1, "y": float("nan")}}], "examples[0].target_scores['y']: score must be "
+                                                                    "a finite number, got nan"),
+    ([{"input": "a", "target": "b"}, {"input": "c", "target_scores": {"x": float("inf")}}],
+     "examples[1].target_scores['x']: score must be a finite number, got inf"),
+    ([{"input": "a", "target": []}], "examples[0].target: empty list"),
     (["not an object"], "examples[0]: must be an object"),
 ])
 def test_malformed_task_names_file_and_field(tmp_path, examples, field):
@@ -194,6 +199,10 @@ def test_invalid_json_and_too_few_examples(tmp_path):
     (tmp_path / "broken" / "task.json").write_text("{not json")
     with pytest.raises(TaskFormatError, match="broken/task.json: not valid JSON"):
         load_task(tmp_path, "broken")
+    (tmp_path / "latin1").mkdir()
+    (tmp_path / "latin1" / "task.json").write_bytes(b'{"examples": [{"input": "caf\xe9", "target": "x"}]}')
+    with pytest.raises(TaskFormatError, match=r"latin1/task.json: not valid UTF-8 \(byte 28"):
+        load_task(tmp_path, "latin1")
     _write_task(tmp_path, [{"input": f"q{i}", "target": "a"} for i in range(16)], name="small")
     with pytest.raises(TooFewExamples, match="16 distinct examples"):
         load_task(tmp_path, "small")
