@@ -97,6 +97,10 @@ class SampleConfig:
         "help": "vLLM KV cache size in GiB (default: vLLM's; on CPU 10%% of RAM)"})
     gpu_memory_utilization: Optional[float] = field(default=None, metadata={
         "help": "vLLM memory fraction (on CPU: of RAM, default 0.1)"})
+    allow_pickle: bool = field(default=False, metadata={
+        "help": "accept a generator with only pickled weights (*.bin; unpickling runs code: only one you trust)"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "run the Python code shipped with the generator (only for a model you trust)"})
     overwrite: bool = field(default=False, metadata={
         "help": "redo every selected shard, even completed ones, and accept changed settings"})
 
@@ -199,7 +203,8 @@ def _sample_shards(cfg, todo, generator, decodings, per_instruction, meta, timin
     from cappy_core.candidates import add_labels
     from cappy_core.shards import write_shard
 
-    gen_kwargs: dict = {"max_prompt_tokens": cfg.max_prompt_tokens, "dtype": cfg.dtype}
+    gen_kwargs: dict = {"max_prompt_tokens": cfg.max_prompt_tokens, "dtype": cfg.dtype, "allow_pickle": cfg.allow_pickle,
+                        "trust_remote_code": cfg.trust_remote_code}
     if cfg.backend == "vllm":
         gen_kwargs["max_model_len"] = cfg.max_prompt_tokens + cfg.max_new_tokens
         if cfg.kv_cache_gb is not None:
