@@ -266,3 +266,28 @@ def test_parquet_round_trip(tmp_path, bigbench_root):
     (tmp_path / "junk.parquet").write_text("nope")
     with pytest.raises(ValueError, match="junk.parquet"):
         read_examples(tmp_path / "junk.parquet")
+
+
+def test_pip_download_checks_the_hash_before_anything_in_the_archive_runs(tmp_path, monkeypatch):
+    """An altered archive (here: a local look-alike whose setup.py leaves a mark) is refused by
+    pip's hash check before pip builds its metadata, which would run setup.py."""
+    import tarfile
+
+    import cappy_core.data.source as source
+
+    pkg = tmp_path / "src" / "bigbench-1.0.0"
+    pkg.mkdir(parents=True)
+    mark = tmp_path / "setup_py_ran"
+    (pkg / "setup.py").write_text(f"open({str(mark)!r}, 'w').write('x')\n"
+                                  "from setuptools import setup\nsetup(name='bigbench', version='1.0.0')\n")
+    (pkg / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: bigbench\nVersion: 1.0.0\n")
+    links = tmp_path / "links"
+    links.mkdir()
+    with tarfile.open(links / "bigbench-1.0.0.tar.gz", "w:gz") as tar:
+        tar.add(pkg, arcname="bigbench-1.0.0")
+    dest = tmp_path / "dl"
+    dest.mkdir()
+    local = ("--no-index", "--find-links", str(links), "--no-build-isolation")  # offline; no isolation: setup.py
+    with pytest.raises(RuntimeError, match="DO NOT MATCH THE HASHES"):       # would run at once if reached
+        source._pip_download(dest, local)
+    assert not mark.exists() and not (dest / "bigbench-1.0.0.tar.gz").exists()
