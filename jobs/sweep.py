@@ -4,13 +4,15 @@ Stages, each reusing what an earlier run left (examples: ``cappy sweep --help``)
 BIG-Bench cache, ``cappy data download`` if missing → ``OUT/data``); **generator** (``--generator``,
 or the embedded Llama trained once into the cache on ``--generator-tasks``); **scorer init**
 (``--scorer``, or the scorer pretrained once into the cache); **sample + label** (``cappy sample``,
-Ray Data → ``OUT/candidates/{train,validation}``); **per task**, one Ray task each (after one shared
+Ray Data → ``OUT/candidates/sampling-<digest>/{train,validation}``, one folder per sampling settings);
+**per task**, one Ray task each (after one shared
 finetune with ``--finetune-scope all``): finetune, score and evaluate (:func:`cappy_core.task_eval.run_task`),
 each result written to ``OUT/tasks/<task>.json`` as it arrives (a failure with its error; the sweep
 goes on); **summary** (:func:`cappy_core.report.write_reports`, ``OUT/summary.{md,csv,png,json}``).
 
 A rerun computes only the tasks that are missing, failed, or were run with other settings
-(``--redo``: all); no "running" marker is ever left behind to block it.
+(``--redo``: all), sampling only for a changed sampling setting (seed, decodings, max tokens,
+generator, ...); no "running" marker is ever left behind to block it.
 """
 
 from __future__ import annotations
@@ -187,15 +189,17 @@ def ensure_scorer_init(cfg: SweepConfig, log) -> str:
     return str(path)
 
 
-def sample(cfg: SweepConfig, tasks: list[str], out: Path, generator: str, log) -> None:
-    """Candidates for the train (finetuning) and validation (evaluation) instructions: two outputs."""
+def sample(cfg: SweepConfig, tasks: list[str], out: Path, generator: str, log, candidates_dir: str) -> None:
+    """Candidates for the train (finetuning) and validation (evaluation) instructions: two
+    outputs under ``candidates_dir``, one folder per sampling settings (a changed setting samples
+    anew there, instead of being refused)."""
     from jobs.sample_label import SampleConfig, run as run_sample
 
     splits = [("train", cfg.max_train_examples_per_task)] if cfg.finetune or cfg.dev_examples_per_task else []
     for split, cap in splits + [("validation", cfg.max_examples_per_task)]:
         log(f"-- {split} split")
         run_sample(SampleConfig(
-            tasks=tasks, splits=[split], data=str(out / "data"), out=str(out / "candidates" / split),
+            tasks=tasks, splits=[split], data=str(out / "data"), out=str(Path(candidates_dir) / split),
             generator=generator, backend=cfg.backend, decodings=list(cfg.decodings),
             samples_per_decoding=cfg.samples_per_decoding, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
             max_examples_per_task=cap, batch_size=cfg.sample_batch_size, num_actors=cfg.num_actors,
@@ -318,14 +322,14 @@ def _run_locked(cfg: SweepConfig, out: Path, preset: str | None, log) -> dict:
                       ensure_generator_for, cfg, tasks, log)
     init = stage("scorer_init_s", "== scorer init", ensure_scorer_init, cfg, log)
     key = result_key(to_dict(cfg), generator, init, tasks)
-    settings = settings_from_config(to_dict(cfg), out, init)
+    settings = settings_from_config(to_dict(cfg), out, init, generator)
     todo = [t for t in tasks if cfg.redo or finished(settings.tasks_dir, t, key_digest(key)) is None]
     log(f"== {len(tasks) - len(todo)} task(s) already finished with these settings; {len(todo)} to run")
     if todo:
         if not ray.is_initialized():
             ray.init()
-        stage("sampling_s", "== sample + label (train and validation candidates)", sample, cfg,
-              tasks if cfg.finetune_scope == "all" else todo, out, generator, log)
+        stage("sampling_s", f"== sample + label (train and validation candidates) into {settings.candidates_dir}",
+              sample, cfg, tasks if cfg.finetune_scope == "all" else todo, out, generator, log, settings.candidates_dir)
         if cfg.finetune and cfg.finetune_scope == "all":  # one scorer for every task, finetuned first (one Ray task)
             shared = ray.remote(finetune_shared).options(num_cpus=cfg.cpus_per_task, num_gpus=cfg.gpus_per_task or None,
                                                          max_retries=0, name="finetune_shared").remote(

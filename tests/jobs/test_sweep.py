@@ -59,7 +59,7 @@ def test_failed_task_is_recorded_and_a_rerun_computes_only_it(tmp_path, models, 
     assert rephrase["status"] == "ok"
     # the task's numbers are evaluation's numbers on its scored validation candidates
     scored = pq.read_table(out / "tasks" / "rephrase" / "validation_scored.parquet")
-    assert (out / "candidates" / "train" / "rephrase" / "train" / "part-00000.done.json").is_file()
+    assert len(list(out.glob("candidates/sampling-*/train/rephrase/train/part-00000.done.json"))) == 1
     groups, ids, _ = scored_groups(scored)
     assert len(ids) == 3 and all(len(g) == 17 for g in groups)
     assert rephrase["metrics"] == pytest.approx(evaluate_task(groups))
@@ -93,17 +93,18 @@ def test_failed_task_is_recorded_and_a_rerun_computes_only_it(tmp_path, models, 
     assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "chart: " + str(out / "summary.png") in r2.stdout
 
-    r3 = sweep(out, models, "--lr", "5e-5")  # other settings: both tasks are recomputed
-    assert r3.returncode == 0, r3.stderr[-3000:]
+    r3 = sweep(out, models, "--lr", "5e-5", "--seed", "1")  # other settings: both tasks are recomputed,
+    assert r3.returncode == 0, r3.stderr[-3000:]                   # on candidates sampled anew for seed 1
     assert "0 task(s) already finished with these settings; 2 to run" in r3.stdout
+    assert r3.stdout.count("sampled 6 instructions") == 2 and len(list(out.glob("candidates/sampling-*"))) == 2
 
     # the same command into a fresh folder (sampling included) gives the same numbers
     other = tmp_path / "again"
-    r4 = sweep(other, models, "--lr", "5e-5")
+    r4 = sweep(other, models, "--lr", "5e-5", "--seed", "1")
     assert r4.returncode == 0, r4.stderr[-3000:]
     assert numbers(other) == numbers(out)
 
-    r5 = sweep(other, models, "--lr", "5e-5", "--finetune-scope", "all")  # one scorer for both tasks
+    r5 = sweep(other, models, "--lr", "5e-5", "--seed", "1", "--finetune-scope", "all")  # one scorer for both tasks
     assert r5.returncode == 0, r5.stderr[-3000:]
     assert "0 task(s) already finished with these settings; 2 to run" in r5.stdout
     shared = json.loads((other / "tasks" / "_shared" / "training.json").read_text())
@@ -157,7 +158,7 @@ def test_settings_checks_and_what_defines_a_result():
             "finetune_scope"} <= set(RESULT_DEFINING)
     ok = SweepConfig(loss="listwise+mse", group_by_instruction=True, mse_weight=0.5, dev_examples_per_task=16)
     check_config(to_dict(ok))
-    s = settings_from_config(to_dict(ok), "/tmp/out", "init").schedule
+    s = settings_from_config(to_dict(ok), "/tmp/out", "init", "gen").schedule
     assert (s.loss, s.group_by_instruction, s.mse_weight, s.listwise_tau) == ("listwise+mse", True, 0.5, 0.3)
     for bad, match in ((replace(ok, group_by_instruction=False), "--group-by-instruction"),
                        (replace(ok, dev_examples_per_task=40), "leaves none of the 40"),
@@ -165,6 +166,32 @@ def test_settings_checks_and_what_defines_a_result():
         with pytest.raises(ConfigError, match=match):
             check_config(to_dict(bad))
     check_config(to_dict(replace(ok, finetune=False, dev_examples_per_task=40)))  # nothing to finetune
+
+
+def test_candidates_are_kept_per_sampling_settings():
+    """A changed sampling setting (or generator) samples into its own folder; other settings
+    (finetuning, scoring) reuse the candidates."""
+    from dataclasses import replace
+
+    from cappy_core.config import to_dict
+    from cappy_core.task_eval import SAMPLING_DEFINING, settings_from_config
+    from jobs.sweep import SweepConfig
+
+    base = SweepConfig()
+
+    def folder(cfg, generator="/gen/a"):
+        return settings_from_config(to_dict(cfg), "/out", "init", generator).candidates_dir
+
+    assert folder(base).startswith("/out/candidates/sampling-") and folder(base) == folder(replace(base))
+    changed = [replace(base, seed=1), replace(base, decodings=["beam4"]), replace(base, max_new_tokens=32),
+               replace(base, samples_per_decoding=2), replace(base, backend="hf"), replace(base, max_examples_per_task=8),
+               replace(base, max_train_examples_per_task=None)]
+    folders = {folder(c) for c in changed} | {folder(base, "/gen/b"), folder(base)}
+    assert len(folders) == len(changed) + 2
+    assert {"seed", "decodings", "max_new_tokens"} <= set(SAMPLING_DEFINING)
+    for same in (replace(base, lr=1e-3), replace(base, train_size=64), replace(base, loss="listwise"),
+                 replace(base, redo=True), replace(base, num_actors=4), replace(base, task_timeout_s=60)):
+        assert folder(same) == folder(base)
 
 
 def test_presets_resolve_to_the_documented_settings():
