@@ -11,14 +11,18 @@ failed write removes its temporary and leaves the target as it was.
 * :func:`atomic_dir`: build a folder under a temporary name, then put it in place of ``dest``
   (an existing ``dest`` is moved aside first and removed only once the new one is in place);
 * :func:`output_lock`: one job at a time per output folder (or file): a second run refuses at
-  once, naming the holder; a lock left by a killed run on this host is taken over.
+  once, naming the holder; a lock left by a killed run on this host is taken over;
+* :func:`local_path` / :func:`with_local_paths`: path options accept ``file://`` URIs; other
+  schemes (``s3://``, ...) are refused clearly instead of becoming a local ``./s3:/...`` folder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -246,3 +250,37 @@ def output_lock(target: str | os.PathLike, job: str = "", *, file: bool = False)
         if _read_holder(path) == info:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+
+
+# --- path options ----------------------------------------------------------------------------
+
+_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def local_path(value: str | None, flag: str) -> str | None:
+    """A path option as a local path: a plain path as given, a ``file://`` URI as its path
+    (decoded by ``pyarrow.fs``). Any other scheme (``s3://``, ``gs://``, ``hdfs://``, ...) is a
+    ``ValueError`` naming ``flag``: these jobs write through local file operations (O_EXCL
+    locks, atomic renames) that object stores do not offer."""
+    if value is None:
+        return None
+    m = _URI.match(value)
+    if not m:
+        return value
+    if m.group(1).lower() == "file":
+        import pyarrow.fs
+
+        return pyarrow.fs.FileSystem.from_uri(value)[1]
+    raise ValueError(f"{flag} {value}: {m.group(1)}:// is not supported (only local paths and file:// URIs: the "
+                     "jobs lock and rename files in place, which object stores cannot do); mount the bucket on "
+                     "every node (cluster/README) and give the mount path")
+
+
+def with_local_paths(cfg: Any, *names: str) -> Any:
+    """A copy of the config dataclass ``cfg`` with its path fields ``names`` (a value or a list)
+    through :func:`local_path`."""
+    changes = {}
+    for name in names:
+        value, flag = getattr(cfg, name), "--" + name.replace("_", "-")
+        changes[name] = [local_path(v, flag) for v in value] if isinstance(value, list) else local_path(value, flag)
+    return dataclasses.replace(cfg, **changes)

@@ -138,8 +138,9 @@ def run(cfg: EvalMCConfig, log=None) -> tuple[list[dict], dict, list[str]]:
 
 
 def report(cfg: EvalMCConfig) -> None:
-    from cappy_core.io import output_lock
+    from cappy_core.io import output_lock, with_local_paths
 
+    cfg = with_local_paths(cfg, "out")
     # One run per --out file at a time: a second one refuses at once, naming the holder.
     with output_lock(cfg.out, "cappy eval-mc", file=True) if cfg.out else contextlib.nullcontext():
         _report(cfg)

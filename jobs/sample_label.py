@@ -148,9 +148,10 @@ def check_config(cfg: SampleConfig) -> None:
 def run(cfg: SampleConfig, log=print) -> dict:
     """Sample, label and write; returns the summary (also printed). One run per ``--out`` at a
     time: a second one refuses at once, naming the holder (:func:`cappy_core.io.output_lock`)."""
-    from cappy_core.io import output_lock
+    from cappy_core.io import output_lock, with_local_paths
 
     check_config(cfg)
+    cfg = with_local_paths(cfg, "out", "data")
     with output_lock(cfg.out, "cappy sample"):
         return _run_locked(cfg, log)
 

@@ -34,7 +34,7 @@ from cappy_core.data.source import BigBenchNotFound, bigbench_task_root, default
 from cappy_core.data.tasks import LOCAL_TASKS, resolve_tasks
 from cappy_core.fault_injection import check_task, sweep_fail_tasks, sweep_hang_tasks
 from cappy_core.generation import PAPER_DECODING_NAMES
-from cappy_core.io import output_lock, write_json
+from cappy_core.io import output_lock, with_local_paths, write_json
 from cappy_core.task_eval import (TaskSettings, check_config, finetune_shared, finished, key_digest, read_result,
                                   result_key, result_path, result_record, run_task, settings_from_config)
 from jobs.cli import presets
@@ -296,6 +296,7 @@ def run(cfg: SweepConfig, preset: str | None = None, log=print) -> dict:
     check_config(to_dict(cfg))
     if cfg.task_timeout_s < 0:
         raise ConfigError(f"--task-timeout-s must be >= 0 (0: no limit), got {cfg.task_timeout_s}")
+    cfg = with_local_paths(cfg, "out", "task_dir", "cache_dir")
     out = Path(cfg.out or f"~/cappy_runs/sweep-{preset or 'custom'}").expanduser().resolve()
     with output_lock(out, "cappy sweep"):
         return _run_locked(cfg, out, preset, log)

@@ -265,10 +265,11 @@ def run_job(job: str, cfg: TrainScorerConfig, *, default_name: str, data_key: di
             log: Callable[[str], None] = print) -> dict:
     """The lifecycle both jobs share: check config → run dir → pairs (reused when resuming) →
     Ray Train → ``results.json`` beside the exported scorer → one summary line."""
-    from cappy_core.io import output_lock
+    from cappy_core.io import output_lock, with_local_paths
     from cappy_core.scorer_runs import check_output, resolve_paths
 
     check_config(cfg)
+    cfg = with_local_paths(cfg, "storage_path", "output", "pairs_dir", "train_pairs", "eval_pairs")
     paths = resolve_paths(cfg.name or default_name, cfg.storage_path, pairs_dir=cfg.pairs_dir, output=cfg.output)
     check_output(paths)
     with output_lock(paths["run_dir"], f"cappy {job} --name {paths['name']}"):  # one run per run folder

@@ -70,3 +70,23 @@ def test_reused_pid_other_host_release_on_error_and_file_locks(tmp_path):
     assert lock_path_for(results, file=True) == tmp_path / ".mc.json.lock"
     with output_lock(results, file=True) as p:
         assert p == tmp_path / ".mc.json.lock" and not results.exists()
+
+
+def test_path_options_take_file_uris_and_refuse_other_schemes(tmp_path):
+    from dataclasses import dataclass, field
+
+    from cappy_core.io import local_path, with_local_paths
+
+    assert local_path("runs/x", "--out") == "runs/x" and local_path(None, "--out") is None
+    assert local_path(f"file://{tmp_path}/a%20b", "--out") == f"{tmp_path}/a b"
+    for uri in ("s3://bucket/runs", "gs://b/x", "hdfs://nn/x", "memory://x"):
+        with pytest.raises(ValueError, match=f"--storage-path {uri}: {uri.split(':')[0]}:// is not supported"):
+            local_path(uri, "--storage-path")
+
+    @dataclass
+    class Cfg:
+        out: str = "file:///tmp/o"
+        task_dir: list = field(default_factory=lambda: ["file:///tmp/t", "rel"])
+        other: str = "s3://untouched"
+
+    assert with_local_paths(Cfg(), "out", "task_dir") == Cfg(out="/tmp/o", task_dir=["/tmp/t", "rel"])

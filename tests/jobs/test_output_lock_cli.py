@@ -30,3 +30,27 @@ def test_a_second_run_on_a_locked_output_refuses_naming_the_holder(tmp_path, cap
         assert f"in use by the first run on host {os.uname().nodename}, pid {os.getpid()}, started" in err
         assert str(lock) in err and "Traceback" not in err
         assert sorted(p.name for p in tmp_path.rglob("*")) == before  # refused before writing anything
+
+
+@pytest.mark.parametrize("job, args", [
+    ("jobs.sample_label", ["--tasks", "tense", "--out", "s3://bucket/cands"]),
+    ("jobs.sweep", ["--tasks", "tense", "--out", "gs://bucket/sweep"]),
+    ("jobs.pretrain", ["--storage-path", "s3://bucket/runs"]),
+    ("jobs.eval_mc", ["--tasks", "x", "--scorers", "minilm", "--out", "s3://bucket/mc.json"]),
+])
+def test_object_store_uris_are_refused_not_made_local_folders(tmp_path, monkeypatch, capsys, job, args):
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    status = importlib.import_module(job).main(args)
+    err = capsys.readouterr().err
+    assert status == 2 and "is not supported (only local paths and file:// URIs" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # no ./s3:/bucket/... folder
+
+
+def test_a_file_uri_out_is_the_folder_it_names(tmp_path, capsys):
+    from jobs.sweep import main
+
+    with output_lock(tmp_path / "my out", "the first run"):
+        assert main(["--tasks", "tense", "--out", f"file://{tmp_path}/my%20out"]) == 2
+    assert f"{tmp_path}/my out is in use by the first run" in capsys.readouterr().err
