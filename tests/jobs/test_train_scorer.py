@@ -215,6 +215,8 @@ def test_fault_resumes_from_checkpoint_and_loss_curve_continues(tmp_path, tiny_s
     res = results(output)
     assert res["updates"] == 8 and len(res["losses"]) == 8 and res["resumed_at"] == [4]
     assert [e["update"] for e in res["evals"]] == [0, 4, 8]  # the eval history survives the restart
+    assert json.loads((output / "cappy_output.json").read_text())["run"] == "fault"  # marked as the job's own
+    assert not (tmp_path / "runs" / "fault" / ".cappy.lock").exists()  # the run folder's lock was released
 
     cfg = config_from_args(finetune.FinetuneConfig,
                            build_parser(finetune.FinetuneConfig, prog="finetune", description="").parse_args(args))
