@@ -19,7 +19,9 @@ failed write removes its temporary and leaves the target as it was.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -80,13 +82,30 @@ def write_parquet(table: Any, path: str | os.PathLike, **kwargs: Any) -> Path:
     return Path(path)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where
+    the OS, libc or filesystem cannot (the caller then renames the old one aside first)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 @contextlib.contextmanager
 def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``dest``; on success it replaces ``dest``.
 
-    An existing ``dest`` is renamed aside, the new folder renamed into place, and only then is
-    the old one deleted: at no moment is there neither. On an exception the temporary folder is
-    removed and ``dest`` is left as it was.
+    An existing ``dest`` is swapped with the new folder in one step where the OS can
+    (``renameat2``: a reader never finds ``dest`` missing), else renamed aside before the new
+    folder is renamed into place; the old one is deleted only after the new one is in place.
+    On an exception the temporary folder is removed and ``dest`` is left as it was.
     """
     dest = Path(dest)
     here = Path.cwd().resolve()
@@ -100,6 +119,9 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         _remove(tmp)
         raise
+    if (dest.exists() or dest.is_symlink()) and _exchange(tmp, dest):
+        _remove(tmp)  # now the old folder: a reader of dest saw the old one, then the new one, never neither
+        return
     old = None
     if dest.exists() or dest.is_symlink():
         old = _temp_sibling(dest.with_name(dest.name + "-old"))

@@ -90,3 +90,53 @@ def test_path_options_take_file_uris_and_refuse_other_schemes(tmp_path):
         other: str = "s3://untouched"
 
     assert with_local_paths(Cfg(), "out", "task_dir") == Cfg(out="/tmp/o", task_dir=["/tmp/t", "rel"])
+
+
+def test_atomic_dir_swap_never_leaves_a_reader_without_a_whole_checkpoint(tmp_path):
+    """Readers of a checkpoint being replaced again and again always find it (the swap is one
+    renameat2 exchange on Linux), and each sees one version whole."""
+    import threading
+
+    from cappy_core.io import atomic_dir
+
+    dest = tmp_path / "scorer"
+    dest.mkdir()
+    (dest / "config.json").write_text("0")
+    (dest / "weights").write_text("0")
+    misses, stop = [], threading.Event()
+
+    def read_at(fd, name):
+        f = os.open(name, os.O_RDONLY, dir_fd=fd)
+        try:
+            return os.read(f, 16)
+        finally:
+            os.close(f)
+
+    def read():  # as a loader does: open the folder once, read its files from it
+        while not stop.is_set():
+            try:
+                fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+            except FileNotFoundError as e:
+                misses.append(str(e))
+                continue
+            try:
+                a, b = (read_at(fd, n) for n in ("config.json", "weights"))
+                if a != b:
+                    misses.append(f"mixed {a} {b}")
+            except FileNotFoundError:
+                pass  # the folder this reader opened was replaced and deleted: it opens the new one next
+            finally:
+                os.close(fd)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(1, 300):
+            with atomic_dir(dest) as tmp:
+                (tmp / "config.json").write_text(str(i))
+                (tmp / "weights").write_text(str(i))
+    finally:
+        stop.set()
+        reader.join()
+    assert (dest / "config.json").read_text() == "299" and misses == []
+    assert [p.name for p in tmp_path.iterdir()] == ["scorer"]  # no old or temporary folder left
