@@ -220,7 +220,8 @@ def test_presets_resolve_to_the_documented_settings():
 
 def test_a_hung_task_times_out_the_others_finish_and_a_rerun_retries_it(tmp_path, ray_address):
     """--task-timeout-s counts from when a task starts running: the hung one is cancelled and
-    recorded as failed with the reason; one queued behind it is not timed while it waits."""
+    recorded as failed with the reason; one queued behind it is not timed while it waits; a
+    task whose worker dies is recorded as failed too, and the sweep goes on."""
     import time
 
     import ray
@@ -237,19 +238,24 @@ def test_a_hung_task_times_out_the_others_finish_and_a_rerun_retries_it(tmp_path
             time.sleep(600)
         if task == "fails":
             raise ValueError("bad task")
+        if task == "dies":
+            import os
+
+            os._exit(1)  # its worker process dies mid-task
         time.sleep(2)
         yield {"value": task}
 
     remote = ray.remote(work).options(num_returns="streaming", max_retries=0, num_cpus=2)  # one at a time
-    gens = {remote.remote(t): t for t in ("hangs", "ok", "fails")}
+    gens = {remote.remote(t): t for t in ("hangs", "ok", "fails", "dies")}
     t0, key = time.time(), {"k": 1}
     recs = {task: result_record(task, key, {}, get, t0) for task, get in wait_for_tasks(gens, timeout_s=3)}
     assert time.time() - t0 < 60
     assert recs["ok"]["status"] == "ok" and recs["ok"]["value"] == "ok"  # queued ~3 s, ran 2 s: not timed out
     assert recs["fails"]["status"] == "failed" and "ValueError: bad task" in recs["fails"]["error"]
+    assert recs["dies"]["status"] == "failed" and "WorkerCrashedError" in recs["dies"]["error"]
     assert recs["hangs"]["status"] == "failed" and recs["hangs"]["error"] == (
         "TimeoutError: task hangs ran longer than --task-timeout-s 3 s and was cancelled (a rerun retries it)")
     for task, rec in recs.items():
         write_json(result_path(tmp_path, task), rec)
     # what a rerun computes: the failed and timed-out tasks, not the finished one
-    assert {t for t in recs if finished(tmp_path, t, key_digest(key)) is None} == {"hangs", "fails"}
+    assert {t for t in recs if finished(tmp_path, t, key_digest(key)) is None} == {"hangs", "fails", "dies"}
