@@ -12,7 +12,8 @@ goes on); **summary** (:func:`cappy_core.report.write_reports`, ``OUT/summary.{m
 
 A rerun computes only the tasks that are missing, failed, or were run with other settings
 (``--redo``: all), sampling only for a changed sampling setting (seed, decodings, max tokens,
-generator, ...); no "running" marker is ever left behind to block it.
+generator, ...); a second sweep on the same OUT is refused while one runs, and the lock of a
+killed one is taken over (:func:`cappy_core.io.output_lock`), so nothing left behind blocks a rerun.
 """
 
 from __future__ import annotations

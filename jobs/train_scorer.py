@@ -272,7 +272,12 @@ def run_job(job: str, cfg: TrainScorerConfig, *, default_name: str, data_key: di
     cfg = with_local_paths(cfg, "storage_path", "output", "pairs_dir", "train_pairs", "eval_pairs")
     paths = resolve_paths(cfg.name or default_name, cfg.storage_path, pairs_dir=cfg.pairs_dir, output=cfg.output)
     check_output(paths)
-    with output_lock(paths["run_dir"], f"cappy {job} --name {paths['name']}"):  # one run per run folder
+    holder = f"cappy {job} --name {paths['name']}"
+    output = Path(paths["output"])
+    with contextlib.ExitStack() as locks:
+        if Path(paths["run_dir"]) not in output.parents:  # one run per --output outside the run folder
+            locks.enter_context(output_lock(output, holder, file=True))  # (the lock file beside it)
+        locks.enter_context(output_lock(paths["run_dir"], holder))  # and per run folder
         return _run_job_locked(job, cfg, paths, data_key, build_pairs, run_info, label, log)
 
 

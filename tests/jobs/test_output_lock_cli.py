@@ -14,13 +14,14 @@ from cappy_core.io import output_lock
     ("jobs.sample_label", ["--tasks", "tense", "--data", "{tmp}/data"], "{tmp}/out", False),
     ("jobs.sweep", ["--tasks", "tense"], "{tmp}/out", False),
     ("jobs.pretrain", ["--name", "run", "--storage-path", "{tmp}"], "{tmp}/run", False),
+    ("jobs.finetune", ["--task", "tense", "--name", "other", "--storage-path", "{tmp}", "--output", "{tmp}/shared"], "{tmp}/shared", True),
     ("jobs.eval_mc", ["--tasks", "x", "--scorers", "minilm"], "{tmp}/mc.json", True),
 ])
 def test_a_second_run_on_a_locked_output_refuses_naming_the_holder(tmp_path, capsys, job, args, target, file):
     import importlib
 
     target = target.format(tmp=tmp_path)
-    out_flag = [] if job == "jobs.pretrain" else ["--out", target]
+    out_flag = [] if job in ("jobs.pretrain", "jobs.finetune") else ["--out", target]
     argv = [a.format(tmp=tmp_path) for a in args] + out_flag
     with output_lock(target, "the first run", file=file) as lock:
         before = sorted(p.name for p in tmp_path.rglob("*"))
