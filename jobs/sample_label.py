@@ -204,8 +204,8 @@ def _sample_shards(cfg, todo, generator, decodings, per_instruction, meta, timin
     from cappy_core.candidates import add_labels
     from cappy_core.shards import write_shard
 
-    gen_kwargs: dict = {"max_prompt_tokens": cfg.max_prompt_tokens, "dtype": cfg.dtype, "allow_pickle": cfg.allow_pickle,
-                        "trust_remote_code": cfg.trust_remote_code}
+    gen_kwargs: dict = {"max_prompt_tokens": cfg.max_prompt_tokens, "dtype": cfg.dtype,
+                        "allow_pickle": cfg.allow_pickle, "trust_remote_code": cfg.trust_remote_code}
     if cfg.backend == "vllm":
         gen_kwargs["max_model_len"] = cfg.max_prompt_tokens + cfg.max_new_tokens
         if cfg.kv_cache_gb is not None:

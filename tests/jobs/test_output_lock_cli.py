@@ -14,7 +14,8 @@ from cappy_core.io import output_lock
     ("jobs.sample_label", ["--tasks", "tense", "--data", "{tmp}/data"], "{tmp}/out", False),
     ("jobs.sweep", ["--tasks", "tense"], "{tmp}/out", False),
     ("jobs.pretrain", ["--name", "run", "--storage-path", "{tmp}"], "{tmp}/run", False),
-    ("jobs.finetune", ["--task", "tense", "--name", "other", "--storage-path", "{tmp}", "--output", "{tmp}/shared"], "{tmp}/shared", True),
+    ("jobs.finetune", ["--task", "tense", "--name", "other", "--storage-path", "{tmp}", "--output", "{tmp}/shared"],
+     "{tmp}/shared", True),
     ("jobs.eval_mc", ["--tasks", "x", "--scorers", "minilm"], "{tmp}/mc.json", True),
 ])
 def test_a_second_run_on_a_locked_output_refuses_naming_the_holder(tmp_path, capsys, job, args, target, file):

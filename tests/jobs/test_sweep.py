@@ -184,8 +184,8 @@ def test_candidates_are_kept_per_sampling_settings():
 
     assert folder(base).startswith("/out/candidates/sampling-") and folder(base) == folder(replace(base))
     changed = [replace(base, seed=1), replace(base, decodings=["beam4"]), replace(base, max_new_tokens=32),
-               replace(base, samples_per_decoding=2), replace(base, backend="hf"), replace(base, max_examples_per_task=8),
-               replace(base, max_train_examples_per_task=None)]
+               replace(base, samples_per_decoding=2), replace(base, backend="hf"),
+               replace(base, max_examples_per_task=8), replace(base, max_train_examples_per_task=None)]
     folders = {folder(c) for c in changed} | {folder(base, "/gen/b"), folder(base)}
     assert len(folders) == len(changed) + 2
     assert {"seed", "decodings", "max_new_tokens"} <= set(SAMPLING_DEFINING)

@@ -228,10 +228,12 @@ def test_fault_resumes_from_checkpoint_and_loss_curve_continues(tmp_path, tiny_s
     assert state.update == 8
     assert res["losses"] == pytest.approx(state.losses, rel=1e-4)
 
-    again = run_job(["-m", "jobs.finetune", *args])
+    exported = tmp_path / "exported"  # a rerun exports the finished run again, here to its own --output
+    again = run_job(["-m", "jobs.finetune", *args, "--output", str(exported)])
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming run 'fault'" in again.stdout and SUMMARY.search(again.stdout)
-    assert results(output)["losses"] == res["losses"]
+    assert results(exported)["losses"] == res["losses"] and (exported / "cappy_output.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.parquet", "exported", "runs", "train.parquet"]
     assert finetune.main(args + ["--lr", "1e-3"]) == 2
     assert "different config (lr: 2e-05 -> 0.001)" in capsys.readouterr().err
 
