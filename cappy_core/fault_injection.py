@@ -9,15 +9,19 @@ tasks that act on them need no environment of their own.
   so Ray Train restarts the worker group and resumes (``--fail-at-update K`` does the same).
 * ``CAPPY_SWEEP_FAIL_TASKS=a,b``: the sweep's Ray task for each named task raises before doing
   any work, so the sweep records it as failed, finishes the others, and a rerun retries it.
+* ``CAPPY_SWEEP_HANG_TASKS=a,b``: the sweep's Ray task for each named task hangs (sleeps) before
+  doing any work, so ``--task-timeout-s`` cancels it and records it as failed.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Optional
+import time
+from typing import Optional, Sequence
 
 FAIL_AT_UPDATE_ENV = "CAPPY_FAIL_AT_UPDATE"
 SWEEP_FAIL_TASKS_ENV = "CAPPY_SWEEP_FAIL_TASKS"
+SWEEP_HANG_TASKS_ENV = "CAPPY_SWEEP_HANG_TASKS"
 
 
 class InjectedFault(RuntimeError):
@@ -42,11 +46,18 @@ def sweep_fail_tasks() -> list[str]:
     return [t for t in os.environ.get(SWEEP_FAIL_TASKS_ENV, "").split(",") if t.strip()]
 
 
+def sweep_hang_tasks() -> list[str]:
+    """The sweep tasks that must hang (empty unless the variable is set)."""
+    return [t for t in os.environ.get(SWEEP_HANG_TASKS_ENV, "").split(",") if t.strip()]
+
+
 def check_update(update: int, fail_at: Optional[int]) -> None:
     if fail_at is not None and update == fail_at:
         raise InjectedFault(f"injected fault after update {update} ({FAIL_AT_UPDATE_ENV} / fail_at_update)")
 
 
-def check_task(task: str, fail_tasks: list[str]) -> None:
+def check_task(task: str, fail_tasks: list[str], hang_tasks: Sequence[str] = ()) -> None:
     if task in fail_tasks:
         raise InjectedFault(f"injected failure for task {task} ({SWEEP_FAIL_TASKS_ENV})")
+    while task in hang_tasks:  # until cancelled
+        time.sleep(1)

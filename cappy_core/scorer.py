@@ -171,7 +171,7 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-def _weights_kind(folder: Path) -> str:
+def weights_kind(folder: Path) -> str:
     """``"safetensors"``, ``"pickle"`` or ``"none"``: what weight files a local folder holds."""
     names = [p.name for p in folder.iterdir() if p.is_file()]
     if any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names):
@@ -194,7 +194,7 @@ def resolve_source(name_or_path: str | os.PathLike, allow_pickle: bool) -> tuple
                 "(config.json + model.safetensors + tokenizer files)")
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"scorer checkpoint folder {str(path)!r} has no config.json")
-        kind = _weights_kind(path)
+        kind = weights_kind(path)
         if kind == "none":
             raise FileNotFoundError(
                 f"scorer checkpoint folder {str(path)!r} has no weights (expected model.safetensors)")
@@ -553,7 +553,7 @@ class Scorer:
             (tmp / CAPPY_JSON).write_text(text + "\n")
             (tmp / "README.md").write_text(model_card(info, path.name))
             pickles = [p.name for p in tmp.iterdir() if p.name.endswith(_PICKLE_SUFFIXES)]
-            if pickles or _weights_kind(tmp) != "safetensors":
+            if pickles or weights_kind(tmp) != "safetensors":
                 raise RuntimeError(f"save_pretrained wrote no safetensors or a pickle: {sorted(pickles)}")
         self.metadata = info
         return path

@@ -18,14 +18,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from cappy_core.config import ConfigError
+from cappy_core.io import LOCK_NAME
 
 RUN_RECORD = "cappy_run.json"
+#: Written into every exported scorer folder: marks it as this job's to replace on a rerun.
+OUTPUT_MARKER = "cappy_output.json"
 
 #: Settings that must match for a rerun to resume an existing run.
 RESUME_KEYS = ("init", "train_size", "eval_size", "max_length", "lr", "warmup_ratio", "weight_decay",
@@ -45,10 +49,21 @@ def check_init(init: str, allow_pickle: bool = False, flag: str = "--init") -> N
         raise ConfigError(f"{flag} {init!r}: {e}") from None
 
 
+def check_name(name: str) -> None:
+    """A run name is one folder under the storage path: ``..`` or ``a/b`` would put the run (and
+    ``--fresh``'s deletion) outside it."""
+    seps = [s for s in (os.sep, os.altsep, "/", "\\") if s]
+    if not name or name in (".", "..") or any(s in name for s in seps) or name != name.strip():
+        raise ConfigError(f"--name {name!r}: a run name must be a single folder name (no path separators, "
+                          "not '.' or '..', no surrounding spaces)")
+
+
 def resolve_paths(name: str, storage_path: str, *, pairs_dir: Optional[str] = None,
                   output: Optional[str] = None) -> dict[str, str]:
     """The run's absolute paths: ``name``, ``storage_path``, ``run_dir``, ``pairs_dir`` (default
-    ``RUN_DIR/pairs``) and ``output`` (the exported scorer, default ``RUN_DIR/scorer``)."""
+    ``RUN_DIR/pairs``) and ``output`` (the exported scorer, default ``RUN_DIR/scorer``). The
+    name is checked (:func:`check_name`)."""
+    check_name(name)
     storage = Path(storage_path).expanduser().resolve()
     run_dir = storage / name
     return {
@@ -58,6 +73,31 @@ def resolve_paths(name: str, storage_path: str, *, pairs_dir: Optional[str] = No
         "pairs_dir": str(Path(pairs_dir).expanduser().resolve()) if pairs_dir else str(run_dir / "pairs"),
         "output": str(Path(output).expanduser().resolve()) if output else str(run_dir / "scorer"),
     }
+
+
+def is_own_output(paths: Mapping[str, str]) -> bool:
+    """Whether ``output`` was written by a scorer training job: the run's default
+    ``RUN_DIR/scorer``, or a folder holding :data:`OUTPUT_MARKER`."""
+    output = Path(paths["output"])
+    return output == Path(paths["run_dir"]) / "scorer" or (output / OUTPUT_MARKER).is_file()
+
+
+def check_output(paths: Mapping[str, str]) -> None:
+    """Refuse, before any work, an ``--output`` whose replacement would delete what the job did
+    not create: the working directory or a folder above it, the run's own folders, a file, or a
+    non-empty folder that is not a scorer this job exported (:func:`is_own_output`)."""
+    output = Path(paths["output"])
+    what = f"--output {output}"
+    for inside, name in ((Path.cwd().resolve(), "the working directory"), (Path(paths["run_dir"]), "the run folder"),
+                         (Path(paths["pairs_dir"]), "the pairs folder")):
+        if inside == output or output in inside.parents:
+            raise ConfigError(f"{what} is or contains {name} ({inside}): the exported scorer replaces the whole "
+                              "folder; give a new or dedicated folder")
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"{what} exists and is not a folder")
+    if output.is_dir() and any(output.iterdir()) and not is_own_output(paths):
+        raise ConfigError(f"{what} is a non-empty folder that this job did not write (no {OUTPUT_MARKER}); "
+                          "refusing to replace it: give a new or empty folder")
 
 
 def resume_key(settings: Mapping[str, Any], data_key: Mapping[str, Any]) -> dict[str, Any]:
@@ -79,7 +119,9 @@ def check_run_dir(paths: Mapping[str, str], key: Mapping[str, Any], *, fresh: bo
     record = run_dir / RUN_RECORD
     if fresh and run_dir.exists():
         log(f"--fresh: deleting the existing run {run_dir}")
-        shutil.rmtree(run_dir)
+        for child in run_dir.iterdir():  # all but the lock this run holds
+            if child.name != LOCK_NAME:
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     if not record.is_file():
         return False
     old = json.loads(record.read_text()).get("key", {})

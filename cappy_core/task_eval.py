@@ -95,9 +95,23 @@ class TaskSettings:
     selector_schedule: Optional[ScorerSchedule] = None  # the fused selector's own scorer; None: schedule's
 
 
-def settings_from_config(config: Mapping[str, Any], out: str | Path, init: str) -> TaskSettings:
-    """The tasks' settings from the sweep's config (``to_dict(SweepConfig)``) and its ``OUT``
-    folder: inputs under ``OUT/data`` and ``OUT/candidates``, results under ``OUT/tasks``."""
+#: The sweep settings that define its sampled candidates (with the resolved generator).
+SAMPLING_DEFINING = ("backend", "decodings", "samples_per_decoding", "max_new_tokens", "seed",
+                     "max_examples_per_task", "max_train_examples_per_task")
+
+
+def candidates_folder(config: Mapping[str, Any], generator: str) -> str:
+    """The folder name, under ``OUT/candidates``, of the candidates sampled with these settings:
+    one folder per :data:`SAMPLING_DEFINING` values and generator, so a rerun with a changed
+    sampling setting samples anew beside the old candidates (and going back reuses them)
+    instead of mixing or refusing."""
+    return "sampling-" + key_digest({**{k: config[k] for k in SAMPLING_DEFINING}, "generator": generator})[:12]
+
+
+def settings_from_config(config: Mapping[str, Any], out: str | Path, init: str, generator: str) -> TaskSettings:
+    """The tasks' settings from the sweep's config (``to_dict(SweepConfig)``), its ``OUT``
+    folder and resolved generator: inputs under ``OUT/data`` and
+    ``OUT/candidates/<candidates_folder>``, results under ``OUT/tasks``."""
     from cappy_core.training import ScorerSchedule
 
     c, out = config, Path(out)
@@ -109,7 +123,8 @@ def settings_from_config(config: Mapping[str, Any], out: str | Path, init: str) 
     selector_schedule = None
     if schedule is not None and c["selector_loss"] != "same":  # listwise ranks within an instruction: grouped
         selector_schedule = dataclasses.replace(schedule, loss=c["selector_loss"], group_by_instruction=True)
-    return TaskSettings(data_dir=str(out / "data"), candidates_dir=str(out / "candidates"),
+    return TaskSettings(data_dir=str(out / "data"),
+                        candidates_dir=str(out / "candidates" / candidates_folder(c, generator)),
                         tasks_dir=str(out / "tasks"), init=init, max_length=c["max_length"], schedule=schedule,
                         train_size=c["train_size"], max_train_examples=c["max_train_examples_per_task"],
                         score_dtype=c["score_dtype"], keep_scorer=c["keep_scorers"],

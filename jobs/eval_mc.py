@@ -31,6 +31,7 @@ and ``ruin_names`` (89, 4 choices).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import sys
 from dataclasses import dataclass, field
@@ -137,6 +138,15 @@ def run(cfg: EvalMCConfig, log=None) -> tuple[list[dict], dict, list[str]]:
 
 
 def report(cfg: EvalMCConfig) -> None:
+    from cappy_core.io import output_lock, with_local_paths
+
+    cfg = with_local_paths(cfg, "out")
+    # One run per --out file at a time: a second one refuses at once, naming the holder.
+    with output_lock(cfg.out, "cappy eval-mc", file=True) if cfg.out else contextlib.nullcontext():
+        _report(cfg)
+
+
+def _report(cfg: EvalMCConfig) -> None:
     rows, mean, labels = run(cfg)
     print(format_table(rows, mean, labels))
     for lab, src in zip(labels, cfg.scorers):

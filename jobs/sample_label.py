@@ -97,6 +97,10 @@ class SampleConfig:
         "help": "vLLM KV cache size in GiB (default: vLLM's; on CPU 10%% of RAM)"})
     gpu_memory_utilization: Optional[float] = field(default=None, metadata={
         "help": "vLLM memory fraction (on CPU: of RAM, default 0.1)"})
+    allow_pickle: bool = field(default=False, metadata={
+        "help": "accept a generator with only pickled weights (*.bin; unpickling runs code: only one you trust)"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "run the Python code shipped with the generator (only for a model you trust)"})
     overwrite: bool = field(default=False, metadata={
         "help": "redo every selected shard, even completed ones, and accept changed settings"})
 
@@ -142,13 +146,22 @@ def check_config(cfg: SampleConfig) -> None:
 
 
 def run(cfg: SampleConfig, log=print) -> dict:
-    """Sample, label and write; returns the summary (also printed)."""
+    """Sample, label and write; returns the summary (also printed). One run per ``--out`` at a
+    time: a second one refuses at once, naming the holder (:func:`cappy_core.io.output_lock`)."""
+    from cappy_core.io import output_lock, with_local_paths
+
+    check_config(cfg)
+    cfg = with_local_paths(cfg, "out", "data")
+    with output_lock(cfg.out, "cappy sample"):
+        return _run_locked(cfg, log)
+
+
+def _run_locked(cfg: SampleConfig, log) -> dict:
     from cappy_core import shards as sh
     from cappy_core.candidates import CANDIDATE_SCHEMA
     from cappy_core.data.tasks import resolve_tasks
     from cappy_core.generation import candidates_per_instruction, decodings_from_names, resolve_generator
 
-    check_config(cfg)
     decodings = decodings_from_names(cfg.decodings, cfg.samples_per_decoding)
     per_instruction = candidates_per_instruction(decodings)
     tasks, unavailable = resolve_tasks(cfg.tasks, sh.prepared_tasks(cfg.data))
@@ -191,7 +204,8 @@ def _sample_shards(cfg, todo, generator, decodings, per_instruction, meta, timin
     from cappy_core.candidates import add_labels
     from cappy_core.shards import write_shard
 
-    gen_kwargs: dict = {"max_prompt_tokens": cfg.max_prompt_tokens, "dtype": cfg.dtype}
+    gen_kwargs: dict = {"max_prompt_tokens": cfg.max_prompt_tokens, "dtype": cfg.dtype,
+                        "allow_pickle": cfg.allow_pickle, "trust_remote_code": cfg.trust_remote_code}
     if cfg.backend == "vllm":
         gen_kwargs["max_model_len"] = cfg.max_prompt_tokens + cfg.max_new_tokens
         if cfg.kv_cache_gb is not None:

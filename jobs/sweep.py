@@ -4,17 +4,21 @@ Stages, each reusing what an earlier run left (examples: ``cappy sweep --help``)
 BIG-Bench cache, ``cappy data download`` if missing → ``OUT/data``); **generator** (``--generator``,
 or the embedded Llama trained once into the cache on ``--generator-tasks``); **scorer init**
 (``--scorer``, or the scorer pretrained once into the cache); **sample + label** (``cappy sample``,
-Ray Data → ``OUT/candidates/{train,validation}``); **per task**, one Ray task each (after one shared
+Ray Data → ``OUT/candidates/sampling-<digest>/{train,validation}``, one folder per sampling settings);
+**per task**, one Ray task each (after one shared
 finetune with ``--finetune-scope all``): finetune, score and evaluate (:func:`cappy_core.task_eval.run_task`),
 each result written to ``OUT/tasks/<task>.json`` as it arrives (a failure with its error; the sweep
 goes on); **summary** (:func:`cappy_core.report.write_reports`, ``OUT/summary.{md,csv,png,json}``).
 
 A rerun computes only the tasks that are missing, failed, or were run with other settings
-(``--redo``: all); no "running" marker is ever left behind to block it.
+(``--redo``: all), sampling only for a changed sampling setting (seed, decodings, max tokens,
+generator, ...); a second sweep on the same OUT is refused while one runs, and the lock of a
+killed one is taken over (:func:`cappy_core.io.output_lock`), so nothing left behind blocks a rerun.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -29,9 +33,9 @@ from cappy_core.config import CacheOptions, ConfigError, build_parser, config_fr
 from cappy_core.data.prepare import prepare_tasks
 from cappy_core.data.source import BigBenchNotFound, bigbench_task_root, default_cache_dir, download_bigbench
 from cappy_core.data.tasks import LOCAL_TASKS, resolve_tasks
-from cappy_core.fault_injection import check_task, sweep_fail_tasks
+from cappy_core.fault_injection import check_task, sweep_fail_tasks, sweep_hang_tasks
 from cappy_core.generation import PAPER_DECODING_NAMES
-from cappy_core.io import write_json
+from cappy_core.io import output_lock, with_local_paths, write_json
 from cappy_core.task_eval import (TaskSettings, check_config, finetune_shared, finished, key_digest, read_result,
                                   result_key, result_path, result_record, run_task, settings_from_config)
 from jobs.cli import presets
@@ -59,6 +63,9 @@ class SweepConfig(CacheOptions, TrackingOptions):
         "help": "extra folders of BIG-Bench-format tasks (<dir>/<task>/task.json), e.g. for tellmewhy"})
     out: Optional[str] = field(default=None, metadata={"help": "output folder (default ~/cappy_runs/sweep-<preset>)"})
     redo: bool = field(default=False, metadata={"help": "recompute every task, even finished ones"})
+    task_timeout_s: float = field(default=0.0, metadata={
+        "help": "cancel a task (finetune + score) running longer than this and record it as failed; a rerun "
+                "retries it (0: no limit)"})
     # generator
     generator: Optional[str] = field(default=None, metadata={
         "help": "generator folder or hub id (default: the embedded Llama, trained into the cache if missing)"})
@@ -204,29 +211,79 @@ def ensure_scorer_init(cfg: SweepConfig, log) -> str:
     return str(path)
 
 
-def sample(cfg: SweepConfig, tasks: list[str], out: Path, generator: str, log) -> None:
-    """Candidates for the train (finetuning) and validation (evaluation) instructions: two outputs."""
+def sample(cfg: SweepConfig, tasks: list[str], out: Path, generator: str, log, candidates_dir: str) -> None:
+    """Candidates for the train (finetuning) and validation (evaluation) instructions: two
+    outputs under ``candidates_dir``, one folder per sampling settings (a changed setting samples
+    anew there, instead of being refused)."""
     from jobs.sample_label import SampleConfig, run as run_sample
 
     splits = [("train", cfg.max_train_examples_per_task)] if cfg.finetune or cfg.dev_examples_per_task else []
     for split, cap in splits + [("validation", cfg.max_examples_per_task)]:
         log(f"-- {split} split")
         run_sample(SampleConfig(
-            tasks=tasks, splits=[split], data=str(out / "data"), out=str(out / "candidates" / split),
+            tasks=tasks, splits=[split], data=str(out / "data"), out=str(Path(candidates_dir) / split),
             generator=generator, backend=cfg.backend, decodings=list(cfg.decodings),
             samples_per_decoding=cfg.samples_per_decoding, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
             max_examples_per_task=cap, batch_size=cfg.sample_batch_size, num_actors=cfg.num_actors,
             gpus_per_actor=cfg.gpus_per_actor, cpus_per_actor=cfg.cpus_per_actor), log=log)
 
 
-def sweep_task(task: str, settings: TaskSettings, gpus: float, torch_threads: int, fail_tasks: list[str]) -> dict:
-    """One Ray task: :func:`cappy_core.task_eval.run_task`, and where it ran (for the multi-node test)."""
+def sweep_task(task: str, settings: TaskSettings, gpus: float, torch_threads: int, fail_tasks: list[str],
+               hang_tasks: list[str] = ()):
+    """One Ray task (a generator): yields ``None`` the moment it starts running (the driver's
+    ``--task-timeout-s`` counts from then, not from submission, so queued tasks are not timed),
+    then :func:`cappy_core.task_eval.run_task`'s result and where it ran (for the multi-node test)."""
     import ray
 
-    check_task(task, fail_tasks)
+    yield None
+    check_task(task, fail_tasks, hang_tasks)
     result = run_task(task, settings, use_gpu=gpus > 0, torch_threads=torch_threads)
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-    return {**result, "hostname": socket.gethostname(), "pid": os.getpid(), "node_id": node}
+    yield {**result, "hostname": socket.gethostname(), "pid": os.getpid(), "node_id": node}
+
+
+def wait_for_tasks(generators: dict, timeout_s: float = 0.0):
+    """Yield ``(task, get_result)`` for each streaming Ray task of ``generators``
+    (``{ObjectRefGenerator: task}``, each yielding once when it starts, then its result) as it
+    ends. A task running longer than ``timeout_s`` (0: no limit) is cancelled with its worker
+    killed (a hung task does not return on its own), and its ``get_result`` raises TimeoutError."""
+    import ray
+
+    pending, started = list(generators), {}
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=1.0 if timeout_s else None)
+        for gen in ready:
+            task = generators[gen]
+            if gen not in started:  # its first item: the task began running
+                started[gen] = time.time()
+                try:
+                    ray.get(next(gen))
+                except Exception as e:  # it failed before it began (its worker died, ...)
+                    yield task, functools.partial(_raise, e)
+                    continue
+                pending.append(gen)
+                continue
+            ref = next(gen, None)
+            yield task, functools.partial(_second_item, ref, task)
+        now = time.time()
+        for gen in [g for g in pending if g in started and timeout_s and now - started[g] > timeout_s]:
+            ray.cancel(gen, force=True)
+            pending.remove(gen)
+            yield generators[gen], functools.partial(_raise, TimeoutError(
+                f"task {generators[gen]} ran longer than --task-timeout-s {timeout_s:g} s and was cancelled "
+                "(a rerun retries it)"))
+
+
+def _raise(e: BaseException):
+    raise e
+
+
+def _second_item(ref, task: str) -> dict:
+    import ray
+
+    if ref is None:
+        raise RuntimeError(f"task {task} ended without a result")
+    return ray.get(ref)
 
 
 def run_tasks(cfg: SweepConfig, tasks: list[str], settings: TaskSettings, key: dict, log) -> None:
@@ -237,16 +294,13 @@ def run_tasks(cfg: SweepConfig, tasks: list[str], settings: TaskSettings, key: d
     from cappy_core.report import progress_line
 
     remote = ray.remote(sweep_task).options(num_cpus=cfg.cpus_per_task, num_gpus=cfg.gpus_per_task or None,
-                                            max_retries=0, name="sweep_task")
-    fail = sweep_fail_tasks()
-    started = {remote.remote(t, settings, cfg.gpus_per_task, cfg.torch_threads, fail): (t, time.time())
-               for t in tasks}
+                                            max_retries=0, name="sweep_task", num_returns="streaming")
+    faults = (sweep_fail_tasks(), sweep_hang_tasks())
+    submitted = {t: time.time() for t in tasks}
+    generators = {remote.remote(t, settings, cfg.gpus_per_task, cfg.torch_threads, *faults): t for t in tasks}
     bar = tqdm(total=len(tasks), desc="tasks", unit=" task", file=sys.stderr)
-    pending = list(started)
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        task, t0 = started[ready[0]]
-        rec = result_record(task, key, to_dict(cfg), lambda: ray.get(ready[0]), t0)  # a failure is recorded too
+    for task, result in wait_for_tasks(generators, cfg.task_timeout_s):
+        rec = result_record(task, key, to_dict(cfg), result, submitted[task])  # a failure is recorded too
         write_json(result_path(settings.tasks_dir, task), rec)
         bar.update(1)
         if rec["status"] == "ok":
@@ -259,15 +313,23 @@ def run_tasks(cfg: SweepConfig, tasks: list[str], settings: TaskSettings, key: d
 # --- the driver ------------------------------------------------------------------------------
 
 def run(cfg: SweepConfig, preset: str | None = None, log=print) -> dict:
-    """The whole sweep; returns the summary (also written under OUT)."""
+    """The whole sweep; returns the summary (also written under OUT). One sweep per OUT at a
+    time: a second one refuses at once, naming the holder (:func:`cappy_core.io.output_lock`)."""
+    check_config(to_dict(cfg))
+    check_report_to(cfg.report_to)
+    if cfg.task_timeout_s < 0:
+        raise ConfigError(f"--task-timeout-s must be >= 0 (0: no limit), got {cfg.task_timeout_s}")
+    cfg = with_local_paths(cfg, "out", "task_dir", "cache_dir")
+    out = Path(cfg.out or f"~/cappy_runs/sweep-{preset or 'custom'}").expanduser().resolve()
+    with output_lock(out, "cappy sweep"):
+        return _run_locked(cfg, out, preset, log)
+
+
+def _run_locked(cfg: SweepConfig, out: Path, preset: str | None, log) -> dict:
     import ray
 
     from cappy_core.report import write_reports
 
-    check_config(to_dict(cfg))
-    check_report_to(cfg.report_to)
-    out = Path(cfg.out or f"~/cappy_runs/sweep-{preset or 'custom'}").expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
     stages: dict[str, float] = {}
     t_all = time.monotonic()
 
@@ -284,14 +346,14 @@ def run(cfg: SweepConfig, preset: str | None = None, log=print) -> dict:
                       ensure_generator_for, cfg, tasks, log)
     init = stage("scorer_init_s", "== scorer init", ensure_scorer_init, cfg, log)
     key = result_key(to_dict(cfg), generator, init, tasks)
-    settings = settings_from_config(to_dict(cfg), out, init)
+    settings = settings_from_config(to_dict(cfg), out, init, generator)
     todo = [t for t in tasks if cfg.redo or finished(settings.tasks_dir, t, key_digest(key)) is None]
     log(f"== {len(tasks) - len(todo)} task(s) already finished with these settings; {len(todo)} to run")
     if todo:
         if not ray.is_initialized():
             ray.init()
-        stage("sampling_s", "== sample + label (train and validation candidates)", sample, cfg,
-              tasks if cfg.finetune_scope == "all" else todo, out, generator, log)
+        stage("sampling_s", f"== sample + label (train and validation candidates) into {settings.candidates_dir}",
+              sample, cfg, tasks if cfg.finetune_scope == "all" else todo, out, generator, log, settings.candidates_dir)
         if cfg.finetune and cfg.finetune_scope == "all":  # one scorer for every task, finetuned first (one Ray task)
             shared = ray.remote(finetune_shared).options(num_cpus=cfg.cpus_per_task, num_gpus=cfg.gpus_per_task or None,
                                                          max_retries=0, name="finetune_shared").remote(

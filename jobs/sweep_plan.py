@@ -98,7 +98,7 @@ def plan(cfg: Any, preset: str | None = None) -> dict[str, Any]:
                        "seconds": 0.0 if cached else PRETRAIN_LOCAL_S})
 
     key = result_key(to_dict(cfg), generator, init, tasks)
-    settings = settings_from_config(to_dict(cfg), out, init)
+    settings = settings_from_config(to_dict(cfg), out, init, generator)
     done = {t for t in tasks if not cfg.redo and finished(settings.tasks_dir, t, key_digest(key)) is not None}
     todo = [t for t in tasks if t not in done]
     sampled_for = tasks if cfg.finetune_scope == "all" else todo
@@ -110,7 +110,7 @@ def plan(cfg: Any, preset: str | None = None) -> dict[str, Any]:
         for split, cap in splits:
             n = sizes[task].get(split, 0)
             row[split] = min(n, cap) if cap is not None else n
-            row[f"{split}_sampled"] = _sampled(out / "candidates" / split, task, split)
+            row[f"{split}_sampled"] = _sampled(Path(settings.candidates_dir) / split, task, split)
         rows.append(row)
     to_sample = sum(max(0, r[s] - r[f"{s}_sampled"]) for r in rows if r["task"] in sampled_for for s, _ in splits)
     total = sum(r[s] for r in rows for s, _ in splits)

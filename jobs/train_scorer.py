@@ -236,9 +236,9 @@ def run_training(cfg: TrainScorerConfig, paths: dict[str, str], train_file: str,
     from ray.train.torch import TorchTrainer
 
     from cappy_core.fault_injection import fail_at_update
-    from cappy_core.io import atomic_dir
+    from cappy_core.io import atomic_dir, write_json
     from cappy_core.pretrain_data import check_pair_file, read_pair_columns
-    from cappy_core.scorer_runs import TrainOutcome
+    from cappy_core.scorer_runs import OUTPUT_MARKER, TrainOutcome, check_output
     from cappy_core.training import OPTIMIZER_FILE, load_train_state, plan_pair_updates, plan_updates
 
     rows = check_pair_file(train_file)
@@ -296,9 +296,12 @@ def run_training(cfg: TrainScorerConfig, paths: dict[str, str], train_file: str,
     seconds = time.time() - t0
     if result.checkpoint is None:
         raise RuntimeError(f"run {paths['name']} finished without a checkpoint")
+    check_output(paths)  # again: the folder may have changed during training
     with result.checkpoint.as_directory() as d, atomic_dir(paths["output"]) as tmp:
         state, _ = load_train_state(d)
         shutil.copytree(d, tmp, ignore=shutil.ignore_patterns(OPTIMIZER_FILE), dirs_exist_ok=True)
+        write_json(tmp / OUTPUT_MARKER, {"job": run_info.get("job"), "run": paths["name"],
+                                         "run_dir": paths["run_dir"]})
     return TrainOutcome(output=paths["output"], updates=state.update, total_updates=total, seconds=seconds,
                         losses=state.losses, evals=state.evals, checkpoint_path=result.checkpoint.path,
                         samples_per_s=(result.metrics or {}).get("samples_per_s"), resumes=state.resumes)
@@ -309,12 +312,27 @@ def run_job(job: str, cfg: TrainScorerConfig, *, default_name: str, data_key: di
             log: Callable[[str], None] = print) -> dict:
     """The lifecycle both jobs share: check config → run dir → pairs (reused when resuming) →
     Ray Train → ``results.json`` beside the exported scorer → one summary line."""
-    from cappy_core.io import write_json
-    from cappy_core.pretrain_data import existing_pair_files
-    from cappy_core.scorer_runs import check_run_dir, resolve_paths, resume_key, summary_line, write_run_record
+    from cappy_core.io import output_lock, with_local_paths
+    from cappy_core.scorer_runs import check_output, resolve_paths
 
     check_config(cfg)
+    cfg = with_local_paths(cfg, "storage_path", "output", "pairs_dir", "train_pairs", "eval_pairs")
     paths = resolve_paths(cfg.name or default_name, cfg.storage_path, pairs_dir=cfg.pairs_dir, output=cfg.output)
+    check_output(paths)
+    holder = f"cappy {job} --name {paths['name']}"
+    output = Path(paths["output"])
+    with contextlib.ExitStack() as locks:
+        if Path(paths["run_dir"]) not in output.parents:  # one run per --output outside the run folder
+            locks.enter_context(output_lock(output, holder, file=True))  # (the lock file beside it)
+        locks.enter_context(output_lock(paths["run_dir"], holder))  # and per run folder
+        return _run_job_locked(job, cfg, paths, data_key, build_pairs, run_info, label, log)
+
+
+def _run_job_locked(job, cfg, paths, data_key, build_pairs, run_info, label, log) -> dict:
+    from cappy_core.io import write_json
+    from cappy_core.pretrain_data import existing_pair_files
+    from cappy_core.scorer_runs import check_run_dir, resume_key, summary_line, write_run_record
+
     key = resume_key(to_dict(cfg), data_key)
     resuming = check_run_dir(paths, key, fresh=cfg.fresh, log=log)
     if cfg.train_pairs:

@@ -48,7 +48,8 @@ def _load(backend: str, model: str | None, load_kwargs: dict[str, Any]):
         except ImportError as e:
             logger.info("generator: vLLM not usable (%s); using the transformers backend", e)
             hf_kwargs = {k: v for k, v in load_kwargs.items()
-                         if k in ("max_prompt_tokens", "dtype", "device", "batch_rows", "trust_remote_code")}
+                         if k in ("max_prompt_tokens", "dtype", "device", "batch_rows", "trust_remote_code",
+                                   "allow_pickle")}
             return load_generator("hf", path, **hf_kwargs)
     return load_generator(backend, path, **load_kwargs)
 

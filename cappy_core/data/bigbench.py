@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import functools
 import json
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,8 @@ def read_task_json(path: Path) -> dict[str, Any]:
             data = json.load(f, object_pairs_hook=collections.OrderedDict)
     except json.JSONDecodeError as e:
         raise TaskFormatError(f"{path}: not valid JSON: {e}") from e
+    except UnicodeDecodeError as e:
+        raise TaskFormatError(f"{path}: not valid UTF-8 (byte {e.start}: {e.object[e.start:e.start + 4]!r})") from e
     if not isinstance(data, dict):
         raise TaskFormatError(f"{path}: top level must be a JSON object, got {type(data).__name__}")
     return data
@@ -98,8 +101,8 @@ def _format_example(ex: dict, data: dict, path: Path, i: int) -> tuple[str, list
         if not isinstance(ts, dict) or not ts:
             raise TaskFormatError(f"{where}.target_scores: must be a non-empty object of choice → score")
         for k, v in ts.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise TaskFormatError(f"{where}.target_scores[{k!r}]: score must be a number, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise TaskFormatError(f"{where}.target_scores[{k!r}]: score must be a finite number, got {v!r}")
         if data.get("append_choices_to_input", True):
             prefix = data.get("choice_prefix", DEFAULT_CHOICE_PREFIX)
             ordered = sorted(ts.keys())
@@ -115,6 +118,8 @@ def _format_example(ex: dict, data: dict, path: Path, i: int) -> tuple[str, list
     text = data.get("example_input_prefix", DEFAULT_INPUT_PREFIX) + text + data.get(
         "example_output_prefix", DEFAULT_OUTPUT_PREFIX)
     targets = target if isinstance(target, list) else [target]
+    if not targets:  # (a blank string target is kept: BIG-Bench's own physics_questions has one)
+        raise TaskFormatError(f"{where}.target: empty list; give at least one target")
     for j, t in enumerate(targets):
         if not isinstance(t, (str, int, float)) or isinstance(t, bool):
             raise TaskFormatError(f"{where}.target[{j}]: must be a string, got {t!r}")

@@ -1,7 +1,8 @@
 """The offline BIG-Bench source: the ``bigbench==1.0.0`` sdist from PyPI, extracted once.
 
 The PyPI source archive (~358 MB) holds every ``bigbench/benchmark_tasks/**/task.json``. We fetch
-it with pip (the only network we use, and only in ``cappy data download``), verify its sha256,
+it with pip (the only network we use, and only in ``cappy data download``) in hash-checking
+mode, so pip verifies its sha256 before running anything from it, verify it again,
 extract just the task JSONs (+ ``task_metadata.json``) into the cache, and write a ``COMPLETE``
 marker last. Everything else reads the extracted folder and never downloads.
 
@@ -94,11 +95,16 @@ def verify_archive(path: Path) -> None:
         )
 
 
-def _pip_download(dest: Path) -> Path:
-    """``pip download --no-deps --no-binary :all: bigbench==1.0.0`` into ``dest``."""
+def _pip_download(dest: Path, pip_args: tuple[str, ...] = ()) -> Path:
+    """``pip download --no-deps --no-binary :all: --require-hashes -r REQ`` into ``dest``, REQ
+    pinning ``bigbench==1.0.0 --hash=sha256:ARCHIVE_SHA256``: pip checks the archive's hash as
+    it arrives, before it builds the sdist's metadata (which runs the archive's setup.py), so
+    nothing from an altered archive ever runs. ``pip_args``: extra options (tests: a local index)."""
+    req = dest / "bigbench-requirement.txt"
+    req.write_text(f"bigbench=={BIGBENCH_VERSION} --hash=sha256:{ARCHIVE_SHA256}\n")
     cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-        f"bigbench=={BIGBENCH_VERSION}", "-d", str(dest),
+        sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--require-hashes",
+        "-r", str(req), "-d", str(dest), *pip_args,
     ]
     print(f"downloading bigbench=={BIGBENCH_VERSION} source archive (358 MB) with pip…", file=sys.stderr)
     proc = subprocess.run(cmd, capture_output=True, text=True)

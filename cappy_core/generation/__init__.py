@@ -477,10 +477,34 @@ def eos_token_ids(tokenizer, model_path: str | None = None, config: Any = None) 
     return tuple(ids)
 
 
-def load_generator(backend: str, model: str | Path, **kwargs) -> Generator:
+def generator_weights(model: str | Path, allow_pickle: bool = False) -> bool:
+    """The scorer's loading policy for a generator: whether to load only safetensors weights.
+    A local folder holding only pickled weights (``*.bin``, ``*.pt``) is refused unless
+    ``allow_pickle`` (unpickling runs arbitrary code); a hub id loads safetensors only unless
+    ``allow_pickle``."""
+    from cappy_core.scorer import PickleCheckpointError, weights_kind
+
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return not allow_pickle
+    if weights_kind(path) == "pickle":
+        if not allow_pickle:
+            raise PickleCheckpointError(
+                f"generator folder {str(path)!r} holds only pickled weights (pytorch_model.bin / *.bin) and no "
+                "safetensors; loading a pickle can run arbitrary code: pass --allow-pickle (allow_pickle=True) only "
+                "if you trust it, or re-save it with save_pretrained to get safetensors")
+        return False
+    return True
+
+
+def load_generator(backend: str, model: str | Path, *, allow_pickle: bool = False, trust_remote_code: bool = False,
+                   **kwargs) -> Generator:
     """A generator by backend name: ``"vllm"`` or ``"hf"`` (transformers). ``model`` is a
     local Hugging Face folder or a hub id; ``kwargs`` go to the backend's constructor
-    (``max_prompt_tokens``, ``dtype``, ``device``; vLLM engine options)."""
+    (``max_prompt_tokens``, ``dtype``, ``device``; vLLM engine options). Loading follows the
+    scorer's policy: safetensors only unless ``allow_pickle`` (:func:`generator_weights`), and
+    the model's own Python code runs only with ``trust_remote_code``."""
+    kwargs.update(use_safetensors=generator_weights(model, allow_pickle), trust_remote_code=trust_remote_code)
     if backend == "vllm":
         try:
             from cappy_core.generation.vllm_backend import VLLMGenerator

@@ -196,7 +196,7 @@ class TransformersGenerator(Generator):
 
     def __init__(self, model: str, *, max_prompt_tokens: int = DEFAULT_PROMPT_TOKENS, dtype: str = "auto",
                  device: str | None = None, batch_rows: int = 64, max_logits_elements: int = 1 << 27,
-                 trust_remote_code: bool = False, decode_loop: str = "cached"):
+                 trust_remote_code: bool = False, decode_loop: str = "cached", use_safetensors: bool = True):
         if max_prompt_tokens < 2:
             raise ValueError(f"max_prompt_tokens must be >= 2, got {max_prompt_tokens}")
         if decode_loop not in ("cached", "generate"):
@@ -211,7 +211,8 @@ class TransformersGenerator(Generator):
         cls = AutoModelForSeq2SeqLM if self.is_encoder_decoder else AutoModelForCausalLM
         torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        lm = cls.from_pretrained(self.model, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        lm = cls.from_pretrained(self.model, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                 use_safetensors=use_safetensors)
         self.lm = lm.to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(self.model, trust_remote_code=trust_remote_code)
         self.eos_ids = eos_token_ids(self.tokenizer, self.model, config)

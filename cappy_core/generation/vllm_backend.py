@@ -46,7 +46,8 @@ class VLLMGenerator(Generator):
     def __init__(self, model: str, *, max_prompt_tokens: int = DEFAULT_PROMPT_TOKENS, dtype: str = "auto",
                  seed: int = 0, max_model_len: int | None = None, enforce_eager: bool | None = None,
                  gpu_memory_utilization: float | None = None, kv_cache_memory_bytes: int | None = None,
-                 max_logprobs: int = 32, **llm_kwargs: Any):
+                 max_logprobs: int = 32, trust_remote_code: bool = False, use_safetensors: bool = True,
+                 **llm_kwargs: Any):
         try:
             from vllm import LLM
             from vllm.platforms import current_platform
@@ -60,12 +61,14 @@ class VLLMGenerator(Generator):
             raise ValueError(f"max_prompt_tokens must be >= 2, got {max_prompt_tokens}")
         self.model = str(model)
         self.max_prompt_tokens = max_prompt_tokens
-        config = AutoConfig.from_pretrained(self.model)
+        if "load_format" in llm_kwargs:  # the weights policy is use_safetensors (load_generator's allow_pickle)
+            raise ValueError("load_format is set by use_safetensors (load_generator(..., allow_pickle=...))")
+        config = AutoConfig.from_pretrained(self.model, trust_remote_code=trust_remote_code)
         if getattr(config, "is_encoder_decoder", False):
             raise ValueError(f"{self.model} is an encoder-decoder model, which vLLM does not run: "
                              "use the transformers backend (--backend hf)")
         self.is_encoder_decoder = False
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model, trust_remote_code=trust_remote_code)
         self.eos_ids = eos_token_ids(self.tokenizer, self.model, config)
         self.max_logprobs = max_logprobs
         on_cpu = current_platform.is_cpu()
@@ -81,7 +84,8 @@ class VLLMGenerator(Generator):
         kwargs: dict[str, Any] = dict(
             model=self.model, tokenizer=self.model, dtype=dtype, seed=seed, max_model_len=max_model_len,
             logprobs_mode="raw_logprobs", max_logprobs=max_logprobs, generation_config="vllm",
-            enforce_eager=on_cpu if enforce_eager is None else enforce_eager)
+            enforce_eager=on_cpu if enforce_eager is None else enforce_eager, trust_remote_code=trust_remote_code,
+            load_format="safetensors" if use_safetensors else "auto")
         if kv_cache_memory_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
         elif gpu_memory_utilization is not None or on_cpu:

@@ -180,6 +180,11 @@ def _write_task(tmp_path, examples, name="bad"):
     ([{"input": 3, "target": "a"}], "examples[0].input"),
     ([{"input": "a", "target_scores": {"x": 0, "y": 0}}], "examples[0].target_scores: no correct choice"),
     ([{"input": "a", "target_scores": {"x": "high"}}], "target_scores['x']"),
+    ([{"input": "a", "target_scores": {"x": 1, "y": float("nan")}}], "examples[0].target_scores['y']: score must be "
+                                                                    "a finite number, got nan"),
+    ([{"input": "a", "target": "b"}, {"input": "c", "target_scores": {"x": float("inf")}}],
+     "examples[1].target_scores['x']: score must be a finite number, got inf"),
+    ([{"input": "a", "target": []}], "examples[0].target: empty list"),
     (["not an object"], "examples[0]: must be an object"),
 ])
 def test_malformed_task_names_file_and_field(tmp_path, examples, field):
@@ -194,6 +199,10 @@ def test_invalid_json_and_too_few_examples(tmp_path):
     (tmp_path / "broken" / "task.json").write_text("{not json")
     with pytest.raises(TaskFormatError, match="broken/task.json: not valid JSON"):
         load_task(tmp_path, "broken")
+    (tmp_path / "latin1").mkdir()
+    (tmp_path / "latin1" / "task.json").write_bytes(b'{"examples": [{"input": "caf\xe9", "target": "x"}]}')
+    with pytest.raises(TaskFormatError, match=r"latin1/task.json: not valid UTF-8 \(byte 28"):
+        load_task(tmp_path, "latin1")
     _write_task(tmp_path, [{"input": f"q{i}", "target": "a"} for i in range(16)], name="small")
     with pytest.raises(TooFewExamples, match="16 distinct examples"):
         load_task(tmp_path, "small")
@@ -257,3 +266,28 @@ def test_parquet_round_trip(tmp_path, bigbench_root):
     (tmp_path / "junk.parquet").write_text("nope")
     with pytest.raises(ValueError, match="junk.parquet"):
         read_examples(tmp_path / "junk.parquet")
+
+
+def test_pip_download_checks_the_hash_before_anything_in_the_archive_runs(tmp_path, monkeypatch):
+    """An altered archive (here: a local look-alike whose setup.py leaves a mark) is refused by
+    pip's hash check before pip builds its metadata, which would run setup.py."""
+    import tarfile
+
+    import cappy_core.data.source as source
+
+    pkg = tmp_path / "src" / "bigbench-1.0.0"
+    pkg.mkdir(parents=True)
+    mark = tmp_path / "setup_py_ran"
+    (pkg / "setup.py").write_text(f"open({str(mark)!r}, 'w').write('x')\n"
+                                  "from setuptools import setup\nsetup(name='bigbench', version='1.0.0')\n")
+    (pkg / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: bigbench\nVersion: 1.0.0\n")
+    links = tmp_path / "links"
+    links.mkdir()
+    with tarfile.open(links / "bigbench-1.0.0.tar.gz", "w:gz") as tar:
+        tar.add(pkg, arcname="bigbench-1.0.0")
+    dest = tmp_path / "dl"
+    dest.mkdir()
+    local = ("--no-index", "--find-links", str(links), "--no-build-isolation")  # offline; no isolation: setup.py
+    with pytest.raises(RuntimeError, match="DO NOT MATCH THE HASHES"):       # would run at once if reached
+        source._pip_download(dest, local)
+    assert not mark.exists() and not (dest / "bigbench-1.0.0.tar.gz").exists()

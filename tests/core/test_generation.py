@@ -352,3 +352,35 @@ def test_vllm_batches_of_long_prompts(vllm_gen):
     assert [len(c) for c in out] == [17] * len(long)
     same = vllm_gen.generate(long[:1], keys=["0"], max_new_tokens=4, min_new_tokens=1)
     assert_same(same[0], out[0], tol=1e-3)
+
+
+def test_generator_loading_follows_the_scorer_policy(tmp_path, tiny_path):
+    """Safetensors only unless allow_pickle; the model folder's own Python code never runs
+    unless trust_remote_code (both backends go through load_generator's checks first)."""
+    import json
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cappy_core.scorer import PickleCheckpointError
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_path, pickled)
+    (pickled / "model.safetensors").unlink()
+    torch.save(AutoModelForCausalLM.from_pretrained(tiny_path).state_dict(), pickled / "pytorch_model.bin")
+    for backend in ("hf", "vllm"):  # refused before any backend code runs
+        with pytest.raises(PickleCheckpointError, match=f"generator folder '{pickled}' holds only pickled weights"):
+            load_generator(backend, pickled)
+    gen = load_generator("hf", pickled, dtype="float32", max_prompt_tokens=64, allow_pickle=True)
+    assert gen.generate(PROMPTS[:1], **SMALL)[0]
+
+    remote = tmp_path / "remote_code"
+    shutil.copytree(tiny_path, remote)
+    cfg = json.loads((remote / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (remote / "config.json").write_text(json.dumps(cfg))
+    ran = tmp_path / "ran"
+    (remote / "evil.py").write_text(f"open({str(ran)!r}, 'w').write('x')\n")
+    gen = load_generator("hf", remote, dtype="float32", max_prompt_tokens=64)  # the built-in Llama, not evil.py
+    assert type(gen.lm).__name__ == "LlamaForCausalLM" and not ran.exists()

@@ -10,8 +10,10 @@ from types import SimpleNamespace
 import pytest
 
 from cappy_core.config import ConfigError
-from cappy_core.scorer_runs import (RESUME_KEYS, RUN_RECORD, RunProgress, TrainOutcome, check_run_dir, format_metrics,
-                                    resolve_paths, resume_key, summary_line, write_run_record)
+from cappy_core.io import LOCK_NAME, atomic_dir
+from cappy_core.scorer_runs import (OUTPUT_MARKER, RESUME_KEYS, RUN_RECORD, RunProgress, TrainOutcome, check_output,
+                                    check_run_dir, format_metrics, resolve_paths, resume_key, summary_line,
+                                    write_run_record)
 from cappy_core.training import ScorerSchedule, TrainState
 
 
@@ -48,8 +50,50 @@ def test_check_run_dir_resumes_refuses_a_different_config_and_fresh_deletes(tmp_
     changed = resume_key(settings(lr=2, loss="listwise"), {"task": "t"})
     with pytest.raises(ConfigError, match=r"different config \(loss: None -> 'listwise', lr: 1 -> 2\)"):
         check_run_dir(paths, changed)
+    (tmp_path / "run" / "checkpoint_0" / "x").mkdir(parents=True)
+    (tmp_path / "run" / LOCK_NAME).write_text("{}")  # the lock this run holds
     assert check_run_dir(paths, changed, fresh=True, log=lambda *_: None) is False
-    assert not (tmp_path / "run").exists()
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [LOCK_NAME]  # everything else deleted
+
+
+def test_names_that_leave_the_storage_path_are_refused(tmp_path):
+    for bad in ("..", ".", "", "a/b", "../x", "/abs", " run"):
+        with pytest.raises(ConfigError, match="single folder name"):
+            resolve_paths(bad, str(tmp_path))
+    assert resolve_paths("run-1.v2", str(tmp_path))["run_dir"] == str(tmp_path / "run-1.v2")
+
+
+def test_output_that_is_not_the_jobs_own_is_refused(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work / "sub")
+    storage = str(tmp_path / "runs")
+    for output, match in ((".", "working directory"), ("..", "working directory"), (str(tmp_path), "working directory"),
+                          (str(tmp_path / "runs" / "run"), "run folder"), (str(tmp_path / "runs"), "run folder"),
+                          (str(work / "notes.txt"), "not a folder"), (str(work), "working directory")):
+        with pytest.raises(ConfigError, match=match):
+            check_output(resolve_paths("run", storage, output=output))
+    other = tmp_path / "other"
+    (other / "keep.txt").parent.mkdir()
+    (other / "keep.txt").write_text("user data")
+    with pytest.raises(ConfigError, match=f"non-empty folder that this job did not write .*{OUTPUT_MARKER}"):
+        check_output(resolve_paths("run", storage, output=str(other)))
+    assert (other / "keep.txt").read_text() == "user data"
+    check_output(resolve_paths("run", storage, output=str(tmp_path / "new")))  # missing: fine
+    (tmp_path / "empty").mkdir()
+    check_output(resolve_paths("run", storage, output=str(tmp_path / "empty")))
+    (other / OUTPUT_MARKER).write_text("{}")  # a scorer this job exported earlier: replaced on a rerun
+    check_output(resolve_paths("run", storage, output=str(other)))
+    default = resolve_paths("run", storage)  # RUN_DIR/scorer is the run's own even without the marker
+    (tmp_path / "runs" / "run" / "scorer").mkdir(parents=True)
+    (tmp_path / "runs" / "run" / "scorer" / "config.json").write_text("{}")
+    check_output(default)
+    for dest in (".", "..", str(work)):  # the last line of defence: atomic_dir never swaps out the cwd
+        with pytest.raises(ValueError, match="working directory"):
+            with atomic_dir(dest):
+                pass
+    assert (work / "notes.txt").read_text() == "mine" and (work / "sub").is_dir()
 
 
 def test_run_progress_logs_evaluates_and_reports_on_its_cadence():

@@ -73,9 +73,11 @@ def test_hf_job_labels_resumes_exactly_after_a_kill(tmp_path, tiny, data, ray_ad
     done_first = len(list(out.rglob("*.done.json")))
     # 2 tasks × 2 splits × 3 shards (5 rows, shards of 2)
     assert 1 <= done_first < 12, "the kill should land after the first shard and before the last"
+    assert (out / ".cappy.lock").is_file()  # the killed run's lock stays behind ...
 
     proc = run(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (out / ".cappy.lock").exists()  # ... and the rerun took it over, then released it
     assert f"{12 - done_first} shards written, {done_first} already done" in proc.stdout
     assert "skipped 1 (empty instruction), 1 (missing field)" in proc.stdout
     assert "total 18 instructions, 90 rows" in proc.stdout  # (20 examples - 2 skipped) × 5

@@ -59,7 +59,7 @@ def test_failed_task_is_recorded_and_a_rerun_computes_only_it(tmp_path, models, 
     assert rephrase["status"] == "ok"
     # the task's numbers are evaluation's numbers on its scored validation candidates
     scored = pq.read_table(out / "tasks" / "rephrase" / "validation_scored.parquet")
-    assert (out / "candidates" / "train" / "rephrase" / "train" / "part-00000.done.json").is_file()
+    assert len(list(out.glob("candidates/sampling-*/train/rephrase/train/part-00000.done.json"))) == 1
     groups, ids, _ = scored_groups(scored)
     assert len(ids) == 3 and all(len(g) == 17 for g in groups)
     assert rephrase["metrics"] == pytest.approx(evaluate_task(groups))
@@ -93,17 +93,18 @@ def test_failed_task_is_recorded_and_a_rerun_computes_only_it(tmp_path, models, 
     assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "chart: " + str(out / "summary.png") in r2.stdout
 
-    r3 = sweep(out, models, "--lr", "5e-5")  # other settings: both tasks are recomputed
-    assert r3.returncode == 0, r3.stderr[-3000:]
+    r3 = sweep(out, models, "--lr", "5e-5", "--seed", "1")  # other settings: both tasks are recomputed,
+    assert r3.returncode == 0, r3.stderr[-3000:]                   # on candidates sampled anew for seed 1
     assert "0 task(s) already finished with these settings; 2 to run" in r3.stdout
+    assert r3.stdout.count("sampled 6 instructions") == 2 and len(list(out.glob("candidates/sampling-*"))) == 2
 
     # the same command into a fresh folder (sampling included) gives the same numbers
     other = tmp_path / "again"
-    r4 = sweep(other, models, "--lr", "5e-5")
+    r4 = sweep(other, models, "--lr", "5e-5", "--seed", "1")
     assert r4.returncode == 0, r4.stderr[-3000:]
     assert numbers(other) == numbers(out)
 
-    r5 = sweep(other, models, "--lr", "5e-5", "--finetune-scope", "all")  # one scorer for both tasks
+    r5 = sweep(other, models, "--lr", "5e-5", "--seed", "1", "--finetune-scope", "all")  # one scorer for both tasks
     assert r5.returncode == 0, r5.stderr[-3000:]
     assert "0 task(s) already finished with these settings; 2 to run" in r5.stdout
     shared = json.loads((other / "tasks" / "_shared" / "training.json").read_text())
@@ -157,11 +158,11 @@ def test_settings_checks_and_what_defines_a_result():
             "finetune_scope", "selector_loss"} <= set(RESULT_DEFINING)
     ok = SweepConfig(loss="listwise+mse", group_by_instruction=True, mse_weight=0.5, dev_examples_per_task=16)
     check_config(to_dict(ok))
-    s = settings_from_config(to_dict(ok), "/tmp/out", "init").schedule
+    s = settings_from_config(to_dict(ok), "/tmp/out", "init", "gen").schedule
     assert (s.loss, s.group_by_instruction, s.mse_weight, s.listwise_tau) == ("listwise+mse", True, 0.5, 0.3)
-    sel = settings_from_config(to_dict(replace(ok, selector_loss="listwise")), "/tmp/out", "init").selector_schedule
+    sel = settings_from_config(to_dict(replace(ok, selector_loss="listwise")), "/tmp/out", "init", "gen").selector_schedule
     assert (sel.loss, sel.group_by_instruction, sel.lr) == ("listwise", True, s.lr)  # the same finetuning otherwise
-    assert settings_from_config(to_dict(ok), "/tmp/out", "init").selector_schedule is None
+    assert settings_from_config(to_dict(ok), "/tmp/out", "init", "gen").selector_schedule is None
     for bad, match in ((replace(ok, group_by_instruction=False), "--group-by-instruction"),
                        (replace(ok, selector_loss="listwise", finetune_scope="all"), "--finetune-scope task"),
                        (replace(ok, dev_examples_per_task=40), "leaves none of the 40"),
@@ -169,6 +170,32 @@ def test_settings_checks_and_what_defines_a_result():
         with pytest.raises(ConfigError, match=match):
             check_config(to_dict(bad))
     check_config(to_dict(replace(ok, finetune=False, dev_examples_per_task=40)))  # nothing to finetune
+
+
+def test_candidates_are_kept_per_sampling_settings():
+    """A changed sampling setting (or generator) samples into its own folder; other settings
+    (finetuning, scoring) reuse the candidates."""
+    from dataclasses import replace
+
+    from cappy_core.config import to_dict
+    from cappy_core.task_eval import SAMPLING_DEFINING, settings_from_config
+    from jobs.sweep import SweepConfig
+
+    base = SweepConfig()
+
+    def folder(cfg, generator="/gen/a"):
+        return settings_from_config(to_dict(cfg), "/out", "init", generator).candidates_dir
+
+    assert folder(base).startswith("/out/candidates/sampling-") and folder(base) == folder(replace(base))
+    changed = [replace(base, seed=1), replace(base, decodings=["beam4"]), replace(base, max_new_tokens=32),
+               replace(base, samples_per_decoding=2), replace(base, backend="hf"),
+               replace(base, max_examples_per_task=8), replace(base, max_train_examples_per_task=None)]
+    folders = {folder(c) for c in changed} | {folder(base, "/gen/b"), folder(base)}
+    assert len(folders) == len(changed) + 2
+    assert {"seed", "decodings", "max_new_tokens"} <= set(SAMPLING_DEFINING)
+    for same in (replace(base, lr=1e-3), replace(base, train_size=64), replace(base, loss="listwise"),
+                 replace(base, redo=True), replace(base, num_actors=4), replace(base, task_timeout_s=60)):
+        assert folder(same) == folder(base)
 
 
 def test_presets_resolve_to_the_documented_settings():
@@ -194,3 +221,46 @@ def test_presets_resolve_to_the_documented_settings():
     assert paper.gpus_per_actor == 1 and paper.gpus_per_task == 1 and paper.num_actors == 16
     assert paper.backend == "vllm"
     assert candidates_per_instruction(decodings_from_names(paper.decodings, paper.samples_per_decoding)) == 17
+
+
+def test_a_hung_task_times_out_the_others_finish_and_a_rerun_retries_it(tmp_path, ray_address):
+    """--task-timeout-s counts from when a task starts running: the hung one is cancelled and
+    recorded as failed with the reason; one queued behind it is not timed while it waits; a
+    task whose worker dies is recorded as failed too, and the sweep goes on."""
+    import time
+
+    import ray
+
+    from cappy_core.io import write_json
+    from cappy_core.task_eval import finished, key_digest, result_path, result_record
+    from jobs.sweep import wait_for_tasks
+
+    def work(task):
+        import time
+
+        yield None
+        if task == "hangs":
+            time.sleep(600)
+        if task == "fails":
+            raise ValueError("bad task")
+        if task == "dies":
+            import os
+
+            os._exit(1)  # its worker process dies mid-task
+        time.sleep(2)
+        yield {"value": task}
+
+    remote = ray.remote(work).options(num_returns="streaming", max_retries=0, num_cpus=2)  # one at a time
+    gens = {remote.remote(t): t for t in ("hangs", "ok", "fails", "dies")}
+    t0, key = time.time(), {"k": 1}
+    recs = {task: result_record(task, key, {}, get, t0) for task, get in wait_for_tasks(gens, timeout_s=3)}
+    assert time.time() - t0 < 60
+    assert recs["ok"]["status"] == "ok" and recs["ok"]["value"] == "ok"  # queued ~3 s, ran 2 s: not timed out
+    assert recs["fails"]["status"] == "failed" and "ValueError: bad task" in recs["fails"]["error"]
+    assert recs["dies"]["status"] == "failed" and "WorkerCrashedError" in recs["dies"]["error"]
+    assert recs["hangs"]["status"] == "failed" and recs["hangs"]["error"] == (
+        "TimeoutError: task hangs ran longer than --task-timeout-s 3 s and was cancelled (a rerun retries it)")
+    for task, rec in recs.items():
+        write_json(result_path(tmp_path, task), rec)
+    # what a rerun computes: the failed and timed-out tasks, not the finished one
+    assert {t for t in recs if finished(tmp_path, t, key_digest(key)) is None} == {"hangs", "fails", "dies"}

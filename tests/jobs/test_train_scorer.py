@@ -251,6 +251,8 @@ def test_fault_resumes_from_checkpoint_and_loss_curve_continues(tmp_path, tiny_s
     res = results(output)
     assert res["updates"] == 8 and len(res["losses"]) == 8 and res["resumed_at"] == [4]
     assert [e["update"] for e in res["evals"]] == [0, 4, 8]  # the eval history survives the restart
+    assert json.loads((output / "cappy_output.json").read_text())["run"] == "fault"  # marked as the job's own
+    assert not (tmp_path / "runs" / "fault" / ".cappy.lock").exists()  # the run folder's lock was released
 
     cfg = config_from_args(finetune.FinetuneConfig,
                            build_parser(finetune.FinetuneConfig, prog="finetune", description="").parse_args(args))
@@ -262,10 +264,12 @@ def test_fault_resumes_from_checkpoint_and_loss_curve_continues(tmp_path, tiny_s
     assert state.update == 8
     assert res["losses"] == pytest.approx(state.losses, rel=1e-4)
 
-    again = run_job(["-m", "jobs.finetune", *args])
+    exported = tmp_path / "exported"  # a rerun exports the finished run again, here to its own --output
+    again = run_job(["-m", "jobs.finetune", *args, "--output", str(exported)])
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming run 'fault'" in again.stdout and SUMMARY.search(again.stdout)
-    assert results(output)["losses"] == res["losses"]
+    assert results(exported)["losses"] == res["losses"] and (exported / "cappy_output.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.parquet", "exported", "runs", "train.parquet"]
     assert finetune.main(args + ["--lr", "1e-3"]) == 2
     assert "different config (lr: 2e-05 -> 0.001)" in capsys.readouterr().err
 
