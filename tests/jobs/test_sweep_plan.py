@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -50,7 +51,10 @@ def test_dry_run_plans_from_the_data_and_the_outputs_on_disk(tmp_path, generator
     key = result_key(to_dict(cfg), generator, "minilm", sorted(TASKS))
     (out / "tasks").mkdir(parents=True)
     (out / "tasks" / "tense.json").write_text(json.dumps({"status": "ok", "key_digest": key_digest(key)}))
-    shard = out / "candidates" / "validation" / "rephrase" / "validation"
+    from cappy_core.task_eval import settings_from_config
+
+    candidates = Path(settings_from_config(to_dict(cfg), out, "minilm", generator).candidates_dir)
+    shard = candidates / "validation" / "rephrase" / "validation"
     shard.mkdir(parents=True)
     (shard / "part-00000.done.json").write_text(json.dumps({"instructions": 7}))
     p = plan(cfg)
