@@ -13,7 +13,10 @@ still overrides them, as Ray documents.
 Per-task scorers: the scorer's multiplexed model id is a task name (or any id you choose). An id
 resolves to a checkpoint folder by, in order: ``scorer.task_scorers[id]`` (explicit map, id →
 folder or hub id); ``<scorers_dir>/<id>/`` (a folder written by ``Scorer.save_pretrained``);
-``<scorers_dir>/<id>/scorer/`` (a sweep's ``OUT/tasks`` with ``--keep-scorers``);
+``<scorers_dir>/<id>/selector_scorer/`` then ``<scorers_dir>/<id>/scorer/`` (a sweep's ``OUT/tasks``
+with ``--keep-scorers``: a task finetuned with a selector scorer of its own, ``--selector-loss``,
+is served by that one, which holds the task's fused weights, so ``selector: auto`` picks as the
+sweep's ``cappy+lm+mbr`` row did);
 ``<scorers_dir>/finetune-<id>/scorer/`` (where ``cappy finetune --task <id>`` puts it, so
 ``scorers_dir: ~/cappy_runs`` serves every finetuned task). An id that resolves to nothing is
 scored by the pretrained default scorer (``unknown_task: default``, the response says
@@ -185,7 +188,8 @@ def resolve_task_scorer(task_id: str, task_scorers: dict[str, str], scorers_dir:
         return os.path.expanduser(task_scorers[task_id])
     if scorers_dir:
         root = Path(scorers_dir).expanduser()
-        for folder in (root / task_id, root / task_id / "scorer", root / f"finetune-{task_id}" / "scorer"):
+        for folder in (root / task_id, root / task_id / "selector_scorer", root / task_id / "scorer",
+                       root / f"finetune-{task_id}" / "scorer"):
             if (folder / "config.json").is_file():
                 return str(folder)
     return None
@@ -201,7 +205,7 @@ def list_task_scorers(task_scorers: dict[str, str], scorers_dir: str | None) -> 
         for child in root.iterdir():
             if child.name.startswith("finetune-") and (child / "scorer" / "config.json").is_file():
                 ids.add(child.name[len("finetune-"):])
-            elif (child / "config.json").is_file() or (child / "scorer" / "config.json").is_file():
+            elif any((child / sub / "config.json").is_file() for sub in ("", "selector_scorer", "scorer")):
                 ids.add(child.name)
     return sorted(i for i in ids if _TASK_ID.match(i))
 

@@ -59,6 +59,10 @@ def test_task_scorer_resolution(tmp_path):
     assert resolve_task_scorer("tense", {}, str(tmp_path)) == str(tmp_path / "tense")
     assert resolve_task_scorer("rephrase", {}, str(tmp_path)) == str(tmp_path / "finetune-rephrase" / "scorer")
     assert resolve_task_scorer("tense", {"tense": "/x"}, str(tmp_path)) == "/x"
+    for sub in ("scorer", "selector_scorer"):  # a sweep's task: its selector scorer holds the fused weights
+        (tmp_path / "gender" / sub).mkdir(parents=True)
+        (tmp_path / "gender" / sub / "config.json").write_text("{}")
+    assert resolve_task_scorer("gender", {}, str(tmp_path)) == str(tmp_path / "gender" / "selector_scorer")
     assert resolve_task_scorer("other", {}, str(tmp_path)) is None
     with pytest.raises(ValueError):
         resolve_task_scorer("../etc", {}, str(tmp_path))
