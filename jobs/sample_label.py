@@ -121,6 +121,10 @@ class CandidateStage:
 
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # engine start logs ~100 lines per actor
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+        if os.environ.get("TRANSFORMERS_VERBOSITY", "error") not in ("info", "debug"):  # --log-level debug shows them
+            from cappy_core.scorer import quiet_transformers
+
+            quiet_transformers()  # the weight-loading bar of every actor would print between the progress bars
         self.gen = load_generator(backend, generator, **generator_kwargs)
         self.decodings = decodings
         self.kw = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, seed=seed)
