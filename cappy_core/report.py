@@ -285,6 +285,12 @@ def write_reports(out: Path, records: Mapping[str, dict], log=print) -> dict:
                 f"Best baseline (by mean): {best} {stats['best_baseline_value']:.1f}"
                 + (f"; Cappy − best = {stats['cappy_minus_best']:+.1f}" if stats["cappy_minus_best"] is not None
                    else "")]
+    selector_losses = sorted({r["training"]["selector"]["loss"] for r in ok.values()
+                              if isinstance((r.get("training") or {}).get("selector"), dict)})
+    if selector_losses:
+        sections.append(f"`cappy+lm+mbr` reads its Cappy score from a second scorer per task, finetuned on the same "
+                        f"pairs with the {' / '.join(selector_losses)} loss (`--selector-loss`); `cappy` is the "
+                        "paper's MSE scorer.")
     if intervals:
         sections.append(intervals_section(intervals, best, tasks, sizes))
     if without:

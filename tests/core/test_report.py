@@ -111,6 +111,10 @@ def test_report_has_paired_intervals_and_spearman(tmp_path):
     assert cappy["mean"]["low"] < cappy["mean"]["mean"] < cappy["mean"]["high"]
     md = (tmp_path / "summary.md").read_text()
     assert "## vs best baseline (mbr)" in md
+    assert "second scorer" not in md  # the fused row uses the cappy row's scorer here
+    records["a"]["training"] = {"selector": {"loss": "listwise"}}
+    write_reports(tmp_path / "sel", records, log=lambda s: None)
+    assert "with the listwise loss (`--selector-loss`)" in (tmp_path / "sel" / "summary.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| cappy |"))
     assert f"[{expected.low:+.1f}, {expected.high:+.1f}]" in row and row.count("[") == 3  # mean, a, b
     # 20–30 instructions per task are far too few here: the report says what they cannot resolve
