@@ -12,17 +12,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-# Measured rates: `cappy sweep --preset local` cold on a 2-core AVX2 CPU (README, "The main job":
-# generator 500 s for 1,500 updates, scorer pretraining 180 s, sampling 300 s for 669 x 17
-# candidates with the transformers backend in two actors, six tasks 591 s with two at a time,
-# BIG-Bench download 54 s). Other presets, models or machines scale differently: the estimate
-# says which rate it used.
+# Measured rates on a 2-core AVX2 CPU (README, "The main job"): `cappy sweep --preset local` warm
+# (sampling 298 s for 669 x 17 candidates with the transformers backend in two actors; six tasks
+# 1,094 s, two at a time, each with two finetunes: the cappy row's scorer and the fused row's own,
+# `--selector-loss listwise`; 606 s with one scorer per task); cold, the stages the warm run reuses
+# (generator 500 s for 1,500 updates, scorer pretraining 180 s, BIG-Bench download 54 s). Other
+# presets, models or machines scale differently: the estimate says which rates it used.
 GENERATOR_S_PER_UPDATE = 500 / 1500
 PRETRAIN_LOCAL_S = 180.0
-SAMPLING_CANDIDATES_PER_S = 669 * 17 / 300
-TASK_S = 591 / 6  # wall seconds per task at the local preset's sizes and concurrency
+SAMPLING_CANDIDATES_PER_S = 669 * 17 / 298
+TASK_S = 606 / 6  # wall seconds per task at the local preset's sizes and concurrency, one scorer per task
+TASK_S_WITH_SELECTOR = 1094 / 6  # the same with a selector scorer of its own (a second finetune)
 DOWNLOAD_S = 54.0
-RATES_SOURCE = "measured: `cappy sweep --preset local`, cold, 2-core CPU (README, The main job)"
+RATES_SOURCE = "measured: `cappy sweep --preset local`, 2-core CPU (README, The main job)"
 
 
 def _task_sizes(cfg: Any, out: Path) -> tuple[dict[str, dict[str, int]], dict[str, str], bool, str]:
@@ -118,7 +120,8 @@ def plan(cfg: Any, preset: str | None = None) -> dict[str, Any]:
                    "what": f"{total:,} instructions x {per_instruction} = {total * per_instruction:,} candidates; "
                            f"{to_sample:,} instructions to sample",
                    "seconds": (to_sample * per_instruction / SAMPLING_CANDIDATES_PER_S) if todo else 0.0})
-    stages.append({"stage": "tasks", "cached": not todo, "seconds": len(todo) * TASK_S,
+    per_task = TASK_S if cfg.selector_loss == "same" or not cfg.finetune else TASK_S_WITH_SELECTOR
+    stages.append({"stage": "tasks", "cached": not todo, "seconds": len(todo) * per_task,
                    "what": f"{len(done)} finished with these settings, {len(todo)} to run "
                            f"({cfg.cpus_per_task} CPU{f' + {cfg.gpus_per_task} GPU' if cfg.gpus_per_task else ''} each)"})
     return {"out": str(out), "tasks": tasks, "unavailable": unavailable, "sizes_from": sizes_from,

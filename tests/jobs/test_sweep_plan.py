@@ -24,7 +24,7 @@ def test_dry_run_plans_from_the_data_and_the_outputs_on_disk(tmp_path, generator
     from cappy_core.data.bigbench import load_task
     from cappy_core.task_eval import key_digest, result_key
     from jobs import sweep
-    from jobs.sweep_plan import SAMPLING_CANDIDATES_PER_S, TASK_S, plan
+    from jobs.sweep_plan import SAMPLING_CANDIDATES_PER_S, TASK_S, TASK_S_WITH_SELECTOR, plan
 
     out = tmp_path / "out"
     argv = ["--tasks", *TASKS, "--out", str(out), "--generator", generator, "--backend", "hf", "--scorer", "minilm",
@@ -45,6 +45,10 @@ def test_dry_run_plans_from_the_data_and_the_outputs_on_disk(tmp_path, generator
         == [(t, *want[t]) for t in TASKS]
     total = sum(sum(v) for v in want.values())
     assert p["estimated_s"] == pytest.approx(total * 17 / SAMPLING_CANDIDATES_PER_S + 2 * TASK_S)
+    import dataclasses  # a selector scorer of its own is a second finetune per task
+
+    sel = {s["stage"]: s for s in plan(dataclasses.replace(cfg, selector_loss="listwise"))["stages"]}
+    assert sel["tasks"]["seconds"] == pytest.approx(2 * TASK_S_WITH_SELECTOR)
 
     # tense finished with these settings (the sweep's own key) and 7 rephrase validation instructions sampled:
     # tense is neither sampled nor run again; rephrase samples what is left
