@@ -35,9 +35,10 @@ every candidate too (``selector_score``) and is the fused selector's Cappy signa
   :func:`cappy_core.evaluation.evaluate_task`, per-instruction values and rankers' Spearman.
 
 With ``keep_scorer`` the finetuned scorer is saved under ``tasks_dir/<task>/scorer`` with the
-fused weights in it (with a selector scorer of its own, that one is saved under
-``tasks_dir/<task>/selector_scorer`` and holds the weights instead, since they are fitted on its scores) (:data:`cappy_core.selectors.SELECTOR_FILE`), for serve (a task scored by
-the shared scorer, ``tasks_dir/_shared/scorer``, keeps its weights in ``tasks_dir/<task>``).
+fused weights in it (:data:`cappy_core.selectors.SELECTOR_FILE`), for serve; a task with a
+selector scorer of its own saves that one too, under ``tasks_dir/<task>/selector_scorer``, and the
+weights go there, since they are fitted on its scores; a task scored by the shared scorer,
+``tasks_dir/_shared/scorer``, keeps its weights in ``tasks_dir/<task>``.
 
 The sweep's bookkeeping of finished tasks lives here too: each task's result record is
 ``tasks_dir/<task>.json`` (:func:`result_record`), and a task counts as finished when its record
@@ -295,13 +296,13 @@ def read_split_candidates(task: str, candidates_dir: str | Path, split: str,
     return table
 
 
-def score_table(scorer: Any, table: pa.Table) -> pa.Table:
-    """``table`` (candidate rows) with a ``score`` column appended: the scorer's score of each
+def score_table(scorer: Any, table: pa.Table, column: str = "score") -> pa.Table:
+    """``table`` (candidate rows) with ``column`` appended: the scorer's score of each
     (instruction, text)."""
     import pyarrow as pa
 
     scores = scorer.score(table["instruction"].to_pylist(), table["text"].to_pylist())
-    return table.append_column("score", pa.array(scores, pa.float64()))
+    return table.append_column(column, pa.array(scores, pa.float64()))
 
 
 def signal_column(table: pa.Table, name: str) -> str:
@@ -313,14 +314,9 @@ def signal_column(table: pa.Table, name: str) -> str:
 
 
 def score_with(scorer: Any, selector: Any | None, table: pa.Table) -> pa.Table:
-    """``table`` with ``score`` (:func:`score_table`) and, given a selector scorer, :data:`SELECTOR_SCORE`."""
-    import pyarrow as pa
-
+    """``table`` with ``score`` and, given a selector scorer, :data:`SELECTOR_SCORE` (:func:`score_table`)."""
     table = score_table(scorer, table)
-    if selector is None:
-        return table
-    scores = selector.score(table["instruction"].to_pylist(), table["text"].to_pylist())
-    return table.append_column(SELECTOR_SCORE, pa.array(scores, pa.float64()))
+    return table if selector is None else score_table(selector, table, SELECTOR_SCORE)
 
 
 def instruction_rows(instruction_ids: Sequence[str]) -> list[list[int]]:

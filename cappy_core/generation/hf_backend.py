@@ -4,7 +4,8 @@ Greedy and sampling decodings run ``model.generate`` with one logits processor,
 :class:`SeededChooser`, that picks each next token itself: it masks end-of-sequence until
 ``min_new_tokens`` tokens exist, applies temperature → top-k → top-p (transformers' own warpers),
 draws at a uniform that is a function of that candidate's seed and the step only
-(:func:`row_uniforms`, so a sample does not depend on what else is in the batch), records the raw log-probability of the chosen token, and
+(:func:`row_uniforms`, so a sample does not depend on what else is in the batch), records the
+raw log-probability of the chosen token, and
 hands ``generate`` a one-hot distribution. The model's ``generation_config`` is replaced by a
 bare one at load time, so no other processor runs before it and the scores it sees are the raw
 logits. Beam search is ``generate(num_beams=...)``; its candidates are rescored with
@@ -18,7 +19,8 @@ batch (``generate`` keeps computing it until the longest row ends, and samples o
 common). The per-row rule is :class:`SeededChooser`'s, token for token: end-of-sequence masked
 until ``min_new_tokens``, temperature → top-k → top-p with transformers' warpers, one
 inverse-CDF draw per row and step at a counter-based uniform of that row's seed and the step
-(:func:`row_uniforms`), the raw log-probability recorded. Beam search: transformers' algorithm step by step
+(:func:`row_uniforms`), the raw log-probability recorded. Beam search: transformers' algorithm
+step by step
 (:func:`~cappy_core.generation.beam_search_step`, which the vLLM backend runs too) over the same
 cache, one prefill per prompt instead of one per beam; the reported log-likelihood is the beam's
 raw sum. ``decode_loop="generate"`` keeps the ``generate`` path (the benchmark compares the two;
