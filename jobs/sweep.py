@@ -312,15 +312,21 @@ def run_tasks(cfg: SweepConfig, tasks: list[str], settings: TaskSettings, key: d
 
 # --- the driver ------------------------------------------------------------------------------
 
-def run(cfg: SweepConfig, preset: str | None = None, log=print) -> dict:
-    """The whole sweep; returns the summary (also written under OUT). One sweep per OUT at a
-    time: a second one refuses at once, naming the holder (:func:`cappy_core.io.output_lock`)."""
+def checked_config(cfg: SweepConfig, preset: str | None = None) -> tuple[SweepConfig, Path]:
+    """``(cfg with local paths, OUT)``, or the :class:`ConfigError` of settings that cannot run:
+    the checks of :func:`run` before any stage, shared with ``--dry-run``'s plan."""
     check_config(to_dict(cfg))
     check_report_to(cfg.report_to)
     if cfg.task_timeout_s < 0:
         raise ConfigError(f"--task-timeout-s must be >= 0 (0: no limit), got {cfg.task_timeout_s}")
     cfg = with_local_paths(cfg, "out", "task_dir", "cache_dir")
-    out = Path(cfg.out or f"~/cappy_runs/sweep-{preset or 'custom'}").expanduser().resolve()
+    return cfg, Path(cfg.out or f"~/cappy_runs/sweep-{preset or 'custom'}").expanduser().resolve()
+
+
+def run(cfg: SweepConfig, preset: str | None = None, log=print) -> dict:
+    """The whole sweep; returns the summary (also written under OUT). One sweep per OUT at a
+    time: a second one refuses at once, naming the holder (:func:`cappy_core.io.output_lock`)."""
+    cfg, out = checked_config(cfg, preset)
     with output_lock(out, "cappy sweep"):
         return _run_locked(cfg, out, preset, log)
 

@@ -58,11 +58,10 @@ def plan(cfg: Any, preset: str | None = None) -> dict[str, Any]:
     from cappy_core.data.source import BigBenchNotFound
     from cappy_core.generation import candidates_per_instruction, decodings_from_names
     from cappy_core.lm import default_generator_path, is_generator_dir
-    from cappy_core.task_eval import check_config, finished, key_digest, result_key, settings_from_config
-    from jobs.sweep import embedded_generator_name, pretrained_scorer_path
+    from cappy_core.task_eval import finished, key_digest, result_key, settings_from_config
+    from jobs.sweep import checked_config, embedded_generator_name, pretrained_scorer_path
 
-    check_config(to_dict(cfg))
-    out = Path(cfg.out or f"~/cappy_runs/sweep-{preset or 'custom'}").expanduser().resolve()
+    cfg, out = checked_config(cfg, preset)  # the sweep's own checks
     per_instruction = candidates_per_instruction(decodings_from_names(cfg.decodings, cfg.samples_per_decoding))
     stages: list[dict[str, Any]] = []
     try:
