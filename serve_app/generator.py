@@ -54,8 +54,7 @@ def _load(backend: str, model: str | None, load_kwargs: dict[str, Any]):
     return load_generator(backend, path, **load_kwargs)
 
 
-@serve.deployment(name="Generator", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=16)
-class GeneratorDeployment:
+class GeneratorReplica:
     def __init__(self, backend: str = "auto", model: str | None = None, load_kwargs: dict | None = None,
                  max_new_tokens: int = 64, min_new_tokens: int = 3, seed: int = 0):
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generator")
@@ -195,3 +194,10 @@ def _as_request_error(e: Exception) -> Exception:
     if isinstance(e, ValueError) and not isinstance(e, RequestError):
         return RequestError(str(e))
     return e
+
+
+# The replica class is a module attribute of its own, so cloudpickle sends it by reference (the replica
+# imports it) rather than by value: a by-value copy would carry the @serve.batch queue, which after any
+# in-process use holds an unpicklable weakref.
+GeneratorDeployment = serve.deployment(GeneratorReplica, name="Generator",
+                                       ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=16)

@@ -41,8 +41,7 @@ class UnknownTaskError(ValueError):
     """The multiplexed id names no scorer and ``unknown_task="error"``."""
 
 
-@serve.deployment(name="Scorer", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
-class ScorerDeployment:
+class ScorerReplica:
     def __init__(self, model: str = "minilm", *, dtype: str = "float32", device: str | None = None,
                  max_length: int | None = None, seed: int = 0, task_scorers: dict | None = None,
                  scorers_dir: str | None = None, unknown_task: str = "default",
@@ -146,3 +145,10 @@ class ScorerDeployment:
         return {"model": self.model, "replica": self.replica, "pid": os.getpid(), "time": time.time(),
                 "tasks": list_task_scorers(self.task_scorers, self.scorers_dir), "recent_batches": self.batches[-64:],
                 "untrained_head": bool(getattr(self.default, "fresh_params", ()))}
+
+
+# The replica class is a module attribute of its own, so cloudpickle sends it by reference (the replica
+# imports it) rather than by value: a by-value copy would carry the @serve.batch queue, which after any
+# in-process use holds an unpicklable weakref.
+ScorerDeployment = serve.deployment(ScorerReplica, name="Scorer",
+                                    ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)

@@ -381,3 +381,19 @@ def test_cappy_serve_defaults_follow_the_sweeps_cache_rule(tmp_path):
     raw = {}
     apply_sweep_defaults(raw, True, cache_dir=str(tmp_path))
     assert raw["scorer"]["model"] == "minilm"
+
+
+def test_deployments_pickle_by_reference_after_in_process_batches(batch_outside_serve):
+    """Serve pickles a deployment's class when it is bound; the unit tests above ran its @serve.batch
+    queue in this process, which holds a weakref. The class must travel by reference (import), as
+    serve_app's replicas do on a cluster, or app_builder fails after them."""
+    import ray.cloudpickle as cloudpickle
+
+    from serve_app.generator import GeneratorDeployment, GeneratorReplica
+    from serve_app.scorer import ScorerDeployment, ScorerReplica
+
+    assert GeneratorDeployment.func_or_class is GeneratorReplica
+    assert ScorerDeployment.func_or_class is ScorerReplica
+    for cls in (GeneratorReplica, ScorerReplica):
+        blob = cloudpickle.dumps(cls)
+        assert len(blob) < 200 and cloudpickle.loads(blob) is cls  # a reference, not a copy
