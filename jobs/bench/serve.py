@@ -1,6 +1,7 @@
 """Load test of the Serve app on this machine: throughput, latency, batching, autoscaling, a fault.
 
     python -m jobs.bench.serve [--score-duration-s 15] [--concurrency 1 8 32] [--generator PATH]
+    python -m jobs.bench.serve --phases poison overload generator_kill   # the robustness phases only
 
 Starts its own local Ray (loopback, no dashboard; or joins ``RAY_ADDRESS``) and deploys
 ``serve_app`` on 127.0.0.1 with a test config (scorer autoscaling 1 → 2 replicas at ½ CPU each,
@@ -18,7 +19,28 @@ answered; all traffic to 127.0.0.1, every loop bounded in time):
    through all phases, then after the load stops until it is back at ``min_replicas``;
 5. ``fault``: ``--fault-concurrency`` clients on /v1/score; once 2 Scorer replicas run, one
    replica's process is killed (SIGKILL); reported: the fraction of requests that succeeded
-   (target ≥ 0.99) and the status/detail of the others.
+   (target ≥ 0.99) and the status/detail of the others;
+6. ``poison``: each hostile request of issue 14 alone (an oversized decodings list, ``beam999``,
+   ``"greedy\n"``, ``topk99999999999999999999``, 60,000 decoding names), then a batch with one bad
+   request among good ones, then ``--poison-concurrency`` clients of normal /v1/select traffic.
+   Targets: every hostile request answered 4xx (never 5xx), every good one of the batch 200, ≥ 99%
+   of the normal requests 200 with a p50 ≤ 1.5 × the ``select`` phase's at that concurrency (or a
+   baseline run just before when that phase did not run);
+7. ``overload``: ``--overload-concurrency`` /v1/select clients, far more than the Generator admits
+   (``--generator-max-ongoing`` per replica + ``--generator-max-queued`` queued); a client that
+   gets a 503 waits its ``Retry-After`` (``--no-overload-honor-retry-after``: resends at once);
+   statuses counted, latency of the 200s and of the 503s.
+   Targets: only 200s and 503s, every 503 with ``Retry-After``, 503 p99 ≤ ``--overload-fast-503-ms``,
+   and at least one 503 (else the queue was never full and the phase proved nothing);
+8. ``generator_kill``: ``--kill-concurrency`` /v1/select clients; after ``--kill-lead-s`` one
+   Generator replica's process is SIGKILLed (``--generator-replicas`` 2: the other serves on);
+   reported: requests lost (non-200) over the phase, time until the replica count is back,
+   time until the first success after the kill. Target: ≥ 99% of the phase's requests succeed
+   (with 2 replicas).
+
+``--phases`` runs a subset (default: all, in the order above; ``poison``, ``overload`` and
+``generator_kill`` need no other phase). Every target of the phases run is checked: the JSON line
+has ``targets`` (name → met) and ``failed_targets``; the exit status is 1 when one is missed.
 
 Pairs: validation instructions of a few BIG-Bench tasks with references of the same task as
 responses when the BIG-Bench cache is there, else synthetic text of similar length. Generator:
@@ -49,8 +71,13 @@ from cappy_core.config import add_dataclass_arguments, config_from_args, to_dict
 APP = "cappy_bench"
 
 
+PHASES = ("score", "select", "autoscaling", "fault", "poison", "overload", "generator_kill")
+
+
 @dataclass
 class ServeBenchConfig:
+    phases: list[str] = field(default_factory=lambda: list(PHASES), metadata={
+        "choices": PHASES, "help": "phases to run (always in the docstring's order)"})
     concurrency: list[int] = field(default_factory=lambda: [1, 8, 32], metadata={
         "help": "closed-loop /v1/score clients, one phase per value"})
     select_concurrency: list[int] = field(default_factory=lambda: [1, 8, 32], metadata={
@@ -80,6 +107,23 @@ class ServeBenchConfig:
     fault_duration_s: float = field(default=20.0, metadata={"help": "load after the kill"})
     offline_threads: Optional[int] = field(default=None, metadata={
         "help": "torch threads of the offline reference (default: torch's, i.e. the machine)"})
+    generator_replicas: int = field(default=2, metadata={"help": "Generator replicas (2: one survives a kill)"})
+    generator_max_ongoing: int = field(default=8, metadata={"help": "Generator max_ongoing_requests per replica"})
+    generator_max_queued: int = field(default=32, metadata={
+        "help": "Generator max_queued_requests: more waiting calls are refused at once (503 + Retry-After); "
+                "Serve counts every call not yet assigned to a replica, so keep it ≥ the largest burst of "
+                "the normal phases (select, poison, kill concurrency)"})
+    poison_concurrency: int = field(default=8, metadata={"help": "normal /v1/select clients after the hostile ones"})
+    poison_duration_s: float = field(default=10.0, metadata={"help": "normal traffic after the hostile requests"})
+    overload_concurrency: int = field(default=192, metadata={"help": "/v1/select clients of the overload phase"})
+    overload_duration_s: float = field(default=10.0, metadata={"help": "length of the overload phase"})
+    overload_honor_retry_after: bool = field(default=True, metadata={
+        "help": "a client that got a 503 waits its Retry-After before the next request (as the openai client "
+                "does); --no-overload-honor-retry-after: it resends at once"})
+    overload_fast_503_ms: float = field(default=1000.0, metadata={"help": "target: p99 of the 503s under overload"})
+    kill_concurrency: int = field(default=4, metadata={"help": "/v1/select clients of the generator_kill phase"})
+    kill_lead_s: float = field(default=5.0, metadata={"help": "load before the Generator replica is killed"})
+    kill_duration_s: float = field(default=20.0, metadata={"help": "load after the kill"})
     poll_s: float = field(default=1.0, metadata={"help": "serve.status() sampling period"})
     num_cpus: int = field(default=2, metadata={"help": "CPUs of the local Ray it starts"})
     seed: int = field(default=0)
@@ -117,11 +161,30 @@ def bench_requests(n: int, k: int, seed: int) -> tuple[list[tuple[str, list[str]
 
 # --- closed-loop clients ----------------------------------------------------------------------
 
+async def post_once(session, url: str, body) -> tuple[int, object, Optional[str]]:
+    """``(status, body as JSON or text, Retry-After header)`` of one POST; status 0 = no HTTP answer.
+    ``body`` is a dict (sent as JSON) or bytes (sent as they are, as JSON)."""
+    try:
+        kw = {"json": body} if not isinstance(body, bytes) else {
+            "data": body, "headers": {"content-type": "application/json"}}
+        async with session.post(url, **kw) as r:
+            status, payload, retry_after = r.status, await r.text(), r.headers.get("Retry-After")
+        try:
+            payload = json.loads(payload)
+        except ValueError:
+            pass
+        return status, payload, retry_after
+    except Exception as e:  # noqa: BLE001 - what the client saw
+        return 0, f"{type(e).__name__}: {e}", None
+
+
 async def run_clients(url: str, bodies: list[dict], concurrency: int, stop_at: list[float],
-                      timeout_s: float = 180.0) -> list[tuple]:
+                      timeout_s: float = 180.0, honor_retry_after: bool = False) -> list[tuple]:
     """``concurrency`` closed-loop clients, each sending its next body when the last one answered,
     until ``time.monotonic() >= stop_at[0]`` (a one-item list: the caller may move it). Returns
-    ``(start, end, status, body)`` per request; status 0 = no HTTP answer."""
+    ``(start, end, status, body, Retry-After)`` per request; status 0 = no HTTP answer.
+    ``honor_retry_after``: after a 503 a client waits ``Retry-After`` seconds before its next
+    request, as the openai client does."""
     import aiohttp
 
     records: list[tuple] = []
@@ -132,16 +195,10 @@ async def run_clients(url: str, bodies: list[dict], concurrency: int, stop_at: l
             body = bodies[j % len(bodies)]
             j += concurrency
             t0 = time.monotonic()
-            try:
-                async with session.post(url, json=body) as r:
-                    status, payload = r.status, await r.text()
-                try:
-                    payload = json.loads(payload)
-                except ValueError:
-                    pass
-            except Exception as e:  # noqa: BLE001 - what the client saw
-                status, payload = 0, f"{type(e).__name__}: {e}"
-            records.append((t0, time.monotonic(), status, payload))
+            status, payload, retry_after = await post_once(session, url, body)
+            records.append((t0, time.monotonic(), status, payload, retry_after))
+            if honor_retry_after and status == 503 and retry_after and retry_after.isdigit():
+                await asyncio.sleep(max(0.0, min(float(retry_after), stop_at[0] - time.monotonic())))
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s),
                                      connector=aiohttp.TCPConnector(limit=0)) as session:
@@ -279,7 +336,9 @@ def offline_pairs_per_s(scorer, reqs) -> float:
 def app_args(cfg: ServeBenchConfig, generator: str) -> dict:
     return {
         "generator": {"backend": cfg.generator_backend, "model": generator, "num_cpus": 0.25,
-                      "max_new_tokens": cfg.select_max_new_tokens, "max_batch_size": 8, "max_ongoing_requests": 64},
+                      "num_replicas": cfg.generator_replicas, "max_new_tokens": cfg.select_max_new_tokens,
+                      "max_batch_size": 8, "max_ongoing_requests": cfg.generator_max_ongoing,
+                      "max_queued_requests": cfg.generator_max_queued},
         "scorer": {"model": cfg.scorer, "device": "cpu", "num_cpus": cfg.scorer_num_cpus,
                    "torch_threads": cfg.scorer_threads, "max_batch_size": cfg.scorer_max_batch_size,
                    "batch_wait_timeout_s": cfg.scorer_batch_wait_s, "max_ongoing_requests": cfg.scorer_max_ongoing,
@@ -301,12 +360,10 @@ def _free_port() -> int:
 
 def run(cfg: ServeBenchConfig) -> dict:
     import ray
-    import torch
     from ray import serve
     from transformers.utils import logging as hf_logging
 
     from cappy_core.generation import default_generator_path
-    from cappy_core.scorer import Scorer
     from serve_app.app import app_builder
 
     hf_logging.set_verbosity_error()
@@ -339,53 +396,46 @@ def run(cfg: ServeBenchConfig) -> dict:
     log(f"deployed in {result['deploy_s']} s at {url}")
     poller = ReplicaPoller(cfg.poll_s).start()
     marks: list[list] = []
+    phases = set(cfg.phases)
+    score_bodies = [{"instruction": i, "responses": rs} for i, rs in reqs]
+    select_bodies = [{"instruction": i, "num_candidates": cfg.select_candidates,
+                      "max_new_tokens": cfg.select_max_new_tokens} for i, _ in reqs]
     try:
-        if cfg.offline_threads:
-            torch.set_num_threads(cfg.offline_threads)
-        offline = Scorer.from_pretrained(cfg.scorer, device="cpu")
-        result["offline_threads"] = torch.get_num_threads()
-        off = [offline_pairs_per_s(offline, reqs)]
-        log(f"offline score(): {off[0]:.1f} pairs/s")
+        if "score" in phases:
+            score_phase(cfg, url, reqs, score_bodies, poller, marks, result)
 
-        score_bodies = [{"instruction": i, "responses": rs} for i, rs in reqs]
-        result["score"] = {}
-        for c in cfg.concurrency:
-            marks.append([poller.now(), f"score c={c}"])
-            s = asyncio.run(closed_loop(url + "/v1/score", score_bodies, c, cfg.score_duration_s))
-            s["pairs_per_s"] = round(s["req_per_s"] * cfg.responses, 1)
-            result["score"][str(c)] = s
-            log(f"/v1/score c={c}: {s['req_per_s']} req/s p50 {s['p50_ms']} ms p99 {s['p99_ms']} ms, "
-                f"batch mean {s['batch_requests_mean']} max {s['batch_requests_max']}, failures {s['failures']}")
-        marks.append([poller.now(), "load stops"])
-        off.append(offline_pairs_per_s(offline, reqs))
-        del offline
-        log(f"offline score() again: {off[1]:.1f} pairs/s")
-        result["offline_pairs_per_s"] = [round(x, 1) for x in off]
-        top = str(max(cfg.concurrency))
-        if "32" in result["score"]:
-            top = "32"
-        # the faster offline run is the reference: on a shared machine that under-states the ratio
-        result["ratio_score32_vs_offline"] = round(result["score"][top]["pairs_per_s"] / max(off), 3)
+        if "select" in phases:
+            result["select"] = {}
+            for c in cfg.select_concurrency:
+                marks.append([poller.now(), f"select c={c}"])
+                s = asyncio.run(closed_loop(url + "/v1/select", select_bodies, c, cfg.select_duration_s))
+                result["select"][str(c)] = s
+                log(f"/v1/select c={c}: {s['req_per_s']} req/s p50 {s['p50_ms']} ms p99 {s['p99_ms']} ms, "
+                    f"failures {s['failures']}")
+            marks.append([poller.now(), "load stops"])
 
-        select_bodies = [{"instruction": i, "num_candidates": cfg.select_candidates,
-                          "max_new_tokens": cfg.select_max_new_tokens} for i, _ in reqs]
-        result["select"] = {}
-        for c in cfg.select_concurrency:
-            marks.append([poller.now(), f"select c={c}"])
-            s = asyncio.run(closed_loop(url + "/v1/select", select_bodies, c, cfg.select_duration_s))
-            result["select"][str(c)] = s
-            log(f"/v1/select c={c}: {s['req_per_s']} req/s p50 {s['p50_ms']} ms p99 {s['p99_ms']} ms, "
-                f"failures {s['failures']}")
-        marks.append([poller.now(), "load stops"])
+        if "poison" in phases:
+            marks.append([poller.now(), "poison"])
+            result["poison"] = poison_phase(cfg, url, select_bodies, result.get("select", {}))
 
-        peak = max((r for _, r, _ in poller.samples), default=0)
-        down = poller.wait_for(lambda r: r <= cfg.min_replicas, cfg.settle_timeout_s)
-        marks.append([poller.now(), f"back to {cfg.min_replicas}" if down is not None else "no scale-down"])
-        log(f"autoscaling: peak {peak} running; back to min after {down} s idle")
-        result["autoscaling"] = {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
-                                 "peak_running": peak, "scale_down_after_idle_s": down}
+        if "autoscaling" in phases:
+            peak = max((r for _, r, _ in poller.samples), default=0)
+            down = poller.wait_for(lambda r: r <= cfg.min_replicas, cfg.settle_timeout_s)
+            marks.append([poller.now(), f"back to {cfg.min_replicas}" if down is not None else "no scale-down"])
+            log(f"autoscaling: peak {peak} running; back to min after {down} s idle")
+            result["autoscaling"] = {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
+                                     "peak_running": peak, "scale_down_after_idle_s": down}
 
-        result["fault"] = fault_phase(cfg, url, score_bodies, poller, marks)
+        if "fault" in phases:
+            result["fault"] = fault_phase(cfg, url, score_bodies, poller, marks)
+
+        if "overload" in phases:
+            marks.append([poller.now(), f"overload c={cfg.overload_concurrency}"])
+            result["overload"] = overload_phase(cfg, url, select_bodies)
+
+        if "generator_kill" in phases:
+            marks.append([poller.now(), f"generator_kill c={cfg.kill_concurrency}"])
+            result["generator_kill"] = generator_kill_phase(cfg, url, select_bodies, poller, marks)
     finally:
         poller.stop()
         result["replicas_over_time"] = poller.changes()
@@ -397,6 +447,36 @@ def run(cfg: ServeBenchConfig) -> dict:
         ray.shutdown()
         tmp.cleanup()
     return result
+
+
+def score_phase(cfg, url, reqs, score_bodies, poller, marks, result) -> None:
+    """Offline reference, /v1/score at each concurrency, offline again; figures into ``result``."""
+    import torch
+
+    from cappy_core.scorer import Scorer
+
+    if cfg.offline_threads:
+        torch.set_num_threads(cfg.offline_threads)
+    offline = Scorer.from_pretrained(cfg.scorer, device="cpu")
+    result["offline_threads"] = torch.get_num_threads()
+    off = [offline_pairs_per_s(offline, reqs)]
+    log(f"offline score(): {off[0]:.1f} pairs/s")
+    result["score"] = {}
+    for c in cfg.concurrency:
+        marks.append([poller.now(), f"score c={c}"])
+        s = asyncio.run(closed_loop(url + "/v1/score", score_bodies, c, cfg.score_duration_s))
+        s["pairs_per_s"] = round(s["req_per_s"] * cfg.responses, 1)
+        result["score"][str(c)] = s
+        log(f"/v1/score c={c}: {s['req_per_s']} req/s p50 {s['p50_ms']} ms p99 {s['p99_ms']} ms, "
+            f"batch mean {s['batch_requests_mean']} max {s['batch_requests_max']}, failures {s['failures']}")
+    marks.append([poller.now(), "load stops"])
+    off.append(offline_pairs_per_s(offline, reqs))
+    del offline
+    log(f"offline score() again: {off[1]:.1f} pairs/s")
+    result["offline_pairs_per_s"] = [round(x, 1) for x in off]
+    top = "32" if "32" in result["score"] else str(max(cfg.concurrency))
+    # the faster offline run is the reference: on a shared machine that under-states the ratio
+    result["ratio_score32_vs_offline"] = round(result["score"][top]["pairs_per_s"] / max(off), 3)
 
 
 def fault_phase(cfg, url, bodies, poller, marks) -> dict:
@@ -432,6 +512,193 @@ def fault_phase(cfg, url, bodies, poller, marks) -> dict:
     return out
 
 
+# --- robustness phases: poison, overload, generator_kill ----------------------------------------
+
+def hostile_requests(instruction: str, max_new_tokens: int) -> dict[str, dict]:
+    """Issue 14's hostile /v1/select bodies, by name: each must be answered 4xx, fast, alone."""
+    base = {"instruction": instruction, "max_new_tokens": max_new_tokens}
+    return {
+        "oversized_decodings": {**base, "decodings": [f"topk{k}" for k in range(1, 18)]},  # ingress limit: 16
+        "beam999": {**base, "decodings": ["beam999"]},
+        "greedy_newline": {**base, "decodings": ["greedy\n"]},
+        "topk_overflow": {**base, "decodings": ["topk99999999999999999999"], "num_samples": 1},
+        "decodings_60000": {**base, "decodings": [f"topk{k}" for k in range(60_000)]},  # ~0.7 MB body
+    }
+
+
+def _ms(rs: list[tuple], q: float) -> float | None:
+    x = _pct([r[1] - r[0] for r in rs], q)
+    return None if x is None else round(1e3 * x, 1)
+
+
+def poison_phase(cfg, url, bodies, select_result: dict) -> dict:
+    """Hostile requests alone, then one bad request per good ones sent together, then normal traffic
+    compared with the select phase at the same concurrency (or a baseline run here first)."""
+    import aiohttp
+
+    c = cfg.poison_concurrency
+    out: dict = {"concurrency": c}
+    baseline = (select_result.get(str(c)) or {}).get("p50_ms")
+    if baseline is None:
+        out["baseline"] = asyncio.run(closed_loop(url + "/v1/select", bodies, c, cfg.poison_duration_s))
+        baseline = out["baseline"]["p50_ms"]
+        out["baseline_from"] = "a baseline run in this phase"
+    else:
+        out["baseline_from"] = f"the select phase at c={c}"
+    out["baseline_p50_ms"] = baseline
+    hostile = hostile_requests(bodies[0]["instruction"], cfg.select_max_new_tokens)
+
+    async def send_hostile():
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=180)) as session:
+            alone = {}
+            for name, body in hostile.items():
+                t0 = time.monotonic()
+                status, payload, _ = await post_once(session, url + "/v1/select", body)
+                alone[name] = {"status": status, "ms": round(1e3 * (time.monotonic() - t0), 1)}
+                if status >= 500 or status < 400:
+                    alone[name]["detail"] = str(payload)[:200]
+            # a batch: good and bad requests together, so the Generator sees them in one @serve.batch
+            mixed = [bodies[0], hostile["beam999"], bodies[1 % len(bodies)], hostile["greedy_newline"],
+                     bodies[2 % len(bodies)], hostile["topk_overflow"], bodies[3 % len(bodies)]]
+            answers = await asyncio.gather(*(post_once(session, url + "/v1/select", b) for b in mixed))
+            return alone, [a[0] for a in answers]
+
+    alone, mixed_statuses = asyncio.run(send_hostile())
+    out["hostile"] = alone
+    out["mixed_batch_statuses"] = mixed_statuses  # good, bad, good, bad, good, bad, good
+    after = asyncio.run(closed_loop(url + "/v1/select", bodies, c, cfg.poison_duration_s))
+    out["after"] = after
+    out["after_success_fraction"] = round(after["ok"] / max(1, after["requests"]), 4)
+    out["after_p50_vs_baseline"] = (round(after["p50_ms"] / baseline, 2) if after["p50_ms"] and baseline else None)
+    log(f"poison: hostile {[(k, v['status']) for k, v in alone.items()]}; batch {mixed_statuses}; "
+        f"then {after['ok']}/{after['requests']} ok, p50 {after['p50_ms']} ms (baseline {baseline} ms)")
+    return out
+
+
+def overload_phase(cfg, url, bodies) -> dict:
+    """Far more /v1/select clients than the Generator admits; what each kind of answer looked like."""
+    start = time.monotonic()
+    records = asyncio.run(run_clients(url + "/v1/select", bodies, cfg.overload_concurrency,
+                                      [start + cfg.overload_duration_s],
+                                      honor_retry_after=cfg.overload_honor_retry_after))
+    ok = [r for r in records if r[2] == 200]
+    busy = [r for r in records if r[2] == 503]
+    statuses: dict[str, int] = {}
+    for r in records:
+        statuses[str(r[2])] = statuses.get(str(r[2]), 0) + 1
+    details: dict[str, int] = {}
+    for r in busy:
+        d = str(r[3].get("detail") if isinstance(r[3], dict) else r[3])[:120]
+        details[d] = details.get(d, 0) + 1
+    out = {"concurrency": cfg.overload_concurrency,
+           "generator_admits": cfg.generator_replicas * cfg.generator_max_ongoing + cfg.generator_max_queued,
+           "requests": len(records), "statuses": statuses,
+           "ok_p50_ms": _ms(ok, 0.5), "ok_p99_ms": _ms(ok, 0.99),
+           "ok_per_s": round(len(ok) / max(1e-9, max((r[1] for r in records), default=start) - start), 2),
+           "503_p50_ms": _ms(busy, 0.5), "503_p99_ms": _ms(busy, 0.99),
+           "503_without_retry_after": sum(1 for r in busy if not r[4]),
+           "503_details": dict(sorted(details.items(), key=lambda kv: -kv[1])[:3]),
+           "other": {k: v for k, v in summarize(records, start)["failures"].items() if not k.startswith("503:")}}
+    log(f"overload c={cfg.overload_concurrency}: {statuses}; 200 p50 {out['ok_p50_ms']} ms; "
+        f"503 p50 {out['503_p50_ms']} p99 {out['503_p99_ms']} ms")
+    return out
+
+
+def generator_pids(want: int, timeout: float) -> set[int]:
+    """pids of the Generator replicas that answer ``info``, asked 8 at a time until ``want`` differ
+    or ``timeout`` passed."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("Generator", app_name=APP)
+    pids: set[int] = set()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        for info in [handle.info.remote() for _ in range(8)]:
+            try:
+                pids.add(info.result(timeout_s=10)["pid"])
+            except Exception:  # noqa: BLE001 - a dead or busy replica: ask again
+                pass
+        if len(pids) >= want:
+            break
+    return pids
+
+
+def generator_kill_phase(cfg, url, bodies, poller, marks) -> dict:
+    """/v1/select load; SIGKILL one Generator replica; count lost requests and time the recovery
+    (a replica with a new pid answering: the replacement is serving)."""
+    out: dict = {"concurrency": cfg.kill_concurrency, "generator_replicas": cfg.generator_replicas}
+
+    async def scenario():
+        start = time.monotonic()
+        stop_at = [start + cfg.kill_lead_s + cfg.kill_duration_s + 30]  # bounded even if the kill fails
+        clients = asyncio.create_task(run_clients(url + "/v1/select", bodies, cfg.kill_concurrency, stop_at))
+        await asyncio.sleep(cfg.kill_lead_s)
+        before = await asyncio.to_thread(generator_pids, cfg.generator_replicas, 30)
+        kill_t = time.monotonic()
+        stop_at[0] = kill_t + cfg.kill_duration_s
+        recovered = None
+        if before:
+            victim = min(before)
+            os.kill(victim, signal.SIGKILL)
+            out["killed_pid"], out["replicas_seen_before"] = victim, len(before)
+            marks.append([poller.now(), f"SIGKILL generator pid {victim}"])
+            log(f"killed generator replica pid {victim}; {len(before)} replica(s) answered before")
+            deadline = kill_t + cfg.settle_timeout_s
+            while time.monotonic() < deadline:  # a pid not seen before answers: the replacement serves
+                now = await asyncio.to_thread(generator_pids, cfg.generator_replicas, 5)
+                if now - before:
+                    recovered = round(time.monotonic() - kill_t, 1)
+                    break
+                await asyncio.sleep(0.5)
+        return await clients, start, kill_t, recovered
+
+    records, start, kill_t, recovered = asyncio.run(scenario())
+    s = summarize(records, start)
+    after = [r for r in records if r[1] >= kill_t]
+    first_ok = min((r[1] for r in after if r[2] == 200 and r[0] >= kill_t), default=None)
+    out.update(requests=s["requests"], ok=s["ok"], lost=s["requests"] - s["ok"],
+               success_fraction=round(s["ok"] / max(1, s["requests"]), 4),
+               requests_after_kill=len(after), ok_after_kill=sum(1 for r in after if r[2] == 200),
+               recovery_s=recovered,
+               first_ok_after_kill_s=None if first_ok is None else round(first_ok - kill_t, 2),
+               p50_ms=s["p50_ms"], p99_ms=s["p99_ms"], failures=s["failures"],
+               window_s=round(cfg.kill_lead_s + cfg.kill_duration_s, 1))
+    log(f"generator_kill: {out['lost']} of {out['requests']} lost; replacement serving after {recovered} s")
+    return out
+
+
+def check_targets(result: dict) -> dict[str, bool]:
+    """Each target of the phases that ran, name → met."""
+    t: dict[str, bool] = {}
+    if "ratio_score32_vs_offline" in result:
+        t["ratio_score32_vs_offline_ge_0.7"] = result["ratio_score32_vs_offline"] >= 0.7
+    if "autoscaling" in result:
+        a = result["autoscaling"]
+        t["scaled_up"] = a["peak_running"] > a["min_replicas"]
+        t["scaled_back_down"] = a["scale_down_after_idle_s"] is not None
+    if "fault" in result:
+        t["fault_success_fraction_ge_0.99"] = result["fault"].get("success_fraction", 0) >= 0.99
+    if "poison" in result:
+        p = result["poison"]
+        t["poison_hostile_all_4xx"] = all(400 <= h["status"] < 500 for h in p["hostile"].values())
+        t["poison_mixed_batch_good_200_bad_4xx"] = all(
+            (st == 200) if i % 2 == 0 else (400 <= st < 500) for i, st in enumerate(p["mixed_batch_statuses"]))
+        t["poison_after_success_ge_0.99"] = p["after_success_fraction"] >= 0.99
+        t["poison_after_p50_le_1.5x_select"] = (p["after_p50_vs_baseline"] or float("inf")) <= 1.5
+    if "overload" in result:
+        o = result["overload"]
+        t["overload_only_200_and_503"] = set(o["statuses"]) <= {"200", "503"}
+        t["overload_some_503"] = o["statuses"].get("503", 0) > 0
+        t["overload_503_all_retry_after"] = o["503_without_retry_after"] == 0
+        t["overload_503_p99_fast"] = (o["503_p99_ms"] or 0) <= result["config"]["overload_fast_503_ms"]
+        t["overload_some_200"] = o["statuses"].get("200", 0) > 0
+    if "generator_kill" in result:
+        g = result["generator_kill"]
+        t["generator_kill_success_ge_0.99"] = g["success_fraction"] >= 0.99
+        t["generator_kill_recovered"] = g["recovery_s"] is not None
+    return t
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog or "python -m jobs.bench.serve",
                                      description=__doc__.splitlines()[0])
@@ -442,14 +709,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         result = run(cfg)
     finally:
         sys.stdout = stdout
-    fault, scaling = result.get("fault", {}), result.get("autoscaling", {})
-    result["targets"] = {
-        "ratio_score32_vs_offline_ge_0.7": result.get("ratio_score32_vs_offline", 0) >= 0.7,
-        "fault_success_fraction_ge_0.99": fault.get("success_fraction", 0) >= 0.99,
-        "scaled_up": scaling.get("peak_running", 0) > scaling.get("min_replicas", 1),
-        "scaled_back_down": scaling.get("scale_down_after_idle_s") is not None,
-    }
+    result["targets"] = check_targets(result)
+    result["failed_targets"] = sorted(k for k, ok in result["targets"].items() if not ok)
     print(json.dumps(result))
+    if result["failed_targets"]:
+        log(f"targets missed: {', '.join(result['failed_targets'])}")
+        return 1
     return 0
 
 

@@ -26,6 +26,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # deploys the app onc
 INSTRUCTION = "Sort the words: pear apple fig\nA:"
 RESPONSES = ["apple fig pear", "pear fig apple", "fig", ""]
 APP = "cappy_test"
+GENERATOR_QUEUE = 4  # the fixture's Generator max_queued_requests (max_ongoing_requests: 8); ≥ the 4 good
+# requests test_hostile_requests_among_good_ones_fail_alone sends together, which may wait in the router
 
 
 def _free_port() -> int:
@@ -73,8 +75,10 @@ def url(ray_address, scorers, tmp_path_factory):
     gen = tiny_generator(tmp / "tiny")
     root = scorers["root"]
     args = {
+        # a small Generator queue: test_overload_is_only_200s_and_fast_503s fills it
         "generator": {"backend": "hf", "model": str(gen), "max_new_tokens": 6, "num_cpus": 0.25,
-                      "load_kwargs": {"device": "cpu"}},
+                      "load_kwargs": {"device": "cpu"}, "max_ongoing_requests": 8,
+                      "max_queued_requests": GENERATOR_QUEUE},
         "scorer": {"num_replicas": 1, "autoscaling_config": None, "num_cpus": 0.25, "device": "cpu",
                    "max_batch_size": 8, "batch_wait_timeout_s": 0.25, "max_ongoing_requests": 32,
                    "max_models_per_replica": 1, "scorers_dir": str(root / "runs"),
@@ -268,6 +272,30 @@ def test_hostile_requests_among_good_ones_fail_alone(url):
     assert [r.status_code for r in answers] == [200, 422, 422, 422, 200, 200, 200], [r.text for r in answers]
     t0 = time.monotonic()
     assert post(url, "/v1/select", good).status_code == 200 and time.monotonic() - t0 < 30
+
+
+def test_overload_is_only_200s_and_fast_503s(url):
+    """A burst of far more /v1/select requests than the Generator admits (8 running + 4 queued):
+    the admitted ones answer 200, the others a 503 naming the full queue, with Retry-After, at
+    once instead of queueing; nothing else (no 500, no 4xx); the app serves normally afterwards."""
+    body = {"instruction": INSTRUCTION, "num_candidates": 8, "max_new_tokens": 48}  # long enough to queue
+
+    def one(i):
+        t0 = time.monotonic()
+        r = post(url, "/v1/select", {**body, "instruction": f"{INSTRUCTION} {i}"})
+        return r, time.monotonic() - t0
+
+    with ThreadPoolExecutor(48) as pool:
+        answers = list(pool.map(one, range(48)))
+    statuses = [r.status_code for r, _ in answers]
+    assert set(statuses) <= {200, 503}, [r.text for r, _ in answers if r.status_code not in (200, 503)]
+    busy = [(r, s) for r, s in answers if r.status_code == 503]
+    # the queue filled; the first GENERATOR_QUEUE to arrive were queued, so admitted and served
+    assert busy and statuses.count(200) >= GENERATOR_QUEUE, statuses
+    for r, seconds in busy:
+        assert r.headers.get("retry-after") == "1" and "overloaded" in r.json()["detail"], (r.headers, r.text)
+        assert seconds < 10, seconds  # refused at once, not after waiting in a queue
+    assert post(url, "/v1/select", body).status_code == 200
 
 
 def test_scorer_failure_is_503_with_a_reason_and_no_path(url):
