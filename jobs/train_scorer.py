@@ -353,7 +353,7 @@ def _run_job_locked(job, cfg, paths, data_key, build_pairs, run_info, label, log
                "samples_per_s": outcome.samples_per_s, "resumed_at": outcome.resumes,
                "losses": outcome.losses, "evals": outcome.evals}
     write_json(Path(outcome.output) / "results.json", results)
-    print(summary_line(label, outcome), flush=True)
+    log(summary_line(label, outcome))
     from jobs.tracking import report, scorer_run
 
     report(cfg.report_to, paths["run_dir"], paths["name"], to_dict(cfg),
