@@ -74,3 +74,20 @@ def test_a_failure_leaves_its_traceback_in_the_file_only(tmp_path, terminal):
     text = next((tmp_path / "logs").glob("demo-*.log")).read_text()
     assert "ERROR jobs.log_file: demo failed" in text and "Traceback" in text and "ValueError: bad 47" in text
     assert "bad 47" not in terminal.getvalue()  # run_main prints the one-line error
+
+
+@pytest.mark.bigbench
+def test_a_sweep_that_fails_early_leaves_its_config_stages_and_traceback_under_out(tmp_path, terminal, capsys,
+                                                                                  bigbench_root):
+    from jobs import sweep
+
+    out = tmp_path / "sweep"
+    assert sweep.main(["--tasks", "no_such_task", "--out", str(out)]) == 2  # fails in the data stage, no Ray
+    (log,) = (out / "logs").glob("sweep-*.log")
+    printed = capsys.readouterr()
+    assert printed.out.splitlines()[:2] == [f"log file: {log}", f"== sweep into {out}"]
+    assert "no_such_task" in printed.err and "Traceback" not in printed.err + terminal.getvalue()
+    text = log.read_text()
+    assert 'DEBUG jobs.sweep: config: {"report_to": "none", ' in text and '"tasks": ["no_such_task"]' in text
+    assert f"INFO jobs.log_file: == sweep into {out}" in text
+    assert "ERROR jobs.log_file: sweep failed\nTraceback" in text and "no_such_task" in text.split("Traceback")[1]
