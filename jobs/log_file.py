@@ -8,8 +8,11 @@ from DEBUG, libraries from INFO) to ``FOLDER/logs/<job>-<UTC time>.log``, plus t
 lines. The terminal gets exactly what it got before: loggers are lowered so records reach the
 file, and a filter puts each console handler back at the level its record's logger had.
 
-Ray workers (sampling actors, per-task Ray tasks) write their logs in Ray's session folder
-(``/tmp/ray/session_latest/logs``); the file names it at the end when this process started Ray.
+Ray workers (sampling actors with their vLLM engines, training workers, per-task Ray tasks) write
+their logs in Ray's session folder (``/tmp/ray/session_latest/logs``); the file names it at the end.
+Not in the file: what never reaches Python logging here (C++ core-worker lines, output that Ray
+forwards from workers, progress bars), and Ray's driver logger below the ``--log-level``
+threshold, because ``ray.init`` sets that logger's level again (from ``RAY_LOGGER_LEVEL``).
 """
 
 from __future__ import annotations
