@@ -119,8 +119,8 @@ def check_run_dir(paths: Mapping[str, str], key: Mapping[str, Any], *, fresh: bo
     record = run_dir / RUN_RECORD
     if fresh and run_dir.exists():
         log(f"--fresh: deleting the existing run {run_dir}")
-        for child in run_dir.iterdir():  # all but the lock this run holds
-            if child.name != LOCK_NAME:
+        for child in run_dir.iterdir():  # all but the lock this run holds and the logs (this run's is open)
+            if child.name not in (LOCK_NAME, "logs"):
                 shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     if not record.is_file():
         return False

@@ -29,7 +29,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_LOG_LEVEL = "info"
 LOG_LEVEL_HELP = ("--log-level {debug,info,warning,error}  (every command; default info: progress bars "
                   "and one line per stage; Ray, vLLM and transformers logs only at debug, otherwise "
-                  "in Ray's session folder, /tmp/ray/session_latest/logs)")
+                  "in Ray's session folder, /tmp/ray/session_latest/logs, and for sweep, sample, pretrain "
+                  "and finetune in the log file under their output folder, OUT/logs)")
 #: Libraries whose INFO/WARNING chatter (engine start-up, per-layer dtype notes, load reports,
 #: deprecation warnings) buries our progress lines; shown only at ``debug``.
 THIRD_PARTY_LOGGERS = ("ray", "vllm", "transformers", "torch", "huggingface_hub", "py.warnings")

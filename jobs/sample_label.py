@@ -43,6 +43,8 @@ Ray 2.60 enables token authentication for Jobs: pass the cluster's token as Ray'
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
 import sys
 import time
@@ -54,6 +56,8 @@ import pyarrow as pa
 
 from cappy_core.config import ConfigError, build_parser, config_from_args, run_main, to_dict
 from cappy_core.generation import BACKENDS, MAX_NEW_TOKENS, MIN_NEW_TOKENS, PAPER_DECODING_NAMES, PAPER_NUM_SAMPLES
+
+logger = logging.getLogger("jobs.sample_label")  # not __name__: "__main__" under python -m
 
 # Settings that change what is written: a resumed run must use the same ones.
 OUTPUT_DEFINING = ("generator", "backend", "decodings", "samples_per_decoding", "max_new_tokens", "min_new_tokens",
@@ -153,10 +157,12 @@ def run(cfg: SampleConfig, log=print) -> dict:
     """Sample, label and write; returns the summary (also printed). One run per ``--out`` at a
     time: a second one refuses at once, naming the holder (:func:`cappy_core.io.output_lock`)."""
     from cappy_core.io import output_lock, with_local_paths
+    from jobs.log_file import log_file
 
     check_config(cfg)
     cfg = with_local_paths(cfg, "out", "data")
-    with output_lock(cfg.out, "cappy sample"):
+    with output_lock(cfg.out, "cappy sample"), log_file(cfg.out, "sample", log) as log:
+        logger.debug("config: %s", json.dumps(to_dict(cfg)))
         return _run_locked(cfg, log)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import socket
 import sys
@@ -39,9 +40,11 @@ from cappy_core.io import output_lock, with_local_paths, write_json
 from cappy_core.task_eval import (TaskSettings, check_config, finetune_shared, finished, key_digest, read_result,
                                   result_key, result_path, result_record, run_task, settings_from_config)
 from jobs.cli import presets
+from jobs.log_file import log_file
 from jobs.tracking import TrackingOptions, check_report_to
 
 JOB = "sweep"
+logger = logging.getLogger("jobs.sweep")  # not __name__: "__main__" under python -m
 DESCRIPTION = ("The main job: sample candidates for BIG-Bench tasks, finetune a Cappy scorer per task, and "
                "compare Cappy's pick with the generator's own baselines (beam, four samplers, self-scores). "
                "Rerun the same command to compute only missing or failed tasks.")
@@ -52,7 +55,8 @@ EPILOG = """examples:
   cappy sweep --tasks word_sorting --generator google/flan-t5-small --backend hf --scorer btan2/cappy-large
 
 outputs (OUT): tasks/<task>.json per task, summary.md / summary.csv / summary.png / summary.json,
-candidates/ (sampled and labelled), data/ (BIG-Bench Parquet), sweep_run.json (stage timings)"""
+candidates/ (sampled and labelled), data/ (BIG-Bench Parquet), sweep_run.json (stage timings),
+logs/sweep-<UTC time>.log (the full log, also what --log-level hides from the terminal)"""
 
 
 @dataclass
@@ -327,7 +331,8 @@ def run(cfg: SweepConfig, preset: str | None = None, log=print) -> dict:
     """The whole sweep; returns the summary (also written under OUT). One sweep per OUT at a
     time: a second one refuses at once, naming the holder (:func:`cappy_core.io.output_lock`)."""
     cfg, out = checked_config(cfg, preset)
-    with output_lock(out, "cappy sweep"):
+    with output_lock(out, "cappy sweep"), log_file(out, JOB, log) as log:
+        logger.debug("config: %s", json.dumps(to_dict(cfg)))
         return _run_locked(cfg, out, preset, log)
 
 

@@ -9,12 +9,14 @@ metrics, the means and the stage times. The values are the job's own (``results.
 All three work offline on local files: TensorBoard event files (``tensorboardX``, which the vLLM
 extras install; ``pip install -e ".[tracking]"`` otherwise) under ``FOLDER/tensorboard/<run>``,
 an MLflow file store under ``FOLDER/mlruns`` (experiment ``cappy``), W&B in offline mode under
-``FOLDER/wandb`` (``wandb sync`` uploads it later). A missing package is an error naming it.
+``FOLDER/wandb`` (``wandb sync`` uploads it later; its rows are written in step order when the
+run closes, since W&B drops a step lower than one it has). A missing package is an error naming it.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -65,8 +67,6 @@ class Tracker:
             self._tb = SummaryWriter(logdir=str(self.where))
             self._tb.add_text("config", "\n".join(f"    {k}: {v}" for k, v in flat.items()), 0)
         elif kind == "mlflow":
-            import os
-
             # the file store needs no database packages and no server; MLflow 3 keeps it behind this opt-in
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             import mlflow
@@ -83,8 +83,14 @@ class Tracker:
 
             self.where = folder / "wandb"
             self.where.mkdir(parents=True, exist_ok=True)
+            # wandb's own console report (run summary, sync hint) only at --log-level debug
+            quiet = os.environ.get("CAPPY_LOG_LEVEL", "info") != "debug"
+            # (no reinit: report() finishes each run, so none is active when the next job's opens)
             self._wb = wandb.init(project="cappy", name=run_name, config=flat, dir=str(self.where), mode="offline",
-                                  reinit=True)
+                                  settings=wandb.Settings(silent=quiet))
+            # W&B drops a step lower than one already logged (a job logs its evals, from update 0,
+            # after its losses): rows are kept per step and logged in step order at close
+            self._rows: dict[int, dict[str, float]] = {}
 
     def scalars(self, values: Mapping[str, Any], step: int) -> None:
         values = _numeric(values)
@@ -95,7 +101,7 @@ class Tracker:
             for k, v in values.items():
                 self._ml.log_metric(self._run.info.run_id, k.replace("@", "_"), v, step=step)
         else:
-            self._wb.log(values, step=step)
+            self._rows.setdefault(step, {}).update(values)
 
     def curve(self, tag: str, values: Sequence[float], first_step: int = 1) -> None:
         for i, v in enumerate(values):
@@ -107,6 +113,8 @@ class Tracker:
         elif self.kind == "mlflow":
             self._ml.set_terminated(self._run.info.run_id)
         else:
+            for step in sorted(self._rows):
+                self._wb.log(self._rows[step], step=step)
             self._wb.finish()
         return self.where
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import logging
 import re
 import shutil
 import sys
@@ -22,6 +24,8 @@ from typing import Any, Callable, Optional
 
 from cappy_core.config import ConfigError, to_dict
 from jobs.tracking import TrackingOptions, check_report_to
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -314,6 +318,7 @@ def run_job(job: str, cfg: TrainScorerConfig, *, default_name: str, data_key: di
     Ray Train → ``results.json`` beside the exported scorer → one summary line."""
     from cappy_core.io import output_lock, with_local_paths
     from cappy_core.scorer_runs import check_output, resolve_paths
+    from jobs.log_file import log_file
 
     check_config(cfg)
     cfg = with_local_paths(cfg, "storage_path", "output", "pairs_dir", "train_pairs", "eval_pairs")
@@ -325,6 +330,8 @@ def run_job(job: str, cfg: TrainScorerConfig, *, default_name: str, data_key: di
         if Path(paths["run_dir"]) not in output.parents:  # one run per --output outside the run folder
             locks.enter_context(output_lock(output, holder, file=True))  # (the lock file beside it)
         locks.enter_context(output_lock(paths["run_dir"], holder))  # and per run folder
+        log = locks.enter_context(log_file(paths["run_dir"], job, log))
+        logger.debug("config: %s", json.dumps(to_dict(cfg)))
         return _run_job_locked(job, cfg, paths, data_key, build_pairs, run_info, label, log)
 
 
@@ -346,7 +353,7 @@ def _run_job_locked(job, cfg, paths, data_key, build_pairs, run_info, label, log
                "samples_per_s": outcome.samples_per_s, "resumed_at": outcome.resumes,
                "losses": outcome.losses, "evals": outcome.evals}
     write_json(Path(outcome.output) / "results.json", results)
-    print(summary_line(label, outcome), flush=True)
+    log(summary_line(label, outcome))
     from jobs.tracking import report, scorer_run
 
     report(cfg.report_to, paths["run_dir"], paths["name"], to_dict(cfg),

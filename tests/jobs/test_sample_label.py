@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -116,6 +117,13 @@ def test_bad_input_is_a_clear_error(tmp_path, tiny, data):
     assert proc.returncode == 2 and "no such folder" in proc.stderr
     proc = run("--tasks", "gamma", "--generator", str(tiny), *base)
     assert proc.returncode == 2 and "unknown task 'gamma'" in proc.stderr
+    # the run's full log under OUT: its config (debug) and the traceback, which the terminal does not show
+    first = proc.stdout.splitlines()[0]  # (the run before wrote one too: one per run)
+    assert first.startswith(f"log file: {tmp_path / 'o' / 'logs' / 'sample-'}") and first.endswith(".log")
+    text = Path(first.removeprefix("log file: ")).read_text()
+    assert "DEBUG jobs.sample_label: config: {" in text and '"tasks": ["gamma"]' in text
+    assert "ERROR jobs.log_file: sample failed" in text and "Traceback" in text
+    assert "config:" not in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
     proc = run("--tasks", "alpha", "--generator", str(tiny), "--decodings", "beam4", "nucleus", *base)
     assert proc.returncode == 2 and "unknown decoding 'nucleus'" in proc.stderr
     bad = tmp_path / "bad"

@@ -57,6 +57,10 @@ def test_failed_task_is_recorded_and_a_rerun_computes_only_it(tmp_path, models, 
     tense, rephrase = (json.loads((out / "tasks" / f"{t}.json").read_text()) for t in TASKS)
     assert tense["status"] == "failed" and "injected failure" in tense["error"]
     assert rephrase["status"] == "ok"
+    # one log file for the whole run under OUT/logs, the nested sampling jobs' lines included
+    (log,) = out.glob("logs/sweep-*.log")
+    assert r1.stdout.startswith(f"log file: {log}\n") and "-- validation split" in log.read_text()
+    assert not list(out.glob("candidates/**/logs"))
     # the task's numbers are evaluation's numbers on its scored validation candidates
     scored = pq.read_table(out / "tasks" / "rephrase" / "validation_scored.parquet")
     assert len(list(out.glob("candidates/sampling-*/train/rephrase/train/part-00000.done.json"))) == 1

