@@ -1,23 +1,28 @@
-"""Chaos run: ``cappy sample`` while Ray worker processes are SIGKILLed at random moments.
+"""Chaos run: a job on Ray while Ray worker processes are SIGKILLed at random moments.
 
-    python -m jobs.bench.chaos --kills 10 --seed 0
+    python -m jobs.bench.chaos --kills 10 --seed 0             # cappy sample
+    python -m jobs.bench.chaos --job sweep --kills 10 --seed 0 # cappy sweep (BIG-Bench cache)
 
-Starts its own local Ray (``--num-cpus``; never another cluster: ``RAY_ADDRESS`` is ignored),
-writes a synthetic task (``--instructions`` examples) and a tiny generator
-(:func:`cappy_core.lm.tiny_generator`) into a temporary folder, runs the sampling job once
-undisturbed, then again into a fresh output while a killer thread, at seeded random moments
-(``--min-gap-s`` .. ``--max-gap-s`` apart, up to ``--kills`` times), SIGKILLs one worker process
-of this Ray that is running a task or actor (title ``ray::<name>``, not ``ray::IDLE``; only
-descendants of this process, so other users' Ray is never touched): the generator actors of the
-Ray Data pool, the Rouge-L labelling tasks, Ray Data's own helper actors. Ray restarts actors and retries tasks; the job's
-shards commit only when whole (:mod:`cappy_core.shards`). Checks the disturbed output equals the
-undisturbed one row for row, with no duplicate or missing candidate, and prints one JSON line:
-kills made (by process title), tasks retried (killed task workers: the output is whole, so Ray
-ran each again), actor restarts (from the GCS), the extra wall time over the undisturbed run
-(both after a warm-up run), and whether the tables are identical. Exit status 1 when they are not.
+Starts its own local Ray (``--num-cpus``; never another cluster: ``RAY_ADDRESS`` is ignored)
+and a tiny generator (:func:`cappy_core.lm.tiny_generator`) in a temporary folder, runs the job
+once undisturbed (after a warm-up sampling run, so both timed runs start alike), then again
+into a fresh output while a killer thread, at seeded random moments (``--min-gap-s`` ..
+``--max-gap-s`` apart, up to ``--kills`` times), SIGKILLs one worker process of this Ray that
+runs a task or holds an actor (title ``ray::<name>``; not an idle worker, not one of the node's
+agents, whose death takes the raylet with it; only descendants of this process, so other users'
+Ray is never touched): the sampler's generator actors and Rouge-L labelling tasks, Ray Data's
+helper actors and, with ``--job sweep``, the per-task finetune-and-score tasks. Ray restarts
+actors and retries tasks (the sweep's own with ``--task-retries``); the sampler commits a shard
+only when whole (:mod:`cappy_core.shards`).
 
-Not covered here: the sweep's per-task Ray tasks run with ``max_retries=0``, so a killed one is
-recorded as failed and retried by a rerun (``tests/jobs/test_sweep.py``), not within the run.
+``--job sample``: ``cappy sample`` on a synthetic task of ``--instructions`` examples (3
+candidates each); ``--job sweep``: ``cappy sweep`` on tense and rephrase (3 validation and 3
+train instructions each, 17 candidates, the embedded MiniLM scorer finetuned on 16 pairs).
+Checks the disturbed run's candidates equal the undisturbed run's row for row, with no duplicate
+or missing one (the sweep: also its summary table and every task's numbers), and prints one
+JSON line: kills made (by process title), tasks retried (killed task workers: the output is
+whole, so Ray ran each again), actor restarts (from the GCS), the extra wall time, and whether
+the outputs are identical. Exit status 1 when they are not.
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ from cappy_core.config import ConfigError, build_parser, config_from_args, run_m
 
 @dataclass
 class ChaosConfig:
+    job: str = field(default="sample", metadata={
+        "choices": ["sample", "sweep"], "help": "sample: `cappy sample` on a synthetic task; sweep: `cappy sweep` on "
+                    "two BIG-Bench tasks (needs the BIG-Bench cache), the embedded MiniLM scorer, tiny settings"})
     kills: int = field(default=10, metadata={"help": "most worker processes to SIGKILL during the disturbed run"})
     min_gap_s: float = field(default=1.0, metadata={"help": "shortest wait between two kills (s)"})
     max_gap_s: float = field(default=4.0, metadata={"help": "longest wait between two kills (s)"})
@@ -74,9 +82,15 @@ def _descendants(root: int) -> dict[int, str]:
     return out
 
 
+#: Ray's own processes that share the ``ray::`` title prefix: the node's agents (the raylet
+#: exits with them: that is a lost node, not a lost worker), idle and spill/restore IO workers.
+NOT_WORKERS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent", "ray::IDLE", "ray::SPILL_", "ray::RESTORE_",
+               "ray::DELETE_")
+
+
 def busy_workers(root: int) -> dict[int, str]:
     """Ray worker processes under ``root`` that run a task or hold an actor."""
-    return {pid: t for pid, t in _descendants(root).items() if t.startswith("ray::") and t != "ray::IDLE"}
+    return {pid: t for pid, t in _descendants(root).items() if t.startswith("ray::") and not t.startswith(NOT_WORKERS)}
 
 
 class Killer(threading.Thread):
@@ -124,6 +138,38 @@ def _sample(cfg: ChaosConfig, data: Path, gen: Path, out: Path) -> tuple[float, 
     return time.monotonic() - t0, summary
 
 
+SWEEP_TASKS = ("tense", "rephrase")
+
+
+def _sweep(cfg: ChaosConfig, gen: Path, out: Path) -> float:
+    from jobs.sweep import SweepConfig, run as run_sweep
+
+    t0 = time.monotonic()
+    with redirect_stdout(io.StringIO()):
+        run_sweep(SweepConfig(
+            tasks=list(SWEEP_TASKS), out=str(out), generator=str(gen), backend="hf", scorer="minilm",
+            max_examples_per_task=3, max_train_examples_per_task=3, dev_examples_per_task=1,
+            max_new_tokens=cfg.max_new_tokens, train_size=16, batch_size=8, micro_batch_size=4, max_length=64,
+            cpus_per_task=0.5, cpus_per_actor=0.5, num_actors=cfg.num_actors, seed=cfg.seed))
+    return time.monotonic() - t0
+
+
+def _sweep_outcome(out: Path) -> tuple:
+    """(the sweep's table and every task's numbers, all its candidate rows)."""
+    import pyarrow as pa
+
+    from cappy_core.candidates import read_candidates
+
+    tasks = {}
+    for t in SWEEP_TASKS:
+        rec = json.loads((out / "tasks" / f"{t}.json").read_text())
+        tasks[t] = {k: rec.get(k) for k in ("status", "error", "metrics", "per_instruction", "spearman",
+                                            "fused_weights", "dev_metrics", "sizes")}
+    folders = sorted(p for p in out.glob("candidates/sampling-*/*") if p.is_dir())
+    return ({"summary.csv": (out / "summary.csv").read_text(), "tasks": tasks},
+            pa.concat_tables([read_candidates(f) for f in folders]))
+
+
 def _actor_restarts() -> int:
     from ray._private.state import actors  # the GCS actor table: needs no dashboard
 
@@ -148,32 +194,45 @@ def run(cfg: ChaosConfig) -> int:
     if cfg.kills < 0 or cfg.instructions < 1 or cfg.shard_size < 1 or not 0 <= cfg.min_gap_s <= cfg.max_gap_s:
         raise ConfigError("need --kills >= 0, --instructions >= 1, --shard-size >= 1, 0 <= --min-gap-s <= --max-gap-s")
     root = Path(cfg.workdir or tempfile.mkdtemp(prefix="cappy-chaos-"))
-    data, gen = _data(root, cfg.instructions), tiny_generator(root / "gen")
+    gen = tiny_generator(root / "gen")
+    data = _data(root, cfg.instructions)
     os.environ.pop("RAY_ADDRESS", None)  # our own cluster: its workers are our descendants
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback only, as the tests run it
     ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=False,
              object_store_memory=500_000_000, _node_ip_address="127.0.0.1")
+    if cfg.job == "sweep":
+        def job(out: Path) -> float:
+            return _sweep(cfg, gen, out)
+
+        def outcome(out: Path):
+            return _sweep_outcome(out)
+    else:
+        def job(out: Path) -> float:
+            return _sample(cfg, data, gen, out)[0]
+
+        def outcome(out: Path):
+            return None, read_candidates(out)
     try:
         # warm-up (worker start, imports, page cache), so the two timed runs start alike
         _sample(cfg, _data(root / "warm", cfg.shard_size * cfg.num_actors), gen, root / "warm" / "out")
-        calm_s, _ = _sample(cfg, data, gen, root / "undisturbed")
+        calm_s = job(root / "undisturbed")
         restarts_before = _actor_restarts()
         killer = Killer(cfg)
         killer.start()
         try:
-            chaos_s, summary = _sample(cfg, data, gen, root / "disturbed")
+            chaos_s = job(root / "disturbed")
         finally:
             killer.stop.set()
             killer.join()
         restarts = _actor_restarts() - restarts_before
     finally:
         ray.shutdown()
-    calm, chaos = read_candidates(root / "undisturbed"), read_candidates(root / "disturbed")
+    (calm_numbers, calm), (chaos_numbers, chaos) = outcome(root / "undisturbed"), outcome(root / "disturbed")
     keys = Counter(zip(*(chaos[c].to_pylist() for c in ("instruction_id", "decoding", "sample_idx"))))
-    identical = calm.equals(chaos)
+    identical = calm.equals(chaos) and calm_numbers == chaos_numbers
+    expected = cfg.instructions * 3 if cfg.job == "sample" else calm.num_rows
     result = {
-        "bench": "chaos", "job": "cappy sample", "instructions": cfg.instructions,
-        "shards": summary["shards_written"], "rows": chaos.num_rows, "expected_rows": cfg.instructions * 3,
+        "bench": "chaos", "job": f"cappy {cfg.job}", "rows": chaos.num_rows, "expected_rows": expected,
         "duplicate_rows": sum(n - 1 for n in keys.values()), "kills": len(killer.killed),
         "killed": dict(Counter(title for _, title, _ in killer.killed)),
         "kill_times_s": [t for t, _, _ in killer.killed],
@@ -182,8 +241,10 @@ def run(cfg: ChaosConfig) -> int:
         "undisturbed_s": round(calm_s, 1), "disturbed_s": round(chaos_s, 1),
         "extra_min": round((chaos_s - calm_s) / 60, 2), "identical": identical, "seed": cfg.seed,
     }
+    if cfg.job == "sweep":
+        result["tasks_ok"] = sum(t["status"] == "ok" for t in chaos_numbers["tasks"].values())
     print(json.dumps(result))
-    return 0 if identical and chaos.num_rows == cfg.instructions * 3 else 1
+    return 0 if identical and chaos.num_rows == expected else 1
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:

@@ -20,7 +20,8 @@ def test_the_killer_only_kills_busy_ray_workers_it_started(tmp_path):
     def fake(title: str) -> subprocess.Popen:  # a child whose process title is a Ray worker's
         return subprocess.Popen(["bash", "-c", f"exec -a '{title}' sleep 60"])
 
-    busy, idle = fake("ray::MapWorker(MapBatches(CandidateStage))"), fake("ray::IDLE")
+    busy, idle, agent = (fake("ray::MapWorker(MapBatches(CandidateStage))"), fake("ray::IDLE"),
+                         fake("ray::DashboardAgent"))  # the raylet exits with its agents: never a victim
     try:
         for _ in range(100):  # until exec has set the titles
             found = busy_workers(os.getpid())
@@ -34,9 +35,9 @@ def test_the_killer_only_kills_busy_ray_workers_it_started(tmp_path):
         killer.stop.set()
         killer.join(timeout=10)
         assert [title for _, title, _ in killer.killed] == ["ray::MapWorker(MapBatches(CandidateStage))"]
-        assert idle.poll() is None
+        assert idle.poll() is None and agent.poll() is None
     finally:
-        for p in (busy, idle):
+        for p in (busy, idle, agent):
             p.kill()
             p.wait()
 
