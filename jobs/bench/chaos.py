@@ -109,7 +109,7 @@ class Killer(threading.Thread):
             if not victims:
                 continue
             pid = self.rng.choice(sorted(victims))
-            kind = "actor" if pid in _actor_pids() else "task"
+            kind = "actor" if _is_actor(pid, victims[pid]) else "task"
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -176,13 +176,18 @@ def _actor_restarts() -> int:
     return sum(a.get("NumRestarts", 0) for a in actors().values())
 
 
-def _actor_pids() -> set[int]:
+def _is_actor(pid: int, title: str) -> bool:
+    """Whether the worker ``pid`` (process title ``title``) holds an actor: its pid or its class
+    (``ray::Class`` or ``ray::Class.method``) is in the GCS actor table."""
     import ray
     from ray._private.state import actors
 
     if not ray.is_initialized():
-        return set()
-    return {a["Pid"] for a in actors().values() if a.get("State") == "ALIVE"}
+        return False
+    table = actors().values()
+    name = title.removeprefix("ray::")
+    return any(a.get("Pid") == pid or (a.get("ActorClassName") and (name == a["ActorClassName"] or name.startswith(
+        a["ActorClassName"] + "."))) for a in table)
 
 
 def run(cfg: ChaosConfig) -> int:
