@@ -10,10 +10,10 @@ into a fresh output while a killer thread, at seeded random moments (``--min-gap
 ``--max-gap-s`` apart, up to ``--kills`` times), SIGKILLs one worker process of this Ray that
 runs a task or holds an actor (title ``ray::<name>``; not an idle worker, not one of the node's
 agents, whose death takes the raylet with it; only descendants of this process, so other users'
-Ray is never touched): the sampler's generator actors and Rouge-L labelling tasks and, with ``--job sweep``,
-the per-task finetune-and-score tasks; Ray Data's helper actors only while none of those runs. Ray restarts
-actors and retries tasks (the sweep's own with ``--task-retries``); the sampler commits a shard
-only when whole (:mod:`cappy_core.shards`).
+Ray is never touched): the sampler's generator actors and Rouge-L labelling tasks and, with
+``--job sweep``, the per-task finetune-and-score tasks; Ray Data's helper actors only while none
+of those runs. Ray restarts actors and retries tasks (the sweep's own with ``--task-retries``);
+the sampler commits a shard only when whole (:mod:`cappy_core.shards`).
 
 ``--job sample``: ``cappy sample`` on a synthetic task of ``--instructions`` examples (3
 candidates each); ``--job sweep``: ``cappy sweep`` on tense and rephrase (3 validation and 3
