@@ -10,10 +10,11 @@ into a fresh output while a killer thread, at seeded random moments (``--min-gap
 ``--max-gap-s`` apart, up to ``--kills`` times), SIGKILLs one worker process of this Ray that
 runs a task or holds an actor (title ``ray::<name>``; not an idle worker, not one of the node's
 agents, whose death takes the raylet with it; only descendants of this process, so other users'
-Ray is never touched): the sampler's generator actors and Rouge-L labelling tasks and, with
-``--job sweep``, the per-task finetune-and-score tasks; Ray Data's helper actors only while none
-of those runs. Ray restarts actors and retries tasks (the sweep's own with ``--task-retries``);
-the sampler commits a shard only when whole (:mod:`cappy_core.shards`).
+Ray is never touched), drawn uniformly: the sampler's generator actors and Rouge-L labelling
+tasks, Ray Data's helper actors (they outlive each dataset, so they draw many kills) and, with
+``--job sweep``, the per-task finetune-and-score tasks. Ray restarts actors and retries tasks
+(the sweep's own with ``--task-retries``); the sampler commits a shard only when whole
+(:mod:`cappy_core.shards`).
 
 ``--job sample``: ``cappy sample`` on a synthetic task of ``--instructions`` examples (3
 candidates each); ``--job sweep``: ``cappy sweep`` on tense and rephrase (3 validation and 3
@@ -88,11 +89,6 @@ NOT_WORKERS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent", "ray::IDLE", "ray:
                "ray::DELETE_")
 
 
-#: Ray Data's helper actors: killed only while no worker of the job's own work is busy (they
-#: outlive each dataset, so a uniform draw would spend most kills on them).
-HELPERS = ("ray::_StatsActor", "ray::_AutoscalingCoordinatorActor", "ray::ActorLocationTracker")
-
-
 def busy_workers(root: int) -> dict[int, str]:
     """Ray worker processes under ``root`` that run a task or hold an actor."""
     return {pid: t for pid, t in _descendants(root).items() if t.startswith("ray::") and not t.startswith(NOT_WORKERS)}
@@ -111,10 +107,9 @@ class Killer(threading.Thread):
         while len(self.killed) < self.cfg.kills and not self.stop.wait(
                 self.rng.uniform(self.cfg.min_gap_s, self.cfg.max_gap_s)):
             victims = busy_workers(os.getpid())
-            work = [p for p, title in victims.items() if not title.startswith(HELPERS)]
             if not victims:
                 continue
-            pid = self.rng.choice(sorted(work or victims))
+            pid = self.rng.choice(sorted(victims))
             kind = "actor" if _is_actor(pid, victims[pid]) else "task"
             try:
                 os.kill(pid, signal.SIGKILL)
