@@ -187,10 +187,16 @@ def run_main(fn: Callable[[], Optional[int]], *,
     and return ``(status, message)`` (e.g. a training run that failed beyond its retries); then
     any of ``user_errors`` (bad config, missing file, malformed data: ``ValueError``,
     ``OSError``, ``ImportError``) prints ``error: <message>`` to stderr and returns 2; anything
-    else is a bug and propagates with its traceback.
+    else is a bug and propagates with its traceback. Ctrl-C (``KeyboardInterrupt``) returns 130
+    with one line instead of a traceback: the body's ``with`` blocks have run by then (output
+    locks released, temporary files removed), and what it finished stays for a rerun.
     """
     try:
         return int(fn() or 0)
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C); what finished before is kept and the same command resumes from it",
+              file=sys.stderr)
+        return 130
     except Exception as e:
         claimed = explain(e) if explain is not None else None
         if claimed is not None:

@@ -39,6 +39,17 @@ def _temp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{path.suffix}")
 
 
+#: Errors of a full or failing disk: re-raised naming the output being written (a writer such
+#: as pyarrow's reports only "[Errno 28] No space left on device", or the temporary name).
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
+
+
+def _naming(e: BaseException, target: Path) -> BaseException:
+    if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
+        return OSError(e.errno, f"writing {target}: {e.strerror or os.strerror(e.errno)}")
+    return e
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -50,16 +61,20 @@ def _remove(path: Path) -> None:
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it to ``path`` (parents are
-    created); on an exception remove it and re-raise, leaving ``path`` untouched."""
+    created); on an exception remove it and re-raise, leaving ``path`` untouched (a full disk's
+    error then names ``path``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_sibling(path)
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         _remove(tmp)
-        raise
+        named = _naming(e, path)
+        if named is e:
+            raise
+        raise named from e
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -105,7 +120,8 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
     An existing ``dest`` is swapped with the new folder in one step where the OS can
     (``renameat2``: a reader never finds ``dest`` missing), else renamed aside before the new
     folder is renamed into place; the old one is deleted only after the new one is in place.
-    On an exception the temporary folder is removed and ``dest`` is left as it was.
+    On an exception the temporary folder is removed and ``dest`` is left as it was (a full
+    disk's error then names ``dest``).
     """
     dest = Path(dest)
     here = Path.cwd().resolve()
@@ -116,9 +132,12 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         _remove(tmp)
-        raise
+        named = _naming(e, dest)
+        if named is e:
+            raise
+        raise named from e
     if (dest.exists() or dest.is_symlink()) and _exchange(tmp, dest):
         _remove(tmp)  # now the old folder: a reader of dest saw the old one, then the new one, never neither
         return

@@ -59,6 +59,9 @@ from cappy_core.generation import BACKENDS, MAX_NEW_TOKENS, MIN_NEW_TOKENS, PAPE
 
 logger = logging.getLogger("jobs.sample_label")  # not __name__: "__main__" under python -m
 
+#: Generator actors that may die in a row while loading the model before the job fails.
+INIT_DEATHS = 3
+
 # Settings that change what is written: a resumed run must use the same ones.
 OUTPUT_DEFINING = ("generator", "backend", "decodings", "samples_per_decoding", "max_new_tokens", "min_new_tokens",
                    "max_prompt_tokens", "seed", "dtype", "shard_size", "max_examples_per_task")
@@ -224,6 +227,10 @@ def _sample_shards(cfg, todo, generator, decodings, per_instruction, meta, timin
             gen_kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
     if not ray.is_initialized():
         ray.init()
+    if "RAY_DATA_MAX_CONSECUTIVE_ACTOR_INIT_DEATHS" not in os.environ:
+        # Ray Data fails the job when a generator actor dies while loading its model (its default,
+        # 0); one killed there (preempted, OOM) is replaced, a model that never loads still fails.
+        ray.data.DataContext.get_current().max_consecutive_actor_init_deaths = INIT_DEATHS
     ds = ray.data.from_arrow([s.rows for s in todo])
     ds = ds.map_batches(
         CandidateStage, batch_format="pyarrow", batch_size=cfg.batch_size,

@@ -70,6 +70,9 @@ class SweepConfig(CacheOptions, TrackingOptions):
     task_timeout_s: float = field(default=0.0, metadata={
         "help": "cancel a task (finetune + score) running longer than this and record it as failed; a rerun "
                 "retries it (0: no limit)"})
+    task_retries: int = field(default=3, metadata={
+        "help": "times a task whose worker process died (killed, out of memory, node lost) runs again within "
+                "the sweep; an error the task raises is not retried: it is recorded as failed"})
     # generator
     generator: Optional[str] = field(default=None, metadata={
         "help": "generator folder or hub id (default: the embedded Llama, trained into the cache if missing)"})
@@ -235,7 +238,8 @@ def sample(cfg: SweepConfig, tasks: list[str], out: Path, generator: str, log, c
 def sweep_task(task: str, settings: TaskSettings, gpus: float, torch_threads: int, fail_tasks: list[str],
                hang_tasks: list[str] = ()):
     """One Ray task (a generator): yields ``None`` the moment it starts running (the driver's
-    ``--task-timeout-s`` counts from then, not from submission, so queued tasks are not timed),
+    ``--task-timeout-s`` counts from then, not from submission, so queued tasks are not timed,
+    and it keeps counting through a retry after a worker death),
     then :func:`cappy_core.task_eval.run_task`'s result and where it ran (for the multi-node test)."""
     import ray
 
@@ -297,8 +301,11 @@ def run_tasks(cfg: SweepConfig, tasks: list[str], settings: TaskSettings, key: d
 
     from cappy_core.report import progress_line
 
+    # max_retries: Ray reruns a task whose worker died (a streaming task from its start; the
+    # driver already has its first item); retry_exceptions stays off: a raised error is final.
     remote = ray.remote(sweep_task).options(num_cpus=cfg.cpus_per_task, num_gpus=cfg.gpus_per_task or None,
-                                            max_retries=0, name="sweep_task", num_returns="streaming")
+                                            max_retries=cfg.task_retries, name="sweep_task",
+                                            num_returns="streaming")
     faults = (sweep_fail_tasks(), sweep_hang_tasks())
     submitted = {t: time.time() for t in tasks}
     generators = {remote.remote(t, settings, cfg.gpus_per_task, cfg.torch_threads, *faults): t for t in tasks}
@@ -323,6 +330,8 @@ def checked_config(cfg: SweepConfig, preset: str | None = None) -> tuple[SweepCo
     check_report_to(cfg.report_to)
     if cfg.task_timeout_s < 0:
         raise ConfigError(f"--task-timeout-s must be >= 0 (0: no limit), got {cfg.task_timeout_s}")
+    if cfg.task_retries < 0:
+        raise ConfigError(f"--task-retries must be >= 0, got {cfg.task_retries}")
     cfg = with_local_paths(cfg, "out", "task_dir", "cache_dir")
     return cfg, Path(cfg.out or f"~/cappy_runs/sweep-{preset or 'custom'}").expanduser().resolve()
 
@@ -367,7 +376,8 @@ def _run_locked(cfg: SweepConfig, out: Path, preset: str | None, log) -> dict:
               sample, cfg, tasks if cfg.finetune_scope == "all" else todo, out, generator, log, settings.candidates_dir)
         if cfg.finetune and cfg.finetune_scope == "all":  # one scorer for every task, finetuned first (one Ray task)
             shared = ray.remote(finetune_shared).options(num_cpus=cfg.cpus_per_task, num_gpus=cfg.gpus_per_task or None,
-                                                         max_retries=0, name="finetune_shared").remote(
+                                                         max_retries=cfg.task_retries,
+                                                         name="finetune_shared").remote(
                 tasks, settings, key_digest(key), use_gpu=cfg.gpus_per_task > 0, torch_threads=cfg.torch_threads)
             settings = stage("shared_finetune_s", "== one scorer finetuned on all tasks", ray.get, shared)
         stage("tasks_s", f"== finetune, score and evaluate: {len(todo)} Ray task(s), {cfg.cpus_per_task} CPU"

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -140,3 +141,34 @@ def test_atomic_dir_swap_never_leaves_a_reader_without_a_whole_checkpoint(tmp_pa
         reader.join()
     assert (dest / "config.json").read_text() == "299" and misses == []
     assert [p.name for p in tmp_path.iterdir()] == ["scorer"]  # no old or temporary folder left
+
+
+def test_a_full_disk_names_the_output_keeps_the_old_one_and_releases_the_lock(tmp_path):
+    import errno
+
+    from cappy_core.io import atomic_dir, atomic_path, write_text
+
+    out = tmp_path / "out"
+    write_text(out / "summary.md", "old summary")
+    (out / "ckpt").mkdir()
+    (out / "ckpt" / "model.safetensors").write_text("old weights")
+
+    def full(f: Path):
+        f.write_text("half a fi")  # part of it reached the disk
+        raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+
+    with pytest.raises(OSError) as e:
+        with output_lock(out, "job"):
+            with atomic_path(out / "summary.md") as tmp:
+                full(tmp)
+    assert e.value.errno == errno.ENOSPC and str(e.value).startswith(f"[Errno 28] writing {out / 'summary.md'}: ")
+    with pytest.raises(OSError, match=f"writing {out / 'ckpt'}: .*No space left on device"):
+        with atomic_dir(out / "ckpt") as tmp:
+            full(tmp / "model.safetensors")
+    with pytest.raises(FileNotFoundError) as other:  # other errors pass through as they were
+        with atomic_path(out / "x.json"):
+            raise FileNotFoundError(errno.ENOENT, "gone", "/elsewhere")
+    assert other.value.filename == "/elsewhere"
+    assert (out / "summary.md").read_text() == "old summary"
+    assert (out / "ckpt" / "model.safetensors").read_text() == "old weights"
+    assert sorted(p.name for p in out.rglob("*")) == ["ckpt", "model.safetensors", "summary.md"]  # no lock, no temp

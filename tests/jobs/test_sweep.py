@@ -268,3 +268,29 @@ def test_a_hung_task_times_out_the_others_finish_and_a_rerun_retries_it(tmp_path
         write_json(result_path(tmp_path, task), rec)
     # what a rerun computes: the failed and timed-out tasks, not the finished one
     assert {t for t in recs if finished(tmp_path, t, key_digest(key)) is None} == {"hangs", "fails", "dies"}
+
+
+def test_a_task_whose_worker_dies_runs_again_within_the_sweep(tmp_path, ray_address):
+    """With the sweep's --task-retries, a task whose worker process dies (SIGKILL, OOM) runs
+    again from its start and its result arrives as usual; one that dies on every attempt is
+    recorded as failed once its retries are used up."""
+    import ray
+
+    from cappy_core.task_eval import result_record
+    from jobs.sweep import SweepConfig, wait_for_tasks
+
+    def work(task, marker):
+        import os
+
+        yield None
+        if task == "dies" or not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)  # its worker process dies mid-task
+        yield {"value": task}
+
+    remote = ray.remote(work).options(num_returns="streaming", max_retries=1, num_cpus=1)
+    gens = {remote.remote(t, str(tmp_path / t)): t for t in ("dies_once", "dies")}
+    recs = {task: result_record(task, {}, {}, get, 0.0) for task, get in wait_for_tasks(gens)}
+    assert recs["dies_once"]["status"] == "ok" and recs["dies_once"]["value"] == "dies_once"
+    assert recs["dies"]["status"] == "failed" and "WorkerCrashedError" in recs["dies"]["error"]
+    assert SweepConfig().task_retries == 3  # the sweep's own tasks run with max_retries=task_retries
