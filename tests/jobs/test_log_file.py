@@ -21,6 +21,9 @@ def terminal(monkeypatch):
         monkeypatch.delenv(key)
     names = ("", *cli.THIRD_PARTY_LOGGERS, "cappy_core", "jobs", "serve_app", "transformers.modeling_utils")
     saved = {n: logging.getLogger(n).level for n in names}
+    ray_logger = logging.getLogger("ray")  # as before `import ray` (which gives it a handler of its own and
+    monkeypatch.setattr(ray_logger, "handlers", [])  # stops propagation): what earlier tests did to it is undone
+    monkeypatch.setattr(ray_logger, "propagate", True)
     buf = io.StringIO()
     console = logging.StreamHandler(buf)
     logging.getLogger().addHandler(console)
