@@ -13,16 +13,17 @@ from pathlib import Path
 from typing import Any
 
 # Measured rates on a 2-core AVX2 CPU (README, "The main job"): `cappy sweep --preset local` warm
-# (sampling 298 s for 669 x 17 candidates with the transformers backend in two actors; six tasks
-# 1,094 s, two at a time, each with two finetunes: the cappy row's scorer and the fused row's own,
-# `--selector-loss listwise`; 606 s with one scorer per task); cold, the stages the warm run reuses
-# (generator 500 s for 1,500 updates, scorer pretraining 180 s, BIG-Bench download 54 s). Other
-# presets, models or machines scale differently: the estimate says which rates it used.
+# (sampling 286 s for 926 x 17 candidates with the transformers backend in two actors; six tasks
+# 1,156 s, two at a time, each with two finetunes: the cappy row's scorer and the fused row's own,
+# `--selector-loss listwise`, whose 811 task-seconds, two tasks at a time, are left out of TASK_S);
+# cold, the stages the warm run reuses (generator 500 s for 1,500 updates, scorer pretraining 180 s,
+# BIG-Bench download 54 s). Other presets, models or machines scale differently: the estimate says
+# which rates it used.
 GENERATOR_S_PER_UPDATE = 500 / 1500
 PRETRAIN_LOCAL_S = 180.0
-SAMPLING_CANDIDATES_PER_S = 669 * 17 / 298
-TASK_S = 606 / 6  # wall seconds per task at the local preset's sizes and concurrency, one scorer per task
-TASK_S_WITH_SELECTOR = 1094 / 6  # the same with a selector scorer of its own (a second finetune)
+SAMPLING_CANDIDATES_PER_S = 926 * 17 / 286
+TASK_S = (1156 - 811 / 2) / 6  # wall seconds per task at the local preset's sizes and concurrency, one scorer
+TASK_S_WITH_SELECTOR = 1156 / 6  # the same with a selector scorer of its own (a second finetune)
 DOWNLOAD_S = 54.0
 RATES_SOURCE = "measured: `cappy sweep --preset local`, 2-core CPU (README, The main job)"
 
