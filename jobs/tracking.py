@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -51,6 +52,12 @@ def check_report_to(kind: str) -> None:
 def _numeric(values: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in values.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+
+
+def mlflow_key(name: str) -> str:
+    """``name`` as MLflow accepts it: characters other than letters, digits, ``_ - . : /`` and
+    spaces become ``_`` (``tense/cappy+lm+mbr`` → ``tense/cappy_lm_mbr``); MLflow refuses the rest."""
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", name)
 
 
 class Tracker:
@@ -99,7 +106,7 @@ class Tracker:
                 self._tb.add_scalar(k, v, step)
         elif self.kind == "mlflow":
             for k, v in values.items():
-                self._ml.log_metric(self._run.info.run_id, k.replace("@", "_"), v, step=step)
+                self._ml.log_metric(self._run.info.run_id, mlflow_key(k), v, step=step)
         else:
             self._rows.setdefault(step, {}).update(values)
 

@@ -79,17 +79,35 @@ def test_mlflow_file_store_holds_the_same_curve(tmp_path, monkeypatch):
     assert run.data.params["tasks"] == "['tense']" and run.info.run_name == "finetune-tense"
 
 
+SWEEP_RECORDS = {"tense": {"status": "ok", "metrics": {"cappy": 16.9, "beam4": 16.9, "cappy+lm+mbr": 18.1},
+                           "training": {"samples_per_s": 9.0}},
+                 "rephrase": {"status": "failed", "error": "x"}}
+SWEEP_SUMMARY = {"mean": {"cappy": 16.9, "beam4": 16.9, "cappy+lm+mbr": 18.1}}
+
+
 def test_sweep_run_logs_task_metrics_means_and_stages(tmp_path):
     pytest.importorskip("tensorboardX")
-    records = {"tense": {"status": "ok", "metrics": {"cappy": 16.9, "beam4": 16.9}, "training": {"samples_per_s": 9.0}},
-               "rephrase": {"status": "failed", "error": "x"}}
-    summary = {"mean": {"cappy": 16.9, "beam4": 16.9}}
     where = tracking.report("tensorboard", tmp_path, "sweep", {}, lambda t: tracking.sweep_run(
-        t, summary, records, {"tasks_s": 591.0}), log=lambda s: None)
+        t, SWEEP_SUMMARY, SWEEP_RECORDS, {"tasks_s": 591.0}), log=lambda s: None)
     logged = read_tensorboard(where)
     assert logged["tense/cappy"] == [(0, pytest.approx(16.9))] and logged["mean/beam4"] == [(0, pytest.approx(16.9))]
+    assert logged["mean/cappy_lm_mbr"] == [(0, pytest.approx(18.1))]  # tensorboardX: "+" becomes "_" too
     assert logged["stages/tasks_s"] == [(0, 591.0)] and logged["tense/training/samples_per_s"] == [(0, 9.0)]
     assert not any(tag.startswith("rephrase/") for tag in logged)
+
+
+def test_sweep_run_in_mlflow_renames_what_mlflow_refuses(tmp_path, monkeypatch):
+    """MLflow refuses '+' in a metric name (the fused row, cappy+lm+mbr): it becomes '_', and the
+    sweep's whole record arrives (a refused name ended the run after its first metric)."""
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    where = tracking.report("mlflow", tmp_path, "sweep", {}, lambda t: tracking.sweep_run(
+        t, SWEEP_SUMMARY, SWEEP_RECORDS, {"tasks_s": 591.0}), log=lambda s: None)
+    client = mlflow.MlflowClient(tracking_uri=where.resolve().as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("cappy").experiment_id])
+    assert run.data.metrics == {"tense/cappy": 16.9, "tense/beam4": 16.9, "tense/cappy_lm_mbr": 18.1,
+                                "tense/training/samples_per_s": 9.0, "mean/cappy": 16.9, "mean/beam4": 16.9,
+                                "mean/cappy_lm_mbr": 18.1, "stages/tasks_s": 591.0}
 
 
 def test_unknown_or_missing_tracker_is_a_clear_error(monkeypatch):
