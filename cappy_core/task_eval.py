@@ -1,7 +1,8 @@
 """One task of the sweep, whole: finetune a scorer on the task's pairs, score its held-out train
 ("dev") and validation candidates, fit the fused selector on dev, evaluate every method on
 validation. Plain Python: ``jobs/sweep.py`` runs :func:`run_task` as one Ray task per BIG-Bench
-task (and :func:`finetune_shared` once before them with ``finetune_scope: all``).
+task (and :func:`finetune_shared` / :func:`finetune_shared_selector` once before them with
+``finetune_scope: all`` / ``selector_scope: all``).
 
 Inputs, written by the sweep's earlier stages (:class:`TaskSettings` says where):
 
@@ -23,7 +24,10 @@ scorer then scores in ``score_dtype`` (bf16 autocast only when that says ``bfloa
 a schedule the ``init`` scorer scores as is. With a ``selector_schedule`` (``selector_loss:
 listwise``) a second scorer is finetuned from ``init`` on the same pairs with that loss; it scores
 every candidate too (``selector_score``) and is the fused selector's Cappy signal, while the
-``cappy`` row stays the first (the paper's) scorer. Then:
+``cappy`` row stays the first (the paper's) scorer; with ``selector_scope: all`` that selector
+scorer is instead finetuned once, before the tasks, on every task's pairs together
+(:func:`finetune_shared_selector`, the paper's multi-task step) and each task scores with it
+(``selector_init``). Then:
 
 * **dev** candidates: ``score`` (the scorer), ``mbr`` (:func:`cappy_core.selectors.mbr_scores`
   per instruction over ``text``) → the fused weights, :func:`cappy_core.selectors.fit_weights`
@@ -72,7 +76,8 @@ SIGNALS = (CAPPY_SIGNAL, LM_SIGNAL, MBR_SIGNAL)
 SIGNAL_COLUMNS = {CAPPY_SIGNAL: "score", LM_SIGNAL: "logprob_mean", MBR_SIGNAL: "mbr"}
 #: The selector scorer's column: when a table has it, it is the fused selector's Cappy signal.
 SELECTOR_SCORE = "selector_score"
-#: Where :func:`finetune_shared` keeps the scorer finetuned on every task: ``<tasks_dir>/_shared``.
+#: Where :func:`finetune_shared` / :func:`finetune_shared_selector` keep the scorers finetuned on
+#: every task: ``<tasks_dir>/_shared``.
 SHARED_DIR = "_shared"
 
 
@@ -94,6 +99,8 @@ class TaskSettings:
     finetune_scope: str = "task"  # "all": finetune_shared makes one scorer for every task
     shared_training: Optional[dict] = None  # finetune_shared's record: init is that shared scorer
     selector_schedule: Optional[ScorerSchedule] = None  # the fused selector's own scorer; None: schedule's
+    selector_init: Optional[str] = None  # a selector scorer shared by every task (finetune_shared_selector)
+    shared_selector_training: Optional[dict] = None  # finetune_shared_selector's record
 
 
 #: The sweep settings that define its sampled candidates (with the resolved generator).
@@ -133,6 +140,11 @@ def settings_from_config(config: Mapping[str, Any], out: str | Path, init: str, 
                         selector_schedule=selector_schedule)
 
 
+def shared_selector(config: Mapping[str, Any]) -> bool:
+    """Whether the sweep finetunes one selector scorer for every task (``selector_scope: all``)."""
+    return bool(config["finetune"]) and config["selector_loss"] != "same" and config["selector_scope"] == "all"
+
+
 def check_config(config: Mapping[str, Any]) -> None:
     """:class:`ConfigError` for sweep settings that cannot run (before any stage does)."""
     c = config
@@ -151,6 +163,9 @@ def check_config(config: Mapping[str, Any]) -> None:
     if c["loss"].startswith("listwise") and not c["group_by_instruction"]:
         raise ConfigError(f"--loss {c['loss']} ranks one instruction's candidates against each other: it needs "
                           "--group-by-instruction (micro-batches that keep an instruction's candidates together)")
+    if c["selector_scope"] == "all" and c["selector_loss"] == "same":
+        raise ConfigError("--selector-scope all finetunes one selector scorer for every task: it needs "
+                          "--selector-loss listwise (or listwise+mse)")
     if c["selector_loss"] != "same" and not (c["finetune"] and c["finetune_scope"] == "task"):
         raise ConfigError(f"--selector-loss {c['selector_loss']} finetunes a second scorer per task: it needs "
                           "--finetune and --finetune-scope task")
@@ -233,47 +248,73 @@ def set_device(use_gpu: bool, torch_threads: int) -> str:
     return device
 
 
-def finetune_shared(tasks: Sequence[str], settings: TaskSettings, digest: str, *, use_gpu: bool = False,
-                    torch_threads: int = 1) -> TaskSettings:
-    """``finetune_scope: all``: one scorer finetuned on the union of every task's train pairs
-    (dev held out; each task's pairs as built, the union shuffled and cut or tiled to
-    ``train_size`` × tasks), saved under ``<tasks_dir>/_shared/scorer``. Returns the settings
-    that score every task with it (``init`` that folder, no schedule, ``shared_training`` its
-    record). Kept and reused while its record's ``digest`` matches."""
+def _finetune_union(tasks: Sequence[str], settings: TaskSettings, schedule: ScorerSchedule, name: str,
+                    digest: str, *, use_gpu: bool, torch_threads: int) -> tuple[str, dict[str, Any]]:
+    """One scorer from ``settings.init`` finetuned with ``schedule`` on the union of every task's
+    train pairs, each task's cut or tiled to ``train_size`` as its own finetune would see them
+    (dev held out), shuffled; saved as ``<tasks_dir>/_shared/<name>`` beside its pairs and record
+    (``train_pairs.parquet`` and ``training.json``, prefixed ``selector_`` for the selector scorer).
+    Kept and reused while the record's ``digest`` matches. ``(folder, record)``."""
     from cappy_core.io import atomic_dir, write_json
-    from cappy_core.pretrain_data import tile, write_pairs
+    from cappy_core.pretrain_data import write_pairs
 
-    if settings.schedule is None:
-        raise ValueError("finetune_shared needs a schedule")
     shared = Path(settings.tasks_dir) / SHARED_DIR
-    record_file = shared / "training.json"
-    if record_file.is_file() and (shared / "scorer").is_dir():
+    prefix = "" if name == "scorer" else name.removesuffix("scorer")
+    folder, record_file = shared / name, shared / f"{prefix}training.json"
+    if record_file.is_file() and folder.is_dir():
         record = json.loads(record_file.read_text())
         if record.get("digest") == digest:
-            return dataclasses.replace(settings, init=str(shared / "scorer"), schedule=None, shared_training=record)
+            return str(folder), record
     device = set_device(use_gpu, torch_threads)
     t = time.monotonic()
     union: list = []
     sizes: dict[str, dict] = {}
     for task in sorted(tasks):
         pairs, sizes[task] = train_pairs(task, data_dir=settings.data_dir, candidates_dir=settings.candidates_dir,
-                                         max_train_examples=settings.max_train_examples, train_size=None,
-                                         seed=settings.schedule.seed, dev_examples=settings.dev_examples)
+                                         max_train_examples=settings.max_train_examples,
+                                         train_size=settings.train_size, seed=schedule.seed,
+                                         dev_examples=settings.dev_examples)
         union += pairs
-    random.Random(settings.schedule.seed).shuffle(union)
-    union = tile(union, settings.train_size * len(sizes))
+    random.Random(schedule.seed).shuffle(union)
     shared.mkdir(parents=True, exist_ok=True)
-    pairs_file = write_pairs(union, shared / "train_pairs.parquet")
+    pairs_file = write_pairs(union, shared / f"{prefix}train_pairs.parquet")
     pairs_s = time.monotonic() - t
     t = time.monotonic()
-    scorer, info = finetune(settings.init, pairs_file, settings.schedule, max_length=settings.max_length,
+    scorer, info = finetune(settings.init, pairs_file, schedule, max_length=settings.max_length,
                             device=device, score_dtype=settings.score_dtype)
-    with atomic_dir(shared / "scorer") as tmp:
+    with atomic_dir(folder) as tmp:
         scorer.save_pretrained(tmp)
     record = {"digest": digest, "scope": "all", "tasks": sorted(tasks), "train_pairs": len(union),
-              "sizes": sizes, **info, "pairs_s": pairs_s, "finetune_s": time.monotonic() - t}
+              "sizes": sizes, **info, "loss": schedule.loss, "pairs_s": pairs_s,
+              "finetune_s": time.monotonic() - t}
     write_json(record_file, record)
-    return dataclasses.replace(settings, init=str(shared / "scorer"), schedule=None, shared_training=record)
+    return str(folder), record
+
+
+def finetune_shared(tasks: Sequence[str], settings: TaskSettings, digest: str, *, use_gpu: bool = False,
+                    torch_threads: int = 1) -> TaskSettings:
+    """``finetune_scope: all``: one scorer for every task (:func:`_finetune_union` with the
+    schedule), ``<tasks_dir>/_shared/scorer``. Returns the settings that score every task with it
+    (``init`` that folder, no schedule, ``shared_training`` its record)."""
+    if settings.schedule is None:
+        raise ValueError("finetune_shared needs a schedule")
+    folder, record = _finetune_union(tasks, settings, settings.schedule, "scorer", digest, use_gpu=use_gpu,
+                                     torch_threads=torch_threads)
+    return dataclasses.replace(settings, init=folder, schedule=None, shared_training=record)
+
+
+def finetune_shared_selector(tasks: Sequence[str], settings: TaskSettings, digest: str, *, use_gpu: bool = False,
+                             torch_threads: int = 1) -> TaskSettings:
+    """``selector_scope: all``: one selector scorer for every task (:func:`_finetune_union` with
+    the selector schedule: the paper's multi-task step, for the fused selector's Cappy signal),
+    ``<tasks_dir>/_shared/selector_scorer``. Returns the settings whose tasks score with it
+    (``selector_init`` that folder, no selector schedule, ``shared_selector_training`` its record)."""
+    if settings.selector_schedule is None:
+        raise ValueError("finetune_shared_selector needs a selector schedule")
+    folder, record = _finetune_union(tasks, settings, settings.selector_schedule, "selector_scorer", digest,
+                                     use_gpu=use_gpu, torch_threads=torch_threads)
+    return dataclasses.replace(settings, selector_init=folder, selector_schedule=None,
+                               shared_selector_training=record)
 
 
 # --- scoring and the selector columns ----------------------------------------------------------
@@ -448,6 +489,10 @@ def run_task(task: str, settings: TaskSettings, *, use_gpu: bool = False, torch_
     else:
         scorer = Scorer.from_pretrained(settings.init, dtype=settings.score_dtype, device=device,
                                         max_length=settings.max_length)
+    if settings.selector_init is not None:  # one selector scorer for every task, finetuned before them
+        selector = Scorer.from_pretrained(settings.selector_init, dtype=settings.score_dtype, device=device,
+                                          max_length=settings.max_length)
+        training["selector"] = dict(settings.shared_selector_training or {})
     t = time.monotonic()
     weights, dev_record = None, {}  # dev: fit the fused selector (and report every method there)
     if dev_examples:
@@ -468,8 +513,8 @@ def run_task(task: str, settings: TaskSettings, *, use_gpu: bool = False, torch_
     kept = task_dir / "scorer" if settings.keep_scorer and settings.schedule is not None else None
     if kept is not None:
         scorer.save_pretrained(kept)
-        if selector is not None:  # the weights belong with the scores they were fitted on
-            kept = task_dir / "selector_scorer"
+        if selector is not None:  # the weights belong with the scores they were fitted on (serve finds
+            kept = task_dir / "selector_scorer"  # a task's selector scorer here, a shared one included)
             selector.save_pretrained(kept)
     if settings.keep_scorer and weights is not None:  # in the kept scorer, else in the task's folder
         write_selector(kept or task_dir, weights, task=task, scorer=str(kept or settings.init),
@@ -492,7 +537,7 @@ RESULT_DEFINING = ("generator", "backend", "decodings", "samples_per_decoding", 
                    "max_examples_per_task", "max_train_examples_per_task", "scorer", "finetune", "train_size",
                    "max_length", "lr", "warmup_ratio", "weight_decay", "epochs", "batch_size", "micro_batch_size",
                    "bf16", "seed", "score_dtype", "dev_examples_per_task", "loss", "listwise_tau", "mse_weight",
-                   "group_by_instruction", "finetune_scope", "selector_loss")
+                   "group_by_instruction", "finetune_scope", "selector_loss", "selector_scope")
 #: Raised when a task's result is computed differently: every earlier result is then recomputed.
 RESULT_VERSION = 2
 
@@ -501,10 +546,11 @@ def result_key(config: Mapping[str, Any], generator: str, init: str,
                tasks: Sequence[str] | None = None) -> dict[str, Any]:
     """What defines a task's result: the :data:`RESULT_DEFINING` values of the sweep's ``config``,
     with the generator and scorer init it resolved to, and :data:`RESULT_VERSION`; with
-    ``finetune_scope: all`` also the sweep's ``tasks`` (the shared scorer trains on all of them)."""
+    ``finetune_scope: all`` or a shared selector also the sweep's ``tasks`` (the shared scorer
+    trains on all of them)."""
     key = {**{k: config[k] for k in RESULT_DEFINING}, "generator": generator, "scorer": init,
            "version": RESULT_VERSION}
-    if config["finetune_scope"] == "all" and config["finetune"]:
+    if config["finetune"] and (config["finetune_scope"] == "all" or shared_selector(config)):
         key["finetune_tasks"] = sorted(tasks or [])
     return key
 

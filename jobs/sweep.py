@@ -37,8 +37,9 @@ from cappy_core.data.tasks import LOCAL_TASKS, resolve_tasks
 from cappy_core.fault_injection import check_task, sweep_fail_tasks, sweep_hang_tasks
 from cappy_core.generation import PAPER_DECODING_NAMES
 from cappy_core.io import output_lock, with_local_paths, write_json
-from cappy_core.task_eval import (TaskSettings, check_config, finetune_shared, finished, key_digest, read_result,
-                                  result_key, result_path, result_record, run_task, settings_from_config)
+from cappy_core.task_eval import (TaskSettings, check_config, finetune_shared, finetune_shared_selector, finished,
+                                  key_digest, read_result, result_key, result_path, result_record, run_task,
+                                  settings_from_config, shared_selector)
 from jobs.cli import presets
 from jobs.log_file import log_file
 from jobs.tracking import TrackingOptions, check_report_to
@@ -123,6 +124,13 @@ class SweepConfig(CacheOptions, TrackingOptions):
     selector_loss: str = field(default="same", metadata={"choices": ["same", "listwise", "listwise+mse"], "help":
                                "the fused selector's Cappy signal: same: the cappy row's scorer; listwise[+mse]: "
                                "a second per-task scorer finetuned on the same pairs with that loss"})
+    selector_scope: str = field(default="task", metadata={"choices": ["task", "all"], "help": "with "
+                                "--selector-loss: task: a selector scorer per task; all: one selector scorer "
+                                "finetuned on every task's pairs together (each task's train_size pairs), before the "
+                                "tasks"})
+    shared_torch_threads: int = field(default=0, metadata={"help": "torch threads (and CPUs reserved) of a "
+                                      "finetune on every task's pairs (--finetune-scope/--selector-scope all), "
+                                      "which runs alone before the tasks; 0: --torch-threads"})
     dev_examples_per_task: int = field(default=0, metadata={"help": "hold out the last N sampled train "
                                        "instructions per task from finetuning; the fused selector is fitted on them"})
     score_dtype: str = field(default="float32", metadata={
@@ -373,13 +381,20 @@ def _run_locked(cfg: SweepConfig, out: Path, preset: str | None, log) -> dict:
         if not ray.is_initialized():
             ray.init()
         stage("sampling_s", f"== sample + label (train and validation candidates) into {settings.candidates_dir}",
-              sample, cfg, tasks if cfg.finetune_scope == "all" else todo, out, generator, log, settings.candidates_dir)
+              sample, cfg, tasks if cfg.finetune_scope == "all" or shared_selector(to_dict(cfg)) else todo, out, generator, log, settings.candidates_dir)
+        threads = cfg.shared_torch_threads or cfg.torch_threads  # a shared finetune runs alone: all its CPUs
+        shared_opts = dict(num_cpus=max(cfg.cpus_per_task, cfg.shared_torch_threads if not cfg.gpus_per_task else 0),
+                           num_gpus=cfg.gpus_per_task or None, max_retries=cfg.task_retries)
+        shared_kw = dict(use_gpu=cfg.gpus_per_task > 0, torch_threads=threads)
         if cfg.finetune and cfg.finetune_scope == "all":  # one scorer for every task, finetuned first (one Ray task)
-            shared = ray.remote(finetune_shared).options(num_cpus=cfg.cpus_per_task, num_gpus=cfg.gpus_per_task or None,
-                                                         max_retries=cfg.task_retries,
-                                                         name="finetune_shared").remote(
-                tasks, settings, key_digest(key), use_gpu=cfg.gpus_per_task > 0, torch_threads=cfg.torch_threads)
+            shared = ray.remote(finetune_shared).options(name="finetune_shared", **shared_opts).remote(
+                tasks, settings, key_digest(key), **shared_kw)
             settings = stage("shared_finetune_s", "== one scorer finetuned on all tasks", ray.get, shared)
+        if shared_selector(to_dict(cfg)):  # one selector scorer for every task, the same way
+            shared = ray.remote(finetune_shared_selector).options(name="finetune_shared_selector", **shared_opts).remote(
+                tasks, settings, key_digest(key), **shared_kw)
+            settings = stage("shared_selector_finetune_s", f"== one {cfg.selector_loss} selector scorer finetuned on "
+                             f"all tasks ({len(tasks)} x {cfg.train_size} pairs, {threads} thread(s))", ray.get, shared)
         stage("tasks_s", f"== finetune, score and evaluate: {len(todo)} Ray task(s), {cfg.cpus_per_task} CPU"
               + (f" + {cfg.gpus_per_task} GPU" if cfg.gpus_per_task else "") + " each",
               run_tasks, cfg, todo, settings, key, log)

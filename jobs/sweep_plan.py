@@ -24,6 +24,7 @@ PRETRAIN_LOCAL_S = 180.0
 SAMPLING_CANDIDATES_PER_S = 926 * 17 / 286
 TASK_S = (1156 - 811 / 2) / 6  # wall seconds per task at the local preset's sizes and concurrency, one scorer
 TASK_S_WITH_SELECTOR = 1156 / 6  # the same with a selector scorer of its own (a second finetune)
+SHARED_PAIRS_PER_S = 12.5  # a finetune on every task's pairs (--selector-scope all), 2 threads, alone
 DOWNLOAD_S = 54.0
 RATES_SOURCE = "measured: `cappy sweep --preset local`, 2-core CPU (README, The main job)"
 
@@ -59,7 +60,7 @@ def plan(cfg: Any, preset: str | None = None) -> dict[str, Any]:
     from cappy_core.data.source import BigBenchNotFound
     from cappy_core.generation import candidates_per_instruction, decodings_from_names
     from cappy_core.lm import default_generator_path, is_generator_dir
-    from cappy_core.task_eval import finished, key_digest, result_key, settings_from_config
+    from cappy_core.task_eval import finished, key_digest, result_key, settings_from_config, shared_selector
     from jobs.sweep import checked_config, embedded_generator_name, pretrained_scorer_path
 
     cfg, out = checked_config(cfg, preset)  # the sweep's own checks
@@ -103,7 +104,8 @@ def plan(cfg: Any, preset: str | None = None) -> dict[str, Any]:
     settings = settings_from_config(to_dict(cfg), out, init, generator)
     done = {t for t in tasks if not cfg.redo and finished(settings.tasks_dir, t, key_digest(key)) is not None}
     todo = [t for t in tasks if t not in done]
-    sampled_for = tasks if cfg.finetune_scope == "all" else todo
+    shared_sel = shared_selector(to_dict(cfg))
+    sampled_for = tasks if cfg.finetune_scope == "all" or shared_sel else todo
     splits = ([("train", cfg.max_train_examples_per_task)] if cfg.finetune or cfg.dev_examples_per_task else []) + \
         [("validation", cfg.max_examples_per_task)]
     rows = []
@@ -120,7 +122,11 @@ def plan(cfg: Any, preset: str | None = None) -> dict[str, Any]:
                    "what": f"{total:,} instructions x {per_instruction} = {total * per_instruction:,} candidates; "
                            f"{to_sample:,} instructions to sample",
                    "seconds": (to_sample * per_instruction / SAMPLING_CANDIDATES_PER_S) if todo else 0.0})
-    per_task = TASK_S if cfg.selector_loss == "same" or not cfg.finetune else TASK_S_WITH_SELECTOR
+    if shared_sel:
+        stages.append({"stage": "shared selector finetune", "cached": not todo,
+                       "what": f"{len(tasks)} x {cfg.train_size} pairs, {cfg.selector_loss}",
+                       "seconds": len(tasks) * cfg.train_size / SHARED_PAIRS_PER_S if todo else 0.0})
+    per_task = TASK_S if cfg.selector_loss == "same" or not cfg.finetune or shared_sel else TASK_S_WITH_SELECTOR
     stages.append({"stage": "tasks", "cached": not todo, "seconds": len(todo) * per_task,
                    "what": f"{len(done)} finished with these settings, {len(todo)} to run "
                            f"({cfg.cpus_per_task} CPU{f' + {cfg.gpus_per_task} GPU' if cfg.gpus_per_task else ''} each)"})

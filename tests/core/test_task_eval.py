@@ -247,3 +247,63 @@ def test_finetune_shared_trains_once_on_every_task_without_dev(tmp_path, tiny_sc
     stamp = record.stat().st_mtime_ns
     again = finetune_shared(["a", "b"], settings, "digest-1")  # same digest: kept
     assert again.shared_training == shared.shared_training and record.stat().st_mtime_ns == stamp
+
+
+def test_one_selector_scorer_for_every_task_drives_each_tasks_fused_row(tmp_path, monkeypatch):
+    """``selector_scope: all``: the selector scorer is finetuned once, before the tasks, on each
+    task's train_size pairs together (dev held out); every task then scores with it and finetunes
+    only its own cappy scorer; a kept task carries a copy with its own weights (serve's folder)."""
+    import cappy_core.task_eval as te
+    from cappy_core.task_eval import finetune_shared_selector
+
+    for task in ("a", "b"):
+        data, cands = make_task(tmp_path, task)
+
+    class Right(LabelScorer):  # knows both tasks' labels
+        dtype = "float32"
+
+        def __init__(self):
+            self.by_text = {**LabelScorer(cands).by_text}
+
+        def save_pretrained(self, folder):
+            folder = __import__("pathlib").Path(folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "config.json").write_text("{}")
+
+    class Wrong(Right):
+        def score(self, instructions, responses):
+            return [-s for s in super().score(instructions, responses)]
+
+    seen = []
+
+    def fake_finetune(init, pairs_file, schedule, **kw):
+        seen.append((schedule.loss, pq.read_table(pairs_file)["instruction"].to_pylist()))
+        return (Right() if schedule.loss == "listwise" else Wrong()), {"updates": 1}
+
+    monkeypatch.setattr(te, "finetune", fake_finetune)
+    monkeypatch.setattr("cappy_core.scorer.Scorer.from_pretrained", lambda folder, **kw: Right())
+    settings = TaskSettings(data_dir=data, candidates_dir=cands, tasks_dir=str(tmp_path / "tasks"), init="x",
+                            max_length=32, schedule=ScorerSchedule(seed=0), train_size=16, dev_examples=3,
+                            keep_scorer=True,
+                            selector_schedule=ScorerSchedule(seed=0, loss="listwise", group_by_instruction=True))
+    shared = finetune_shared_selector(["b", "a"], settings, "digest-1")
+    assert shared.selector_schedule is None and shared.schedule == settings.schedule
+    assert shared.selector_init == str(tmp_path / "tasks" / "_shared" / "selector_scorer")
+    rec = shared.shared_selector_training
+    assert rec["scope"] == "all" and rec["tasks"] == ["a", "b"] and rec["loss"] == "listwise"
+    (loss, union), = seen
+    assert loss == "listwise" and len(union) == rec["train_pairs"] == 2 * 16  # each task's 16 pairs
+    assert {i.split()[0] for i in union} == {"a", "b"} and "a train instruction 5: say foxtrot" not in union
+    assert "a train instruction 4: say echo" in union
+    for task in ("a", "b"):
+        r = te.run_task(task, shared)
+        assert [s for s, _ in seen[1:]] == ["mse"] and seen[1][1] == pq.read_table(
+            tmp_path / "tasks" / task / "train_pairs.parquet")["instruction"].to_pylist()
+        seen[1:] = []
+        m = r["metrics"]  # the cappy row is the task's own (wrong) scorer, the fused row the shared one's
+        assert m["cappy"] < m["cappy+lm+mbr"] == m["oracle"]
+        assert r["training"]["selector"] == rec and "selector_finetune_s" not in r["timings"]
+        kept = tmp_path / "tasks" / task / "selector_scorer"
+        assert read_selector(kept) == r["fused_weights"] and read_selector(kept.parent / "scorer") is None
+    again = finetune_shared_selector(["a", "b"], settings, "digest-1")  # same digest: kept, not retrained
+    assert again.shared_selector_training == json.loads(json.dumps(rec)) and len(seen) == 1

@@ -117,6 +117,17 @@ def test_failed_task_is_recorded_and_a_rerun_computes_only_it(tmp_path, models, 
         r = json.loads((other / "tasks" / f"{t}.json").read_text())
         assert r["status"] == "ok" and r["training"]["scope"] == "all" and r["fused_weights"]
 
+    # one listwise selector scorer for both tasks, finetuned before them; each task finetunes its cappy scorer
+    r6 = sweep(other, models, "--lr", "5e-5", "--seed", "1", "--selector-loss", "listwise", "--selector-scope", "all")
+    assert r6.returncode == 0, r6.stderr[-3000:]
+    assert "2 to run" in r6.stdout and "== one listwise selector scorer finetuned on all tasks" in r6.stdout
+    sel = json.loads((other / "tasks" / "_shared" / "selector_training.json").read_text())
+    assert sel["tasks"] == sorted(TASKS) and sel["train_pairs"] == 2 * 16 and sel["loss"] == "listwise"
+    for t in TASKS:
+        r = json.loads((other / "tasks" / f"{t}.json").read_text())
+        assert r["status"] == "ok" and "scope" not in r["training"] and r["training"]["selector"] == sel
+        assert "selector_score" in pq.read_table(other / "tasks" / t / "validation_scored.parquet").column_names
+
 
 def numbers(out) -> dict:
     """Every number a sweep reports (summary.json less its file paths; per task the metrics,
@@ -159,7 +170,7 @@ def test_settings_checks_and_what_defines_a_result():
     names = {f.name for f in fields(SweepConfig)}
     assert set(RESULT_DEFINING) <= names
     assert {"dev_examples_per_task", "loss", "listwise_tau", "mse_weight", "group_by_instruction",
-            "finetune_scope", "selector_loss"} <= set(RESULT_DEFINING)
+            "finetune_scope", "selector_loss", "selector_scope"} <= set(RESULT_DEFINING)
     ok = SweepConfig(loss="listwise+mse", group_by_instruction=True, mse_weight=0.5, dev_examples_per_task=16)
     check_config(to_dict(ok))
     s = settings_from_config(to_dict(ok), "/tmp/out", "init", "gen").schedule
@@ -169,6 +180,7 @@ def test_settings_checks_and_what_defines_a_result():
     assert settings_from_config(to_dict(ok), "/tmp/out", "init", "gen").selector_schedule is None
     for bad, match in ((replace(ok, group_by_instruction=False), "--group-by-instruction"),
                        (replace(ok, selector_loss="listwise", finetune_scope="all"), "--finetune-scope task"),
+                       (replace(ok, selector_scope="all"), "--selector-loss listwise"),
                        (replace(ok, dev_examples_per_task=40), "leaves none of the 40"),
                        (replace(ok, dev_examples_per_task=-1), ">= 0"), (replace(ok, listwise_tau=0.0), "tau")):
         with pytest.raises(ConfigError, match=match):
@@ -216,6 +228,7 @@ def test_presets_resolve_to_the_documented_settings():
     assert local.tasks == list(LOCAL_TASKS) and local.gpus_per_task == 0 and local.scorer is None
     assert local.dev_examples_per_task == 16 and local.loss == "mse" and local.finetune_scope == "task"
     assert local.selector_loss == "listwise"  # the fused row's own scorer; the cappy row stays MSE
+    assert local.selector_scope == "all" and local.shared_torch_threads == 2  # one, on every task's pairs
     # CPU: the transformers backend in one single-thread actor per core; the paper preset keeps vLLM
     assert local.backend == "hf" and local.num_actors * local.cpus_per_actor <= 2
     paper = config_from_args(SweepConfig, parser.parse_args(["--preset", "paper", "--num-actors", "16"]), presets(JOB))

@@ -24,7 +24,8 @@ def test_dry_run_plans_from_the_data_and_the_outputs_on_disk(tmp_path, generator
     from cappy_core.data.bigbench import load_task
     from cappy_core.task_eval import key_digest, result_key
     from jobs import sweep
-    from jobs.sweep_plan import SAMPLING_CANDIDATES_PER_S, TASK_S, TASK_S_WITH_SELECTOR, plan
+    from jobs.sweep_plan import (SAMPLING_CANDIDATES_PER_S, SHARED_PAIRS_PER_S, TASK_S, TASK_S_WITH_SELECTOR,
+                                 plan)
 
     out = tmp_path / "out"
     argv = ["--tasks", *TASKS, "--out", str(out), "--generator", generator, "--backend", "hf", "--scorer", "minilm",
@@ -49,6 +50,11 @@ def test_dry_run_plans_from_the_data_and_the_outputs_on_disk(tmp_path, generator
 
     sel = {s["stage"]: s for s in plan(dataclasses.replace(cfg, selector_loss="listwise"))["stages"]}
     assert sel["tasks"]["seconds"] == pytest.approx(2 * TASK_S_WITH_SELECTOR)
+    # one selector scorer for every task: a stage of its own before the tasks, which finetune once each
+    one = {s["stage"]: s for s in plan(dataclasses.replace(cfg, selector_loss="listwise", selector_scope="all",
+                                                           train_size=100))["stages"]}
+    assert one["tasks"]["seconds"] == pytest.approx(2 * TASK_S)
+    assert one["shared selector finetune"]["seconds"] == pytest.approx(2 * 100 / SHARED_PAIRS_PER_S)
 
     # tense finished with these settings (the sweep's own key) and 7 rephrase validation instructions sampled:
     # tense is neither sampled nor run again; rephrase samples what is left
