@@ -10,9 +10,12 @@ file, and a filter puts each console handler back at the level its record's logg
 
 Ray workers (sampling actors with their vLLM engines, training workers, per-task Ray tasks) write
 their logs in Ray's session folder (``/tmp/ray/session_latest/logs``); the file names it at the end.
-Not in the file: what never reaches Python logging here (C++ core-worker lines, output that Ray
-forwards from workers, progress bars), and Ray's driver logger below the ``--log-level``
-threshold, because ``ray.init`` sets that logger's level again (from ``RAY_LOGGER_LEVEL``).
+Ray's driver logger ("ray": "Started a local Ray instance", ...) is set up twice after the block
+starts: ``import ray`` gives it a stderr handler of its own and stops its propagation, and
+``ray.init`` sets its level again (from ``RAY_LOGGER_LEVEL``) and its handlers' formatter. Jobs
+therefore start Ray with :func:`init_ray`, which hands that logger back to the file (INFO and up)
+and the terminal (the ``--log-level`` threshold). Not in the file: what never reaches Python
+logging here (C++ core-worker lines, output that Ray forwards from workers, progress bars).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ logger = logging.getLogger(__name__)
 #: failure that run_main reports in one line).
 FILE_ONLY = "cappy_file_only"
 OURS = ("cappy_core", "jobs", "serve_app")
-_active: Optional[Path] = None  # the file of the command running in this process (nested jobs reuse it)
+_active: Optional[_Active] = None  # the file of the command running in this process (nested jobs reuse it)
 
 
 class _TerminalLevels(logging.Filter):
@@ -49,6 +52,60 @@ class _TerminalLevels(logging.Filter):
         while name not in self.levels:  # the nearest logger with a recorded level (root: "")
             name = name.rpartition(".")[0] if "." in name else ""
         return record.levelno >= self.levels[name]
+
+
+class _Active:
+    """The running block's file handler and what it changed, so that loggers set up later can be
+    attached the same way (:func:`init_ray`) and everything is undone on exit."""
+
+    def __init__(self, path: Path, handler: logging.Handler, terminal: _TerminalLevels, lowered: tuple[str, ...]):
+        self.path, self.handler, self.terminal, self.lowered = path, handler, terminal, lowered
+        self.formatter = handler.formatter
+        self.holders: dict[int, logging.Logger] = {}  # loggers given the file handler
+        self.consoles: dict[int, logging.Handler] = {}  # handlers given the terminal filter
+
+    def attach(self, loggers: dict[str, logging.Logger]) -> None:
+        """The file handler where records stop climbing (the root and every logger that does not
+        propagate), the terminal filter on every other handler, and the levels that
+        ``--log-level debug`` shows (ours from DEBUG, the others from INFO) on ``lowered``."""
+        for name, lg in loggers.items():
+            if (not name or not lg.propagate) and self.handler not in lg.handlers:
+                lg.addHandler(self.handler)
+                self.holders[id(lg)] = lg
+            for h in lg.handlers:
+                if h is not self.handler and self.terminal not in h.filters:
+                    h.addFilter(self.terminal)
+                    self.consoles[id(h)] = h
+            if name in self.lowered:
+                lg.setLevel(logging.DEBUG if name in OURS else min(lg.getEffectiveLevel(), logging.INFO))
+        self.handler.setFormatter(self.formatter)  # ray.init sets the formatter of the "ray" logger's handlers
+
+    def detach(self) -> None:
+        for lg in self.holders.values():
+            lg.removeHandler(self.handler)
+        self.handler.close()
+        for h in self.consoles.values():
+            h.removeFilter(self.terminal)
+
+
+def init_ray() -> None:
+    """``ray.init()`` unless this process is already connected; inside :func:`log_file`, Ray's
+    driver logger is then attached again. ``import ray`` (in the jobs, first run inside the block)
+    gave it its own stderr handler and stopped its propagation; ``ray.init`` set its level back to
+    ``RAY_LOGGER_LEVEL`` and its handlers' formatter to Ray's. Without this its INFO records
+    ("Started a local Ray instance") never reach the file."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init()
+    if _active is None:
+        return
+    if started:  # the level ray.init just set (RAY_LOGGER_LEVEL, from --log-level) is what the terminal shows
+        for name, lg in _loggers().items():
+            if name == "ray" or name.startswith("ray."):
+                _active.terminal.levels[name] = lg.getEffectiveLevel()
+    _active.attach({"ray": logging.getLogger("ray")})  # Ray Data's loggers keep their own files
 
 
 def _loggers() -> dict[str, logging.Logger]:
@@ -84,7 +141,9 @@ def log_file(folder: str | Path, job: str, log: Callable[[str], None] = print) -
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, mode="a", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    lowered = {name: logging.getLogger(name) for name in ("", *OURS, *THIRD_PARTY_LOGGERS)}  # before the snapshot
+    lowered = ("", *OURS, *THIRD_PARTY_LOGGERS)
+    for name in lowered:  # created before the snapshot
+        logging.getLogger(name)
     loggers = _loggers()
     root = loggers[""]
     saved = {name: lg.level for name, lg in loggers.items()}
@@ -92,21 +151,13 @@ def log_file(folder: str | Path, job: str, log: Callable[[str], None] = print) -
     # without any handler, Python prints WARNING and above to stderr (logging.lastResort); the
     # file handler would end that, so a stand-in keeps it (commands run as `python -m jobs.X`)
     stand_in = logging.StreamHandler() if not root.handlers else None
-    consoles = {id(h): h for lg in loggers.values() for h in lg.handlers}
     if stand_in is not None:
         root.addHandler(stand_in)
-        consoles[id(stand_in)] = stand_in
-    for h in consoles.values():
-        h.addFilter(terminal)
-    # the file handler goes where records stop climbing: the root and every logger that does not propagate
-    holders = [root] + [lg for name, lg in loggers.items() if name and not lg.propagate]
-    for lg in holders:
-        lg.addHandler(handler)
-    for name, lg in lowered.items():  # what --log-level debug shows: ours from DEBUG, the others from INFO
-        lg.setLevel(logging.DEBUG if name in OURS else min(lg.getEffectiveLevel(), logging.INFO))
+    active = _Active(path, handler, terminal, lowered)
+    active.attach(loggers)
     captured = warnings.showwarning is getattr(logging, "_showwarning", None)
     logging.captureWarnings(True)  # warnings.warn → "py.warnings", so they reach the file too
-    _active = path
+    _active = active
 
     def tee(line: str) -> None:
         log(line)
@@ -128,11 +179,7 @@ def log_file(folder: str | Path, job: str, log: Callable[[str], None] = print) -
         except Exception:  # naming the folder is a courtesy (a private Ray API); never fail the job for it
             pass
         _active = None
-        for lg in holders:
-            lg.removeHandler(handler)
-        handler.close()
-        for h in consoles.values():
-            h.removeFilter(terminal)
+        active.detach()
         if stand_in is not None:
             root.removeHandler(stand_in)
         for name, lg in _loggers().items():

@@ -40,7 +40,7 @@ from cappy_core.io import output_lock, with_local_paths, write_json
 from cappy_core.task_eval import (TaskSettings, check_config, finetune_shared, finished, key_digest, read_result,
                                   result_key, result_path, result_record, run_task, settings_from_config)
 from jobs.cli import presets
-from jobs.log_file import log_file
+from jobs.log_file import init_ray, log_file
 from jobs.tracking import TrackingOptions, check_report_to
 
 JOB = "sweep"
@@ -370,8 +370,7 @@ def _run_locked(cfg: SweepConfig, out: Path, preset: str | None, log) -> dict:
     todo = [t for t in tasks if cfg.redo or finished(settings.tasks_dir, t, key_digest(key)) is None]
     log(f"== {len(tasks) - len(todo)} task(s) already finished with these settings; {len(todo)} to run")
     if todo:
-        if not ray.is_initialized():
-            ray.init()
+        init_ray()  # ray.init, and Ray's driver log kept in the log file
         stage("sampling_s", f"== sample + label (train and validation candidates) into {settings.candidates_dir}",
               sample, cfg, tasks if cfg.finetune_scope == "all" else todo, out, generator, log, settings.candidates_dir)
         if cfg.finetune and cfg.finetune_scope == "all":  # one scorer for every task, finetuned first (one Ray task)
