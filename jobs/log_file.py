@@ -10,11 +10,11 @@ file, and a filter puts each console handler back at the level its record's logg
 
 Ray workers (sampling actors with their vLLM engines, training workers, per-task Ray tasks) write
 their logs in Ray's session folder (``/tmp/ray/session_latest/logs``); the file names it at the end.
-Ray's driver logger ("ray": "Started a local Ray instance", ...) is set up twice after the block
-starts: ``import ray`` gives it a stderr handler of its own and stops its propagation, and
-``ray.init`` sets its level again (from ``RAY_LOGGER_LEVEL``) and its handlers' formatter. Jobs
-therefore start Ray with :func:`init_ray`, which hands that logger back to the file (INFO and up)
-and the terminal (the ``--log-level`` threshold). Not in the file: what never reaches Python
+Ray's driver logger ("ray": "Started a local Ray instance", ...) is set up after the block starts:
+``import ray`` gives it a stderr handler of its own and stops its propagation, and ``ray.init``
+sets its level (from ``RAY_LOGGER_LEVEL``) and its handlers' formatter. Jobs therefore start Ray
+with :func:`init_ray`, which attaches that logger before ``ray.init`` runs: INFO and up to the
+file, the ``--log-level`` threshold to the terminal. Not in the file: what never reaches Python
 logging here (C++ core-worker lines, output that Ray forwards from workers, progress bars).
 """
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 import warnings
@@ -54,58 +55,76 @@ class _TerminalLevels(logging.Filter):
         return record.levelno >= self.levels[name]
 
 
+class _ToFile(logging.Handler):
+    """Hands records to the file handler, on loggers that do not propagate: ``ray.init`` sets the
+    formatter of every handler on the "ray" logger to Ray's, which then does not reach the file's."""
+
+    def __init__(self, file: logging.Handler):
+        super().__init__()
+        self.file = file
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.file.handle(record)
+
+
 class _Active:
-    """The running block's file handler and what it changed, so that loggers set up later can be
-    attached the same way (:func:`init_ray`) and everything is undone on exit."""
+    """The running block's file handler and what it changed, so that a logger set up later (Ray's,
+    by :func:`init_ray`) is attached the same way and everything is undone on exit."""
 
     def __init__(self, path: Path, handler: logging.Handler, terminal: _TerminalLevels, lowered: tuple[str, ...]):
         self.path, self.handler, self.terminal, self.lowered = path, handler, terminal, lowered
-        self.formatter = handler.formatter
-        self.holders: dict[int, logging.Logger] = {}  # loggers given the file handler
+        self.to_file = _ToFile(handler)
+        self.holders: dict[int, tuple[logging.Logger, logging.Handler]] = {}  # loggers given the file (handler)
         self.consoles: dict[int, logging.Handler] = {}  # handlers given the terminal filter
 
     def attach(self, loggers: dict[str, logging.Logger]) -> None:
-        """The file handler where records stop climbing (the root and every logger that does not
+        """The file where records stop climbing (the root and every logger that does not
         propagate), the terminal filter on every other handler, and the levels that
         ``--log-level debug`` shows (ours from DEBUG, the others from INFO) on ``lowered``."""
+        mine = (self.handler, self.to_file)
         for name, lg in loggers.items():
-            if (not name or not lg.propagate) and self.handler not in lg.handlers:
-                lg.addHandler(self.handler)
-                self.holders[id(lg)] = lg
+            if (not name or not lg.propagate) and id(lg) not in self.holders:
+                h = self.handler if not name else self.to_file
+                lg.addHandler(h)
+                self.holders[id(lg)] = (lg, h)
             for h in lg.handlers:
-                if h is not self.handler and self.terminal not in h.filters:
+                if h not in mine and self.terminal not in h.filters:
                     h.addFilter(self.terminal)
                     self.consoles[id(h)] = h
             if name in self.lowered:
                 lg.setLevel(logging.DEBUG if name in OURS else min(lg.getEffectiveLevel(), logging.INFO))
-        self.handler.setFormatter(self.formatter)  # ray.init sets the formatter of the "ray" logger's handlers
 
     def detach(self) -> None:
-        for lg in self.holders.values():
-            lg.removeHandler(self.handler)
+        for lg, h in self.holders.values():
+            lg.removeHandler(h)
         self.handler.close()
         for h in self.consoles.values():
             h.removeFilter(self.terminal)
 
 
 def init_ray() -> None:
-    """``ray.init()`` unless this process is already connected; inside :func:`log_file`, Ray's
-    driver logger is then attached again. ``import ray`` (in the jobs, first run inside the block)
-    gave it its own stderr handler and stopped its propagation; ``ray.init`` set its level back to
-    ``RAY_LOGGER_LEVEL`` and its handlers' formatter to Ray's. Without this its INFO records
-    ("Started a local Ray instance") never reach the file."""
+    """``ray.init()`` unless this process is already connected. Inside :func:`log_file`, Ray's
+    driver logger is attached first, so that what ``ray.init`` logs ("Started a local Ray
+    instance") reaches the file: ``import ray`` (in the jobs, run inside the block) gave that
+    logger a stderr handler of its own and stopped its propagation, and ``ray.init`` sets its level
+    from ``logging_level`` (by default ``RAY_LOGGER_LEVEL``, which jobs/cli.py sets from
+    ``--log-level``); that level stays the terminal's, the file gets INFO and up."""
     import ray
 
     started = not ray.is_initialized()
-    if started:
-        ray.init()
     if _active is None:
+        if started:
+            ray.init()
         return
-    if started:  # the level ray.init just set (RAY_LOGGER_LEVEL, from --log-level) is what the terminal shows
+    ray_logger = logging.getLogger("ray")
+    if started:  # the terminal keeps the level ray.init would set
+        ray_logger.setLevel(os.environ.get("RAY_LOGGER_LEVEL", "info").upper())
         for name, lg in _loggers().items():
             if name == "ray" or name.startswith("ray."):
                 _active.terminal.levels[name] = lg.getEffectiveLevel()
-    _active.attach({"ray": logging.getLogger("ray")})  # Ray Data's loggers keep their own files
+    _active.attach({"ray": ray_logger})  # Ray Data's loggers keep their own files in Ray's session folder
+    if started:
+        ray.init(logging_level=ray_logger.level)
 
 
 def _loggers() -> dict[str, logging.Logger]:

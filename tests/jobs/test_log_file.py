@@ -86,16 +86,18 @@ def test_a_failure_leaves_its_traceback_in_the_file_only(tmp_path, terminal):
 @pytest.mark.parametrize("imported", ["inside the block", "before the block"])
 def test_rays_driver_log_reaches_the_file_after_ray_init_and_not_the_terminal(tmp_path, terminal, capsys,
                                                                              monkeypatch, request, imported):
-    """``import ray`` and ``ray.init`` set up the "ray" logger again (a stderr handler of its own, no
-    propagation, the level of RAY_LOGGER_LEVEL, Ray's formatter on its handlers); simulated here
-    with Ray's own functions, since a real ray.init would start a second cluster."""
+    """``import ray`` and ``ray.init`` set up the "ray" logger (a stderr handler of its own, no
+    propagation, the level of RAY_LOGGER_LEVEL, Ray's formatter on its handlers) and ray.init logs
+    "Started a local Ray instance"; simulated with Ray's own functions (a real ray.init here would
+    start a second cluster)."""
     import ray
     from ray._private import log as ray_log
     from ray._private import ray_constants
     from ray._private.ray_logging import setup_logger
 
-    def ray_init():  # what ray.init (ray._private.worker.init) does to the driver's "ray" logger
-        setup_logger(os.environ["RAY_LOGGER_LEVEL"], ray_constants.LOGGER_FORMAT)
+    def ray_init(logging_level=os.environ["RAY_LOGGER_LEVEL"]):  # ray._private.worker.init, as to the "ray" logger
+        setup_logger(logging_level, ray_constants.LOGGER_FORMAT)
+        logging.getLogger("ray._private.worker").info("Started a local Ray instance 48")
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", ray_init)
@@ -108,18 +110,19 @@ def test_rays_driver_log_reaches_the_file_after_ray_init_and_not_the_terminal(tm
         if imported == "inside the block":  # as in the jobs (they import ray lazily)
             ray_log.generate_logging_config()
         init_ray()
-        logging.getLogger("ray._private.worker").info("Started a local Ray instance 48")
-        logging.getLogger("ray").error("ray error 49")
+        logging.getLogger("ray").info("ray info 49")
+        logging.getLogger("ray").error("ray error 50")
 
     text = next((tmp_path / "logs").glob("demo-*.log")).read_text()
     assert "INFO ray._private.worker: Started a local Ray instance 48" in text  # in the file's format, not Ray's
-    assert "ERROR ray: ray error 49" in text
+    assert "INFO ray: ray info 49" in text and "ERROR ray: ray error 50" in text
     assert "-- Started" not in text  # Ray's format ("%(filename)s:%(lineno)s -- %(message)s")
     err = capsys.readouterr().err  # Ray's own handler writes to stderr
-    assert "ray error 49" in err and "Started a local Ray instance" not in err + terminal.getvalue()
+    assert "ray error 50" in err
+    assert "Started a local Ray instance" not in err + terminal.getvalue() and "ray info 49" not in err
     ray_logger = logging.getLogger("ray")
     assert ray_logger.level == level_before
-    assert not [h for h in ray_logger.handlers if h.filters or isinstance(h, logging.FileHandler)]
+    assert [type(h).__name__ for h in ray_logger.handlers] == ["PlainRayHandler"] and not ray_logger.handlers[0].filters
 
 
 @pytest.mark.bigbench
