@@ -304,7 +304,7 @@ def run_tasks(cfg: SweepConfig, tasks: list[str], settings: TaskSettings, key: d
     # max_retries: Ray reruns a task whose worker died (a streaming task from its start; the
     # driver already has its first item); retry_exceptions stays off: a raised error is final.
     remote = ray.remote(sweep_task).options(num_cpus=cfg.cpus_per_task, num_gpus=cfg.gpus_per_task or None,
-                                            max_retries=cfg.task_retries, name="sweep_task",
+                                            max_retries=cfg.task_retries, name=sweep_task.__name__,
                                             num_returns="streaming")
     faults = (sweep_fail_tasks(), sweep_hang_tasks())
     submitted = {t: time.time() for t in tasks}
