@@ -10,15 +10,19 @@ file, and a filter puts each console handler back at the level its record's logg
 
 Ray workers (sampling actors with their vLLM engines, training workers, per-task Ray tasks) write
 their logs in Ray's session folder (``/tmp/ray/session_latest/logs``); the file names it at the end.
-Not in the file: what never reaches Python logging here (C++ core-worker lines, output that Ray
-forwards from workers, progress bars), and Ray's driver logger below the ``--log-level``
-threshold, because ``ray.init`` sets that logger's level again (from ``RAY_LOGGER_LEVEL``).
+Ray's driver logger ("ray": "Started a local Ray instance", ...) is set up after the block starts:
+``import ray`` gives it a stderr handler of its own and stops its propagation, and ``ray.init``
+sets its level (from ``RAY_LOGGER_LEVEL``) and its handlers' formatter. Jobs therefore start Ray
+with :func:`init_ray`, which attaches that logger before ``ray.init`` runs: INFO and up to the
+file, the ``--log-level`` threshold to the terminal. Not in the file: what never reaches Python
+logging here (C++ core-worker lines, output that Ray forwards from workers, progress bars).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 import warnings
@@ -32,7 +36,7 @@ logger = logging.getLogger(__name__)
 #: failure that run_main reports in one line).
 FILE_ONLY = "cappy_file_only"
 OURS = ("cappy_core", "jobs", "serve_app")
-_active: Optional[Path] = None  # the file of the command running in this process (nested jobs reuse it)
+_active: Optional[_Active] = None  # the file of the command running in this process (nested jobs reuse it)
 
 
 class _TerminalLevels(logging.Filter):
@@ -49,6 +53,78 @@ class _TerminalLevels(logging.Filter):
         while name not in self.levels:  # the nearest logger with a recorded level (root: "")
             name = name.rpartition(".")[0] if "." in name else ""
         return record.levelno >= self.levels[name]
+
+
+class _ToFile(logging.Handler):
+    """Hands records to the file handler, on loggers that do not propagate: ``ray.init`` sets the
+    formatter of every handler on the "ray" logger to Ray's, which then does not reach the file's."""
+
+    def __init__(self, file: logging.Handler):
+        super().__init__()
+        self.file = file
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.file.handle(record)
+
+
+class _Active:
+    """The running block's file handler and what it changed, so that a logger set up later (Ray's,
+    by :func:`init_ray`) is attached the same way and everything is undone on exit."""
+
+    def __init__(self, path: Path, handler: logging.Handler, terminal: _TerminalLevels, lowered: tuple[str, ...]):
+        self.path, self.handler, self.terminal, self.lowered = path, handler, terminal, lowered
+        self.to_file = _ToFile(handler)
+        self.holders: dict[int, tuple[logging.Logger, logging.Handler]] = {}  # loggers given the file (handler)
+        self.consoles: dict[int, logging.Handler] = {}  # handlers given the terminal filter
+
+    def attach(self, loggers: dict[str, logging.Logger]) -> None:
+        """The file where records stop climbing (the root and every logger that does not
+        propagate), the terminal filter on every other handler, and the levels that
+        ``--log-level debug`` shows (ours from DEBUG, the others from INFO) on ``lowered``."""
+        mine = (self.handler, self.to_file)
+        for name, lg in loggers.items():
+            if (not name or not lg.propagate) and id(lg) not in self.holders:
+                h = self.handler if not name else self.to_file
+                lg.addHandler(h)
+                self.holders[id(lg)] = (lg, h)
+            for h in lg.handlers:
+                if h not in mine and self.terminal not in h.filters:
+                    h.addFilter(self.terminal)
+                    self.consoles[id(h)] = h
+            if name in self.lowered:
+                lg.setLevel(logging.DEBUG if name in OURS else min(lg.getEffectiveLevel(), logging.INFO))
+
+    def detach(self) -> None:
+        for lg, h in self.holders.values():
+            lg.removeHandler(h)
+        self.handler.close()
+        for h in self.consoles.values():
+            h.removeFilter(self.terminal)
+
+
+def init_ray() -> None:
+    """``ray.init()`` unless this process is already connected. Inside :func:`log_file`, Ray's
+    driver logger is attached first, so that what ``ray.init`` logs ("Started a local Ray
+    instance") reaches the file: ``import ray`` (in the jobs, run inside the block) gave that
+    logger a stderr handler of its own and stopped its propagation, and ``ray.init`` sets its level
+    from ``logging_level`` (by default ``RAY_LOGGER_LEVEL``, which jobs/cli.py sets from
+    ``--log-level``); that level stays the terminal's, the file gets INFO and up."""
+    import ray
+
+    started = not ray.is_initialized()
+    if _active is None:
+        if started:
+            ray.init()
+        return
+    ray_logger = logging.getLogger("ray")
+    if started:  # the terminal keeps the level ray.init would set
+        ray_logger.setLevel(os.environ.get("RAY_LOGGER_LEVEL", "info").upper())
+        for name, lg in _loggers().items():
+            if name == "ray" or name.startswith("ray."):
+                _active.terminal.levels[name] = lg.getEffectiveLevel()
+    _active.attach({"ray": ray_logger})  # Ray Data's loggers keep their own files in Ray's session folder
+    if started:
+        ray.init(logging_level=ray_logger.level)
 
 
 def _loggers() -> dict[str, logging.Logger]:
@@ -84,7 +160,9 @@ def log_file(folder: str | Path, job: str, log: Callable[[str], None] = print) -
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, mode="a", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    lowered = {name: logging.getLogger(name) for name in ("", *OURS, *THIRD_PARTY_LOGGERS)}  # before the snapshot
+    lowered = ("", *OURS, *THIRD_PARTY_LOGGERS)
+    for name in lowered:  # created before the snapshot
+        logging.getLogger(name)
     loggers = _loggers()
     root = loggers[""]
     saved = {name: lg.level for name, lg in loggers.items()}
@@ -92,21 +170,13 @@ def log_file(folder: str | Path, job: str, log: Callable[[str], None] = print) -
     # without any handler, Python prints WARNING and above to stderr (logging.lastResort); the
     # file handler would end that, so a stand-in keeps it (commands run as `python -m jobs.X`)
     stand_in = logging.StreamHandler() if not root.handlers else None
-    consoles = {id(h): h for lg in loggers.values() for h in lg.handlers}
     if stand_in is not None:
         root.addHandler(stand_in)
-        consoles[id(stand_in)] = stand_in
-    for h in consoles.values():
-        h.addFilter(terminal)
-    # the file handler goes where records stop climbing: the root and every logger that does not propagate
-    holders = [root] + [lg for name, lg in loggers.items() if name and not lg.propagate]
-    for lg in holders:
-        lg.addHandler(handler)
-    for name, lg in lowered.items():  # what --log-level debug shows: ours from DEBUG, the others from INFO
-        lg.setLevel(logging.DEBUG if name in OURS else min(lg.getEffectiveLevel(), logging.INFO))
+    active = _Active(path, handler, terminal, lowered)
+    active.attach(loggers)
     captured = warnings.showwarning is getattr(logging, "_showwarning", None)
     logging.captureWarnings(True)  # warnings.warn → "py.warnings", so they reach the file too
-    _active = path
+    _active = active
 
     def tee(line: str) -> None:
         log(line)
@@ -128,11 +198,7 @@ def log_file(folder: str | Path, job: str, log: Callable[[str], None] = print) -
         except Exception:  # naming the folder is a courtesy (a private Ray API); never fail the job for it
             pass
         _active = None
-        for lg in holders:
-            lg.removeHandler(handler)
-        handler.close()
-        for h in consoles.values():
-            h.removeFilter(terminal)
+        active.detach()
         if stand_in is not None:
             root.removeHandler(stand_in)
         for name, lg in _loggers().items():

@@ -216,6 +216,7 @@ def _sample_shards(cfg, todo, generator, decodings, per_instruction, meta, timin
 
     from cappy_core.candidates import add_labels
     from cappy_core.shards import write_shard
+    from jobs.log_file import init_ray
 
     gen_kwargs: dict = {"max_prompt_tokens": cfg.max_prompt_tokens, "dtype": cfg.dtype,
                         "allow_pickle": cfg.allow_pickle, "trust_remote_code": cfg.trust_remote_code}
@@ -225,8 +226,7 @@ def _sample_shards(cfg, todo, generator, decodings, per_instruction, meta, timin
             gen_kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gb * (1 << 30))
         if cfg.gpu_memory_utilization is not None:
             gen_kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()  # ray.init, and Ray's driver log kept in the log file
     if "RAY_DATA_MAX_CONSECUTIVE_ACTOR_INIT_DEATHS" not in os.environ:
         # Ray Data fails the job when a generator actor dies while loading its model (its default,
         # 0); one killed there (preempted, OOM) is replaced, a model that never loads still fails.

@@ -41,7 +41,7 @@ from cappy_core.task_eval import (TaskSettings, check_config, finetune_shared, f
                                   key_digest, read_result, result_key, result_path, result_record, run_task,
                                   settings_from_config, shared_selector)
 from jobs.cli import presets
-from jobs.log_file import log_file
+from jobs.log_file import init_ray, log_file
 from jobs.tracking import TrackingOptions, check_report_to
 
 JOB = "sweep"
@@ -312,7 +312,7 @@ def run_tasks(cfg: SweepConfig, tasks: list[str], settings: TaskSettings, key: d
     # max_retries: Ray reruns a task whose worker died (a streaming task from its start; the
     # driver already has its first item); retry_exceptions stays off: a raised error is final.
     remote = ray.remote(sweep_task).options(num_cpus=cfg.cpus_per_task, num_gpus=cfg.gpus_per_task or None,
-                                            max_retries=cfg.task_retries, name="sweep_task",
+                                            max_retries=cfg.task_retries, name=sweep_task.__name__,
                                             num_returns="streaming")
     faults = (sweep_fail_tasks(), sweep_hang_tasks())
     submitted = {t: time.time() for t in tasks}
@@ -378,8 +378,7 @@ def _run_locked(cfg: SweepConfig, out: Path, preset: str | None, log) -> dict:
     todo = [t for t in tasks if cfg.redo or finished(settings.tasks_dir, t, key_digest(key)) is None]
     log(f"== {len(tasks) - len(todo)} task(s) already finished with these settings; {len(todo)} to run")
     if todo:
-        if not ray.is_initialized():
-            ray.init()
+        init_ray()  # ray.init, and Ray's driver log kept in the log file
         stage("sampling_s", f"== sample + label (train and validation candidates) into {settings.candidates_dir}",
               sample, cfg, tasks if cfg.finetune_scope == "all" or shared_selector(to_dict(cfg)) else todo, out, generator, log, settings.candidates_dir)
         threads = cfg.shared_torch_threads or cfg.torch_threads  # a shared finetune runs alone: all its CPUs

@@ -244,6 +244,7 @@ def run_training(cfg: TrainScorerConfig, paths: dict[str, str], train_file: str,
     from cappy_core.pretrain_data import check_pair_file, read_pair_columns
     from cappy_core.scorer_runs import OUTPUT_MARKER, TrainOutcome, check_output
     from cappy_core.training import OPTIMIZER_FILE, load_train_state, plan_pair_updates, plan_updates
+    from jobs.log_file import init_ray
 
     rows = check_pair_file(train_file)
     if rows == 0:
@@ -253,8 +254,7 @@ def run_training(cfg: TrainScorerConfig, paths: dict[str, str], train_file: str,
     accum, total = (plan_pair_updates(read_pair_columns(train_file), schedule, cfg.num_workers)
                     if schedule.group_by_instruction else plan_updates(rows, schedule, cfg.num_workers))
     threads = cfg.torch_threads or max(1, int(cfg.cpus_per_worker))
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()  # ray.init, and Ray's driver log kept in the log file
     # Set for this fit only: left behind, a short timeout fails the sweep's later sampling stage.
     data_ctx = ray.data.DataContext.get_current()
     saved = (data_ctx.execution_options.preserve_order, data_ctx.enable_progress_bars,

@@ -2,6 +2,7 @@
 
     python -m jobs.bench.chaos --kills 10 --seed 0             # cappy sample
     python -m jobs.bench.chaos --job sweep --kills 10 --seed 0 # cappy sweep (BIG-Bench cache)
+    python -m jobs.bench.chaos --job sweep --target tasks --kills 3   # only the sweep's task workers
 
 Starts its own local Ray (``--num-cpus``; never another cluster: ``RAY_ADDRESS`` is ignored)
 and a tiny generator (:func:`cappy_core.lm.tiny_generator`) in a temporary folder, runs the job
@@ -12,18 +13,22 @@ runs a task or holds an actor (title ``ray::<name>``; not an idle worker, not on
 agents, whose death takes the raylet with it; only descendants of this process, so other users'
 Ray is never touched), drawn uniformly: the sampler's generator actors and Rouge-L labelling
 tasks, Ray Data's helper actors (they outlive each dataset, so they draw many kills) and, with
-``--job sweep``, the per-task finetune-and-score tasks. Ray restarts actors and retries tasks
-(the sweep's own with ``--task-retries``); the sampler commits a shard only when whole
-(:mod:`cappy_core.shards`).
+``--job sweep``, the per-task finetune-and-score tasks. ``--target tasks`` draws only among the
+latter (title ``ray::sweep_task``, the Ray task of :func:`jobs.sweep.sweep_task`), which run
+in the sweep's last stage only, so that undirected kills rarely hit them. Ray restarts actors and
+retries tasks (the sweep's own ``--task-retries`` is at least ``--kills``, so one task may lose
+every kill); the sampler commits a shard only when whole (:mod:`cappy_core.shards`).
 
 ``--job sample``: ``cappy sample`` on a synthetic task of ``--instructions`` examples (3
 candidates each); ``--job sweep``: ``cappy sweep`` on tense and rephrase (3 validation and 3
 train instructions each, 17 candidates, the embedded MiniLM scorer finetuned on 16 pairs).
 Checks the disturbed run's candidates equal the undisturbed run's row for row, with no duplicate
 or missing one (the sweep: also its summary table and every task's numbers), and prints one
-JSON line: kills made (by process title), tasks retried (killed task workers: the output is
-whole, so Ray ran each again), actor restarts (from the GCS), the extra wall time, and whether
-the outputs are identical. Exit status 1 when they are not.
+JSON line: kills made (by process title and by kind: ``sweep task``, other ``task``, ``actor``),
+tasks retried (killed task workers: the output is whole, so Ray ran each again; of the sweep
+tasks' kills, those that came after the worker had delivered its result), actor restarts
+(from the GCS), the extra wall time, and whether the outputs are identical. Exit status 1 when
+they are not.
 """
 
 from __future__ import annotations
@@ -55,6 +60,9 @@ class ChaosConfig:
     min_gap_s: float = field(default=1.0, metadata={"help": "shortest wait between two kills (s)"})
     max_gap_s: float = field(default=4.0, metadata={"help": "longest wait between two kills (s)"})
     seed: int = field(default=0, metadata={"help": "seeds the kill moments and victims (and sampling)"})
+    target: str = field(default="any", metadata={
+        "choices": ["any", "tasks"], "help": "any: any busy Ray worker; tasks: only workers running one of the "
+                                             "sweep's per-task Ray tasks (ray::sweep_task; --job sweep)"})
     instructions: int = field(default=48, metadata={"help": "synthetic instructions to sample for"})
     shard_size: int = field(default=2, metadata={"help": "instructions per output shard (the unit of commit)"})
     num_actors: int = field(default=2, metadata={"help": "generator actors"})
@@ -94,28 +102,44 @@ def busy_workers(root: int) -> dict[int, str]:
     return {pid: t for pid, t in _descendants(root).items() if t.startswith("ray::") and not t.startswith(NOT_WORKERS)}
 
 
+def sweep_task_title() -> str:
+    """The process title of a worker running one of the sweep's per-task Ray tasks: Ray sets
+    ``ray::<task name>``, and jobs/sweep.py names the task after its function."""
+    from jobs.sweep import sweep_task
+
+    return f"ray::{sweep_task.__name__}"
+
+
 class Killer(threading.Thread):
     """SIGKILLs one busy Ray worker (chosen by a seeded draw) after each seeded random gap."""
 
     def __init__(self, cfg: ChaosConfig):
         super().__init__(daemon=True)
         self.cfg, self.rng, self.stop = cfg, random.Random(cfg.seed), threading.Event()
-        self.killed: list[tuple[float, str, str]] = []  # (seconds in, process title, "actor" or "task")
+        self.task_title = sweep_task_title()
+        self.killed: list[tuple[float, str, str]] = []  # (seconds in, process title, kind: see kind())
+        self.pids: list[int] = []
+
+    def kind(self, pid: int, title: str) -> str:
+        return "sweep task" if title == self.task_title else "actor" if _is_actor(pid, title) else "task"
 
     def run(self) -> None:
         t0 = time.monotonic()
         while len(self.killed) < self.cfg.kills and not self.stop.wait(
                 self.rng.uniform(self.cfg.min_gap_s, self.cfg.max_gap_s)):
             victims = busy_workers(os.getpid())
+            if self.cfg.target == "tasks":
+                victims = {pid: t for pid, t in victims.items() if t == self.task_title}
             if not victims:
                 continue
             pid = self.rng.choice(sorted(victims))
-            kind = "actor" if _is_actor(pid, victims[pid]) else "task"
+            kind = self.kind(pid, victims[pid])
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 continue  # finished meanwhile
             self.killed.append((round(time.monotonic() - t0, 1), victims[pid], kind))
+            self.pids.append(pid)
 
 
 def _data(root: Path, n: int) -> Path:
@@ -151,7 +175,8 @@ def _sweep(cfg: ChaosConfig, gen: Path, out: Path) -> float:
             tasks=list(SWEEP_TASKS), out=str(out), generator=str(gen), backend="hf", scorer="minilm",
             max_examples_per_task=3, max_train_examples_per_task=3, dev_examples_per_task=1,
             max_new_tokens=cfg.max_new_tokens, train_size=16, batch_size=8, micro_batch_size=4, max_length=64,
-            cpus_per_task=0.5, cpus_per_actor=0.5, num_actors=cfg.num_actors, seed=cfg.seed))
+            cpus_per_task=0.5, cpus_per_actor=0.5, num_actors=cfg.num_actors, seed=cfg.seed,
+            task_retries=max(3, cfg.kills)))  # every kill may land on the same task
     return time.monotonic() - t0
 
 
@@ -166,6 +191,7 @@ def _sweep_outcome(out: Path) -> tuple:
         rec = json.loads((out / "tasks" / f"{t}.json").read_text())
         tasks[t] = {k: rec.get(k) for k in ("status", "error", "metrics", "per_instruction", "spearman",
                                             "fused_weights", "dev_metrics", "sizes")}
+        tasks[t]["pid"] = rec.get("pid")  # the worker the result came from
     folders = sorted(p for p in out.glob("candidates/sampling-*/*") if p.is_dir())
     return ({"summary.csv": (out / "summary.csv").read_text(), "tasks": tasks},
             pa.concat_tables([read_candidates(f) for f in folders]))
@@ -199,6 +225,8 @@ def run(cfg: ChaosConfig) -> int:
 
     if cfg.kills < 0 or cfg.instructions < 1 or cfg.shard_size < 1 or not 0 <= cfg.min_gap_s <= cfg.max_gap_s:
         raise ConfigError("need --kills >= 0, --instructions >= 1, --shard-size >= 1, 0 <= --min-gap-s <= --max-gap-s")
+    if cfg.target == "tasks" and cfg.job != "sweep":
+        raise ConfigError("--target tasks aims at the sweep's per-task Ray tasks: it needs --job sweep")
     root = Path(cfg.workdir or tempfile.mkdtemp(prefix="cappy-chaos-"))
     gen = tiny_generator(root / "gen")
     data = _data(root, cfg.instructions)
@@ -234,21 +262,29 @@ def run(cfg: ChaosConfig) -> int:
     finally:
         ray.shutdown()
     (calm_numbers, calm), (chaos_numbers, chaos) = outcome(root / "undisturbed"), outcome(root / "disturbed")
+    result_pids = {t.pop("pid") for t in (chaos_numbers or {}).get("tasks", {}).values()}  # not compared
+    for t in (calm_numbers or {}).get("tasks", {}).values():
+        t.pop("pid")
     keys = Counter(zip(*(chaos[c].to_pylist() for c in ("instruction_id", "decoding", "sample_idx"))))
     identical = calm.equals(chaos) and calm_numbers == chaos_numbers
     expected = cfg.instructions * 3 if cfg.job == "sample" else calm.num_rows
     result = {
         "bench": "chaos", "job": f"cappy {cfg.job}", "rows": chaos.num_rows, "expected_rows": expected,
         "duplicate_rows": sum(n - 1 for n in keys.values()), "kills": len(killer.killed),
-        "killed": dict(Counter(title for _, title, _ in killer.killed)),
+        "target": cfg.target, "killed": dict(Counter(title for _, title, _ in killer.killed)),
+        "killed_kinds": dict(Counter(kind for *_, kind in killer.killed)),
         "kill_times_s": [t for t, _, _ in killer.killed],
         # every killed task ran again (the output is whole): Ray retried it
-        "tasks_retried": sum(kind == "task" for *_, kind in killer.killed), "actor_restarts": restarts,
+        "tasks_retried": sum(kind != "actor" for *_, kind in killer.killed), "actor_restarts": restarts,
         "undisturbed_s": round(calm_s, 1), "disturbed_s": round(chaos_s, 1),
         "extra_min": round((chaos_s - calm_s) / 60, 2), "identical": identical, "seed": cfg.seed,
     }
     if cfg.job == "sweep":
         result["tasks_ok"] = sum(t["status"] == "ok" for t in chaos_numbers["tasks"].values())
+        # sweep-task kills that came after the worker had delivered its task's result (a rerun
+        # was not needed); every other one was: the task's result came from another worker
+        killed_task_pids = {pid for pid, (*_, kind) in zip(killer.pids, killer.killed) if kind == "sweep task"}
+        result["sweep_task_kills_after_result"] = len(killed_task_pids & result_pids)
     print(json.dumps(result))
     return 0 if identical and chaos.num_rows == expected else 1
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
+import os
 import warnings
 
 import pytest
 
 from jobs import cli
-from jobs.log_file import log_file
+from jobs.log_file import init_ray, log_file
 
 
 @pytest.fixture
@@ -21,6 +23,8 @@ def terminal(monkeypatch):
         monkeypatch.delenv(key)
     names = ("", *cli.THIRD_PARTY_LOGGERS, "cappy_core", "jobs", "serve_app", "transformers.modeling_utils")
     saved = {n: logging.getLogger(n).level for n in names}
+    import ray  # noqa: F401  (imported first, so that what its import does to the "ray" logger is undone below)
+
     ray_logger = logging.getLogger("ray")  # as before `import ray` (which gives it a handler of its own and
     monkeypatch.setattr(ray_logger, "handlers", [])  # stops propagation): what earlier tests did to it is undone
     monkeypatch.setattr(ray_logger, "propagate", True)
@@ -77,6 +81,48 @@ def test_a_failure_leaves_its_traceback_in_the_file_only(tmp_path, terminal):
     text = next((tmp_path / "logs").glob("demo-*.log")).read_text()
     assert "ERROR jobs.log_file: demo failed" in text and "Traceback" in text and "ValueError: bad 47" in text
     assert "bad 47" not in terminal.getvalue()  # run_main prints the one-line error
+
+
+@pytest.mark.parametrize("imported", ["inside the block", "before the block"])
+def test_rays_driver_log_reaches_the_file_after_ray_init_and_not_the_terminal(tmp_path, terminal, capsys,
+                                                                             monkeypatch, request, imported):
+    """``import ray`` and ``ray.init`` set up the "ray" logger (a stderr handler of its own, no
+    propagation, the level of RAY_LOGGER_LEVEL, Ray's formatter on its handlers) and ray.init logs
+    "Started a local Ray instance"; simulated with Ray's own functions (a real ray.init here would
+    start a second cluster)."""
+    import ray
+    from ray._private import log as ray_log
+    from ray._private import ray_constants
+    from ray._private.ray_logging import setup_logger
+
+    def ray_init(logging_level=os.environ["RAY_LOGGER_LEVEL"]):  # ray._private.worker.init, as to the "ray" logger
+        setup_logger(logging_level, ray_constants.LOGGER_FORMAT)
+        logging.getLogger("ray._private.worker").info("Started a local Ray instance 48")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", ray_init)
+    monkeypatch.setattr(ray_log, "logger_initialized", False)
+    request.addfinalizer(functools.partial(logging.setLogRecordFactory, logging.getLogRecordFactory()))
+    if imported == "before the block":
+        ray_log.generate_logging_config()  # what `import ray` does to the "ray" logger
+    level_before = logging.getLogger("ray").level
+    with log_file(tmp_path, "demo"):
+        if imported == "inside the block":  # as in the jobs (they import ray lazily)
+            ray_log.generate_logging_config()
+        init_ray()
+        logging.getLogger("ray").info("ray info 49")
+        logging.getLogger("ray").error("ray error 50")
+
+    text = next((tmp_path / "logs").glob("demo-*.log")).read_text()
+    assert "INFO ray._private.worker: Started a local Ray instance 48" in text  # in the file's format, not Ray's
+    assert "INFO ray: ray info 49" in text and "ERROR ray: ray error 50" in text
+    assert "-- Started" not in text  # Ray's format ("%(filename)s:%(lineno)s -- %(message)s")
+    err = capsys.readouterr().err  # Ray's own handler writes to stderr
+    assert "ray error 50" in err
+    assert "Started a local Ray instance" not in err + terminal.getvalue() and "ray info 49" not in err
+    ray_logger = logging.getLogger("ray")
+    assert ray_logger.level == level_before
+    assert [type(h).__name__ for h in ray_logger.handlers] == ["PlainRayHandler"] and not ray_logger.handlers[0].filters
 
 
 @pytest.mark.bigbench
