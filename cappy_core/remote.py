@@ -36,7 +36,8 @@ from cappy_core.io import LOCK_NAME, atomic_path, local_path, output_lock, write
 logger = logging.getLogger(__name__)
 
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-#: What staging remembers of the last sync: ``{relative path: {"local": sig, "remote": sig}}``.
+#: What staging remembers of the last sync, ``.<folder>.cappy-sync.json`` beside the staging
+#: folder: ``{relative path: {"local": sig, "remote": sig}}``.
 SYNC_RECORD = ".cappy-sync.json"
 #: Never uploaded or downloaded: the local lock, the sync record, and temporary names of atomic
 #: writes and of uploads in flight (``.NAME.tmp-PID-HEX...``, io._temp_sibling's form).
@@ -73,9 +74,9 @@ def filesystem(uri: str, flag: str):
     try:
         fs, path = fsspec.core.url_to_fs(uri)
     except ImportError as e:  # a known scheme whose package is missing (s3fs, gcsfs, adlfs, ...)
-        raise ValueError(f"{flag} {uri}: {name}:// needs a package that is not installed ({e}); pyarrow said "
-                         f"{arrow_error}. For s3:// or gs://: pip install s3fs / gcsfs (or a pyarrow built with "
-                         "S3/GCS support)") from e
+        raise ValueError(f"{flag} {uri}: {name}:// needs a package that is not installed (fsspec: {e}; pyarrow: "
+                         f"{arrow_error}). For s3:// or gs://: pip install s3fs / gcsfs, or a pyarrow built with "
+                         "S3/GCS support (and check the network and credentials)") from e
     except ValueError as e:
         raise ValueError(f"{flag} {uri}: unknown scheme {name}:// (neither pyarrow.fs nor fsspec knows it; "
                          "give a local path, a file:// URI, or s3://, gs://, ... with s3fs / gcsfs installed)") from e
@@ -106,18 +107,24 @@ class StagedOutput:
     """A URI's output built in a local folder (:func:`staging_dir`) and copied to it by
     :meth:`pull` and :meth:`push`."""
 
-    def __init__(self, uri: str, flag: str, local: Path, fs, root: str):
+    def __init__(self, uri: str, flag: str, local: Path, fs, root: str, only: Optional[tuple[str, ...]] = None):
         self.uri, self.flag, self.local, self.fs, self.root = uri, flag, Path(local), fs, root.rstrip("/")
-        self._record_path = self.local / SYNC_RECORD
+        self.only = only  # sync only these top-level names (a Ray Train run folder: not its checkpoints)
+        # beside the folder, not in it: a job may replace the folder whole (an exported scorer)
+        self._record_path = self.local.parent / f".{self.local.name}{SYNC_RECORD}"
         try:
             self.record: dict[str, dict] = json.loads(self._record_path.read_text())
         except (FileNotFoundError, ValueError):
             self.record = {}
 
     @classmethod
-    def open(cls, uri: str, flag: str, cache_dir: str | os.PathLike | None = None) -> "StagedOutput":
+    def open(cls, uri: str, flag: str, cache_dir: str | os.PathLike | None = None, *,
+             local: str | os.PathLike | None = None, only: Optional[tuple[str, ...]] = None) -> "StagedOutput":
         fs, root = filesystem(uri, flag)
-        return cls(uri, flag, staging_dir(uri, cache_dir), fs, root)
+        return cls(uri, flag, Path(local) if local else staging_dir(uri, cache_dir), fs, root, only)
+
+    def _synced(self, rel: str) -> bool:
+        return not _skip(rel) and (self.only is None or rel.split("/", 1)[0] in self.only)
 
     def _local_sig(self, path: Path) -> list:
         st = path.stat()
@@ -130,7 +137,7 @@ class StagedOutput:
         files = {}
         for info in infos:
             rel = info.path[len(self.root):].lstrip("/")
-            if info.type == pafs.FileType.File and not _skip(rel):
+            if info.type == pafs.FileType.File and self._synced(rel):
                 files[rel] = _sig(info.size, info.mtime)
         return files
 
@@ -181,7 +188,7 @@ class StagedOutput:
             for name in sorted(names):
                 path = Path(folder) / name
                 rel = path.relative_to(self.local).as_posix()
-                if _skip(rel) or not path.is_file():
+                if not self._synced(rel) or not path.is_file():
                     continue
                 sig = self._local_sig(path)
                 if self.record.get(rel, {}).get("local") == sig:
@@ -219,20 +226,23 @@ def sync_outputs() -> None:
 
 @contextlib.contextmanager
 def locked_output(value: str, flag: str, job: str, *, cache_dir: str | os.PathLike | None = None,
-                  log: Callable[[str], None] = print) -> Iterator[str]:
+                  log: Callable[[str], None] = print, local: str | os.PathLike | None = None,
+                  only: Optional[tuple[str, ...]] = None, file: bool = False) -> Iterator[str]:
     """The local folder a job writes ``value`` (``flag``'s value) in, under the output's lock.
 
     A local path or ``file://`` URI: that folder. Another URI: its staging folder, first filled
     from the URI, uploaded as :func:`sync_outputs` is called and once more on exit (after a
-    failure too, so what finished is kept). The lock (:func:`cappy_core.io.output_lock`) is taken
-    before anything is downloaded."""
+    failure too, so what finished is kept). The lock (:func:`cappy_core.io.output_lock`; with
+    ``file=True`` beside the folder, for a folder the job replaces whole) is taken before anything
+    is downloaded. ``local``: the staging folder, instead of :func:`staging_dir`'s; ``only``:
+    sync only these top-level names."""
     if not is_remote(value):
         path = local_path(value, flag)
-        with output_lock(path, job):
+        with output_lock(path, job, file=file):
             yield path
         return
-    staged = StagedOutput.open(value, flag, cache_dir)
-    with output_lock(staged.local, job):
+    staged = StagedOutput.open(value, flag, cache_dir, local=local, only=only)
+    with output_lock(staged.local, job, file=file):
         t0 = time.time()
         n = staged.pull()
         log(f"{flag} {value}: working in {staged.local} ({n} file(s) downloaded in {time.time() - t0:.1f} s); "

@@ -52,7 +52,7 @@ def test_unknown_schemes_and_missing_packages_are_refused_naming_the_flag(tmp_pa
             pass
     # a scheme fsspec knows whose package (ocifs) is not installed; pyarrow does not know it
     with pytest.raises(ValueError, match=r"--out oci://b/x: oci:// needs a package that is not installed "
-                                         r"\(Install ocifs"):
+                                         r"\(fsspec: Install ocifs"):
         with locked_output("oci://b/x", "--out", "test"):
             pass
     assert list(tmp_path.iterdir()) == []

@@ -39,10 +39,12 @@ UNKNOWN = "unknown scheme foo:// (neither pyarrow.fs nor fsspec knows it"
 
 
 @pytest.mark.parametrize("job, args, message", [
-    # --out of the sampler and the sweep takes any URI pyarrow or fsspec knows (cappy_core.remote)
+    # --out of the sampler and the sweep, and the training jobs' --storage-path and --output take
+    # any URI pyarrow or fsspec knows (cappy_core.remote)
     ("jobs.sample_label", ["--tasks", "tense", "--out", "foo://bucket/cands"], UNKNOWN),
     ("jobs.sweep", ["--tasks", "tense", "--out", "foo://bucket/sweep"], UNKNOWN),
-    ("jobs.pretrain", ["--storage-path", "s3://bucket/runs"], OTHER_SCHEMES),
+    ("jobs.pretrain", ["--storage-path", "foo://bucket/runs"], UNKNOWN),
+    ("jobs.finetune", ["--task", "tense", "--output", "foo://bucket/scorer"], UNKNOWN),
     ("jobs.eval_mc", ["--tasks", "x", "--scorers", "minilm", "--out", "s3://bucket/mc.json"], OTHER_SCHEMES),
 ])
 def test_unsupported_uris_are_refused_not_made_local_folders(tmp_path, monkeypatch, capsys, job, args, message):
