@@ -9,7 +9,8 @@ folder**, ``$CAPPY_STAGING_DIR/<sha256 of the URI>`` (default ``CACHE/staging/..
    here or on another machine, resumes and skips finished work exactly as it does locally);
 2. the job runs on the staging folder and calls :func:`sync_outputs` each time it finishes a piece
    (a sampled shard, a sweep task); :meth:`StagedOutput.push` uploads the files changed since the
-   last sync, and leaving :func:`locked_output` syncs a last time (after a failure too);
+   last sync, and leaving :func:`locked_output` syncs a last time (after an error too; after
+   Ctrl-C the next run's first sync uploads what was left);
 3. nothing at the URI is ever deleted but the upload's own temporary objects: a file the job
    removed locally (``--overwrite``) stays at the URI until the job writes it again.
 
@@ -248,16 +249,15 @@ def locked_output(value: str, flag: str, job: str, *, cache_dir: str | os.PathLi
         log(f"{flag} {value}: working in {staged.local} ({n} file(s) downloaded in {time.time() - t0:.1f} s); "
             "finished outputs are uploaded as they complete")
         _active.append(staged)
-        ok = False
         try:
             yield str(staged.local)
-            ok = True
+        except Exception:
+            try:  # keep what finished before the failure
+                staged.push()
+            except Exception as e:  # and the job's own error
+                logger.warning("uploading to %s after the failure failed: %s", value, e)
+            raise
+        # (Ctrl-C ends at once, uploading nothing: the next run's syncs upload what is left here)
         finally:
             _active.remove(staged)
-            if ok:
-                log(f"uploaded {staged.push()} file(s) to {value}")
-            else:
-                try:
-                    staged.push()
-                except Exception as e:  # keep the job's own error
-                    logger.warning("uploading to %s after the failure failed: %s", value, e)
+        log(f"uploaded {staged.push()} file(s) to {value}")

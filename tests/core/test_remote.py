@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import fsspec
 import pytest
 
@@ -56,3 +58,12 @@ def test_unknown_schemes_and_missing_packages_are_refused_naming_the_flag(tmp_pa
         with locked_output("oci://b/x", "--out", "test"):
             pass
     assert list(tmp_path.iterdir()) == []
+
+
+def test_what_finished_before_an_error_is_uploaded_and_the_error_kept(mem):
+    fs, root = mem
+    with pytest.raises(RuntimeError, match="task b failed"):
+        with locked_output(f"memory:/{root}/out", "--out", "test", log=lambda _: None) as out:
+            Path(out, "a.json").write_text("done")
+            raise RuntimeError("task b failed")
+    assert fs.cat(f"{root}/out/a.json") == b"done"
