@@ -44,6 +44,9 @@ SYNC_RECORD = ".cappy-sync.json"
 #: writes and of uploads in flight (``.NAME.tmp-PID-HEX...``, io._temp_sibling's form).
 _TEMP = re.compile(r"^\..*\.tmp-\d+-[0-9a-f]{8}")
 _LOCAL_ONLY = {LOCK_NAME, LOCK_NAME + ".takeover", SYNC_RECORD}
+#: Uploaded by the last sync only: the job's log grows all along, and uploading it again after
+#: every shard of a long run would cost more than the outputs.
+LAST_SYNC_ONLY = ("logs",)
 
 _active: list["StagedOutput"] = []  # the staged outputs of the jobs running in this process
 
@@ -174,8 +177,9 @@ class StagedOutput:
         self._save_record()
         return n
 
-    def push(self) -> int:
-        """Upload the staging folder's files that changed since the last sync; the number uploaded.
+    def push(self, last: bool = True) -> int:
+        """Upload the staging folder's files that changed since the last sync; the number uploaded
+        (``last=False``: not :data:`LAST_SYNC_ONLY`).
 
         Each file goes to a temporary name beside its target and is then moved over it, so a
         reader of the URI sees the old file or the new one whole: on a file system (``file://``,
@@ -190,6 +194,8 @@ class StagedOutput:
                 path = Path(folder) / name
                 rel = path.relative_to(self.local).as_posix()
                 if not self._synced(rel) or not path.is_file():
+                    continue
+                if not last and rel.split("/", 1)[0] in LAST_SYNC_ONLY:
                     continue
                 sig = self._local_sig(path)
                 if self.record.get(rel, {}).get("local") == sig:
@@ -220,7 +226,7 @@ def sync_outputs() -> None:
     sync; the last sync, when the job ends, raises."""
     for staged in list(_active):
         try:
-            staged.push()
+            staged.push(last=False)
         except Exception as e:  # a network blip must not end an hours-long job: the next sync retries
             logger.warning("uploading to %s failed, retried at the next sync: %s", staged.uri, e)
 

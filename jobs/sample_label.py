@@ -34,8 +34,8 @@ Paths: only the driver reads ``--data`` and writes ``--out``. Under ``ray job su
 default ``data/bigbench`` travels with it; outputs there are lost with it), so on a cluster give
 ``--out`` on shared storage, or a URI (``s3://``, ``gs://``, any scheme pyarrow or fsspec knows): the
 driver then builds the output in a local staging folder, first filled from the URI, and uploads
-each shard as it is written (:mod:`cappy_core.remote`). A local ``--generator`` folder must exist at the same path on every
-node that runs an actor (shared storage), or name a hub id
+each shard as it is written (:mod:`cappy_core.remote`). A local ``--generator`` folder must exist
+at the same path on every node that runs an actor (shared storage), or name a hub id
 (:func:`cappy_core.generation.resolve_generator` decides what the name means).
 
 Ray 2.60 enables token authentication for Jobs: pass the cluster's token as Ray's docs say

@@ -31,13 +31,16 @@ def test_sync_uploads_what_changed_pulls_what_is_there_and_never_deletes_a_forei
         assert (out / ".cappy.lock").is_file()  # the lock is local
         (out / "tasks").mkdir()
         (out / "tasks" / "a.json").write_text("1")
+        (out / "logs").mkdir()
+        (out / "logs" / "job.log").write_text("growing")
         sync_outputs()
         assert fs.cat(f"{root}/out/tasks/a.json") == b"1"
+        assert not fs.exists(f"{root}/out/logs/job.log")  # the log: by the last sync only
         (out / "theirs.txt").unlink()  # the job removes its copy: the URI keeps the file
         (out / "old" / "result.json").write_text('{"a": 2}')
         (out / ".x.tmp-12-0123abcd.json").write_text("half")  # an atomic write in flight: never uploaded
-    assert sorted(fs.find(f"{root}/out")) == [f"{root}/out/{p}" for p in ("old/result.json", "tasks/a.json",
-                                                                          "theirs.txt")]
+    assert sorted(fs.find(f"{root}/out")) == [f"{root}/out/{p}" for p in ("logs/job.log", "old/result.json",
+                                                                          "tasks/a.json", "theirs.txt")]
     assert fs.cat(f"{root}/out/theirs.txt") == b"not the job's" and fs.cat(f"{root}/out/old/result.json") == b'{"a": 2}'
 
     staged = StagedOutput.open(uri, "--out")
@@ -45,7 +48,8 @@ def test_sync_uploads_what_changed_pulls_what_is_there_and_never_deletes_a_forei
     fs.pipe(f"{root}/out/tasks/a.json", b"22")  # changed at the URI (another machine)
     fs.rm(f"{root}/out/old/result.json")  # removed at the URI: a rerun recomputes it
     assert staged.pull() == 2  # a.json, and theirs.txt that the job had removed locally
-    assert (staged.local / "tasks" / "a.json").read_text() == "22" and not (staged.local / "old" / "result.json").exists()
+    assert (staged.local / "tasks" / "a.json").read_text() == "22"
+    assert not (staged.local / "old" / "result.json").exists()
 
 
 def test_unknown_schemes_and_missing_packages_are_refused_naming_the_flag(tmp_path):

@@ -170,7 +170,12 @@ def test_out_uri_writes_a_local_runs_shards_one_upload_per_shard_and_a_rerun_res
     mem.pipe(f"{root}/NOTES.txt", b"the user's own file")
     uploads = []
     push = remote.StagedOutput.push
-    monkeypatch.setattr(remote.StagedOutput, "push", lambda self: uploads.append(push(self)) or uploads[-1])
+
+    def counted(self, last=True):
+        uploads.append(push(self, last))
+        return uploads[-1]
+
+    monkeypatch.setattr(remote.StagedOutput, "push", counted)
     kw = dict(tasks=["alpha"], splits=["train"], data=str(data), generator=str(tiny), backend="hf", shard_size=2,
               batch_size=2, decodings=["beam2", "sample"], samples_per_decoding=1, max_new_tokens=6,
               cpus_per_actor=0.5, label_cpus=0.25, dtype="float32")
