@@ -13,7 +13,8 @@ failed write removes its temporary and leaves the target as it was.
 * :func:`output_lock`: one job at a time per output folder (or file): a second run refuses at
   once, naming the holder; a lock left by a killed run on this host is taken over;
 * :func:`local_path` / :func:`with_local_paths`: path options accept ``file://`` URIs; other
-  schemes (``s3://``, ...) are refused clearly instead of becoming a local ``./s3:/...`` folder.
+  schemes (``s3://``, ...) are refused clearly instead of becoming a local ``./s3:/...`` folder
+  (``--out`` of the sweep and the sampler goes through :mod:`cappy_core.remote` instead).
 """
 
 from __future__ import annotations

@@ -32,8 +32,10 @@ a rerun with different ones is refused (use a new ``--out`` or ``--overwrite``).
 Paths: only the driver reads ``--data`` and writes ``--out``. Under ``ray job submit
 --working-dir .`` relative paths live in the job's copy of the working dir on the head node (the
 default ``data/bigbench`` travels with it; outputs there are lost with it), so on a cluster give
-``--out`` on shared storage. A local ``--generator`` folder must exist at the same path on every
-node that runs an actor (shared storage), or name a hub id
+``--out`` on shared storage, or a URI (``s3://``, ``gs://``, any scheme pyarrow or fsspec knows): the
+driver then builds the output in a local staging folder, first filled from the URI, and uploads
+each shard as it is written (:mod:`cappy_core.remote`). A local ``--generator`` folder must exist
+at the same path on every node that runs an actor (shared storage), or name a hub id
 (:func:`cappy_core.generation.resolve_generator` decides what the name means).
 
 Ray 2.60 enables token authentication for Jobs: pass the cluster's token as Ray's docs say
@@ -73,7 +75,9 @@ class SampleConfig:
         "help": "'all45', 'pretrain' or task names, among the tasks prepared under --data"})
     splits: list[str] = field(default_factory=lambda: ["train", "validation"], metadata={"help": "splits to sample"})
     data: str = field(default="data/bigbench", metadata={"help": "folder written by `cappy data prepare`"})
-    out: str = field(default="data/candidates", metadata={"help": "output folder"})
+    out: str = field(default="data/candidates", metadata={
+        "help": "output folder, or a URI (s3://, gs://, ...: written in a local staging folder and uploaded "
+                "shard by shard)"})
     generator: Optional[str] = field(default=None, metadata={
         "help": "generator: a Hugging Face folder or hub id (default: the embedded generator trained by "
                 "`cappy generator train`)"})
@@ -159,14 +163,17 @@ def check_config(cfg: SampleConfig) -> None:
 def run(cfg: SampleConfig, log=print) -> dict:
     """Sample, label and write; returns the summary (also printed). One run per ``--out`` at a
     time: a second one refuses at once, naming the holder (:func:`cappy_core.io.output_lock`)."""
-    from cappy_core.io import output_lock, with_local_paths
+    from cappy_core.io import with_local_paths
+    from cappy_core.remote import locked_output
     from jobs.log_file import log_file
 
     check_config(cfg)
-    cfg = with_local_paths(cfg, "out", "data")
-    with output_lock(cfg.out, "cappy sample"), log_file(cfg.out, "sample", log) as log:
-        logger.debug("config: %s", json.dumps(to_dict(cfg)))
-        return _run_locked(cfg, log)
+    cfg = with_local_paths(cfg, "data")
+    with locked_output(cfg.out, "--out", "cappy sample", log=log) as out:  # a URI: staged, uploaded per shard
+        cfg = dataclasses.replace(cfg, out=out)
+        with log_file(cfg.out, "sample", log) as log:
+            logger.debug("config: %s", json.dumps(to_dict(cfg)))
+            return _run_locked(cfg, log)
 
 
 def _run_locked(cfg: SampleConfig, log) -> dict:
@@ -174,6 +181,7 @@ def _run_locked(cfg: SampleConfig, log) -> dict:
     from cappy_core.candidates import CANDIDATE_SCHEMA
     from cappy_core.data.tasks import resolve_tasks
     from cappy_core.generation import candidates_per_instruction, decodings_from_names, resolve_generator
+    from cappy_core.remote import sync_outputs
 
     decodings = decodings_from_names(cfg.decodings, cfg.samples_per_decoding)
     per_instruction = candidates_per_instruction(decodings)
@@ -195,6 +203,7 @@ def _run_locked(cfg: SampleConfig, log) -> dict:
     t0 = time.time()
     timing = {"generation_began": None}
     written = [sh.write_shard(cfg.out, s, CANDIDATE_SCHEMA.empty_table(), meta) for s in todo if not s.rows.num_rows]
+    sync_outputs()
     todo = [s for s in todo if s.rows.num_rows]
     if todo:
         written += _sample_shards(cfg, todo, generator, decodings, per_instruction, meta, timing)
@@ -215,6 +224,7 @@ def _sample_shards(cfg, todo, generator, decodings, per_instruction, meta, timin
     from tqdm import tqdm
 
     from cappy_core.candidates import add_labels
+    from cappy_core.remote import sync_outputs
     from cappy_core.shards import write_shard
     from jobs.log_file import init_ray
 
@@ -265,6 +275,7 @@ def _sample_shards(cfg, todo, generator, decodings, per_instruction, meta, timin
                 raise RuntimeError(f"shard {key} got {got[key]} rows, more than the {expected[key]} expected")
             if got[key] == expected[key]:
                 written.append(write_shard(cfg.out, shards[key], pa.concat_tables(parts.pop(key)), meta))
+                sync_outputs()  # an --out URI gets each shard as it is finished
                 bar.update(1)
     bar.close()
     missing = [k for k in expected if got[k] != expected[k]]

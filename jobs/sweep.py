@@ -18,6 +18,7 @@ killed one is taken over (:func:`cappy_core.io.output_lock`), so nothing left be
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -36,7 +37,8 @@ from cappy_core.data.source import BigBenchNotFound, bigbench_task_root, default
 from cappy_core.data.tasks import LOCAL_TASKS, resolve_tasks
 from cappy_core.fault_injection import check_task, sweep_fail_tasks, sweep_hang_tasks
 from cappy_core.generation import PAPER_DECODING_NAMES
-from cappy_core.io import output_lock, with_local_paths, write_json
+from cappy_core.io import local_path, with_local_paths, write_json
+from cappy_core.remote import filesystem, is_remote, locked_output, staging_dir, sync_outputs
 from cappy_core.task_eval import (TaskSettings, check_config, finetune_shared, finetune_shared_selector, finished,
                                   key_digest, read_result, result_key, result_path, result_record, run_task,
                                   settings_from_config, shared_selector)
@@ -53,6 +55,7 @@ EPILOG = """examples:
   cappy sweep --preset local
   cappy sweep --preset local --tasks tense rephrase --out /tmp/sweep
   cappy sweep --preset paper --out /mnt/shared/sweep --num-actors 8
+  cappy sweep --preset local --out s3://my-bucket/sweeps/local     (needs s3fs, or pyarrow's S3)
   cappy sweep --tasks word_sorting --generator google/flan-t5-small --backend hf --scorer btan2/cappy-large
 
 outputs (OUT): tasks/<task>.json per task, summary.md / summary.csv / summary.png / summary.json,
@@ -66,7 +69,9 @@ class SweepConfig(CacheOptions, TrackingOptions):
         "help": "'all45' (the paper's 45 generative tasks; 44 offline) or task names"})
     task_dir: list[str] = field(default_factory=list, metadata={
         "help": "extra folders of BIG-Bench-format tasks (<dir>/<task>/task.json), e.g. for tellmewhy"})
-    out: Optional[str] = field(default=None, metadata={"help": "output folder (default ~/cappy_runs/sweep-<preset>)"})
+    out: Optional[str] = field(default=None, metadata={
+        "help": "output folder (default ~/cappy_runs/sweep-<preset>), or a URI (s3://, gs://, ...: built in a local "
+                "staging folder under the cache, uploaded after each task)"})
     redo: bool = field(default=False, metadata={"help": "recompute every task, even finished ones"})
     task_timeout_s: float = field(default=0.0, metadata={
         "help": "cancel a task (finetune + score) running longer than this and record it as failed; a rerun "
@@ -321,6 +326,7 @@ def run_tasks(cfg: SweepConfig, tasks: list[str], settings: TaskSettings, key: d
     for task, result in wait_for_tasks(generators, cfg.task_timeout_s):
         rec = result_record(task, key, to_dict(cfg), result, submitted[task])  # a failure is recorded too
         write_json(result_path(settings.tasks_dir, task), rec)
+        sync_outputs()  # an --out URI gets each task's result as it arrives
         bar.update(1)
         if rec["status"] == "ok":
             bar.write(progress_line(task, rec))
@@ -333,22 +339,31 @@ def run_tasks(cfg: SweepConfig, tasks: list[str], settings: TaskSettings, key: d
 
 def checked_config(cfg: SweepConfig, preset: str | None = None) -> tuple[SweepConfig, Path]:
     """``(cfg with local paths, OUT)``, or the :class:`ConfigError` of settings that cannot run:
-    the checks of :func:`run` before any stage, shared with ``--dry-run``'s plan."""
+    the checks of :func:`run` before any stage, shared with ``--dry-run``'s plan. An ``--out``
+    URI stays one in ``cfg``; OUT is then its local staging folder (:mod:`cappy_core.remote`)."""
     check_config(to_dict(cfg))
     check_report_to(cfg.report_to)
     if cfg.task_timeout_s < 0:
         raise ConfigError(f"--task-timeout-s must be >= 0 (0: no limit), got {cfg.task_timeout_s}")
     if cfg.task_retries < 0:
         raise ConfigError(f"--task-retries must be >= 0, got {cfg.task_retries}")
-    cfg = with_local_paths(cfg, "out", "task_dir", "cache_dir")
+    cfg = with_local_paths(cfg, "task_dir", "cache_dir")
+    if is_remote(cfg.out):
+        filesystem(cfg.out, "--out")  # an unknown scheme or a missing package: refused before any stage
+        return cfg, staging_dir(cfg.out, cfg.cache_dir).resolve()
+    cfg = dataclasses.replace(cfg, out=local_path(cfg.out, "--out"))
     return cfg, Path(cfg.out or f"~/cappy_runs/sweep-{preset or 'custom'}").expanduser().resolve()
 
 
 def run(cfg: SweepConfig, preset: str | None = None, log=print) -> dict:
     """The whole sweep; returns the summary (also written under OUT). One sweep per OUT at a
-    time: a second one refuses at once, naming the holder (:func:`cappy_core.io.output_lock`)."""
+    time: a second one refuses at once, naming the holder (:func:`cappy_core.io.output_lock`).
+    An ``--out`` URI is built in OUT, a local staging folder first filled from the URI, and
+    uploaded after each task and at the end (:func:`cappy_core.remote.locked_output`)."""
     cfg, out = checked_config(cfg, preset)
-    with output_lock(out, "cappy sweep"), log_file(out, JOB, log) as log:
+    target = cfg.out if is_remote(cfg.out) else str(out)
+    with locked_output(target, "--out", "cappy sweep", cache_dir=cfg.cache_dir, log=log), \
+            log_file(out, JOB, log) as log:
         logger.debug("config: %s", json.dumps(to_dict(cfg)))
         return _run_locked(cfg, out, preset, log)
 

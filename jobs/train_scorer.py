@@ -4,7 +4,9 @@
 reads the same ordered Ray Data stream and takes its rank's slice of each global micro-batch, so 1
 and N workers see the same batches; DDP; rank-0 checkpoints and ``ray.train.report``. Rerunning a
 command resumes its run (:mod:`cappy_core.scorer_runs`). Fault injection: ``--fail-at-update K``
-or ``CAPPY_FAIL_AT_UPDATE=K`` (:mod:`cappy_core.fault_injection`).
+or ``CAPPY_FAIL_AT_UPDATE=K`` (:mod:`cappy_core.fault_injection`). A URI ``--storage-path``
+(``s3://``, ``gs://``, ...) goes to Ray Train as is; the run's own files are staged locally and
+uploaded, as is a URI ``--output`` (:mod:`cappy_core.remote`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from jobs.tracking import TrackingOptions, check_report_to
 
 logger = logging.getLogger(__name__)
 
+#: What a run keeps in STORAGE/NAME besides Ray Train's own folders: synced with a URI storage path.
+RUN_FILES = ("cappy_run.json", "pairs", "logs", "scorer")
+
 
 @dataclass
 class TrainScorerConfig(TrackingOptions):
@@ -38,9 +43,11 @@ class TrainScorerConfig(TrackingOptions):
     name: Optional[str] = field(default=None, metadata={
         "help": "run name; rerunning with the same name and storage path resumes it"})
     storage_path: str = field(default="~/cappy_runs", metadata={
-        "help": "where runs keep pairs and checkpoints (shared storage on a multi-node cluster)"})
+        "help": "where runs keep pairs and checkpoints (shared storage on a multi-node cluster), or a URI "
+                "(s3://, gs://, ...): Ray Train checkpoints there itself; the run's own files are staged locally "
+                "and uploaded"})
     output: Optional[str] = field(default=None, metadata={
-        "help": "final scorer folder (default STORAGE_PATH/NAME/scorer)"})
+        "help": "final scorer folder (default STORAGE_PATH/NAME/scorer), or a URI (built locally, then uploaded)"})
     pairs_dir: Optional[str] = field(default=None, metadata={
         "help": "where the train/eval pair Parquet files are written (default STORAGE_PATH/NAME/pairs)"})
     train_pairs: Optional[str] = field(default=None, metadata={
@@ -230,6 +237,18 @@ def train_loop_per_worker(c: dict) -> None:
 
 # --- the driver ------------------------------------------------------------------------------
 
+def ray_storage(paths: dict[str, str]) -> tuple[str, Any]:
+    """``RunConfig``'s ``(storage_path, storage_filesystem)``: the local storage folder and None,
+    or for a URI ``--storage-path`` its path in its pyarrow filesystem (Ray Train writes the
+    checkpoints there itself, as it does for any URI)."""
+    if not paths.get("storage_uri"):
+        return paths["storage_path"], None
+    from cappy_core.remote import filesystem
+
+    fs, path = filesystem(paths["storage_uri"], "--storage-path")
+    return path, fs
+
+
 def run_training(cfg: TrainScorerConfig, paths: dict[str, str], train_file: str, eval_file: str | None,
                  run_info: dict, log: Callable[[str], None] = print, before_fit=None):
     """Check the pair files, then fit a TorchTrainer and export the final scorer to ``output``;
@@ -254,6 +273,7 @@ def run_training(cfg: TrainScorerConfig, paths: dict[str, str], train_file: str,
     accum, total = (plan_pair_updates(read_pair_columns(train_file), schedule, cfg.num_workers)
                     if schedule.group_by_instruction else plan_updates(rows, schedule, cfg.num_workers))
     threads = cfg.torch_threads or max(1, int(cfg.cpus_per_worker))
+    storage_path, storage_fs = ray_storage(paths)
     init_ray()  # ray.init, and Ray's driver log kept in the log file
     # Set for this fit only: left behind, a short timeout fails the sweep's later sampling stage.
     data_ctx = ray.data.DataContext.get_current()
@@ -279,7 +299,7 @@ def run_training(cfg: TrainScorerConfig, paths: dict[str, str], train_file: str,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=paths["name"], storage_path=paths["storage_path"],
+            name=paths["name"], storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
@@ -317,19 +337,39 @@ def run_job(job: str, cfg: TrainScorerConfig, *, default_name: str, data_key: di
     """The lifecycle both jobs share: check config → run dir → pairs (reused when resuming) →
     Ray Train → ``results.json`` beside the exported scorer → one summary line."""
     from cappy_core.io import output_lock, with_local_paths
+    from cappy_core.remote import is_remote, locked_output, staging_dir
     from cappy_core.scorer_runs import check_output, resolve_paths
     from jobs.log_file import log_file
 
     check_config(cfg)
-    cfg = with_local_paths(cfg, "storage_path", "output", "pairs_dir", "train_pairs", "eval_pairs")
-    paths = resolve_paths(cfg.name or default_name, cfg.storage_path, pairs_dir=cfg.pairs_dir, output=cfg.output)
-    check_output(paths)
+    # A URI --storage-path: Ray Train checkpoints there itself; this run's own files (lock, log,
+    # cappy_run.json, pairs, the exported scorer) live in a local staging folder synced to
+    # STORAGE/NAME (cappy_core.remote). A URI --output: built in its staging folder, then uploaded.
+    storage_uri, output_uri = (v if is_remote(v) else None for v in (cfg.storage_path, cfg.output))
+    if storage_uri and cfg.fresh:
+        raise ConfigError(f"--fresh with --storage-path {storage_uri}: the job never deletes at a URI; delete the "
+                          "run's folder there yourself, or pass another --name")
+    cfg = with_local_paths(cfg, *[n for n, uri in (("storage_path", storage_uri), ("output", output_uri)) if not uri],
+                           "pairs_dir", "train_pairs", "eval_pairs")
+    paths = resolve_paths(cfg.name or default_name, str(staging_dir(storage_uri)) if storage_uri else cfg.storage_path,
+                          pairs_dir=cfg.pairs_dir, output=str(staging_dir(output_uri)) if output_uri else cfg.output)
+    if storage_uri:
+        paths["storage_uri"] = storage_uri
+    if not output_uri:
+        check_output(paths)
     holder = f"cappy {job} --name {paths['name']}"
     output = Path(paths["output"])
     with contextlib.ExitStack() as locks:
-        if Path(paths["run_dir"]) not in output.parents:  # one run per --output outside the run folder
+        if output_uri:  # the lock file beside its staging folder, which the export replaces whole
+            locks.enter_context(locked_output(output_uri, "--output", holder, local=output, file=True, log=log))
+            check_output(paths)  # what is at the URI now: refused unless this job exported it
+        elif Path(paths["run_dir"]) not in output.parents:  # one run per --output outside the run folder
             locks.enter_context(output_lock(output, holder, file=True))  # (the lock file beside it)
-        locks.enter_context(output_lock(paths["run_dir"], holder))  # and per run folder
+        if storage_uri:  # and per run folder
+            locks.enter_context(locked_output(f"{storage_uri.rstrip('/')}/{paths['name']}", "--storage-path", holder,
+                                              local=paths["run_dir"], only=RUN_FILES, log=log))
+        else:
+            locks.enter_context(output_lock(paths["run_dir"], holder))
         log = locks.enter_context(log_file(paths["run_dir"], job, log))
         logger.debug("config: %s", json.dumps(to_dict(cfg)))
         return _run_job_locked(job, cfg, paths, data_key, build_pairs, run_info, label, log)
@@ -338,6 +378,7 @@ def run_job(job: str, cfg: TrainScorerConfig, *, default_name: str, data_key: di
 def _run_job_locked(job, cfg, paths, data_key, build_pairs, run_info, label, log) -> dict:
     from cappy_core.io import write_json
     from cappy_core.pretrain_data import existing_pair_files
+    from cappy_core.remote import sync_outputs
     from cappy_core.scorer_runs import check_run_dir, resume_key, summary_line, write_run_record
 
     key = resume_key(to_dict(cfg), data_key)
@@ -346,8 +387,12 @@ def _run_job_locked(job, cfg, paths, data_key, build_pairs, run_info, label, log
         files = (cfg.train_pairs, cfg.eval_pairs)
     else:
         files = (existing_pair_files(paths["pairs_dir"]) if resuming else None) or build_pairs(paths["pairs_dir"])
+    def before_fit() -> None:
+        write_run_record(paths, key, to_dict(cfg))
+        sync_outputs()  # a URI --storage-path gets the run record and the pairs before training
+
     outcome = run_training(cfg, paths, files[0], files[1], run_info={"job": job, "name": paths["name"], **run_info},
-                           log=log, before_fit=lambda: write_run_record(paths, key, to_dict(cfg)))
+                           log=log, before_fit=before_fit)
     results = {"job": job, "config": to_dict(cfg), "paths": paths, "train_pairs": files[0],
                "eval_pairs": files[1], "updates": outcome.updates, "seconds": outcome.seconds,
                "samples_per_s": outcome.samples_per_s, "resumed_at": outcome.resumes,

@@ -34,19 +34,26 @@ def test_a_second_run_on_a_locked_output_refuses_naming_the_holder(tmp_path, cap
         assert sorted(p.name for p in tmp_path.rglob("*")) == before  # refused before writing anything
 
 
-@pytest.mark.parametrize("job, args", [
-    ("jobs.sample_label", ["--tasks", "tense", "--out", "s3://bucket/cands"]),
-    ("jobs.sweep", ["--tasks", "tense", "--out", "gs://bucket/sweep"]),
-    ("jobs.pretrain", ["--storage-path", "s3://bucket/runs"]),
-    ("jobs.eval_mc", ["--tasks", "x", "--scorers", "minilm", "--out", "s3://bucket/mc.json"]),
+OTHER_SCHEMES = "is not supported (only local paths and file:// URIs"
+UNKNOWN = "unknown scheme foo:// (neither pyarrow.fs nor fsspec knows it"
+
+
+@pytest.mark.parametrize("job, args, message", [
+    # --out of the sampler and the sweep, and the training jobs' --storage-path and --output take
+    # any URI pyarrow or fsspec knows (cappy_core.remote)
+    ("jobs.sample_label", ["--tasks", "tense", "--out", "foo://bucket/cands"], UNKNOWN),
+    ("jobs.sweep", ["--tasks", "tense", "--out", "foo://bucket/sweep"], UNKNOWN),
+    ("jobs.pretrain", ["--storage-path", "foo://bucket/runs"], UNKNOWN),
+    ("jobs.finetune", ["--task", "tense", "--output", "foo://bucket/scorer"], UNKNOWN),
+    ("jobs.eval_mc", ["--tasks", "x", "--scorers", "minilm", "--out", "s3://bucket/mc.json"], OTHER_SCHEMES),
 ])
-def test_object_store_uris_are_refused_not_made_local_folders(tmp_path, monkeypatch, capsys, job, args):
+def test_unsupported_uris_are_refused_not_made_local_folders(tmp_path, monkeypatch, capsys, job, args, message):
     import importlib
 
     monkeypatch.chdir(tmp_path)
     status = importlib.import_module(job).main(args)
     err = capsys.readouterr().err
-    assert status == 2 and "is not supported (only local paths and file:// URIs" in err and "Traceback" not in err
+    assert status == 2 and message in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []  # no ./s3:/bucket/... folder
 
 

@@ -153,3 +153,55 @@ def test_vllm_job_17_candidates_match_hf_beam(tmp_path, tiny, data, ray_address)
     expected = hf.generate(instructions, decodings_from_names(["beam4"]), max_new_tokens=6, min_new_tokens=3)
     assert [(r["text"], r["num_tokens"]) for r in rows if r["decoding"] == "beam4"] == \
         [(c[0].text, c[0].num_tokens) for c in expected]
+
+
+@pytest.mark.slow  # two sampling runs (~25 s each here); tests/core/test_remote.py covers the sync quickly
+def test_out_uri_writes_a_local_runs_shards_one_upload_per_shard_and_a_rerun_resumes(
+        tmp_path, tiny, data, ray_address, monkeypatch):
+    """`--out memory://...`: fsspec's in-process filesystem, reached through pyarrow as S3 would be
+    (Ray workers cannot see it: only the driver may touch the URI)."""
+    import fsspec
+
+    from cappy_core import remote
+    from jobs.sample_label import SampleConfig, run as run_sample
+
+    monkeypatch.setenv("CAPPY_STAGING_DIR", str(tmp_path / "staging"))
+    mem, root = fsspec.filesystem("memory"), f"/bucket/{tmp_path.name}/run"
+    mem.pipe(f"{root}/NOTES.txt", b"the user's own file")
+    uploads = []
+    push = remote.StagedOutput.push
+
+    def counted(self, last=True):
+        uploads.append(push(self, last))
+        return uploads[-1]
+
+    monkeypatch.setattr(remote.StagedOutput, "push", counted)
+    kw = dict(tasks=["alpha"], splits=["train"], data=str(data), generator=str(tiny), backend="hf", shard_size=2,
+              batch_size=2, decodings=["beam2", "sample"], samples_per_decoding=1, max_new_tokens=6,
+              cpus_per_actor=0.5, label_cpus=0.25, dtype="float32")
+    run_sample(SampleConfig(out=str(tmp_path / "local"), **kw), log=lambda _: None)
+    assert uploads == []  # a local --out: no staging, no sync
+    summary = run_sample(SampleConfig(out=f"memory:/{root}", **kw), log=lambda _: None)
+    assert summary["shards_written"] == 3 and summary["rows"] == 4 * 2  # 5 examples, 1 blank; beam2 + 1 sample
+    # each shard uploaded when written (shard + record, the log growing too), then a last sync
+    assert len([n for n in uploads if n >= 2]) >= 3, uploads
+
+    local = sorted(p.relative_to(tmp_path / "local").as_posix() for p in (tmp_path / "local").rglob("part-*"))
+    assert len(local) == 6  # 3 shards + their records
+    at_uri = sorted(p.removeprefix(root + "/") for p in mem.find(root))
+    assert [p for p in at_uri if "/part-" in p] == local
+    assert "sample_config.json" in at_uri and "NOTES.txt" in at_uri and any(p.startswith("logs/") for p in at_uri)
+    assert not [p for p in at_uri if ".tmp-" in p or ".cappy" in p]  # no temporaries, no lock
+    assert mem.cat(f"{root}/NOTES.txt") == b"the user's own file"
+    for name in (p for p in local if p.endswith(".parquet")):
+        remote_bytes = mem.cat(f"{root}/{name}")
+        assert pq.read_table(pa.BufferReader(remote_bytes)).equals(pq.read_table(tmp_path / "local" / name))
+        assert remote_bytes == (tmp_path / "local" / name).read_bytes()
+
+    # another machine (a fresh staging folder) reruns: everything is downloaded, nothing resampled
+    import shutil
+
+    shutil.rmtree(tmp_path / "staging")
+    again = run_sample(SampleConfig(out=f"memory:/{root}", **kw), log=lambda _: None)
+    assert again["shards_written"] == 0 and again["shards_already_done"] == 3 and again["rows"] == 8
+    assert mem.cat(f"{root}/NOTES.txt") == b"the user's own file"

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -307,3 +308,30 @@ def test_a_task_whose_worker_dies_runs_again_within_the_sweep(tmp_path, ray_addr
     assert recs["dies_once"]["status"] == "ok" and recs["dies_once"]["value"] == "dies_once"
     assert recs["dies"]["status"] == "failed" and "WorkerCrashedError" in recs["dies"]["error"]
     assert SweepConfig().task_retries == 3  # the sweep's own tasks run with max_retries=task_retries
+
+
+def test_an_out_uri_is_staged_and_gets_each_task_result_as_it_arrives(tmp_path, ray_address, monkeypatch):
+    """`--out memory://...` (fsspec's in-process filesystem through pyarrow, S3's code path): OUT
+    is a staging folder, and each task's result is uploaded by the driver when it arrives (the
+    tasks fail at once by fault injection: no model needed)."""
+    import fsspec
+
+    import jobs.sweep as sw
+    from cappy_core.config import to_dict
+    from cappy_core.remote import locked_output
+    from cappy_core.task_eval import settings_from_config
+
+    monkeypatch.setenv("CAPPY_STAGING_DIR", str(tmp_path / "staging"))
+    monkeypatch.setenv("CAPPY_SWEEP_FAIL_TASKS", ",".join(TASKS))
+    mem, root = fsspec.filesystem("memory"), f"/bucket/{tmp_path.name}"
+    seen, sync = [], sw.sync_outputs
+    monkeypatch.setattr(sw, "sync_outputs", lambda: (sync(), seen.append(sorted(mem.find(f"{root}/tasks")))))
+    cfg, out = sw.checked_config(sw.SweepConfig(tasks=TASKS, out=f"memory:/{root}", cpus_per_task=0.5))
+    assert cfg.out == f"memory:/{root}" and out.parent == (tmp_path / "staging").resolve()
+    with locked_output(cfg.out, "--out", "cappy sweep", log=lambda _: None) as local:
+        assert Path(local).resolve() == out
+        sw.run_tasks(cfg, TASKS, settings_from_config(to_dict(cfg), out, "init", "gen"), {"k": 1}, lambda _: None)
+    assert [len(s) for s in seen] == [1, 2]  # one more result at the URI after each task
+    assert {json.loads(mem.cat(f"{root}/tasks/{t}.json"))["status"] for t in TASKS} == {"failed"}
+    with pytest.raises(ValueError, match="--out foo://x: unknown scheme foo://"):
+        sw.checked_config(sw.SweepConfig(out="foo://x"))

@@ -284,3 +284,80 @@ def test_a_starved_data_feed_fails_instead_of_hanging(tmp_path, tiny_scorer, ray
                     "--cpus-per-worker", "2", "--max-failures", "0", "--data-timeout-s", "5"])
     assert proc.returncode == 1
     assert "Ray Data feed made no progress" in proc.stderr and "--cpus-per-worker" in proc.stderr
+
+
+def test_uri_storage_path_and_output_go_to_ray_train_and_through_staging(tmp_path, capsys, tiny_scorer, monkeypatch):
+    """`--storage-path memory://...` (fsspec's in-process filesystem through pyarrow, S3's code
+    path): Ray Train gets the URI's filesystem and path; the run's own files (run record, pairs,
+    log, exported scorer) are built in a staging folder and uploaded; a `--output` URI is
+    uploaded after the export. Training itself is stubbed: Ray Train workers in other
+    processes cannot see an in-process filesystem (they can see S3)."""
+    import fsspec
+    import pyarrow.fs as pafs
+
+    from cappy_core.io import atomic_dir, write_json
+    from cappy_core.scorer_runs import OUTPUT_MARKER, TrainOutcome
+    from jobs import train_scorer
+
+    monkeypatch.setenv("CAPPY_STAGING_DIR", str(tmp_path / "staging"))
+    mem, root = fsspec.filesystem("memory"), f"/bucket/{tmp_path.name}"
+    seen = {}
+
+    def fake_training(cfg, paths, train_file, eval_file, run_info, log, before_fit):
+        seen["storage"] = train_scorer.ray_storage(paths)
+        before_fit()
+        seen["uploaded_before_fit"] = sorted(p.removeprefix(root + "/") for p in mem.find(root))
+        with atomic_dir(paths["output"]) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"weights")
+            write_json(tmp / OUTPUT_MARKER, {"job": "pretrain"})
+        return TrainOutcome(output=paths["output"], updates=1, total_updates=1, seconds=0.1, losses=[0.5], evals=[],
+                            checkpoint_path=f"{root}/runs/r/checkpoint_000000")
+
+    monkeypatch.setattr(train_scorer, "run_training", fake_training)
+    pairs = write_pairs(synthetic_pairs(8), tmp_path / "pairs.parquet")
+    base = ["--train-pairs", str(pairs), "--init", tiny_scorer, "--name", "r", "--eval-size", "0"]
+    assert pretrain.main([*base, "--storage-path", f"memory:/{root}/runs"]) == 0, capsys.readouterr().err
+    path, fs = seen["storage"]
+    assert path == f"{root}/runs" and isinstance(fs, pafs.PyFileSystem)
+    assert "runs/r/cappy_run.json" in seen["uploaded_before_fit"]
+    at_uri = sorted(p.removeprefix(f"{root}/runs/r/") for p in mem.find(f"{root}/runs/r"))
+    assert {"cappy_run.json", "scorer/model.safetensors", "scorer/results.json", f"scorer/{OUTPUT_MARKER}"} <= set(at_uri)
+    assert any(p.startswith("logs/pretrain-") for p in at_uri) and not [p for p in at_uri if ".tmp-" in p]
+
+    # --output URI: exported into its own staging folder, then uploaded; a foreign folder is refused
+    assert pretrain.main([*base, "--storage-path", str(tmp_path / "runs"), "--output", f"memory:/{root}/out"]) == 0
+    assert mem.cat(f"{root}/out/model.safetensors") == b"weights" and mem.exists(f"{root}/out/results.json")
+    mem.pipe(f"{root}/theirs/notes.txt", b"not a scorer")
+    capsys.readouterr()
+    assert pretrain.main([*base, "--name", "s", "--storage-path", str(tmp_path / "runs"),
+                          "--output", f"memory:/{root}/theirs"]) == 2
+    assert "non-empty folder that this job did not write" in capsys.readouterr().err
+    assert mem.find(f"{root}/theirs") == [f"{root}/theirs/notes.txt"]
+    assert pretrain.main([*base, "--storage-path", f"memory:/{root}/runs", "--fresh"]) == 2
+    assert "the job never deletes at a URI" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ray_train_checkpoints_through_a_non_native_pyarrow_filesystem_and_the_scorer_reaches_the_uri(
+        tmp_path, tiny_scorer, ray_address, monkeypatch, capsys):
+    """The real fit with a URI --storage-path: Ray Train gets ``storage_filesystem`` (fsspec's
+    local filesystem wrapped in pyarrow's PyFileSystem, what s3fs / gcsfs give, visible to the
+    workers' processes) and checkpoints through it; the run's own files go to memory://."""
+    import fsspec
+    import pyarrow.fs as pafs
+
+    from jobs import train_scorer
+
+    monkeypatch.setenv("CAPPY_STAGING_DIR", str(tmp_path / "staging"))
+    mem, root = fsspec.filesystem("memory"), f"/bucket/{tmp_path.name}"
+    ckpts = tmp_path / "bucket" / "runs"
+    fs = pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem("file")))
+    monkeypatch.setattr(train_scorer, "ray_storage", lambda paths: (str(ckpts), fs))
+    pairs = write_pairs(synthetic_pairs(32), tmp_path / "pairs.parquet")
+    args = ["--train-pairs", str(pairs), "--init", tiny_scorer, "--name", "r", "--eval-size", "0",
+            "--train-size", "32", "--checkpoint-every", "2", "--storage-path", f"memory:/{root}/runs", *FAST]
+    assert pretrain.main(args) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in (ckpts / "r").glob("checkpoint_*"))  # Ray Train wrote through the filesystem
+    res = json.loads(mem.cat(f"{root}/runs/r/scorer/results.json"))
+    assert res["updates"] == 2 and mem.exists(f"{root}/runs/r/scorer/model.safetensors")
+    assert mem.exists(f"{root}/runs/r/cappy_run.json")
