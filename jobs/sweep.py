@@ -395,7 +395,8 @@ def _run_locked(cfg: SweepConfig, out: Path, preset: str | None, log) -> dict:
     if todo:
         init_ray()  # ray.init, and Ray's driver log kept in the log file
         stage("sampling_s", f"== sample + label (train and validation candidates) into {settings.candidates_dir}",
-              sample, cfg, tasks if cfg.finetune_scope == "all" or shared_selector(to_dict(cfg)) else todo, out, generator, log, settings.candidates_dir)
+              sample, cfg, tasks if cfg.finetune_scope == "all" or shared_selector(to_dict(cfg)) else todo, out,
+              generator, log, settings.candidates_dir)
         threads = cfg.shared_torch_threads or cfg.torch_threads  # a shared finetune runs alone: all its CPUs
         shared_opts = dict(num_cpus=max(cfg.cpus_per_task, cfg.shared_torch_threads if not cfg.gpus_per_task else 0),
                            num_gpus=cfg.gpus_per_task or None, max_retries=cfg.task_retries)
