@@ -97,6 +97,8 @@ class SampleConfig:
         "help": "use only the first N examples of each task and split (small runs)"})
     shard_size: int = field(default=256, metadata={"help": "instructions per output file (the unit of resume)"})
     batch_size: int = field(default=32, metadata={"help": "instructions per generator call"})
+    batch_rows: int = field(default=64, metadata={"help": "--backend hf: candidate rows decoded in one batch (a "
+                            "call's batch-size x 17 decodes at once: fewer steps of per-step overhead, more memory)"})
     num_actors: int = field(default=1, metadata={"help": "generator actors (one model each)"})
     gpus_per_actor: float = field(default=0.0, metadata={"help": "GPUs per generator actor (0 on CPU)"})
     cpus_per_actor: float = field(default=1.0, metadata={"help": "CPUs reserved per generator actor"})
@@ -230,6 +232,8 @@ def _sample_shards(cfg, todo, generator, decodings, per_instruction, meta, timin
 
     gen_kwargs: dict = {"max_prompt_tokens": cfg.max_prompt_tokens, "dtype": cfg.dtype,
                         "allow_pickle": cfg.allow_pickle, "trust_remote_code": cfg.trust_remote_code}
+    if cfg.backend == "hf":
+        gen_kwargs["batch_rows"] = cfg.batch_rows
     if cfg.backend == "vllm":
         gen_kwargs["max_model_len"] = cfg.max_prompt_tokens + cfg.max_new_tokens
         if cfg.kv_cache_gb is not None:

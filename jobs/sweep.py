@@ -103,6 +103,7 @@ class SweepConfig(CacheOptions, TrackingOptions):
     gpus_per_actor: float = field(default=0.0, metadata={"help": "GPUs per generator actor"})
     cpus_per_actor: float = field(default=1.0, metadata={"help": "CPUs per generator actor"})
     sample_batch_size: int = field(default=32, metadata={"help": "instructions per generator call"})
+    sample_batch_rows: int = field(default=64, metadata={"help": "--backend hf: candidate rows decoded in one batch"})
     # scorer
     scorer: Optional[str] = field(default=None, metadata={
         "help": "scorer to finetune from: a folder, a hub id (btan2/cappy-large) or 'minilm' "
@@ -244,7 +245,8 @@ def sample(cfg: SweepConfig, tasks: list[str], out: Path, generator: str, log, c
             tasks=tasks, splits=[split], data=str(out / "data"), out=str(Path(candidates_dir) / split),
             generator=generator, backend=cfg.backend, decodings=list(cfg.decodings),
             samples_per_decoding=cfg.samples_per_decoding, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-            max_examples_per_task=cap, batch_size=cfg.sample_batch_size, num_actors=cfg.num_actors,
+            max_examples_per_task=cap, batch_size=cfg.sample_batch_size, batch_rows=cfg.sample_batch_rows,
+            num_actors=cfg.num_actors,
             gpus_per_actor=cfg.gpus_per_actor, cpus_per_actor=cfg.cpus_per_actor), log=log)
 
 

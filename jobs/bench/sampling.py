@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--instructions", type=int, default=48)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32, help="instructions per generator call (all paths)")
+    p.add_argument("--batch-rows", type=int, default=544, help="hf paths: candidate rows decoded in one batch "
+                   "(default: the local sweep's, one generator call of 32 instructions x 17)")
     p.add_argument("--generator", default=None, help="HF folder, or 'tiny' (default: the local sweep's)")
     p.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
     p.add_argument("--threads", type=int, default=1, help="torch threads of the direct paths (the actor's: 1)")
@@ -147,7 +149,8 @@ def _run(args, tmp: Path) -> dict:
     bound = matmul_flops(args.threads)
     res: dict = {"bench": "sampling", "generator": model, "params": params, "instructions": len(instructions),
                  "candidates_per_instruction": candidates_per_instruction(PAPER_DECODINGS),
-                 "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "threads": args.threads,
+                 "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+                 "batch_rows": args.batch_rows, "threads": args.threads,
                  "cpus": os.cpu_count(), "matmul_flops": round(bound / 1e9, 1), "paths": {}}
 
     def record(path: str, secs: float, n: int, toks: int, load_s: float) -> None:
@@ -166,7 +169,8 @@ def _run(args, tmp: Path) -> dict:
                                  max_model_len=max_prompt + args.max_new_tokens)
         else:
             gen = load_generator("hf", model, dtype="float32", max_prompt_tokens=max_prompt,
-                                 decode_loop="generate" if path == "hf-generate" else "cached")
+                                 decode_loop="generate" if path == "hf-generate" else "cached",
+                                 batch_rows=args.batch_rows)
         load_s = time.perf_counter() - t
         secs, n, toks = time_direct(gen, instructions, args.batch_size, **kw)
         gen.close()
@@ -188,7 +192,8 @@ def _run(args, tmp: Path) -> dict:
             cfg = SampleConfig(tasks=["bench"], splits=["train"], data=str(tmp / "data"), out=str(out),
                                generator=model, backend=backend, max_new_tokens=args.max_new_tokens,
                                dtype=args.vllm_dtype if backend == "vllm" else "float32",
-                               batch_size=args.batch_size, shard_size=args.batch_size, kv_cache_gb=args.kv_cache_gb,
+                               batch_size=args.batch_size, batch_rows=args.batch_rows, shard_size=args.batch_size,
+                               kv_cache_gb=args.kv_cache_gb,
                                cpus_per_actor=1.0, label_cpus=0.25)
             summary = run(cfg, log=lambda msg: print(msg, file=sys.stderr))
             toks = sum(pc.sum(pq.read_table(f, columns=["num_tokens"])["num_tokens"]).as_py()
