@@ -285,12 +285,16 @@ def write_reports(out: Path, records: Mapping[str, dict], log=print) -> dict:
                 f"Best baseline (by mean): {best} {stats['best_baseline_value']:.1f}"
                 + (f"; Cappy − best = {stats['cappy_minus_best']:+.1f}" if stats["cappy_minus_best"] is not None
                    else "")]
-    selector_losses = sorted({r["training"]["selector"]["loss"] for r in ok.values()
-                              if isinstance((r.get("training") or {}).get("selector"), dict)})
-    if selector_losses:
-        sections.append(f"`cappy+lm+mbr` reads its Cappy score from a second scorer per task, finetuned on the same "
-                        f"pairs with the {' / '.join(selector_losses)} loss (`--selector-loss`); `cappy` is the "
-                        "paper's MSE scorer.")
+    selectors = [r["training"]["selector"] for r in ok.values()
+                 if isinstance((r.get("training") or {}).get("selector"), dict)]
+    if selectors:
+        losses = " / ".join(sorted({sel["loss"] for sel in selectors}))
+        shared = all(sel.get("scope") == "all" for sel in selectors)
+        sections.append(f"`cappy+lm+mbr` reads its Cappy score from "
+                        + ("one scorer finetuned on every task's pairs together" if shared else
+                           "a second scorer per task, finetuned on the same pairs")
+                        + f" with the {losses} loss (`--selector-loss`"
+                        + (", `--selector-scope all`" if shared else "") + "); `cappy` is the paper's MSE scorer.")
     if intervals:
         sections.append(intervals_section(intervals, best, tasks, sizes))
     if without:
