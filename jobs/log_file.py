@@ -142,6 +142,12 @@ def _versions() -> str:
     return " ".join(out)
 
 
+def nested() -> bool:
+    """Whether a command's log file is already open in this process: a job started now runs inside
+    another (the sweep's sampling and pretraining), whose terminal shows one line per stage."""
+    return _active is not None
+
+
 @contextlib.contextmanager
 def log_file(folder: str | Path, job: str, log: Callable[[str], None] = print) -> Iterator[Callable[[str], None]]:
     """Write this process's log to ``folder/logs/<job>-<time>.log`` while the block runs.

@@ -12,20 +12,20 @@ import json
 from pathlib import Path
 from typing import Any
 
-# Measured rates on a 2-core AVX2 CPU (README, "The main job"): `cappy sweep --preset local` warm
-# (sampling 286 s for 926 x 17 candidates with the transformers backend in two actors; six tasks
-# 1,156 s, two at a time, each with two finetunes: the cappy row's scorer and the fused row's own,
-# `--selector-loss listwise`, whose 811 task-seconds, two tasks at a time, are left out of TASK_S);
-# cold, the stages the warm run reuses (generator 500 s for 1,500 updates, scorer pretraining 180 s,
-# BIG-Bench download 54 s). Other presets, models or machines scale differently: the estimate says
-# which rates it used.
-GENERATOR_S_PER_UPDATE = 500 / 1500
-PRETRAIN_LOCAL_S = 180.0
-SAMPLING_CANDIDATES_PER_S = 926 * 17 / 286
-TASK_S = (1156 - 811 / 2) / 6  # wall seconds per task at the local preset's sizes and concurrency, one scorer
+# Measured rates on a 2-core AVX2 CPU (README, "The main job"): `cappy sweep --preset local` cold
+# (BIG-Bench download and preparation 41 s, generator 482 s for 1,500 updates, scorer pretraining
+# 172 s, sampling 264 s for 926 x 17 candidates with the transformers backend in two actors, the
+# one selector scorer 619 s for 6 x 1,024 pairs on two threads, six tasks 832 s, two at a time,
+# each finetuning the cappy row's scorer). A selector scorer per task (`--selector-scope task`):
+# six tasks 1,156 s, each with two finetunes (an earlier revision's warm run). Other presets,
+# models or machines scale differently: the estimate says which rates it used.
+GENERATOR_S_PER_UPDATE = 482 / 1500
+PRETRAIN_LOCAL_S = 172.0
+SAMPLING_CANDIDATES_PER_S = 926 * 17 / 264
+TASK_S = 832 / 6  # wall seconds per task at the local preset's sizes and concurrency, one finetune
 TASK_S_WITH_SELECTOR = 1156 / 6  # the same with a selector scorer of its own (a second finetune)
-SHARED_PAIRS_PER_S = 12.5  # a finetune on every task's pairs (--selector-scope all), 2 threads, alone
-DOWNLOAD_S = 54.0
+SHARED_PAIRS_PER_S = 6 * 1024 / 619  # a finetune on every task's pairs (--selector-scope all), 2 threads, alone
+DOWNLOAD_S = 41.0
 RATES_SOURCE = "measured: `cappy sweep --preset local`, 2-core CPU (README, The main job)"
 
 

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import re
 import shutil
 import sys
@@ -182,6 +183,8 @@ def train_loop_per_worker(c: dict) -> None:
                                      window_rows)
 
     transformers.utils.logging.disable_progress_bar()
+    logging.getLogger().setLevel(c.get("worker_log_level", logging.INFO))
+    say = _say if c.get("progress", True) else None
     schedule, total = c["schedule"], c["total_updates"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -199,9 +202,9 @@ def train_loop_per_worker(c: dict) -> None:
         if resumed:
             state, _ = load_train_state(ckpt_dir, optimizer)
     fail_at = None if resumed or rank != 0 else c["fail_at_update"]
-    if rank == 0:
+    if rank == 0 and say is not None:
         where = f"resumed at update {state.update}/{total}" if resumed else f"starting: {total} updates"
-        _say(f"[train] {where}; world {world} on {device}, accumulation {c['grad_accum_steps']}")
+        say(f"[train] {where}; world {world} on {device}, accumulation {c['grad_accum_steps']}")
     if state.update >= total:
         return  # a finished run rerun: nothing to do, its last checkpoint is the result
     if resumed:
@@ -221,7 +224,7 @@ def train_loop_per_worker(c: dict) -> None:
 
     progress = RunProgress(state, total, report=report, evaluate=evaluate if eval_rows is not None else None,
                            world_size=world, log_every=c["log_every"], eval_every=c["eval_every"],
-                           checkpoint_every=c["checkpoint_every"], log=_say if rank == 0 else None)
+                           checkpoint_every=c["checkpoint_every"], log=say if rank == 0 else None)
     progress.begin()
 
     def on_update(info) -> None:
@@ -250,9 +253,10 @@ def ray_storage(paths: dict[str, str]) -> tuple[str, Any]:
 
 
 def run_training(cfg: TrainScorerConfig, paths: dict[str, str], train_file: str, eval_file: str | None,
-                 run_info: dict, log: Callable[[str], None] = print, before_fit=None):
+                 run_info: dict, log: Callable[[str], None] = print, before_fit=None, progress: bool = True):
     """Check the pair files, then fit a TorchTrainer and export the final scorer to ``output``;
-    returns a :class:`~cappy_core.scorer_runs.TrainOutcome`."""
+    returns a :class:`~cappy_core.scorer_runs.TrainOutcome`. ``progress``: rank 0 prints its
+    per-update and eval lines (the driver's terminal shows them)."""
     import ray
     import ray.data
     import ray.train
@@ -288,7 +292,10 @@ def run_training(cfg: TrainScorerConfig, paths: dict[str, str], train_file: str,
         "total_updates": total, "grad_accum_steps": accum, "torch_threads": threads,
         "checkpoint_every": cfg.checkpoint_every, "eval_every": cfg.eval_every or cfg.checkpoint_every,
         "log_every": cfg.log_every, "eval_batch_size": cfg.eval_batch_size,
-        "fail_at_update": fail_at_update(cfg.fail_at_update),
+        "fail_at_update": fail_at_update(cfg.fail_at_update), "progress": progress,
+        # Ray Train's workers log at INFO through the root logger ("Reporting training result ..."),
+        # which its LoggingConfig level does not filter: below --log-level debug, only warnings
+        "worker_log_level": logging.INFO if os.environ.get("CAPPY_LOG_LEVEL") == "debug" else logging.WARNING,
         # in every checkpoint's cappy.json, and so in its model card
         "run_info": {**run_info, "train_pairs": rows, "eval_pairs": eval_rows, "loss": cfg.loss},
         # The held-out pairs are small and every rank scores its share of all of them: one object
@@ -339,7 +346,7 @@ def run_job(job: str, cfg: TrainScorerConfig, *, default_name: str, data_key: di
     from cappy_core.io import output_lock, with_local_paths
     from cappy_core.remote import is_remote, locked_output, staging_dir
     from cappy_core.scorer_runs import check_output, resolve_paths
-    from jobs.log_file import log_file
+    from jobs.log_file import log_file, nested
 
     check_config(cfg)
     # A URI --storage-path: Ray Train checkpoints there itself; this run's own files (lock, log,
@@ -370,12 +377,14 @@ def run_job(job: str, cfg: TrainScorerConfig, *, default_name: str, data_key: di
                                               local=paths["run_dir"], only=RUN_FILES, log=log))
         else:
             locks.enter_context(output_lock(paths["run_dir"], holder))
+        inner = nested()  # inside the sweep: its stage lines, not the workers' per-update lines
         log = locks.enter_context(log_file(paths["run_dir"], job, log))
         logger.debug("config: %s", json.dumps(to_dict(cfg)))
-        return _run_job_locked(job, cfg, paths, data_key, build_pairs, run_info, label, log)
+        return _run_job_locked(job, cfg, paths, data_key, build_pairs, run_info, label, log,
+                               progress=not inner or os.environ.get("CAPPY_LOG_LEVEL") == "debug")
 
 
-def _run_job_locked(job, cfg, paths, data_key, build_pairs, run_info, label, log) -> dict:
+def _run_job_locked(job, cfg, paths, data_key, build_pairs, run_info, label, log, progress=True) -> dict:
     from cappy_core.io import write_json
     from cappy_core.pretrain_data import existing_pair_files
     from cappy_core.remote import sync_outputs
@@ -392,6 +401,7 @@ def _run_job_locked(job, cfg, paths, data_key, build_pairs, run_info, label, log
         sync_outputs()  # a URI --storage-path gets the run record and the pairs before training
 
     outcome = run_training(cfg, paths, files[0], files[1], run_info={"job": job, "name": paths["name"], **run_info},
+                           progress=progress,
                            log=log, before_fit=before_fit)
     results = {"job": job, "config": to_dict(cfg), "paths": paths, "train_pairs": files[0],
                "eval_pairs": files[1], "updates": outcome.updates, "seconds": outcome.seconds,

@@ -114,7 +114,13 @@ def test_report_has_paired_intervals_and_spearman(tmp_path):
     assert "second scorer" not in md  # the fused row uses the cappy row's scorer here
     records["a"]["training"] = {"selector": {"loss": "listwise"}}
     write_reports(tmp_path / "sel", records, log=lambda s: None)
-    assert "with the listwise loss (`--selector-loss`)" in (tmp_path / "sel" / "summary.md").read_text()
+    assert "a second scorer per task, finetuned on the same pairs with the listwise loss (`--selector-loss`)" in (
+        tmp_path / "sel" / "summary.md").read_text()
+    for r in records.values():  # one selector scorer for every task (--selector-scope all)
+        r["training"] = {"selector": {"loss": "listwise", "scope": "all"}}
+    write_reports(tmp_path / "one", records, log=lambda s: None)
+    assert "from one scorer finetuned on every task's pairs together with the listwise loss (`--selector-loss`, " \
+        "`--selector-scope all`)" in (tmp_path / "one" / "summary.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| cappy |"))
     assert f"[{expected.low:+.1f}, {expected.high:+.1f}]" in row and row.count("[") == 3  # mean, a, b
     # 20–30 instructions per task are far too few here: the report says what they cannot resolve

@@ -186,6 +186,8 @@ def test_pretrain_then_finetune_two_tasks_at_once_through_the_cli(tmp_path, tiny
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = SUMMARY.search(proc.stdout)
     assert m and m.group(1) == "pretrain" and m.group(2) == m.group(3) == "6", proc.stdout[-2000:]
+    # the default level: our workers' progress lines, not Ray Train's INFO lines ("Reporting training result")
+    assert "[train] starting: 6 updates" in proc.stdout and "Reporting training result" not in proc.stdout + proc.stderr
     pretrained = Path(m.group(4))
     assert pretrained == tmp_path / "runs" / "pretrain-local" / "scorer"
     res = results(pretrained)
