@@ -252,6 +252,23 @@ def ray_storage(paths: dict[str, str]) -> tuple[str, Any]:
     return path, fs
 
 
+@contextlib.contextmanager
+def keeping_sigint_handler():
+    """Restore this process's SIGINT handler after the block. Ray Train's ``fit()`` replaces it
+    ("Received SIGINT. Gracefully aborting the training run") and does not put it back, so a sweep
+    that pretrained first could no longer be stopped with Ctrl-C (it printed that line and went on)."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()  # handlers live in the main thread only
+    handler = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        yield
+    finally:
+        if main and handler is not None:
+            signal.signal(signal.SIGINT, handler)
+
+
 def run_training(cfg: TrainScorerConfig, paths: dict[str, str], train_file: str, eval_file: str | None,
                  run_info: dict, log: Callable[[str], None] = print, before_fit=None, progress: bool = True):
     """Check the pair files, then fit a TorchTrainer and export the final scorer to ``output``;
@@ -320,7 +337,8 @@ def run_training(cfg: TrainScorerConfig, paths: dict[str, str], train_file: str,
         before_fit()
     t0 = time.time()
     try:
-        result = trainer.fit()
+        with keeping_sigint_handler():  # Ray Train's fit() installs its own and leaves it behind
+            result = trainer.fit()
     finally:
         (data_ctx.execution_options.preserve_order, data_ctx.enable_progress_bars,
          data_ctx.execution_no_progress_timeout_s) = saved

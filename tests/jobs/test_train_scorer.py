@@ -363,3 +363,33 @@ def test_ray_train_checkpoints_through_a_non_native_pyarrow_filesystem_and_the_s
     res = json.loads(mem.cat(f"{root}/runs/r/scorer/results.json"))
     assert res["updates"] == 2 and mem.exists(f"{root}/runs/r/scorer/model.safetensors")
     assert mem.exists(f"{root}/runs/r/cappy_run.json")
+
+
+def test_ray_trains_sigint_handler_does_not_outlive_the_fit():
+    """Ray Train's fit() installs a SIGINT handler of its own and leaves it behind: the sweep, which
+    pretrains before it samples, then ignored Ctrl-C. run_training fits inside keeping_sigint_handler."""
+    import signal
+
+    from jobs.train_scorer import keeping_sigint_handler
+
+    def ours(signum, frame):
+        raise KeyboardInterrupt
+
+    def ray_trains(signum, frame):  # what fit() leaves: "Gracefully aborting the training run", nothing else
+        pass
+
+    before = signal.signal(signal.SIGINT, ours)
+    try:
+        with keeping_sigint_handler():
+            signal.signal(signal.SIGINT, ray_trains)
+        assert signal.getsignal(signal.SIGINT) is ours
+        with pytest.raises(RuntimeError), keeping_sigint_handler():  # restored on an error too
+            signal.signal(signal.SIGINT, ray_trains)
+            raise RuntimeError("fit failed")
+        assert signal.getsignal(signal.SIGINT) is ours
+    finally:
+        signal.signal(signal.SIGINT, before)
+    import inspect
+
+    from jobs.train_scorer import run_training
+    assert "with keeping_sigint_handler():" in inspect.getsource(run_training)
