@@ -123,8 +123,8 @@ def plan(cfg: Any, preset: str | None = None) -> dict[str, Any]:
                            f"{to_sample:,} instructions to sample",
                    "seconds": (to_sample * per_instruction / SAMPLING_CANDIDATES_PER_S) if todo else 0.0})
     if shared_sel:
-        stages.append({"stage": "shared selector finetune", "cached": not todo,
-                       "what": f"{len(tasks)} x {cfg.train_size} pairs, {cfg.selector_loss}",
+        stages.append({"stage": "shared selector", "cached": not todo,
+                       "what": f"one {cfg.selector_loss} scorer finetuned on {len(tasks)} x {cfg.train_size} pairs",
                        "seconds": len(tasks) * cfg.train_size / SHARED_PAIRS_PER_S if todo else 0.0})
     per_task = TASK_S if cfg.selector_loss == "same" or not cfg.finetune or shared_sel else TASK_S_WITH_SELECTOR
     stages.append({"stage": "tasks", "cached": not todo, "seconds": len(todo) * per_task,

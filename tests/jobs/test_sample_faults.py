@@ -65,8 +65,11 @@ def test_ctrl_c_exits_at_once_releases_the_lock_and_a_rerun_matches_an_uninterru
     from jobs.sample_label import main
 
     out = tmp_path / "out"
+    # SIGINT as a terminal's foreground job has it: a suite started in the background of a shell without
+    # job control inherits it ignored, and Python then keeps it ignored (the child would never stop)
     proc = subprocess.Popen([sys.executable, "-m", "jobs.sample_label", *args, "--out", str(out)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not list(out.rglob("*.done.json")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)

@@ -54,7 +54,7 @@ def test_dry_run_plans_from_the_data_and_the_outputs_on_disk(tmp_path, generator
     one = {s["stage"]: s for s in plan(dataclasses.replace(cfg, selector_loss="listwise", selector_scope="all",
                                                            train_size=100))["stages"]}
     assert one["tasks"]["seconds"] == pytest.approx(2 * TASK_S)
-    assert one["shared selector finetune"]["seconds"] == pytest.approx(2 * 100 / SHARED_PAIRS_PER_S)
+    assert one["shared selector"]["seconds"] == pytest.approx(2 * 100 / SHARED_PAIRS_PER_S)
 
     # tense finished with these settings (the sweep's own key) and 7 rephrase validation instructions sampled:
     # tense is neither sampled nor run again; rephrase samples what is left
