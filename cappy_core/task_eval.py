@@ -145,15 +145,24 @@ def shared_selector(config: Mapping[str, Any]) -> bool:
     return bool(config["finetune"]) and config["selector_loss"] != "same" and config["selector_scope"] == "all"
 
 
+def trains_on_every_task(config: Mapping[str, Any]) -> bool:
+    """Whether a scorer is finetuned on every task's pairs (``finetune_scope: all`` or a shared
+    selector): then every task's train candidates are needed and the tasks are part of the key."""
+    return bool(config["finetune"]) and (config["finetune_scope"] == "all" or shared_selector(config))
+
+
 def check_config(config: Mapping[str, Any]) -> None:
     """:class:`ConfigError` for sweep settings that cannot run (before any stage does)."""
     c = config
-    for name in ("train_size", "batch_size", "micro_batch_size", "epochs", "torch_threads", "max_length"):
+    for name in ("train_size", "batch_size", "micro_batch_size", "epochs", "torch_threads", "max_length",
+                 "sample_batch_rows"):
         if c[name] < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
     if c["batch_size"] % c["micro_batch_size"]:
         raise ConfigError(f"--batch-size {c['batch_size']} must be a multiple of --micro-batch-size "
                           f"{c['micro_batch_size']}")
+    if c["shared_torch_threads"] < 0:
+        raise ConfigError("--shared-torch-threads must be >= 0 (0: --torch-threads)")
     if c["dev_examples_per_task"] < 0:
         raise ConfigError("--dev-examples-per-task must be >= 0")
     cap = c["max_train_examples_per_task"]
@@ -550,7 +559,7 @@ def result_key(config: Mapping[str, Any], generator: str, init: str,
     trains on all of them)."""
     key = {**{k: config[k] for k in RESULT_DEFINING}, "generator": generator, "scorer": init,
            "version": RESULT_VERSION}
-    if config["finetune"] and (config["finetune_scope"] == "all" or shared_selector(config)):
+    if trains_on_every_task(config):
         key["finetune_tasks"] = sorted(tasks or [])
     return key
 

@@ -41,7 +41,7 @@ from cappy_core.io import local_path, with_local_paths, write_json
 from cappy_core.remote import filesystem, is_remote, locked_output, staging_dir, sync_outputs
 from cappy_core.task_eval import (TaskSettings, check_config, finetune_shared, finetune_shared_selector, finished,
                                   key_digest, read_result, result_key, result_path, result_record, run_task,
-                                  settings_from_config, shared_selector)
+                                  settings_from_config, shared_selector, trains_on_every_task)
 from jobs.cli import presets
 from jobs.log_file import init_ray, log_file
 from jobs.tracking import TrackingOptions, check_report_to
@@ -397,7 +397,7 @@ def _run_locked(cfg: SweepConfig, out: Path, preset: str | None, log) -> dict:
     if todo:
         init_ray()  # ray.init, and Ray's driver log kept in the log file
         stage("sampling_s", f"== sample + label (train and validation candidates) into {settings.candidates_dir}",
-              sample, cfg, tasks if cfg.finetune_scope == "all" or shared_selector(to_dict(cfg)) else todo, out,
+              sample, cfg, tasks if trains_on_every_task(to_dict(cfg)) else todo, out,
               generator, log, settings.candidates_dir)
         threads = cfg.shared_torch_threads or cfg.torch_threads  # a shared finetune runs alone: all its CPUs
         shared_opts = dict(num_cpus=max(cfg.cpus_per_task, cfg.shared_torch_threads if not cfg.gpus_per_task else 0),

@@ -60,7 +60,8 @@ def plan(cfg: Any, preset: str | None = None) -> dict[str, Any]:
     from cappy_core.data.source import BigBenchNotFound
     from cappy_core.generation import candidates_per_instruction, decodings_from_names
     from cappy_core.lm import default_generator_path, is_generator_dir
-    from cappy_core.task_eval import finished, key_digest, result_key, settings_from_config, shared_selector
+    from cappy_core.task_eval import (finished, key_digest, result_key, settings_from_config, shared_selector,
+                                      trains_on_every_task)
     from jobs.sweep import checked_config, embedded_generator_name, pretrained_scorer_path
 
     cfg, out = checked_config(cfg, preset)  # the sweep's own checks
@@ -105,7 +106,7 @@ def plan(cfg: Any, preset: str | None = None) -> dict[str, Any]:
     done = {t for t in tasks if not cfg.redo and finished(settings.tasks_dir, t, key_digest(key)) is not None}
     todo = [t for t in tasks if t not in done]
     shared_sel = shared_selector(to_dict(cfg))
-    sampled_for = tasks if cfg.finetune_scope == "all" or shared_sel else todo
+    sampled_for = tasks if trains_on_every_task(to_dict(cfg)) else todo
     splits = ([("train", cfg.max_train_examples_per_task)] if cfg.finetune or cfg.dev_examples_per_task else []) + \
         [("validation", cfg.max_examples_per_task)]
     rows = []

@@ -182,6 +182,8 @@ def test_settings_checks_and_what_defines_a_result():
     for bad, match in ((replace(ok, group_by_instruction=False), "--group-by-instruction"),
                        (replace(ok, selector_loss="listwise", finetune_scope="all"), "--finetune-scope task"),
                        (replace(ok, selector_scope="all"), "--selector-loss listwise"),
+                       (replace(ok, shared_torch_threads=-1), "--shared-torch-threads"),
+                       (replace(ok, sample_batch_rows=0), "--sample-batch-rows"),
                        (replace(ok, dev_examples_per_task=40), "leaves none of the 40"),
                        (replace(ok, dev_examples_per_task=-1), ">= 0"), (replace(ok, listwise_tau=0.0), "tau")):
         with pytest.raises(ConfigError, match=match):
