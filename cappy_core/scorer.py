@@ -391,7 +391,7 @@ class Scorer:
     def from_pretrained(cls, name_or_path: str | os.PathLike = EMBEDDED_ALIAS, *,
                         dtype: str = "float32", device: str | torch.device | None = None,
                         max_length: int | None = None, allow_pickle: bool = False,
-                        seed: int = 0) -> "Scorer":
+                        seed: int = 0, for_training: bool = False) -> "Scorer":
         """Load a scorer: ``"minilm"``, a local Hugging Face folder, or a hub id.
 
         ``dtype``: ``"float32"`` or ``"bfloat16"`` (weights stay fp32; matmuls run under bf16
@@ -401,6 +401,8 @@ class Scorer:
         length; ``None`` → the checkpoint's ``cappy.json`` value, else 512. ``allow_pickle``:
         accept folders whose weights are only ``pytorch_model.bin``. ``seed``: initialises any
         parameter the checkpoint lacks (the fresh head of ``"minilm"`` or ``roberta-large``).
+        ``for_training``: the caller trains the scorer next, so a fresh head is expected and
+        noted at INFO instead of the warning that its scores are meaningless.
         """
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -428,7 +430,10 @@ class Scorer:
         missing = list(info.get("missing_keys", []))
         if missing:
             _init_missing_(model, missing, seed)
-            if name not in _warned_fresh_head:
+            if for_training:
+                logger.info("scorer %r: %d parameter(s) not in the checkpoint initialised from seed %d (%s), "
+                            "to be trained", name, len(missing), seed, ", ".join(sorted(missing)[:4]))
+            elif name not in _warned_fresh_head:
                 _warned_fresh_head.add(name)
                 logger.warning(
                     "scorer %r: %d parameter(s) not in the checkpoint were initialised from seed %d "

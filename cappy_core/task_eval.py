@@ -234,7 +234,8 @@ def finetune(init: str, pairs_file: str | Path, schedule: ScorerSchedule, *, max
     from cappy_core.training import Throughput, fit_scorer
 
     scorer = Scorer.from_pretrained(init, dtype="bfloat16" if schedule.bf16 else "float32", device=device,
-                                    max_length=max_length, allow_pickle=False, seed=schedule.seed)
+                                    max_length=max_length, allow_pickle=False, seed=schedule.seed,
+                                    for_training=True)
     meter, rate = Throughput(1), [0.0]
     state = fit_scorer(scorer, read_pair_columns(pairs_file), schedule, device=device,
                        on_update=lambda info: rate.__setitem__(0, meter.tick(info.samples)))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -53,6 +54,16 @@ class _TerminalLevels(logging.Filter):
         while name not in self.levels:  # the nearest logger with a recorded level (root: "")
             name = name.rpartition(".")[0] if "." in name else ""
         return record.levelno >= self.levels[name]
+
+
+class _PlainFormatter(logging.Formatter):
+    """The file's lines without terminal colour codes (Ray colours the dashboard address in
+    "Started a local Ray instance")."""
+
+    _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self._ANSI.sub("", super().format(record))
 
 
 class _ToFile(logging.Handler):
@@ -165,7 +176,7 @@ def log_file(folder: str | Path, job: str, log: Callable[[str], None] = print) -
     path = Path(folder) / "logs" / f"{job}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, mode="a", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(_PlainFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     lowered = ("", *OURS, *THIRD_PARTY_LOGGERS)
     for name in lowered:  # created before the snapshot
         logging.getLogger(name)

@@ -196,7 +196,7 @@ def train_loop_per_worker(c: dict) -> None:
     with (checkpoint.as_directory() if resumed else contextlib.nullcontext()) as ckpt_dir:
         scorer = Scorer.from_pretrained(ckpt_dir or c["init"], dtype="bfloat16" if schedule.bf16 else "float32",
                                         device=device, max_length=c["max_length"], allow_pickle=c["allow_pickle"],
-                                        seed=schedule.seed)
+                                        seed=schedule.seed, for_training=True)
         model = ray.train.torch.prepare_model(scorer.model)
         optimizer = make_optimizer(model, schedule.lr, schedule.weight_decay)
         if resumed:

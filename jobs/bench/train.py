@@ -107,7 +107,7 @@ def time_plain(cfg: TrainBenchConfig, pairs: str, storage: Path) -> dict:
     t = time.time()
     schedule = schedule_of(tc)
     scorer = Scorer.from_pretrained(tc.init, dtype="bfloat16" if schedule.bf16 else "float32", device="cpu",
-                                    max_length=tc.max_length, seed=schedule.seed)
+                                    max_length=tc.max_length, seed=schedule.seed, for_training=True)
     meter, rate = Throughput(1), [0.0]
     state = fit_scorer(scorer, read_pair_columns(pairs), schedule, device="cpu",
                        on_update=lambda info: rate.__setitem__(0, meter.tick(info.samples)))

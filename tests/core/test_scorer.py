@@ -5,6 +5,7 @@ MiniLM's deterministic head."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 
@@ -252,6 +253,21 @@ def test_embedded_head_is_deterministic_in_seed(scorer):
     assert _same_weights(again, scorer) and not _same_weights(other, scorer)
     _assert_same_scores(again.score(ins, res), scorer.score(ins, res))
     assert not np.allclose(other.score(ins, res), scorer.score(ins, res), atol=1e-4)
+
+
+def test_a_fresh_head_warns_unless_it_is_about_to_be_trained(caplog, monkeypatch):
+    from cappy_core import scorer as scorer_mod
+
+    monkeypatch.setattr(scorer_mod, "_warned_fresh_head", set())
+    with caplog.at_level(logging.INFO, logger="cappy_core.scorer"):
+        Scorer.from_pretrained("minilm", device="cpu", for_training=True)
+        Scorer.from_pretrained("minilm", device="cpu", for_training=True)
+        assert [r.levelname for r in caplog.records] == ["INFO", "INFO"]
+        assert "to be trained" in caplog.records[0].getMessage()
+        caplog.clear()
+        Scorer.from_pretrained("minilm", device="cpu")  # scoring with it: the user must know
+        assert [r.levelname for r in caplog.records] == ["WARNING"]
+        assert "meaningless until it is trained" in caplog.records[0].getMessage()
 
 
 def test_flops_per_pair_formula(scorer):

@@ -97,7 +97,8 @@ def test_rays_driver_log_reaches_the_file_after_ray_init_and_not_the_terminal(tm
 
     def ray_init(logging_level=os.environ["RAY_LOGGER_LEVEL"]):  # ray._private.worker.init, as to the "ray" logger
         setup_logger(logging_level, ray_constants.LOGGER_FORMAT)
-        logging.getLogger("ray._private.worker").info("Started a local Ray instance 48")
+        logging.getLogger("ray._private.worker").info(  # Ray colours the address for the terminal
+            "Started a local Ray instance 48 at %s", "\x1b[1m\x1b[32mhttp://127.0.0.1:8265 \x1b[39m\x1b[22m")
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", ray_init)
@@ -114,7 +115,9 @@ def test_rays_driver_log_reaches_the_file_after_ray_init_and_not_the_terminal(tm
         logging.getLogger("ray").error("ray error 50")
 
     text = next((tmp_path / "logs").glob("demo-*.log")).read_text()
-    assert "INFO ray._private.worker: Started a local Ray instance 48" in text  # in the file's format, not Ray's
+    # in the file's format, not Ray's, and without colour codes
+    assert "INFO ray._private.worker: Started a local Ray instance 48 at http://127.0.0.1:8265 \n" in text
+    assert "\x1b" not in text
     assert "INFO ray: ray info 49" in text and "ERROR ray: ray error 50" in text
     assert "-- Started" not in text  # Ray's format ("%(filename)s:%(lineno)s -- %(message)s")
     err = capsys.readouterr().err  # Ray's own handler writes to stderr

@@ -10,8 +10,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -37,14 +39,16 @@ def models(tmp_path_factory):
     return root
 
 
-def sweep(out, models, *extra, fail=None):
+def sweep(out, models, *extra, fail=None, run=subprocess.run, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("CAPPY_SWEEP_FAIL_TASKS", None)
     if fail:
         env["CAPPY_SWEEP_FAIL_TASKS"] = fail
     args = [sys.executable, "-m", "jobs.sweep", "--tasks", *TASKS, "--out", str(out),
             "--generator", str(models / "t5"), "--backend", "hf", "--scorer", str(models / "scorer"), *SMALL, *extra]
-    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    if run is subprocess.run:
+        kw.update(capture_output=True, timeout=600)
+    return run(args, cwd=REPO, text=True, env=env, **kw)
 
 
 @pytest.mark.bigbench
@@ -128,6 +132,36 @@ def test_failed_task_is_recorded_and_a_rerun_computes_only_it(tmp_path, models, 
         r = json.loads((other / "tasks" / f"{t}.json").read_text())
         assert r["status"] == "ok" and "scope" not in r["training"] and r["training"]["selector"] == sel
         assert "selector_score" in pq.read_table(other / "tasks" / t / "validation_scored.parquet").column_names
+
+
+@pytest.mark.bigbench
+@pytest.mark.slow
+def test_ctrl_c_while_tasks_run_stops_the_sweep_at_once_and_a_rerun_keeps_the_candidates(
+        tmp_path, models, bigbench_root, ray_address):
+    out = tmp_path / "sweep"
+    # SIGINT as a terminal's foreground job has it (a suite started in the background of a shell without
+    # job control inherits it ignored, and Python keeps it so)
+    proc = sweep(out, models, run=subprocess.Popen, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and not any(
+            "== finetune, score and evaluate" in p.read_text() for p in out.glob("logs/sweep-*.log")):
+        time.sleep(0.05)
+    time.sleep(1)  # the Ray tasks are running
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert time.monotonic() - t0 < 20
+    assert proc.returncode == 130, err[-3000:]
+    assert "error: interrupted (Ctrl-C)" in err and "Traceback" not in err
+    assert not (out / ".cappy.lock").exists() and not [p for p in out.rglob(".*") if ".tmp-" in p.name]
+    assert not list(out.glob("tasks/*.json"))  # interrupted before a task finished: nothing half-written
+
+    r = sweep(out, models)  # the lock was released; the candidates sampled before the interrupt are kept
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "0 task(s) already finished with these settings; 2 to run" in r.stdout
+    assert r.stdout.count("sampled 0 instructions") == 2
+    assert all(json.loads((out / "tasks" / f"{t}.json").read_text())["status"] == "ok" for t in TASKS)
 
 
 def numbers(out) -> dict:
