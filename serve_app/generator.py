@@ -43,19 +43,28 @@ HEALTH_STUCK_S = 600.0  # a call running longer than this means the engine hangs
 
 
 def _load(backend: str, model: str | None, load_kwargs: dict[str, Any]):
+    """The replica's generator: vLLM on its async engine, or transformers (``auto``: vLLM unless it
+    is not installed or does not run the model, an encoder-decoder such as FLAN-T5)."""
+    from transformers import AutoConfig
+
     from cappy_core.generation import load_generator, resolve_generator
 
     resolved = resolve_generator(model, backend, option="generator.model")
     path = resolved.path
     load_kwargs = {"max_prompt_tokens": resolved.max_prompt_tokens, **load_kwargs}
     if backend == "auto":
+        hf_kwargs = {k: v for k, v in load_kwargs.items()
+                     if k in ("max_prompt_tokens", "dtype", "device", "batch_rows", "trust_remote_code",
+                               "allow_pickle")}
+        config = AutoConfig.from_pretrained(path, trust_remote_code=bool(load_kwargs.get("trust_remote_code")))
+        if getattr(config, "is_encoder_decoder", False):
+            logger.info("generator: %s is an encoder-decoder model, which vLLM does not run; using the "
+                        "transformers backend", path)
+            return load_generator("hf", path, **hf_kwargs)
         try:
             return load_generator("vllm", path, async_engine=True, **load_kwargs)
         except ImportError as e:
             logger.info("generator: vLLM not usable (%s); using the transformers backend", e)
-            hf_kwargs = {k: v for k, v in load_kwargs.items()
-                         if k in ("max_prompt_tokens", "dtype", "device", "batch_rows", "trust_remote_code",
-                                   "allow_pickle")}
             return load_generator("hf", path, **hf_kwargs)
     if backend == "vllm":
         return load_generator("vllm", path, async_engine=True, **load_kwargs)
@@ -67,10 +76,9 @@ class GeneratorReplica:
                  max_new_tokens: int = 64, min_new_tokens: int = 3, seed: int = 0):
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generator")
         t0 = time.monotonic()
-        # Serve runs the constructor on the replica's event-loop thread: vLLM's async engine is
-        # created (and later called) there; the transformers backend lives on the worker thread.
-        self.gen = _load(backend, model, dict(load_kwargs or {})) if _wants_vllm(backend) else \
-            self._thread.submit(_load, backend, model, dict(load_kwargs or {})).result()
+        # Serve runs the constructor on the replica's event-loop thread, where vLLM's async engine
+        # must live (it is called from that loop); the transformers backend runs on the worker thread.
+        self.gen = _load(backend, model, dict(load_kwargs or {}))
         self.is_async = getattr(self.gen, "engine", None) is not None
         self.max_new_tokens = max_new_tokens
         self.min_new_tokens = min_new_tokens
@@ -217,13 +225,6 @@ def _result(cands: list, prompt_tokens: int, max_new_tokens: int, tokenizer: Any
     templated = bool(getattr(tokenizer, "chat_template", None)) and not isinstance(prompt, str)
     return {"candidates": [dataclasses.asdict(c) for c in cands], "prompt_tokens": prompt_tokens,
             "max_new_tokens": max_new_tokens, "chat_template": templated}
-
-
-def _wants_vllm(backend: str) -> bool:
-    """Whether the replica loads the vLLM backend (on its event-loop thread, for the async engine)."""
-    import importlib.util
-
-    return backend == "vllm" or (backend == "auto" and importlib.util.find_spec("vllm") is not None)
 
 
 def chat_prompt(messages: list[dict], tokenizer: Any) -> str:

@@ -397,3 +397,15 @@ def test_deployments_pickle_by_reference_after_in_process_batches(batch_outside_
     for cls in (GeneratorReplica, ScorerReplica):
         blob = cloudpickle.dumps(cls)
         assert len(blob) < 200 and cloudpickle.loads(blob) is cls  # a reference, not a copy
+
+
+def test_auto_backend_serves_an_encoder_decoder_model_with_transformers(tmp_path):
+    """vLLM does not run T5: ``auto`` loads it with transformers (installed vLLM or not)."""
+    from conftest import tiny_t5
+
+    from cappy_core.lm import tiny_generator
+    from serve_app.generator import _load
+
+    t5 = tiny_t5(tmp_path / "t5", tiny_generator(tmp_path / "tiny"))
+    gen = _load("auto", str(t5), {"device": "cpu"})
+    assert gen.backend == "hf" and gen.is_encoder_decoder and getattr(gen, "engine", None) is None
