@@ -146,6 +146,8 @@ def test_short_request_returns_while_a_long_one_generates_and_cancel_aborts(serv
     _wait_until(lambda: _unfinished(handle) == 0, 30, "the engine aborts the cancelled call's requests")
     cancelled_s = time.monotonic() - t0
     assert cancelled_s < long_s / 2, f"the engine was busy {cancelled_s:.2f} s of the {long_s:.2f} s generation"
+    time.sleep(0.5)
+    assert _unfinished(handle) == 0  # and stays so: no next beam step is sent
     # the engine still serves
     again = handle.generate.remote(INSTRUCTION, _specs(["greedy"]), 2, 0).result(timeout_s=120)
     assert again["candidates"] == short["candidates"]
