@@ -81,6 +81,10 @@ class GeneratorArgs(ReplicaArgs):
 
     backend: Literal["auto", "vllm", "hf"] = Field(
         "auto", description="vllm, hf (transformers), or auto: vllm when it is installed, else hf")
+    # vLLM's async engine generates for every ongoing request at once (continuous batching), so this
+    # is the engine's batch: twice the 16 that suited one thread running one batch at a time.
+    max_ongoing_requests: int = Field(32, ge=1, description="concurrent requests one replica accepts (the vLLM "
+                                      "engine generates for all of them at once)")
     model: Optional[str] = Field(None, description="HF folder or hub id; null: the embedded generator "
                                  "(cappy_core.generation.default_generator_path(), on the replica's node)")
     load_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to load_generator "
@@ -89,8 +93,10 @@ class GeneratorArgs(ReplicaArgs):
     max_new_tokens: int = Field(MAX_NEW_TOKENS, ge=1, description="default new tokens per candidate (paper: 64)")
     min_new_tokens: int = Field(MIN_NEW_TOKENS, ge=0, description="minimum new tokens per candidate (paper: 3)")
     seed: int = Field(0, ge=0, description="base sampling seed (a request may give its own)")
-    max_batch_size: int = Field(8, ge=1, description="@serve.batch: most requests per generate() call")
-    batch_wait_timeout_s: float = Field(0.02, ge=0, description="@serve.batch: wait for a batch to fill")
+    max_batch_size: int = Field(8, ge=1, description="transformers backend's @serve.batch: most requests per "
+                                "generate() call (vLLM's async engine batches continuously)")
+    batch_wait_timeout_s: float = Field(0.02, ge=0, description="transformers backend's @serve.batch: wait for a "
+                                        "batch to fill")
 
     def user_config(self) -> dict[str, Any]:
         return {"max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s}

@@ -1,19 +1,25 @@
 """``Generator`` deployment: candidates with log-likelihoods from a ``cappy_core.generation`` backend.
 
-A thin shell over :func:`cappy_core.generation.load_generator`: the vLLM backend (``vllm.LLM``)
-when it is installed, the transformers backend otherwise (or when asked); the model name means
-what :func:`cappy_core.generation.resolve_generator` says. Requests are batched
-with ``@serve.batch`` (sizes from ``user_config``) and requests that share decodings, length and
-seed go to the backend as one ``generate`` call; seeds are keyed by instruction text, so a
-candidate does not depend on what else was in its batch. The backend is created and called on one
-dedicated thread: the replica's event loop never blocks, and vLLM's engine always sees the same
-caller thread.
+A thin shell over :func:`cappy_core.generation.load_generator`: the vLLM backend when it is
+installed, the transformers backend otherwise (or when asked); the model name means what
+:func:`cappy_core.generation.resolve_generator` says. Seeds are keyed by instruction text, so a
+candidate does not depend on what else is generated with it.
 
-A failing request fails alone: a group that raises is run again one request at a time, and each
-request gets its own result or error. A ``ValueError`` from the backend (what the request asked
-for) comes back as :class:`serve_app.api.RequestError` (422 at the ingress); anything else is the
-deployment's failure (503). :meth:`check_health` runs a one-token generation unless a call
-succeeded in the last ``HEALTH_FRESH_S``, so a dead engine takes the replica out of service.
+* vLLM: the replica creates vLLM's async engine (``AsyncLLM``) on its event-loop thread and serves
+  each request as its own coroutine (``Generator.agenerate``): the engine batches every ongoing
+  request's steps continuously, so a short request does not wait for a long one. When Serve
+  cancels a call (the client left, or the ingress's deadline called ``DeploymentResponse.cancel()``)
+  its engine requests are aborted. ``info()`` reports ``unfinished_requests``.
+* transformers: requests are batched with ``@serve.batch`` (sizes from ``user_config``); requests
+  that share decodings, length and seed go to the backend as one ``generate`` call, on one
+  dedicated thread (the replica's event loop never blocks).
+
+A failing request fails alone (in a ``@serve.batch``, a group that raises is run again one request
+at a time, and each request gets its own result or error). A ``ValueError`` from the backend (what
+the request asked for) comes back as :class:`serve_app.api.RequestError` (422 at the ingress);
+anything else is the deployment's failure (503). :meth:`check_health` runs a one-token generation
+unless a call succeeded in the last ``HEALTH_FRESH_S`` (and first asks the async engine whether its
+process is alive), so a dead engine takes the replica out of service.
 """
 
 from __future__ import annotations
@@ -37,29 +43,45 @@ HEALTH_STUCK_S = 600.0  # a call running longer than this means the engine hangs
 
 
 def _load(backend: str, model: str | None, load_kwargs: dict[str, Any]):
+    """The replica's generator: vLLM on its async engine, or transformers (``auto``: vLLM unless it
+    is not installed or does not run the model, an encoder-decoder such as FLAN-T5)."""
+    from transformers import AutoConfig
+
     from cappy_core.generation import load_generator, resolve_generator
 
     resolved = resolve_generator(model, backend, option="generator.model")
     path = resolved.path
     load_kwargs = {"max_prompt_tokens": resolved.max_prompt_tokens, **load_kwargs}
     if backend == "auto":
+        hf_kwargs = {k: v for k, v in load_kwargs.items()
+                     if k in ("max_prompt_tokens", "dtype", "device", "batch_rows", "trust_remote_code",
+                               "allow_pickle")}
+        config = AutoConfig.from_pretrained(path, trust_remote_code=bool(load_kwargs.get("trust_remote_code")))
+        if getattr(config, "is_encoder_decoder", False):
+            logger.info("generator: %s is an encoder-decoder model, which vLLM does not run; using the "
+                        "transformers backend", path)
+            return load_generator("hf", path, **hf_kwargs)
         try:
-            return load_generator("vllm", path, **load_kwargs)
+            return load_generator("vllm", path, async_engine=True, **load_kwargs)
         except ImportError as e:
             logger.info("generator: vLLM not usable (%s); using the transformers backend", e)
-            hf_kwargs = {k: v for k, v in load_kwargs.items()
-                         if k in ("max_prompt_tokens", "dtype", "device", "batch_rows", "trust_remote_code",
-                                   "allow_pickle")}
             return load_generator("hf", path, **hf_kwargs)
+    if backend == "vllm":
+        return load_generator("vllm", path, async_engine=True, **load_kwargs)
     return load_generator(backend, path, **load_kwargs)
 
 
 class GeneratorReplica:
+    is_async = False  # serving on vLLM's async engine (set by __init__)
+
     def __init__(self, backend: str = "auto", model: str | None = None, load_kwargs: dict | None = None,
                  max_new_tokens: int = 64, min_new_tokens: int = 3, seed: int = 0):
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generator")
         t0 = time.monotonic()
-        self.gen = self._thread.submit(_load, backend, model, dict(load_kwargs or {})).result()
+        # Serve runs the constructor on the replica's event-loop thread, where vLLM's async engine
+        # must live (it is called from that loop); the transformers backend runs on the worker thread.
+        self.gen = _load(backend, model, dict(load_kwargs or {}))
+        self.is_async = getattr(self.gen, "engine", None) is not None
         self.max_new_tokens = max_new_tokens
         self.min_new_tokens = min_new_tokens
         self.seed = seed
@@ -67,13 +89,16 @@ class GeneratorReplica:
         self._last_ok = time.monotonic()
         self._busy_since: float | None = None  # when the running backend call started
         self.info_ = {"backend": self.gen.backend, "model": self.gen.model,
+                      "engine": "async" if self.is_async else "batched-thread",
                       "load_s": round(time.monotonic() - t0, 2), "pid": os.getpid()}
         logger.info("generator ready: %s", self.info_)
 
     def __del__(self):  # Serve calls it when the replica stops: free vLLM's engine processes
         gen = getattr(self, "gen", None)
         try:
-            if gen is not None:
+            if gen is not None and getattr(self, "is_async", False):
+                gen.close()
+            elif gen is not None:
                 self._thread.submit(gen.close).result(timeout=30)
             self._thread.shutdown(wait=False)
         except Exception:  # noqa: BLE001 - at interpreter exit the thread may already be gone
@@ -87,6 +112,9 @@ class GeneratorReplica:
             self._generate_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
 
     async def info(self) -> dict:
+        """What the replica runs; ``unfinished_requests``: engine requests in flight (async engine)."""
+        if self.is_async:
+            return dict(self.info_, unfinished_requests=self.gen.num_unfinished_requests())
         return dict(self.info_, recent_batch_sizes=self.batch_sizes[-32:])
 
     async def check_health(self) -> None:
@@ -94,6 +122,13 @@ class GeneratorReplica:
         from cappy_core.generation import DecodingSpec
 
         now = time.monotonic()
+        if self.is_async:
+            await self.gen.engine.check_health()  # raises once the engine process is dead
+            if now - self._last_ok >= HEALTH_FRESH_S:  # the probe is one more request in the running batch
+                await asyncio.wait_for(self.gen.agenerate(["ping"], (DecodingSpec("greedy", "greedy"),),
+                                                          max_new_tokens=1, min_new_tokens=0), timeout=HEALTH_PROBE_S)
+                self._last_ok = time.monotonic()
+            return
         if self._busy_since is not None:  # the single generator thread is working
             if now - self._busy_since > HEALTH_STUCK_S:
                 raise RuntimeError(f"a generate call has run for {now - self._busy_since:.0f} s")
@@ -118,12 +153,27 @@ class GeneratorReplica:
                        seed: int | None) -> dict:
         """``{"candidates": [Candidate fields as dicts], "prompt_tokens", "max_new_tokens", "chat_template"}``
         for one prompt: an instruction, or chat messages (``{"role", "content"}`` dicts, rendered
-        by :func:`chat_prompt`). Batched with concurrent requests; this request's own error is
-        raised here."""
+        by :func:`chat_prompt`). On the async engine the request is its own coroutine (cancelling
+        it aborts its engine requests); otherwise batched with concurrent requests. This request's
+        own error is raised here."""
+        if self.is_async:
+            return await self._generate_async(prompt, decodings, max_new_tokens, seed)
         result = await self._generate_batch(prompt, decodings, max_new_tokens, seed)
         if isinstance(result, BaseException):
             raise result
         return result
+
+    async def _generate_async(self, prompt, decodings: tuple, max_new_tokens: int | None, seed: int | None) -> dict:
+        try:
+            text = prompt if isinstance(prompt, str) else chat_prompt(prompt, self.gen.tokenizer)
+            n_new = max_new_tokens or self.max_new_tokens
+            (cands,) = await self.gen.agenerate([text], decodings, max_new_tokens=n_new,
+                                                min_new_tokens=min(self.min_new_tokens, n_new),
+                                                seed=self.seed if seed is None else seed)
+        except Exception as e:  # noqa: BLE001 - a ValueError is the request's fault (422)
+            raise _as_request_error(e) from e
+        self._last_ok = time.monotonic()
+        return _result(cands, len(self.gen.encode_prompts([text])[0]), n_new, self.gen.tokenizer, prompt)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _generate_batch(self, prompts: list, decodings: list[tuple], max_new_tokens: list[int | None],
@@ -136,7 +186,6 @@ class GeneratorReplica:
         self.batch_sizes = (self.batch_sizes + [len(prompts)])[-256:]
         out: list = [None] * len(prompts)
         texts: dict[int, str] = {}
-        templated = bool(getattr(self.gen.tokenizer, "chat_template", None))
         for i, p in enumerate(prompts):
             try:
                 texts[i] = p if isinstance(p, str) else chat_prompt(p, self.gen.tokenizer)
@@ -168,10 +217,16 @@ class GeneratorReplica:
                         except Exception as e1:  # noqa: BLE001 - this request's own failure
                             results[i] = _as_request_error(e1)
             for i, r in results.items():
-                out[i] = r if isinstance(r, BaseException) else {
-                    "candidates": [dataclasses.asdict(c) for c in r[0]], "prompt_tokens": r[1],
-                    "max_new_tokens": n_new, "chat_template": templated and not isinstance(prompts[i], str)}
+                out[i] = r if isinstance(r, BaseException) else _result(r[0], r[1], n_new, self.gen.tokenizer,
+                                                                        prompts[i])
         return out
+
+
+def _result(cands: list, prompt_tokens: int, max_new_tokens: int, tokenizer: Any, prompt: str | list) -> dict:
+    """One request's answer (see :meth:`GeneratorReplica.generate`)."""
+    templated = bool(getattr(tokenizer, "chat_template", None)) and not isinstance(prompt, str)
+    return {"candidates": [dataclasses.asdict(c) for c in cands], "prompt_tokens": prompt_tokens,
+            "max_new_tokens": max_new_tokens, "chat_template": templated}
 
 
 def chat_prompt(messages: list[dict], tokenizer: Any) -> str:
@@ -200,4 +255,4 @@ def _as_request_error(e: Exception) -> Exception:
 # imports it) rather than by value: a by-value copy would carry the @serve.batch queue, which after any
 # in-process use holds an unpicklable weakref.
 GeneratorDeployment = serve.deployment(GeneratorReplica, name="Generator",
-                                       ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=16)
+                                       ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32)

@@ -1,7 +1,8 @@
 """Candidate generation: decoding specs, the :class:`Candidate` record and two backends.
 
 ``load_generator("vllm" | "hf", model)`` returns a :class:`Generator`; ``generate(instructions)``
-returns, per instruction, one :class:`Candidate` per (decoding, sample) in decoding order. The
+returns, per instruction, one :class:`Candidate` per (decoding, sample) in decoding order;
+``await agenerate(...)`` returns the same on an async engine (vLLM with ``async_engine=True``). The
 backends are imported lazily (``vllm`` and ``transformers`` load only when their backend does):
 
 * ``vllm`` (:class:`~cappy_core.generation.vllm_backend.VLLMGenerator`): ``vllm.LLM``,
@@ -49,7 +50,7 @@ import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Awaitable, Sequence
 
 from cappy_core.lm import default_generator_path, generator_metadata, prompt_text
 
@@ -74,6 +75,7 @@ __all__ = [
     "decoding_plan",
     "decodings_from_names",
     "default_generator_path",
+    "gather_or_cancel",
     "load_generator",
     "parse_decoding",
     "resolve_generator",
@@ -323,7 +325,8 @@ class Generator(ABC):
     """Shared front end of the backends: validation, prompt encoding, seeds, candidate records.
 
     A backend implements :meth:`_run_samples` (greedy and sampling decodings), :meth:`_run_beam`
-    and :meth:`_loglik_ids`, all on token ids, and sets ``tokenizer``, ``eos_ids``,
+    and :meth:`_loglik_ids`, all on token ids (and :meth:`_arun_samples` / :meth:`_arun_beam`
+    for :meth:`agenerate` when it has an async engine), and sets ``tokenizer``, ``eos_ids``,
     ``is_encoder_decoder`` and ``max_prompt_tokens``.
     """
 
@@ -342,6 +345,35 @@ class Generator(ABC):
                  seed: int = 0) -> list[list[Candidate]]:
         """Candidates for each instruction: for each decoding in order, its ``num_samples``
         candidates (``sample_idx`` 0..n-1). ``keys`` (default: the instructions) seed sampling."""
+        plan = self._plan(instructions, decodings, keys, max_new_tokens, min_new_tokens, seed)
+        if plan is None:
+            return []
+        prompts, sampled_specs, seeds, beam_specs = plan
+        sampled = self._run_samples(prompts, sampled_specs, seeds, max_new_tokens, min_new_tokens) \
+            if sampled_specs else []
+        beams = [self._run_beam(prompts, d, max_new_tokens, min_new_tokens) for d in beam_specs]
+        return self._assemble(len(prompts), decodings, sampled_specs, sampled, beam_specs, beams)
+
+    async def agenerate(self, instructions: Sequence[str], decodings: Sequence[DecodingSpec] = PAPER_DECODINGS, *,
+                        keys: Sequence[str] | None = None, max_new_tokens: int = MAX_NEW_TOKENS,
+                        min_new_tokens: int = MIN_NEW_TOKENS, seed: int = 0) -> list[list[Candidate]]:
+        """:meth:`generate` on an async engine (the vLLM backend with ``async_engine=True``): the
+        same candidates, with every decoding in flight at once next to other callers' requests.
+        Cancelling the call cancels (aborts) its engine requests."""
+        plan = self._plan(instructions, decodings, keys, max_new_tokens, min_new_tokens, seed)
+        if plan is None:
+            return []
+        prompts, sampled_specs, seeds, beam_specs = plan
+        calls = [self._arun_samples(prompts, sampled_specs, seeds, max_new_tokens, min_new_tokens)] \
+            if sampled_specs else []
+        calls += [self._arun_beam(prompts, d, max_new_tokens, min_new_tokens) for d in beam_specs]
+        results = await gather_or_cancel(calls)
+        sampled = results.pop(0) if sampled_specs else []
+        return self._assemble(len(prompts), decodings, sampled_specs, sampled, beam_specs, results)
+
+    def _plan(self, instructions, decodings, keys, max_new_tokens, min_new_tokens, seed):
+        """Checked inputs → ``(prompt ids, greedy/sampling specs, their seeds, beam specs)``, or
+        None for no instructions."""
         instructions = _check_texts("instructions", instructions)
         keys = list(instructions) if keys is None else [str(k) for k in keys]
         if len(keys) != len(instructions):
@@ -352,17 +384,18 @@ class Generator(ABC):
         if not decodings or not all(isinstance(d, DecodingSpec) for d in decodings):
             raise ValueError("decodings must be a non-empty sequence of DecodingSpec")
         if not instructions:
-            return []
+            return None
         prompts = self.encode_prompts(instructions)
         sampled_specs = [d for d in decodings if d.kind != "beam"]
         seeds = [[candidate_seed(seed, k, d.name) for k in keys] for d in sampled_specs]
-        sampled = self._run_samples(prompts, sampled_specs, seeds, max_new_tokens, min_new_tokens) if sampled_specs else []
+        return prompts, sampled_specs, seeds, [d for d in decodings if d.kind == "beam"]
+
+    def _assemble(self, n: int, decodings, sampled_specs, sampled, beam_specs, beams) -> list[list[Candidate]]:
+        """Candidate records per instruction, in decoding order, from the backend's results."""
         by_spec = dict(zip([d.name for d in sampled_specs], sampled))
-        for d in decodings:
-            if d.kind == "beam":
-                by_spec[d.name] = [[r] for r in self._run_beam(prompts, d, max_new_tokens, min_new_tokens)]
+        by_spec.update((d.name, [[r] for r in best]) for d, best in zip(beam_specs, beams))
         out: list[list[Candidate]] = []
-        for i in range(len(instructions)):
+        for i in range(n):
             cands = []
             for d in decodings:
                 results = by_spec[d.name][i]
@@ -431,6 +464,16 @@ class Generator(ABC):
     def _loglik_ids(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[float]:
         """Raw log-probability sum of each continuation after its prompt."""
 
+    async def _arun_samples(self, prompts: list[list[int]], specs: list[DecodingSpec], seeds: list[list[int]],
+                            max_new_tokens: int, min_new_tokens: int) -> list[list[list[tuple[list[int], float]]]]:
+        """:meth:`_run_samples` on an async engine (backends that have one)."""
+        raise NotImplementedError(f"the {self.backend} backend has no async engine: use generate")
+
+    async def _arun_beam(self, prompts: list[list[int]], spec: DecodingSpec, max_new_tokens: int,
+                         min_new_tokens: int) -> list[tuple[list[int], float]]:
+        """:meth:`_run_beam` on an async engine (backends that have one)."""
+        raise NotImplementedError(f"the {self.backend} backend has no async engine: use generate")
+
     # -- helpers -----------------------------------------------------------------------------
 
     def _candidate(self, decoding: str, sample_idx: int, ids: Sequence[int], logprob_sum: float) -> Candidate:
@@ -440,6 +483,22 @@ class Generator(ABC):
         n = len(ids)
         return Candidate(text=text, decoding=decoding, sample_idx=sample_idx, num_tokens=n,
                          logprob_sum=float(logprob_sum), logprob_mean=float(logprob_sum) / n if n else 0.0)
+
+
+async def gather_or_cancel(coros: Sequence[Awaitable]) -> list:
+    """``asyncio.gather`` of ``coros`` that leaves nothing running behind it: when one fails or the
+    caller is cancelled, the others are cancelled and awaited (an async engine aborts their
+    requests) before the error propagates."""
+    import asyncio
+
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def _check_texts(name: str, texts: Sequence[str]) -> list[str]:

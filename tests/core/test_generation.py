@@ -18,6 +18,7 @@ from cappy_core.generation import (
     candidates_per_instruction,
     decoding_plan,
     decodings_from_names,
+    gather_or_cancel,
     load_generator,
     parse_decoding,
     resolve_generator,
@@ -134,6 +135,39 @@ def test_seeds_depend_on_instruction_and_decoding_only():
     assert s == candidate_seed(0, "tense/train/3", "sample") and 0 <= s < 2**62
     assert len({s, candidate_seed(1, "tense/train/3", "sample"), candidate_seed(0, "tense/train/4", "sample"),
                 candidate_seed(0, "tense/train/3", "topk40")}) == 4
+
+
+def test_gather_or_cancel_leaves_nothing_running():
+    """What aborts an async engine's requests: a failing or cancelled call cancels every sibling
+    (and waits for it) before the error propagates."""
+    import asyncio
+
+    async def main():
+        seen = []
+
+        async def slow(name):
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                seen.append(name)
+                raise
+
+        async def bad():
+            await asyncio.sleep(0.01)
+            raise ValueError("beam64 needs max_logprobs >= 128")
+
+        assert await gather_or_cancel([asyncio.sleep(0, "a"), asyncio.sleep(0.01, "b")]) == ["a", "b"]
+        with pytest.raises(ValueError, match="max_logprobs"):
+            await gather_or_cancel([slow("x"), bad()])
+        assert seen == ["x"]
+        call = asyncio.ensure_future(gather_or_cancel([slow("y"), slow("z")]))
+        await asyncio.sleep(0.01)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert sorted(seen) == ["x", "y", "z"]
+
+    asyncio.run(asyncio.wait_for(main(), 10))
 
 
 def test_unknown_backend_and_missing_vllm_are_clear(tiny_path):

@@ -224,6 +224,68 @@ def test_a_failing_request_in_a_generator_batch_fails_alone(batch_outside_serve)
     assert gen.batch_sizes == [4] and gen._last_ok > 0
 
 
+def test_async_engine_requests_run_alone_and_health_asks_the_engine():
+    """The vLLM path: each request is its own agenerate call (no batch), its ValueError is a 422,
+    a cancelled request is cancelled in the backend, and check_health asks the engine first."""
+    from cappy_core.generation import Candidate, decodings_from_names
+    from serve_app.api import RequestError
+    from serve_app.generator import GeneratorDeployment
+
+    class Engine:
+        dead = False
+
+        async def check_health(self):
+            if self.dead:
+                raise RuntimeError("engine core died")
+
+    class FakeAsync:
+        tokenizer = None
+        engine = Engine()
+        calls, cancelled = [], []
+
+        async def agenerate(self, instructions, specs, **kw):
+            self.calls.append((list(instructions), kw["max_new_tokens"], kw["seed"]))
+            if instructions == ["bad"]:
+                raise ValueError("cannot do that")
+            try:
+                await asyncio.sleep(30 if instructions == ["long"] else 0)
+            except asyncio.CancelledError:
+                self.cancelled.append(instructions[0])
+                raise
+            return [[Candidate(t.upper(), "greedy", 0, 1, -1.0, -1.0)] for t in instructions]
+
+        def encode_prompts(self, instructions):
+            return [[1] * len(t) for t in instructions]
+
+        def num_unfinished_requests(self):
+            return len(self.calls) - len(self.cancelled)
+
+    fake = FakeAsync()
+    gen = _bare(GeneratorDeployment, gen=fake, is_async=True, max_new_tokens=4, min_new_tokens=1, seed=0,
+                _last_ok=0.0, info_={"backend": "vllm"})
+    specs = decodings_from_names(["greedy"])
+
+    async def main():
+        long = asyncio.ensure_future(gen.generate("long", specs, None, None))
+        out = await asyncio.gather(gen.generate("ab", specs, 2, 5), gen.generate("bad", specs, None, None),
+                                   return_exceptions=True)
+        assert not long.done()
+        long.cancel()
+        await asyncio.gather(long, return_exceptions=True)
+        return out, await gen.info()
+
+    (ok, bad), info = asyncio.run(main())
+    assert [c["text"] for c in ok["candidates"]] == ["AB"] and (ok["prompt_tokens"], ok["max_new_tokens"]) == (2, 2)
+    assert isinstance(bad, RequestError) and "cannot do that" in str(bad)
+    assert sorted(fake.calls) == [(["ab"], 2, 5), (["bad"], 4, 0), (["long"], 4, 0)]  # one call each, no batch
+    assert fake.cancelled == ["long"] and info["unfinished_requests"] == 2 and gen._last_ok > 0
+    gen._last_ok = time.monotonic()  # fresh: no probe, but the engine is still asked
+    asyncio.run(gen.check_health())
+    fake.engine.dead = True
+    with pytest.raises(RuntimeError, match="engine core died"):
+        asyncio.run(gen.check_health())
+
+
 def test_a_failing_request_in_a_scorer_batch_fails_alone(batch_outside_serve):
     from serve_app.scorer import ScorerDeployment
 
@@ -397,3 +459,15 @@ def test_deployments_pickle_by_reference_after_in_process_batches(batch_outside_
     for cls in (GeneratorReplica, ScorerReplica):
         blob = cloudpickle.dumps(cls)
         assert len(blob) < 200 and cloudpickle.loads(blob) is cls  # a reference, not a copy
+
+
+def test_auto_backend_serves_an_encoder_decoder_model_with_transformers(tmp_path):
+    """vLLM does not run T5: ``auto`` loads it with transformers (installed vLLM or not)."""
+    from conftest import tiny_t5
+
+    from cappy_core.lm import tiny_generator
+    from serve_app.generator import _load
+
+    t5 = tiny_t5(tmp_path / "t5", tiny_generator(tmp_path / "tiny"))
+    gen = _load("auto", str(t5), {"device": "cpu"})
+    assert gen.backend == "hf" and gen.is_encoder_decoder and getattr(gen, "engine", None) is None
