@@ -18,13 +18,14 @@ GOOD = {
                "mixed_batch_statuses": [200, 422, 200, 422, 200, 422, 200],
                "after_success_fraction": 1.0, "after_p50_vs_baseline": 1.06},
     "overload": {"statuses": {"200": 91, "503": 242}, "503_without_retry_after": 0, "503_p50_ms": 400.0},
-    "generator_kill": {"success_fraction": 0.995, "recovery_s": 51.0},
+    "generator_kill": {"success_fraction": 0.963, "lost_in_flight": 1, "lost_before_kill": 0,
+                       "success_fraction_sent_after_kill": 1.0, "recovery_s": 51.0},
 }
 
 
 def test_phases_that_ran_are_checked_and_met():
     targets = check_targets(_result(**GOOD))
-    assert all(targets.values()) and len(targets) == 17, targets
+    assert all(targets.values()) and len(targets) == 18, targets
     assert check_targets(_result(overload=GOOD["overload"])).keys() == {
         "overload_only_200_and_503", "overload_some_503", "overload_503_all_retry_after",
         "overload_503_p50_fast", "overload_some_200"}
@@ -42,7 +43,8 @@ def test_each_miss_is_named():
         "poison": {**GOOD["poison"], "hostile": {"beam999": {"status": 503}}, "after_p50_vs_baseline": 1.6,
                    "mixed_batch_statuses": [200, 422, 503, 422, 200, 422, 200]},
         "overload": {"statuses": {"200": 5, "500": 1}, "503_without_retry_after": 0, "503_p50_ms": None},
-        "generator_kill": {"success_fraction": 0.98, "recovery_s": None},
+        "generator_kill": {"success_fraction": 0.98, "lost_before_kill": 2,
+                           "success_fraction_sent_after_kill": 0.95, "recovery_s": None},
     }
     failed = {k for k, ok in check_targets(_result(**bad)).items() if not ok}
     assert failed == {"chat_all_200", "chat_p50_vs_select_le_max_ratio", "chat_same_pick_as_select",
@@ -50,7 +52,8 @@ def test_each_miss_is_named():
                       "fault_no_loss_before_kill",
                       "poison_hostile_all_4xx", "poison_mixed_batch_good_200_bad_4xx",
                       "poison_after_p50_le_1.5x_select", "overload_only_200_and_503", "overload_some_503",
-                      "generator_kill_success_ge_0.99", "generator_kill_recovered"}
+                      "generator_kill_sent_after_kill_success_ge_0.99", "generator_kill_no_loss_before_kill",
+                      "generator_kill_recovered"}
     slow = {**GOOD["overload"], "503_p50_ms": 4400.0, "503_without_retry_after": 3}
     failed = {k for k, ok in check_targets(_result(overload=slow)).items() if not ok}
     assert failed == {"overload_503_p50_fast", "overload_503_all_retry_after"}
