@@ -141,7 +141,10 @@ class ServeBenchConfig:
     ingress_max_ongoing: int = field(default=56, metadata={
         "help": "Ingress max_ongoing_requests: the Generator's capacity (48) plus room for other routes, "
                 "so Serve's proxy refuses the excess (503 + Retry-After) without reaching the ingress"})
-    ingress_max_queued: int = field(default=8, metadata={"help": "Ingress max_queued_requests (at the proxy)"})
+    ingress_max_queued: int = field(default=48, metadata={
+        "help": "Ingress max_queued_requests (at the proxy); Serve counts a call not yet accepted by a replica "
+                "as queued, so keep it ≥ the largest burst of the normal phases (32 /v1/score clients: 8 "
+                "refused some of them)"})
     poison_concurrency: int = field(default=8, metadata={"help": "normal /v1/select clients after the hostile ones"})
     poison_duration_s: float = field(default=10.0, metadata={"help": "normal traffic after the hostile requests"})
     overload_concurrency: int = field(default=192, metadata={"help": "/v1/select clients of the overload phase"})
