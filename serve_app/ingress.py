@@ -15,7 +15,8 @@ Routes (OpenAPI docs at ``/docs``, schema at ``/openapi.json``):
 
 Errors: a body over ``max_body_bytes`` → 413; invalid or over-limit fields → 422 whose
 ``detail[].loc`` and ``message`` name the field; a generator or scorer that fails, times out or
-is unavailable → 503 with the reason (and ``Retry-After``). Every call to another deployment has
+is unavailable → 503 with the reason (and ``Retry-After``); a generate-then-select request over
+``max_generating`` in this replica → 503 at once (:class:`GenerateAdmission`). Every call to another deployment has
 a deadline (``generate_timeout_s`` / ``score_timeout_s``), so no request hangs. A call whose
 replica died while serving it is not sent again (it may be what killed it): a 503. A call routed
 to a replica that was already dead never ran there: Serve's router itself re-routes it to a live
