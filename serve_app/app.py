@@ -36,7 +36,10 @@ def build_app(args: AppArgs) -> Application:
         max_models_per_replica=s.max_models_per_replica, score_batch_size=s.score_batch_size,
         score_max_tokens=s.score_max_tokens, torch_threads=s.torch_threads)
     warnings = [UNTRAINED_SCORER_WARNING] if s.model == "minilm" else []
-    return IngressDeployment.options(**i.deployment_options()).bind(generator, scorer, limits=i.limits(),
+    limits = i.limits()
+    if limits["max_generating"] is None:  # admit what the Generator holds; refuse the rest at once
+        limits["max_generating"] = g.capacity()
+    return IngressDeployment.options(**i.deployment_options()).bind(generator, scorer, limits=limits,
                                                                     warnings=warnings)
 
 

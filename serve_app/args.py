@@ -39,6 +39,10 @@ TASK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 _TASK_ID = re.compile(TASK_ID_PATTERN)
 
 
+#: ``Retry-After`` (seconds) of every 503 the app answers: the ingress's and Serve's own refusals.
+RETRY_AFTER_S = 1
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -63,12 +67,25 @@ class ReplicaArgs(_Strict):
             raise ValueError("give num_replicas or autoscaling_config, not both")
         return self
 
+    def capacity(self) -> int:
+        """Calls the deployment holds at most, running or queued: replicas (``num_replicas``, or
+        autoscaling's ``max_replicas``) × ``max_ongoing_requests`` + ``max_queued_requests``;
+        -1 when the queue has no limit."""
+        if self.max_queued_requests < 0:
+            return -1
+        replicas = (self.autoscaling_config or {}).get("max_replicas", 1) if self.num_replicas is None \
+            else self.num_replicas
+        return int(replicas) * self.max_ongoing_requests + self.max_queued_requests
+
     def deployment_options(self) -> dict[str, Any]:
         actor: dict[str, Any] = {"num_cpus": self.num_cpus}
         if self.num_gpus:
             actor["num_gpus"] = self.num_gpus
+        # backpressure_config: a call Serve refuses because this queue is full (at the HTTP proxy for
+        # the Ingress) is a 503 with Retry-After, as the ingress's own 503s are
         opts: dict[str, Any] = {"ray_actor_options": actor, "max_ongoing_requests": self.max_ongoing_requests,
-                                "max_queued_requests": self.max_queued_requests}
+                                "max_queued_requests": self.max_queued_requests,
+                                "backpressure_config": {"status_code": 503, "retry_after_s": RETRY_AFTER_S}}
         if self.autoscaling_config is not None:
             opts["autoscaling_config"] = dict(self.autoscaling_config)
         else:
@@ -168,8 +185,13 @@ class IngressArgs(ReplicaArgs):
     max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
     generate_timeout_s: float = Field(120.0, gt=0, description="wait for the generator at most this long")
     score_timeout_s: float = Field(60.0, gt=0, description="wait for the scorer at most this long")
-    retries: int = Field(2, ge=0, description="re-sends of a call whose replica died (other replicas "
-                         "or its replacement answer)")
+    max_generating: Optional[int] = Field(
+        None, ge=-1, description="most generate-then-select requests (/v1/select, /v1/chat/completions, "
+        "/v1/completions) in one ingress replica at once; more are refused at once with 503 + Retry-After "
+        "before their body is read (default: the Generator's capacity, replicas × max_ongoing_requests + "
+        "max_queued_requests; -1: no limit)")
+    retries: int = Field(2, ge=0, description="re-sends of a call no replica received (a call whose "
+                         "replica died while serving it is never re-sent)")
     default_decodings: list[str] = Field(
         default_factory=lambda: list(PAPER_DECODING_NAMES),
         description="/v1/select decodings when a request names none (paper: 17 candidates)")

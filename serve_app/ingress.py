@@ -15,9 +15,12 @@ Routes (OpenAPI docs at ``/docs``, schema at ``/openapi.json``):
 
 Errors: a body over ``max_body_bytes`` → 413; invalid or over-limit fields → 422 whose
 ``detail[].loc`` and ``message`` name the field; a generator or scorer that fails, times out or
-is unavailable → 503 with the reason (and ``Retry-After``). Every call to another deployment has
-a deadline (``generate_timeout_s`` / ``score_timeout_s``), so no request hangs; a call whose
-replica died is sent again (``retries``): Serve routes it to a live replica or the replacement.
+is unavailable → 503 with the reason (and ``Retry-After``); a generate-then-select request over
+``max_generating`` in this replica → 503 at once (:class:`GenerateAdmission`). Every call to another deployment has
+a deadline (``generate_timeout_s`` / ``score_timeout_s``), so no request hangs. A call whose
+replica died while serving it is not sent again (it may be what killed it): a 503. A call routed
+to a replica that was already dead never ran there: Serve's router itself re-routes it to a live
+replica or the replacement (see :data:`RETRYABLE`), so the client sees nothing.
 Route handlers only validate and delegate: scoring is ``cappy_core.scorer``, generation is
 ``cappy_core.generation``, the pick is :func:`cappy_core.scorer.select_best`.
 """
@@ -92,6 +95,47 @@ class BodySizeLimit:
 
 app.add_middleware(BodySizeLimit)
 
+#: Routes that run the Generator (generate-then-select), admitted by :class:`GenerateAdmission`.
+GENERATE_PATHS = ("/v1/select", "/v1/chat/completions", "/v1/completions")
+app.state.generating = 0  # requests on GENERATE_PATHS in this replica now
+app.state.max_generating = -1  # IngressArgs.max_generating, set by the deployment
+
+
+class GenerateAdmission:
+    """ASGI middleware: at most ``app.state.max_generating`` requests on ``GENERATE_PATHS`` in this
+    replica at once (-1: no limit); one more is answered 503 with ``Retry-After`` before its body
+    is read or anything is awaited. Under overload a refusal then costs no parsing, no validation
+    and no trip through Serve's router to the Generator's full queue, which on a busy replica took
+    seconds (the router thread shares the GIL with every admitted request)."""
+
+    def __init__(self, asgi_app):
+        self.app = asgi_app
+
+    async def __call__(self, scope, receive, send):
+        state = getattr(scope.get("app"), "state", None)
+        most = getattr(state, "max_generating", -1)
+        if (scope["type"] != "http" or most < 0 or scope.get("method") != "POST"
+                or not scope.get("path", "").rstrip("/").endswith(GENERATE_PATHS)):
+            return await self.app(scope, receive, send)
+        if state.generating >= most:
+            from serve_app.args import RETRY_AFTER_S
+
+            message = f"generator is overloaded ({most} requests are being served or queued); retry later"
+            headers = {"Retry-After": str(RETRY_AFTER_S)}
+            if scope["path"].rstrip("/").endswith(OPENAI_PATHS):
+                resp = openai_error(503, message, "server_error", None, "service_unavailable", headers)
+            else:
+                resp = JSONResponse({"detail": message}, status_code=503, headers=headers)
+            return await resp(scope, receive, send)
+        state.generating += 1
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            state.generating -= 1
+
+
+app.add_middleware(GenerateAdmission)  # added last: runs first, before the body is read
+
 
 OPENAI_PATHS = ("/chat/completions", "/completions", "/models")
 #: the /v1/select field a bound names → the OpenAI request field the client sent
@@ -152,6 +196,14 @@ class Unavailable(Exception):
 
 #: Re-sent to another replica: only a call that never reached one. A replica that died while
 #: serving a call (``RayActorError``) is not retried: the call may be what killed it.
+#: Ray Serve 2.60 keeps the two apart itself: with strict ``max_ongoing_requests`` (the default
+#: outside Ray Client) a replica first accepts or rejects a call before running it, and the router
+#: (``AsyncioRouter._route_and_send_request_once``) catches ``ActorDiedError`` /
+#: ``ActorUnavailableError`` at that step, drops the replica and routes the call again, inside
+#: ``.remote()``; a replica that dies after accepting the call surfaces as ``ActorDiedError`` (a
+#: ``RayActorError``) or ``ActorUnavailableError`` when the caller awaits the result: not retried.
+#: ``ReplicaUnavailableError`` comes only from ``choose_replica``/``dispatch`` (a chosen replica
+#: gone before dispatch: never sent), kept here should a handle raise it.
 RETRYABLE = (ReplicaUnavailableError,)
 
 
@@ -215,7 +267,9 @@ def _short(e: BaseException, n: int = 300) -> str:
 
 
 def _unavailable(e: Unavailable) -> HTTPException:
-    return HTTPException(503, detail=str(e), headers={"Retry-After": "1"})
+    from serve_app.args import RETRY_AFTER_S
+
+    return HTTPException(503, detail=str(e), headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 def openai_model_task(model: str) -> str | None:
@@ -275,6 +329,7 @@ class IngressDeployment:
         self.scorer = scorer
         self.limits = IngressArgs(**(limits or {}))
         app.state.max_body_bytes = self.limits.max_body_bytes
+        app.state.max_generating = self.limits.max_generating
         self._gen_info: dict | None = None  # backend and model, asked once
         self.warnings = list(warnings or [])  # shown by /healthz
 

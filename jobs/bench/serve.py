@@ -15,31 +15,46 @@ answered; all traffic to 127.0.0.1, every loop bounded in time):
    per batch), and replicas seen; ``ratio_score32_vs_offline`` = served pairs/s at 32 clients ÷
    offline pairs/s (target ≥ 0.7);
 3. ``/v1/select`` (``--select-candidates`` candidates) at each ``--select-concurrency``;
-4. ``autoscaling``: Scorer replica counts from ``serve.status()`` sampled every ``--poll-s``
+4. ``chat``: ``--chat-concurrency`` clients, each sending a /v1/select request and its
+   /v1/chat/completions twin back to back (the instruction as one user message, ``n`` =
+   ``num_candidates`` = ``--chat-candidates``, the same ``max_tokens`` and seed: the same candidates when the generator's
+   tokenizer has no chat template). Targets: every request 200, chat p50 ≤
+   ``--chat-max-latency-ratio`` (1.10) × select p50, and (no chat template) every twin picks the
+   same text;
+5. ``autoscaling``: Scorer replica counts from ``serve.status()`` sampled every ``--poll-s``
    through all phases, then after the load stops until it is back at ``min_replicas``;
-5. ``fault``: ``--fault-concurrency`` clients on /v1/score; once 2 Scorer replicas run, one
-   replica's process is killed (SIGKILL); reported: the fraction of requests that succeeded
-   (target ≥ 0.99) and the status/detail of the others;
-6. ``poison``: each hostile request of issue 14 alone (an oversized decodings list, ``beam999``,
+6. ``fault``: ``--fault-concurrency`` clients on /v1/score; once 2 Scorer replicas run, one
+   replica's process is killed (SIGKILL). A request the killed replica was serving is lost by
+   design (the ingress does not re-send a call whose replica died while serving it: the call may be
+   what killed it; Serve itself re-routes a call the dead replica never accepted). Reported:
+   requests in flight at the kill and how many were lost (``lost_in_flight``), requests sent after
+   the kill and their success fraction, the status/detail of failures. Targets: 2 replicas ran
+   before the kill, ≥ 0.99 of the requests sent after the kill succeed, nothing lost before it;
+7. ``poison``: each hostile request of issue 14 alone (an oversized decodings list, ``beam999``,
    ``"greedy\n"``, ``topk99999999999999999999``, 60,000 decoding names), then a batch with one bad
    request among good ones, then ``--poison-concurrency`` clients of normal /v1/select traffic.
    Targets: every hostile request answered 4xx (never 5xx), every good one of the batch 200, ≥ 99%
    of the normal requests 200 with a p50 ≤ 1.5 × the ``select`` phase's at that concurrency (or a
    baseline run just before when that phase did not run);
-7. ``overload``: ``--overload-concurrency`` /v1/select clients, far more than the Generator admits
+8. ``overload``: ``--overload-concurrency`` /v1/select clients, far more than the Generator admits
    (``--generator-max-ongoing`` per replica + ``--generator-max-queued`` queued); a client that
    gets a 503 waits its ``Retry-After`` (``--no-overload-honor-retry-after``: resends at once);
-   statuses counted, latency of the 200s and of the 503s.
-   Targets: only 200s and 503s, every 503 with ``Retry-After``, 503 p99 ≤ ``--overload-fast-503-ms``,
+   statuses counted, latency of the 200s and of the 503s, and who refused: the ingress (it admits
+   as many generate requests as the Generator holds and refuses the next one before reading its
+   body) or Serve's proxy (the Ingress's own ``--ingress-max-ongoing`` + ``--ingress-max-queued``
+   are full).
+   Targets: only 200s and 503s, every 503 with ``Retry-After``, 503 p50 ≤ ``--overload-fast-503-ms``,
    and at least one 503 (else the queue was never full and the phase proved nothing);
-8. ``generator_kill``: ``--kill-concurrency`` /v1/select clients; after ``--kill-lead-s`` one
+9. ``generator_kill``: ``--kill-concurrency`` /v1/select clients; after ``--kill-lead-s`` one
    Generator replica's process is SIGKILLed (``--generator-replicas`` 2: the other serves on);
-   reported: requests lost (non-200) over the phase, time until the replica count is back,
-   time until the first success after the kill. Target: ≥ 99% of the phase's requests succeed
-   (with 2 replicas).
+   reported: requests lost (non-200) over the phase and their success fraction, of them those in
+   flight at the kill (``lost_in_flight``, lost by design as in ``fault``), time until the
+   replica count is back, time until the first success after the kill. Targets as in ``fault``:
+   ≥ 99% of the requests sent after the kill succeed, nothing lost before it; and a replacement
+   serves.
 
-``--phases`` runs a subset (default: all, in the order above; ``poison``, ``overload`` and
-``generator_kill`` need no other phase). Every target of the phases run is checked: the JSON line
+``--phases`` runs a subset (default: all, in the order above; ``chat``, ``poison``, ``overload``
+and ``generator_kill`` need no other phase). Every target of the phases run is checked: the JSON line
 has ``targets`` (name → met) and ``failed_targets``; the exit status is 1 when one is missed.
 
 Pairs: validation instructions of a few BIG-Bench tasks with references of the same task as
@@ -71,7 +86,7 @@ from cappy_core.config import add_dataclass_arguments, config_from_args, to_dict
 APP = "cappy_bench"
 
 
-PHASES = ("score", "select", "autoscaling", "fault", "poison", "overload", "generator_kill")
+PHASES = ("score", "select", "chat", "autoscaling", "fault", "poison", "overload", "generator_kill")
 
 
 @dataclass
@@ -82,7 +97,9 @@ class ServeBenchConfig:
         "help": "closed-loop /v1/score clients, one phase per value"})
     select_concurrency: list[int] = field(default_factory=lambda: [1, 8, 32], metadata={
         "help": "closed-loop /v1/select clients, one phase per value"})
-    score_duration_s: float = field(default=15.0, metadata={"help": "length of each /v1/score phase"})
+    score_duration_s: float = field(default=30.0, metadata={
+        "help": "length of each /v1/score phase (a 2nd Scorer replica took ~35 s to start on a busy 2-core "
+                "machine: shorter load ends before it runs, and scaled_up is missed)"})
     select_duration_s: float = field(default=10.0, metadata={"help": "length of each /v1/select phase"})
     responses: int = field(default=17, metadata={"help": "responses per /v1/score request"})
     request_pool: int = field(default=16, metadata={"help": "distinct requests (cycled); also the offline pairs"})
@@ -103,7 +120,8 @@ class ServeBenchConfig:
     upscale_delay_s: float = field(default=2.0, metadata={"help": "scorer upscale_delay_s"})
     downscale_delay_s: float = field(default=8.0, metadata={"help": "scorer downscale_delay_s"})
     settle_timeout_s: float = field(default=90.0, metadata={"help": "longest wait for scale-down / scale-up"})
-    fault_concurrency: int = field(default=32, metadata={"help": "clients during the fault phase"})
+    fault_concurrency: int = field(default=16, metadata={
+        "help": "clients during the fault phase (the most requests in flight at the kill)"})
     fault_duration_s: float = field(default=20.0, metadata={"help": "load after the kill"})
     offline_threads: Optional[int] = field(default=None, metadata={
         "help": "torch threads of the offline reference (default: torch's, i.e. the machine)"})
@@ -113,6 +131,20 @@ class ServeBenchConfig:
         "help": "Generator max_queued_requests: more waiting calls are refused at once (503 + Retry-After); "
                 "Serve counts every call not yet assigned to a replica, so keep it ≥ the largest burst of "
                 "the normal phases (select, poison, kill concurrency)"})
+    chat_concurrency: int = field(default=2, metadata={
+        "help": "clients of the chat phase, each alternating /v1/select and /v1/chat/completions"})
+    chat_candidates: int = field(default=4, metadata={
+        "help": "candidates per request of the chat phase (few: the routes' own cost weighs more)"})
+    chat_duration_s: float = field(default=30.0, metadata={"help": "length of the chat phase"})
+    chat_max_latency_ratio: float = field(default=1.10, metadata={
+        "help": "target: chat p50 ÷ select p50 for the same candidates"})
+    ingress_max_ongoing: int = field(default=56, metadata={
+        "help": "Ingress max_ongoing_requests: the Generator's capacity (48) plus room for other routes, "
+                "so Serve's proxy refuses the excess (503 + Retry-After) without reaching the ingress"})
+    ingress_max_queued: int = field(default=48, metadata={
+        "help": "Ingress max_queued_requests (at the proxy); Serve counts a call not yet accepted by a replica "
+                "as queued, so keep it ≥ the largest burst of the normal phases (32 /v1/score clients: 8 "
+                "refused some of them)"})
     poison_concurrency: int = field(default=8, metadata={"help": "normal /v1/select clients after the hostile ones"})
     poison_duration_s: float = field(default=10.0, metadata={"help": "normal traffic after the hostile requests"})
     overload_concurrency: int = field(default=192, metadata={"help": "/v1/select clients of the overload phase"})
@@ -120,7 +152,8 @@ class ServeBenchConfig:
     overload_honor_retry_after: bool = field(default=True, metadata={
         "help": "a client that got a 503 waits its Retry-After before the next request (as the openai client "
                 "does); --no-overload-honor-retry-after: it resends at once"})
-    overload_fast_503_ms: float = field(default=1000.0, metadata={"help": "target: p99 of the 503s under overload"})
+    overload_fast_503_ms: float = field(default=1000.0, metadata={
+        "help": "target: p50 of the 503s under overload (their p99 is reported)"})
     kill_concurrency: int = field(default=4, metadata={"help": "/v1/select clients of the generator_kill phase"})
     kill_lead_s: float = field(default=5.0, metadata={"help": "load before the Generator replica is killed"})
     kill_duration_s: float = field(default=20.0, metadata={"help": "load after the kill"})
@@ -347,7 +380,9 @@ def app_args(cfg: ServeBenchConfig, generator: str) -> dict:
                        "target_ongoing_requests": cfg.target_ongoing, "upscale_delay_s": cfg.upscale_delay_s,
                        "downscale_delay_s": cfg.downscale_delay_s, "metrics_interval_s": 1.0,
                        "look_back_period_s": 3.0}},
-        "ingress": {"num_cpus": 0.1, "max_responses": max(64, cfg.responses), "max_candidates": 64,
+        "ingress": {"num_cpus": 0.1, "max_ongoing_requests": cfg.ingress_max_ongoing,
+                    "max_queued_requests": cfg.ingress_max_queued, "max_responses": max(64, cfg.responses),
+                    "max_candidates": 64,
                     "score_timeout_s": 120, "generate_timeout_s": 120, "retries": 3},
     }
 
@@ -414,17 +449,27 @@ def run(cfg: ServeBenchConfig) -> dict:
                     f"failures {s['failures']}")
             marks.append([poller.now(), "load stops"])
 
+        if "chat" in phases:
+            marks.append([poller.now(), f"chat c={cfg.chat_concurrency}"])
+            result["chat"] = chat_phase(cfg, url, [i for i, _ in reqs], has_chat_template(generator))
+            ch = result["chat"]
+            log(f"chat c={cfg.chat_concurrency}: p50 chat {ch['chat']['p50_ms']} ms vs select "
+                f"{ch['select']['p50_ms']} ms (ratio {ch['p50_ratio_chat_vs_select']}); same pick "
+                f"{ch['twins_same_pick']}/{ch['twins_answered']}")
+
         if "poison" in phases:
             marks.append([poller.now(), "poison"])
             result["poison"] = poison_phase(cfg, url, select_bodies, result.get("select", {}))
 
         if "autoscaling" in phases:
             peak = max((r for _, r, _ in poller.samples), default=0)
+            peak_all = max((a for _, _, a in poller.samples), default=0)  # starting ones too: the decision
             down = poller.wait_for(lambda r: r <= cfg.min_replicas, cfg.settle_timeout_s)
             marks.append([poller.now(), f"back to {cfg.min_replicas}" if down is not None else "no scale-down"])
             log(f"autoscaling: peak {peak} running; back to min after {down} s idle")
             result["autoscaling"] = {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
-                                     "peak_running": peak, "scale_down_after_idle_s": down}
+                                     "peak_running": peak, "peak_replicas_incl_starting": peak_all,
+                                     "scale_down_after_idle_s": down}
 
         if "fault" in phases:
             result["fault"] = fault_phase(cfg, url, score_bodies, poller, marks)
@@ -502,13 +547,103 @@ def fault_phase(cfg, url, bodies, poller, marks) -> dict:
         return await clients, kill_t
 
     records, kill_t = asyncio.run(scenario())
+    out.update(kill_split(records, kill_t))
     after = [r for r in records if r[1] >= kill_t]  # answered after the kill (incl. those in flight then)
     s = summarize(after, kill_t)
     out.update(requests_after_kill=s["requests"], ok_after_kill=s["ok"],
                success_fraction=round(s["ok"] / max(1, s["requests"]), 4), p50_ms=s["p50_ms"], p99_ms=s["p99_ms"],
                failures=s["failures"], all_requests=len(records),
-               all_ok=sum(1 for r in records if r[2] == 200))
-    log(f"fault: {out['ok_after_kill']}/{out['requests_after_kill']} ok after the kill; failures {s['failures']}")
+               all_ok=sum(1 for r in records if r[2] == 200),
+               target_counts=KILL_TARGET_COUNTS)
+    log(f"fault: {out['ok_sent_after_kill']}/{out['sent_after_kill']} sent after the kill ok; "
+        f"{out['lost_in_flight']} of {out['in_flight_at_kill']} in flight at the kill lost; failures {s['failures']}")
+    return out
+
+
+#: What the replica-kill targets count (also in the phases' JSON).
+KILL_TARGET_COUNTS = (
+    "success = requests sent after the kill (the router skips the dead replica); a request the killed "
+    "replica was serving is lost by design (not re-sent: it may be what killed it), counted in "
+    "lost_in_flight, not in the target; any loss before the kill misses fault_no_loss_before_kill")
+
+
+def kill_split(records: list[tuple], kill_t: float) -> dict:
+    """Requests of a replica-kill phase by when they were sent: in flight at the kill (sent before,
+    answered after) and sent after it; how many of each failed."""
+    in_flight = [r for r in records if r[0] < kill_t <= r[1]]
+    sent_after = [r for r in records if r[0] >= kill_t]
+    return {"in_flight_at_kill": len(in_flight),
+            "lost_in_flight": sum(1 for r in in_flight if r[2] != 200),
+            "lost_before_kill": sum(1 for r in records if r[1] < kill_t and r[2] != 200),
+            "sent_after_kill": len(sent_after),
+            "ok_sent_after_kill": sum(1 for r in sent_after if r[2] == 200),
+            "success_fraction_sent_after_kill": round(sum(1 for r in sent_after if r[2] == 200)
+                                                      / max(1, len(sent_after)), 4)}
+
+
+def has_chat_template(generator: str) -> bool:
+    """Whether the generator's tokenizer has a chat template (then chat messages reach it templated,
+    so /v1/chat/completions and /v1/select do not see the same prompt)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return bool(getattr(AutoTokenizer.from_pretrained(generator), "chat_template", None))
+    except Exception as e:  # noqa: BLE001 - a hub id offline, say: unknown, reported as such
+        log(f"chat: could not read the generator's tokenizer ({type(e).__name__}); assuming no chat template")
+        return False
+
+
+def chat_phase(cfg, url, instructions: list[str], chat_template: bool) -> dict:
+    """The same instructions, candidates (``num_candidates`` = ``n``, same seed, same decoding plan)
+    and scorer through /v1/select and /v1/chat/completions (one user message: the same prompt when
+    the generator has no chat template). ``--chat-concurrency`` clients each send a /v1/select and
+    its chat twin back to back (alternating which goes first), so both kinds see the same load.
+    Reported: p50/p99 of each, chat p50 ÷ select p50, and how many twins picked the same text."""
+    import aiohttp
+
+    c, n, m, seed = cfg.chat_concurrency, cfg.chat_candidates, cfg.select_max_new_tokens, cfg.seed
+    twins = [({"instruction": i, "num_candidates": n, "max_new_tokens": m, "seed": seed},
+              {"model": "cappy", "messages": [{"role": "user", "content": i}], "n": n, "max_tokens": m,
+               "seed": seed}) for i in instructions]
+    records: list[tuple] = []  # (kind, (client, round), start, end, status, body)
+
+    async def scenario():
+        stop_at = time.monotonic() + cfg.chat_duration_s
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=180),
+                                         connector=aiohttp.TCPConnector(limit=0)) as session:
+            async def client(k: int):
+                j = k
+                while time.monotonic() < stop_at:
+                    select, chat = twins[j % len(twins)]
+                    order = [("select", "/v1/select", select), ("chat", "/v1/chat/completions", chat)]
+                    for kind, path, body in (order if j % 2 == 0 else order[::-1]):
+                        t0 = time.monotonic()
+                        status, payload, _ = await post_once(session, url + path, body)
+                        records.append((kind, (k, j), t0, time.monotonic(), status, payload))
+                    j += c
+            await asyncio.gather(*(client(k) for k in range(c)))
+
+    asyncio.run(scenario())
+    return chat_summary(records, c, chat_template)
+
+
+def chat_summary(records: list[tuple], concurrency: int, chat_template: bool) -> dict:
+    """Figures of :func:`chat_phase` from its records ``(kind, twin key, start, end, status, body)``."""
+    picks: dict[tuple, dict] = {}
+    for kind, key, _, _, status, body in records:
+        if status == 200 and isinstance(body, dict):
+            text = body["response"] if kind == "select" else body["choices"][0]["message"]["content"]
+            picks.setdefault(key, {})[kind] = text
+    both = [p for p in picks.values() if len(p) == 2]
+    out: dict = {"concurrency": concurrency, "chat_template": chat_template}
+    for kind in ("select", "chat"):
+        rs = [r for r in records if r[0] == kind]
+        ok = [(r[2], r[3]) for r in rs if r[4] == 200]
+        out[kind] = {"requests": len(rs), "ok": len(ok), "p50_ms": _ms(ok, 0.5), "p99_ms": _ms(ok, 0.99)}
+    sel, chat = out["select"]["p50_ms"], out["chat"]["p50_ms"]
+    out["p50_ratio_chat_vs_select"] = round(chat / sel, 3) if sel and chat else None
+    out["twins_answered"] = len(both)
+    out["twins_same_pick"] = sum(1 for p in both if p["select"] == p["chat"])
     return out
 
 
@@ -589,7 +724,9 @@ def overload_phase(cfg, url, bodies) -> dict:
     details: dict[str, int] = {}
     for r in busy:
         d = str(r[3].get("detail") if isinstance(r[3], dict) else r[3])[:120]
+        d = d.split(" (num_queued_requests=")[0]  # Serve's proxy: one key, whatever the count
         details[d] = details.get(d, 0) + 1
+    by_proxy = [r for r in busy if not isinstance(r[3], dict)]  # Serve's refusal is plain text
     out = {"concurrency": cfg.overload_concurrency,
            "generator_admits": cfg.generator_replicas * cfg.generator_max_ongoing + cfg.generator_max_queued,
            "requests": len(records), "statuses": statuses,
@@ -597,6 +734,9 @@ def overload_phase(cfg, url, bodies) -> dict:
            "ok_per_s": round(len(ok) / max(1e-9, max((r[1] for r in records), default=start) - start), 2),
            "503_p50_ms": _ms(busy, 0.5), "503_p99_ms": _ms(busy, 0.99),
            "503_without_retry_after": sum(1 for r in busy if not r[4]),
+           "503_by_proxy": len(by_proxy), "503_by_ingress": len(busy) - len(by_proxy),
+           "503_by_proxy_p50_ms": _ms(by_proxy, 0.5),
+           "503_by_ingress_p50_ms": _ms([r for r in busy if isinstance(r[3], dict)], 0.5),
            "503_details": dict(sorted(details.items(), key=lambda kv: -kv[1])[:3]),
            "other": {k: v for k, v in summarize(records, start)["failures"].items() if not k.startswith("503:")}}
     log(f"overload c={cfg.overload_concurrency}: {statuses}; 200 p50 {out['ok_p50_ms']} ms; "
@@ -653,6 +793,7 @@ def generator_kill_phase(cfg, url, bodies, poller, marks) -> dict:
         return await clients, start, kill_t, recovered
 
     records, start, kill_t, recovered = asyncio.run(scenario())
+    out.update(kill_split(records, kill_t))
     s = summarize(records, start)
     after = [r for r in records if r[1] >= kill_t]
     first_ok = min((r[1] for r in after if r[2] == 200 and r[0] >= kill_t), default=None)
@@ -662,7 +803,7 @@ def generator_kill_phase(cfg, url, bodies, poller, marks) -> dict:
                recovery_s=recovered,
                first_ok_after_kill_s=None if first_ok is None else round(first_ok - kill_t, 2),
                p50_ms=s["p50_ms"], p99_ms=s["p99_ms"], failures=s["failures"],
-               window_s=round(cfg.kill_lead_s + cfg.kill_duration_s, 1))
+               window_s=round(cfg.kill_lead_s + cfg.kill_duration_s, 1), target_counts=KILL_TARGET_COUNTS)
     log(f"generator_kill: {out['lost']} of {out['requests']} lost; replacement serving after {recovered} s")
     return out
 
@@ -676,8 +817,18 @@ def check_targets(result: dict) -> dict[str, bool]:
         a = result["autoscaling"]
         t["scaled_up"] = a["peak_running"] > a["min_replicas"]
         t["scaled_back_down"] = a["scale_down_after_idle_s"] is not None
-    if "fault" in result:
-        t["fault_success_fraction_ge_0.99"] = result["fault"].get("success_fraction", 0) >= 0.99
+    if "fault" in result:  # what it counts: KILL_TARGET_COUNTS
+        f = result["fault"]
+        t["fault_two_replicas_before_kill"] = f.get("replicas_before", 0) >= 2
+        t["fault_sent_after_kill_success_ge_0.99"] = f.get("success_fraction_sent_after_kill", 0) >= 0.99
+        t["fault_no_loss_before_kill"] = f.get("lost_before_kill", 1) == 0
+    if "chat" in result:
+        ch, cfg = result["chat"], result["config"]
+        t["chat_all_200"] = all(ch[k]["ok"] == ch[k]["requests"] > 0 for k in ("select", "chat"))
+        t["chat_p50_vs_select_le_max_ratio"] = ((ch["p50_ratio_chat_vs_select"] or float("inf"))
+                                                <= cfg["chat_max_latency_ratio"])
+        if not ch["chat_template"]:  # templated chat prompts differ from the instruction: other candidates
+            t["chat_same_pick_as_select"] = ch["twins_answered"] > 0 and ch["twins_same_pick"] == ch["twins_answered"]
     if "poison" in result:
         p = result["poison"]
         t["poison_hostile_all_4xx"] = all(400 <= h["status"] < 500 for h in p["hostile"].values())
@@ -690,11 +841,12 @@ def check_targets(result: dict) -> dict[str, bool]:
         t["overload_only_200_and_503"] = set(o["statuses"]) <= {"200", "503"}
         t["overload_some_503"] = o["statuses"].get("503", 0) > 0
         t["overload_503_all_retry_after"] = o["503_without_retry_after"] == 0
-        t["overload_503_p99_fast"] = (o["503_p99_ms"] or 0) <= result["config"]["overload_fast_503_ms"]
+        t["overload_503_p50_fast"] = (o["503_p50_ms"] or 0) <= result["config"]["overload_fast_503_ms"]
         t["overload_some_200"] = o["statuses"].get("200", 0) > 0
-    if "generator_kill" in result:
+    if "generator_kill" in result:  # what it counts: KILL_TARGET_COUNTS, as in fault
         g = result["generator_kill"]
-        t["generator_kill_success_ge_0.99"] = g["success_fraction"] >= 0.99
+        t["generator_kill_sent_after_kill_success_ge_0.99"] = g.get("success_fraction_sent_after_kill", 0) >= 0.99
+        t["generator_kill_no_loss_before_kill"] = g.get("lost_before_kill", 1) == 0
         t["generator_kill_recovered"] = g["recovery_s"] is not None
     return t
 

@@ -276,8 +276,10 @@ def test_hostile_requests_among_good_ones_fail_alone(url):
 
 def test_overload_is_only_200s_and_fast_503s(url):
     """A burst of far more /v1/select requests than the Generator admits (8 running + 4 queued):
-    the admitted ones answer 200, the others a 503 naming the full queue, with Retry-After, at
-    once instead of queueing; nothing else (no 500, no 4xx); the app serves normally afterwards."""
+    the admitted ones answer 200, the others a 503 saying the generator is overloaded, with
+    Retry-After, at once instead of queueing (the ingress admits what the Generator holds and
+    refuses the next request before reading it); nothing else (no 500, no 4xx); the app serves
+    normally afterwards."""
     body = {"instruction": INSTRUCTION, "num_candidates": 8, "max_new_tokens": 48}  # long enough to queue
 
     def one(i):
@@ -294,7 +296,9 @@ def test_overload_is_only_200s_and_fast_503s(url):
     assert busy and statuses.count(200) >= GENERATOR_QUEUE, statuses
     for r, seconds in busy:
         assert r.headers.get("retry-after") == "1" and "overloaded" in r.json()["detail"], (r.headers, r.text)
-        assert seconds < 10, seconds  # refused at once, not after waiting in a queue
+        # refused at once, not after waiting in a queue (not tighter: on a busy 2-core machine this
+        # first burst's refusals took 4.7-4.8 s, all together, even with the ingress's admission gate)
+        assert seconds < 10, seconds
     assert post(url, "/v1/select", body).status_code == 200
 
 

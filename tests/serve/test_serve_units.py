@@ -378,6 +378,61 @@ def test_deployments_bound_their_queues():
     assert args.generator.deployment_options()["max_queued_requests"] == 64
     assert args.scorer.deployment_options()["max_queued_requests"] == 256
     assert args.ingress.deployment_options()["max_queued_requests"] == 256
+    # Serve's own refusals (the proxy's, for a full Ingress queue) carry Retry-After as the ingress's do
+    assert args.ingress.deployment_options()["backpressure_config"] == {"status_code": 503, "retry_after_s": 1}
+    # the ingress admits as many generate-then-select requests as the Generator holds
+    assert args.generator.capacity() == 1 * 16 + 64
+    assert AppArgs.model_validate({"generator": {"num_replicas": 2, "max_ongoing_requests": 8,
+                                                 "max_queued_requests": 32}}).generator.capacity() == 48
+    assert AppArgs.model_validate({"generator": {"max_queued_requests": -1}}).generator.capacity() == -1
+
+
+def test_generate_admission_refuses_over_capacity_at_once():
+    """At most max_generating requests on the generate routes at once: one more is a 503 with
+    Retry-After before its body is read; other routes pass; a finished request frees its slot."""
+    import httpx
+    from fastapi import FastAPI
+
+    from serve_app.ingress import GenerateAdmission
+
+    test_app = FastAPI()
+    test_app.state.generating, test_app.state.max_generating = 0, 2
+    test_app.add_middleware(GenerateAdmission)
+    release = asyncio.Event()
+
+    @test_app.post("/v1/select")
+    @test_app.post("/v1/chat/completions")
+    async def generate():  # (no Request parameter: this module's annotations are strings)
+        await release.wait()
+        return {"ok": True}
+
+    @test_app.post("/v1/score")
+    async def score():
+        return {"scores": []}
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=test_app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            held = [asyncio.create_task(client.post("/v1/select", json={})) for _ in range(2)]
+            for _ in range(500):
+                if test_app.state.generating == 2 or any(t.done() for t in held):
+                    break
+                await asyncio.sleep(0.01)
+            assert test_app.state.generating == 2, [t.result().text for t in held if t.done()]
+            busy = await client.post("/v1/select", json={})
+            chat = await client.post("/v1/chat/completions", json={})
+            score = await client.post("/v1/score", json={})
+            release.set()
+            done = [r.status_code for r in await asyncio.gather(*held)]
+            again = await client.post("/v1/select", json={})
+            return busy, chat, score, done, again
+
+    busy, chat, score, done, again = asyncio.run(scenario())
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "1", busy.text
+    assert "overloaded" in busy.json()["detail"]
+    assert chat.status_code == 503 and chat.json()["error"]["code"] == "service_unavailable", chat.text
+    assert score.status_code == 200 and done == [200, 200] and again.status_code == 200
+    assert test_app.state.generating == 0
 
 
 def test_cappy_serve_stops_by_deleting_only_its_application():
