@@ -381,7 +381,7 @@ def test_deployments_bound_their_queues():
     # Serve's own refusals (the proxy's, for a full Ingress queue) carry Retry-After as the ingress's do
     assert args.ingress.deployment_options()["backpressure_config"] == {"status_code": 503, "retry_after_s": 1}
     # the ingress admits as many generate-then-select requests as the Generator holds
-    assert args.generator.capacity() == 1 * 16 + 64
+    assert args.generator.capacity() == 1 * 32 + 64
     assert AppArgs.model_validate({"generator": {"num_replicas": 2, "max_ongoing_requests": 8,
                                                  "max_queued_requests": 32}}).generator.capacity() == 48
     assert AppArgs.model_validate({"generator": {"max_queued_requests": -1}}).generator.capacity() == -1
