@@ -1,6 +1,6 @@
 """Candidate sampling throughput of every sampling path, side by side on the same instructions.
 
-    python -m jobs.bench.sampling [--instructions 48] [--paths vllm hf-generate hf job-vllm job-hf]
+    python -m jobs.bench.sampling [--instructions 48] [--paths vllm hf-generate hf job-vllm job-hf] [--profile]
 
 The generator is the local sweep's embedded generator (``cappy sweep --preset local`` trains and
 caches it; ``--generator PATH`` for another, ``--generator tiny`` for a tiny random Llama). The
@@ -93,6 +93,13 @@ def time_direct(gen, instructions: list[str], batch_size: int, **kw) -> tuple[fl
     return time.perf_counter() - t0, n, toks
 
 
+def operator_shares(prof, top: int = 8) -> dict[str, float]:
+    """The ``top`` torch operators by self CPU time, each as a share of the profiled total."""
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    return {e.key: round(e.self_cpu_time_total / total, 3) for e in events[:top]}
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -107,6 +114,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads of the direct paths (the actor's: 1)")
     p.add_argument("--vllm-dtype", default="auto", help="dtype for the vLLM paths (auto = as saved)")
     p.add_argument("--kv-cache-gb", type=float, default=0.25)
+    p.add_argument("--profile", action="store_true", help="run the hf path under torch.profiler and report "
+                   "each top operator's share of its self CPU time (profile_hf; the rates of a profiled run "
+                   "are a little lower)")
     args = p.parse_args(argv)
     # stdout is the JSON line: vLLM logs (stdout by default) go to stderr, warnings only
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
@@ -172,7 +182,14 @@ def _run(args, tmp: Path) -> dict:
                                  decode_loop="generate" if path == "hf-generate" else "cached",
                                  batch_rows=args.batch_rows)
         load_s = time.perf_counter() - t
-        secs, n, toks = time_direct(gen, instructions, args.batch_size, **kw)
+        if args.profile and path == "hf":  # where the cached loop's time goes, by torch operator
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                secs, n, toks = time_direct(gen, instructions, args.batch_size, **kw)
+            res["profile_hf"] = operator_shares(prof)
+        else:
+            secs, n, toks = time_direct(gen, instructions, args.batch_size, **kw)
         gen.close()
         record(path, secs, n, toks, load_s)
 
