@@ -99,6 +99,10 @@ class SampleConfig:
     batch_size: int = field(default=32, metadata={"help": "instructions per generator call"})
     batch_rows: int = field(default=64, metadata={"help": "--backend hf: candidate rows decoded in one batch (a "
                             "call's batch-size x 17 decodes at once: fewer steps of per-step overhead, more memory)"})
+    decode_loop: str = field(default="shared", metadata={
+        "help": "--backend hf: how a prompt's KV cache is kept while its candidates decode: shared (once "
+                "for all of them; the default where the model allows it, else cached), cached (repeated "
+                "per candidate), generate (model.generate per decoding)"})
     num_actors: int = field(default=1, metadata={"help": "generator actors (one model each)"})
     gpus_per_actor: float = field(default=0.0, metadata={"help": "GPUs per generator actor (0 on CPU)"})
     cpus_per_actor: float = field(default=1.0, metadata={"help": "CPUs reserved per generator actor"})
@@ -157,6 +161,10 @@ def check_config(cfg: SampleConfig) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
     if cfg.max_examples_per_task is not None and cfg.max_examples_per_task < 0:
         raise ConfigError("--max-examples-per-task must be >= 0")
+    from cappy_core.generation import DECODE_LOOPS
+
+    if cfg.decode_loop not in DECODE_LOOPS:
+        raise ConfigError(f"--decode-loop must be one of {', '.join(DECODE_LOOPS)}, got {cfg.decode_loop!r}")
     bad_splits = [s for s in cfg.splits if s not in ("train", "validation")]
     if bad_splits:
         raise ConfigError(f"unknown split(s) {bad_splits}: use train and/or validation")
@@ -234,6 +242,7 @@ def _sample_shards(cfg, todo, generator, decodings, per_instruction, meta, timin
                         "allow_pickle": cfg.allow_pickle, "trust_remote_code": cfg.trust_remote_code}
     if cfg.backend == "hf":
         gen_kwargs["batch_rows"] = cfg.batch_rows
+        gen_kwargs["decode_loop"] = cfg.decode_loop
     if cfg.backend == "vllm":
         gen_kwargs["max_model_len"] = cfg.max_prompt_tokens + cfg.max_new_tokens
         if cfg.kv_cache_gb is not None:

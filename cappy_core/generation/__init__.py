@@ -85,6 +85,10 @@ BACKENDS = ("vllm", "hf")
 #: The paper's generation settings: prompts keep their last 512 tokens (unless a generator folder
 #: says it was trained on fewer), at least 3 and at most 64 new tokens per candidate, 4 candidates
 #: per sampling decoding.
+# How the transformers backend keeps a prompt's keys and values while it decodes (hf_backend):
+# shared, once for all of the prompt's rows (the default where the model allows it); cached,
+# repeated for every row; generate, model.generate per sampling decoding.
+DECODE_LOOPS = ("shared", "cached", "generate")
 DEFAULT_PROMPT_TOKENS = 512
 MIN_NEW_TOKENS = 3
 MAX_NEW_TOKENS = 64

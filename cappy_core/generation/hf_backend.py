@@ -11,20 +11,28 @@ bare one at load time, so no other processor runs before it and the scores it se
 logits. Beam search is ``generate(num_beams=...)``; its candidates are rescored with
 :meth:`TransformersGenerator._loglik_ids` (a teacher-forced forward pass).
 
-Decoder-only models decode with a loop of their own instead of ``generate`` (``decode_loop=
-"cached"``, the default). Sampling and greedy: every sampled row of every sampling decoding of a chunk of prompts
-decodes in one batch; each prompt is prefilled **once** and its KV cache repeated for its rows
-(17 candidates share one prompt, which is most of the tokens); a row that has ended leaves the
-batch (``generate`` keeps computing it until the longest row ends, and samples of 64 tokens are
-common). The per-row rule is :class:`SeededChooser`'s, token for token: end-of-sequence masked
-until ``min_new_tokens``, temperature → top-k → top-p with transformers' warpers, one
-inverse-CDF draw per row and step at a counter-based uniform of that row's seed and the step
-(:func:`row_uniforms`), the raw log-probability recorded. Beam search: transformers' algorithm
-step by step
-(:func:`~cappy_core.generation.beam_search_step`, which the vLLM backend runs too) over the same
-cache, one prefill per prompt instead of one per beam; the reported log-likelihood is the beam's
-raw sum. ``decode_loop="generate"`` keeps the ``generate`` path (the benchmark compares the two;
-seq2seq models always use it).
+Decoder-only models decode with a loop of their own instead of ``generate``. Sampling and
+greedy: every sampled row of every sampling decoding of a chunk of prompts decodes in one batch;
+each prompt is prefilled **once** (17 candidates share one prompt, which is most of the tokens); a
+row that has ended leaves the batch (``generate`` keeps computing it until the longest row ends,
+and samples of 64 tokens are common). The per-row rule is :class:`SeededChooser`'s, token for
+token: end-of-sequence masked until ``min_new_tokens``, temperature → top-k → top-p with
+transformers' warpers, one inverse-CDF draw per row and step at a counter-based uniform of that
+row's seed and the step (:func:`row_uniforms`), the raw log-probability recorded. Beam search:
+transformers' algorithm step by step (:func:`~cappy_core.generation.beam_search_step`, which the
+vLLM backend runs too) over the same cache, one prefill per prompt instead of one per beam; the
+reported log-likelihood is the beam's raw sum.
+
+``decode_loop`` (:data:`~cappy_core.generation.DECODE_LOOPS`) says how the prompt's keys and values are kept:
+
+- ``"shared"`` (the default where the model allows it, else ``"cached"``): once per prompt, in a
+  :class:`~cappy_core.generation.kv_cache.SharedPrefixCache`; each step attends every row to
+  its prompt's part and its own generated part (that module says how);
+- ``"cached"``: repeated for every row of the prompt, in one preallocated cache;
+- ``"generate"``: ``model.generate`` per sampling decoding (seq2seq models always use it).
+
+The three give the same candidates up to floating-point rounding (the tests compare them); the
+benchmark (``python -m jobs.bench.sampling``) times them side by side.
 """
 
 from __future__ import annotations
@@ -32,7 +40,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -47,12 +54,19 @@ from transformers import (
 )
 
 from cappy_core.generation import (
+    DECODE_LOOPS,
     DEFAULT_PROMPT_TOKENS,
     DecodingSpec,
     Generator,
     beam_search_step,
     beam_width,
     eos_token_ids,
+)
+from cappy_core.generation.kv_cache import (
+    SharedPrefixCache,
+    preallocated_cache,
+    supports_shared_prefix,
+    use_shared_prefix_attention,
 )
 
 __all__ = ["TransformersGenerator", "SeededChooser"]
@@ -119,51 +133,6 @@ def choose_tokens(scores: torch.Tensor, greedy: bool, warpers: list, seeds: torc
     return tokens, raw.gather(1, tokens[:, None])[:, 0]
 
 
-class _PreallocatedLayer(DynamicLayer):
-    """A KV-cache layer that writes into a buffer sized for the whole decode and hands out views.
-
-    ``DynamicLayer`` concatenates the whole cache at every step (copying it); this layer copies only
-    the new token's keys and values. ``keys`` / ``values`` stay views of the filled part, so the
-    model's attention reads exactly what ``DynamicLayer`` would give it.
-    """
-
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity = capacity
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-            b, h, _, d = key_states.shape
-            self._k = key_states.new_empty((b, h, self.capacity, d))
-            self._v = value_states.new_empty((b, h, self.capacity, value_states.shape[-1]))
-            self._n = 0
-        n, m = self._n, key_states.shape[-2]
-        if n + m > self.capacity:
-            raise RuntimeError(f"KV cache of {self.capacity} positions is full")
-        self._k[:, :, n:n + m] = key_states
-        self._v[:, :, n:n + m] = value_states
-        self._n = n + m
-        self.keys, self.values = self._k[:, :, :self._n], self._v[:, :, :self._n]
-        return self.keys, self.values
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self._k = self._k.repeat_interleave(repeats, dim=0)
-            self._v = self._v.repeat_interleave(repeats, dim=0)
-            self.keys, self.values = self._k[:, :, :self._n], self._v[:, :, :self._n]
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self._k, self._v = self._k[indices], self._v[indices]
-            self.keys, self.values = self._k[:, :, :self._n], self._v[:, :, :self._n]
-
-
-def preallocated_cache(capacity: int) -> Cache:
-    """A cache of :class:`_PreallocatedLayer` layers (one per model layer, created on first use)."""
-    return Cache(layer_class_to_replicate=lambda: _PreallocatedLayer(capacity))
-
-
 class SeededChooser(LogitsProcessor):
     """Chooses the next token of every row (greedy or seeded sampling) inside ``generate``."""
 
@@ -198,11 +167,11 @@ class TransformersGenerator(Generator):
 
     def __init__(self, model: str, *, max_prompt_tokens: int = DEFAULT_PROMPT_TOKENS, dtype: str = "auto",
                  device: str | None = None, batch_rows: int = 64, max_logits_elements: int = 1 << 27,
-                 trust_remote_code: bool = False, decode_loop: str = "cached", use_safetensors: bool = True):
+                 trust_remote_code: bool = False, decode_loop: str = "shared", use_safetensors: bool = True):
         if max_prompt_tokens < 2:
             raise ValueError(f"max_prompt_tokens must be >= 2, got {max_prompt_tokens}")
-        if decode_loop not in ("cached", "generate"):
-            raise ValueError(f"decode_loop must be 'cached' or 'generate', got {decode_loop!r}")
+        if decode_loop not in DECODE_LOOPS:
+            raise ValueError(f"decode_loop must be one of {', '.join(DECODE_LOOPS)}, got {decode_loop!r}")
         self.model = str(model)
         self.max_prompt_tokens = max_prompt_tokens
         self.batch_rows = max(1, batch_rows)
@@ -216,6 +185,11 @@ class TransformersGenerator(Generator):
         lm = cls.from_pretrained(self.model, dtype=torch_dtype, trust_remote_code=trust_remote_code,
                                  use_safetensors=use_safetensors)
         self.lm = lm.to(self.device).eval()
+        if self.decode_loop == "shared":
+            if supports_shared_prefix(self.lm):
+                use_shared_prefix_attention(self.lm)
+            else:
+                self.decode_loop = "cached"
         self.tokenizer = AutoTokenizer.from_pretrained(self.model, trust_remote_code=trust_remote_code)
         self.eos_ids = eos_token_ids(self.tokenizer, self.model, config)
         tok = self.tokenizer
@@ -265,7 +239,7 @@ class TransformersGenerator(Generator):
     # -- backend hooks ------------------------------------------------------------------------
 
     def _run_samples(self, prompts, specs, seeds, max_new_tokens, min_new_tokens):
-        if self.decode_loop == "cached":
+        if self.decode_loop != "generate":
             return self._sample_cached(prompts, specs, seeds, max_new_tokens, min_new_tokens)
         results = []
         for spec, spec_seeds in zip(specs, seeds):
@@ -289,22 +263,41 @@ class TransformersGenerator(Generator):
 
     def _prefill(self, prompts, max_new_tokens: int, repeats: int = 1):
         """Run the (left-padded) prompts once into a cache with room for ``max_new_tokens`` more,
-        each prompt's cache repeated ``repeats`` times; returns (cache, last logits, attention mask,
-        next position ids), all with ``len(prompts) * repeats`` rows. Call under inference_mode."""
+        for ``repeats`` rows per prompt (prompt-major); returns (cache, last logits, attention mask,
+        next position ids), all with ``len(prompts) * repeats`` rows. With the shared-prefix loop the
+        cache holds each prompt once (:class:`SharedPrefixCache`) and the mask is None: the decode
+        steps attend through the cache, not a mask. Call under inference_mode."""
         ids, mask = self._pad(prompts, left=True)
-        cache = preallocated_cache(ids.shape[1] + max_new_tokens)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        if self.decode_loop == "shared":
+            row_prompt = torch.arange(len(prompts), device=self.device).repeat_interleave(repeats)
+            cache = SharedPrefixCache(max_new_tokens, mask, row_prompt)
+        else:
+            cache = preallocated_cache(ids.shape[1] + max_new_tokens)
         logits = self.lm(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                          use_cache=True, logits_to_keep=1).logits[:, -1]
+        if self.decode_loop == "shared":
+            return cache, logits[row_prompt], None, pos[row_prompt, -1] + 1
         if repeats > 1:
             cache.batch_repeat_interleave(repeats)
         rep = lambda x: x.repeat_interleave(repeats, dim=0) if repeats > 1 else x  # noqa: E731
         return cache, rep(logits), rep(mask), rep(pos[:, -1]) + 1
 
-    def _step(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+    def _select(self, cache, mask, rows: torch.Tensor, grow: bool):
+        """Keep (and order) the batch rows ``rows`` of the cache and the mask; ``grow`` extends the
+        mask by the position the next step writes."""
+        rows = rows.to(self.device)
+        cache.batch_select_indices(rows)
+        if mask is None:
+            return None
+        mask = mask[rows]
+        return torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1) if grow else mask
+
+    def _step(self, tokens: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor, cache) -> torch.Tensor:
         """One decode step: each row's next token in, its next-token logits out."""
+        extra = {"shared_prefix": cache} if isinstance(cache, SharedPrefixCache) else {}
         return self.lm(input_ids=tokens[:, None].to(self.device), attention_mask=mask, position_ids=positions[:, None],
-                       past_key_values=cache, use_cache=True).logits[:, -1]
+                       past_key_values=cache, use_cache=True, **extra).logits[:, -1]
 
     def _sample_cached(self, prompts, specs, seeds, max_new_tokens, min_new_tokens):
         """Decoder-only sampling with a shared prefill per prompt (see the module docstring)."""
@@ -328,6 +321,7 @@ class TransformersGenerator(Generator):
         warpers = [spec_warpers(spec) for spec in specs]
         spec_of = torch.tensor([s for _, s, _ in rows])
         eos = torch.tensor(list(self.eos_ids), dtype=torch.long, device=dev)
+        shared = self.decode_loop == "shared"
         with torch.inference_mode():
             cache, logits, mask, next_pos = self._prefill(chunk_prompts, max_new_tokens, repeats=per_prompt)
             active = torch.arange(len(rows))  # original row of each batch row
@@ -352,13 +346,15 @@ class TransformersGenerator(Generator):
                 keep = running.nonzero()[:, 0]
                 if t == max_new_tokens - 1 or not len(keep):
                     break
-                # Ended rows leave the batch once they are a quarter of it: a row costs little next to
-                # copying the whole KV cache to drop it, which is what leaving takes.
-                if len(keep) <= 0.75 * len(active):
-                    cache.batch_select_indices(keep.to(dev))
-                    mask, next_pos, tokens = mask[keep.to(dev)], next_pos[keep.to(dev)], tokens[keep]
+                # Ended rows leave the batch once they are a tenth of it (a quarter with the prompt
+                # repeated per row): leaving copies the rows' cache, the whole of it unless the prompt
+                # is shared (measured on the local sweep's generator: leaving at once is no faster).
+                if len(keep) <= (0.9 if shared else 0.75) * len(active):
+                    mask = self._select(cache, mask, keep, grow=False)
+                    next_pos, tokens = next_pos[keep.to(dev)], tokens[keep]
                     active, running = active[keep], running[keep]
-                mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+                if mask is not None:
+                    mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
                 logits = self._step(tokens, mask, next_pos, cache)
                 next_pos = next_pos + 1
         return [([x for x in h if x >= 0], lp) for h, lp in zip(history.tolist(), logprob_sum.tolist())]
@@ -399,8 +395,7 @@ class TransformersGenerator(Generator):
                         running[i] = [(ids_, s, n + b) for b, (ids_, s, _) in enumerate(running[i])]
                         n += len(running[i])
                     rows = torch.tensor(src, device=self.device)
-                    cache.batch_select_indices(rows)
-                    mask = torch.cat([mask[rows], mask.new_ones((len(src), 1))], dim=1)
+                    mask = self._select(cache, mask, rows, grow=True)
                     next_pos = next_pos[rows]
                     logits = self._step(torch.tensor(tokens), mask, next_pos, cache)
                     next_pos = next_pos + 1
@@ -408,7 +403,7 @@ class TransformersGenerator(Generator):
         return out
 
     def _run_beam(self, prompts, spec, max_new_tokens, min_new_tokens):
-        if self.decode_loop == "cached":
+        if self.decode_loop != "generate":
             return self._beam_cached(prompts, spec, max_new_tokens, min_new_tokens)
         per_call = max(1, self.batch_rows // spec.num_beams)
         outs: list[list[int]] = []

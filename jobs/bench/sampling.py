@@ -1,6 +1,6 @@
 """Candidate sampling throughput of every sampling path, side by side on the same instructions.
 
-    python -m jobs.bench.sampling [--instructions 48] [--paths vllm hf-generate hf job-vllm job-hf] [--profile]
+    python -m jobs.bench.sampling [--instructions 48] [--paths PATH ...] [--profile]
 
 The generator is the local sweep's embedded generator (``cappy sweep --preset local`` trains and
 caches it; ``--generator PATH`` for another, ``--generator tiny`` for a tiny random Llama). The
@@ -11,13 +11,18 @@ Paths, run one after another in this process:
 - ``vllm``: :class:`VLLMGenerator` called directly, ``--batch-size`` instructions per call;
 - ``hf-generate``: :class:`TransformersGenerator` with ``decode_loop="generate"`` (one
   ``model.generate`` per sampling decoding: the transformers path before the cached loop);
-- ``hf``: :class:`TransformersGenerator` with its KV-cached sampling loop (the default);
-- ``job-vllm`` / ``job-hf``: the whole Ray Data job (``jobs.sample_label.run``: one generator
-  actor, Rouge-L labelling stage, Parquet per shard) with that backend. ``job-vllm`` is what the
-  local sweep sampled with before the hf backend became its default on CPU.
+- ``hf-cached``: :class:`TransformersGenerator` with its KV-cached loop, each prompt's cache
+  repeated for its 17 rows (``decode_loop="cached"``: the default before the shared prompt);
+- ``hf``: :class:`TransformersGenerator` with its KV-cached loop, each prompt's keys and values
+  stored once for its rows (``decode_loop="shared"``, the default);
+- ``job-vllm`` / ``job-hf-cached`` / ``job-hf``: the whole Ray Data job (``jobs.sample_label.run``:
+  one generator actor, Rouge-L labelling stage, Parquet per shard) with that backend and decode
+  loop. ``job-vllm`` is what the local sweep sampled with before the hf backend became its default
+  on CPU, ``job-hf-cached`` what it sampled with before the shared prompt cache.
 
-Rates are candidates/s and generated tokens/s once the model is loaded (for the jobs: from the
-actor's first ``generate`` to the last shard written). ``flop_fraction`` is the share of the
+Rates are candidates/s and generated tokens/s once the model is loaded and has run one untimed
+call on two instructions (for the jobs: from the actor's first ``generate`` to the last shard
+written). ``flop_fraction`` is the share of the
 forward-pass FLOP bound reached: (prompt tokens + generated tokens) × 2 × parameters per second,
 over the fp32 matmul FLOP/s this machine measures at the same thread count (``matmul_flops``).
 One JSON line on stdout; ``--vllm-dtype bfloat16`` reproduces vLLM's own "auto" on a CPU (what
@@ -35,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-PATHS = ("vllm", "hf-generate", "hf", "job-vllm", "job-hf")
+PATHS = ("vllm", "hf-generate", "hf-cached", "hf", "job-vllm", "job-hf-cached", "job-hf")
 
 
 def bench_instructions(n: int) -> list[str]:
@@ -179,9 +184,10 @@ def _run(args, tmp: Path) -> dict:
                                  max_model_len=max_prompt + args.max_new_tokens)
         else:
             gen = load_generator("hf", model, dtype="float32", max_prompt_tokens=max_prompt,
-                                 decode_loop="generate" if path == "hf-generate" else "cached",
+                                 decode_loop={"hf-generate": "generate", "hf-cached": "cached"}.get(path, "shared"),
                                  batch_rows=args.batch_rows)
         load_s = time.perf_counter() - t
+        time_direct(gen, instructions[:2], args.batch_size, **kw)  # warm-up: allocator, kernels (untimed)
         if args.profile and path == "hf":  # where the cached loop's time goes, by torch operator
             from torch.profiler import ProfilerActivity, profile
 
@@ -204,12 +210,13 @@ def _run(args, tmp: Path) -> dict:
         write_examples(examples, split_path(tmp / "data", "bench", "train"))
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         for path in jobs:
-            backend = path.removeprefix("job-")
+            backend, _, loop = path.removeprefix("job-").partition("-")
             out = tmp / path
             cfg = SampleConfig(tasks=["bench"], splits=["train"], data=str(tmp / "data"), out=str(out),
                                generator=model, backend=backend, max_new_tokens=args.max_new_tokens,
                                dtype=args.vllm_dtype if backend == "vllm" else "float32",
                                batch_size=args.batch_size, batch_rows=args.batch_rows, shard_size=args.batch_size,
+                               decode_loop=loop or "shared",
                                kv_cache_gb=args.kv_cache_gb,
                                cpus_per_actor=1.0, label_cpus=0.25)
             summary = run(cfg, log=lambda msg: print(msg, file=sys.stderr))
@@ -218,7 +225,8 @@ def _run(args, tmp: Path) -> dict:
             record(path, summary["seconds_after_load"], summary["new_rows"], toks,
                    summary["seconds"] - summary["seconds_after_load"])
     rates = {k: v["cands_per_s"] for k, v in res["paths"].items()}
-    for new, old in (("hf", "hf-generate"), ("hf", "vllm"), ("job-hf", "job-vllm")):
+    for new, old in (("hf", "hf-generate"), ("hf", "hf-cached"), ("hf", "vllm"), ("job-hf", "job-vllm"),
+                     ("job-hf", "job-hf-cached")):
         if new in rates and old in rates:
             res[f"{new}_over_{old}"] = round(rates[new] / rates[old], 2)
     res["load_avg_1m"] = round(os.getloadavg()[0], 1)

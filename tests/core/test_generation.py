@@ -269,23 +269,91 @@ def test_sampling_draws_follow_the_warped_distribution():
 
 
 @pytest.mark.parametrize("batch_rows", [5, 64])
-def test_hf_cached_loop_gives_the_generate_loops_candidates(tiny_path, hf, batch_rows):
-    """The KV-cached loop (shared prefill, ended rows leave the batch) draws exactly what
-    ``generate`` with the same per-row rule draws, and its beam search finds transformers' beam:
-    same tokens, same log-likelihoods; also when a chunk holds one prompt and rows end at
-    different steps."""
-    assert hf.decode_loop == "cached"
+def test_hf_cached_loops_give_the_generate_loops_candidates(tiny_path, hf, batch_rows):
+    """Both KV-cached loops (the prompt shared by its rows, or repeated per row; ended rows leave
+    the batch) draw exactly what ``generate`` with the same per-row rule draws, and their beam
+    search finds transformers' beam: same tokens, same log-likelihoods; also when a chunk holds
+    one prompt and rows end at different steps."""
+    assert hf.decode_loop == "shared"
     old = load_generator("hf", tiny_path, dtype="float32", max_prompt_tokens=64, decode_loop="generate")
-    cached = load_generator("hf", tiny_path, dtype="float32", max_prompt_tokens=64, batch_rows=batch_rows)
     decs = decodings_from_names(["greedy", "beam3", "sample", "temp0.7", "topk5", "topp0.9"], num_samples=3)
     kw = dict(max_new_tokens=20, min_new_tokens=2)
-    a, b = old.generate(PROMPTS, decs, **kw), cached.generate(PROMPTS, decs, **kw)
-    for x, y in zip(a, b):
-        assert_same(x, y)
-    lengths = {c.num_tokens for cands in b for c in cands}
-    assert len(lengths) >= 2  # rows really ended at different steps
+    a = old.generate(PROMPTS, decs, **kw)
+    for loop in ("shared", "cached"):
+        gen = load_generator("hf", tiny_path, dtype="float32", max_prompt_tokens=64, batch_rows=batch_rows,
+                             decode_loop=loop)
+        assert gen.decode_loop == loop
+        b = gen.generate(PROMPTS, decs, **kw)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+        lengths = {c.num_tokens for cands in b for c in cands}
+        assert len(lengths) >= 2  # rows really ended at different steps
     with pytest.raises(ValueError, match="decode_loop"):
         load_generator("hf", tiny_path, decode_loop="fast")
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_shared_prefix_attention_is_attention_over_prompt_and_generated_keys(fused, monkeypatch):
+    """One decode step of :func:`shared_prefix_attention` equals SDPA over each row's own copy of
+    its prompt's keys (left padding masked) followed by its generated keys, with grouped-query
+    heads, rows of one prompt scattered over the batch and unequal in number, and after rows
+    leave (a prompt no row continues is dropped)."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from cappy_core.generation import kv_cache
+    from cappy_core.generation.kv_cache import SharedPrefixCache, shared_prefix_attention
+
+    if not fused:  # the matrix-product path that GPUs take (CPUs use PyTorch's fused kernel)
+        monkeypatch.setattr(kv_cache, "_CPU_FLASH", None)
+    torch.manual_seed(0)
+    heads, kv_heads, dim, prompt_len, gen_len = 4, 2, 8, 7, 5
+    prompt_mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1, 1]]).bool()
+    row_prompt = torch.tensor([2, 0, 1, 0, 2, 2, 0])
+    cache = SharedPrefixCache(capacity=gen_len + 1, prompt_mask=prompt_mask, row_prompt=row_prompt)
+    layer = SimpleNamespace(layer_idx=0, num_key_value_groups=heads // kv_heads, is_causal=True)
+    pk, pv = torch.randn(3, kv_heads, prompt_len, dim), torch.randn(3, kv_heads, prompt_len, dim)
+    cache.update(pk, pv, 0)  # the prefill
+    rows = len(row_prompt)
+    for step in range(gen_len):
+        k, v = cache.update(torch.randn(rows, kv_heads, 1, dim), torch.randn(rows, kv_heads, 1, dim), 0)
+    q = torch.randn(rows, heads, 1, dim)
+
+    def reference(q, k, v, rp, pmask):
+        keys = torch.cat([pk[rp], k], dim=2)
+        values = torch.cat([pv[rp], v], dim=2)
+        mask = torch.cat([pmask[rp], torch.ones(len(rp), k.shape[2], dtype=torch.bool)], dim=1)[:, None, None, :]
+        return sdpa_attention_forward(layer, q, keys, values, mask, scaling=dim ** -0.5)[0]
+
+    out, _ = shared_prefix_attention(layer, q, k, v, None, scaling=dim ** -0.5, shared_prefix=cache)
+    assert out.shape == (rows, 1, heads, dim)
+    torch.testing.assert_close(out, reference(q, k, v, row_prompt, prompt_mask), atol=1e-5, rtol=1e-5)
+
+    keep = torch.tensor([4, 1, 0, 3])  # prompt 1's only row leaves; the rest reordered
+    cache.batch_select_indices(keep)
+    assert cache.prompt_mask.shape[0] == 2 and cache.get_seq_length() == prompt_len + gen_len
+    k2, v2 = cache.layers[0].keys, cache.layers[0].values
+    torch.testing.assert_close(k2, k[keep])
+    out, _ = shared_prefix_attention(layer, q[keep], k2, v2, None, scaling=dim ** -0.5, shared_prefix=cache)
+    torch.testing.assert_close(out, reference(q[keep], k[keep], v[keep], row_prompt[keep], prompt_mask),
+                               atol=1e-5, rtol=1e-5)
+    # no shared_prefix (the prefill, teacher-forced passes): plain SDPA
+    full = torch.ones(rows, 1, 1, gen_len, dtype=torch.bool)
+    torch.testing.assert_close(shared_prefix_attention(layer, q, k, v, full, scaling=0.3)[0],
+                               sdpa_attention_forward(layer, q, k, v, full, scaling=0.3)[0])
+
+
+def test_shared_prefix_needs_plain_full_attention(tiny_path):
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
+
+    from cappy_core.generation.kv_cache import supports_shared_prefix
+
+    assert supports_shared_prefix(AutoModelForCausalLM.from_pretrained(tiny_path))
+    tiny = dict(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    assert supports_shared_prefix(MistralForCausalLM(MistralConfig(**tiny, sliding_window=None)))
+    assert not supports_shared_prefix(MistralForCausalLM(MistralConfig(**tiny, sliding_window=4)))
+    assert not supports_shared_prefix(GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2)))
 
 
 def test_hf_logprobs_are_the_raw_log_likelihood(hf):

@@ -126,6 +126,8 @@ def test_bad_input_is_a_clear_error(tmp_path, tiny, data):
     assert "config:" not in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
     proc = run("--tasks", "alpha", "--generator", str(tiny), "--decodings", "beam4", "nucleus", *base)
     assert proc.returncode == 2 and "unknown decoding 'nucleus'" in proc.stderr
+    proc = run("--tasks", "alpha", "--generator", str(tiny), "--decode-loop", "paged", *base)
+    assert proc.returncode == 2 and "--decode-loop must be one of shared, cached, generate, got 'paged'" in proc.stderr
     bad = tmp_path / "bad"
     t = pq.read_table(split_path(data, "alpha", "train")).drop_columns(["references"])
     (bad / "alpha").mkdir(parents=True)
