@@ -283,15 +283,16 @@ class TransformersGenerator(Generator):
         rep = lambda x: x.repeat_interleave(repeats, dim=0) if repeats > 1 else x  # noqa: E731
         return cache, rep(logits), rep(mask), rep(pos[:, -1]) + 1
 
-    def _select(self, cache, mask, rows: torch.Tensor, grow: bool):
-        """Keep (and order) the batch rows ``rows`` of the cache and the mask; ``grow`` extends the
-        mask by the position the next step writes."""
+    def _select(self, cache, mask: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+        """Keep (and order) the batch rows ``rows`` of the cache and of the mask (None: no mask)."""
         rows = rows.to(self.device)
         cache.batch_select_indices(rows)
-        if mask is None:
-            return None
-        mask = mask[rows]
-        return torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1) if grow else mask
+        return None if mask is None else mask[rows]
+
+    @staticmethod
+    def _grow(mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The mask extended by the position the next step writes (None: no mask)."""
+        return None if mask is None else torch.cat([mask, mask.new_ones((len(mask), 1))], dim=1)
 
     def _step(self, tokens: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor, cache) -> torch.Tensor:
         """One decode step: each row's next token in, its next-token logits out."""
@@ -350,11 +351,10 @@ class TransformersGenerator(Generator):
                 # repeated per row): leaving copies the rows' cache, the whole of it unless the prompt
                 # is shared (measured on the local sweep's generator: leaving at once is no faster).
                 if len(keep) <= (0.9 if shared else 0.75) * len(active):
-                    mask = self._select(cache, mask, keep, grow=False)
+                    mask = self._select(cache, mask, keep)
                     next_pos, tokens = next_pos[keep.to(dev)], tokens[keep]
                     active, running = active[keep], running[keep]
-                if mask is not None:
-                    mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+                mask = self._grow(mask)
                 logits = self._step(tokens, mask, next_pos, cache)
                 next_pos = next_pos + 1
         return [([x for x in h if x >= 0], lp) for h, lp in zip(history.tolist(), logprob_sum.tolist())]
@@ -395,7 +395,7 @@ class TransformersGenerator(Generator):
                         running[i] = [(ids_, s, n + b) for b, (ids_, s, _) in enumerate(running[i])]
                         n += len(running[i])
                     rows = torch.tensor(src, device=self.device)
-                    mask = self._select(cache, mask, rows, grow=True)
+                    mask = self._grow(self._select(cache, mask, rows))
                     next_pos = next_pos[rows]
                     logits = self._step(torch.tensor(tokens), mask, next_pos, cache)
                     next_pos = next_pos + 1
