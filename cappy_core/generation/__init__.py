@@ -329,7 +329,8 @@ class Generator(ABC):
     """Shared front end of the backends: validation, prompt encoding, seeds, candidate records.
 
     A backend implements :meth:`_run_samples` (greedy and sampling decodings), :meth:`_run_beam`
-    and :meth:`_loglik_ids`, all on token ids (and :meth:`_arun_samples` / :meth:`_arun_beam`
+    and :meth:`_loglik_ids`, all on token ids (:meth:`_run_decodings` runs the first two; a backend
+    may override it to run them together) (and :meth:`_arun_samples` / :meth:`_arun_beam`
     for :meth:`agenerate` when it has an async engine), and sets ``tokenizer``, ``eos_ids``,
     ``is_encoder_decoder`` and ``max_prompt_tokens``.
     """
@@ -353,9 +354,8 @@ class Generator(ABC):
         if plan is None:
             return []
         prompts, sampled_specs, seeds, beam_specs = plan
-        sampled = self._run_samples(prompts, sampled_specs, seeds, max_new_tokens, min_new_tokens) \
-            if sampled_specs else []
-        beams = [self._run_beam(prompts, d, max_new_tokens, min_new_tokens) for d in beam_specs]
+        sampled, beams = self._run_decodings(prompts, sampled_specs, seeds, beam_specs, max_new_tokens,
+                                             min_new_tokens)
         return self._assemble(len(prompts), decodings, sampled_specs, sampled, beam_specs, beams)
 
     async def agenerate(self, instructions: Sequence[str], decodings: Sequence[DecodingSpec] = PAPER_DECODINGS, *,
@@ -451,6 +451,14 @@ class Generator(ABC):
         self.close()
 
     # -- backend hooks -----------------------------------------------------------------------
+
+    def _run_decodings(self, prompts: list[list[int]], sampled_specs: list[DecodingSpec], seeds: list[list[int]],
+                       beam_specs: list[DecodingSpec], max_new_tokens: int, min_new_tokens: int):
+        """(:meth:`_run_samples`'s result, one :meth:`_run_beam` result per beam decoding): the
+        sampled decodings, then each beam search. A backend that can decode them together overrides it."""
+        sampled = self._run_samples(prompts, sampled_specs, seeds, max_new_tokens, min_new_tokens) \
+            if sampled_specs else []
+        return sampled, [self._run_beam(prompts, d, max_new_tokens, min_new_tokens) for d in beam_specs]
 
     @abstractmethod
     def _run_samples(self, prompts: list[list[int]], specs: list[DecodingSpec], seeds: list[list[int]],

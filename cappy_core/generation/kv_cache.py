@@ -9,8 +9,9 @@ and values (a ~50-token prompt, ~25 generated tokens; and a chunk's prompts are 
 longest). Repeating the prompt's cache for every row made each decode step read it 16 times,
 copy it whenever rows leave the batch, and reorder it at every beam-search step.
 
-:class:`SharedPrefixCache` keeps the prompt part once per prompt (``P`` rows, written by the
-prefill) and only the generated part per candidate row (``R`` rows). At each decode step
+:class:`SharedPrefixCache` keeps the prompt part once per prompt (``P`` rows, the prefill's keys
+and values, left-padded) and only the generated part per candidate row (``R`` rows: sampled rows
+and beams alike; picking rows rewrites in place only the rows that change). At each decode step
 :func:`shared_prefix_attention` attends every row to both and merges the two softmaxes with their
 log-sum-exp, which is exactly attention over the concatenated keys up to floating-point rounding:
 
@@ -62,12 +63,6 @@ class _PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self._k[:, :, :self._n], self._v[:, :, :self._n]
         return self.keys, self.values
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self._k = self._k.repeat_interleave(repeats, dim=0)
-            self._v = self._v.repeat_interleave(repeats, dim=0)
-            self.keys, self.values = self._k[:, :, :self._n], self._v[:, :, :self._n]
-
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
             self._k, self._v = self._k[indices], self._v[indices]
@@ -103,40 +98,65 @@ def use_shared_prefix_attention(model) -> None:
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
 
 
-class _GeneratedPart(_PreallocatedLayer):
-    """The generated tokens' keys and values of every row. Rows leave at any step (early ones too),
-    so selecting rows copies only the filled positions."""
+class _GeneratedPart(DynamicLayer):
+    """The generated tokens' keys and values of every row, in buffers sized for the whole decode.
+
+    Rows are picked at many steps (ended rows leaving, beams reordering at every step). Picking
+    rewrites in place only the rows whose source changes, and only their filled positions: the
+    sampled rows ahead of the beams in the batch, and beams that extend their own row, stay put.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        rows, m = key_states.shape[0], key_states.shape[-2]
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self._k = key_states.new_empty((rows, key_states.shape[1], self.capacity, key_states.shape[-1]))
+            self._v = value_states.new_empty((rows, value_states.shape[1], self.capacity, value_states.shape[-1]))
+            self._n = 0
+        n = self._n
+        if n + m > self.capacity:
+            raise RuntimeError(f"KV cache of {self.capacity} generated positions is full")
+        self._k[:rows, :, n:n + m] = key_states
+        self._v[:rows, :, n:n + m] = value_states
+        self._n = n + m
+        self.keys, self.values = self._k[:rows, :, :self._n], self._v[:rows, :, :self._n]
+        return self.keys, self.values
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            n = self._n
-            k = self._k.new_empty((len(indices),) + self._k.shape[1:])
-            v = self._v.new_empty((len(indices),) + self._v.shape[1:])
-            k[:, :, :n], v[:, :, :n] = self._k[indices, :, :n], self._v[indices, :, :n]
-            self._k, self._v = k, v
-            self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
+        if not self.is_initialized:
+            return
+        rows, n = len(indices), self._n
+        if rows > self._k.shape[0]:  # more rows than the buffer holds: a new buffer
+            self._k = torch.cat([self._k, self._k.new_empty((rows - self._k.shape[0],) + self._k.shape[1:])])
+            self._v = torch.cat([self._v, self._v.new_empty((rows - self._v.shape[0],) + self._v.shape[1:])])
+        moved = (indices != torch.arange(rows, device=indices.device)).nonzero()[:, 0]
+        if len(moved):  # only the rows whose source differs (the gather copies before it writes)
+            for buf in (self._k, self._v):
+                filled = buf[:, :, :n]
+                filled[moved] = filled[indices[moved]]
+        self.keys, self.values = self._k[:rows, :, :n], self._v[:rows, :, :n]
 
 
 class _SharedPrefixLayer(DynamicLayer):
     """One layer's keys and values: the prompt part (``P × heads × prompt length × dim``, from the
     prefill) and the generated part (``R`` rows, one token per step)."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, prompt_k: torch.Tensor, prompt_v: torch.Tensor):
         super().__init__()
-        self.prompt_k = self.prompt_v = None
+        self.lazy_initialization(prompt_k, prompt_v)
+        self.prompt_k, self.prompt_v = prompt_k, prompt_v
         self.generated = _GeneratedPart(capacity)
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:  # the prefill: the prompts' keys and values, attended by SDPA
-            self.lazy_initialization(key_states, value_states)
-            self.prompt_k, self.prompt_v = key_states, value_states
-            self.keys, self.values = key_states, value_states
-            return key_states, value_states
         self.keys, self.values = self.generated.update(key_states, value_states)
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
-        return 0 if self.prompt_k is None else self.prompt_k.shape[-2] + self.generated.get_seq_length()
+        return self.prompt_k.shape[-2] + self.generated.get_seq_length()
 
     def select_rows(self, rows: torch.Tensor) -> None:
         self.generated.batch_select_indices(rows)
@@ -150,14 +170,16 @@ class _SharedPrefixLayer(DynamicLayer):
 class SharedPrefixCache(Cache):
     """The decode loop's cache: the prompt part once per prompt, the generated part per row.
 
-    ``prompt_mask`` (``P × prompt length``, bool) marks each prompt's real (not padding) tokens;
-    ``row_prompt`` (``R``) says which prompt each row continues. Rows of one prompt may be anywhere in
-    the batch; :meth:`batch_select_indices` picks and reorders rows (ended rows leaving, beams
-    extending), and drops prompts no row continues any more.
+    ``prompt_kv`` holds each layer's prompt keys and values (``P × kv heads × prompt length × dim``,
+    left-padded: the prefill's); ``prompt_mask`` (``P × prompt length``, bool) marks the real (not
+    padding) positions; ``row_prompt`` (``R``) says which prompt each row continues. Rows of one
+    prompt may be anywhere in the batch; :meth:`batch_select_indices` picks and reorders rows
+    (ended rows leaving, beams extending), and drops prompts no row continues any more.
     """
 
-    def __init__(self, capacity: int, prompt_mask: torch.Tensor, row_prompt: torch.Tensor):
-        super().__init__(layer_class_to_replicate=lambda: _SharedPrefixLayer(capacity))
+    def __init__(self, capacity: int, prompt_kv: list[tuple[torch.Tensor, torch.Tensor]],
+                 prompt_mask: torch.Tensor, row_prompt: torch.Tensor):
+        super().__init__(layers=[_SharedPrefixLayer(capacity, k, v) for k, v in prompt_kv])
         self.prompt_mask = prompt_mask.bool()
         self._bias = None
         self._set_rows(row_prompt.to(prompt_mask.device))
@@ -195,9 +217,6 @@ class SharedPrefixCache(Cache):
             self.prompt_mask, self._bias = self.prompt_mask[used], None
             row_prompt = torch.searchsorted(used, row_prompt)
         self._set_rows(row_prompt)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("SharedPrefixCache shares the prompt: give its rows with row_prompt instead")
 
 
 def _attend(q, k, v, bias, scale: float):

@@ -14,7 +14,8 @@ Paths, run one after another in this process:
 - ``hf-cached``: :class:`TransformersGenerator` with its KV-cached loop, each prompt's cache
   repeated for its 17 rows (``decode_loop="cached"``: the default before the shared prompt);
 - ``hf``: :class:`TransformersGenerator` with its KV-cached loop, each prompt's keys and values
-  stored once for its rows (``decode_loop="shared"``, the default);
+  stored once for its rows, beams decoded in the same batch as samples (``decode_loop="shared"``,
+  the default);
 - ``job-vllm`` / ``job-hf-cached`` / ``job-hf``: the whole Ray Data job (``jobs.sample_label.run``:
   one generator actor, Rouge-L labelling stage, Parquet per shard) with that backend and decode
   loop. ``job-vllm`` is what the local sweep sampled with before the hf backend became its default
@@ -112,8 +113,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--instructions", type=int, default=48)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32, help="instructions per generator call (all paths)")
-    p.add_argument("--batch-rows", type=int, default=544, help="hf paths: candidate rows decoded in one batch "
-                   "(default: the local sweep's, one generator call of 32 instructions x 17)")
+    p.add_argument("--batch-rows", type=int, default=640, help="hf paths: candidate rows decoded in one batch "
+                   "(default: the local sweep's, one generator call of 32 instructions x (16 samples + 4 beams))")
     p.add_argument("--generator", default=None, help="HF folder, or 'tiny' (default: the local sweep's)")
     p.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
     p.add_argument("--threads", type=int, default=1, help="torch threads of the direct paths (the actor's: 1)")

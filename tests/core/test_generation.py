@@ -268,6 +268,26 @@ def test_sampling_draws_follow_the_warped_distribution():
     assert set(tokens.tolist()) == {1, 2}  # token 0 masked (min length), top-2 of the rest
 
 
+@pytest.mark.parametrize("top_p", [0.95, 0.9, 0.5, 0.01, 1e-9])
+def test_top_p_keeps_what_transformers_top_p_keeps(top_p):
+    """Top-p from the sorted logits alone keeps exactly the tokens transformers' warper keeps (no
+    ties: distinct logits), with -inf logits (masked tokens) present, on inference tensors too."""
+    from transformers import TopPLogitsWarper
+
+    from cappy_core.generation.hf_backend import TopPFromSortedLogits
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randperm(64 * 512, generator=g).view(64, 512).float() / 400.0).exp() * 0.1 - 3
+    logits[:8, :40] = -float("inf")
+    logits[8] = torch.linspace(-50, 5, 512)  # one very peaked row: one token stays
+    expected = TopPLogitsWarper(top_p)(None, logits).isinf()
+    with torch.inference_mode():
+        got = TopPFromSortedLogits(top_p)(None, logits.clone()).isinf()
+    assert torch.equal(got, expected)
+    kept = (~got).sum(dim=-1)
+    assert int(kept.min()) >= 1 and (top_p < 0.9 or int(kept.max()) > 1)
+
+
 @pytest.mark.parametrize("batch_rows", [5, 64])
 def test_hf_cached_loops_give_the_generate_loops_candidates(tiny_path, hf, batch_rows):
     """Both KV-cached loops (the prompt shared by its rows, or repeated per row; ended rows leave
@@ -311,13 +331,13 @@ def test_shared_prefix_attention_is_attention_over_prompt_and_generated_keys(fus
     heads, kv_heads, dim, prompt_len, gen_len = 4, 2, 8, 7, 5
     prompt_mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1, 1]]).bool()
     row_prompt = torch.tensor([2, 0, 1, 0, 2, 2, 0])
-    cache = SharedPrefixCache(capacity=gen_len + 1, prompt_mask=prompt_mask, row_prompt=row_prompt)
     layer = SimpleNamespace(layer_idx=0, num_key_value_groups=heads // kv_heads, is_causal=True)
-    pk, pv = torch.randn(3, kv_heads, prompt_len, dim), torch.randn(3, kv_heads, prompt_len, dim)
-    cache.update(pk, pv, 0)  # the prefill
+    pk, pv = torch.randn(3, kv_heads, prompt_len, dim), torch.randn(3, kv_heads, prompt_len, dim)  # the prefill's
+    cache = SharedPrefixCache(gen_len + 1, [(pk, pv)], prompt_mask, row_prompt)
     rows = len(row_prompt)
     for step in range(gen_len):
         k, v = cache.update(torch.randn(rows, kv_heads, 1, dim), torch.randn(rows, kv_heads, 1, dim), 0)
+    k, v = k.clone(), v.clone()  # views of the cache's buffers, which picking rows rewrites in place
     q = torch.randn(rows, heads, 1, dim)
 
     def reference(q, k, v, rp, pmask):
@@ -338,6 +358,17 @@ def test_shared_prefix_attention_is_attention_over_prompt_and_generated_keys(fus
     out, _ = shared_prefix_attention(layer, q[keep], k2, v2, None, scaling=dim ** -0.5, shared_prefix=cache)
     torch.testing.assert_close(out, reference(q[keep], k[keep], v[keep], row_prompt[keep], prompt_mask),
                                atol=1e-5, rtol=1e-5)
+    # beams reorder behind rows that stay: the first two rows keep their place, the last two are
+    # rewritten in place (row 3 twice, row 2 once: one more row than before)
+    beams = torch.tensor([0, 1, 3, 3, 2])
+    cache.batch_select_indices(beams)
+    k3, v3 = cache.layers[0].keys, cache.layers[0].values
+    torch.testing.assert_close(k3, k[keep][beams])
+    torch.testing.assert_close(v3, v[keep][beams])
+    k4, v4 = cache.update(torch.randn(5, kv_heads, 1, dim), torch.randn(5, kv_heads, 1, dim), 0)
+    q4 = torch.randn(5, heads, 1, dim)
+    out, _ = shared_prefix_attention(layer, q4, k4, v4, None, scaling=dim ** -0.5, shared_prefix=cache)
+    torch.testing.assert_close(out, reference(q4, k4, v4, row_prompt[keep][beams], prompt_mask), atol=1e-5, rtol=1e-5)
     # no shared_prefix (the prefill, teacher-forced passes): plain SDPA
     full = torch.ones(rows, 1, 1, gen_len, dtype=torch.bool)
     torch.testing.assert_close(shared_prefix_attention(layer, q, k, v, full, scaling=0.3)[0],
