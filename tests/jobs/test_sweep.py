@@ -268,7 +268,8 @@ def test_presets_resolve_to_the_documented_settings():
     assert local.selector_scope == "all" and local.shared_torch_threads == 2  # one, on every task's pairs
     # CPU: the transformers backend in one single-thread actor per core; the paper preset keeps vLLM
     assert local.backend == "hf" and local.num_actors * local.cpus_per_actor <= 2
-    assert local.sample_batch_rows == local.sample_batch_size * 17  # one decode per generator call
+    # one decode per generator call: each instruction's 16 sampled rows and 4 beams
+    assert local.sample_batch_rows == local.sample_batch_size * (16 + 4)
     paper = config_from_args(SweepConfig, parser.parse_args(["--preset", "paper", "--num-actors", "16"]), presets(JOB))
     assert paper.tasks == ["all45"] and paper.max_examples_per_task is None
     assert paper.loss == "mse" and not paper.group_by_instruction  # the paper's pointwise loss
