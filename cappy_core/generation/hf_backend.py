@@ -333,10 +333,8 @@ class TransformersGenerator(Generator):
             out = self.lm(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                           past_key_values=part, use_cache=True, logits_to_keep=1).logits[:, -1]
             if kv is None:  # zeros where a prompt is padded: its bias hides them from attention
-                kv = [(layer.keys.new_zeros((len(prompts), *layer.keys.shape[1:2], longest, layer.keys.shape[-1])),
-                       layer.values.new_zeros((len(prompts), *layer.values.shape[1:2], longest,
-                                               layer.values.shape[-1])))
-                      for layer in part.layers]
+                padded = lambda x: x.new_zeros((len(prompts), x.shape[1], longest, x.shape[-1]))  # noqa: E731
+                kv = [(padded(layer.keys), padded(layer.values)) for layer in part.layers]
                 logits = out.new_empty((len(prompts), out.shape[-1]))
             rows, start = torch.tensor(group, device=self.device), longest - ids.shape[1]
             for (k, v), layer in zip(kv, part.layers):

@@ -48,19 +48,20 @@ class _PreallocatedLayer(DynamicLayer):
         self.capacity = capacity
 
     def update(self, key_states, value_states, *args, **kwargs):
+        rows, m = key_states.shape[0], key_states.shape[-2]
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-            b, h, _, d = key_states.shape
-            self._k = key_states.new_empty((b, h, self.capacity, d))
-            self._v = value_states.new_empty((b, h, self.capacity, value_states.shape[-1]))
+            self._k = key_states.new_empty((rows, key_states.shape[1], self.capacity, key_states.shape[-1]))
+            self._v = value_states.new_empty((rows, value_states.shape[1], self.capacity, value_states.shape[-1]))
             self._n = 0
-        n, m = self._n, key_states.shape[-2]
+        n = self._n
         if n + m > self.capacity:
             raise RuntimeError(f"KV cache of {self.capacity} positions is full")
-        self._k[:, :, n:n + m] = key_states
-        self._v[:, :, n:n + m] = value_states
+        # the first ``rows`` rows: a buffer may hold more rows than the batch (see _GeneratedPart)
+        self._k[:rows, :, n:n + m] = key_states
+        self._v[:rows, :, n:n + m] = value_states
         self._n = n + m
-        self.keys, self.values = self._k[:, :, :self._n], self._v[:, :, :self._n]
+        self.keys, self.values = self._k[:rows, :, :self._n], self._v[:rows, :, :self._n]
         return self.keys, self.values
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
@@ -98,33 +99,13 @@ def use_shared_prefix_attention(model) -> None:
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
 
 
-class _GeneratedPart(DynamicLayer):
+class _GeneratedPart(_PreallocatedLayer):
     """The generated tokens' keys and values of every row, in buffers sized for the whole decode.
 
     Rows are picked at many steps (ended rows leaving, beams reordering at every step). Picking
     rewrites in place only the rows whose source changes, and only their filled positions: the
     sampled rows ahead of the beams in the batch, and beams that extend their own row, stay put.
     """
-
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity = capacity
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        rows, m = key_states.shape[0], key_states.shape[-2]
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-            self._k = key_states.new_empty((rows, key_states.shape[1], self.capacity, key_states.shape[-1]))
-            self._v = value_states.new_empty((rows, value_states.shape[1], self.capacity, value_states.shape[-1]))
-            self._n = 0
-        n = self._n
-        if n + m > self.capacity:
-            raise RuntimeError(f"KV cache of {self.capacity} generated positions is full")
-        self._k[:rows, :, n:n + m] = key_states
-        self._v[:rows, :, n:n + m] = value_states
-        self._n = n + m
-        self.keys, self.values = self._k[:rows, :, :self._n], self._v[:rows, :, :self._n]
-        return self.keys, self.values
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if not self.is_initialized:
