@@ -46,10 +46,10 @@ import numpy as np
 import torch
 from transformers import (
     AutoConfig,
-    DynamicCache,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
+    DynamicCache,
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
@@ -333,7 +333,7 @@ class TransformersGenerator(Generator):
             out = self.lm(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                           past_key_values=part, use_cache=True, logits_to_keep=1).logits[:, -1]
             if kv is None:  # zeros where a prompt is padded: its bias hides them from attention
-                padded = lambda x: x.new_zeros((len(prompts), x.shape[1], longest, x.shape[-1]))  # noqa: E731
+                padded = lambda x: x.new_zeros((len(prompts), x.shape[1], longest, x.shape[-1]))
                 kv = [(padded(layer.keys), padded(layer.values)) for layer in part.layers]
                 logits = out.new_empty((len(prompts), out.shape[-1]))
             rows, start = torch.tensor(group, device=self.device), longest - ids.shape[1]
@@ -394,7 +394,7 @@ class TransformersGenerator(Generator):
         spec_of = torch.tensor(row_specs, dtype=torch.long)  # sorted: rows are decoding-major
         row_seeds = torch.tensor(row_seeds, dtype=torch.int64)
         eos_t = torch.tensor(list(self.eos_ids), dtype=torch.long, device=dev)
-        eos_cpu, eos = eos_t.cpu(), set(self.eos_ids)
+        eos_cpu = eos_t.cpu()
         shared = self.decode_loop == "shared"
         # beam search state per beam decoding (transformers' algorithm, beam_search_step): running
         # beams (ids, log-prob sum, batch row), finished hypotheses, prompts still searching
@@ -441,25 +441,14 @@ class TransformersGenerator(Generator):
                 # beam rows: one step of each beam search; each running beam takes the next batch row
                 src, beam_tokens = [], []
                 for b, spec in enumerate(beam_specs):
-                    if not searching_b[b]:
-                        continue
-                    rows = [r for i in searching_b[b] for _, _, r in running_b[b][i]]
-                    logp = torch.log_softmax(logits[torch.tensor(rows, device=dev)].float(), dim=-1)
-                    if t < min_new_tokens:
-                        logp[:, eos_t] = -float("inf")
-                    top_lp, top_tok = logp.topk(min(beam_width(spec.num_beams, len(eos)), logp.shape[-1]), dim=-1)
-                    top_lp, top_tok = top_lp.double().cpu().tolist(), top_tok.cpu().tolist()
-                    at = {r: n for n, r in enumerate(rows)}
-                    cands = {i: [(s + lp, ids + [tok], r) for ids, s, r in running_b[b][i]
-                                 for lp, tok in zip(top_lp[at[r]], top_tok[at[r]]) if lp > -float("inf")]
-                             for i in searching_b[b]}
-                    searching_b[b] = beam_search_step(t, cands, running_b[b], finished_b[b], spec.num_beams, eos,
-                                                      spec.length_penalty, last=last)
-                    for i in searching_b[b]:
-                        for q, (ids, s, r) in enumerate(running_b[b][i]):
-                            running_b[b][i][q] = (ids, s, n_next + len(src))
-                            src.append(r)
-                            beam_tokens.append(ids[-1])
+                    if searching_b[b]:
+                        searching_b[b] = self._beam_step(logits, t, spec, running_b[b], finished_b[b], searching_b[b],
+                                                         min_new_tokens, last)
+                        for i in searching_b[b]:
+                            for q, (ids, s, r) in enumerate(running_b[b][i]):
+                                running_b[b][i][q] = (ids, s, n_next + len(src))
+                                src.append(r)
+                                beam_tokens.append(ids[-1])
                 if not n_next and not src:
                     break
                 if keep is not None or beam_specs:  # the batch changes: the sampled rows kept, then the beams
@@ -475,6 +464,24 @@ class TransformersGenerator(Generator):
                 next_pos = next_pos + 1
         out = [([x for x in h if x >= 0], lp) for h, lp in zip(history.tolist(), logprob_sum.tolist())]
         return out, [[(f[0][1], f[0][2]) for f in finished] for finished in finished_b]
+
+    def _beam_step(self, logits, t, spec, running, finished, searching, min_new_tokens, last) -> list[int]:
+        """One step of transformers' beam search (:func:`beam_search_step`) for the prompts
+        ``searching``, each running beam ``(ids, log-prob sum, batch row)`` extended by its row's
+        best tokens; returns the prompts still searching (``running`` then holds their beams, with
+        the rows they extend)."""
+        eos = set(self.eos_ids)
+        rows = [r for i in searching for _, _, r in running[i]]
+        logp = torch.log_softmax(logits[torch.tensor(rows, device=self.device)].float(), dim=-1)
+        if t < min_new_tokens:
+            logp[:, list(self.eos_ids)] = -float("inf")
+        top_lp, top_tok = logp.topk(min(beam_width(spec.num_beams, len(eos)), logp.shape[-1]), dim=-1)
+        top_lp, top_tok = top_lp.double().cpu().tolist(), top_tok.cpu().tolist()
+        at = {r: n for n, r in enumerate(rows)}
+        cands = {i: [(s + lp, ids + [tok], r) for ids, s, r in running[i]
+                     for lp, tok in zip(top_lp[at[r]], top_tok[at[r]]) if lp > -float("inf")]
+                 for i in searching}
+        return beam_search_step(t, cands, running, finished, spec.num_beams, eos, spec.length_penalty, last=last)
 
     def _run_beam(self, prompts, spec, max_new_tokens, min_new_tokens):
         if self.decode_loop != "generate":
