@@ -129,6 +129,18 @@ EPILOG = """Examples:
       --generator PATH_OR_HF_ID --backend vllm --gpus-per-actor 1 --num-actors 8"""
 
 
+def honour_cpu_reservation() -> None:
+    """Run torch on as many threads as the actor reserved CPUs. Ray sets ``OMP_NUM_THREADS`` to the
+    reservation (at least 1), but torch ignores it when the driver's environment preloads libgomp
+    (``LD_PRELOAD``, which starting a vLLM engine sets in its process): a 1-CPU actor then ran on every
+    core, competing with the other actors and making its measured rate that of more cores."""
+    import torch
+
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        torch.set_num_threads(int(threads))
+
+
 class CandidateStage:
     """Ray Data actor stage: one generator per actor; one input row → one row per candidate."""
 
@@ -142,6 +154,8 @@ class CandidateStage:
             from cappy_core.scorer import quiet_transformers
 
             quiet_transformers()  # the weight-loading bar of every actor would print between the progress bars
+        if backend == "hf":
+            honour_cpu_reservation()
         self.gen = load_generator(backend, generator, **generator_kwargs)
         self.decodings = decodings
         self.kw = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, seed=seed)

@@ -177,6 +177,11 @@ def _run(args, tmp: Path) -> dict:
         print(f"{path}: {res['paths'][path]}", file=sys.stderr)
 
     torch.set_num_threads(args.threads)
+    # Starting a vLLM engine sets LD_PRELOAD (libgomp) and KMP_* in this process's environment; Ray
+    # workers started later inherit it, and their torch then ignores the OMP_NUM_THREADS=1 Ray gives
+    # a 1-CPU actor (the job paths ran on two threads against a one-thread bound). The job paths get
+    # the environment this run started with.
+    environment = dict(os.environ)
     for path in [x for x in args.paths if not x.startswith("job-")]:
         t = time.perf_counter()
         if path == "vllm":
@@ -209,6 +214,8 @@ def _run(args, tmp: Path) -> dict:
 
         examples = [Example("bench", "", "train", i, text, ["x"]) for i, text in enumerate(instructions)]
         write_examples(examples, split_path(tmp / "data", "bench", "train"))
+        os.environ.clear()
+        os.environ.update(environment)
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         for path in jobs:
             backend, _, loop = path.removeprefix("job-").partition("-")

@@ -138,6 +138,32 @@ def test_bad_input_is_a_clear_error(tmp_path, tiny, data):
     assert proc.returncode == 2 and "missing column(s) ['references']" in proc.stderr
 
 
+def test_an_hf_generator_actor_runs_torch_on_the_cpus_it_reserved(tiny, monkeypatch):
+    """Ray gives a 1-CPU actor OMP_NUM_THREADS=1; torch ignores it when libgomp is preloaded (a vLLM
+    engine started in the driver sets LD_PRELOAD), so the stage sets torch's threads itself."""
+    import torch
+
+    from cappy_core.generation import decodings_from_names
+    from jobs.sample_label import CandidateStage
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        stage = CandidateStage("hf", str(tiny), {"dtype": "float32"}, decodings_from_names(["greedy"], 1),
+                               max_new_tokens=4, min_new_tokens=1, seed=0)
+        assert torch.get_num_threads() == 1
+        batch = pa.table({"instruction": ["a b", "c"], "instruction_id": ["t/0", "t/1"]})
+        assert stage(batch).num_rows == 2  # one greedy candidate each
+        torch.set_num_threads(2)
+        monkeypatch.delenv("OMP_NUM_THREADS")  # no reservation said: torch's own setting stays
+        CandidateStage("hf", str(tiny), {"dtype": "float32"}, decodings_from_names(["greedy"], 1),
+                       max_new_tokens=4, min_new_tokens=1, seed=0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.slow
 def test_vllm_job_17_candidates_match_hf_beam(tmp_path, tiny, data, ray_address):
     pytest.importorskip("vllm")
