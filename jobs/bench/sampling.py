@@ -19,7 +19,9 @@ Paths, run one after another in this process:
 - ``job-vllm`` / ``job-hf-cached`` / ``job-hf``: the whole Ray Data job (``jobs.sample_label.run``:
   one generator actor, Rouge-L labelling stage, Parquet per shard) with that backend and decode
   loop. ``job-vllm`` is what the local sweep sampled with before the hf backend became its default
-  on CPU, ``job-hf-cached`` what it sampled with before the shared prompt cache.
+  on CPU, ``job-hf-cached`` what it sampled with before the shared prompt cache. Their Ray workers
+  start in the environment this benchmark started with (a vLLM engine started by the ``vllm``
+  path changes the process's), so the generator actor runs one thread, as in the sweep.
 
 Rates are candidates/s and generated tokens/s once the model is loaded and has run one untimed
 call on two instructions (for the jobs: from the actor's first ``generate`` to the last shard
