@@ -133,7 +133,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                 kwargs["action"] = "extend"
         else:
             kwargs.update(type=tp, metavar=f.metadata.get("metavar", f.name.upper()))
-        parser.add_argument(flag, **kwargs)
+        parser.add_argument(*f.metadata.get("aliases", ()), flag, **kwargs)  # aliases: e.g. --from
 
 
 def find_presets(config_dir: str | Path, job: str) -> dict[str, Path]:

@@ -63,21 +63,16 @@ def load_generator_data(tasks: Sequence[str], *, eval_tasks: Sequence[str], eval
     """Train splits of ``tasks`` (``all45``, ``pretrain`` or names) and up to ``eval_examples``
     validation examples of each of ``eval_tasks`` (none when ``eval_examples`` is 0), from the
     BIG-Bench cache plus ``task_dir`` folders. Tasks with too few examples are skipped (logged)."""
-    from cappy_core.data.bigbench import TooFewExamples, find_tasks, load_task
-    from cappy_core.data.source import bigbench_task_root
-    from cappy_core.data.tasks import resolve_tasks
+    from cappy_core.data.bigbench import TooFewExamples
+    from cappy_core.data.catalog import TaskCatalog
 
-    roots = [bigbench_task_root(cache_dir)] + [Path(d).expanduser() for d in task_dir]
-    for r in roots[1:]:
-        if not r.is_dir():
-            raise FileNotFoundError(f"--task-dir {r}: no such folder")
-    located = find_tasks(roots)
-    names, unavailable = resolve_tasks(list(tasks), located)
-    eval_names, _ = resolve_tasks(list(eval_tasks), located) if eval_examples > 0 else ([], {})
+    catalog = TaskCatalog.open(cache_dir, task_dir)
+    names, unavailable = catalog.resolve(tasks)
+    eval_names, _ = catalog.resolve(eval_tasks) if eval_examples > 0 else ([], {})
     splits: dict[str, dict] = {}
     for name in dict.fromkeys(names + eval_names):
         try:
-            splits[name] = load_task(located[name], name)
+            splits[name] = catalog.load(name)
         except TooFewExamples as e:
             log(f"skipped {name}: {e}")
     train_by_task = {t: splits[t]["train"] for t in names if t in splits}

@@ -117,7 +117,7 @@ METADATA_FILE = "cappy_generator.json"
 
 def default_generator_path(name: str = DEFAULT_GENERATOR_NAME, cache_dir: str | Path | None = None) -> Path:
     """``<cache>/generator/<name>``, the cache being ``$CAPPY_CACHE_DIR`` or ``~/.cache/cappy``."""
-    from cappy_core.data.source import default_cache_dir
+    from cappy_core.data.cache import default_cache_dir
 
     return Path(cache_dir or default_cache_dir()) / "generator" / name
 

@@ -52,7 +52,7 @@ Rows are matched to examples by (task, subtask, split, example_idx) when a file 
 columns, else by (task, instruction). A null label (an example without references) is skipped;
 a label outside [0, 1] or NaN is an error naming the file and the row.
 
-Examples come from a ``cappy data prepare`` folder or straight from the BIG-Bench cache
+Examples come from a ``cappy data prepare`` folder or straight from the task catalog (vendored, cached)
 (:func:`load_examples`). Pairs are written and read as Parquet with
 :data:`cappy_core.labeling.PAIR_SCHEMA` (:func:`write_pairs`, :func:`read_pairs`,
 :func:`check_pair_file`, :func:`read_pair_columns`); a training run keeps its
@@ -212,11 +212,11 @@ def read_samples(path: str | Path, *, tasks: Iterable[str] | None = None,
 def load_examples(tasks: Sequence[str], splits: Sequence[str], examples_dir: str | None,
                   cache_dir: str | None, log: Callable[[str], None] = print) -> tuple[list[Example], list[str]]:
     """Examples of ``tasks`` (specs: names, 'pretrain', 'all45') and ``splits``, from a
-    ``cappy data prepare`` folder or, without one, straight from the BIG-Bench cache.
+    ``cappy data prepare`` folder or, without one, straight from the task catalog (vendored, cached).
     Returns ``(examples, task names)``; a task with too few examples is skipped (logged)."""
-    from cappy_core.data.bigbench import TooFewExamples, find_tasks, load_task
+    from cappy_core.data.bigbench import TooFewExamples
+    from cappy_core.data.catalog import TaskCatalog
     from cappy_core.data.records import read_examples, split_path
-    from cappy_core.data.source import bigbench_task_root
     from cappy_core.data.tasks import resolve_tasks
 
     if examples_dir:
@@ -224,10 +224,10 @@ def load_examples(tasks: Sequence[str], splits: Sequence[str], examples_dir: str
         if not root.is_dir():
             raise FileNotFoundError(f"--examples {root}: no such folder (write it with `cappy data prepare`)")
         available = sorted(p.name for p in root.iterdir() if (p / f"{splits[0]}.parquet").is_file())
+        names, unavailable = resolve_tasks(tasks, available)
     else:
-        located = find_tasks([bigbench_task_root(cache_dir)])
-        available = sorted(located)
-    names, unavailable = resolve_tasks(tasks, available)
+        catalog = TaskCatalog.open(cache_dir)
+        names, unavailable = catalog.resolve(tasks)
     for why in unavailable.values():
         log(f"unavailable: {why}")
     examples: list[Example] = []
@@ -242,7 +242,7 @@ def load_examples(tasks: Sequence[str], splits: Sequence[str], examples_dir: str
                 examples.extend(read_examples(path))
         else:
             try:
-                parts = load_task(located[name], name)
+                parts = catalog.load(name)
             except TooFewExamples as e:
                 log(f"skipped {name}: {e}")
                 continue

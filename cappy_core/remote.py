@@ -91,7 +91,7 @@ def staging_dir(uri: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """The local folder a job writes ``uri``'s output in: ``$CAPPY_STAGING_DIR/<digest>``, else
     ``<cache_dir or the cache>/staging/<digest>``; the same for every run of the same URI, so a
     rerun on this machine downloads only what changed at the URI."""
-    from cappy_core.data.source import default_cache_dir
+    from cappy_core.data.cache import default_cache_dir
 
     root = os.environ.get("CAPPY_STAGING_DIR")
     base = Path(root) if root else Path(cache_dir or default_cache_dir()) / "staging"

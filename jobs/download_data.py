@@ -1,10 +1,16 @@
-"""``cappy data download``: fetch the bigbench==1.0.0 source archive once and extract its tasks.
+"""``cappy data download``: BIG-Bench task files the package does not ship, verified, into the cache.
 
-    cappy data download                      # no-op when the cache is complete
-    cappy data download --archive bigbench-1.0.0.tar.gz   # machines without PyPI access
+    cappy data download                                   # every task file the release manifest lists
+    cappy data download --tasks pretrain                  # the paper preset's pretraining mixture
+    cappy data download --from bigbench-1.0.0.tar.gz      # a local copy: the sdist, a tarball, a folder
+    cappy data download --tasks tense --revision COMMIT   # GitHub at a commit you name
 
-The only step of the project that uses the network (pip, from PyPI). Everything else reads the
-extracted cache (``$CAPPY_CACHE_DIR``, default ``~/.cache/cappy``).
+Sources, in order, each for what the ones before it did not deliver: ``--from PATH``; the raw
+files of github.com/google/BIG-bench at the pinned revision; the same repository's tarball. Every
+file is checked against the release manifest (sha256) before it is written; a file that differs is
+refused and named with both hashes. Nothing from an archive is ever run. The six evaluation tasks
+of the local preset and its pretraining tasks ship with the package when this build vendored them
+(``cappy data vendor``); those need no download.
 """
 
 from __future__ import annotations
@@ -13,36 +19,60 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-from cappy_core.config import USER_ERRORS, CacheOptions, build_parser, config_from_args, run_main
+from cappy_core.config import CacheOptions, build_parser, config_from_args, run_main
 
 
 @dataclass
 class DownloadConfig(CacheOptions):
-    archive: Optional[str] = field(default=None, metadata={
-        "help": "use this local bigbench-1.0.0.tar.gz instead of downloading"})
-    force: bool = field(default=False, metadata={"help": "download and extract again even if cached"})
-    keep_archive: bool = field(default=True, metadata={
-        "help": "keep the 358 MB archive after extracting (a later --force needs no network)"})
+    tasks: list[str] = field(default_factory=list, metadata={
+        "help": "task names, 'pretrain' (the release's tasks outside the 45) or 'all45'; default: every file the "
+                "release manifest lists that the package does not ship"})
+    from_path: Optional[str] = field(default=None, metadata={
+        "aliases": ("--from",), "metavar": "PATH", "help": "a local copy to take the files from first: bigbench-1.0.0.tar.gz (the PyPI sdist, sha256-checked), "
+                "a GitHub tarball or zip, or a folder (benchmark_tasks/ or a checkout holding bigbench/benchmark_tasks/)"})
+    revision: Optional[str] = field(default=None, metadata={
+        "help": "google/BIG-bench commit for the GitHub sources (default: the one the manifest pins)"})
+    offline: bool = field(default=False, metadata={"help": "use only --from; no network source"})
+    timeout_s: float = field(default=30.0, metadata={"help": "a network source silent this long has failed"})
+
+
+EPILOG = """Examples:
+  cappy data download
+  cappy data download --from ~/Downloads/bigbench-1.0.0.tar.gz
+  cappy data download --tasks pretrain
+  cappy data download --tasks word_sorting tense --from ~/BIG-bench --offline"""
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = build_parser(
         DownloadConfig, prog=prog or "python -m jobs.download_data",
-        description="Download the bigbench==1.0.0 source archive from PyPI (pip download "
-                    "--no-binary), verify its sha256 and extract only benchmark_tasks/**/task.json into "
-                    "the cache. Does nothing when the cache is already complete.")
+        description="Fetch BIG-Bench 1.0.0 task files the package does not ship into the cache, each checked "
+                    "against the release manifest; tries --from PATH, then GitHub's raw files at the pinned "
+                    "revision, then its tarball. Files already in the cache are kept.", epilog=EPILOG)
     args = parser.parse_args(argv)
 
     def body() -> None:
-        from cappy_core.data.source import download_bigbench
+        from cappy_core.data.catalog import TaskCatalog
+        from cappy_core.data.download import download_tasks
 
         cfg = config_from_args(DownloadConfig, args)
-        root = download_bigbench(cfg.cache_dir, force=cfg.force, archive=cfg.archive,
-                                 keep_archive=cfg.keep_archive)
-        print(f"BIG-Bench tasks ready: {root}")
+        catalog = TaskCatalog.open(cfg.cache_dir)
+        if cfg.tasks:
+            names, unavailable = catalog.resolve(cfg.tasks, require=False)
+            for why in unavailable.values():
+                print(f"unavailable: {why}", file=sys.stderr)
+            wanted: Optional[list[str]] = [t for t in names if t not in catalog or catalog.where[t][0] == "task-dir"]
+            if not wanted:
+                print(f"all {len(names)} tasks are on this machine already; nothing to download")
+                return
+        else:
+            vendored = set(catalog.manifest.vendored)
+            wanted = [t for t in catalog.manifest.tasks if t not in vendored] if catalog.manifest.files else None
+        root = download_tasks(wanted, cache_dir=cfg.cache_dir, from_path=cfg.from_path, revision=cfg.revision,
+                              network=not cfg.offline, timeout=cfg.timeout_s)
+        print(f"BIG-Bench task files ready: {root}")
 
-    # RuntimeError: pip could not fetch the archive (its message says what to do instead).
-    return run_main(body, user_errors=USER_ERRORS + (RuntimeError,))
+    return run_main(body)
 
 
 if __name__ == "__main__":

@@ -86,8 +86,7 @@ def write_results(path: str, rows: list[dict], mean: dict, labels: list[str], so
 def run(cfg: EvalMCConfig, log=None) -> tuple[list[dict], dict, list[str]]:
     """Check, load, score; returns ``(rows, mean, labels)``. Bad input raises ConfigError,
     FileNotFoundError or ValueError before any scorer is loaded."""
-    from cappy_core.data.bigbench import list_json_tasks, load_task
-    from cappy_core.data.source import bigbench_task_root
+    from cappy_core.data.catalog import TaskCatalog
     from cappy_core.scorer import resolve_source
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -100,14 +99,14 @@ def run(cfg: EvalMCConfig, log=None) -> tuple[list[dict], dict, list[str]]:
         raise ConfigError(f"--max-examples must be >= 0 (0 = all), got {cfg.max_examples}")
     for s in cfg.scorers:
         resolve_source(s, cfg.allow_pickle)  # a missing checkpoint fails now, not after scoring
-    root = bigbench_task_root(cfg.cache_dir)
-    available = list_json_tasks(root)
+    catalog = TaskCatalog.open(cfg.cache_dir).require_some()
+    available = catalog.names
     seen = seen_tasks(cfg.scorers, available, warn=log)
     names = check_tasks(cfg.tasks, available, seen, cfg.allow_seen_tasks, warn=log)
 
     data: dict[str, list] = {}
     for t in names:
-        split = load_task(root, t)[cfg.split]
+        split = catalog.load(t)[cfg.split]
         data[t] = multiple_choice_examples(split, t, cfg.split, cfg.max_examples)
         skipped = sum(not e.choices for e in split)
         if skipped:

@@ -33,7 +33,9 @@ from typing import Optional
 
 from cappy_core.config import CacheOptions, ConfigError, build_parser, config_from_args, load_yaml, run_main, to_dict
 from cappy_core.data.prepare import prepare_tasks
-from cappy_core.data.source import BigBenchNotFound, bigbench_task_root, default_cache_dir, download_bigbench
+from cappy_core.data.cache import default_cache_dir
+from cappy_core.data.catalog import TaskCatalog
+from cappy_core.data.download import download_tasks
 from cappy_core.data.tasks import LOCAL_TASKS, resolve_tasks
 from cappy_core.fault_injection import check_task, sweep_fail_tasks, sweep_hang_tasks
 from cappy_core.generation import PAPER_DECODING_NAMES
@@ -152,13 +154,25 @@ class SweepConfig(CacheOptions, TrackingOptions):
 
 # --- stages ----------------------------------------------------------------------------------
 
+def missing_tasks(specs: list[str], cache_dir: str | None, task_dir: list[str] = ()) -> list[str]:
+    """The tasks of ``specs`` that are known but not on this machine; an unknown task raises."""
+    catalog = TaskCatalog.open(cache_dir, task_dir)
+    return catalog.missing(catalog.resolve(specs, require=False)[0])
+
+
+def ensure_tasks(specs: list[str], cache_dir: str | None, task_dir: list[str], log) -> None:
+    """Download (``cappy data download``, verified) whichever of ``specs`` this machine lacks."""
+    missing = missing_tasks(specs, cache_dir, task_dir)
+    if missing:
+        log(f"{len(missing)} task(s) not on this machine ({', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''}): "
+            "fetching them from the verified sources (`cappy data download`)")
+        download_tasks(missing, cache_dir=cache_dir, log=log)
+
+
 def ensure_data(cfg: SweepConfig, out: Path, log) -> list[str]:
-    """BIG-Bench in the cache, then the sweep's tasks as Parquet under OUT/data; returns the tasks."""
-    try:
-        bigbench_task_root(cfg.cache_dir)
-    except BigBenchNotFound:
-        log("BIG-Bench is not in the cache: fetching bigbench==1.0.0 from the package index (`cappy data download`)")
-        download_bigbench(cfg.cache_dir)
+    """The sweep's tasks on this machine (vendored, cached, or downloaded now), then as Parquet
+    under OUT/data; returns the tasks. An unknown task fails here, before anything runs."""
+    ensure_tasks(cfg.tasks, cfg.cache_dir, cfg.task_dir, log)
     manifest = prepare_tasks(cfg.tasks, str(out / "data"), task_dirs=cfg.task_dir, cache_dir=cfg.cache_dir, log=log)
     tasks, _ = resolve_tasks(cfg.tasks, list(manifest["tasks"]))
     if not tasks:
@@ -226,6 +240,7 @@ def ensure_scorer_init(cfg: SweepConfig, log) -> str:
         raise ConfigError(f"--pretrain-preset {cfg.pretrain_preset!r}: unknown; choose from {sorted(known)}")
     log(f"no pretrained scorer at {path}: pretraining one (`cappy pretrain --preset {cfg.pretrain_preset}`)")
     values = load_yaml(PretrainConfig, known[cfg.pretrain_preset])
+    ensure_tasks(values["tasks"], cfg.cache_dir, [], log)
     values.update(output=str(path), storage_path=str(path.parents[1] / "runs"), cache_dir=cfg.cache_dir,
                   report_to=cfg.report_to)
     run_pretrain(PretrainConfig(**values), log=log)

@@ -29,52 +29,54 @@ DOWNLOAD_S = 41.0
 RATES_SOURCE = "measured: `cappy sweep --preset local`, 2-core CPU (README, The main job)"
 
 
-def _task_sizes(cfg: Any, out: Path) -> tuple[dict[str, dict[str, int]], dict[str, str], bool, str]:
-    """``({task: {split: examples}}, {spec: why unavailable}, OUT/data ready, where from)``."""
-    from cappy_core.data.bigbench import TooFewExamples, find_tasks, load_task
+def _task_sizes(cfg: Any, out: Path) -> tuple[dict[str, dict[str, int]], dict[str, str], list[str], bool, str]:
+    """``({task: {split: examples}}, {spec: why unavailable}, tasks not on this machine, OUT/data
+    ready, where from)``. An unknown task raises, as in the run."""
+    from cappy_core.data.bigbench import TooFewExamples
+    from cappy_core.data.catalog import TaskCatalog
     from cappy_core.data.prepare import MANIFEST
-    from cappy_core.data.source import bigbench_task_root
-    from cappy_core.data.tasks import resolve_tasks
 
-    roots = [bigbench_task_root(cfg.cache_dir)] + [Path(d).expanduser() for d in cfg.task_dir]
-    names, unavailable = resolve_tasks(cfg.tasks, find_tasks(roots))
+    catalog = TaskCatalog.open(cfg.cache_dir, cfg.task_dir)
+    names, unavailable = catalog.resolve(cfg.tasks, require=False)
     manifest_path = out / "data" / MANIFEST
     prepared = json.loads(manifest_path.read_text())["tasks"] if manifest_path.is_file() else {}
     sizes: dict[str, dict[str, int]] = {}
+    missing: list[str] = []
     for name in names:
         if name in prepared and (out / "data" / name / "validation.parquet").is_file():
             sizes[name] = dict(prepared[name]["sizes"])
-            continue
-        located = find_tasks(roots)[name]
-        try:
-            sizes[name] = {s: len(rows) for s, rows in load_task(located, name).items()}
-        except TooFewExamples as e:
-            unavailable[name] = str(e)
-    ready = bool(sizes) and all(t in prepared for t in sizes)
-    return sizes, unavailable, ready, "OUT/data" if ready else "the BIG-Bench cache"
+        elif name not in catalog:
+            missing.append(name)
+        else:
+            try:
+                sizes[name] = {s: len(rows) for s, rows in catalog.load(name).items()}
+            except TooFewExamples as e:
+                unavailable[name] = str(e)
+    ready = bool(sizes) and not missing and all(t in prepared for t in sizes)
+    return sizes, unavailable, missing, ready, "OUT/data" if ready else "the task catalog (vendored, cached)"
 
 
 def plan(cfg: Any, preset: str | None = None) -> dict[str, Any]:
     """The plan as a dict (see :func:`format_plan`); raises the sweep's own config errors."""
     from cappy_core.config import to_dict
-    from cappy_core.data.source import BigBenchNotFound
     from cappy_core.generation import candidates_per_instruction, decodings_from_names
     from cappy_core.lm import default_generator_path, is_generator_dir
     from cappy_core.task_eval import (finished, key_digest, result_key, settings_from_config, shared_selector,
                                       trains_on_every_task)
-    from jobs.sweep import checked_config, embedded_generator_name, pretrained_scorer_path
+    from jobs.sweep import checked_config, embedded_generator_name, missing_tasks, pretrained_scorer_path
 
     cfg, out = checked_config(cfg, preset)  # the sweep's own checks
     per_instruction = candidates_per_instruction(decodings_from_names(cfg.decodings, cfg.samples_per_decoding))
     stages: list[dict[str, Any]] = []
-    try:
-        sizes, unavailable, data_ready, sizes_from = _task_sizes(cfg, out)
+    sizes, unavailable, missing, data_ready, sizes_from = _task_sizes(cfg, out)
+    if missing:
+        stages.append({"stage": "data", "cached": False, "seconds": DOWNLOAD_S, "missing": missing,
+                       "what": f"MISSING: {len(missing)} task(s) not on this machine ({', '.join(missing)}): the run "
+                               "downloads them first (`cappy data download`) and stops if no source has them; "
+                               "their sizes and stages are not counted below"})
+    else:
         stages.append({"stage": "data", "cached": data_ready, "seconds": 0.0,
-                       "what": f"BIG-Bench cached; OUT/data {'prepared' if data_ready else 'to prepare'}"})
-    except BigBenchNotFound:
-        sizes, unavailable, sizes_from = {}, {}, None
-        stages.append({"stage": "data", "cached": False, "seconds": DOWNLOAD_S,
-                       "what": "BIG-Bench not cached: download (`cappy data download`), then prepare"})
+                       "what": f"BIG-Bench tasks on this machine; OUT/data {'prepared' if data_ready else 'to prepare'}"})
     tasks = sorted(sizes)
 
     if cfg.generator:
@@ -83,7 +85,7 @@ def plan(cfg: Any, preset: str | None = None) -> dict[str, Any]:
         generator = resolve_generator(cfg.generator, cfg.backend, cache_dir=cfg.cache_dir).path
         stages.append({"stage": "generator", "cached": True, "seconds": 0.0, "what": f"given: {generator}"})
     else:
-        name, _ = embedded_generator_name(cfg, tasks)
+        name, _ = embedded_generator_name(cfg, sorted(tasks + missing))
         path = default_generator_path(name, cfg.cache_dir)
         generator, cached = str(path), is_generator_dir(path)
         stages.append({"stage": "generator", "cached": cached, "what": f"embedded, {path}",
@@ -98,7 +100,17 @@ def plan(cfg: Any, preset: str | None = None) -> dict[str, Any]:
     else:
         path = pretrained_scorer_path(cfg)
         init, cached = str(path), (path / "config.json").is_file()
-        stages.append({"stage": "scorer init", "cached": cached, "what": f"pretrained ({cfg.pretrain_preset}), {path}",
+        what = f"pretrained ({cfg.pretrain_preset}), {path}"
+        if not cached:
+            from cappy_core.config import load_yaml
+            from jobs.cli import presets
+            from jobs.pretrain import PretrainConfig
+
+            preset_file = presets("pretrain").get(cfg.pretrain_preset)
+            lacking = missing_tasks(load_yaml(PretrainConfig, preset_file)["tasks"], cfg.cache_dir) if preset_file else []
+            if lacking:
+                what += f"; MISSING: {len(lacking)} pretraining task(s) not on this machine ({', '.join(lacking)}): downloaded first"
+        stages.append({"stage": "scorer init", "cached": cached, "what": what,
                        "seconds": 0.0 if cached else PRETRAIN_LOCAL_S})
 
     key = result_key(to_dict(cfg), generator, init, tasks)
@@ -119,19 +131,23 @@ def plan(cfg: Any, preset: str | None = None) -> dict[str, Any]:
         rows.append(row)
     to_sample = sum(max(0, r[s] - r[f"{s}_sampled"]) for r in rows if r["task"] in sampled_for for s, _ in splits)
     total = sum(r[s] for r in rows for s, _ in splits)
-    stages.append({"stage": "sample + label", "cached": not todo or to_sample == 0,
+    stages.append({"stage": "sample + label", "cached": (not todo or to_sample == 0) and not missing,
                    "what": f"{total:,} instructions x {per_instruction} = {total * per_instruction:,} candidates; "
                            f"{to_sample:,} instructions to sample",
                    "seconds": (to_sample * per_instruction / SAMPLING_CANDIDATES_PER_S) if todo else 0.0})
     if shared_sel:
-        stages.append({"stage": "shared selector", "cached": not todo,
+        stages.append({"stage": "shared selector", "cached": not todo and not missing,
                        "what": f"one {cfg.selector_loss} scorer finetuned on {len(tasks)} x {cfg.train_size} pairs",
                        "seconds": len(tasks) * cfg.train_size / SHARED_PAIRS_PER_S if todo else 0.0})
     per_task = TASK_S if cfg.selector_loss == "same" or not cfg.finetune or shared_sel else TASK_S_WITH_SELECTOR
-    stages.append({"stage": "tasks", "cached": not todo, "seconds": len(todo) * per_task,
+    stages.append({"stage": "tasks", "cached": not todo and not missing, "seconds": len(todo) * per_task,
                    "what": f"{len(done)} finished with these settings, {len(todo)} to run "
                            f"({cfg.cpus_per_task} CPU{f' + {cfg.gpus_per_task} GPU' if cfg.gpus_per_task else ''} each)"})
-    return {"out": str(out), "tasks": tasks, "unavailable": unavailable, "sizes_from": sizes_from,
+    if missing:
+        for s in stages:
+            if s["stage"] in ("sample + label", "shared selector", "tasks"):
+                s["what"] = "not known until the missing tasks are here"
+    return {"out": str(out), "tasks": tasks, "missing": missing, "unavailable": unavailable, "sizes_from": sizes_from,
             "splits": [s for s, _ in splits], "candidates_per_instruction": per_instruction, "rows": rows,
             "stages": stages, "estimated_s": sum(s["seconds"] for s in stages), "rates": RATES_SOURCE}
 
@@ -151,7 +167,8 @@ def format_plan(p: dict[str, Any]) -> str:
     """The plan as the text ``cappy sweep --dry-run`` prints."""
     splits = p["splits"]
     lines = [f"sweep plan (dry run: nothing is run or written) into {p['out']}",
-             f"tasks: {len(p['tasks'])}" + (f" (sizes from {p['sizes_from']})" if p["sizes_from"] else "")]
+             f"tasks: {len(p['tasks'])}" + (f" (sizes from {p['sizes_from']})" if p["sizes_from"] else "")
+             + (f"; MISSING (not on this machine): {len(p['missing'])}" if p.get("missing") else "")]
     lines += [f"  unavailable: {spec}: {why}" for spec, why in p["unavailable"].items()]
     if p["rows"]:
         head = " | ".join(f"{s} instr (sampled)" for s in splits)
@@ -164,5 +181,6 @@ def format_plan(p: dict[str, Any]) -> str:
     for s in p["stages"]:
         state = "cached" if s["cached"] else f"~{s['seconds'] / 60:.1f} min"
         lines.append(f"  {s['stage']:<15} {state:<11} {s['what']}")
-    lines += ["", f"estimated time: ~{p['estimated_s'] / 60:.0f} min ({p['rates']})"]
+    lines += ["", f"estimated time: ~{p['estimated_s'] / 60:.0f} min ({p['rates']})"
+              + (f"; not counting the {len(p['missing'])} missing task(s)" if p.get("missing") else "")]
     return "\n".join(lines)

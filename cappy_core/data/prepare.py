@@ -1,7 +1,7 @@
 """BIG-Bench tasks → Parquet per task and split, with a manifest: what ``cappy data prepare`` does.
 
-:func:`prepare_tasks` reads the extracted BIG-Bench cache (``cappy data download``) plus optional
-extra task folders, and writes ``OUT/<task>/{train,validation}.parquet`` (schema:
+:func:`prepare_tasks` reads the tasks of :class:`~cappy_core.data.catalog.TaskCatalog` (the vendored
+records, the download cache, optional extra task folders) and writes ``OUT/<task>/{train,validation}.parquet`` (schema:
 :mod:`cappy_core.data.records`) and ``OUT/manifest.json``. Each file is written atomically and
 existing files are kept unless ``overwrite``, so an interrupted run resumes where it stopped.
 
@@ -32,17 +32,12 @@ def prepare_tasks(tasks: Sequence[str], out: str | Path, *, task_dirs: Sequence[
     cache's tasks; a missing one is :class:`FileNotFoundError`."""
     from tqdm import tqdm
 
-    from cappy_core.data.bigbench import TooFewExamples, find_tasks, load_task, task_kind
+    from cappy_core.data.bigbench import TooFewExamples, task_kind
+    from cappy_core.data.catalog import TaskCatalog
     from cappy_core.data.records import SPLITS, read_examples, split_path, write_examples
-    from cappy_core.data.source import bigbench_task_root
-    from cappy_core.data.tasks import resolve_tasks
 
-    roots = [bigbench_task_root(cache_dir)] + [Path(d).expanduser() for d in task_dirs]
-    for r in roots[1:]:
-        if not r.is_dir():
-            raise FileNotFoundError(f"--task-dir {r}: no such folder")
-    located = find_tasks(roots)
-    names, unavailable = resolve_tasks(tasks, located)
+    catalog = TaskCatalog.open(cache_dir, task_dirs)
+    names, unavailable = catalog.resolve(tasks)
     out_dir = Path(out)
     manifest_path = out_dir / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"tasks": {}}
@@ -57,10 +52,10 @@ def prepare_tasks(tasks: Sequence[str], out: str | Path, *, task_dirs: Sequence[
             kept += len(paths)
             if name not in manifest["tasks"]:
                 sizes = {s: len(read_examples(p)) for s, p in paths.items()}
-                manifest["tasks"][name] = {"sizes": sizes, "source": str(located[name])}
+                manifest["tasks"][name] = {"sizes": sizes, "source": catalog.source(name)}
             continue
         try:
-            splits = load_task(located[name], name)
+            splits = catalog.load(name)
         except TooFewExamples as e:
             skipped[name] = str(e)
             continue
@@ -71,7 +66,7 @@ def prepare_tasks(tasks: Sequence[str], out: str | Path, *, task_dirs: Sequence[
             "sizes": {s: len(splits[s]) for s in SPLITS},
             "kind": task_kind(splits["train"] + splits["validation"]),
             "subtasks": sorted({e.subtask for e in splits["train"]} - {""}),
-            "source": str(located[name]),
+            "source": catalog.source(name),
         }
     manifest["unavailable"] = unavailable
     manifest["skipped_too_few_examples"] = skipped

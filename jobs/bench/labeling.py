@@ -58,30 +58,23 @@ class LabelingBenchConfig:
     per_set: int = field(default=17, metadata={
         "help": "predictions per reference set (paper: 17 candidates per instruction)"})
     tasks_dir: Optional[str] = field(default=None, metadata={
-        "help": "BIG-Bench benchmark_tasks folder (default: the cappy cache)"})
+        "help": "an extra folder of BIG-Bench tasks (<dir>/<task>/task.json) besides the vendored and cached ones"})
     max_words: int = field(default=40, metadata={"help": "longest reference kept, in words"})
 
 
-def load_reference_pool(
-    task_root: str | Path, tasks: Sequence[str] = DEFAULT_TASKS, max_words: int = 40
-) -> list[list[str]]:
-    """Each example's references (its ``target``, a str or a list), those of ≤ max_words words."""
-    root = Path(task_root)
+def load_reference_pool(catalog, tasks: Sequence[str] = DEFAULT_TASKS, max_words: int = 40) -> list[list[str]]:
+    """Each example's references (both splits, from a :class:`~cappy_core.data.catalog.TaskCatalog`),
+    those of ≤ max_words words."""
+    catalog.resolve(tasks)
     pool: list[list[str]] = []
     for task in tasks:
-        path = root / task / "task.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"no task.json for task {task!r} under {root}")
-        with open(path, encoding="utf-8") as f:
-            examples = json.load(f).get("examples", [])
-        for ex in examples:
-            target = ex.get("target")
-            refs = [target] if isinstance(target, str) else list(target or [])
-            refs = [r for r in refs if isinstance(r, str) and len(r.split()) <= max_words]
-            if refs:
-                pool.append(refs)
+        for split in catalog.load(task).values():
+            for ex in split:
+                refs = [r for r in ex.references if len(r.split()) <= max_words]
+                if refs:
+                    pool.append(refs)
     if not pool:
-        raise ValueError(f"no references found for tasks {list(tasks)} under {root}")
+        raise ValueError(f"no references found for tasks {list(tasks)}")
     return pool
 
 
@@ -222,10 +215,11 @@ def run(cfg: LabelingBenchConfig) -> int:
 
     from rouge_score import rouge_scorer
 
-    from cappy_core.data.source import bigbench_task_root
+    from cappy_core.data.catalog import TaskCatalog
     from cappy_core.labeling import RougeL
 
-    pool = load_reference_pool(cfg.tasks_dir or bigbench_task_root(), max_words=cfg.max_words)
+    catalog = TaskCatalog.open(task_dirs=[cfg.tasks_dir] if cfg.tasks_dir else ())
+    pool = load_reference_pool(catalog, max_words=cfg.max_words)
     pairs = make_rouge_pairs(pool, cfg.pairs, cfg.seed, per_set=cfg.per_set)
     predictions = [p for p, _ in pairs]
     references = [r for _, r in pairs]

@@ -48,12 +48,12 @@ PATHS = ("vllm", "hf-generate", "hf-cached", "hf", "job-vllm", "job-hf-cached", 
 
 def bench_instructions(n: int) -> list[str]:
     """The first train instructions of the local sweep's tasks, round-robin."""
-    from cappy_core.data.bigbench import load_task
-    from cappy_core.data.source import bigbench_task_root
+    from cappy_core.data.catalog import TaskCatalog
     from cappy_core.data.tasks import LOCAL_TASKS
 
-    root = bigbench_task_root()
-    per_task = [[e.instruction for e in load_task(root, t)["train"]] for t in LOCAL_TASKS]
+    catalog = TaskCatalog.open()
+    catalog.resolve(LOCAL_TASKS)  # missing ones: a clear error, with how to get them
+    per_task = [[e.instruction for e in catalog.load(t)["train"]] for t in LOCAL_TASKS]
     out = [x for k in range(n) for x in (p[k] for p in per_task if k < len(p))]
     return out[:n]
 

@@ -46,7 +46,7 @@ class ScorerBenchConfig:
     tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS), metadata={
         "help": "BIG-Bench tasks whose validation examples give the pairs"})
     task_root: Optional[str] = field(default=None, metadata={
-        "help": "extracted benchmark_tasks folder (default: the cappy cache)"})
+        "help": "an extra folder of BIG-Bench tasks (<dir>/<task>/task.json) besides the vendored and cached ones"})
     ref_pairs: Optional[int] = field(default=None, metadata={
         "help": "time the pad-512 path on only the first N pairs (its cost per pair does not "
                 "depend on content); default: all"})
@@ -55,15 +55,14 @@ class ScorerBenchConfig:
     seed: int = field(default=0, metadata={"help": "pair sampling seed"})
 
 
-def bench_pairs(task_root, tasks: list[str], n: int, seed: int = 0) -> tuple[list[str], list[str]]:
+def bench_pairs(catalog, tasks: list[str], n: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """``n`` pairs interleaved across ``tasks``: (instruction, own reference), (instruction,
     another example's reference), ... from each task's validation split."""
-    from cappy_core.data.bigbench import load_task
-
     rng = random.Random(seed)
+    catalog.resolve(tasks)
     per_task = []
     for task in tasks:
-        val = [e for e in load_task(task_root, task)["validation"] if e.references]
+        val = [e for e in catalog.load(task)["validation"] if e.references]
         refs = [r for e in val for r in e.references]
         pairs = []
         for e in val:
@@ -129,7 +128,7 @@ def time_bucketed(scorer, instructions, responses, batch_size: int, max_tokens, 
 def run(cfg: ScorerBenchConfig) -> None:
     import torch
 
-    from cappy_core.data.source import bigbench_task_root
+    from cappy_core.data.catalog import TaskCatalog
     from cappy_core.scorer import Scorer, flops_per_pair, quiet_transformers
 
     quiet_transformers()
@@ -137,8 +136,8 @@ def run(cfg: ScorerBenchConfig) -> None:
         torch.set_num_threads(cfg.threads)
     threads = torch.get_num_threads()
 
-    task_root = cfg.task_root or bigbench_task_root()
-    instructions, responses = bench_pairs(task_root, cfg.tasks, cfg.pairs, cfg.seed)
+    catalog = TaskCatalog.open(task_dirs=[cfg.task_root] if cfg.task_root else ())
+    instructions, responses = bench_pairs(catalog, cfg.tasks, cfg.pairs, cfg.seed)
     scorer = Scorer.from_pretrained(cfg.scorer, device="cpu")
     lengths = [len(x) for x in scorer.encode(instructions, responses)["input_ids"]]
     useful_flops = sum(flops_per_pair(scorer.model.config, t) for t in lengths)

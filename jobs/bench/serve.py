@@ -172,13 +172,12 @@ def bench_requests(n: int, k: int, seed: int) -> tuple[list[tuple[str, list[str]
     """``n`` (instruction, k responses) pairs and where they came from."""
     rng = random.Random(seed)
     try:
-        from cappy_core.data.bigbench import load_task
-        from cappy_core.data.source import bigbench_task_root
+        from cappy_core.data.catalog import TaskCatalog
 
-        root = bigbench_task_root()
+        catalog = TaskCatalog.open()
         out = []
         for task in ("tense", "rephrase", "simple_text_editing", "word_sorting"):
-            val = [e for e in load_task(root, task)["validation"] if e.references]
+            val = [e for e in catalog.load(task)["validation"] if e.references]
             refs = [r for e in val for r in e.references]
             for e in val[: n // 4 + 1]:
                 others = rng.sample(refs, min(k - 1, len(refs)))

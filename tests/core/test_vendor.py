@@ -1,0 +1,97 @@
+"""``cappy data vendor``: a copy of the release → manifest + Parquet records, byte-identical on a
+rerun, records equal to the ones prepared from the task files, within a size budget."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cappy_core.data.bigbench import load_task
+from cappy_core.data.catalog import TaskCatalog
+from cappy_core.data.release import git_blob_id, load_manifest
+from cappy_core.data.vendor import check_vendored, read_canaries, vendor_release
+from fake_release import CANARY, release_files, tarball_bytes, write_folder
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_vendor_writes_the_same_bytes_twice_and_records_equal_the_task_files(tmp_path):
+    files = release_files()
+    src = write_folder(files, tmp_path / "checkout")
+    out = tmp_path / "vendored"
+    kw = dict(required=["fake_sorting", "fake_nested"], optional=["fake_choice", "not_in_copy"], revision="abc123",
+              log=lambda m: None)
+    manifest = vendor_release(src, out, **kw)
+    first = _snapshot(out)
+    assert sorted(first) == ["manifest.json", "tasks/fake_choice.parquet", "tasks/fake_nested.parquet",
+                             "tasks/fake_sorting.parquet"]
+    vendor_release(src, out, **kw)
+    assert _snapshot(out) == first  # byte-identical rerun
+    archive = tmp_path / "bb.tar.gz"  # the same files from an archive: the same output
+    archive.write_bytes(tarball_bytes(files))
+    vendor_release(archive, tmp_path / "v2", **kw)
+    assert _snapshot(tmp_path / "v2") == first
+
+    obj = json.loads(first["manifest.json"])
+    assert obj["revision"] == "abc123" and sorted(obj["files"]) == sorted(files)
+    entry = obj["files"]["fake_sorting/task.json"]
+    assert entry["git_blob"] == git_blob_id(files["fake_sorting/task.json"]) and entry["examples"] == 34
+    assert obj["files"]["fake_nested/task.json"]["examples"] == 0
+    assert obj["left_out"] == {"not_in_copy": "not in this copy of the release"}
+    nested = obj["vendored"]["fake_nested"]
+    assert nested["sources"] == ["fake_nested/alpha/task.json", "fake_nested/beta/task.json", "fake_nested/task.json"]
+    assert nested["canaries"] == [CANARY + " (alpha)", CANARY + " (beta)", CANARY + " (fake_nested)"]
+    assert read_canaries(out / "tasks/fake_nested.parquet") == nested["canaries"]  # kept unchanged, in the file too
+
+    # the catalog serves the vendored records: equal to those prepared from the task files
+    loaded = load_manifest(out / "manifest.json")
+    catalog = TaskCatalog.open(tmp_path / "empty-cache", manifest=loaded)
+    assert {t: catalog.where[t][0] for t in catalog.names} == dict.fromkeys(
+        ["fake_choice", "fake_nested", "fake_sorting"], "vendored")
+    tree = src / "bigbench" / "benchmark_tasks"
+    for task in catalog.names:
+        assert catalog.load(task) == load_task(tree, task), task
+    assert check_vendored(loaded, out, tree) == {}
+    assert manifest.vendored == loaded.vendored
+
+    # a changed file is found
+    (out / "tasks/fake_choice.parquet").write_bytes(b"x")
+    assert "sha256 differs" in check_vendored(loaded, out)["fake_choice"]
+
+
+def test_the_budget_keeps_required_tasks_and_names_what_it_left_out(tmp_path):
+    src = write_folder(release_files(), tmp_path / "checkout")
+    out = tmp_path / "v"
+    one = vendor_release(src, tmp_path / "probe", required=["fake_sorting"], log=lambda m: None)
+    size = (tmp_path / "probe" / one.vendored["fake_sorting"]["file"]).stat().st_size
+    m = vendor_release(src, out, required=["fake_sorting"], optional=["fake_choice", "fake_nested"],
+                       max_bytes=size + 10, log=lambda m: None)
+    assert list(m.vendored) == ["fake_sorting"]
+    assert set(m.left_out) == {"fake_choice", "fake_nested"} and "within 0 MiB" in m.left_out["fake_choice"]
+    assert sorted(p.name for p in (out / "tasks").iterdir()) == ["fake_sorting.parquet"]
+    with pytest.raises(ValueError, match="required tasks alone take"):
+        vendor_release(src, out, required=["fake_sorting"], max_bytes=10, log=lambda m: None)
+    with pytest.raises(FileNotFoundError, match="required task.*not in this copy: tense"):
+        vendor_release(src, out, required=["tense"], log=lambda m: None)
+
+
+def test_vendor_cli_needs_a_copy(tmp_path, capsys):
+    from jobs.vendor_data import main, vendored_task_lists
+
+    assert main(["--out", str(tmp_path)]) == 2
+    assert "give --from PATH" in capsys.readouterr().err
+    required, optional = vendored_task_lists()
+    assert required[:6] == ["simple_text_editing", "tense", "gender_inclusive_sentences_german", "rephrase",
+                            "word_sorting", "unnatural_in_context_learning"]
+    assert len(required) == 16 and "periodic_elements" in required
+    from cappy_core.config import load_yaml
+    from jobs.cli import presets
+    from jobs.pretrain import PretrainConfig
+
+    assert required[6:] == load_yaml(PretrainConfig, presets("pretrain")["local"])["tasks"]  # in step with the preset
+    assert len(optional) == 44 - 6 and "tellmewhy" not in optional
+    assert main(["--from", str(tmp_path / "nope"), "--out", str(tmp_path / "v")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
