@@ -62,7 +62,7 @@ def load_generator_data(tasks: Sequence[str], *, eval_tasks: Sequence[str], eval
                         log: Log = print) -> GeneratorData:
     """Train splits of ``tasks`` (``all45``, ``pretrain`` or names) and up to ``eval_examples``
     validation examples of each of ``eval_tasks`` (none when ``eval_examples`` is 0), from the
-    BIG-Bench cache plus ``task_dir`` folders. Tasks with too few examples are skipped (logged)."""
+    BIG-Bench tasks on this machine (vendored, downloaded) plus ``task_dir`` folders. Tasks with too few examples are skipped (logged)."""
     from cappy_core.data.bigbench import TooFewExamples
     from cappy_core.data.catalog import TaskCatalog
 

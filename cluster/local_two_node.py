@@ -53,7 +53,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TASKS = ["tense", "rephrase"]
+TASKS = ["tense", "rephrase"]  # --tasks
+TASK_DIR: list[str] = []  # --task-dir: BIG-Bench-format tasks besides the vendored and cached ones
 # The tiny setup of tests/jobs/test_sweep.py, with 1 CPU per task so the two tasks need both nodes.
 SWEEP_ARGS = ["--max-examples-per-task", "3", "--max-new-tokens", "6", "--train-size", "16", "--batch-size", "8",
               "--micro-batch-size", "4", "--max-length", "64", "--cpus-per-task", "1", "--cpus-per-actor", "0.5",
@@ -294,7 +295,8 @@ def submit_sweep(nodes: TwoNodes, shared: Path, timeout_s: float) -> dict:
 
     client = JobSubmissionClient(nodes.dashboard)
     out = shared / "sweep"
-    entrypoint = shlex.join(["python", "-m", "jobs.sweep", "--tasks", *TASKS, "--out", str(out), "--generator",
+    entrypoint = shlex.join(["python", "-m", "jobs.sweep", "--tasks", *TASKS, *(["--task-dir", *TASK_DIR] if TASK_DIR else []),
+                             "--out", str(out), "--generator",
                              str(shared / "gen"), "--scorer", str(shared / "scorer"), *SWEEP_ARGS])
     runtime_env = {"working_dir": str(REPO), "excludes": EXCLUDES,
                    "env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -403,7 +405,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="private: a network namespace with only loopback (unshare --net); host: "
                              "this machine's network (Ray then gives nodes the machine's IP; the "
                              "dashboard/Jobs API still binds 127.0.0.1); auto: private if possible")
+    parser.add_argument("--tasks", nargs=2, default=TASKS, help="the sweep's two tasks (default: %(default)s)")
+    parser.add_argument("--task-dir", default=None, help="a folder of BIG-Bench-format tasks (<dir>/<task>/task.json) "
+                        "both nodes can read, for tasks this machine does not have")
     args = parser.parse_args(argv)
+    TASKS[:] = args.tasks
+    TASK_DIR[:] = [str(Path(args.task_dir).resolve())] if args.task_dir else []
     if args.network != "host" and os.environ.get(NETNS_ENV) != "1":
         rc = in_private_network(argv)
         if rc is not None:

@@ -48,6 +48,8 @@ from cappy_core.config import CacheOptions, ConfigError, build_parser, config_fr
 class EvalMCConfig(CacheOptions):
     tasks: list[str] = field(default_factory=list, metadata={
         "help": "multiple-choice BIG-Bench task names held out of the scorers' training (required)"})
+    task_dir: list[str] = field(default_factory=list, metadata={
+        "help": "extra folders of BIG-Bench-format tasks (<dir>/<task>/task.json), e.g. multiple-choice tasks of your own"})
     scorers: list[str] = field(default_factory=lambda: ["minilm"], metadata={
         "help": "scorers to compare: 'minilm' (embedded, untrained head), checkpoint folders, hub ids"})
     split: str = field(default="validation", metadata={"choices": ["train", "validation"],
@@ -99,7 +101,7 @@ def run(cfg: EvalMCConfig, log=None) -> tuple[list[dict], dict, list[str]]:
         raise ConfigError(f"--max-examples must be >= 0 (0 = all), got {cfg.max_examples}")
     for s in cfg.scorers:
         resolve_source(s, cfg.allow_pickle)  # a missing checkpoint fails now, not after scoring
-    catalog = TaskCatalog.open(cfg.cache_dir).require_some()
+    catalog = TaskCatalog.open(cfg.cache_dir, cfg.task_dir).require_some()
     available = catalog.names
     seen = seen_tasks(cfg.scorers, available, warn=log)
     names = check_tasks(cfg.tasks, available, seen, cfg.allow_seen_tasks, warn=log)

@@ -43,7 +43,7 @@ EPILOG = """examples:
 class FinetuneConfig(CacheOptions, TrainScorerConfig):
     task: Optional[str] = field(default=None, metadata={"help": "the task to finetune on (required)"})
     examples: Optional[str] = field(default=None, metadata={
-        "help": "a `cappy data prepare` folder (default: read the BIG-Bench cache directly)"})
+        "help": "a `cappy data prepare` folder (default: read the BIG-Bench tasks on this machine directly: vendored or downloaded)"})
     samples: Optional[str] = field(default=None, metadata={
         "help": "folder of sample+label Parquet (Rouge-L-labelled candidates for the task)"})
 

@@ -3,8 +3,8 @@
     cappy data prepare --tasks all45 --out data/bigbench
     ray job submit --working-dir . -- python -m jobs.prepare_data --tasks all45 --out /mnt/shared/bb
 
-Reads the extracted BIG-Bench cache (``cappy data download``) plus optional ``--task-dir``
-folders, and writes ``OUT/<task>/{train,validation}.parquet`` (schema: docs/data.md) and
+Reads the BIG-Bench tasks on this machine (vendored with the package, or ``cappy data download``ed) plus optional ``--task-dir``
+folders, and writes ``OUT/<task>/{train,validation}.parquet`` (schema: README, "Data formats") and
 ``OUT/manifest.json`` (:func:`cappy_core.data.prepare.prepare_tasks`). Each file is written
 atomically and existing files are kept unless ``--overwrite``, so an interrupted run resumes where
 it stopped. Plain Python: parsing the JSONs takes seconds, so there is nothing to distribute.

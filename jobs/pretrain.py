@@ -13,7 +13,7 @@ the run → Ray Train (``jobs/train_scorer.py``) → the final scorer (a Hugging
 last checkpoint; ``--fresh`` starts over.
 
 Examples come from ``--examples DIR`` (``cappy data prepare --tasks pretrain --out DIR``) or,
-without it, straight from the BIG-Bench cache (fast for a few tasks; ~5 minutes for all of them).
+without it, straight from the BIG-Bench tasks on this machine (vendored or downloaded; fast for a few tasks; ~5 minutes for all of them).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class PretrainConfig(CacheOptions, TrainScorerConfig):
     splits: list[str] = field(default_factory=lambda: ["train", "validation"], metadata={
         "help": "splits of the pretraining tasks to use (none of them is evaluated)"})
     examples: Optional[str] = field(default=None, metadata={
-        "help": "a `cappy data prepare` folder (default: read the BIG-Bench cache directly)"})
+        "help": "a `cappy data prepare` folder (default: read the BIG-Bench tasks on this machine directly: vendored or downloaded)"})
     samples: Optional[str] = field(default=None, metadata={
         "help": "folder of sample+label Parquet (Rouge-L-labelled candidates) to add"})
     max_pairs_per_task: Optional[int] = field(default=2000, metadata={

@@ -1,7 +1,7 @@
 """``cappy sweep``: the main job, BIG-Bench generation with Cappy selection against seven baselines.
 
 Stages, each reusing what an earlier run left (examples: ``cappy sweep --help``): **data** (the
-BIG-Bench cache, ``cappy data download`` if missing → ``OUT/data``); **generator** (``--generator``,
+BIG-Bench tasks on this machine, fetched with ``cappy data download`` if missing → ``OUT/data``); **generator** (``--generator``,
 or the embedded Llama trained once into the cache on ``--generator-tasks``); **scorer init**
 (``--scorer``, or the scorer pretrained once into the cache); **sample + label** (``cappy sample``,
 Ray Data → ``OUT/candidates/sampling-<digest>/{train,validation}``, one folder per sampling settings);

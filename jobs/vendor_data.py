@@ -30,6 +30,9 @@ class VendorConfig:
     max_mib: float = field(default=64.0, metadata={"help": "budget for the vendored Parquet files, MiB"})
     revision: Optional[str] = field(default=None, metadata={
         "help": "the google/BIG-bench commit these files are, recorded for the GitHub download sources"})
+    check: bool = field(default=False, metadata={
+        "help": "write nothing: compare the vendored files with the manifest (sha256 and records digest) and, "
+                "with --from, with the records prepared from that copy now; one line per task"})
 
 
 def vendored_task_lists() -> tuple[list[str], list[str]]:
@@ -41,17 +44,48 @@ def vendored_task_lists() -> tuple[list[str], list[str]]:
     return required, optional
 
 
+def check(cfg: VendorConfig) -> int:
+    """``--check``: 0 when every vendored task agrees with the manifest (and the copy), else 1."""
+    import tempfile
+    from pathlib import Path
+
+    from cappy_core.data.download import read_task_files
+    from cappy_core.data.release import MANIFEST_NAME, load_manifest, vendored_dir
+    from cappy_core.data.vendor import check_vendored
+
+    folder = Path(cfg.out) if cfg.out else vendored_dir()
+    manifest = load_manifest(folder / MANIFEST_NAME)
+    if not manifest.vendored:
+        print(f"{folder}: no vendored tasks (no manifest, or it lists none)")
+        return 1
+    with tempfile.TemporaryDirectory() as tmp:
+        root = None
+        if cfg.from_path:
+            root = Path(tmp)
+            for rel, data in read_task_files(cfg.from_path)[0].items():
+                (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                (root / rel).write_bytes(data)
+        problems = check_vendored(manifest, folder, root)
+    for task, entry in sorted(manifest.vendored.items()):
+        state = problems.get(task, "same records" + (" as prepared from the copy" if root else " as the manifest"))
+        print(f"{task}: {entry['records_sha256'][:16]} {state}")
+    print(f"{len(manifest.vendored) - len(problems)} of {len(manifest.vendored)} vendored tasks agree")
+    return 1 if problems else 0
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = build_parser(VendorConfig, prog=prog or "python -m jobs.vendor_data",
                           description=__doc__.split("\n\n")[0].split(": ", 1)[1])
     args = parser.parse_args(argv)
 
-    def body() -> None:
+    def body() -> int | None:
         from cappy_core.config import ConfigError
         from cappy_core.data.release import vendored_dir
         from cappy_core.data.vendor import vendor_release
 
         cfg = config_from_args(VendorConfig, args)
+        if cfg.check:
+            return check(cfg)
         if not cfg.from_path:
             raise ConfigError("give --from PATH: a copy of the BIG-Bench 1.0.0 release (archive or folder)")
         required, optional = vendored_task_lists()

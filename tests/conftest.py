@@ -62,6 +62,28 @@ def bigbench_root() -> Path:
 
 
 @pytest.fixture(scope="session")
+def bigbench():
+    """The real BIG-Bench tasks this machine has (vendored with the package or downloaded), as a
+    :class:`~cappy_core.data.catalog.TaskCatalog`; skipped, saying so, where it has none."""
+    from cappy_core.data.catalog import TaskCatalog
+
+    catalog = TaskCatalog.open()
+    if not catalog.names:
+        pytest.skip("needs BIG-Bench 1.0.0's examples, and this machine has none (this build vendors none, nothing "
+                    "was downloaded): `cappy data download --from bigbench-1.0.0.tar.gz` (or a checkout)")
+    return catalog
+
+
+@pytest.fixture(scope="session")
+def standin_tasks(tmp_path_factory) -> Path:
+    """A ``--task-dir`` of made-up tasks in BIG-Bench's format (tests/fake_release.py): the pipeline
+    tests run on these, so they need no BIG-Bench on the machine."""
+    from fake_release import write_standin_tasks
+
+    return write_standin_tasks(tmp_path_factory.mktemp("standin_tasks"))
+
+
+@pytest.fixture(scope="session")
 def ray_address() -> str:
     """One local Ray for the whole session (2 CPUs, no dashboard, loopback only, no token
     auth). Jobs run as subprocesses connect to it through ``RAY_ADDRESS`` instead of starting

@@ -76,3 +76,50 @@ def write_zip(files: dict[str, bytes], path: Path) -> Path:
         for p, b in files.items():
             z.writestr(f"BIG-bench-main/bigbench/benchmark_tasks/{p}", b)
     return path
+
+
+# --- stand-in tasks for the pipeline tests ---------------------------------------------------------
+
+STANDIN_GENERATIVE = ("standin_tense", "standin_rephrase", "standin_sorting")
+STANDIN_MULTIPLE_CHOICE = ("standin_colors", "standin_sums")
+STANDIN_CANARY = "STAND-IN TEST DATA in BIG-Bench's task format, made up by tests/fake_release.py; not BIG-Bench."
+
+
+def standin_task_files() -> dict[str, bytes]:
+    """``{"<task>/task.json": bytes}``: three small generative and two multiple-choice tasks, enough
+    examples for a train and a validation split, deterministic. The pipeline tests (sweep, sampling,
+    training, eval-mc) run on these where the machine has no BIG-Bench."""
+    subjects = ["I", "You", "We", "They"]
+    verbs = [("walk", "walked"), ("play", "played"), ("cook", "cooked"), ("paint", "painted"), ("clean", "cleaned"),
+             ("watch", "watched"), ("open", "opened"), ("visit", "visited")]
+    places = ["every day", "at home", "with friends"]
+    tense = [{"input": f"{s} {v} {p}. Change tense to PAST:", "target": f"{s} {past} {p}."}
+             for s in subjects for v, past in verbs for p in places][:64]
+    adjectives = [("big", "large"), ("quick", "fast"), ("happy", "glad"), ("small", "little"), ("hard", "difficult"),
+                  ("smart", "clever"), ("angry", "mad"), ("rich", "wealthy")]
+    nouns = ["The cat", "My house", "This road", "Her idea", "The test", "Our team", "That dog", "His car"]
+    rephrase = [{"input": f"Rephrase the sentence: {n} is {a}.", "target": [f"{n} is {b}.", f"{n} is very {a}."]}
+                for n in nouns for a, b in adjectives][:60]
+    words = ["apple", "river", "stone", "cloud", "lamp", "bread", "glass", "horse", "paper", "salt", "tiger", "music"]
+    picks = [[words[(i * 7) % 12], words[(i * 5 + 1) % 12], words[(i * 11 + 3) % 12], words[(i + 6) % 12]][: 2 + i % 3]
+             for i in range(60)]
+    sorting = [{"input": f"Sort the words alphabetically: {' '.join(p)} ({i})", "target": " ".join(sorted(p))}
+               for i, p in enumerate(picks)]
+    colors, things = ["red", "blue", "green", "yellow"], ["stone", "river", "table", "chair", "cloud"]
+    color_mc = [{"input": f"Which of these is a color? ({i})",
+                 "target_scores": {colors[i % 4]: 1.0, things[i % 5]: 0.0, things[(i + 2) % 5]: 0.0}} for i in range(40)]
+    sums = [{"input": f"What is {a} + {b}?", "target_scores": {str(a + b): 1.0, str(a + b + 1): 0.0, str(a * b + 3): 0.0}}
+            for a in range(2, 7) for b in range(1, 9)][:40]
+    tasks = {"standin_tense": tense, "standin_rephrase": rephrase, "standin_sorting": sorting,
+             "standin_colors": color_mc, "standin_sums": sums}
+    return {f"{name}/task.json": json.dumps({"canary": STANDIN_CANARY, "name": name, "description": "stand-in",
+                                            "keywords": ["stand-in"], "examples": ex}, indent=1).encode()
+            for name, ex in tasks.items()}
+
+
+def write_standin_tasks(root: Path) -> Path:
+    """The stand-in tasks as a ``--task-dir`` folder (``root/<task>/task.json``); returns ``root``."""
+    for rel, data in standin_task_files().items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return root

@@ -1,6 +1,6 @@
 """The task-example record and its Parquet schema (the output of ``cappy data prepare``).
 
-One row per BIG-Bench example and split. Schema (documented in docs/data.md):
+One row per BIG-Bench example and split. Schema (also in README, "Data formats"):
 
 | column          | type          | meaning                                                        |
 |-----------------|---------------|----------------------------------------------------------------|

@@ -1,7 +1,7 @@
 """Chaos run: a job on Ray while Ray worker processes are SIGKILLed at random moments.
 
     python -m jobs.bench.chaos --kills 10 --seed 0             # cappy sample
-    python -m jobs.bench.chaos --job sweep --kills 10 --seed 0 # cappy sweep (BIG-Bench cache)
+    python -m jobs.bench.chaos --job sweep --kills 10 --seed 0 # cappy sweep (BIG-Bench tasks on this machine)
     python -m jobs.bench.chaos --job sweep --target tasks --kills 3   # only the sweep's task workers
 
 Starts its own local Ray (``--num-cpus``; never another cluster: ``RAY_ADDRESS`` is ignored)
@@ -55,7 +55,7 @@ from cappy_core.config import ConfigError, build_parser, config_from_args, run_m
 class ChaosConfig:
     job: str = field(default="sample", metadata={
         "choices": ["sample", "sweep"], "help": "sample: `cappy sample` on a synthetic task; sweep: `cappy sweep` on "
-                    "two BIG-Bench tasks (needs the BIG-Bench cache), the embedded MiniLM scorer, tiny settings"})
+                    "two BIG-Bench tasks (needs them on this machine), the embedded MiniLM scorer, tiny settings"})
     kills: int = field(default=10, metadata={"help": "most worker processes to SIGKILL during the disturbed run"})
     min_gap_s: float = field(default=1.0, metadata={"help": "shortest wait between two kills (s)"})
     max_gap_s: float = field(default=4.0, metadata={"help": "longest wait between two kills (s)"})

@@ -5,7 +5,7 @@
 The generator is the local sweep's embedded generator (``cappy sweep --preset local`` trains and
 caches it; ``--generator PATH`` for another, ``--generator tiny`` for a tiny random Llama). The
 instructions are the first train instructions of the sweep's six tasks, round-robin (BIG-Bench
-must be in the cache: ``cappy data download``). The paper's 17 decodings, 64 new tokens at most.
+must be on this machine: vendored, or ``cappy data download``). The paper's 17 decodings, 64 new tokens at most.
 Paths, run one after another in this process:
 
 - ``vllm``: :class:`VLLMGenerator` called directly, ``--batch-size`` instructions per call;

@@ -58,7 +58,7 @@ and ``generator_kill`` need no other phase). Every target of the phases run is c
 has ``targets`` (name → met) and ``failed_targets``; the exit status is 1 when one is missed.
 
 Pairs: validation instructions of a few BIG-Bench tasks with references of the same task as
-responses when the BIG-Bench cache is there, else synthetic text of similar length. Generator:
+responses when the BIG-Bench tasks are on this machine, else synthetic text of similar length. Generator:
 ``--generator`` or the embedded one if trained, else a tiny random Llama (throughput only).
 Prints ONE JSON line with every figure. Timings on a shared 2-core machine are noisy.
 """

@@ -26,11 +26,11 @@ def _split_table():
         return list(csv.DictReader(f))
 
 
-def test_split_sizes_match_the_shared_table_for_every_task(bigbench_root):
+def test_split_sizes_match_the_shared_table_for_every_task(bigbench):
     rows = _split_table()
     assert len(rows) == 44
     for row in rows:
-        splits = load_task(bigbench_root, row["task"])
+        splits = bigbench.load(row["task"])  # vendored records or the downloaded task files
         got = (len(splits["train"]), len(splits["validation"]))
         assert got == (int(row["train"]), int(row["validation"])), row["task"]
         assert got[0] + got[1] == int(row["total"])
@@ -123,8 +123,8 @@ def test_subtasks_use_the_per_subtask_minimum_and_reference_order(bigbench_root)
     assert {e.subtask for e in got["train"]} == {f"gem:{read_task_json(d / 'task.json')['name']}" for d in subdirs}
 
 
-def test_multiple_choice_record_fields(bigbench_root):
-    ex = load_task(bigbench_root, "known_unknowns")["validation"][0]
+def test_multiple_choice_record_fields(bigbench):
+    ex = bigbench.load("known_unknowns")["validation"][0]
     assert ex.task == "known_unknowns" and ex.subtask == "" and ex.split == "validation"
     assert ex.choices and len(ex.choices) == len(ex.choice_scores)
     assert ex.references[0] in ex.choices  # the target is the highest-scoring choice
@@ -147,7 +147,7 @@ def test_task_sets(bigbench_root):
         resolve_tasks(["wordsorting"], available)
 
 
-def test_task_dir_adds_a_task(tmp_path, bigbench_root):
+def test_task_dir_adds_a_task(tmp_path):
     task = {
         "canary": "x", "name": "tellmewhy", "description": "d", "keywords": [], "metrics": ["rouge"],
         "preferred_score": "rougeLsum",
@@ -155,10 +155,20 @@ def test_task_dir_adds_a_task(tmp_path, bigbench_root):
     }
     (tmp_path / "tellmewhy").mkdir()
     (tmp_path / "tellmewhy" / "task.json").write_text(json.dumps(task))
-    available = find_tasks([bigbench_root, tmp_path])
-    names, unavailable = resolve_tasks(["all45"], available)
+    from cappy_core.data.cache import BigBenchNotFound
+    from cappy_core.data.catalog import TaskCatalog
+
+    catalog = TaskCatalog.open(tmp_path / "empty_cache", [tmp_path])
+    assert catalog.resolve(["tellmewhy"]) == (["tellmewhy"], {})
+    assert catalog.source("tellmewhy") == f"task-dir: {tmp_path}"
+    names, unavailable = catalog.resolve(["all45"], require=False)
     assert "tellmewhy" in names and not unavailable
-    splits = load_task(available["tellmewhy"], "tellmewhy")
+    # the other 44 are known but not on this machine: named, with how to get them; a typo is unknown
+    with pytest.raises(BigBenchNotFound, match=r"not on this machine: .*and 36 more\. `cappy data download`"):
+        catalog.resolve(["all45"])
+    with pytest.raises(UnknownTaskError, match="unknown task 'tellmewhyy'.*tellmewhy"):
+        catalog.resolve(["tellmewhyy"])
+    splits = catalog.load("tellmewhy")
     assert (len(splits["train"]), len(splits["validation"])) == (24, 16)
     assert splits["train"][0].instruction.startswith("Q: why")
     assert splits["train"][0].instruction.endswith("A:")
@@ -207,8 +217,8 @@ def test_invalid_json_and_too_few_examples(tmp_path):
         load_task(tmp_path, "small")
 
 
-def test_parquet_round_trip(tmp_path, bigbench_root):
-    examples = load_task(bigbench_root, "anachronisms")["train"][:50]
+def test_parquet_round_trip(tmp_path, bigbench):
+    examples = bigbench.load("anachronisms")["train"][:50]
     path = write_examples(examples, tmp_path / "a" / "train.parquet")
     assert read_examples(path) == examples
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["train.parquet"]  # no temporary left

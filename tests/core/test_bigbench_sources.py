@@ -205,3 +205,24 @@ def test_task_paths_never_leave_the_tasks_folder():
         assert task_rel(bad) is None, bad
     with pytest.raises(FileNotFoundError, match="no such file"):
         list(LocalCopy(Path("/nonexistent/copy")).members())
+
+
+def test_the_download_command_explains_every_failure(tmp_path, monkeypatch, capsys):
+    """`cappy data download` as a user runs it on a machine with nothing: exit 2, every source named."""
+    from jobs.download_data import main
+
+    monkeypatch.setenv("CAPPY_CACHE_DIR", str(tmp_path / "cache"))
+    import cappy_core.data.catalog as catalog_mod
+    import cappy_core.data.download as download_mod
+
+    for mod in (catalog_mod, download_mod):  # no manifest (this build's case), whatever a later build ships
+        monkeypatch.setattr(mod, "load_manifest", lambda: Manifest())
+    assert main(["--tasks", "tense", "--from", str(tmp_path / "nowhere.tar.gz"), "--offline"]) == 2
+    err = capsys.readouterr().err
+    assert "error: could not get tasks tense." in err
+    assert f"1. --from {tmp_path / 'nowhere.tar.gz'}: " in err and "no such file or folder" in err
+    assert "cappy data download --from PATH" in err
+    assert main(["--tasks", "tense"]) == 2
+    assert "skipped: the release manifest lists no files to check them against" in capsys.readouterr().err
+    assert main(["--tasks", "tenze"]) == 2
+    assert "unknown task 'tenze'" in capsys.readouterr().err

@@ -26,8 +26,8 @@ def _assert_all_equal(pairs, got):
 
 @pytest.mark.bigbench
 @pytest.mark.slow
-def test_exact_on_100k_bigbench_pairs(bigbench_root):
-    pool = load_reference_pool(bigbench_root, max_words=40)
+def test_exact_on_100k_bigbench_pairs(bigbench):
+    pool = load_reference_pool(bigbench, max_words=40)
     # Half with one prediction per reference set (most varied), half with 8 per set (the
     # labelling workload: many candidates against the same references, the caches warm).
     pairs = make_rouge_pairs(pool, 50_000, seed=1234)
@@ -44,8 +44,8 @@ def test_exact_on_100k_bigbench_pairs(bigbench_root):
 
 
 @pytest.mark.bigbench
-def test_exact_per_reference_and_with_tiny_caches(bigbench_root):
-    pool = load_reference_pool(bigbench_root, max_words=40)
+def test_exact_per_reference_and_with_tiny_caches(bigbench):
+    pool = load_reference_pool(bigbench, max_words=40)
     pairs = make_rouge_pairs(pool, 3_000, seed=7, per_set=3)
     # Caches small enough to be reset many times mid-batch (and mid-call).
     tiny = RougeL(max_cached_texts=8, max_cached_tokens=40)

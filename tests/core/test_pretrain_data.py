@@ -151,12 +151,10 @@ def test_read_samples_from_a_sample_output_reads_completed_shards_and_skips_null
 
 
 @pytest.mark.bigbench
-def test_real_bigbench_mixture(bigbench_root):
-    from cappy_core.data.bigbench import load_task
-
+def test_real_bigbench_mixture(bigbench):
     examples = []
     for task in ("general_knowledge", "periodic_elements", "riddle_sense"):
-        parts = load_task(bigbench_root, task)
+        parts = bigbench.load(task)
         examples += parts["train"] + parts["validation"]
     train, held = build_pair_mixture(examples, train_size=600, eval_size=100, max_pairs_per_task=200,
                                      max_wrong_choices=4, seed=0)

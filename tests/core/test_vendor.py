@@ -95,3 +95,34 @@ def test_vendor_cli_needs_a_copy(tmp_path, capsys):
     assert len(optional) == 44 - 6 and "tellmewhy" not in optional
     assert main(["--from", str(tmp_path / "nope"), "--out", str(tmp_path / "v")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_vendor_check_compares_the_records_with_a_copy(tmp_path, capsys):
+    from jobs.vendor_data import main
+
+    files = release_files()
+    src = write_folder(files, tmp_path / "checkout")
+    out = tmp_path / "v"
+    vendor_release(src, out, required=["fake_sorting", "fake_choice"], log=lambda m: None)
+    assert main(["--check", "--out", str(out), "--from", str(src)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == "2 of 2 vendored tasks agree" and "same records as prepared from the copy" in lines[0]
+    changed = dict(files)  # a copy whose task differs: its records differ, and the check says so
+    changed["fake_choice/task.json"] = files["fake_choice/task.json"].replace(b"fruit", b"fruits")
+    assert main(["--check", "--out", str(out), "--from", str(write_folder(changed, tmp_path / "other"))]) == 1
+    out_text = capsys.readouterr().out
+    assert "fake_choice: " in out_text and "differ from the vendored" in out_text and "1 of 2" in out_text
+
+
+def test_the_shipped_records_agree_with_the_manifest():
+    """Whatever this build vendors: every file is the manifest's, records digest included, and
+    every task keeps its canary."""
+    from cappy_core.data.release import vendored_dir
+
+    manifest = load_manifest()
+    if not manifest.vendored:
+        pytest.skip("this build vendors no BIG-Bench tasks (no copy of the release was at hand)")
+    assert check_vendored(manifest, vendored_dir()) == {}
+    for task, entry in manifest.vendored.items():
+        assert entry["canaries"] and read_canaries(vendored_dir() / entry["file"]) == entry["canaries"], task
+        assert all(p in manifest.files for p in entry["sources"])

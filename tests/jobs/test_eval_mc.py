@@ -115,6 +115,7 @@ def _error(capsys, *argv):
     return err
 
 
+@pytest.mark.bigbench
 def test_cli_errors_name_the_task(bigbench_root, tmp_path, capsys):
     assert "'gem' is one of the 45 generative" in _error(capsys, "--tasks", "implicatures", "gem")
     assert "unknown task 'implicaturez'" in _error(capsys, "--tasks", "implicaturez")
@@ -128,21 +129,21 @@ def test_cli_errors_name_the_task(bigbench_root, tmp_path, capsys):
     assert "not found" in _error(capsys, "--tasks", "implicatures", "--scorers", str(tmp_path / "missing"))
 
 
-def test_cli_runs_on_a_real_task_and_writes_json(bigbench_root, tmp_path):
+def test_cli_runs_on_a_task_folder_and_writes_json(standin_tasks, tmp_path):
     out = tmp_path / "mc.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "jobs.cli", "eval-mc", "--tasks", "implicatures",
-                        "--max-examples", "8", "--out", str(out)],
+    p = subprocess.run([sys.executable, "-m", "jobs.cli", "eval-mc", "--tasks", "standin_colors",
+                        "--task-dir", str(standin_tasks), "--max-examples", "8", "--out", str(out)],
                        cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
     assert lines[0].split() == ["task", "examples", "choices", "chance", "minilm"]
-    row = next(line.split() for line in lines if line.startswith("implicatures"))
-    assert row[1:4] == ["8", "2.00", "50.0"]
-    assert next(line for line in lines if line.startswith("mean")).split()[1:4] == ["8", "2.00", "50.0"]
+    row = next(line.split() for line in lines if line.startswith("standin_colors"))
+    assert row[1:4] == ["8", "3.00", "33.3"]
+    assert next(line for line in lines if line.startswith("mean")).split()[1:4] == ["8", "3.00", "33.3"]
     res = json.loads(out.read_text())
     (task,) = res["tasks"]
-    assert task["task"] == "implicatures" and task["examples"] == 8 and task["chance"] == 0.5
+    assert task["task"] == "standin_colors" and task["examples"] == 8 and task["chance"] == pytest.approx(1 / 3)
     acc = task["accuracy"]["minilm"]
     assert acc * 8 == round(acc * 8) and float(row[4]) == pytest.approx(100 * acc, abs=0.05)
     assert res["mean"]["accuracy"]["minilm"] == acc and res["scorers"] == [{"label": "minilm", "source": "minilm"}]

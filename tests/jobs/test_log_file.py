@@ -128,9 +128,7 @@ def test_rays_driver_log_reaches_the_file_after_ray_init_and_not_the_terminal(tm
     assert [type(h).__name__ for h in ray_logger.handlers] == ["PlainRayHandler"] and not ray_logger.handlers[0].filters
 
 
-@pytest.mark.bigbench
-def test_a_sweep_that_fails_early_leaves_its_config_stages_and_traceback_under_out(tmp_path, terminal, capsys,
-                                                                                  bigbench_root):
+def test_a_sweep_that_fails_early_leaves_its_config_stages_and_traceback_under_out(tmp_path, terminal, capsys):
     from jobs import sweep
 
     out = tmp_path / "sweep"

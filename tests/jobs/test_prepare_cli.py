@@ -12,7 +12,6 @@ import pytest
 
 from conftest import REPO, TEST_DATA
 
-pytestmark = pytest.mark.bigbench
 
 
 def run(*args):
@@ -20,6 +19,7 @@ def run(*args):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.bigbench
 def test_prepare_all45_writes_88_files_and_resumes(tmp_path, bigbench_root):
     out = tmp_path / "bb"
     proc = run("--tasks", "all45", "--out", str(out))
@@ -46,7 +46,7 @@ def test_prepare_all45_writes_88_files_and_resumes(tmp_path, bigbench_root):
     assert pq.read_metadata(out / "tense" / "validation.parquet").num_rows == expected["tense"][1]
 
 
-def test_unknown_task_and_bad_config_are_clear_errors(tmp_path, bigbench_root):
+def test_unknown_task_and_bad_config_are_clear_errors(tmp_path):
     proc = run("--tasks", "word_sortin", "--out", str(tmp_path))
     assert proc.returncode == 2
     assert "unknown task 'word_sortin'" in proc.stderr and "word_sorting" in proc.stderr
@@ -61,7 +61,7 @@ def test_unknown_task_and_bad_config_are_clear_errors(tmp_path, bigbench_root):
 def test_cli_help_lists_commands():
     proc = subprocess.run([sys.executable, "-m", "jobs.cli", "--help"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0
-    for cmd in ("data download", "data prepare", "score"):
+    for cmd in ("data download", "data vendor", "data prepare", "score"):
         assert cmd in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "jobs.cli", "data"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "data prepare" in proc.stderr

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import REPO, tiny_t5
 
-TASKS = ["tense", "rephrase"]
+TASKS = ["standin_tense", "standin_rephrase"]  # stand-in tasks (tests/fake_release.py)
 SMALL = ["--max-examples-per-task", "3", "--max-train-examples-per-task", "3", "--dev-examples-per-task", "1",
          "--max-new-tokens", "6", "--train-size", "16", "--batch-size", "8", "--micro-batch-size", "4",
          "--max-length", "64", "--cpus-per-task", "0.5", "--cpus-per-actor", "0.5"]
@@ -29,11 +29,15 @@ SMALL = ["--max-examples-per-task", "3", "--max-train-examples-per-task", "3", "
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """A tiny random T5 (seq2seq, like FLAN-T5) with a BPE tokenizer, and a MiniLM scorer folder."""
+    """A tiny random T5 (seq2seq, like FLAN-T5) with a BPE tokenizer, a MiniLM scorer folder, and the
+    stand-in tasks as a --task-dir."""
     from cappy_core.lm import tiny_generator
     from cappy_core.scorer import Scorer
 
+    from fake_release import write_standin_tasks
+
     root = tmp_path_factory.mktemp("models")
+    write_standin_tasks(root / "tasks")
     tiny_t5(root / "t5", tiny_generator(root / "llama"))
     Scorer.from_pretrained("minilm", seed=0).save_pretrained(root / "scorer")
     return root
@@ -45,19 +49,18 @@ def sweep(out, models, *extra, fail=None, run=subprocess.run, **kw):
     if fail:
         env["CAPPY_SWEEP_FAIL_TASKS"] = fail
     args = [sys.executable, "-m", "jobs.sweep", "--tasks", *TASKS, "--out", str(out),
-            "--generator", str(models / "t5"), "--backend", "hf", "--scorer", str(models / "scorer"), *SMALL, *extra]
+            "--task-dir", str(models / "tasks"), "--generator", str(models / "t5"), "--backend", "hf", "--scorer", str(models / "scorer"), *SMALL, *extra]
     if run is subprocess.run:
         kw.update(capture_output=True, timeout=600)
     return run(args, cwd=REPO, text=True, env=env, **kw)
 
 
-@pytest.mark.bigbench
 @pytest.mark.slow
-def test_failed_task_is_recorded_and_a_rerun_computes_only_it(tmp_path, models, bigbench_root, ray_address):
+def test_failed_task_is_recorded_and_a_rerun_computes_only_it(tmp_path, models, ray_address):
     from cappy_core.evaluation import evaluate_task, mean_over_tasks, scored_groups
 
     out = tmp_path / "sweep"
-    r1 = sweep(out, models, fail="tense")
+    r1 = sweep(out, models, fail="standin_tense")
     assert r1.returncode == 1, r1.stderr[-3000:]
     tense, rephrase = (json.loads((out / "tasks" / f"{t}.json").read_text()) for t in TASKS)
     assert tense["status"] == "failed" and "injected failure" in tense["error"]
@@ -67,8 +70,8 @@ def test_failed_task_is_recorded_and_a_rerun_computes_only_it(tmp_path, models, 
     assert r1.stdout.startswith(f"log file: {log}\n") and "-- validation split" in log.read_text()
     assert not list(out.glob("candidates/**/logs"))
     # the task's numbers are evaluation's numbers on its scored validation candidates
-    scored = pq.read_table(out / "tasks" / "rephrase" / "validation_scored.parquet")
-    assert len(list(out.glob("candidates/sampling-*/train/rephrase/train/part-00000.done.json"))) == 1
+    scored = pq.read_table(out / "tasks" / "standin_rephrase" / "validation_scored.parquet")
+    assert len(list(out.glob("candidates/sampling-*/train/standin_rephrase/train/part-00000.done.json"))) == 1
     groups, ids, _ = scored_groups(scored)
     assert len(ids) == 3 and all(len(g) == 17 for g in groups)
     assert rephrase["metrics"] == pytest.approx(evaluate_task(groups))
@@ -78,18 +81,18 @@ def test_failed_task_is_recorded_and_a_rerun_computes_only_it(tmp_path, models, 
     # the last sampled train instruction is dev: no finetuning pair, the fused weights are fitted on it
     assert rephrase["sizes"]["dev_instructions"] == 1 and rephrase["sizes"]["train_examples"] <= 2
     assert set(rephrase["fused_weights"]) == {"cappy", "logprob_mean", "mbr"} and "cappy" in rephrase["dev_metrics"]
-    dev = pq.read_table(out / "tasks" / "rephrase" / "dev_scored.parquet")
+    dev = pq.read_table(out / "tasks" / "standin_rephrase" / "dev_scored.parquet")
     assert set(dev["example_idx"].to_pylist()) == {2} and set(dev["split"].to_pylist()) == {"train"}
-    pairs = pq.read_table(out / "tasks" / "rephrase" / "train_pairs.parquet")
+    pairs = pq.read_table(out / "tasks" / "standin_rephrase" / "train_pairs.parquet")
     assert not set(pairs["instruction"].to_pylist()) & set(dev["instruction"].to_pylist())
-    assert "tense" in (out / "summary.md").read_text().split("Not finished")[1]
+    assert "standin_tense" in (out / "summary.md").read_text().split("Not finished")[1]
 
-    before = (out / "tasks" / "rephrase.json").read_text()
+    before = (out / "tasks" / "standin_rephrase.json").read_text()
     r2 = sweep(out, models)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "1 task(s) already finished with these settings; 1 to run" in r2.stdout
     assert "sampled 0 instructions" in r2.stdout  # tense's candidates were kept from the first run
-    assert (out / "tasks" / "rephrase.json").read_text() == before
+    assert (out / "tasks" / "standin_rephrase.json").read_text() == before
     records = {t: json.loads((out / "tasks" / f"{t}.json").read_text()) for t in TASKS}
     assert all(r["status"] == "ok" for r in records.values())
     # the summary is the unweighted mean over tasks, per method, rounded to 0.1
@@ -134,10 +137,9 @@ def test_failed_task_is_recorded_and_a_rerun_computes_only_it(tmp_path, models, 
         assert "selector_score" in pq.read_table(other / "tasks" / t / "validation_scored.parquet").column_names
 
 
-@pytest.mark.bigbench
 @pytest.mark.slow
 def test_ctrl_c_while_tasks_run_stops_the_sweep_at_once_and_a_rerun_keeps_the_candidates(
-        tmp_path, models, bigbench_root, ray_address):
+        tmp_path, models, ray_address):
     out = tmp_path / "sweep"
     # SIGINT as a terminal's foreground job has it (a suite started in the background of a shell without
     # job control inherits it ignored, and Python keeps it so)
@@ -178,9 +180,8 @@ def numbers(out) -> dict:
             "tasks": tasks}
 
 
-@pytest.mark.bigbench
 @pytest.mark.slow
-def test_bad_input_is_a_clear_error(tmp_path, models, bigbench_root):
+def test_bad_input_is_a_clear_error(tmp_path, models):
     r = sweep(tmp_path / "x", models, "--tasks", "no_such_task")
     assert r.returncode == 2 and "no_such_task" in r.stderr and "Traceback" not in r.stderr
     r = sweep(tmp_path / "x", models, "--scorer", str(tmp_path / "no_scorer"))  # refused before sampling

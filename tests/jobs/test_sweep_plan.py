@@ -9,7 +9,32 @@ import pytest
 
 from cappy_core.config import to_dict
 
-TASKS = ["tense", "rephrase"]
+TASKS = ["standin_tense", "standin_rephrase"]  # stand-in tasks (tests/fake_release.py)
+
+
+def test_dry_run_reports_missing_data_as_missing_and_an_unknown_task_exits_2(tmp_path, generator, monkeypatch, capsys):
+    """An empty cache (and this build vendors no BIG-Bench): the data is MISSING, no later stage is
+    "cached", and nothing is written; an unknown task exits 2 naming it, as the run does."""
+    from jobs import sweep
+
+    monkeypatch.setenv("CAPPY_CACHE_DIR", str(tmp_path / "empty_cache"))
+    from cappy_core.data.release import load_manifest
+
+    if load_manifest().vendored:
+        pytest.skip("this build vendors BIG-Bench tasks: nothing is missing")
+    out = tmp_path / "out"
+    assert sweep.main(["--preset", "local", "--out", str(out), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "MISSING (not on this machine): 6" in text and "simple_text_editing" in text
+    lines = {line.split()[0]: line for line in text.splitlines() if line.startswith("  ") and "min" in line}
+    assert "MISSING" in lines["data"] and "MISSING: 10 pretraining task(s)" in lines["scorer"]
+    assert not any("cached" in line for line in lines.values()), lines
+    assert "not counting the 6 missing task(s)" in text and not out.exists()
+
+    assert sweep.main(["--tasks", "not_a_task", "--out", str(out), "--dry-run"]) == 2
+    assert "unknown task 'not_a_task'" in capsys.readouterr().err
+    assert sweep.main(["--tasks", "tense", "not_a_task", "--out", str(out), "--generator", generator]) == 2
+    assert "unknown task 'not_a_task'" in capsys.readouterr().err and not (out / "data").exists()
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +44,7 @@ def generator(tmp_path_factory):
     return str(tiny_generator(tmp_path_factory.mktemp("gen") / "llama"))
 
 
-@pytest.mark.bigbench
-def test_dry_run_plans_from_the_data_and_the_outputs_on_disk(tmp_path, generator, bigbench_root, capsys):
+def test_dry_run_plans_from_the_data_and_the_outputs_on_disk(tmp_path, generator, standin_tasks, capsys):
     from cappy_core.data.bigbench import load_task
     from cappy_core.task_eval import key_digest, result_key
     from jobs import sweep
@@ -28,18 +52,18 @@ def test_dry_run_plans_from_the_data_and_the_outputs_on_disk(tmp_path, generator
                                  plan)
 
     out = tmp_path / "out"
-    argv = ["--tasks", *TASKS, "--out", str(out), "--generator", generator, "--backend", "hf", "--scorer", "minilm",
+    argv = ["--tasks", *TASKS, "--task-dir", str(standin_tasks), "--out", str(out), "--generator", generator, "--backend", "hf", "--scorer", "minilm",
             "--max-examples-per-task", "20", "--max-train-examples-per-task", "30", "--dry-run"]
     assert sweep.main(argv) == 0
     text = capsys.readouterr().out
     assert text.startswith(f"sweep plan (dry run: nothing is run or written) into {out}")
     assert not out.exists()  # nothing written
 
-    sizes = {t: {s: len(rows) for s, rows in load_task(bigbench_root, t).items()} for t in TASKS}
+    sizes = {t: {s: len(rows) for s, rows in load_task(standin_tasks, t).items()} for t in TASKS}
     want = {t: (min(30, sizes[t]["train"]), min(20, sizes[t]["validation"])) for t in TASKS}
     for t, (tr, va) in want.items():
         assert f"| {t} | {tr} (0) | {va} (0) | {(tr + va) * 17:,} | no |" in text
-    cfg = sweep.SweepConfig(tasks=TASKS, out=str(out), generator=generator, backend="hf", scorer="minilm",
+    cfg = sweep.SweepConfig(tasks=TASKS, task_dir=[str(standin_tasks)], out=str(out), generator=generator, backend="hf", scorer="minilm",
                             max_examples_per_task=20, max_train_examples_per_task=30)
     p = plan(cfg)
     assert [(r["task"], r["train"], r["validation"]) for r in sorted(p["rows"], key=lambda r: TASKS.index(r["task"]))] \
@@ -60,21 +84,21 @@ def test_dry_run_plans_from_the_data_and_the_outputs_on_disk(tmp_path, generator
     # tense is neither sampled nor run again; rephrase samples what is left
     key = result_key(to_dict(cfg), generator, "minilm", sorted(TASKS))
     (out / "tasks").mkdir(parents=True)
-    (out / "tasks" / "tense.json").write_text(json.dumps({"status": "ok", "key_digest": key_digest(key)}))
+    (out / "tasks" / "standin_tense.json").write_text(json.dumps({"status": "ok", "key_digest": key_digest(key)}))
     from cappy_core.task_eval import settings_from_config
 
     candidates = Path(settings_from_config(to_dict(cfg), out, "minilm", generator).candidates_dir)
-    shard = candidates / "validation" / "rephrase" / "validation"
+    shard = candidates / "validation" / "standin_rephrase" / "validation"
     shard.mkdir(parents=True)
     (shard / "part-00000.done.json").write_text(json.dumps({"instructions": 7}))
     p = plan(cfg)
     rows = {r["task"]: r for r in p["rows"]}
-    assert rows["tense"]["finished"] and not rows["rephrase"]["finished"] and rows["rephrase"]["validation_sampled"] == 7
+    assert rows["standin_tense"]["finished"] and not rows["standin_rephrase"]["finished"] and rows["standin_rephrase"]["validation_sampled"] == 7
     stages = {s["stage"]: s for s in p["stages"]}
     assert stages["tasks"]["what"].startswith("1 finished with these settings, 1 to run")
-    left = sum(want["rephrase"]) - 7
+    left = sum(want["standin_rephrase"]) - 7
     assert stages["sample + label"]["seconds"] == pytest.approx(left * 17 / SAMPLING_CANDIDATES_PER_S)
     assert stages["generator"]["cached"] and stages["scorer init"]["cached"]
     # a stale result (other settings) is not finished
-    (out / "tasks" / "tense.json").write_text(json.dumps({"status": "ok", "key_digest": "other"}))
+    (out / "tasks" / "standin_tense.json").write_text(json.dumps({"status": "ok", "key_digest": "other"}))
     assert not any(r["finished"] for r in plan(cfg)["rows"])

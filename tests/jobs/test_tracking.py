@@ -29,14 +29,14 @@ def read_tensorboard(folder: Path) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
-def test_generator_training_logs_its_own_loss_curve_to_tensorboard(tmp_path, bigbench_root):
+def test_generator_training_logs_its_own_loss_curve_to_tensorboard(tmp_path, standin_tasks):
     pytest.importorskip("tensorboardX")
     import jobs.train_generator as tg
     from cappy_core.config import load_yaml
     from jobs.cli import presets
 
     tiny = load_yaml(tg.GeneratorConfig, presets("generator")["tiny"])
-    cfg = tg.GeneratorConfig(**{**tiny, "tasks": ["tense"], "updates": 6, "time_budget_s": 0, "eval_examples": 0,
+    cfg = tg.GeneratorConfig(**{**tiny, "tasks": ["standin_tense"], "task_dir": [str(standin_tasks)], "updates": 6, "time_budget_s": 0, "eval_examples": 0,
                                 "threads": 1, "out": str(tmp_path / "gen"), "report_to": "tensorboard"})
     lines: list[str] = []
     meta = tg.train_generator(cfg, log=lines.append)

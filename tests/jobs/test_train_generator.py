@@ -12,10 +12,13 @@ import pytest
 
 from conftest import REPO
 
-pytestmark = pytest.mark.bigbench
+TASKS = ["standin_tense", "standin_rephrase"]  # stand-in tasks (tests/fake_release.py), as --task-dir
 
-TINY = ["--preset", "tiny", "--tasks", "tense", "rephrase", "--eval-tasks", "tense", "rephrase",
-        "--eval-examples", "4", "--threads", "1"]
+
+@pytest.fixture(scope="module")
+def tiny(standin_tasks):
+    return ["--preset", "tiny", "--tasks", *TASKS, "--eval-tasks", *TASKS, "--task-dir", str(standin_tasks),
+            "--eval-examples", "4", "--threads", "1"]
 
 
 def run(*args, timeout=300):
@@ -24,9 +27,9 @@ def run(*args, timeout=300):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, bigbench_root):
+def trained(tmp_path_factory, tiny):
     out = tmp_path_factory.mktemp("gen") / "tiny"
-    proc = run(*TINY, "--updates", "15", "--time-budget-s", "0", "--out", str(out))
+    proc = run(*tiny, "--updates", "15", "--time-budget-s", "0", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
 
@@ -35,10 +38,10 @@ def test_cli_trains_saves_and_reports(trained):
     out, proc = trained
     meta = json.loads((out / "cappy_generator.json").read_text())
     assert meta["training"]["updates"] == 15 and meta["training"]["tokens_per_s"] > 0
-    assert meta["tasks"] == ["rephrase", "tense"] and meta["config"]["hidden_size"] == 64
+    assert meta["tasks"] == sorted(TASKS) and meta["config"]["hidden_size"] == 64
     assert meta["max_prompt_tokens"] == 96 and meta["prompt_format"] == "<s>{instruction}\\n{response}</s>"
     ev = meta["eval"]
-    assert set(ev["tasks"]) == {"tense", "rephrase"} and ev["num_examples"] == 8
+    assert set(ev["tasks"]) == set(TASKS) and ev["num_examples"] == 8
     assert 0 <= ev["greedy_rouge_l"] <= 100 and ev["oracle_rouge_l"] >= ev["greedy_rouge_l"]
     assert "greedy Rouge-L" in proc.stdout and "tokens/s" in proc.stdout and "final loss" in proc.stdout
     assert "training generator" in proc.stderr  # the progress bar
@@ -53,16 +56,17 @@ def test_saved_generator_loads_with_auto_classes(trained):
     out, _ = trained
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
-    assert type(model).__name__ == "LlamaForCausalLM" and len(tok) == 512
+    # the BPE stops below the preset's 512 when the corpus runs out of merges; the model is sized to it
+    assert type(model).__name__ == "LlamaForCausalLM" and 256 < len(tok) == model.config.vocab_size <= 512
     enc = tok([prompt_text("Q: I walk. Change tense to PAST:\nA:")], return_tensors="pt")
     gen = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     assert isinstance(tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True), str)
 
 
-def test_rerun_reuses_and_force_retrains(trained):
+def test_rerun_reuses_and_force_retrains(trained, tiny):
     out, _ = trained
     mtime = (out / "model.safetensors").stat().st_mtime_ns
-    proc = run(*TINY, "--updates", "3", "--time-budget-s", "0", "--out", str(out))
+    proc = run(*tiny, "--updates", "3", "--time-budget-s", "0", "--out", str(out))
     assert proc.returncode == 0 and "nothing to do" in proc.stdout
     assert (out / "model.safetensors").stat().st_mtime_ns == mtime
 
@@ -81,13 +85,13 @@ def test_ensure_generator_reuses_an_existing_folder(trained, monkeypatch):
     assert "using the generator" in logs[0]
 
 
-def test_ensure_generator_trains_when_missing(tmp_path, bigbench_root):
+def test_ensure_generator_trains_when_missing(tmp_path, standin_tasks):
     import jobs.train_generator as tg
     from cappy_core.config import load_yaml
     from jobs.cli import presets
 
     tiny = load_yaml(tg.GeneratorConfig, presets("generator")["tiny"])
-    cfg = tg.GeneratorConfig(**{**tiny, "tasks": ["tense"], "updates": 3, "time_budget_s": 0,
+    cfg = tg.GeneratorConfig(**{**tiny, "tasks": ["standin_tense"], "task_dir": [str(standin_tasks)], "updates": 3, "time_budget_s": 0,
                                 "eval_examples": 0, "threads": 1})
     path = tg.ensure_generator(tmp_path / "g", config=cfg, log=lambda s: None)
     from cappy_core.lm import generator_metadata, is_generator_dir
@@ -96,11 +100,12 @@ def test_ensure_generator_trains_when_missing(tmp_path, bigbench_root):
 
 
 @pytest.mark.slow
-def test_time_budget_stops_training_gracefully(tmp_path, bigbench_root):
+def test_time_budget_stops_training_gracefully(tmp_path, standin_tasks):
     out = tmp_path / "budget"
     no_fixed_updates = tmp_path / "budget.yaml"
     no_fixed_updates.write_text("updates: null\n")  # size the run to the budget, not to --updates
-    proc = run("--preset", "tiny", "--config", str(no_fixed_updates), "--tasks", "tense", "--eval-tasks", "tense",
+    proc = run("--preset", "tiny", "--config", str(no_fixed_updates), "--task-dir", str(standin_tasks),
+               "--tasks", "standin_tense", "--eval-tasks", "standin_tense",
                "--eval-examples", "4",
                "--threads", "1", "--time-budget-s", "20", "--eval-reserve-s", "6", "--calibration-updates", "5",
                "--out", str(out))
@@ -126,15 +131,16 @@ def test_presets_yaml_and_flags_compose(tmp_path):
     assert parse_config([]) == parse_config(["--preset", "cpu"]) == GeneratorConfig()
 
 
-def test_clear_errors(tmp_path, bigbench_root):
+def test_clear_errors(tmp_path, standin_tasks):
     proc = run("--tasks", "tens", "--out", str(tmp_path / "g"))
     assert proc.returncode == 2 and "unknown task 'tens'" in proc.stderr and "tense" in proc.stderr
     (tmp_path / "file").write_text("x")
-    proc = run("--tasks", "tense", "--out", str(tmp_path / "file" / "g"))
+    tense = ["--tasks", "standin_tense", "--task-dir", str(standin_tasks)]
+    proc = run(*tense, "--out", str(tmp_path / "file" / "g"))
     assert proc.returncode == 2 and "cannot write the generator" in proc.stderr
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    proc = run("--tasks", "tense", "--out", str(tmp_path / "mine"), "--force")
+    proc = run(*tense, "--out", str(tmp_path / "mine"), "--force")
     assert proc.returncode == 2 and "refusing" in proc.stderr
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     proc = run("--hidden-size", "65", "--num-heads", "2", "--out", str(tmp_path / "g"))

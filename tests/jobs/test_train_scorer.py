@@ -151,18 +151,21 @@ def test_push_to_hub_fails_before_training_without_network(tmp_path, capsys, tin
     assert not any(tmp_path.glob("finetune-*"))  # nothing was trained
 
 
-@pytest.mark.bigbench
-def test_unknown_task_and_bad_sample_labels(tmp_path, capsys, tiny_scorer, bigbench_root):
+def test_unknown_task_and_bad_sample_labels(tmp_path, capsys, tiny_scorer, standin_tasks):
+    from cappy_core.data.prepare import prepare_tasks
+
     base = ["--init", tiny_scorer, "--storage-path", str(tmp_path)]
     assert finetune.main(["--task", "auto_categorisation", *base]) == 2
     assert "auto_categorization" in capsys.readouterr().err  # the close match is suggested
     samples = tmp_path / "samples"
     samples.mkdir()
-    rows = {"task": ["auto_categorization"] * 2, "subtask": ["", ""], "split": ["train"] * 2,
+    prepare_tasks(["standin_tense"], tmp_path / "examples", task_dirs=[str(standin_tasks)], log=lambda m: None)
+    rows = {"task": ["standin_tense"] * 2, "subtask": ["", ""], "split": ["train"] * 2,
             "example_idx": [0, 1], "instruction": ["a", "b"], "text": ["x", "y"], "label": [0.5, 2.0],
             "decoding": ["beam4", "sample"], "sample_idx": [0, 0]}
     pq.write_table(pa.table(rows), samples / "part-00000.parquet")
-    assert finetune.main(["--task", "auto_categorization", "--samples", str(samples), *base]) == 2
+    assert finetune.main(["--task", "standin_tense", "--examples", str(tmp_path / "examples"), "--samples",
+                          str(samples), *base]) == 2
     err = capsys.readouterr().err
     assert "part-00000.parquet: row 1 (0-based): label 2.0 is not in [0, 1]" in err
 
@@ -173,14 +176,17 @@ SUMMARY = re.compile(r"^(pretrain|finetune \S+): (\d+)/(\d+) updates in \d+s, lo
                      r"eval before: mse [\d.]+.*pairwise_acc [\d.]+.*; after: .*; scorer -> (\S+)$", re.M)
 
 
-@pytest.mark.bigbench
 @pytest.mark.slow
-def test_pretrain_then_finetune_two_tasks_at_once_through_the_cli(tmp_path, tiny_scorer, ray_address):
+def test_pretrain_then_finetune_two_tasks_at_once_through_the_cli(tmp_path, tiny_scorer, ray_address, standin_tasks):
+    from cappy_core.data.prepare import prepare_tasks
     from cappy_core.scorer import Scorer
 
+    examples = str(tmp_path / "examples")  # stand-in tasks (tests/fake_release.py), prepared as `cappy data prepare` does
+    prepare_tasks(["standin_colors", "standin_sums", "standin_tense", "standin_rephrase"], examples,
+                  task_dirs=[str(standin_tasks)], log=lambda m: None)
     storage = str(tmp_path / "runs")
-    proc = run_job(["-m", "jobs.cli", "pretrain", "--preset", "local", "--init", tiny_scorer,
-                    "--tasks", "general_knowledge", "periodic_elements", "--max-pairs-per-task", "60",
+    proc = run_job(["-m", "jobs.cli", "pretrain", "--preset", "local", "--init", tiny_scorer, "--examples", examples,
+                    "--tasks", "standin_colors", "standin_sums", "--max-pairs-per-task", "60",
                     "--train-size", "96", "--eval-size", "24", "--checkpoint-every", "3",
                     "--storage-path", storage, *FAST, "--num-workers", "1", "--report-to", "tensorboard"])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -206,17 +212,17 @@ def test_pretrain_then_finetune_two_tasks_at_once_through_the_cli(tmp_path, tiny
     assert logged["eval/mse"][-1][1] == pytest.approx(res["evals"][-1]["mse"], rel=1e-6)
     # the model card says what the scorer was trained on
     card = (pretrained / "README.md").read_text()
-    assert "| training data | BIG-Bench: general_knowledge, periodic_elements |" in card
+    assert "| training data | BIG-Bench: standin_colors, standin_sums |" in card
     n_train, n_eval = (pq.read_metadata(res[k]).num_rows for k in ("train_pairs", "eval_pairs"))
     assert f"| training pairs | {n_train:,} ({n_eval:,} held out) |" in card, card
     assert "| loss | mse |" in card and "| updates | 6 of 6 |" in card
 
     procs = {task: subprocess.Popen(
         [sys.executable, "-m", "jobs.cli", "finetune", "--preset", "local", "--task", task,
-         "--init", str(pretrained), "--train-size", "48", "--eval-size", "16", "--checkpoint-every", "2",
+         "--init", str(pretrained), "--examples", examples, "--train-size", "48", "--eval-size", "16", "--checkpoint-every", "2",
          "--storage-path", storage, *FAST, "--num-workers", "1"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for task in ("auto_categorization", "rephrase")}
+        for task in ("standin_tense", "standin_rephrase")}
     for task, p in procs.items():
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
