@@ -75,7 +75,10 @@ def check(cfg: VendorConfig) -> int:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = build_parser(VendorConfig, prog=prog or "python -m jobs.vendor_data",
-                          description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+                          description="Write the BIG-Bench records the package ships (one zstd Parquet file per "
+                                      "task) and the release manifest (every task.json with its sha256, git blob id "
+                                      "and example count) from a copy of the release; a rerun writes the same bytes. "
+                                      "Nothing in the copy is run.")
     args = parser.parse_args(argv)
 
     def body() -> int | None:
