@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             names, unavailable = catalog.resolve(cfg.tasks, require=False)
             for why in unavailable.values():
                 print(f"unavailable: {why}", file=sys.stderr)
-            wanted: Optional[list[str]] = [t for t in names if t not in catalog or catalog.where[t][0] == "task-dir"]
+            wanted: Optional[list[str]] = [t for t in names if t not in catalog]
             if not wanted:
                 print(f"all {len(names)} tasks are on this machine already; nothing to download")
                 return
