@@ -126,3 +126,29 @@ def test_the_shipped_records_agree_with_the_manifest():
     for task, entry in manifest.vendored.items():
         assert entry["canaries"] and read_canaries(vendored_dir() / entry["file"]) == entry["canaries"], task
         assert all(p in manifest.files for p in entry["sources"])
+
+
+def test_a_build_that_vendors_tasks_prepares_them_without_any_task_file(tmp_path, monkeypatch):
+    """What a build with vendored records does: `cappy data prepare` (and every other reader) takes
+    them from the package, with no cache and no task.json, and writes the same records."""
+    import cappy_core.data.release as release
+    from cappy_core.data.prepare import prepare_tasks
+    from cappy_core.data.records import read_examples
+
+    files = release_files()
+    src = write_folder(files, tmp_path / "checkout")
+    vendor_release(src, tmp_path / "pkg" / "vendored", required=["fake_sorting", "fake_nested"], log=lambda m: None)
+    monkeypatch.setattr(release, "vendored_dir", lambda: tmp_path / "pkg" / "vendored")
+    monkeypatch.setenv("CAPPY_CACHE_DIR", str(tmp_path / "empty_cache"))
+    manifest = prepare_tasks(["fake_sorting", "fake_nested"], tmp_path / "out", log=lambda m: None)
+    assert manifest["tasks"]["fake_nested"]["source"].startswith("vendored: ")
+    assert manifest["tasks"]["fake_nested"]["subtasks"] == ["fake_nested:alpha", "fake_nested:beta"]
+    for task in ("fake_sorting", "fake_nested"):
+        want = load_task(src / "bigbench" / "benchmark_tasks", task)
+        for split in ("train", "validation"):
+            assert read_examples(tmp_path / "out" / task / f"{split}.parquet") == want[split]
+    # the release's other tasks are known (the manifest lists them) but not here: named, not "unknown"
+    from cappy_core.data.cache import BigBenchNotFound
+
+    with pytest.raises(BigBenchNotFound, match="not on this machine: fake_choice"):
+        prepare_tasks(["fake_choice"], tmp_path / "out", log=lambda m: None)
