@@ -49,7 +49,7 @@ def check(cfg: VendorConfig) -> int:
     import tempfile
     from pathlib import Path
 
-    from cappy_core.data.download import read_task_files
+    from cappy_core.data.download import read_task_files, write_task_tree
     from cappy_core.data.release import MANIFEST_NAME, load_manifest, vendored_dir
     from cappy_core.data.vendor import check_vendored
 
@@ -59,12 +59,7 @@ def check(cfg: VendorConfig) -> int:
         print(f"{folder}: no vendored tasks (no manifest, or it lists none)")
         return 1
     with tempfile.TemporaryDirectory() as tmp:
-        root = None
-        if cfg.from_path:
-            root = Path(tmp)
-            for rel, data in read_task_files(cfg.from_path)[0].items():
-                (root / rel).parent.mkdir(parents=True, exist_ok=True)
-                (root / rel).write_bytes(data)
+        root = write_task_tree(read_task_files(cfg.from_path)[0], Path(tmp)) if cfg.from_path else None
         problems = check_vendored(manifest, folder, root)
     for task, entry in sorted(manifest.vendored.items()):
         state = problems.get(task, "same records" + (" as prepared from the copy" if root else " as the manifest"))

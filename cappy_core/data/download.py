@@ -79,6 +79,7 @@ class LocalCopy:
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser()
         self.name = f"--from {self.path}"
+        self.reference_code: dict[str, bytes] = {}  # file name -> bytes, as :meth:`fetch` passes them
 
     @functools.cached_property
     def is_sdist(self) -> bool:
@@ -118,7 +119,11 @@ class LocalCopy:
         failures: dict[str, str] = {}
         for member, data in self.members():
             rel = task_rel(member)
-            if rel is None or not wanted(rel):
+            if rel is None:
+                if name := _reference_name(member):
+                    self.reference_code[name] = data
+                continue
+            if not wanted(rel):
                 continue
             try:
                 accept(rel, data)
@@ -282,7 +287,7 @@ def download_tasks(
                 state["trusted"] = False
             log(f"{src.name}: {len(got) - n0} task files verified and kept ({time.time() - t0:.1f}s)")
             if isinstance(src, LocalCopy) and src.is_sdist:
-                _keep_reference_code(src, bigbench_dir(cache_dir) / "reference_code")
+                _keep_reference_code(src.reference_code, bigbench_dir(cache_dir) / "reference_code")
             if not done():
                 still = sorted(missing) if manifest.files else ["(no task file of the release in it)"]
                 tried.append(_failure_line(src.name, failures, still))
@@ -312,13 +317,20 @@ def _failure_message(tried: list[str], tasks: Optional[list[str]], n_missing: in
     return "\n".join(lines)
 
 
-def _keep_reference_code(src: LocalCopy, dest: Path) -> None:
-    for member, data in src.members():
-        name = _reference_name(member)
-        if name:
-            dest.mkdir(parents=True, exist_ok=True)
-            with atomic_path(dest / name) as tmp:
-                tmp.write_bytes(data)
+def _keep_reference_code(files: dict[str, bytes], dest: Path) -> None:
+    for name, data in files.items():
+        dest.mkdir(parents=True, exist_ok=True)
+        with atomic_path(dest / name) as tmp:
+            tmp.write_bytes(data)
+
+
+def write_task_tree(files: dict[str, bytes], root: Path) -> Path:
+    """``files`` (``{"<task>/task.json": bytes}``, paths from :func:`task_rel`) as a task folder
+    under ``root``, for :func:`cappy_core.data.bigbench.load_task`; returns ``root``."""
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return root
 
 
 def read_task_files(path: str | Path) -> tuple[dict[str, bytes], bool]:

@@ -67,6 +67,11 @@ def read_canaries(path: str | Path) -> list[str]:
     return json.loads(meta.get(CANARY_KEY, b"[]"))
 
 
+def splits_sha256(splits: dict[str, list]) -> str:
+    """:func:`records_sha256` of one task's prepared splits, train rows then validation rows."""
+    return records_sha256(examples_to_table([e for s in SPLITS for e in splits[s]]).to_pylist())
+
+
 def vendor_release(
     from_path: str | Path, out_dir: str | Path, *, required: Sequence[str], optional: Sequence[str] = (),
     max_bytes: int = 64 << 20, revision: Optional[str] = None, log: Callable[[str], None] = print,
@@ -75,7 +80,7 @@ def vendor_release(
     ``from_path``; returns the manifest. ``required`` tasks must be in the copy; ``optional``
     ones are vendored while the set stays within ``max_bytes``."""
     from cappy_core.data.bigbench import TooFewExamples, load_task
-    from cappy_core.data.download import read_task_files
+    from cappy_core.data.download import read_task_files, write_task_tree
 
     files, is_sdist = read_task_files(from_path)
     log(f"{from_path}: {len(files)} task.json files"
@@ -98,10 +103,7 @@ def vendor_release(
     tasks_out.mkdir(parents=True, exist_ok=True)
     sizes: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        for rel, data in files.items():  # written by our own relative paths, checked by task_rel
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            (root / rel).write_bytes(data)
+        root = write_task_tree(files, Path(tmp))  # by our own relative paths, checked by task_rel
         for task in list(dict.fromkeys([*required, *[t for t in optional if t in have]])):
             try:
                 splits = load_task(root, task)
@@ -118,7 +120,7 @@ def vendor_release(
             sizes[task] = path.stat().st_size
             manifest.vendored[task] = {
                 "file": f"tasks/{task}.parquet", "sha256": sha256_file(path),
-                "records_sha256": records_sha256(examples_to_table(rows).to_pylist()),
+                "records_sha256": splits_sha256(splits),
                 "sizes": {s: len(splits[s]) for s in SPLITS}, "canaries": canaries, "sources": sources,
             }
     total = sum(sizes.values())
@@ -160,8 +162,7 @@ def check_vendored(manifest: Manifest, vendored: Path, task_root: Optional[Path]
         if got != entry["records_sha256"]:
             problems[task] = f"{path}: records digest {got} != manifest {entry['records_sha256']}"
         elif task_root is not None:
-            splits = load_task(task_root, task)
-            fresh = records_sha256(examples_to_table([e for s in SPLITS for e in splits[s]]).to_pylist())
+            fresh = splits_sha256(load_task(task_root, task))
             if fresh != got:
                 problems[task] = f"records prepared from {task_root / task} ({fresh}) differ from the vendored ({got})"
     return problems
