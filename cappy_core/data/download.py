@@ -113,7 +113,8 @@ class LocalCopy:
             with tarfile.open(p, "r:*") as tar:
                 yield from _tar_members(tar)
         except (tarfile.TarError, EOFError, OSError) as e:
-            raise ValueError(f"{p}: not a readable .tar.gz, .tar or .zip archive ({e})") from e
+            why = "empty file" if p.stat().st_size == 0 else str(e).splitlines()[0].rstrip(":")
+            raise ValueError(f"{p}: not a readable .tar.gz, .tar or .zip archive ({why})") from e
 
     def fetch(self, wanted: Callable[[str], bool], accept: Accept) -> dict[str, str]:
         failures: dict[str, str] = {}
@@ -239,14 +240,14 @@ def download_tasks(
         return dest
     task_set = set(tasks) if tasks is not None else None
     got: set[str] = set()
-    state = {"source": "", "trusted": False}  # the source being read; whether it is the checked sdist
+    state = {"trusted": False}  # whether the source being read is the hash-checked sdist
 
     def wanted(rel: str) -> bool:
         return (rel in missing) if manifest.files else (task_set is None or rel.split("/")[0] in task_set)
 
     def accept(rel: str, data: bytes) -> None:
         if not state["trusted"]:
-            manifest.check(rel, data, state["source"])
+            manifest.check(rel, data)
         with atomic_path(dest / rel) as tmp:
             tmp.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_bytes(data)
@@ -272,7 +273,6 @@ def download_tasks(
         for src in sources:
             if done():
                 break
-            state.update(source=src.name, trusted=False)
             n0, t0 = len(got), time.time()
             try:
                 if isinstance(src, GitHubRaw):
@@ -289,14 +289,15 @@ def download_tasks(
             if isinstance(src, LocalCopy) and src.is_sdist:
                 _keep_reference_code(src.reference_code, bigbench_dir(cache_dir) / "reference_code")
             if not done():
-                still = sorted(missing) if manifest.files else ["(no task file of the release in it)"]
-                tried.append(_failure_line(src.name, failures, still))
+                tried.append(_failure_line(src.name, failures, sorted(missing)))
     if done():
         return dest
     raise DownloadFailed(_failure_message(tried, tasks, len(missing), manifest))
 
 
 def _failure_line(name: str, failures: dict[str, str], still: list[str]) -> str:
+    if not failures and not still:  # no manifest, nothing matched: there is no file to name
+        return f"{name}: no task.json of the requested tasks in it"
     shown = [failures[p] if p in failures else f"{p}: not in this source" for p in (sorted(failures) + [
         p for p in still if p not in failures])[:5]]
     more = len(set(failures) | set(still)) - len(shown)

@@ -86,15 +86,15 @@ class Manifest:
         """The manifest paths of one task: its task.json and its subtasks'."""
         return sorted(p for p in self.files if p.split("/")[0] == task)
 
-    def check(self, rel: str, data: bytes, where: str) -> None:
-        """Raise :class:`FileRejected` unless ``data`` is the release's ``rel``; ``where`` names
-        the source in the message."""
+    def check(self, rel: str, data: bytes) -> None:
+        """Raise :class:`FileRejected` unless ``data`` is the release's ``rel`` (the caller names
+        the source)."""
         entry = self.files.get(rel)
         if entry is None:
-            raise FileRejected(f"{where}: {rel} is not a file of bigbench {BIGBENCH_VERSION} per the manifest")
+            raise FileRejected(f"{rel} is not a file of bigbench {BIGBENCH_VERSION} per the manifest")
         got = sha256_bytes(data)
         if got != entry.sha256:
-            raise FileRejected(f"{where}: {rel} has sha256 {got}, the manifest says {entry.sha256}: refused")
+            raise FileRejected(f"{rel} has sha256 {got}, the manifest says {entry.sha256}: refused")
 
     def to_json(self) -> str:
         obj = {

@@ -79,7 +79,7 @@ def vendor_release(
     """Write ``out_dir/manifest.json`` and ``out_dir/tasks/<task>.parquet`` from the copy at
     ``from_path``; returns the manifest. ``required`` tasks must be in the copy; ``optional``
     ones are vendored while the set stays within ``max_bytes``."""
-    from cappy_core.data.bigbench import TooFewExamples, load_task
+    from cappy_core.data.bigbench import TaskFormatError, TooFewExamples, load_task
     from cappy_core.data.download import read_task_files, write_task_tree
 
     files, is_sdist = read_task_files(from_path)
@@ -107,10 +107,11 @@ def vendor_release(
         for task in list(dict.fromkeys([*required, *[t for t in optional if t in have]])):
             try:
                 splits = load_task(root, task)
-            except TooFewExamples as e:
+            except (TooFewExamples, TaskFormatError) as e:
+                why = str(e).replace(str(root) + "/", "")  # name the file in the copy, not the temp folder
                 if task in required:
-                    raise
-                manifest.left_out[task] = str(e).replace(str(root) + "/", "")
+                    raise type(e)(f"{from_path}: {why}") from e
+                manifest.left_out[task] = why
                 continue
             rows = [e for s in SPLITS for e in splits[s]]
             sources = manifest.task_files(task)

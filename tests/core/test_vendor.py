@@ -152,3 +152,16 @@ def test_a_build_that_vendors_tasks_prepares_them_without_any_task_file(tmp_path
 
     with pytest.raises(BigBenchNotFound, match="not on this machine: fake_choice"):
         prepare_tasks(["fake_choice"], tmp_path / "out", log=lambda m: None)
+
+
+def test_a_malformed_or_empty_copy_is_named_as_the_user_gave_it(tmp_path):
+    files = release_files()
+    files["fake_sorting/task.json"] = b"{not json"
+    src = write_folder(files, tmp_path / "checkout")
+    with pytest.raises(ValueError, match=rf"^{src}: fake_sorting/task.json: not valid JSON"):
+        vendor_release(src, tmp_path / "v", required=["fake_sorting"], log=lambda m: None)
+    m = vendor_release(src, tmp_path / "v", required=["fake_choice"], optional=["fake_sorting"], log=lambda m: None)
+    assert m.left_out["fake_sorting"].startswith("fake_sorting/task.json: not valid JSON")
+    (tmp_path / "empty.tar.gz").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.tar.gz: not a readable .tar.gz, .tar or .zip archive \(empty file\)$"):
+        vendor_release(tmp_path / "empty.tar.gz", tmp_path / "v", required=["fake_choice"], log=lambda m: None)
