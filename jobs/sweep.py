@@ -205,6 +205,16 @@ def ensure_generator_for(cfg: SweepConfig, tasks: list[str], log) -> str:
     return str(ensure_generator(config=gcfg, log=log))
 
 
+def pretrain_preset_values(cfg: SweepConfig) -> dict:
+    """The settings of ``--pretrain-preset`` (``jobs/configs/pretrain_<preset>.yaml``); an unknown preset raises."""
+    from jobs.pretrain import PretrainConfig
+
+    known = presets("pretrain")
+    if cfg.pretrain_preset not in known:
+        raise ConfigError(f"--pretrain-preset {cfg.pretrain_preset!r}: unknown; choose from {sorted(known)}")
+    return load_yaml(PretrainConfig, known[cfg.pretrain_preset])
+
+
 def pretrained_scorer_path(cfg: SweepConfig) -> Path:
     """Where the scorer pretrained for this sweep lives: ``<cache>/scorer/pretrain-<preset>``."""
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
@@ -235,11 +245,8 @@ def ensure_scorer_init(cfg: SweepConfig, log) -> str:
     if (path / "config.json").is_file():
         log(f"using the pretrained scorer at {path}")
         return str(path)
-    known = presets("pretrain")
-    if cfg.pretrain_preset not in known:
-        raise ConfigError(f"--pretrain-preset {cfg.pretrain_preset!r}: unknown; choose from {sorted(known)}")
+    values = pretrain_preset_values(cfg)
     log(f"no pretrained scorer at {path}: pretraining one (`cappy pretrain --preset {cfg.pretrain_preset}`)")
-    values = load_yaml(PretrainConfig, known[cfg.pretrain_preset])
     ensure_tasks(values["tasks"], cfg.cache_dir, [], log)
     values.update(output=str(path), storage_path=str(path.parents[1] / "runs"), cache_dir=cfg.cache_dir,
                   report_to=cfg.report_to)

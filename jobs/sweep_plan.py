@@ -63,7 +63,8 @@ def plan(cfg: Any, preset: str | None = None) -> dict[str, Any]:
     from cappy_core.lm import default_generator_path, is_generator_dir
     from cappy_core.task_eval import (finished, key_digest, result_key, settings_from_config, shared_selector,
                                       trains_on_every_task)
-    from jobs.sweep import checked_config, embedded_generator_name, missing_tasks, pretrained_scorer_path
+    from jobs.sweep import (checked_config, embedded_generator_name, missing_tasks, pretrain_preset_values,
+                            pretrained_scorer_path)
 
     cfg, out = checked_config(cfg, preset)  # the sweep's own checks
     per_instruction = candidates_per_instruction(decodings_from_names(cfg.decodings, cfg.samples_per_decoding))
@@ -102,12 +103,7 @@ def plan(cfg: Any, preset: str | None = None) -> dict[str, Any]:
         init, cached = str(path), (path / "config.json").is_file()
         what = f"pretrained ({cfg.pretrain_preset}), {path}"
         if not cached:
-            from cappy_core.config import load_yaml
-            from jobs.cli import presets
-            from jobs.pretrain import PretrainConfig
-
-            preset_file = presets("pretrain").get(cfg.pretrain_preset)
-            lacking = missing_tasks(load_yaml(PretrainConfig, preset_file)["tasks"], cfg.cache_dir) if preset_file else []
+            lacking = missing_tasks(pretrain_preset_values(cfg)["tasks"], cfg.cache_dir)  # the sweep's own rule
             if lacking:
                 what += f"; MISSING: {len(lacking)} pretraining task(s) not on this machine ({', '.join(lacking)}): downloaded first"
         stages.append({"stage": "scorer init", "cached": cached, "what": what,

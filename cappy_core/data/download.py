@@ -21,7 +21,6 @@ atomically, so an interrupted download keeps what it verified and resumes.
 from __future__ import annotations
 
 import functools
-import os
 import posixpath
 import sys
 import tarfile
@@ -41,9 +40,8 @@ TASKS_DIR = "benchmark_tasks"
 #: bigbench's own formatting and split code, kept beside the tasks when the source is the
 #: hash-checked sdist, so the tests can compare our loader with it (cappy never imports it).
 REFERENCE_CODE = ("bigbench/api/json_task.py", "bigbench/bbseqio/bigbench_bridge.py")
-RAW_URL = os.environ.get("CAPPY_BIGBENCH_RAW_URL",
-                         "https://raw.githubusercontent.com/google/BIG-bench/{revision}/bigbench/benchmark_tasks/{path}")
-TARBALL_URL = os.environ.get("CAPPY_BIGBENCH_TARBALL_URL", "https://codeload.github.com/google/BIG-bench/tar.gz/{revision}")
+RAW_URL = "https://raw.githubusercontent.com/google/BIG-bench/{revision}/bigbench/benchmark_tasks/{path}"
+TARBALL_URL = "https://codeload.github.com/google/BIG-bench/tar.gz/{revision}"
 TIMEOUT_S = 30.0  # a server silent this long (connect or read) has failed
 
 
