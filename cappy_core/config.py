@@ -6,7 +6,14 @@ error that names the file and the key, so a typo never silently falls back to a 
 Each field becomes a flag ``--field-name``; ``metadata={"help": ...}`` on the field becomes its
 ``--help`` text (``"metavar"``, ``"choices"`` and, for a list, ``"repeatable": True`` are
 honoured too). Supported field types: str, int, float, bool (``--x/--no-x``), Optional of
-those, and ``list[str]`` / ``list[int]`` / ``list[float]`` (``nargs='+'``).
+those, ``list[str]`` / ``list[int]`` / ``list[float]`` (``nargs='+'``), and a dataclass: a
+*section*, one recipe embedded whole (e.g. the scorer's :class:`~cappy_core.training.ScorerSchedule`
+in every job that trains one). A section is a YAML mapping under its name and a flag per field,
+``--section.field-name``; values given for it replace those of the field's default instance, so
+a job can embed a recipe with defaults of its own. Its validation is its own (``__post_init__``).
+
+Errors: a :class:`SettingError` names the setting at fault (``schedule.lr``), so the library never
+speaks of flags; :func:`run_main` shows it as the flag (``--schedule.lr``).
 
 One mechanism for every command: :func:`build_parser` (flags from the dataclass, plus
 ``--preset NAME`` when the job ships presets, i.e. YAML files), :func:`config_from_args`
@@ -20,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import re
 import sys
 import types
 import typing
@@ -33,6 +41,53 @@ C = TypeVar("C")
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the file and field."""
+
+
+class SettingError(ConfigError):
+    """``setting`` (a field name, dotted inside a section: ``schedule.lr``) has a value that cannot
+    run; ``related`` names the other settings the ``problem`` text mentions."""
+
+    def __init__(self, setting: str, problem: str, related: Sequence[str] = ()):
+        self.setting, self.problem, self.related = setting, problem, tuple(related)
+        super().__init__(f"{setting} {problem}")
+
+    def within(self, section: str) -> "SettingError":
+        """The same error one section down: ``lr`` → ``schedule.lr``."""
+        def inner(name: str) -> str:
+            return f"{section}.{name}"
+
+        problem = self.problem
+        for name in self.related:
+            problem = _replace_setting(problem, name, inner(name))
+        return SettingError(inner(self.setting), problem, [inner(r) for r in self.related])
+
+    def as_flags(self) -> str:
+        """The message with each setting spelled as its command-line flag."""
+        problem = self.problem
+        for name in self.related:
+            problem = _replace_setting(problem, name, flag_name(name))
+        return f"{flag_name(self.setting)} {problem}"
+
+
+def _replace_setting(text: str, name: str, new: str) -> str:
+    """``name`` as a whole setting name in ``text`` (not inside ``finetune_scope`` or ``finetunes``)."""
+    return re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w-])", new.replace("\\", "\\\\"), text)
+
+
+def flag_name(setting: str) -> str:
+    """``schedule.micro_batch_size`` → ``--schedule.micro-batch-size``."""
+    return "--" + setting.replace("_", "-")
+
+
+def is_section(tp: Any) -> bool:
+    """Whether a field's type is a dataclass embedded whole (a section)."""
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -93,16 +148,33 @@ def load_yaml(cls: type[C], path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return _read_mapping(cls, data, f"{path}: ")
+
+
+def _read_mapping(cls: type, data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``data``'s values checked against ``cls``'s fields; a section's mapping recursively."""
     types_ = _field_types(cls)
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in types_:
-            close = difflib.get_close_matches(name, list(types_), n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ConfigError(f"{path}: unknown key '{key}' for {cls.__name__}{hint}")
-        out[name] = _coerce(value, types_[name], f"{path}: {key}")
+            raise ConfigError(f"{where}unknown key '{key}' for {cls.__name__}{_hint(cls, name)}")
+        if is_section(types_[name]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{key}: expected a mapping of {types_[name].__name__} keys, "
+                                  f"got {type(value).__name__}")
+            out[name] = _read_mapping(types_[name], value, f"{where}{key}.")
+        else:
+            out[name] = _coerce(value, types_[name], f"{where}{key}")
     return out
+
+
+def _hint(cls: type, name: str) -> str:
+    """``; did you mean ...?``: close field names, or the section that holds ``name``."""
+    types_ = _field_types(cls)
+    homes = [f"{k}.{name}" for k, tp in types_.items() if is_section(tp) and name in _field_types(tp)]
+    close = homes or difflib.get_close_matches(name, list(types_), n=3)
+    return f"; did you mean {', '.join(close)}?" if close else ""
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -111,16 +183,26 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         "--config", metavar="YAML", default=None,
         help="YAML file of config values; explicit flags override it",
     )
+    _add_fields(parser, cls, "", None)
+
+
+def _add_fields(parser: Any, cls: type, prefix: str, defaults: Any) -> None:
+    """One flag per field of ``cls`` (``prefix``: ``"section."``); a section gets a group of its own.
+    ``defaults``: the instance whose values ``--help`` shows (a section's default in its job)."""
     types_ = _field_types(cls)
     for f in dataclasses.fields(cls):
         tp, _ = _unwrap_optional(types_[f.name])
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        default = getattr(defaults, f.name) if defaults is not None else field_default(f)
+        if is_section(tp):
+            title = f"{f.name} (--{f.name}.*)"
+            group = parser.add_argument_group(title, f.metadata.get("help") or (tp.__doc__ or "").strip() or None)
+            _add_fields(group, tp, f"{prefix}{f.name}.", default)
+            continue
+        flag = "--" + prefix + f.name.replace("_", "-")
         help_ = f.metadata.get("help", "")
         if default is not None:
             help_ = f"{help_} (default: {default!r})" if help_ else f"default: {default!r}"
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_}
+        kwargs: dict[str, Any] = {"dest": prefix + f.name, "default": argparse.SUPPRESS, "help": help_}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         origin = typing.get_origin(tp)
@@ -161,17 +243,88 @@ def config_from_args(cls: type[C], args: argparse.Namespace,
     if preset:
         if not presets or preset not in presets:
             raise ConfigError(f"unknown preset {preset!r}; choose from {sorted(presets or {})}")
-        values.update(load_yaml(cls, presets[preset]))
+        merge(values, load_yaml(cls, presets[preset]))
     if getattr(args, "config", None):
-        values.update(load_yaml(cls, args.config))
-    names = {f.name for f in dataclasses.fields(cls)}
-    values.update({k: v for k, v in vars(args).items() if k in names})
-    return cls(**values)
+        merge(values, load_yaml(cls, args.config))
+    flags: dict[str, Any] = {}
+    for dest, value in vars(args).items():  # "schedule.lr" → {"schedule": {"lr": ...}}
+        *sections, name = dest.split(".")
+        node = flags
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[name] = value
+    merge(values, _read_known(cls, flags))
+    return build(cls, values)
+
+
+def _read_known(cls: type, flags: Mapping[str, Any]) -> dict[str, Any]:
+    """The parsed flags that are ``cls``'s fields (argparse also holds ``--preset``, ``--config``, ...)."""
+    types_ = _field_types(cls)
+    out: dict[str, Any] = {}
+    for name, value in flags.items():
+        if name in types_:
+            out[name] = _read_known(types_[name], value) if is_section(types_[name]) else value
+    return out
+
+
+def merge(into: dict[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """``into`` updated by ``values``, a section's keys one by one (later sources win per field)."""
+    for k, v in values.items():
+        if isinstance(v, Mapping) and isinstance(into.get(k), dict):
+            merge(into[k], v)
+        else:
+            into[k] = dict(v) if isinstance(v, Mapping) else v
+    return into
+
+
+def build(cls: type[C], values: Mapping[str, Any]) -> C:
+    """``cls(**values)`` where a section's values replace those of the field's default instance.
+    A section's :class:`SettingError` comes out naming the setting inside its section."""
+    types_ = _field_types(cls)
+    kwargs = dict(values)
+    for f in dataclasses.fields(cls):
+        if is_section(types_[f.name]) and isinstance(kwargs.get(f.name), Mapping):
+            try:
+                kwargs[f.name] = dataclasses.replace(field_default(f), **kwargs[f.name])
+            except SettingError as e:
+                raise e.within(f.name) from None
+    return cls(**kwargs)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """A plain dict of the resolved config, for writing next to results."""
+    """A plain dict of the resolved config, for writing next to results (a section: a dict)."""
     return dataclasses.asdict(cfg)
+
+
+def key_values(cfg: Any, *, marker: str | None = "key", flat_sections: bool = False) -> dict[str, Any]:
+    """What defines a job's result: the values of ``cfg``'s fields marked ``metadata={marker: True}``
+    (``marker=None``: every field). A section contributes its own defining fields, those it marks
+    ``"key"`` (all of them when it marks none, as a training recipe), named ``section.field``, or
+    by their bare names with ``flat_sections``. Derived from the dataclasses: a new field of a
+    recipe is in every key at once."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        if marker is not None and not f.metadata.get(marker):
+            continue
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            marked = any(g.metadata.get("key") for g in dataclasses.fields(value))
+            inner = key_values(value, marker="key" if marked and marker is not None else None)
+            out.update({("" if flat_sections else f"{f.name}.") + k: v for k, v in inner.items()})
+        else:
+            out[f.name] = value
+    return out
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"schedule": {"lr": 1}}`` → ``{"schedule.lr": 1}``: one level, for trackers' parameters."""
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 #: Exceptions that mean "the input is wrong", not "the program is": one line, exit status 2.
@@ -203,6 +356,9 @@ def run_main(fn: Callable[[], Optional[int]], *,
             status, message = claimed
             print(f"error: {message}", file=sys.stderr)
             return status
+        if isinstance(e, SettingError):  # the library names the setting; the command line knows it as a flag
+            print(f"error: {e.as_flags()}", file=sys.stderr)
+            return 2
         if isinstance(e, user_errors):
             print(f"error: {e}", file=sys.stderr)
             return 2

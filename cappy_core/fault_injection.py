@@ -11,6 +11,9 @@ tasks that act on them need no environment of their own.
   any work, so the sweep records it as failed, finishes the others, and a rerun retries it.
 * ``CAPPY_SWEEP_HANG_TASKS=a,b``: the sweep's Ray task for each named task hangs (sleeps) before
   doing any work, so ``--task-timeout-s`` cancels it and records it as failed.
+* ``CAPPY_SWEEP_DIE_TASKS=a,b``: the sweep's Ray task for each named task kills its own worker
+  process (as the OOM killer would) before doing any work, in every attempt, so Ray retries it
+  ``--task-retries`` times and the sweep records it as failed.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Optional, Sequence
 FAIL_AT_UPDATE_ENV = "CAPPY_FAIL_AT_UPDATE"
 SWEEP_FAIL_TASKS_ENV = "CAPPY_SWEEP_FAIL_TASKS"
 SWEEP_HANG_TASKS_ENV = "CAPPY_SWEEP_HANG_TASKS"
+SWEEP_DIE_TASKS_ENV = "CAPPY_SWEEP_DIE_TASKS"
 
 
 class InjectedFault(RuntimeError):
@@ -41,14 +45,14 @@ def fail_at_update(explicit: Optional[int] = None) -> Optional[int]:
         raise ValueError(f"{FAIL_AT_UPDATE_ENV}={env!r} is not an integer") from None
 
 
-def sweep_fail_tasks() -> list[str]:
-    """The sweep tasks that must fail (empty unless the variable is set)."""
-    return [t for t in os.environ.get(SWEEP_FAIL_TASKS_ENV, "").split(",") if t.strip()]
+def _tasks(env: str) -> list[str]:
+    return [t for t in os.environ.get(env, "").split(",") if t.strip()]
 
 
-def sweep_hang_tasks() -> list[str]:
-    """The sweep tasks that must hang (empty unless the variable is set)."""
-    return [t for t in os.environ.get(SWEEP_HANG_TASKS_ENV, "").split(",") if t.strip()]
+def sweep_faults() -> tuple[list[str], list[str], list[str]]:
+    """``(fail, hang, die)``: the sweep tasks that must raise, hang, or kill their worker (empty
+    unless the variables are set); the driver reads them and passes them to its Ray tasks."""
+    return _tasks(SWEEP_FAIL_TASKS_ENV), _tasks(SWEEP_HANG_TASKS_ENV), _tasks(SWEEP_DIE_TASKS_ENV)
 
 
 def check_update(update: int, fail_at: Optional[int]) -> None:
@@ -56,7 +60,10 @@ def check_update(update: int, fail_at: Optional[int]) -> None:
         raise InjectedFault(f"injected fault after update {update} ({FAIL_AT_UPDATE_ENV} / fail_at_update)")
 
 
-def check_task(task: str, fail_tasks: list[str], hang_tasks: Sequence[str] = ()) -> None:
+def check_task(task: str, fail_tasks: Sequence[str], hang_tasks: Sequence[str] = (),
+               die_tasks: Sequence[str] = ()) -> None:
+    if task in die_tasks:
+        os._exit(1)  # no cleanup, no exception: the worker process is gone
     if task in fail_tasks:
         raise InjectedFault(f"injected failure for task {task} ({SWEEP_FAIL_TASKS_ENV})")
     while task in hang_tasks:  # until cancelled

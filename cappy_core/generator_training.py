@@ -116,7 +116,7 @@ def prepare_sequences(train_by_task: Mapping[str, Sequence], *, vocab_size: int,
 @dataclass
 class FitResult:
     model: Any  # the trained LlamaForCausalLM, still on its training device
-    state: Any  # cappy_core.training.TrainState
+    state: Any  # cappy_core.train_state.TrainState
     stream: Any  # the LengthBucketedBatches it was fed (token counts)
     planned_updates: int
     seconds: float
@@ -143,7 +143,8 @@ def fit_generator(tokenizer, seqs: Sequence, *, hidden_size: int, num_layers: in
 
     from cappy_core.generator_data import LengthBucketedBatches
     from cappy_core.lm import new_llama
-    from cappy_core.training import TrainState, causal_lm_loss, make_optimizer, train
+    from cappy_core.train_state import TrainState
+    from cappy_core.training import causal_lm_loss, make_optimizer, train
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = new_llama(tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,

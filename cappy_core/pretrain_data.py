@@ -53,27 +53,25 @@ columns, else by (task, instruction). A null label (an example without reference
 a label outside [0, 1] or NaN is an error naming the file and the row.
 
 Examples come from a ``cappy data prepare`` folder or straight from the task catalog (vendored, cached)
-(:func:`load_examples`). Pairs are written and read as Parquet with
-:data:`cappy_core.labeling.PAIR_SCHEMA` (:func:`write_pairs`, :func:`read_pairs`,
-:func:`check_pair_file`, :func:`read_pair_columns`); a training run keeps its
-``train.parquet`` / ``eval.parquet`` in one folder (:func:`write_pair_files`,
-:func:`existing_pair_files`).
+(:func:`load_examples`). Pairs are written and read as Parquet by :mod:`cappy_core.pair_files`
+(:func:`write_pairs`, :func:`read_pairs`, :func:`check_pair_file`, :func:`read_pair_columns`,
+:func:`write_pair_files`, :func:`existing_pair_files`); those names are importable from here too.
 """
 
 from __future__ import annotations
 
 import random
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from cappy_core.data.records import Example
-from cappy_core.labeling import PAIR_SCHEMA, LabeledPair, build_training_pairs, pairs_to_table, table_to_pairs
+from cappy_core.labeling import LabeledPair, build_training_pairs
+from cappy_core.pair_files import (LabelError, check_labels, check_pair_file, existing_pair_files, labels_array,
+                                   parquet_files, parquet_schema, read_pair_columns, read_pairs,
+                                   read_parquet_columns, write_pair_files, write_pairs)
 
 __all__ = [
     "LabelError", "CandidateIndex", "sample_files", "read_samples", "example_pairs", "cap_per_task",
@@ -83,56 +81,6 @@ __all__ = [
 ]
 
 SAMPLE_KEY_COLUMNS = ("task", "subtask", "split", "example_idx")
-
-
-class LabelError(ValueError):
-    """A label is NaN or outside [0, 1]; the message names the file and the row."""
-
-
-def check_labels(labels: Sequence[float] | np.ndarray, where: str, skip: np.ndarray | None = None) -> None:
-    """Raise :class:`LabelError` naming ``where`` and the first bad row (0-based); rows where
-    ``skip`` is True are not checked."""
-    arr = np.asarray(labels, dtype=np.float64)
-    ok = (arr >= 0.0) & (arr <= 1.0)  # NaN fails both comparisons
-    if skip is not None:
-        ok |= skip
-    bad = np.flatnonzero(~ok)
-    if bad.size:
-        i = int(bad[0])
-        more = f" ({bad.size} bad rows in all)" if bad.size > 1 else ""
-        raise LabelError(f"{where}: row {i} (0-based): label {float(arr[i])!r} is not in [0, 1]{more}")
-
-
-def parquet_files(path: str | Path) -> list[Path]:
-    p = Path(path).expanduser()
-    if p.is_dir():
-        files = sorted(p.rglob("*.parquet"))
-        if not files:
-            raise FileNotFoundError(f"{p}: no Parquet files in this folder")
-        return files
-    if not p.is_file():
-        raise FileNotFoundError(f"no such file or folder: {p}")
-    return [p]
-
-
-def _schema(f: Path) -> pa.Schema:
-    try:
-        return pq.read_schema(f)
-    except Exception as e:  # pyarrow raises several types for corrupt files
-        raise ValueError(f"{f}: not a readable Parquet file: {e}") from e
-
-
-def _read_table(f: Path, columns: Sequence[str]) -> pa.Table:
-    names = _schema(f).names
-    missing = [c for c in columns if c not in names]
-    if missing:
-        raise ValueError(f"{f}: missing column(s) {missing}; has {names}")
-    return pq.read_table(f, columns=list(columns))
-
-
-def _labels_array(column: pa.ChunkedArray) -> np.ndarray:
-    return np.asarray([np.nan if v is None else v for v in column.to_pylist()], dtype=np.float64) \
-        if column.null_count else column.to_numpy().astype(np.float64)
 
 
 # --- sampled candidates ----------------------------------------------------------------------
@@ -185,13 +133,13 @@ def read_samples(path: str | Path, *, tasks: Iterable[str] | None = None,
     keep_splits = set(splits) if splits is not None else None
     index = CandidateIndex()
     for f in sample_files(path, keep_tasks, keep_splits):
-        names = _schema(f).names
+        names = parquet_schema(f).names
         keyed = all(c in names for c in SAMPLE_KEY_COLUMNS)
         cols = ["task", "instruction", "text", "label"] + (list(SAMPLE_KEY_COLUMNS[1:]) if keyed else [])
-        table = _read_table(f, cols)
+        table = read_parquet_columns(f, cols)
         label_col = table.column("label")
         null = np.asarray(label_col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-        check_labels(_labels_array(label_col), str(f), skip=null)
+        check_labels(labels_array(label_col), str(f), skip=null)
         rows = table.to_pydict()
         for i in range(len(rows["label"])):
             task = rows["task"][i]
@@ -386,70 +334,3 @@ def build_pair_mixture(examples: Sequence[Example], candidates: CandidateIndex |
     rng.shuffle(train)
     rng.shuffle(held)
     return tile(train, train_size), held
-
-
-# --- pair files ------------------------------------------------------------------------------
-
-def write_pairs(pairs: Sequence[LabeledPair], path: str | Path, *, row_group_size: int = 4096) -> Path:
-    """Write pairs as Parquet (:data:`PAIR_SCHEMA`) atomically."""
-    from cappy_core.io import write_parquet
-
-    return write_parquet(pairs_to_table(pairs), path, row_group_size=row_group_size)
-
-
-def write_pair_files(train: Sequence[LabeledPair], held: Sequence[LabeledPair], pairs_dir: str | Path,
-                     log: Callable[[str], None] = print) -> tuple[str, str | None]:
-    """``PAIRS_DIR/train.parquet`` and (when ``held``) ``eval.parquet``; logs what they hold.
-    Returns their paths (eval ``None`` without held-out pairs)."""
-    d = Path(pairs_dir)
-    train_file = write_pairs(train, d / "train.parquet")
-    eval_file = write_pairs(held, d / "eval.parquet") if held else None
-    sources = Counter(p.source for p in train)
-    log(f"pairs: {len(train)} train ({', '.join(f'{k} {v}' for k, v in sorted(sources.items()))}; "
-        f"{len({p.instruction for p in train})} instructions, {len({p.task for p in train})} tasks), "
-        f"{len(held)} held out ({len({p.instruction for p in held})} instructions) -> {d}")
-    return str(train_file), str(eval_file) if eval_file else None
-
-
-def existing_pair_files(pairs_dir: str | Path) -> tuple[str, str | None] | None:
-    """What :func:`write_pair_files` left in ``pairs_dir`` (``None`` without a train file)."""
-    d = Path(pairs_dir)
-    if not (d / "train.parquet").is_file():
-        return None
-    return str(d / "train.parquet"), str(d / "eval.parquet") if (d / "eval.parquet").is_file() else None
-
-
-def check_pair_file(path: str | Path) -> int:
-    """Check pair file(s) (a file or a folder of Parquet) without loading the text: the pair
-    columns exist and every label is in [0, 1]. Returns the number of rows; an error names the
-    file and the row."""
-    total = 0
-    for f in parquet_files(path):
-        names = _schema(f).names
-        missing = [c for c in PAIR_SCHEMA.names if c not in names]
-        if missing:
-            raise ValueError(f"{f}: missing pair column(s) {missing}; expected {PAIR_SCHEMA.names}")
-        arr = _labels_array(pq.read_table(f, columns=["label"]).column("label"))
-        check_labels(arr, str(f))
-        total += len(arr)
-    return total
-
-
-def read_pair_columns(path: str | Path, columns: Sequence[str] = ("instruction", "response", "label")) -> dict[str, list]:
-    """Columns of pair file(s) as plain lists (no label check: see :func:`check_pair_file`)."""
-    out: dict[str, list] = {c: [] for c in columns}
-    for f in parquet_files(path):
-        part = _read_table(f, columns).to_pydict()
-        for c in columns:
-            out[c].extend(part[c])
-    return out
-
-
-def read_pairs(path: str | Path) -> list[LabeledPair]:
-    """Read pair file(s) written by :func:`write_pairs` (or any Parquet with the pair columns),
-    checking labels first."""
-    check_pair_file(path)
-    out: list[LabeledPair] = []
-    for f in parquet_files(path):
-        out.extend(table_to_pairs(pq.read_table(f)))
-    return out

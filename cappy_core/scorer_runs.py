@@ -31,12 +31,6 @@ RUN_RECORD = "cappy_run.json"
 #: Written into every exported scorer folder: marks it as this job's to replace on a rerun.
 OUTPUT_MARKER = "cappy_output.json"
 
-#: Settings that must match for a rerun to resume an existing run.
-RESUME_KEYS = ("init", "train_size", "eval_size", "max_length", "lr", "warmup_ratio", "weight_decay",
-               "epochs", "batch_size", "micro_batch_size", "num_workers", "seed", "bucket_window")
-#: Schedule settings added later: part of the key only when not the :class:`ScorerSchedule`
-#: default, so runs recorded before they existed still resume.
-LATER_RESUME_KEYS = ("loss", "listwise_tau", "mse_weight", "group_by_instruction")
 
 
 def check_init(init: str, allow_pickle: bool = False, flag: str = "--init") -> None:
@@ -100,15 +94,22 @@ def check_output(paths: Mapping[str, str]) -> None:
                           "refusing to replace it: give a new or empty folder")
 
 
-def resume_key(settings: Mapping[str, Any], data_key: Mapping[str, Any]) -> dict[str, Any]:
-    """The key a rerun must match: :data:`RESUME_KEYS` of ``settings`` (the resolved config),
-    the non-default :data:`LATER_RESUME_KEYS`, and the job's ``data_key`` (where pairs come from)."""
+def resume_key(config: Any, data_key: Mapping[str, Any]) -> dict[str, Any]:
+    """The key a rerun must match: the job config's defining settings (:func:`cappy_core.config.key_values`:
+    the init, sizes, workers and every :class:`~cappy_core.training.ScorerSchedule` field, by its
+    bare name) and the job's ``data_key`` (where pairs come from)."""
+    from cappy_core.config import key_values
+
+    return {**key_values(config, flat_sections=True), **data_key}
+
+
+def _recorded_before(name: str, value: Any) -> bool:
+    """A schedule setting added after a run was recorded: it ran with the default, so a key
+    without it still matches when the value is that default."""
     from cappy_core.training import ScorerSchedule
 
     default = ScorerSchedule()
-    key = {k: settings[k] for k in RESUME_KEYS}
-    key.update({k: settings[k] for k in LATER_RESUME_KEYS if settings[k] != getattr(default, k)})
-    return {**key, **data_key}
+    return hasattr(default, name) and getattr(default, name) == value
 
 
 def check_run_dir(paths: Mapping[str, str], key: Mapping[str, Any], *, fresh: bool = False,
@@ -125,7 +126,8 @@ def check_run_dir(paths: Mapping[str, str], key: Mapping[str, Any], *, fresh: bo
     if not record.is_file():
         return False
     old = json.loads(record.read_text()).get("key", {})
-    diff = {k: (old.get(k), key.get(k)) for k in sorted(set(old) | set(key)) if old.get(k) != key.get(k)}
+    diff = {k: (old.get(k), key.get(k)) for k in sorted(set(old) | set(key)) if old.get(k) != key.get(k)
+            and not (k not in old and _recorded_before(k, key[k]))}
     if diff:
         shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
         raise ConfigError(f"run {paths['name']!r} in {paths['storage_path']} was started with a "
@@ -145,8 +147,8 @@ def save_checkpoint(path: str | Path, scorer: Any, state: Any, optimizer: Any, *
                     metadata: Mapping[str, Any]) -> None:
     """A resumable checkpoint folder: the scorer (:meth:`~cappy_core.scorer.Scorer.save_pretrained`;
     its ``cappy.json`` records the update, the total and ``metadata``) plus the train state and
-    Adam moments (:func:`~cappy_core.training.save_train_state`)."""
-    from cappy_core.training import save_train_state
+    Adam moments (:func:`~cappy_core.train_state.save_train_state`)."""
+    from cappy_core.train_state import save_train_state
 
     scorer.save_pretrained(path, metadata={"update": state.update, "total_updates": total_updates, **metadata})
     save_train_state(path, state, optimizer, extra={"total_updates": total_updates})

@@ -31,11 +31,11 @@ scorer is instead finetuned once, before the tasks, on every task's pairs togeth
 
 * **dev** candidates: ``score`` (the scorer), ``mbr`` (:func:`cappy_core.selectors.mbr_scores`
   per instruction over ``text``) → the fused weights, :func:`cappy_core.selectors.fit_weights`
-  over :data:`SIGNALS` on the labelled dev instructions (equal weights when there is none) →
+  over :data:`cappy_core.scored_tables.SIGNALS` on the labelled dev instructions (equal weights when there is none) →
   ``fused`` → ``tasks_dir/<task>/dev_scored.parquet`` and every method's Rouge-L on dev
   (``dev_metrics``; ``cappy+lm+mbr`` there is in-sample);
 * **validation** candidates: ``score``, ``mbr`` and ``fused`` with the dev weights (no label is
-  read: :func:`with_selector_columns`) → ``tasks_dir/<task>/validation_scored.parquet`` →
+  read: :func:`cappy_core.scored_tables.with_selector_columns`) → ``tasks_dir/<task>/validation_scored.parquet`` →
   :func:`cappy_core.evaluation.evaluate_task`, per-instruction values and rankers' Spearman.
 
 With ``keep_scorer`` the finetuned scorer is saved under ``tasks_dir/<task>/scorer`` with the
@@ -44,38 +44,28 @@ selector scorer of its own saves that one too, under ``tasks_dir/<task>/selector
 weights go there, since they are fitted on its scores; a task scored by the shared scorer,
 ``tasks_dir/_shared/scorer``, keeps its weights in ``tasks_dir/<task>``.
 
-The sweep's bookkeeping of finished tasks lives here too: each task's result record is
-``tasks_dir/<task>.json`` (:func:`result_record`), and a task counts as finished when its record
-says ``ok`` and carries the digest (:func:`key_digest`) of the settings that define its result
-(:func:`result_key`, :func:`finished`).
+The sweep's bookkeeping of finished tasks (each task's ``tasks_dir/<task>.json``) is
+:mod:`cappy_core.task_results`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import random
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from cappy_core.config import ConfigError
-from cappy_core.selectors import CAPPY_SIGNAL, LM_SIGNAL, MBR_SIGNAL
+from cappy_core.scored_tables import add_fused, add_mbr, fit_fused, score_with, with_selector_columns
 
 if TYPE_CHECKING:  # torch and pyarrow load only where a task runs
     import pyarrow as pa
 
     from cappy_core.data.records import Example
-    from cappy_core.training import ScorerSchedule
+    from cappy_core.scorer_schedule import ScorerSchedule
 
-#: The fused selector's signals and the scored-table column each is read from.
-SIGNALS = (CAPPY_SIGNAL, LM_SIGNAL, MBR_SIGNAL)
-SIGNAL_COLUMNS = {CAPPY_SIGNAL: "score", LM_SIGNAL: "logprob_mean", MBR_SIGNAL: "mbr"}
-#: The selector scorer's column: when a table has it, it is the fused selector's Cappy signal.
-SELECTOR_SCORE = "selector_score"
 #: Where :func:`finetune_shared` / :func:`finetune_shared_selector` keep the scorers finetuned on
 #: every task: ``<tasks_dir>/_shared``.
 SHARED_DIR = "_shared"
@@ -101,85 +91,6 @@ class TaskSettings:
     selector_schedule: Optional[ScorerSchedule] = None  # the fused selector's own scorer; None: schedule's
     selector_init: Optional[str] = None  # a selector scorer shared by every task (finetune_shared_selector)
     shared_selector_training: Optional[dict] = None  # finetune_shared_selector's record
-
-
-#: The sweep settings that define its sampled candidates (with the resolved generator).
-SAMPLING_DEFINING = ("backend", "decodings", "samples_per_decoding", "max_new_tokens", "seed",
-                     "max_examples_per_task", "max_train_examples_per_task")
-
-
-def candidates_folder(config: Mapping[str, Any], generator: str) -> str:
-    """The folder name, under ``OUT/candidates``, of the candidates sampled with these settings:
-    one folder per :data:`SAMPLING_DEFINING` values and generator, so a rerun with a changed
-    sampling setting samples anew beside the old candidates (and going back reuses them)
-    instead of mixing or refusing."""
-    return "sampling-" + key_digest({**{k: config[k] for k in SAMPLING_DEFINING}, "generator": generator})[:12]
-
-
-def settings_from_config(config: Mapping[str, Any], out: str | Path, init: str, generator: str) -> TaskSettings:
-    """The tasks' settings from the sweep's config (``to_dict(SweepConfig)``), its ``OUT``
-    folder and resolved generator: inputs under ``OUT/data`` and
-    ``OUT/candidates/<candidates_folder>``, results under ``OUT/tasks``."""
-    from cappy_core.training import ScorerSchedule
-
-    c, out = config, Path(out)
-    schedule = ScorerSchedule(
-        lr=c["lr"], warmup_ratio=c["warmup_ratio"], weight_decay=c["weight_decay"], epochs=c["epochs"],
-        batch_size=c["batch_size"], micro_batch_size=c["micro_batch_size"], bf16=c["bf16"], seed=c["seed"],
-        loss=c["loss"], listwise_tau=c["listwise_tau"], mse_weight=c["mse_weight"],
-        group_by_instruction=c["group_by_instruction"]) if c["finetune"] else None
-    selector_schedule = None
-    if schedule is not None and c["selector_loss"] != "same":  # listwise ranks within an instruction: grouped
-        selector_schedule = dataclasses.replace(schedule, loss=c["selector_loss"], group_by_instruction=True)
-    return TaskSettings(data_dir=str(out / "data"),
-                        candidates_dir=str(out / "candidates" / candidates_folder(c, generator)),
-                        tasks_dir=str(out / "tasks"), init=init, max_length=c["max_length"], schedule=schedule,
-                        train_size=c["train_size"], max_train_examples=c["max_train_examples_per_task"],
-                        score_dtype=c["score_dtype"], keep_scorer=c["keep_scorers"],
-                        dev_examples=c["dev_examples_per_task"], finetune_scope=c["finetune_scope"],
-                        selector_schedule=selector_schedule)
-
-
-def shared_selector(config: Mapping[str, Any]) -> bool:
-    """Whether the sweep finetunes one selector scorer for every task (``selector_scope: all``)."""
-    return bool(config["finetune"]) and config["selector_loss"] != "same" and config["selector_scope"] == "all"
-
-
-def trains_on_every_task(config: Mapping[str, Any]) -> bool:
-    """Whether a scorer is finetuned on every task's pairs (``finetune_scope: all`` or a shared
-    selector): then every task's train candidates are needed and the tasks are part of the key."""
-    return bool(config["finetune"]) and (config["finetune_scope"] == "all" or shared_selector(config))
-
-
-def check_config(config: Mapping[str, Any]) -> None:
-    """:class:`ConfigError` for sweep settings that cannot run (before any stage does)."""
-    c = config
-    for name in ("train_size", "batch_size", "micro_batch_size", "epochs", "torch_threads", "max_length",
-                 "sample_batch_rows"):
-        if c[name] < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
-    if c["batch_size"] % c["micro_batch_size"]:
-        raise ConfigError(f"--batch-size {c['batch_size']} must be a multiple of --micro-batch-size "
-                          f"{c['micro_batch_size']}")
-    if c["shared_torch_threads"] < 0:
-        raise ConfigError("--shared-torch-threads must be >= 0 (0: --torch-threads)")
-    if c["dev_examples_per_task"] < 0:
-        raise ConfigError("--dev-examples-per-task must be >= 0")
-    cap = c["max_train_examples_per_task"]
-    if c["finetune"] and cap is not None and c["dev_examples_per_task"] >= cap:
-        raise ConfigError(f"--dev-examples-per-task {c['dev_examples_per_task']} leaves none of the "
-                          f"{cap} train instructions (--max-train-examples-per-task) to finetune on")
-    if c["loss"].startswith("listwise") and not c["group_by_instruction"]:
-        raise ConfigError(f"--loss {c['loss']} ranks one instruction's candidates against each other: it needs "
-                          "--group-by-instruction (micro-batches that keep an instruction's candidates together)")
-    if c["selector_scope"] == "all" and c["selector_loss"] == "same":
-        raise ConfigError("--selector-scope all finetunes one selector scorer for every task: it needs "
-                          "--selector-loss listwise (or listwise+mse)")
-    if c["selector_loss"] != "same" and not (c["finetune"] and c["finetune_scope"] == "task"):
-        raise ConfigError(f"--selector-loss {c['selector_loss']} finetunes a second scorer per task: it needs "
-                          "--finetune and --finetune-scope task")
-    if not c["listwise_tau"] > 0 or c["mse_weight"] < 0:
-        raise ConfigError("--listwise-tau must be > 0 and --mse-weight >= 0")
 
 
 # --- instructions and pairs ------------------------------------------------------------------
@@ -347,97 +258,6 @@ def read_split_candidates(task: str, candidates_dir: str | Path, split: str,
     return table
 
 
-def score_table(scorer: Any, table: pa.Table, column: str = "score") -> pa.Table:
-    """``table`` (candidate rows) with ``column`` appended: the scorer's score of each
-    (instruction, text)."""
-    import pyarrow as pa
-
-    scores = scorer.score(table["instruction"].to_pylist(), table["text"].to_pylist())
-    return table.append_column(column, pa.array(scores, pa.float64()))
-
-
-def signal_column(table: pa.Table, name: str) -> str:
-    """The column the fused selector reads signal ``name`` from: :data:`SIGNAL_COLUMNS`, except
-    that the Cappy signal is :data:`SELECTOR_SCORE` when the table has it."""
-    if name == CAPPY_SIGNAL and SELECTOR_SCORE in table.column_names:
-        return SELECTOR_SCORE
-    return SIGNAL_COLUMNS[name]
-
-
-def score_with(scorer: Any, selector: Any | None, table: pa.Table) -> pa.Table:
-    """``table`` with ``score`` and, given a selector scorer, :data:`SELECTOR_SCORE` (:func:`score_table`)."""
-    table = score_table(scorer, table)
-    return table if selector is None else score_table(selector, table, SELECTOR_SCORE)
-
-
-def instruction_rows(instruction_ids: Sequence[str]) -> list[list[int]]:
-    """Row indices of each instruction, in first-appearance order (rows in file order)."""
-    rows: dict[str, list[int]] = {}
-    for i, iid in enumerate(instruction_ids):
-        rows.setdefault(iid, []).append(i)
-    return list(rows.values())
-
-
-def add_mbr(table: pa.Table) -> pa.Table:
-    """``table`` (candidate rows) with ``mbr`` appended: :func:`cappy_core.selectors.mbr_scores`
-    of each instruction's ``text`` (reads no label)."""
-    import numpy as np
-    import pyarrow as pa
-
-    from cappy_core.selectors import mbr_scores
-
-    texts = table["text"].to_pylist()
-    mbr = np.zeros(table.num_rows)
-    for rows in instruction_rows(table["instruction_id"].to_pylist()):
-        mbr[rows] = mbr_scores([texts[i] for i in rows])
-    return table.append_column("mbr", pa.array(mbr, pa.float64()))
-
-
-def add_fused(table: pa.Table, weights: Mapping[str, float]) -> pa.Table:
-    """``table`` (scored, with ``mbr``) with ``fused`` appended: :func:`cappy_core.selectors.fused_scores`
-    of the weighted :data:`SIGNALS` per instruction (reads no label)."""
-    import numpy as np
-    import pyarrow as pa
-
-    from cappy_core.selectors import fused_scores
-
-    cols = {name: np.asarray(table[signal_column(table, name)].to_pylist(), dtype=np.float64) for name in weights}
-    fused = np.zeros(table.num_rows)
-    for rows in instruction_rows(table["instruction_id"].to_pylist()):
-        fused[rows] = fused_scores({name: col[rows] for name, col in cols.items()}, weights)
-    return table.append_column("fused", pa.array(fused, pa.float64()))
-
-
-def with_selector_columns(table: pa.Table, weights: Mapping[str, float] | None = None) -> pa.Table:
-    """A scored candidate table with ``mbr`` (:func:`add_mbr`) and, given ``weights``, ``fused``
-    (:func:`add_fused`) appended. Reads ``instruction_id``, ``text``, ``score`` and
-    ``logprob_mean`` (and :data:`SELECTOR_SCORE` when there): never a label."""
-    table = add_mbr(table)
-    return table if weights is None else add_fused(table, weights)
-
-
-def fit_fused(table: pa.Table) -> tuple[dict[str, float], float | None, int]:
-    """The fused weights fitted on the labelled instructions of a scored table with ``mbr``
-    (:func:`cappy_core.selectors.fit_weights` over :data:`SIGNALS`): ``(weights, mean Rouge-L
-    of their picks, instructions)``. No labelled instruction: equal weights, ``None``, 0."""
-    import numpy as np
-
-    from cappy_core.selectors import fit_weights, weight_grid
-
-    labels = table["label"].to_pylist()
-    cols = {name: np.asarray(table[signal_column(table, name)].to_pylist(), dtype=np.float64) for name in SIGNALS}
-    signals, rouges = [], []
-    for rows in instruction_rows(table["instruction_id"].to_pylist()):
-        if any(labels[i] is None for i in rows):
-            continue
-        signals.append({name: col[rows] for name, col in cols.items()})
-        rouges.append([labels[i] for i in rows])
-    if not signals:
-        return weight_grid(SIGNALS)[0], None, 0
-    weights, value = fit_weights(signals, rouges, SIGNALS)
-    return weights, value, len(signals)
-
-
 def evaluate_scored(table: pa.Table, what: str) -> tuple[list, int, dict[str, Any]]:
     """``(groups, unlabeled instructions, {"metrics", "per_instruction", "spearman"})`` of a
     scored table with selector columns (:func:`cappy_core.evaluation.evaluate_task` and
@@ -538,70 +358,3 @@ def run_task(task: str, settings: TaskSettings, *, use_gpu: bool = False, torch_
                  validation_unlabeled_instructions=unlabeled)
     return {**result, "fused_weights": weights, **dev_record, "sizes": sizes,
             "training": training, "timings": timings, "device": device}
-
-
-# --- results on disk: what is finished ------------------------------------------------------
-
-#: The sweep's settings that change a task's result: a finished task is recomputed when one differs.
-RESULT_DEFINING = ("generator", "backend", "decodings", "samples_per_decoding", "max_new_tokens",
-                   "max_examples_per_task", "max_train_examples_per_task", "scorer", "finetune", "train_size",
-                   "max_length", "lr", "warmup_ratio", "weight_decay", "epochs", "batch_size", "micro_batch_size",
-                   "bf16", "seed", "score_dtype", "dev_examples_per_task", "loss", "listwise_tau", "mse_weight",
-                   "group_by_instruction", "finetune_scope", "selector_loss", "selector_scope")
-#: Raised when a task's result is computed differently: every earlier result is then recomputed.
-RESULT_VERSION = 2
-
-
-def result_key(config: Mapping[str, Any], generator: str, init: str,
-               tasks: Sequence[str] | None = None) -> dict[str, Any]:
-    """What defines a task's result: the :data:`RESULT_DEFINING` values of the sweep's ``config``,
-    with the generator and scorer init it resolved to, and :data:`RESULT_VERSION`; with
-    ``finetune_scope: all`` or a shared selector also the sweep's ``tasks`` (the shared scorer
-    trains on all of them)."""
-    key = {**{k: config[k] for k in RESULT_DEFINING}, "generator": generator, "scorer": init,
-           "version": RESULT_VERSION}
-    if trains_on_every_task(config):
-        key["finetune_tasks"] = sorted(tasks or [])
-    return key
-
-
-def key_digest(key: Mapping[str, Any]) -> str:
-    """A short digest of the settings that define a task's result."""
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def result_path(tasks_dir: str | Path, task: str) -> Path:
-    return Path(tasks_dir) / f"{task}.json"
-
-
-def read_result(tasks_dir: str | Path, task: str) -> dict:
-    """The task's result record, or ``{"task": task, "status": "missing"}``."""
-    path = result_path(tasks_dir, task)
-    return json.loads(path.read_text()) if path.is_file() else {"task": task, "status": "missing"}
-
-
-def result_record(task: str, key: Mapping[str, Any], config: Mapping[str, Any],
-                  result: Callable[[], Mapping[str, Any]], started: float) -> dict[str, Any]:
-    """The task's result record: the sweep's bookkeeping (``key`` and its digest, the resolved
-    ``config``, the wall time since ``started`` (``time.time()``)), then ``status: ok`` and what
-    ``result()`` returns, or ``status: failed`` with the error ``result()`` raised (a wrapped
-    error's ``cause`` when it has one, as Ray's task errors do) and the end of its traceback."""
-    rec: dict[str, Any] = {"task": task, "key_digest": key_digest(key), "key": dict(key), "config": dict(config),
-                           "wall_s": None}
-    try:
-        rec.update(status="ok", **result())
-    except Exception as e:
-        cause = getattr(e, "cause", None) or e
-        rec.update(status="failed", error=f"{type(cause).__name__}: {cause}",
-                   traceback="".join(traceback.format_exception(e))[-4000:])
-    rec["wall_s"] = round(time.time() - started, 1)
-    return rec
-
-
-def finished(tasks_dir: str | Path, task: str, digest: str) -> dict | None:
-    """The task's earlier result if it succeeded with the same settings, else None."""
-    try:
-        rec = json.loads(result_path(tasks_dir, task).read_text())
-    except (OSError, ValueError):
-        return None
-    return rec if rec.get("status") == "ok" and rec.get("key_digest") == digest else None

@@ -56,8 +56,8 @@ REPO = Path(__file__).resolve().parents[1]
 TASKS = ["tense", "rephrase"]  # --tasks
 TASK_DIR: list[str] = []  # --task-dir: BIG-Bench-format tasks besides the vendored and cached ones
 # The tiny setup of tests/jobs/test_sweep.py, with 1 CPU per task so the two tasks need both nodes.
-SWEEP_ARGS = ["--max-examples-per-task", "3", "--max-new-tokens", "6", "--train-size", "16", "--batch-size", "8",
-              "--micro-batch-size", "4", "--max-length", "64", "--cpus-per-task", "1", "--cpus-per-actor", "0.5",
+SWEEP_ARGS = ["--max-examples-per-task", "3", "--sampling.max-new-tokens", "6", "--train-size", "16", "--schedule.batch-size", "8",
+              "--schedule.micro-batch-size", "4", "--max-length", "64", "--cpus-per-task", "1", "--sampling.cpus-per-actor", "0.5",
               "--backend", "hf"]
 # Not uploaded with the working dir (Ray also honours .gitignore). Never a bare "data": gitignore
 # patterns match at any depth, and cappy_core/data is a package.

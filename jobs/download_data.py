@@ -19,7 +19,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-from cappy_core.config import CacheOptions, build_parser, config_from_args, run_main
+from cappy_core.config import CacheOptions
+from jobs.runtime import job_main
 
 
 @dataclass
@@ -43,36 +44,35 @@ EPILOG = """Examples:
   cappy data download --tasks word_sorting tense --from ~/BIG-bench --offline"""
 
 
+DESCRIPTION = ("Fetch BIG-Bench 1.0.0 task files the package does not ship into the cache, each checked "
+               "against the release manifest; tries --from PATH, then GitHub's raw files at the pinned "
+               "revision, then its tarball. Files already in the cache are kept.")
+
+
+def run(cfg: DownloadConfig) -> None:
+    from cappy_core.data.catalog import TaskCatalog
+    from cappy_core.data.download import download_tasks
+
+    catalog = TaskCatalog.open(cfg.cache_dir)
+    if cfg.tasks:
+        names, unavailable = catalog.resolve(cfg.tasks, require=False)
+        for why in unavailable.values():
+            print(f"unavailable: {why}", file=sys.stderr)
+        wanted: Optional[list[str]] = [t for t in names if t not in catalog]
+        if not wanted:
+            print(f"all {len(names)} tasks are on this machine already; nothing to download")
+            return
+    else:
+        vendored = set(catalog.manifest.vendored)
+        wanted = [t for t in catalog.manifest.tasks if t not in vendored] if catalog.manifest.files else None
+    root = download_tasks(wanted, cache_dir=cfg.cache_dir, from_path=cfg.from_path, revision=cfg.revision,
+                          network=not cfg.offline, timeout=cfg.timeout_s)
+    print(f"BIG-Bench task files ready: {root}")
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = build_parser(
-        DownloadConfig, prog=prog or "python -m jobs.download_data",
-        description="Fetch BIG-Bench 1.0.0 task files the package does not ship into the cache, each checked "
-                    "against the release manifest; tries --from PATH, then GitHub's raw files at the pinned "
-                    "revision, then its tarball. Files already in the cache are kept.", epilog=EPILOG)
-    args = parser.parse_args(argv)
-
-    def body() -> None:
-        from cappy_core.data.catalog import TaskCatalog
-        from cappy_core.data.download import download_tasks
-
-        cfg = config_from_args(DownloadConfig, args)
-        catalog = TaskCatalog.open(cfg.cache_dir)
-        if cfg.tasks:
-            names, unavailable = catalog.resolve(cfg.tasks, require=False)
-            for why in unavailable.values():
-                print(f"unavailable: {why}", file=sys.stderr)
-            wanted: Optional[list[str]] = [t for t in names if t not in catalog]
-            if not wanted:
-                print(f"all {len(names)} tasks are on this machine already; nothing to download")
-                return
-        else:
-            vendored = set(catalog.manifest.vendored)
-            wanted = [t for t in catalog.manifest.tasks if t not in vendored] if catalog.manifest.files else None
-        root = download_tasks(wanted, cache_dir=cfg.cache_dir, from_path=cfg.from_path, revision=cfg.revision,
-                              network=not cfg.offline, timeout=cfg.timeout_s)
-        print(f"BIG-Bench task files ready: {root}")
-
-    return run_main(body)
+    return job_main(DownloadConfig, lambda cfg, _: run(cfg), job="download_data", module="jobs.download_data",
+                    argv=argv, prog=prog, epilog=EPILOG, description=DESCRIPTION)
 
 
 if __name__ == "__main__":

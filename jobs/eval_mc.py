@@ -38,10 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from jobs.runtime import job_main
 from cappy_core.classification import (ACCEPTANCE_TASKS, check_tasks, csv_rows, format_table,
                                        multiple_choice_examples, results_record, scorer_labels,
                                        seen_tasks, summarise, task_row)
-from cappy_core.config import CacheOptions, ConfigError, build_parser, config_from_args, run_main, to_dict
+from cappy_core.config import CacheOptions, ConfigError, to_dict
 
 
 @dataclass
@@ -159,14 +160,11 @@ def _report(cfg: EvalMCConfig) -> None:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = build_parser(
-        EvalMCConfig, prog=prog or "python -m jobs.eval_mc",
-        description="Classification with Cappy alone: score every answer choice of held-out "
-                    "multiple-choice BIG-Bench tasks, argmax, accuracy per scorer.",
-        epilog="example:\n  cappy eval-mc --tasks " + " ".join(ACCEPTANCE_TASKS)
-               + " --scorers minilm ~/cappy_runs/pretrain-local/scorer --max-examples 100")
-    args = parser.parse_args(argv)
-    return run_main(lambda: report(config_from_args(EvalMCConfig, args)))
+    return job_main(EvalMCConfig, lambda cfg, _: report(cfg), job="eval_mc", module="jobs.eval_mc", argv=argv,
+                    prog=prog, description="Classification with Cappy alone: score every answer choice of held-out "
+                                           "multiple-choice BIG-Bench tasks, argmax, accuracy per scorer.",
+                    epilog="example:\n  cappy eval-mc --tasks " + " ".join(ACCEPTANCE_TASKS)
+                           + " --scorers minilm ~/cappy_runs/pretrain-local/scorer --max-examples 100")
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-from cappy_core.config import CacheOptions, ConfigError, build_parser, config_from_args, run_main
-from jobs.cli import presets
+from cappy_core.config import CacheOptions, ConfigError
+from jobs.runtime import job_main
 from jobs.train_scorer import TrainScorerConfig, explain, run_job
 
 JOB = "finetune"
@@ -58,7 +58,7 @@ def build_pairs(cfg: FinetuneConfig, pairs_dir: str, log=print) -> tuple[str, st
     log(f"examples: {len(examples)} train examples of {cfg.task}"
         + (f"; {len(candidates)} sampled candidates" if candidates is not None else ""))
     train, held = build_pair_mixture(examples, candidates, train_size=cfg.train_size,
-                                     eval_size=cfg.eval_size, seed=cfg.seed)
+                                     eval_size=cfg.eval_size, seed=cfg.schedule.seed)
     return write_pair_files(train, held, pairs_dir, log)
 
 
@@ -72,14 +72,8 @@ def run(cfg: FinetuneConfig, log=print) -> dict:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = build_parser(FinetuneConfig, prog=prog or "python -m jobs.finetune", description=DESCRIPTION,
-                          epilog=EPILOG, presets=presets(JOB))
-    args = parser.parse_args(argv)
-
-    def job() -> None:
-        run(config_from_args(FinetuneConfig, args, presets(JOB)))
-
-    return run_main(job, explain=explain)
+    return job_main(FinetuneConfig, lambda cfg, _: run(cfg) and None, job=JOB, module="jobs.finetune", argv=argv, prog=prog,
+                    description=DESCRIPTION, epilog=EPILOG, explain=explain)
 
 
 if __name__ == "__main__":

@@ -211,8 +211,9 @@ def log_file(folder: str | Path, job: str, log: Callable[[str], None] = print) -
         ray = sys.modules.get("ray")
         try:
             if ray is not None and ray.is_initialized():
-                logger.debug("Ray workers' logs: %s", ray._private.worker._global_node.get_logs_dir_path())
-        except Exception:  # naming the folder is a courtesy (a private Ray API); never fail the job for it
+                ctx = ray.get_runtime_context()  # Ray's session folder: <temp dir>/<session name>/logs
+                logger.debug("Ray workers' logs: %s", Path(ctx.get_temp_dir(), ctx.get_session_name(), "logs"))
+        except Exception:  # naming the folder is a courtesy; never fail the job for it
             pass
         _active = None
         active.detach()

@@ -15,7 +15,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from cappy_core.config import CacheOptions, build_parser, config_from_args, run_main
+from cappy_core.config import CacheOptions
+from jobs.runtime import job_main
 
 
 @dataclass
@@ -34,21 +35,17 @@ EPILOG = """Examples:
   cappy data prepare --tasks tellmewhy --task-dir ~/BIG-bench/bigbench/benchmark_tasks"""
 
 
+def run(cfg: PrepareConfig) -> None:
+    from cappy_core.data.prepare import prepare_tasks
+
+    prepare_tasks(cfg.tasks, cfg.out, task_dirs=cfg.task_dir, cache_dir=cfg.cache_dir, overwrite=cfg.overwrite)
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = build_parser(
-        PrepareConfig, prog=prog or "python -m jobs.prepare_data",
-        description="Write BIG-Bench tasks as Parquet, one file per task and split, with the "
-                    "Hugging Face BIG-bench loader's formatting and train/validation split.",
-        epilog=EPILOG)
-    args = parser.parse_args(argv)
-
-    def body() -> None:
-        from cappy_core.data.prepare import prepare_tasks
-
-        cfg = config_from_args(PrepareConfig, args)
-        prepare_tasks(cfg.tasks, cfg.out, task_dirs=cfg.task_dir, cache_dir=cfg.cache_dir, overwrite=cfg.overwrite)
-
-    return run_main(body)
+    return job_main(PrepareConfig, lambda cfg, _: run(cfg), job="prepare_data", module="jobs.prepare_data",
+                    argv=argv, prog=prog, epilog=EPILOG,
+                    description="Write BIG-Bench tasks as Parquet, one file per task and split, with the "
+                                "Hugging Face BIG-bench loader's formatting and train/validation split.")
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-from cappy_core.config import CacheOptions, ConfigError, build_parser, config_from_args, run_main
-from jobs.cli import presets
+from cappy_core.config import CacheOptions, ConfigError
+from jobs.runtime import job_main
 from jobs.train_scorer import TrainScorerConfig, explain, run_job
 
 JOB = "pretrain"
@@ -70,7 +70,7 @@ def build_pairs(cfg: PretrainConfig, pairs_dir: str, log=print) -> tuple[str, st
         + (f"; {len(candidates)} sampled candidates" if candidates is not None else ""))
     train, held = build_pair_mixture(examples, candidates, train_size=cfg.train_size,
                                      eval_size=cfg.eval_size, max_pairs_per_task=cfg.max_pairs_per_task,
-                                     max_wrong_choices=cfg.max_wrong_choices, seed=cfg.seed)
+                                     max_wrong_choices=cfg.max_wrong_choices, seed=cfg.schedule.seed)
     return write_pair_files(train, held, pairs_dir, log)
 
 
@@ -83,14 +83,8 @@ def run(cfg: PretrainConfig, log=print) -> dict:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = build_parser(PretrainConfig, prog=prog or "python -m jobs.pretrain", description=DESCRIPTION,
-                          epilog=EPILOG, presets=presets(JOB))
-    args = parser.parse_args(argv)
-
-    def job() -> None:
-        run(config_from_args(PretrainConfig, args, presets(JOB)))
-
-    return run_main(job, explain=explain)
+    return job_main(PretrainConfig, lambda cfg, _: run(cfg) and None, job=JOB, module="jobs.pretrain", argv=argv, prog=prog,
+                    description=DESCRIPTION, epilog=EPILOG, explain=explain)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     cappy sample --tasks auto_categorization operators --generator PATH --backend vllm
     ray job submit --working-dir . -- python -m jobs.sample_label --tasks all45 \\
-        --generator PATH_OR_HF_ID --backend vllm --gpus-per-actor 1 [--num-actors 8] \\
+        --generator PATH_OR_HF_ID --backend vllm --sampling.gpus-per-actor 1 [--sampling.num-actors 8] \\
         [--data /mnt/shared/bb --out /mnt/shared/candidates]
 
 Pipeline:
@@ -11,8 +11,8 @@ Pipeline:
    .parquet``), cuts each file into shards of ``--shard-size`` instructions and keeps the shards
    without a completion record; rows it cannot use (empty instruction, a null field) are counted
    and reported, never dropped silently;
-2. Ray Data: ``map_batches(CandidateStage)`` on an ``ActorPoolStrategy`` pool of
-   ``--num-actors`` actors, each holding one generator (``--backend vllm|hf``, ``--gpus-per-actor``
+2. Ray Data: ``map_batches(CandidateStage)`` (:mod:`jobs.candidate_stage`) on an ``ActorPoolStrategy`` pool of
+   ``--sampling.num-actors`` actors, each holding one generator (``--backend vllm|hf``, ``--sampling.gpus-per-actor``
    on a cluster, fractional CPUs on a laptop), emits one row per (instruction, decoding, sample);
 3. ``map_batches(label_batch)``: stateless CPU tasks add the Rouge-L label (exactly rouge-score's)
    against the example's references (null when it has none);
@@ -24,7 +24,7 @@ A rerun skips completed shards and redoes the others from scratch, so an interru
 with exactly instructions × candidates rows and no duplicates (Ray Data's ``write_parquet``
 cannot give that: it names files per block and has no per-input commit; shards, records and the
 summary: ``cappy_core/shards.py``). Sampling seeds come
-from (``--seed``, instruction id, decoding, sample), so a resumed run samples what an
+from (``--sampling.seed``, instruction id, decoding, sample), so a resumed run samples what an
 uninterrupted one would. ``OUT/sample_config.json`` records the settings that define the output;
 a rerun with different ones is refused (use a new ``--out`` or ``--overwrite``). Schema:
 ``cappy_core/candidates.py``.
@@ -45,7 +45,6 @@ Ray 2.60 enables token authentication for Jobs: pass the cluster's token as Ray'
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -56,21 +55,21 @@ from typing import Optional
 
 import pyarrow as pa
 
-from cappy_core.config import ConfigError, build_parser, config_from_args, run_main, to_dict
-from cappy_core.generation import BACKENDS, MAX_NEW_TOKENS, MIN_NEW_TOKENS, PAPER_DECODING_NAMES, PAPER_NUM_SAMPLES
+from cappy_core.config import SettingError, key_values
+from cappy_core.generation import BACKENDS, SamplingSpec
+from jobs.runtime import job_main, job_output
 
 logger = logging.getLogger("jobs.sample_label")  # not __name__: "__main__" under python -m
 
 #: Generator actors that may die in a row while loading the model before the job fails.
 INIT_DEATHS = 3
 
-# Settings that change what is written: a resumed run must use the same ones.
-OUTPUT_DEFINING = ("generator", "backend", "decodings", "samples_per_decoding", "max_new_tokens", "min_new_tokens",
-                   "max_prompt_tokens", "seed", "dtype", "shard_size", "max_examples_per_task")
-
 
 @dataclass
 class SampleConfig:
+    """``cappy sample``'s settings; those marked ``"key"`` (and the sampling section's own) define
+    the candidates, so a resumed output must have been written with the same ones."""
+
     tasks: list[str] = field(default_factory=lambda: ["all45"], metadata={
         "help": "'all45', 'pretrain' or task names, among the tasks prepared under --data"})
     splits: list[str] = field(default_factory=lambda: ["train", "validation"], metadata={"help": "splits to sample"})
@@ -78,37 +77,26 @@ class SampleConfig:
     out: str = field(default="data/candidates", metadata={
         "help": "output folder, or a URI (s3://, gs://, ...: written in a local staging folder and uploaded "
                 "shard by shard)"})
-    generator: Optional[str] = field(default=None, metadata={
+    generator: Optional[str] = field(default=None, metadata={"key": True,
         "help": "generator: a Hugging Face folder or hub id (default: the embedded generator trained by "
                 "`cappy generator train`)"})
-    backend: str = field(default="vllm", metadata={"choices": list(BACKENDS),
+    backend: str = field(default="vllm", metadata={"key": True, "choices": list(BACKENDS),
                                                    "help": "vllm (decoder-only) or hf (transformers; also seq2seq)"})
-    decodings: list[str] = field(default_factory=lambda: list(PAPER_DECODING_NAMES), metadata={
-        "help": "decodings: greedy, beam<N>, sample, temp<T>, topk<K>, topp<P>"})
-    samples_per_decoding: int = field(default=PAPER_NUM_SAMPLES, metadata={
-        "help": "candidates per sampling decoding"})
-    max_new_tokens: int = field(default=MAX_NEW_TOKENS, metadata={"help": "most generated tokens"})
-    min_new_tokens: int = field(default=MIN_NEW_TOKENS, metadata={"help": "fewest tokens before end-of-sequence"})
-    max_prompt_tokens: Optional[int] = field(default=None, metadata={
+    sampling: SamplingSpec = field(default_factory=SamplingSpec, metadata={
+        "key": True, "help": "how candidates are drawn (decodings, samples, tokens, seed) and spread (batches, actors)"})
+    max_prompt_tokens: Optional[int] = field(default=None, metadata={"key": True,
         "help": "instructions keep their last N generator tokens (default: the length the embedded "
                 "generator was trained on, from its cappy_generator.json; 512 for other models)"})
-    seed: int = field(default=0, metadata={"help": "sampling seed (per instruction, decoding and sample)"})
-    max_examples_per_task: Optional[int] = field(default=None, metadata={
+    max_examples_per_task: Optional[int] = field(default=None, metadata={"key": True,
         "help": "use only the first N examples of each task and split (small runs)"})
-    shard_size: int = field(default=256, metadata={"help": "instructions per output file (the unit of resume)"})
-    batch_size: int = field(default=32, metadata={"help": "instructions per generator call"})
-    batch_rows: int = field(default=64, metadata={"help": "--backend hf: candidate rows decoded in one batch (a "
-                            "call's batch-size x 17 decodes at once: fewer steps of per-step overhead, more memory)"})
+    shard_size: int = field(default=256, metadata={"key": True, "help": "instructions per output file (the unit of resume)"})
     decode_loop: str = field(default="shared", metadata={
         "help": "--backend hf: how a prompt's KV cache is kept while its candidates decode: shared (once "
                 "for all of them; the default where the model allows it, else cached), cached (repeated "
                 "per candidate), generate (model.generate per decoding)"})
-    num_actors: int = field(default=1, metadata={"help": "generator actors (one model each)"})
-    gpus_per_actor: float = field(default=0.0, metadata={"help": "GPUs per generator actor (0 on CPU)"})
-    cpus_per_actor: float = field(default=1.0, metadata={"help": "CPUs reserved per generator actor"})
     label_cpus: float = field(default=0.25, metadata={"help": "CPUs per Rouge-L labelling task"})
     label_tasks: int = field(default=2, metadata={"help": "most concurrent labelling tasks (Rouge-L is fast)"})
-    dtype: str = field(default="auto", metadata={
+    dtype: str = field(default="auto", metadata={"key": True,
         "help": "model dtype: auto (as the checkpoint was saved), float32, bfloat16, float16"})
     kv_cache_gb: Optional[float] = field(default=None, metadata={
         "help": "vLLM KV cache size in GiB (default: vLLM's; on CPU 10%% of RAM)"})
@@ -121,83 +109,37 @@ class SampleConfig:
     overwrite: bool = field(default=False, metadata={
         "help": "redo every selected shard, even completed ones, and accept changed settings"})
 
+    def __post_init__(self) -> None:
+        from cappy_core.generation import DECODE_LOOPS
+
+        for name in ("shard_size", "label_tasks"):  # the sampling section checks its own
+            if getattr(self, name) < 1:
+                raise SettingError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.max_examples_per_task is not None and self.max_examples_per_task < 0:
+            raise SettingError("max_examples_per_task", f"must be >= 0, got {self.max_examples_per_task}")
+        if self.decode_loop not in DECODE_LOOPS:
+            raise SettingError("decode_loop", f"must be one of {', '.join(DECODE_LOOPS)}, got {self.decode_loop!r}")
+        bad = [s for s in self.splits if s not in ("train", "validation")]
+        if bad:
+            raise SettingError("splits", f"{bad}: unknown; use train and/or validation")
+
 
 EPILOG = """Examples:
   cappy sample --tasks auto_categorization operators --generator ~/gen --backend vllm
-  cappy sample --tasks tense --generator ~/gen --backend hf --max-examples-per-task 32 --cpus-per-actor 0.5
+  cappy sample --tasks tense --generator ~/gen --backend hf --max-examples-per-task 32 --sampling.cpus-per-actor 0.5
   ray job submit --working-dir . -- python -m jobs.sample_label --tasks all45 \\
-      --generator PATH_OR_HF_ID --backend vllm --gpus-per-actor 1 --num-actors 8"""
-
-
-def honour_cpu_reservation() -> None:
-    """Run torch on as many threads as the actor reserved CPUs. Ray sets ``OMP_NUM_THREADS`` to the
-    reservation (at least 1), but torch ignores it when the driver's environment preloads libgomp
-    (``LD_PRELOAD``, which starting a vLLM engine sets in its process): a 1-CPU actor then ran on every
-    core, competing with the other actors and making its measured rate that of more cores."""
-    import torch
-
-    threads = os.environ.get("OMP_NUM_THREADS", "")
-    if threads.isdigit() and int(threads) > 0:
-        torch.set_num_threads(int(threads))
-
-
-class CandidateStage:
-    """Ray Data actor stage: one generator per actor; one input row → one row per candidate."""
-
-    def __init__(self, backend: str, generator: str, generator_kwargs: dict, decodings: tuple,
-                 max_new_tokens: int, min_new_tokens: int, seed: int):
-        from cappy_core.generation import load_generator
-
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # engine start logs ~100 lines per actor
-        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-        if os.environ.get("TRANSFORMERS_VERBOSITY", "error") not in ("info", "debug"):  # --log-level debug shows them
-            from cappy_core.scorer import quiet_transformers
-
-            quiet_transformers()  # the weight-loading bar of every actor would print between the progress bars
-        if backend == "hf":
-            honour_cpu_reservation()
-        self.gen = load_generator(backend, generator, **generator_kwargs)
-        self.decodings = decodings
-        self.kw = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, seed=seed)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        from cappy_core.candidates import expand_with_candidates
-
-        started = time.time()
-        cands = self.gen.generate(batch["instruction"].to_pylist(), self.decodings,
-                                  keys=batch["instruction_id"].to_pylist(), **self.kw)
-        return expand_with_candidates(batch, cands, started)
-
-
-def check_config(cfg: SampleConfig) -> None:
-    for name in ("shard_size", "batch_size", "num_actors", "label_tasks", "samples_per_decoding", "max_new_tokens"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
-    if cfg.max_examples_per_task is not None and cfg.max_examples_per_task < 0:
-        raise ConfigError("--max-examples-per-task must be >= 0")
-    from cappy_core.generation import DECODE_LOOPS
-
-    if cfg.decode_loop not in DECODE_LOOPS:
-        raise ConfigError(f"--decode-loop must be one of {', '.join(DECODE_LOOPS)}, got {cfg.decode_loop!r}")
-    bad_splits = [s for s in cfg.splits if s not in ("train", "validation")]
-    if bad_splits:
-        raise ConfigError(f"unknown split(s) {bad_splits}: use train and/or validation")
+      --generator PATH_OR_HF_ID --backend vllm --sampling.gpus-per-actor 1 --sampling.num-actors 8"""
 
 
 def run(cfg: SampleConfig, log=print) -> dict:
     """Sample, label and write; returns the summary (also printed). One run per ``--out`` at a
-    time: a second one refuses at once, naming the holder (:func:`cappy_core.io.output_lock`)."""
+    time: a second one refuses at once, naming the holder (:func:`cappy_core.io.output_lock`);
+    a URI ``--out`` is staged locally and uploaded shard by shard."""
     from cappy_core.io import with_local_paths
-    from cappy_core.remote import locked_output
-    from jobs.log_file import log_file
 
-    check_config(cfg)
     cfg = with_local_paths(cfg, "data")
-    with locked_output(cfg.out, "--out", "cappy sample", log=log) as out:  # a URI: staged, uploaded per shard
-        cfg = dataclasses.replace(cfg, out=out)
-        with log_file(cfg.out, "sample", log) as log:
-            logger.debug("config: %s", json.dumps(to_dict(cfg)))
-            return _run_locked(cfg, log)
+    with job_output(cfg.out, "--out", "cappy sample", "sample", cfg, log, logger=logger) as (out, log):
+        return _run_locked(dataclasses.replace(cfg, out=out), log)
 
 
 def _run_locked(cfg: SampleConfig, log) -> dict:
@@ -207,7 +149,8 @@ def _run_locked(cfg: SampleConfig, log) -> dict:
     from cappy_core.generation import candidates_per_instruction, decodings_from_names, resolve_generator
     from cappy_core.remote import sync_outputs
 
-    decodings = decodings_from_names(cfg.decodings, cfg.samples_per_decoding)
+    sampling = cfg.sampling
+    decodings = decodings_from_names(sampling.decodings, sampling.samples_per_decoding)
     per_instruction = candidates_per_instruction(decodings)
     tasks, unavailable = resolve_tasks(cfg.tasks, sh.prepared_tasks(cfg.data))
     for why in unavailable.values():
@@ -218,11 +161,14 @@ def _run_locked(cfg: SampleConfig, log) -> dict:
     generator = resolved.path
     if cfg.max_prompt_tokens is None:
         cfg = dataclasses.replace(cfg, max_prompt_tokens=resolved.max_prompt_tokens)
-    sh.check_settings(cfg.out, {**to_dict(cfg), "generator": generator}, OUTPUT_DEFINING, overwrite=cfg.overwrite)
+    # what changes the candidates (the fields marked "key"): a resumed output must have the same ones
+    defining = [*key_values(cfg, flat_sections=True), "generator"]
+    sh.check_settings(cfg.out, {**key_values(cfg, marker=None, flat_sections=True), "generator": generator}, defining,
+                      overwrite=cfg.overwrite)
     todo, done = sh.plan_shards(cfg.data, cfg.out, tasks, cfg.splits, shard_size=cfg.shard_size,
                                 max_examples_per_task=cfg.max_examples_per_task, overwrite=cfg.overwrite)
 
-    meta = {"generator": generator, "backend": cfg.backend, "decodings": list(cfg.decodings),
+    meta = {"generator": generator, "backend": cfg.backend, "decodings": list(sampling.decodings),
             "candidates_per_instruction": per_instruction}
     t0 = time.time()
     timing = {"generation_began": None}
@@ -248,21 +194,18 @@ def _sample_shards(cfg, todo, generator, decodings, per_instruction, meta, timin
     from tqdm import tqdm
 
     from cappy_core.candidates import add_labels
+    from cappy_core.generation import GeneratorSpec
+    from jobs.candidate_stage import CandidateStage
     from cappy_core.remote import sync_outputs
     from cappy_core.shards import write_shard
     from jobs.log_file import init_ray
 
-    gen_kwargs: dict = {"max_prompt_tokens": cfg.max_prompt_tokens, "dtype": cfg.dtype,
-                        "allow_pickle": cfg.allow_pickle, "trust_remote_code": cfg.trust_remote_code}
-    if cfg.backend == "hf":
-        gen_kwargs["batch_rows"] = cfg.batch_rows
-        gen_kwargs["decode_loop"] = cfg.decode_loop
-    if cfg.backend == "vllm":
-        gen_kwargs["max_model_len"] = cfg.max_prompt_tokens + cfg.max_new_tokens
-        if cfg.kv_cache_gb is not None:
-            gen_kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gb * (1 << 30))
-        if cfg.gpu_memory_utilization is not None:
-            gen_kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+    gen_kwargs = GeneratorSpec(
+        generator, cfg.backend, max_prompt_tokens=cfg.max_prompt_tokens, dtype=cfg.dtype,
+        allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code, batch_rows=cfg.sampling.batch_rows,
+        decode_loop=cfg.decode_loop, max_model_len=cfg.max_prompt_tokens + cfg.sampling.max_new_tokens,
+        kv_cache_memory_bytes=None if cfg.kv_cache_gb is None else int(cfg.kv_cache_gb * (1 << 30)),
+        gpu_memory_utilization=cfg.gpu_memory_utilization).backend_kwargs()
     init_ray()  # ray.init, and Ray's driver log kept in the log file
     if "RAY_DATA_MAX_CONSECUTIVE_ACTOR_INIT_DEATHS" not in os.environ:
         # Ray Data fails the job when a generator actor dies while loading its model (its default,
@@ -270,12 +213,12 @@ def _sample_shards(cfg, todo, generator, decodings, per_instruction, meta, timin
         ray.data.DataContext.get_current().max_consecutive_actor_init_deaths = INIT_DEATHS
     ds = ray.data.from_arrow([s.rows for s in todo])
     ds = ds.map_batches(
-        CandidateStage, batch_format="pyarrow", batch_size=cfg.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None,
+        CandidateStage, batch_format="pyarrow", batch_size=cfg.sampling.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=cfg.sampling.num_actors),
+        num_cpus=cfg.sampling.cpus_per_actor, num_gpus=cfg.sampling.gpus_per_actor or None,
         fn_constructor_kwargs=dict(backend=cfg.backend, generator=generator, generator_kwargs=gen_kwargs,
-                                   decodings=decodings, max_new_tokens=cfg.max_new_tokens,
-                                   min_new_tokens=cfg.min_new_tokens, seed=cfg.seed))
+                                   decodings=decodings, max_new_tokens=cfg.sampling.max_new_tokens,
+                                   min_new_tokens=cfg.sampling.min_new_tokens, seed=cfg.sampling.seed))
     # Rouge-L labels: stateless CPU tasks
     ds = ds.map_batches(add_labels, batch_format="pyarrow", num_cpus=cfg.label_cpus,
                         compute=ray.data.TaskPoolStrategy(size=cfg.label_tasks))
@@ -313,16 +256,11 @@ def _sample_shards(cfg, todo, generator, decodings, per_instruction, meta, timin
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = build_parser(
-        SampleConfig, prog=prog or "python -m jobs.sample_label", epilog=EPILOG,
-        description="Sample candidates for BIG-Bench instructions with an LLM (vLLM or transformers) on Ray "
-                    "Data, label each with Rouge-L against the references, write Parquet per task and split.")
-    args = parser.parse_args(argv)
-
-    def body() -> None:
-        run(config_from_args(SampleConfig, args))
-
-    return run_main(body)
+    return job_main(SampleConfig, lambda cfg, _: run(cfg) and None, job="sample", module="jobs.sample_label",
+                    argv=argv, prog=prog, epilog=EPILOG,
+                    description="Sample candidates for BIG-Bench instructions with an LLM (vLLM or transformers) on "
+                                "Ray Data, label each with Rouge-L against the references, write Parquet per task "
+                                "and split.")
 
 
 if __name__ == "__main__":

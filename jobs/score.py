@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from cappy_core.config import ConfigError, build_parser, config_from_args, run_main
+from cappy_core.config import ConfigError
+from jobs.runtime import job_main
 
 
 @dataclass
@@ -105,10 +106,8 @@ def run(cfg: ScoreConfig) -> None:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = build_parser(ScoreConfig, prog=prog or "python -m jobs.score",
-                          description="Score (instruction, response) pairs with a Cappy scorer.")
-    args = parser.parse_args(argv)
-    return run_main(lambda: run(config_from_args(ScoreConfig, args)))
+    return job_main(ScoreConfig, lambda cfg, _: run(cfg), job="score", module="jobs.score", argv=argv, prog=prog,
+                    description="Score (instruction, response) pairs with a Cappy scorer.")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
     cappy serve --config serve_app/config.yaml --dry-run   # validate and print the resolved args
 
 Defaults (no ``--generator`` / ``--scorer`` and none in the file), by the sweep's own cache rules
-(:func:`jobs.sweep.sweep_models`): the generator ``cappy sweep --preset local`` trained (else the
+(:func:`jobs.sweep_layout.sweep_models`): the generator ``cappy sweep --preset local`` trained (else the
 one ``cappy generator train`` wrote), and the scorer it pretrained; missing ones are an error that
 says how to get them. An untrained scorer head (``minilm``) is served only with
 ``--allow-untrained-scorer``, and ``/healthz`` then says so.
@@ -94,7 +94,7 @@ def apply_sweep_defaults(raw: dict, allow_untrained: bool, strict: bool = True, 
     ``minilm`` only with ``allow_untrained``, else (``strict``) a ``FileNotFoundError``.
     """
     from cappy_core.lm import default_generator_path
-    from jobs.sweep import sweep_models
+    from jobs.sweep_layout import sweep_models
 
     sweep_gen, sweep_scorer = sweep_models(cache_dir=cache_dir)
     gen, sc = raw.setdefault("generator", {}), raw.setdefault("scorer", {})

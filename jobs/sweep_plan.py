@@ -1,5 +1,9 @@
 """``cappy sweep --dry-run``: what a sweep would do, from what is on disk, without doing any of it.
 
+The same rules as the run (:func:`jobs.sweep_layout.plan_tasks`: tasks to run, tasks sampled,
+splits, folders, keys), so the two cannot disagree; this module only adds what is cached and
+how long the rest would take.
+
 Per task and split the instructions and candidates it would sample; per stage whether it is
 cached (BIG-Bench, ``OUT/data``, the generator, the pretrained scorer, sampled shards, finished
 tasks, with the same checks the sweep makes); and an estimated time from the measured rates
@@ -11,6 +15,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+
+from jobs.sweep_config import SweepConfig
+from jobs.sweep_layout import (checked_config, embedded_generator_name, missing_tasks, plan_tasks,
+                               pretrain_preset_values, pretrained_scorer_path)
 
 # Measured rates on a 2-core AVX2 CPU (README, "The main job"): `cappy sweep --preset local` cold
 # (BIG-Bench download and preparation 41 s, generator 482 s for 1,500 updates, scorer pretraining
@@ -29,7 +37,7 @@ DOWNLOAD_S = 41.0
 RATES_SOURCE = "measured: `cappy sweep --preset local`, 2-core CPU (README, The main job)"
 
 
-def _task_sizes(cfg: Any, out: Path) -> tuple[dict[str, dict[str, int]], dict[str, str], list[str], bool, str]:
+def _task_sizes(cfg: SweepConfig, out: Path) -> tuple[dict[str, dict[str, int]], dict[str, str], list[str], bool, str]:
     """``({task: {split: examples}}, {spec: why unavailable}, tasks not on this machine, OUT/data
     ready, where from)``. An unknown task raises, as in the run."""
     from cappy_core.data.bigbench import TooFewExamples
@@ -56,18 +64,15 @@ def _task_sizes(cfg: Any, out: Path) -> tuple[dict[str, dict[str, int]], dict[st
     return sizes, unavailable, missing, ready, "OUT/data" if ready else "the task catalog (vendored, cached)"
 
 
-def plan(cfg: Any, preset: str | None = None) -> dict[str, Any]:
-    """The plan as a dict (see :func:`format_plan`); raises the sweep's own config errors."""
-    from cappy_core.config import to_dict
+def plan(cfg: SweepConfig, preset: str | None = None) -> dict[str, Any]:
+    """The plan as a dict (see :func:`format_plan`): the run's own rules (:mod:`jobs.sweep_layout`)
+    applied to what is on disk; raises the run's own config errors."""
     from cappy_core.generation import candidates_per_instruction, decodings_from_names
     from cappy_core.lm import default_generator_path, is_generator_dir
-    from cappy_core.task_eval import (finished, key_digest, result_key, settings_from_config, shared_selector,
-                                      trains_on_every_task)
-    from jobs.sweep import (checked_config, embedded_generator_name, missing_tasks, pretrain_preset_values,
-                            pretrained_scorer_path)
 
-    cfg, out = checked_config(cfg, preset)  # the sweep's own checks
-    per_instruction = candidates_per_instruction(decodings_from_names(cfg.decodings, cfg.samples_per_decoding))
+    cfg, out = checked_config(cfg, preset)
+    per_instruction = candidates_per_instruction(decodings_from_names(cfg.sampling.decodings,
+                                                                     cfg.sampling.samples_per_decoding))
     stages: list[dict[str, Any]] = []
     sizes, unavailable, missing, data_ready, sizes_from = _task_sizes(cfg, out)
     if missing:
@@ -95,7 +100,7 @@ def plan(cfg: Any, preset: str | None = None) -> dict[str, Any]:
     if cfg.scorer:
         from cappy_core.scorer_runs import check_init
 
-        check_init(cfg.scorer, flag="--scorer")  # the sweep's own check
+        check_init(cfg.scorer, flag="--scorer")  # the run's own check
         init = cfg.scorer
         stages.append({"stage": "scorer init", "cached": True, "seconds": 0.0, "what": f"given: {init}"})
     else:
@@ -103,48 +108,41 @@ def plan(cfg: Any, preset: str | None = None) -> dict[str, Any]:
         init, cached = str(path), (path / "config.json").is_file()
         what = f"pretrained ({cfg.pretrain_preset}), {path}"
         if not cached:
-            lacking = missing_tasks(pretrain_preset_values(cfg)["tasks"], cfg.cache_dir)  # the sweep's own rule
+            lacking = missing_tasks(pretrain_preset_values(cfg)["tasks"], cfg.cache_dir)  # the run's own rule
             if lacking:
                 what += f"; MISSING: {len(lacking)} pretraining task(s) not on this machine ({', '.join(lacking)}): downloaded first"
         stages.append({"stage": "scorer init", "cached": cached, "what": what,
                        "seconds": 0.0 if cached else PRETRAIN_LOCAL_S})
 
-    key = result_key(to_dict(cfg), generator, init, tasks)
-    settings = settings_from_config(to_dict(cfg), out, init, generator)
-    done = {t for t in tasks if not cfg.redo and finished(settings.tasks_dir, t, key_digest(key)) is not None}
-    todo = [t for t in tasks if t not in done]
-    shared_sel = shared_selector(to_dict(cfg))
-    sampled_for = tasks if trains_on_every_task(to_dict(cfg)) else todo
-    splits = ([("train", cfg.max_train_examples_per_task)] if cfg.finetune or cfg.dev_examples_per_task else []) + \
-        [("validation", cfg.max_examples_per_task)]
+    p = plan_tasks(cfg, out, tasks, generator, init)
     rows = []
     for task in tasks:
-        row: dict[str, Any] = {"task": task, "finished": task in done}
-        for split, cap in splits:
+        row: dict[str, Any] = {"task": task, "finished": task not in p.todo}
+        for split, cap in p.splits:
             n = sizes[task].get(split, 0)
             row[split] = min(n, cap) if cap is not None else n
-            row[f"{split}_sampled"] = _sampled(Path(settings.candidates_dir) / split, task, split)
+            row[f"{split}_sampled"] = _sampled(Path(p.settings.candidates_dir) / split, task, split)
         rows.append(row)
-    to_sample = sum(max(0, r[s] - r[f"{s}_sampled"]) for r in rows if r["task"] in sampled_for for s, _ in splits)
-    total = sum(r[s] for r in rows for s, _ in splits)
-    stages.append({"stage": "sample + label", "cached": (not todo or to_sample == 0) and not missing,
+    to_sample = sum(max(0, r[s] - r[f"{s}_sampled"]) for r in rows if r["task"] in p.sampled for s, _ in p.splits)
+    total = sum(r[s] for r in rows for s, _ in p.splits)
+    stages.append({"stage": "sample + label", "cached": (not p.todo or to_sample == 0) and not missing,
                    "what": f"{total:,} instructions x {per_instruction} = {total * per_instruction:,} candidates; "
                            f"{to_sample:,} instructions to sample",
-                   "seconds": (to_sample * per_instruction / SAMPLING_CANDIDATES_PER_S) if todo else 0.0})
-    if shared_sel:
-        stages.append({"stage": "shared selector", "cached": not todo and not missing,
+                   "seconds": (to_sample * per_instruction / SAMPLING_CANDIDATES_PER_S) if p.todo else 0.0})
+    if cfg.shared_selector:
+        stages.append({"stage": "shared selector", "cached": not p.todo and not missing,
                        "what": f"one {cfg.selector_loss} scorer finetuned on {len(tasks)} x {cfg.train_size} pairs",
-                       "seconds": len(tasks) * cfg.train_size / SHARED_PAIRS_PER_S if todo else 0.0})
-    per_task = TASK_S if cfg.selector_loss == "same" or not cfg.finetune or shared_sel else TASK_S_WITH_SELECTOR
-    stages.append({"stage": "tasks", "cached": not todo and not missing, "seconds": len(todo) * per_task,
-                   "what": f"{len(done)} finished with these settings, {len(todo)} to run "
+                       "seconds": len(tasks) * cfg.train_size / SHARED_PAIRS_PER_S if p.todo else 0.0})
+    per_task = TASK_S if cfg.selector_loss == "same" or not cfg.finetune or cfg.shared_selector else TASK_S_WITH_SELECTOR
+    stages.append({"stage": "tasks", "cached": not p.todo and not missing, "seconds": len(p.todo) * per_task,
+                   "what": f"{len(tasks) - len(p.todo)} finished with these settings, {len(p.todo)} to run "
                            f"({cfg.cpus_per_task} CPU{f' + {cfg.gpus_per_task} GPU' if cfg.gpus_per_task else ''} each)"})
     if missing:
         for s in stages:
             if s["stage"] in ("sample + label", "shared selector", "tasks"):
                 s["what"] = "not known until the missing tasks are here"
     return {"out": str(out), "tasks": tasks, "missing": missing, "unavailable": unavailable, "sizes_from": sizes_from,
-            "splits": [s for s, _ in splits], "candidates_per_instruction": per_instruction, "rows": rows,
+            "splits": [s for s, _ in p.splits], "candidates_per_instruction": per_instruction, "rows": rows,
             "stages": stages, "estimated_s": sum(s["seconds"] for s in stages), "rates": RATES_SOURCE}
 
 

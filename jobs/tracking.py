@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from cappy_core.config import flatten
+
 REPORT_TO = ("none", "tensorboard", "mlflow", "wandb")
 _PACKAGES = {"tensorboard": "tensorboardX", "mlflow": "mlflow", "wandb": "wandb"}
 
@@ -66,7 +68,8 @@ class Tracker:
     def __init__(self, kind: str, folder: str | Path, run_name: str, params: Mapping[str, Any]):
         check_report_to(kind)
         self.kind, folder = kind, Path(folder)
-        flat = {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in params.items()}
+        flat = {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
+                for k, v in flatten(params).items()}  # a section's settings as schedule.lr, ...
         if kind == "tensorboard":
             from tensorboardX import SummaryWriter
 
@@ -123,6 +126,9 @@ class Tracker:
             for step in sorted(self._rows):
                 self._wb.log(self._rows[step], step=step)
             self._wb.finish()
+            import wandb
+
+            wandb.teardown()  # finish() can return before the run file is whole; teardown waits for its writer
         return self.where
 
 
@@ -146,10 +152,10 @@ def scorer_run(tracker: Tracker, results: Mapping[str, Any], total_updates: int)
     """pretrain / finetune: loss and learning rate per update, evals, throughput."""
     from cappy_core.training import lr_at, warmup_updates
 
-    cfg = results["config"]
-    warmup = warmup_updates(total_updates, cfg["warmup_ratio"])
+    schedule = results["config"]["schedule"]
+    warmup = warmup_updates(total_updates, schedule["warmup_ratio"])
     for i, loss in enumerate(results["losses"]):
-        tracker.scalars({"train/loss": loss, "train/lr": lr_at(i, total_updates, warmup, cfg["lr"])}, i + 1)
+        tracker.scalars({"train/loss": loss, "train/lr": lr_at(i, total_updates, warmup, schedule["lr"])}, i + 1)
     for ev in results.get("evals") or []:
         tracker.scalars({f"eval/{k}": v for k, v in ev.items() if k != "update"}, int(ev.get("update", 0)))
     last = len(results["losses"])

@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-from cappy_core.config import build_parser, config_from_args, run_main
+from jobs.runtime import job_main
 
 
 @dataclass
@@ -68,29 +68,25 @@ def check(cfg: VendorConfig) -> int:
     return 1 if problems else 0
 
 
+def run(cfg: VendorConfig) -> int | None:
+    from cappy_core.config import ConfigError
+    from cappy_core.data.release import vendored_dir
+    from cappy_core.data.vendor import vendor_release
+
+    if cfg.check:
+        return check(cfg)
+    if not cfg.from_path:
+        raise ConfigError("give --from PATH: a copy of the BIG-Bench 1.0.0 release (archive or folder)")
+    required, optional = vendored_task_lists()
+    vendor_release(cfg.from_path, cfg.out or vendored_dir(), required=required, optional=optional,
+                   max_bytes=int(cfg.max_mib * 2**20), revision=cfg.revision)
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = build_parser(VendorConfig, prog=prog or "python -m jobs.vendor_data",
-                          description="Write the BIG-Bench records the package ships (one zstd Parquet file per "
-                                      "task) and the release manifest (every task.json with its sha256, git blob id "
-                                      "and example count) from a copy of the release; a rerun writes the same bytes. "
-                                      "Nothing in the copy is run.")
-    args = parser.parse_args(argv)
-
-    def body() -> int | None:
-        from cappy_core.config import ConfigError
-        from cappy_core.data.release import vendored_dir
-        from cappy_core.data.vendor import vendor_release
-
-        cfg = config_from_args(VendorConfig, args)
-        if cfg.check:
-            return check(cfg)
-        if not cfg.from_path:
-            raise ConfigError("give --from PATH: a copy of the BIG-Bench 1.0.0 release (archive or folder)")
-        required, optional = vendored_task_lists()
-        vendor_release(cfg.from_path, cfg.out or vendored_dir(), required=required, optional=optional,
-                       max_bytes=int(cfg.max_mib * 2**20), revision=cfg.revision)
-
-    return run_main(body)
+    return job_main(VendorConfig, lambda cfg, _: run(cfg), job="vendor_data", module="jobs.vendor_data", argv=argv,
+                    prog=prog, description="Write the BIG-Bench records the package ships (one zstd Parquet file "
+                    "per task) and the release manifest (every task.json with its sha256, git blob id and example "
+                    "count) from a copy of the release; a rerun writes the same bytes. Nothing in the copy is run.")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """``Generator`` deployment: candidates with log-likelihoods from a ``cappy_core.generation`` backend.
 
-A thin shell over :func:`cappy_core.generation.load_generator`: the vLLM backend when it is
+A thin shell over :class:`cappy_core.generation.GeneratorSpec`: the vLLM backend when it is
 installed, the transformers backend otherwise (or when asked); the model name means what
 :func:`cappy_core.generation.resolve_generator` says. Seeds are keyed by instruction text, so a
 candidate does not depend on what else is generated with it.
@@ -47,28 +47,25 @@ def _load(backend: str, model: str | None, load_kwargs: dict[str, Any]):
     is not installed or does not run the model, an encoder-decoder such as FLAN-T5)."""
     from transformers import AutoConfig
 
-    from cappy_core.generation import load_generator, resolve_generator
+    from cappy_core.generation import GeneratorSpec, resolve_generator
 
     resolved = resolve_generator(model, backend, option="generator.model")
     path = resolved.path
-    load_kwargs = {"max_prompt_tokens": resolved.max_prompt_tokens, **load_kwargs}
+    spec = GeneratorSpec.from_kwargs(path, "vllm" if backend == "auto" else backend, **{
+        "max_prompt_tokens": resolved.max_prompt_tokens, "async_engine": True, **load_kwargs})
     if backend == "auto":
-        hf_kwargs = {k: v for k, v in load_kwargs.items()
-                     if k in ("max_prompt_tokens", "dtype", "device", "batch_rows", "trust_remote_code",
-                               "allow_pickle")}
-        config = AutoConfig.from_pretrained(path, trust_remote_code=bool(load_kwargs.get("trust_remote_code")))
+        hf = dataclasses.replace(spec, backend="hf", engine_args={})  # vLLM's engine options do not apply
+        config = AutoConfig.from_pretrained(path, trust_remote_code=bool(spec.trust_remote_code))
         if getattr(config, "is_encoder_decoder", False):
             logger.info("generator: %s is an encoder-decoder model, which vLLM does not run; using the "
                         "transformers backend", path)
-            return load_generator("hf", path, **hf_kwargs)
+            return hf.load()
         try:
-            return load_generator("vllm", path, async_engine=True, **load_kwargs)
+            return spec.load()
         except ImportError as e:
             logger.info("generator: vLLM not usable (%s); using the transformers backend", e)
-            return load_generator("hf", path, **hf_kwargs)
-    if backend == "vllm":
-        return load_generator("vllm", path, async_engine=True, **load_kwargs)
-    return load_generator(backend, path, **load_kwargs)
+            return hf.load()
+    return spec.load()
 
 
 class GeneratorReplica:

@@ -28,6 +28,7 @@ import time
 
 from ray import serve
 
+from cappy_core.data.tasks import UnknownTaskError
 from cappy_core.selectors import read_selector
 from serve_app.args import list_task_scorers, resolve_task_scorer
 
@@ -35,10 +36,6 @@ logger = logging.getLogger("ray.serve")
 
 DEFAULT_ID = "default"
 HEALTH_FRESH_S = 30.0  # a batch scored this recently proves the model works: no probe
-
-
-class UnknownTaskError(ValueError):
-    """The multiplexed id names no scorer and ``unknown_task="error"``."""
 
 
 class ScorerReplica:

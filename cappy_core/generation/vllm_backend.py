@@ -37,15 +37,15 @@ import itertools
 from collections.abc import Generator as PyGenerator
 from typing import Any
 
-from cappy_core.generation import (
+from cappy_core.generation.base import (
     DEFAULT_PROMPT_TOKENS,
-    DecodingSpec,
     Generator,
-    beam_search_step,
-    beam_width,
+    check_backend_settings,
     eos_token_ids,
     gather_or_cancel,
 )
+from cappy_core.generation.beam_search import beam_search_step, beam_width
+from cappy_core.generation.decoding import DecodingSpec
 
 __all__ = ["VLLMGenerator"]
 
@@ -75,8 +75,7 @@ class VLLMGenerator(Generator):
                 "as README says; or use the transformers backend (--backend hf)") from e
         from transformers import AutoConfig, AutoTokenizer
 
-        if max_prompt_tokens < 2:
-            raise ValueError(f"max_prompt_tokens must be >= 2, got {max_prompt_tokens}")
+        check_backend_settings(max_prompt_tokens)
         self.model = str(model)
         self.max_prompt_tokens = max_prompt_tokens
         if "load_format" in llm_kwargs:  # the weights policy is use_safetensors (load_generator's allow_pickle)

@@ -151,15 +151,16 @@ def _data(root: Path, n: int) -> Path:
 
 
 def _sample(cfg: ChaosConfig, data: Path, gen: Path, out: Path) -> tuple[float, dict]:
+    from cappy_core.generation import SamplingSpec
     from jobs.sample_label import SampleConfig, run as run_sample
 
     t0 = time.monotonic()
     with redirect_stdout(io.StringIO()):  # the job's own report: this prints one JSON line
         summary = run_sample(SampleConfig(
             tasks=["chaos"], splits=["train"], data=str(data), out=str(out), generator=str(gen), backend="hf",
-            decodings=["beam2", "sample"], samples_per_decoding=2, max_new_tokens=cfg.max_new_tokens,
-            seed=cfg.seed, shard_size=cfg.shard_size, batch_size=cfg.shard_size, num_actors=cfg.num_actors,
-            cpus_per_actor=0.5, dtype="float32"))
+            sampling=SamplingSpec(decodings=["beam2", "sample"], samples_per_decoding=2, max_new_tokens=cfg.max_new_tokens,
+                                  seed=cfg.seed, batch_size=cfg.shard_size, num_actors=cfg.num_actors, cpus_per_actor=0.5),
+            shard_size=cfg.shard_size, dtype="float32"))
     return time.monotonic() - t0, summary
 
 
@@ -167,6 +168,8 @@ SWEEP_TASKS = ("tense", "rephrase")
 
 
 def _sweep(cfg: ChaosConfig, gen: Path, out: Path) -> float:
+    from cappy_core.generation import SamplingSpec
+    from cappy_core.scorer_schedule import ScorerSchedule
     from jobs.sweep import SweepConfig, run as run_sweep
 
     t0 = time.monotonic()
@@ -174,9 +177,10 @@ def _sweep(cfg: ChaosConfig, gen: Path, out: Path) -> float:
         run_sweep(SweepConfig(
             tasks=list(SWEEP_TASKS), out=str(out), generator=str(gen), backend="hf", scorer="minilm",
             max_examples_per_task=3, max_train_examples_per_task=3, dev_examples_per_task=1,
-            max_new_tokens=cfg.max_new_tokens, train_size=16, batch_size=8, micro_batch_size=4, max_length=64,
-            cpus_per_task=0.5, cpus_per_actor=0.5, num_actors=cfg.num_actors, seed=cfg.seed,
-            task_retries=max(3, cfg.kills)))  # every kill may land on the same task
+            sampling=SamplingSpec(max_new_tokens=cfg.max_new_tokens, cpus_per_actor=0.5, num_actors=cfg.num_actors,
+                                  seed=cfg.seed),
+            train_size=16, schedule=ScorerSchedule(batch_size=8, micro_batch_size=4, seed=cfg.seed), max_length=64,
+            cpus_per_task=0.5, task_retries=max(3, cfg.kills)))  # every kill may land on the same task
     return time.monotonic() - t0
 
 
@@ -197,24 +201,30 @@ def _sweep_outcome(out: Path) -> tuple:
             pa.concat_tables([read_candidates(f) for f in folders]))
 
 
-def _actor_restarts() -> int:
-    from ray._private.state import actors  # the GCS actor table: needs no dashboard
+def _actors() -> list:
+    """Every actor of the cluster with its pid, class and restarts: Ray's state API (public; it
+    is served by the dashboard, which :func:`run` starts for that)."""
+    import ray
+    from ray.util.state import list_actors
 
-    return sum(a.get("NumRestarts", 0) for a in actors().values())
+    return list_actors(address=ray.get_runtime_context().gcs_address, detail=True, limit=100_000,
+                       raise_on_missing_output=False)
+
+
+def _actor_restarts() -> int:
+    return sum(a.num_restarts or 0 for a in _actors())
 
 
 def _is_actor(pid: int, title: str) -> bool:
     """Whether the worker ``pid`` (process title ``title``) holds an actor: its pid or its class
     (``ray::Class`` or ``ray::Class.method``) is in the GCS actor table."""
     import ray
-    from ray._private.state import actors
 
     if not ray.is_initialized():
         return False
-    table = actors().values()
     name = title.removeprefix("ray::")
-    return any(a.get("Pid") == pid or (a.get("ActorClassName") and (name == a["ActorClassName"] or name.startswith(
-        a["ActorClassName"] + "."))) for a in table)
+    return any(a.pid == pid or (a.class_name and (name == a.class_name or name.startswith(a.class_name + ".")))
+               for a in _actors())
 
 
 def run(cfg: ChaosConfig) -> int:
@@ -232,7 +242,9 @@ def run(cfg: ChaosConfig) -> int:
     data = _data(root, cfg.instructions)
     os.environ.pop("RAY_ADDRESS", None)  # our own cluster: its workers are our descendants
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback only, as the tests run it
-    ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=False,
+    # the dashboard serves the state API that tells actors from tasks (_actors); it listens on
+    # loopback and its processes (ray-dashboard-*) are not the killer's targets
+    ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, log_to_driver=False,
              object_store_memory=500_000_000, _node_ip_address="127.0.0.1")
     if cfg.job == "sweep":
         def job(out: Path) -> float:

@@ -59,14 +59,9 @@ def bench_instructions(n: int) -> list[str]:
 
 
 def local_sweep_generator() -> str:
-    from cappy_core.config import load_yaml
-    from cappy_core.data.tasks import LOCAL_TASKS
-    from cappy_core.lm import default_generator_path
-    from jobs.cli import presets
-    from jobs.sweep import SweepConfig, embedded_generator_name
+    from jobs.sweep_layout import sweep_models
 
-    cfg = SweepConfig(**load_yaml(SweepConfig, presets("sweep")["local"]))
-    path = default_generator_path(embedded_generator_name(cfg, list(LOCAL_TASKS))[0])
+    path = sweep_models("local")[0]  # the sweep's own rule: its embedded generator for its tasks
     if not (path / "config.json").is_file():
         raise SystemExit(f"the local sweep's embedded generator is not at {path}: run `cappy sweep --preset local` "
                          "(it trains it), or pass --generator PATH (or --generator tiny)")
@@ -142,7 +137,7 @@ def _run(args, tmp: Path) -> dict:
     import torch
 
     from cappy_core.data.records import Example, split_path, write_examples
-    from cappy_core.generation import PAPER_DECODINGS, candidates_per_instruction, load_generator
+    from cappy_core.generation import PAPER_DECODINGS, GeneratorSpec, candidates_per_instruction
     from cappy_core.lm import generator_metadata, tiny_generator
 
     if args.generator == "tiny":
@@ -186,14 +181,12 @@ def _run(args, tmp: Path) -> dict:
     environment = dict(os.environ)
     for path in [x for x in args.paths if not x.startswith("job-")]:
         t = time.perf_counter()
-        if path == "vllm":
-            gen = load_generator("vllm", model, dtype=args.vllm_dtype, max_prompt_tokens=max_prompt,
-                                 kv_cache_memory_bytes=int(args.kv_cache_gb * (1 << 30)),
-                                 max_model_len=max_prompt + args.max_new_tokens)
-        else:
-            gen = load_generator("hf", model, dtype="float32", max_prompt_tokens=max_prompt,
-                                 decode_loop={"hf-generate": "generate", "hf-cached": "cached"}.get(path, "shared"),
-                                 batch_rows=args.batch_rows)
+        backend = "vllm" if path == "vllm" else "hf"
+        gen = GeneratorSpec(model, backend, max_prompt_tokens=max_prompt,
+                            dtype=args.vllm_dtype if backend == "vllm" else "float32",
+                            decode_loop={"hf-generate": "generate", "hf-cached": "cached"}.get(path, "shared"),
+                            batch_rows=args.batch_rows, max_model_len=max_prompt + args.max_new_tokens,
+                            kv_cache_memory_bytes=int(args.kv_cache_gb * (1 << 30))).load()
         load_s = time.perf_counter() - t
         time_direct(gen, instructions[:2], args.batch_size, **kw)  # warm-up: allocator, kernels (untimed)
         if args.profile and path == "hf":  # where the cached loop's time goes, by torch operator
@@ -212,6 +205,7 @@ def _run(args, tmp: Path) -> dict:
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
+        from cappy_core.generation import SamplingSpec
         from jobs.sample_label import SampleConfig, run
 
         examples = [Example("bench", "", "train", i, text, ["x"]) for i, text in enumerate(instructions)]
@@ -223,12 +217,11 @@ def _run(args, tmp: Path) -> dict:
             backend, _, loop = path.removeprefix("job-").partition("-")
             out = tmp / path
             cfg = SampleConfig(tasks=["bench"], splits=["train"], data=str(tmp / "data"), out=str(out),
-                               generator=model, backend=backend, max_new_tokens=args.max_new_tokens,
-                               dtype=args.vllm_dtype if backend == "vllm" else "float32",
-                               batch_size=args.batch_size, batch_rows=args.batch_rows, shard_size=args.batch_size,
-                               decode_loop=loop or "shared",
-                               kv_cache_gb=args.kv_cache_gb,
-                               cpus_per_actor=1.0, label_cpus=0.25)
+                               generator=model, backend=backend,
+                               sampling=SamplingSpec(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                                     batch_rows=args.batch_rows, cpus_per_actor=1.0),
+                               dtype=args.vllm_dtype if backend == "vllm" else "float32", shard_size=args.batch_size,
+                               decode_loop=loop or "shared", kv_cache_gb=args.kv_cache_gb, label_cpus=0.25)
             summary = run(cfg, log=lambda msg: print(msg, file=sys.stderr))
             toks = sum(pc.sum(pq.read_table(f, columns=["num_tokens"])["num_tokens"]).as_py()
                        for f in sorted(out.rglob("part-*.parquet")))

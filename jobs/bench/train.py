@@ -74,18 +74,20 @@ def make_pairs(cfg: TrainBenchConfig, out_dir: Path) -> str:
 
 
 def train_config(cfg: TrainBenchConfig, workers: int, threads: int, storage: Path, name: str):
+    from cappy_core.scorer_schedule import ScorerSchedule
     from jobs.pretrain import PretrainConfig
 
+    schedule = ScorerSchedule(lr=5e-5, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size // workers,
+                              seed=cfg.seed)
     return PretrainConfig(init=cfg.model, name=name, storage_path=str(storage), output=str(storage / name / "out"),
-                          train_size=cfg.pairs, eval_size=0, max_length=cfg.max_length, lr=5e-5,
-                          batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size // workers,
+                          train_size=cfg.pairs, eval_size=0, max_length=cfg.max_length, schedule=schedule,
                           num_workers=workers, cpus_per_worker=0.5, torch_threads=threads,
-                          checkpoint_every=10 ** 6, log_every=10 ** 6, max_failures=0, seed=cfg.seed)
+                          checkpoint_every=10 ** 6, log_every=10 ** 6, max_failures=0)
 
 
 def time_ray(cfg: TrainBenchConfig, pairs: str, workers: int, threads: int, storage: Path, name: str) -> dict:
     from cappy_core.scorer_runs import resolve_paths
-    from jobs.train_scorer import run_training
+    from jobs.scorer_trainer import run_training
 
     tc = train_config(cfg, workers, threads, storage, f"bench-{name}")
     t = time.time()
@@ -100,12 +102,11 @@ def time_plain(cfg: TrainBenchConfig, pairs: str, storage: Path) -> dict:
     from cappy_core.pretrain_data import read_pair_columns
     from cappy_core.scorer import Scorer
     from cappy_core.training import Throughput, fit_scorer
-    from jobs.train_scorer import schedule_of
 
     tc = train_config(cfg, 1, cfg.threads, storage, "plain")
     torch.set_num_threads(cfg.threads)
     t = time.time()
-    schedule = schedule_of(tc)
+    schedule = tc.schedule
     scorer = Scorer.from_pretrained(tc.init, dtype="bfloat16" if schedule.bf16 else "float32", device="cpu",
                                     max_length=tc.max_length, seed=schedule.seed, for_training=True)
     meter, rate = Throughput(1), [0.0]

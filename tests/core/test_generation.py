@@ -250,7 +250,7 @@ def test_hf_sampling_is_reproducible_and_independent_of_batching(hf):
 def test_sampling_draws_follow_the_warped_distribution():
     """The per-row rule draws each token with its (warped) probability, never a masked or
     zero-probability one, and a row's uniform depends on its seed and step only."""
-    from cappy_core.generation.hf_backend import choose_tokens, row_uniforms, spec_warpers
+    from cappy_core.generation.token_choice import choose_tokens, row_uniforms, spec_warpers
 
     seeds = torch.arange(20_000, dtype=torch.int64) * 7919 + 2**40
     u0, u1 = row_uniforms(seeds, 0), row_uniforms(seeds, 1)
@@ -274,7 +274,7 @@ def test_top_p_keeps_what_transformers_top_p_keeps(top_p):
     ties: distinct logits), with -inf logits (masked tokens) present, on inference tensors too."""
     from transformers import TopPLogitsWarper
 
-    from cappy_core.generation.hf_backend import TopPFromSortedLogits
+    from cappy_core.generation.token_choice import TopPFromSortedLogits
 
     g = torch.Generator().manual_seed(0)
     logits = (torch.randperm(64 * 512, generator=g).view(64, 512).float() / 400.0).exp() * 0.1 - 3

@@ -104,7 +104,7 @@ def test_atomic_dir_swap_never_leaves_a_reader_without_a_whole_checkpoint(tmp_pa
     dest.mkdir()
     (dest / "config.json").write_text("0")
     (dest / "weights").write_text("0")
-    misses, stop = [], threading.Event()
+    misses, whole, stop, first = [], [], threading.Event(), threading.Event()
 
     def read_at(fd, name):
         f = os.open(name, os.O_RDONLY, dir_fd=fd)
@@ -112,6 +112,9 @@ def test_atomic_dir_swap_never_leaves_a_reader_without_a_whole_checkpoint(tmp_pa
             return os.read(f, 16)
         finally:
             os.close(f)
+
+    def same(st, other):
+        return (st.st_dev, st.st_ino) == (other.st_dev, other.st_ino)
 
     def read():  # as a loader does: open the folder once, read its files from it
         while not stop.is_set():
@@ -124,14 +127,26 @@ def test_atomic_dir_swap_never_leaves_a_reader_without_a_whole_checkpoint(tmp_pa
                 a, b = (read_at(fd, n) for n in ("config.json", "weights"))
                 if a != b:
                     misses.append(f"mixed {a} {b}")
-            except FileNotFoundError:
-                pass  # the folder this reader opened was replaced and deleted: it opens the new one next
+                whole.append(a)
+                first.set()
+            except FileNotFoundError as e:
+                # Allowed only when the folder this reader opened is no longer dest: it was swapped out
+                # and is being deleted (the reader opens the new one next). The open descriptor keeps
+                # its inode alive, so a folder still at dest has the same identity: a file missing from
+                # the checkpoint in place is a miss. (A swapped-out folder never comes back, so an
+                # allowed miss is never counted.)
+                try:
+                    if same(os.fstat(fd), os.stat(dest)):
+                        misses.append(f"missing in place: {e}")
+                except FileNotFoundError as gone:
+                    misses.append(str(gone))
             finally:
                 os.close(fd)
 
     reader = threading.Thread(target=read)
     reader.start()
     try:
+        assert first.wait(30), "the reader read nothing"  # it reads before, during and after the swaps
         for i in range(1, 300):
             with atomic_dir(dest) as tmp:
                 (tmp / "config.json").write_text(str(i))
@@ -139,7 +154,7 @@ def test_atomic_dir_swap_never_leaves_a_reader_without_a_whole_checkpoint(tmp_pa
     finally:
         stop.set()
         reader.join()
-    assert (dest / "config.json").read_text() == "299" and misses == []
+    assert (dest / "config.json").read_text() == "299" and misses == [] and whole
     assert [p.name for p in tmp_path.iterdir()] == ["scorer"]  # no old or temporary folder left
 
 

@@ -22,6 +22,49 @@ PER_TASK = {
 }
 
 
+@pytest.fixture
+def charts(monkeypatch):
+    """The figures the report saves (``summary.png``), in order, read back after they are written."""
+    from matplotlib.figure import Figure
+
+    saved, savefig = [], Figure.savefig
+
+    def record(fig, *args, **kwargs):
+        saved.append(fig)
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    return saved
+
+
+def chart_bars(fig) -> dict[str, dict[str, tuple[float, tuple[float, float] | None]]]:
+    """The chart's left panel as drawn: ``{selector: {task: (bar length, (error bar's low, high) or None)}}``
+    (the error bar's segment, in data coordinates, as matplotlib holds it)."""
+    ax = fig.axes[0]
+    tasks = [t.get_text() for t in ax.get_yticklabels()]
+    out = {}
+    for bars in ax.containers:
+        if not hasattr(bars, "patches"):  # the error bars' own container; read through the bars'
+            continue
+        segments = bars.errorbar.lines[2][0].get_segments() if bars.errorbar is not None else [[]] * len(bars)
+        rows = {}
+        for patch, seg in zip(bars.patches, segments):
+            task = tasks[round(patch.get_y() + patch.get_height() / 2)]
+            if len(seg):
+                (lo, y0), (hi, y1) = seg
+                assert y0 == y1 == pytest.approx(patch.get_y() + patch.get_height() / 2)  # on its own bar
+            rows[task] = (patch.get_width(), (min(lo, hi), max(lo, hi)) if len(seg) else None)
+        out[bars.get_label()] = rows
+    return out
+
+
+def chart_means(fig) -> dict[str, float]:
+    """The right panel: ``{method: bar length}``."""
+    ax = fig.axes[1]
+    return {label.get_text(): patch.get_width()
+            for label, patch in zip(ax.get_yticklabels(), ax.containers[0].patches)}
+
+
 def test_summary_rows_numbers():
     header, rows, summary = summary_rows(PER_TASK)
     assert header == ["task", "cappy", "beam4", "sample", "self_score_mean", "oracle", "random", "cappy - best"]
@@ -33,7 +76,7 @@ def test_summary_rows_numbers():
     assert md.splitlines()[-1] == "| **mean** | 20.0 | 18.0 | 9.0 | 15.0 | 30.0 | 9.0 | 2.0 |"
 
 
-def test_write_reports_lists_failures_and_writes_files(tmp_path):
+def test_write_reports_lists_failures_and_writes_files(tmp_path, charts):
     records = {t: {"status": "ok", "metrics": m} for t, m in PER_TASK.items()}
     records["c"] = {"status": "failed", "error": "RuntimeError: boom"}
     records["d"] = {"task": "d", "status": "missing"}
@@ -45,6 +88,10 @@ def test_write_reports_lists_failures_and_writes_files(tmp_path):
     rows = list(csv.reader((tmp_path / "summary.csv").open()))
     assert [r[0] for r in rows] == ["task", "a", "b", "mean"]
     assert (tmp_path / "summary.png").stat().st_size > 10_000
+    # the chart: Cappy minus the best baseline (beam4) per task and on the mean, no intervals known
+    (fig,) = charts
+    assert chart_bars(fig) == {"cappy": {"a": (10.0, None), "b": (-6.0, None), "mean": (2.0, None)}}
+    assert chart_means(fig) == dict(zip(rows[0][1:-1], map(float, rows[-1][1:-1])))
     assert json.loads((tmp_path / "summary.json").read_text())["best_baseline_value"] == 18.0
 
 
@@ -91,7 +138,7 @@ def task_record(seed, n, *, mbr_skill=0.6):
             "spearman": ranker_spearman(groups), "wall_s": 1.0}
 
 
-def test_report_has_paired_intervals_and_spearman(tmp_path):
+def test_report_has_paired_intervals_and_spearman(tmp_path, charts):
     records = {"a": task_record(1, 30), "b": task_record(2, 20)}
     summary = write_reports(tmp_path, records, log=lambda s: None)
     best = summary["best_baseline"]
@@ -141,6 +188,17 @@ def test_report_has_paired_intervals_and_spearman(tmp_path):
     assert js["spearman"]["per_task"]["b"]["mbr"]["instructions"] == 20
     assert js["spearman"]["mean"]["mbr"]["tasks"] == 2
     assert (tmp_path / "summary.png").stat().st_size > 10_000
+    # the chart's error bars are the intervals: each selector's bar is its paired difference from the
+    # best baseline, its error bar the interval's [low, high], per task and on the mean
+    drawn = chart_bars(charts[0])
+    assert list(drawn) == ["cappy", "cappy+lm+mbr"]
+    for m, bars in drawn.items():
+        want = {**iv["methods"][m]["per_task"], "mean": iv["methods"][m]["mean"]}
+        assert list(bars) == ["a", "b", "mean"]
+        for task, (length, err) in bars.items():
+            assert length == pytest.approx(want[task]["mean"], abs=1e-9), (m, task)
+            assert err == pytest.approx((want[task]["low"], want[task]["high"]), abs=1e-9), (m, task)
+    assert drawn["cappy"]["mean"][1] == pytest.approx((expected.low, expected.high), abs=1e-9)
     # the main table keeps its meaning: cappy minus the best baseline (here MBR)
     main = list(csv.reader((tmp_path / "summary.csv").open()))
     assert main[0][-1] == "cappy - best" and float(main[-1][-1]) == round(summary["cappy_minus_best"], 1)
@@ -155,7 +213,7 @@ def test_no_resolution_sentence_when_the_interval_is_narrow(tmp_path):
     assert "| cappy | +0.5 | [+0.5, +0.5] | 0.0 |" in md and "cannot resolve" not in md
 
 
-def test_old_records_without_per_instruction_still_report(tmp_path):
+def test_old_records_without_per_instruction_still_report(tmp_path, charts):
     summary = write_reports(tmp_path, {t: {"status": "ok", "metrics": m} for t, m in PER_TASK.items()},
                             log=lambda s: None)
     assert summary["intervals"] is None and summary["spearman"] is None
@@ -164,6 +222,7 @@ def test_old_records_without_per_instruction_still_report(tmp_path):
     assert list(csv.reader((tmp_path / "summary_ci.csv").open())) == [
         ["method", "baseline", "task", "diff", "low", "high", "half_width"]]
     assert (tmp_path / "summary.png").stat().st_size > 10_000
+    assert chart_bars(charts[0]) == {"cappy": {"a": (10.0, None), "b": (-6.0, None), "mean": (2.0, None)}}
     # one old record among new ones: per-task intervals where known, no mean interval
     new = task_record(4, 10)
     old = {k: v for k, v in task_record(5, 10).items() if k not in ("per_instruction", "spearman")}
@@ -174,3 +233,11 @@ def test_old_records_without_per_instruction_still_report(tmp_path):
     md = (tmp_path / "summary.md").read_text()
     assert "No paired intervals for old" in md and "the mean's interval needs every task's" in md
     assert list(summary["spearman"]["per_task"]) == ["new"]
+    # an error bar where the interval is known (new), none where it is not (old, and so the mean)
+    drawn = chart_bars(charts[1])
+    assert list(drawn) == ["cappy", "cappy+lm+mbr"]
+    for m, bars in drawn.items():
+        known = summary["intervals"]["methods"][m]["per_task"]["new"]
+        assert bars["new"][0] == pytest.approx(known["mean"], abs=1e-9), m
+        assert bars["new"][1] == pytest.approx((known["low"], known["high"]), abs=1e-9), m
+        assert bars["old"][1] is None and bars["mean"][1] is None, m

@@ -212,12 +212,18 @@ def test_saved_scorer_has_a_model_card_and_loads_in_plain_transformers(scorer, t
     assert np.abs(swapped - ours).max() > 1e-3
 
 
-def test_saved_scorer_loads_as_a_sentence_transformers_cross_encoder(scorer, tmp_path):
-    st_ = pytest.importorskip("sentence_transformers")
+def test_saved_scorer_loads_as_a_sentence_transformers_cross_encoder(scorer, tmp_path, monkeypatch):
+    st_ = pytest.importorskip("sentence_transformers",
+                              reason="sentence-transformers is in the dev extra: pip install -e '.[dev]'")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline: the saved folder only, never the hub
     ckpt = scorer.save_pretrained(tmp_path / "scorer")
     ins, res = _pairs(12, seed=11)
-    model = st_.CrossEncoder(str(ckpt), max_length=512, activation_fn=torch.nn.Identity(), device="cpu")
-    np.testing.assert_allclose(model.predict(list(zip(ins, res))), scorer.score(ins, res), atol=1e-5, rtol=0)
+    model = st_.CrossEncoder(str(ckpt), max_length=512, activation_fn=torch.nn.Identity(), device="cpu",
+                             local_files_only=True)
+    assert model.config.name_or_path == str(ckpt)  # built from the local folder
+    ours = np.array(scorer.score(ins, res))
+    assert np.ptp(ours) > 1e-2  # the pairs score differently, so agreement is not that of a constant
+    np.testing.assert_allclose(model.predict(list(zip(ins, res))), ours, atol=1e-5, rtol=0)
 
 
 def test_pickle_only_folder_refused_unless_allowed(scorer, tmp_path):

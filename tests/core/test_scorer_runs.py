@@ -11,17 +11,18 @@ import pytest
 
 from cappy_core.config import ConfigError
 from cappy_core.io import LOCK_NAME, atomic_dir
-from cappy_core.scorer_runs import (OUTPUT_MARKER, RESUME_KEYS, RUN_RECORD, RunProgress, TrainOutcome, check_output,
+from cappy_core.scorer_runs import (OUTPUT_MARKER, RUN_RECORD, RunProgress, TrainOutcome, check_output,
                                     check_run_dir, format_metrics, resolve_paths, resume_key, summary_line,
                                     write_run_record)
-from cappy_core.training import ScorerSchedule, TrainState
+from cappy_core.scorer_schedule import ScorerSchedule
+from cappy_core.train_state import TrainState
 
 
-def settings(**changes) -> dict:
-    base = {k: 1 for k in RESUME_KEYS}
-    base.update({"init": "minilm", "loss": "mse", "listwise_tau": 0.3, "mse_weight": 0.0,
-                 "group_by_instruction": False, "log_every": 10})
-    return {**base, **changes}
+def settings(**changes):
+    """A finetune job's config with these schedule settings."""
+    from jobs.finetune import FinetuneConfig
+
+    return FinetuneConfig(init="minilm", log_every=10, schedule=ScorerSchedule(**changes))
 
 
 def test_resolve_paths_defaults_under_the_run(tmp_path):
@@ -31,11 +32,23 @@ def test_resolve_paths_defaults_under_the_run(tmp_path):
     assert resolve_paths("run", str(tmp_path), output=str(tmp_path / "x"))["output"] == str(tmp_path / "x")
 
 
-def test_resume_key_holds_later_schedule_settings_only_when_not_default():
+def test_resume_key_is_the_defining_settings_with_every_schedule_field():
+    from dataclasses import fields
+
     key = resume_key(settings(), {"task": "t"})
-    assert set(key) == set(RESUME_KEYS) | {"task"}  # runs recorded before the loss options still match
-    assert resume_key(settings(loss="listwise"), {})["loss"] == "listwise"
-    assert ScorerSchedule().loss == "mse" and ScorerSchedule().group_by_instruction is False
+    assert set(key) == {"init", "train_size", "eval_size", "max_length", "num_workers", "task"} \
+        | {f.name for f in fields(ScorerSchedule)}  # a new recipe field is in the key at once
+    assert resume_key(settings(loss="listwise", group_by_instruction=True), {})["loss"] == "listwise"
+    assert "log_every" not in key and "max_failures" not in key  # how a run reports, not what it trains
+
+
+def test_a_run_recorded_before_a_schedule_setting_existed_resumes_at_its_default(tmp_path):
+    paths = resolve_paths("run", str(tmp_path))
+    key = resume_key(settings(), {"task": "t"})
+    write_run_record(paths, {k: v for k, v in key.items() if k not in ("bf16", "max_grad_norm", "loss")}, {})
+    assert check_run_dir(paths, key, log=lambda *_: None) is True  # recorded before: defaults, same run
+    with pytest.raises(ConfigError, match=r"different config \(bf16: None -> True\)"):
+        check_run_dir(paths, resume_key(settings(bf16=True), {"task": "t"}))
 
 
 def test_check_run_dir_resumes_refuses_a_different_config_and_fresh_deletes(tmp_path):
@@ -47,8 +60,9 @@ def test_check_run_dir_resumes_refuses_a_different_config_and_fresh_deletes(tmp_
     assert record == {"key": key, "config": {"everything": 1}}
     logs = []
     assert check_run_dir(paths, key, log=logs.append) is True and "resuming run 'run'" in logs[0]
-    changed = resume_key(settings(lr=2, loss="listwise"), {"task": "t"})
-    with pytest.raises(ConfigError, match=r"different config \(loss: None -> 'listwise', lr: 1 -> 2\)"):
+    changed = resume_key(settings(lr=2, loss="listwise", group_by_instruction=True), {"task": "t"})
+    with pytest.raises(ConfigError, match=r"different config \(group_by_instruction: False -> True, "
+                                          r"loss: 'mse' -> 'listwise', lr: 2e-05 -> 2\)"):
         check_run_dir(paths, changed)
     (tmp_path / "run" / "checkpoint_0" / "x").mkdir(parents=True)
     (tmp_path / "run" / LOCK_NAME).write_text("{}")  # the lock this run holds

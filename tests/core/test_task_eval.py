@@ -15,8 +15,8 @@ from conftest import tiny_bert_scorer
 from cappy_core.candidates import CANDIDATE_SCHEMA, done_path, instruction_id, shard_path
 from cappy_core.data.records import Example, split_path, write_examples
 from cappy_core.selectors import SELECTOR_FILE, read_selector
-from cappy_core.task_eval import (SIGNALS, TaskSettings, add_fused, add_mbr, finetune, finetune_shared, fit_fused,
-                                  split_dev, train_pairs, with_selector_columns)
+from cappy_core.scored_tables import SIGNALS, add_fused, add_mbr, fit_fused, with_selector_columns
+from cappy_core.task_eval import TaskSettings, finetune, finetune_shared, split_dev, train_pairs
 from cappy_core.training import ScorerSchedule
 
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa".split()
@@ -107,7 +107,7 @@ def test_dev_instructions_never_appear_in_the_finetuning_pairs(tmp_path):
 
 def test_selector_columns_read_no_label_and_fused_weights_come_from_dev(tmp_path):
     from cappy_core.candidates import read_candidates
-    from cappy_core.task_eval import score_table
+    from cappy_core.scored_tables import score_table
 
     _, cands = make_task(tmp_path, "t")
     scorer = LabelScorer(cands)

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from cappy_core.training import (SCORER_LOSSES, PairWindowCollator, ScorerSchedule, TrainState, fit_scorer,
-                                 iter_micro_batches, listwise_loss, load_train_state, lr_at, make_optimizer,
-                                 micro_batches_per_epoch, pack_instructions, plan_pair_updates, plan_updates,
-                                 save_train_state, scorer_loss, table_windows, train, warmup_updates)
+from cappy_core.scorer_batches import (PairWindowCollator, iter_micro_batches, micro_batches_per_epoch,
+                                       pack_instructions, table_windows)
+from cappy_core.scorer_schedule import ScorerSchedule
+from cappy_core.train_state import TrainState, load_train_state, save_train_state
+from cappy_core.training import (SCORER_LOSSES, fit_scorer, listwise_loss, lr_at, make_optimizer, plan_pair_updates,
+                                 plan_updates, scorer_loss, train, warmup_updates)
 
 scorer_mse_loss = scorer_loss(ScorerSchedule())  # the paper's objective (the default schedule's)
 
@@ -405,8 +407,10 @@ def test_plan_updates():
     s = ScorerSchedule(batch_size=16, micro_batch_size=8, epochs=2)
     assert plan_updates(100, s) == (2, 12)  # 12 micro-batches an epoch, 2 per update, 2 epochs
     assert plan_updates(100, s, world_size=2) == (1, 12)  # 6 global micro-batches of 2 x 8
+    with pytest.raises(ValueError, match="batch_size 12 must be a multiple of micro_batch_size 8"):
+        replace(s, batch_size=12)  # refused by the schedule itself
     with pytest.raises(ValueError, match="not a multiple"):
-        plan_updates(100, replace(s, batch_size=12))
+        plan_updates(100, s, world_size=3)  # 16 pairs an update over 3 ranks of 8
     with pytest.raises(ValueError, match="no full update"):
         plan_updates(7, s)
     cols = grouped_columns()

@@ -1,8 +1,10 @@
-"""jobs/bench/serve.py checks the targets of the phases that ran, and only those."""
+"""jobs/bench/serve/targets.py checks the targets of the phases that ran, and only those."""
 
 from __future__ import annotations
 
-from jobs.bench.serve import chat_summary, check_targets, kill_split
+from jobs.bench.serve.phases.chat import chat_summary
+from jobs.bench.serve.phases.kills import kill_split
+from jobs.bench.serve.targets import check_targets
 
 
 def _result(**phases) -> dict:

@@ -35,8 +35,8 @@ def args(tmp_path_factory):
     write_examples([Example("alpha", "", "train", i, f"Q: what comes after {i}?\nA:", [f"{i + 1}"])
                     for i in range(SHARDS)], split_path(root / "data", "alpha", "train"))
     return ["--tasks", "alpha", "--splits", "train", "--data", str(root / "data"), "--generator", str(gen),
-            "--backend", "hf", "--shard-size", "1", "--batch-size", "1", "--decodings", "beam2", "sample",
-            "--samples-per-decoding", "2", "--max-new-tokens", "4", "--cpus-per-actor", "0.5", "--dtype", "float32"]
+            "--backend", "hf", "--shard-size", "1", "--sampling.batch-size", "1", "--sampling.decodings", "beam2", "sample",
+            "--sampling.samples-per-decoding", "2", "--sampling.max-new-tokens", "4", "--sampling.cpus-per-actor", "0.5", "--dtype", "float32"]
 
 
 @pytest.fixture(scope="module")

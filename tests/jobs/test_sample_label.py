@@ -19,7 +19,7 @@ from cappy_core.candidates import CANDIDATE_SCHEMA, read_candidates
 from cappy_core.data.records import EXAMPLE_SCHEMA, Example, split_path, write_examples
 from conftest import REPO
 
-FAST = ["--max-new-tokens", "6", "--cpus-per-actor", "0.5", "--label-cpus", "0.25", "--dtype", "float32"]
+FAST = ["--sampling.max-new-tokens", "6", "--sampling.cpus-per-actor", "0.5", "--label-cpus", "0.25", "--dtype", "float32"]
 
 
 def run(*args, **kw):
@@ -59,8 +59,8 @@ def test_hf_job_labels_resumes_exactly_after_a_kill(tmp_path, tiny, data, ray_ad
     out = tmp_path / "out"
     # 5 candidates per instruction (17 in the vLLM test): beam2, 2 plain samples, 2 top-k samples
     args = ["--tasks", "alpha", "beta", "--data", str(data), "--out", str(out), "--generator", str(tiny),
-            "--backend", "hf", "--shard-size", "2", "--batch-size", "2", "--decodings", "beam2", "sample", "topk5",
-            "--samples-per-decoding", "2", *FAST]
+            "--backend", "hf", "--shard-size", "2", "--sampling.batch-size", "2", "--sampling.decodings", "beam2", "sample", "topk5",
+            "--sampling.samples-per-decoding", "2", *FAST]
     proc = subprocess.Popen([sys.executable, "-m", "jobs.sample_label", *args], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     def generated_shards():
@@ -107,7 +107,7 @@ def test_hf_job_labels_resumes_exactly_after_a_kill(tmp_path, tiny, data, ray_ad
     # Everything done: a rerun writes nothing; other settings are refused.
     proc = run(*args)
     assert proc.returncode == 0 and "0 shards written, 12 already done" in proc.stdout
-    proc = run(*args, "--seed", "1")
+    proc = run(*args, "--sampling.seed", "1")
     assert proc.returncode == 2 and "other settings" in proc.stderr and "seed: 0 -> 1" in proc.stderr
 
 
@@ -124,7 +124,7 @@ def test_bad_input_is_a_clear_error(tmp_path, tiny, data):
     assert "DEBUG jobs.sample_label: config: {" in text and '"tasks": ["gamma"]' in text
     assert "ERROR jobs.log_file: sample failed" in text and "Traceback" in text
     assert "config:" not in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
-    proc = run("--tasks", "alpha", "--generator", str(tiny), "--decodings", "beam4", "nucleus", *base)
+    proc = run("--tasks", "alpha", "--generator", str(tiny), "--sampling.decodings", "beam4", "nucleus", *base)
     assert proc.returncode == 2 and "unknown decoding 'nucleus'" in proc.stderr
     proc = run("--tasks", "alpha", "--generator", str(tiny), "--decode-loop", "paged", *base)
     assert proc.returncode == 2 and "--decode-loop must be one of shared, cached, generate, got 'paged'" in proc.stderr
@@ -144,7 +144,7 @@ def test_an_hf_generator_actor_runs_torch_on_the_cpus_it_reserved(tiny, monkeypa
     import torch
 
     from cappy_core.generation import decodings_from_names
-    from jobs.sample_label import CandidateStage
+    from jobs.candidate_stage import CandidateStage
 
     before = torch.get_num_threads()
     try:

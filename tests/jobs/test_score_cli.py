@@ -55,14 +55,24 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_pairs_file_scores_every_row(tmp_path):
+    import numpy as np
+
+    from cappy_core.scorer import Scorer
+
     pairs = tmp_path / "pairs.jsonl"
-    rows = [{"instruction": "Q1", "response": "a"}, {"instruction": "Q2", "response": "b"},
-            {"instruction": "Q1", "response": "c"}]
+    rows = [{"instruction": "What colour is the sky?", "response": "blue"},
+            {"instruction": "Add 2 and 2.", "response": "four"},
+            {"instruction": "What colour is the sky?", "response": "a green banana"},
+            {"instruction": "Add 2 and 2.", "response": "The capital of France is Paris."}]
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "scores.jsonl"
-    p = run_score("--pairs", str(pairs), "--out", str(out))
+    p = run_score("--pairs", str(pairs), "--out", str(out), "--device", "cpu")
     assert p.returncode == 0, p.stderr
     got = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(g["instruction"], g["response"]) for g in got] == [
         (r["instruction"], r["response"]) for r in rows]
-    assert all(isinstance(g["score"], float) for g in got)
+    # each row's score is the library's for that pair: the CLI's defaults (minilm, seed 0, fp32) in-process
+    ref = Scorer.from_pretrained("minilm", device="cpu", seed=0).score(
+        [r["instruction"] for r in rows], [r["response"] for r in rows])
+    assert np.ptp(ref) > 1e-3  # the pairs score differently, so a shuffled or constant column would not pass
+    np.testing.assert_allclose([g["score"] for g in got], ref, atol=1e-6, rtol=0)

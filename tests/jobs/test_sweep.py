@@ -23,8 +23,8 @@ from conftest import REPO, tiny_t5
 
 TASKS = ["standin_tense", "standin_rephrase"]  # stand-in tasks (tests/fake_release.py)
 SMALL = ["--max-examples-per-task", "3", "--max-train-examples-per-task", "3", "--dev-examples-per-task", "1",
-         "--max-new-tokens", "6", "--train-size", "16", "--batch-size", "8", "--micro-batch-size", "4",
-         "--max-length", "64", "--cpus-per-task", "0.5", "--cpus-per-actor", "0.5"]
+         "--sampling.max-new-tokens", "6", "--train-size", "16", "--schedule.batch-size", "8", "--schedule.micro-batch-size", "4",
+         "--max-length", "64", "--cpus-per-task", "0.5", "--sampling.cpus-per-actor", "0.5"]
 
 
 @pytest.fixture(scope="module")
@@ -105,18 +105,18 @@ def test_failed_task_is_recorded_and_a_rerun_computes_only_it(tmp_path, models, 
     assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "chart: " + str(out / "summary.png") in r2.stdout
 
-    r3 = sweep(out, models, "--lr", "5e-5", "--seed", "1")  # other settings: both tasks are recomputed,
+    r3 = sweep(out, models, "--schedule.lr", "5e-5", "--sampling.seed", "1", "--schedule.seed", "1")  # other settings: both tasks are recomputed,
     assert r3.returncode == 0, r3.stderr[-3000:]                   # on candidates sampled anew for seed 1
     assert "0 task(s) already finished with these settings; 2 to run" in r3.stdout
     assert r3.stdout.count("sampled 6 instructions") == 2 and len(list(out.glob("candidates/sampling-*"))) == 2
 
     # the same command into a fresh folder (sampling included) gives the same numbers
     other = tmp_path / "again"
-    r4 = sweep(other, models, "--lr", "5e-5", "--seed", "1")
+    r4 = sweep(other, models, "--schedule.lr", "5e-5", "--sampling.seed", "1", "--schedule.seed", "1")
     assert r4.returncode == 0, r4.stderr[-3000:]
     assert numbers(other) == numbers(out)
 
-    r5 = sweep(other, models, "--lr", "5e-5", "--seed", "1", "--finetune-scope", "all")  # one scorer for both tasks
+    r5 = sweep(other, models, "--schedule.lr", "5e-5", "--sampling.seed", "1", "--schedule.seed", "1", "--finetune-scope", "all")  # one scorer for both tasks
     assert r5.returncode == 0, r5.stderr[-3000:]
     assert "0 task(s) already finished with these settings; 2 to run" in r5.stdout
     shared = json.loads((other / "tasks" / "_shared" / "training.json").read_text())
@@ -126,7 +126,7 @@ def test_failed_task_is_recorded_and_a_rerun_computes_only_it(tmp_path, models, 
         assert r["status"] == "ok" and r["training"]["scope"] == "all" and r["fused_weights"]
 
     # one listwise selector scorer for both tasks, finetuned before them; each task finetunes its cappy scorer
-    r6 = sweep(other, models, "--lr", "5e-5", "--seed", "1", "--selector-loss", "listwise", "--selector-scope", "all")
+    r6 = sweep(other, models, "--schedule.lr", "5e-5", "--sampling.seed", "1", "--schedule.seed", "1", "--selector-loss", "listwise", "--selector-scope", "all")
     assert r6.returncode == 0, r6.stderr[-3000:]
     assert "2 to run" in r6.stdout and "== one listwise selector scorer finetuned on all tasks" in r6.stdout
     sel = json.loads((other / "tasks" / "_shared" / "selector_training.json").read_text())
@@ -189,41 +189,49 @@ def test_bad_input_is_a_clear_error(tmp_path, models):
     assert not (tmp_path / "x" / "candidates").exists()
     r = sweep(tmp_path / "x", models, "--generator", str(tmp_path / "no_gen"))
     assert r.returncode == 2 and "no_gen" in r.stderr and "Traceback" not in r.stderr
-    r = sweep(tmp_path / "x", models, "--batch-size", "6")
-    assert r.returncode == 2 and "multiple of --micro-batch-size" in r.stderr
-    r = sweep(tmp_path / "x", models, "--loss", "listwise")
-    assert r.returncode == 2 and "--group-by-instruction" in r.stderr
+    r = sweep(tmp_path / "x", models, "--schedule.batch-size", "6")
+    assert r.returncode == 2 and "multiple of --schedule.micro-batch-size" in r.stderr
+    r = sweep(tmp_path / "x", models, "--schedule.loss", "listwise")
+    assert r.returncode == 2 and "--schedule.group-by-instruction" in r.stderr
 
 
 def test_settings_checks_and_what_defines_a_result():
-    """Every option that changes a task's result is in its key; settings that cannot run are refused."""
+    """Every setting marked as defining a result is in the key, the whole finetuning recipe with
+    it; settings that cannot run are refused when the config is built, naming the setting."""
     from dataclasses import fields, replace
 
-    from cappy_core.config import ConfigError, to_dict
-    from cappy_core.task_eval import RESULT_DEFINING, check_config, settings_from_config
-    from jobs.sweep import SweepConfig
+    from cappy_core.config import SettingError, key_values
+    from cappy_core.scorer_schedule import ScorerSchedule
+    from jobs.sweep_config import SweepConfig
+    from jobs.sweep_layout import result_key, task_settings
 
-    names = {f.name for f in fields(SweepConfig)}
-    assert set(RESULT_DEFINING) <= names
-    assert {"dev_examples_per_task", "loss", "listwise_tau", "mse_weight", "group_by_instruction",
-            "finetune_scope", "selector_loss", "selector_scope"} <= set(RESULT_DEFINING)
-    ok = SweepConfig(loss="listwise+mse", group_by_instruction=True, mse_weight=0.5, dev_examples_per_task=16)
-    check_config(to_dict(ok))
-    s = settings_from_config(to_dict(ok), "/tmp/out", "init", "gen").schedule
-    assert (s.loss, s.group_by_instruction, s.mse_weight, s.listwise_tau) == ("listwise+mse", True, 0.5, 0.3)
-    sel = settings_from_config(to_dict(replace(ok, selector_loss="listwise")), "/tmp/out", "init", "gen").selector_schedule
+    listwise = ScorerSchedule(lr=1e-4, batch_size=16, micro_batch_size=8, loss="listwise+mse",
+                              group_by_instruction=True, mse_weight=0.5)
+    ok = SweepConfig(schedule=listwise, dev_examples_per_task=16)
+    key = result_key(ok, "gen", "init", ["a"])
+    assert {f"schedule.{f.name}" for f in fields(ScorerSchedule)} <= set(key)  # a new recipe field is in it at once
+    assert {"dev_examples_per_task", "finetune_scope", "selector_loss", "selector_scope", "sampling.seed",
+            "sampling.decodings", "sampling.max_new_tokens"} <= set(key)
+    assert not {"redo", "task_timeout_s", "cpus_per_task", "keep_scorers", "sampling.num_actors",
+                "sampling.batch_size"} & set(key_values(ok))
+    s = task_settings(ok, Path("/tmp/out"), "init", "gen").schedule
+    assert s is ok.schedule and (s.loss, s.group_by_instruction, s.mse_weight) == ("listwise+mse", True, 0.5)
+    sel = task_settings(replace(ok, selector_loss="listwise"), Path("/tmp/out"), "init", "gen").selector_schedule
     assert (sel.loss, sel.group_by_instruction, sel.lr) == ("listwise", True, s.lr)  # the same finetuning otherwise
-    assert settings_from_config(to_dict(ok), "/tmp/out", "init", "gen").selector_schedule is None
-    for bad, match in ((replace(ok, group_by_instruction=False), "--group-by-instruction"),
-                       (replace(ok, selector_loss="listwise", finetune_scope="all"), "--finetune-scope task"),
-                       (replace(ok, selector_scope="all"), "--selector-loss listwise"),
-                       (replace(ok, shared_torch_threads=-1), "--shared-torch-threads"),
-                       (replace(ok, sample_batch_rows=0), "--sample-batch-rows"),
-                       (replace(ok, dev_examples_per_task=40), "leaves none of the 40"),
-                       (replace(ok, dev_examples_per_task=-1), ">= 0"), (replace(ok, listwise_tau=0.0), "tau")):
-        with pytest.raises(ConfigError, match=match):
-            check_config(to_dict(bad))
-    check_config(to_dict(replace(ok, finetune=False, dev_examples_per_task=40)))  # nothing to finetune
+    assert task_settings(ok, Path("/tmp/out"), "init", "gen").selector_schedule is None
+    for bad, setting, match in (
+            (lambda: replace(listwise, group_by_instruction=False), "loss", "needs group_by_instruction"),
+            (lambda: replace(ok, selector_loss="listwise", finetune_scope="all"), "selector_loss", "finetune_scope task"),
+            (lambda: replace(ok, selector_scope="all"), "selector_scope", "selector_loss listwise"),
+            (lambda: replace(ok, shared_torch_threads=-1), "shared_torch_threads", ">= 0"),
+            (lambda: replace(ok.sampling, batch_rows=0), "batch_rows", ">= 1"),
+            (lambda: replace(ok, dev_examples_per_task=40), "dev_examples_per_task", "leaves none of the 40"),
+            (lambda: replace(ok, dev_examples_per_task=-1), "dev_examples_per_task", ">= 0"),
+            (lambda: replace(listwise, listwise_tau=0.0), "listwise_tau", "> 0")):
+        with pytest.raises(SettingError, match=match) as e:
+            bad()
+        assert e.value.setting == setting
+    replace(ok, finetune=False, dev_examples_per_task=40)  # nothing to finetune: no dev to leave
 
 
 def test_candidates_are_kept_per_sampling_settings():
@@ -231,24 +239,27 @@ def test_candidates_are_kept_per_sampling_settings():
     (finetuning, scoring) reuse the candidates."""
     from dataclasses import replace
 
-    from cappy_core.config import to_dict
-    from cappy_core.task_eval import SAMPLING_DEFINING, settings_from_config
-    from jobs.sweep import SweepConfig
+    from cappy_core.scorer_schedule import ScorerSchedule
+    from jobs.sweep_config import SweepConfig
+    from jobs.sweep_layout import task_settings
 
     base = SweepConfig()
 
     def folder(cfg, generator="/gen/a"):
-        return settings_from_config(to_dict(cfg), "/out", "init", generator).candidates_dir
+        return task_settings(cfg, Path("/out"), "init", generator).candidates_dir
 
     assert folder(base).startswith("/out/candidates/sampling-") and folder(base) == folder(replace(base))
-    changed = [replace(base, seed=1), replace(base, decodings=["beam4"]), replace(base, max_new_tokens=32),
-               replace(base, samples_per_decoding=2), replace(base, backend="hf"),
+    sampling = base.sampling
+    changed = [replace(base, sampling=replace(sampling, seed=1)), replace(base, sampling=replace(sampling, decodings=["beam4"])),
+               replace(base, sampling=replace(sampling, max_new_tokens=32)),
+               replace(base, sampling=replace(sampling, samples_per_decoding=2)), replace(base, backend="hf"),
                replace(base, max_examples_per_task=8), replace(base, max_train_examples_per_task=None)]
     folders = {folder(c) for c in changed} | {folder(base, "/gen/b"), folder(base)}
     assert len(folders) == len(changed) + 2
-    assert {"seed", "decodings", "max_new_tokens"} <= set(SAMPLING_DEFINING)
-    for same in (replace(base, lr=1e-3), replace(base, train_size=64), replace(base, loss="listwise"),
-                 replace(base, redo=True), replace(base, num_actors=4), replace(base, task_timeout_s=60)):
+    for same in (replace(base, schedule=replace(base.schedule, lr=1e-3)), replace(base, train_size=64),
+                 replace(base, schedule=replace(base.schedule, seed=3)), replace(base, redo=True),
+                 replace(base, sampling=replace(sampling, num_actors=4, batch_rows=640)),
+                 replace(base, task_timeout_s=60)):
         assert folder(same) == folder(base)
 
 
@@ -261,27 +272,28 @@ def test_presets_resolve_to_the_documented_settings():
     from jobs.sweep import JOB, SweepConfig
 
     parser = build_parser(SweepConfig, prog="sweep", description="", presets=presets(JOB))
-    assert SweepConfig().tasks == list(LOCAL_TASKS) and SweepConfig().decodings == list(PAPER_DECODING_NAMES)
+    assert SweepConfig().tasks == list(LOCAL_TASKS) and SweepConfig().sampling.decodings == list(PAPER_DECODING_NAMES)
     local = config_from_args(SweepConfig, parser.parse_args(["--preset", "local"]), presets(JOB))
     assert local.tasks == list(LOCAL_TASKS) and local.gpus_per_task == 0 and local.scorer is None
-    assert local.dev_examples_per_task == 16 and local.loss == "mse" and local.finetune_scope == "task"
+    assert local.dev_examples_per_task == 16 and local.schedule.loss == "mse" and local.finetune_scope == "task"
     assert local.selector_loss == "listwise"  # the fused row's own scorer; the cappy row stays MSE
     assert local.selector_scope == "all" and local.shared_torch_threads == 2  # one, on every task's pairs
     # CPU: the transformers backend in one single-thread actor per core; the paper preset keeps vLLM
-    assert local.backend == "hf" and local.num_actors * local.cpus_per_actor <= 2
+    assert local.backend == "hf" and local.sampling.num_actors * local.sampling.cpus_per_actor <= 2
     # one decode per generator call: each instruction's 16 sampled rows and 4 beams
-    assert local.sample_batch_rows == local.sample_batch_size * (16 + 4)
-    paper = config_from_args(SweepConfig, parser.parse_args(["--preset", "paper", "--num-actors", "16"]), presets(JOB))
+    assert local.sampling.batch_rows == local.sampling.batch_size * (16 + 4)
+    paper = config_from_args(SweepConfig, parser.parse_args(["--preset", "paper", "--sampling.num-actors", "16"]), presets(JOB))
     assert paper.tasks == ["all45"] and paper.max_examples_per_task is None
-    assert paper.loss == "mse" and not paper.group_by_instruction  # the paper's pointwise loss
-    assert (paper.train_size, paper.lr, paper.batch_size, paper.max_length) == (102400, 2e-5, 128, 512)
-    assert paper.gpus_per_actor == 1 and paper.gpus_per_task == 1 and paper.num_actors == 16
+    assert paper.schedule.loss == "mse" and not paper.schedule.group_by_instruction  # the paper's pointwise loss
+    assert (paper.train_size, paper.schedule.lr, paper.schedule.batch_size, paper.max_length) == (102400, 2e-5, 128, 512)
+    assert paper.sampling.gpus_per_actor == 1 and paper.gpus_per_task == 1 and paper.sampling.num_actors == 16
     assert paper.backend == "vllm"
-    assert candidates_per_instruction(decodings_from_names(paper.decodings, paper.samples_per_decoding)) == 17
+    assert candidates_per_instruction(decodings_from_names(paper.sampling.decodings, paper.sampling.samples_per_decoding)) == 17
 
 
-def test_a_hung_task_times_out_the_others_finish_and_a_rerun_retries_it(tmp_path, ray_address):
-    """--task-timeout-s counts from when a task starts running: the hung one is cancelled and
+def test_the_scheduler_times_out_a_hung_task_the_others_finish_and_a_rerun_retries_it(tmp_path, ray_address):
+    """The scheduler (jobs.scheduling) alone, on tasks that yield at start as the sweep's do:
+    --task-timeout-s counts from when a task starts running: the hung one is cancelled and
     recorded as failed with the reason; one queued behind it is not timed while it waits; a
     task whose worker dies is recorded as failed too, and the sweep goes on."""
     import time
@@ -289,8 +301,8 @@ def test_a_hung_task_times_out_the_others_finish_and_a_rerun_retries_it(tmp_path
     import ray
 
     from cappy_core.io import write_json
-    from cappy_core.task_eval import finished, key_digest, result_path, result_record
-    from jobs.sweep import wait_for_tasks
+    from cappy_core.task_results import finished, key_digest, result_path, result_record
+    from jobs.scheduling import wait_for_tasks
 
     def work(task):
         import time
@@ -329,8 +341,8 @@ def test_a_task_whose_worker_dies_runs_again_within_the_sweep(tmp_path, ray_addr
     recorded as failed once its retries are used up."""
     import ray
 
-    from cappy_core.task_eval import result_record
-    from jobs.sweep import SweepConfig, wait_for_tasks
+    from cappy_core.task_results import result_record
+    from jobs.scheduling import wait_for_tasks
 
     def work(task, marker):
         import os
@@ -346,7 +358,43 @@ def test_a_task_whose_worker_dies_runs_again_within_the_sweep(tmp_path, ray_addr
     recs = {task: result_record(task, {}, {}, get, 0.0) for task, get in wait_for_tasks(gens)}
     assert recs["dies_once"]["status"] == "ok" and recs["dies_once"]["value"] == "dies_once"
     assert recs["dies"]["status"] == "failed" and "WorkerCrashedError" in recs["dies"]["error"]
-    assert SweepConfig().task_retries == 3  # the sweep's own tasks run with max_retries=task_retries
+
+
+def test_the_sweeps_own_tasks_are_timed_retried_and_recorded(tmp_path, ray_address, monkeypatch):
+    """The sweep's run_tasks with its own Ray task (sweep_task), faults injected: a hung task is
+    cancelled after --task-timeout-s, a raised error and a worker that dies in every attempt are
+    recorded as failed with their causes, and the Ray task runs with --task-retries as max_retries."""
+    import ray
+
+    import jobs.sweep as sw
+    from jobs.sweep_layout import plan_tasks
+
+    real, options = ray.remote, {}
+
+    def spy(fn):  # what run_tasks asks Ray for
+        remote = real(fn)
+
+        class Spy:
+            def options(self, **kw):
+                options[fn.__name__] = kw
+                return remote.options(**kw)
+        return Spy()
+
+    monkeypatch.setattr(ray, "remote", spy)
+    for env, task in (("CAPPY_SWEEP_HANG_TASKS", "hangs"), ("CAPPY_SWEEP_FAIL_TASKS", "fails"),
+                      ("CAPPY_SWEEP_DIE_TASKS", "dies")):
+        monkeypatch.setenv(env, task)
+    cfg = sw.SweepConfig(tasks=["hangs", "fails", "dies"], task_timeout_s=3, task_retries=1, cpus_per_task=0.5)
+    plan = plan_tasks(cfg, tmp_path, cfg.tasks, "gen", "init")
+    t0 = time.time()
+    sw.run_tasks(cfg, plan, plan.settings, lambda _: None)
+    assert time.time() - t0 < 90
+    assert options["sweep_task"]["max_retries"] == 1 and options["sweep_task"]["num_cpus"] == 0.5
+    recs = {t: json.loads((tmp_path / "tasks" / f"{t}.json").read_text()) for t in cfg.tasks}
+    assert {r["status"] for r in recs.values()} == {"failed"} and all(r["key_digest"] == plan.digest for r in recs.values())
+    assert recs["hangs"]["error"].startswith("TimeoutError: task hangs ran longer than --task-timeout-s 3 s")
+    assert recs["fails"]["error"].startswith("InjectedFault: injected failure for task fails")
+    assert "WorkerCrashedError" in recs["dies"]["error"]
 
 
 def test_an_out_uri_is_staged_and_gets_each_task_result_as_it_arrives(tmp_path, ray_address, monkeypatch):
@@ -356,21 +404,21 @@ def test_an_out_uri_is_staged_and_gets_each_task_result_as_it_arrives(tmp_path, 
     import fsspec
 
     import jobs.sweep as sw
-    from cappy_core.config import to_dict
     from cappy_core.remote import locked_output
-    from cappy_core.task_eval import settings_from_config
+    from jobs.sweep_layout import checked_config, plan_tasks
 
     monkeypatch.setenv("CAPPY_STAGING_DIR", str(tmp_path / "staging"))
     monkeypatch.setenv("CAPPY_SWEEP_FAIL_TASKS", ",".join(TASKS))
     mem, root = fsspec.filesystem("memory"), f"/bucket/{tmp_path.name}"
     seen, sync = [], sw.sync_outputs
     monkeypatch.setattr(sw, "sync_outputs", lambda: (sync(), seen.append(sorted(mem.find(f"{root}/tasks")))))
-    cfg, out = sw.checked_config(sw.SweepConfig(tasks=TASKS, out=f"memory:/{root}", cpus_per_task=0.5))
+    cfg, out = checked_config(sw.SweepConfig(tasks=TASKS, out=f"memory:/{root}", cpus_per_task=0.5))
     assert cfg.out == f"memory:/{root}" and out.parent == (tmp_path / "staging").resolve()
     with locked_output(cfg.out, "--out", "cappy sweep", log=lambda _: None) as local:
         assert Path(local).resolve() == out
-        sw.run_tasks(cfg, TASKS, settings_from_config(to_dict(cfg), out, "init", "gen"), {"k": 1}, lambda _: None)
+        plan = plan_tasks(cfg, out, TASKS, "gen", "init")
+        sw.run_tasks(cfg, plan, plan.settings, lambda _: None)
     assert [len(s) for s in seen] == [1, 2]  # one more result at the URI after each task
     assert {json.loads(mem.cat(f"{root}/tasks/{t}.json"))["status"] for t in TASKS} == {"failed"}
     with pytest.raises(ValueError, match="--out foo://x: unknown scheme foo://"):
-        sw.checked_config(sw.SweepConfig(out="foo://x"))
+        checked_config(sw.SweepConfig(out="foo://x"))

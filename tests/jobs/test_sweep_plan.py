@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from cappy_core.config import to_dict
 
 TASKS = ["standin_tense", "standin_rephrase"]  # stand-in tasks (tests/fake_release.py)
 
@@ -46,7 +45,8 @@ def generator(tmp_path_factory):
 
 def test_dry_run_plans_from_the_data_and_the_outputs_on_disk(tmp_path, generator, standin_tasks, capsys):
     from cappy_core.data.bigbench import load_task
-    from cappy_core.task_eval import key_digest, result_key
+    from cappy_core.task_results import key_digest
+    from jobs.sweep_layout import result_key, task_settings
     from jobs import sweep
     from jobs.sweep_plan import (SAMPLING_CANDIDATES_PER_S, SHARED_PAIRS_PER_S, TASK_S, TASK_S_WITH_SELECTOR,
                                  plan)
@@ -82,12 +82,10 @@ def test_dry_run_plans_from_the_data_and_the_outputs_on_disk(tmp_path, generator
 
     # tense finished with these settings (the sweep's own key) and 7 rephrase validation instructions sampled:
     # tense is neither sampled nor run again; rephrase samples what is left
-    key = result_key(to_dict(cfg), generator, "minilm", sorted(TASKS))
+    key = result_key(cfg, generator, "minilm", sorted(TASKS))
     (out / "tasks").mkdir(parents=True)
     (out / "tasks" / "standin_tense.json").write_text(json.dumps({"status": "ok", "key_digest": key_digest(key)}))
-    from cappy_core.task_eval import settings_from_config
-
-    candidates = Path(settings_from_config(to_dict(cfg), out, "minilm", generator).candidates_dir)
+    candidates = Path(task_settings(cfg, out, "minilm", generator).candidates_dir)
     shard = candidates / "validation" / "standin_rephrase" / "validation"
     shard.mkdir(parents=True)
     (shard / "part-00000.done.json").write_text(json.dumps({"instructions": 7}))

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cappy_core.config import build_parser, config_from_args, load_yaml
+from cappy_core.config import build, build_parser, config_from_args, load_yaml
 from cappy_core.fault_injection import FAIL_AT_UPDATE_ENV
 from cappy_core.labeling import LabeledPair, pairs_to_table
 from cappy_core.pretrain_data import write_pairs
@@ -25,7 +25,7 @@ from jobs import finetune, pretrain
 from jobs.cli import CONFIG_DIR, presets
 
 # Fast settings for a tiny model on 2 cores (one worker's share of CPU leaves room for Ray Data).
-FAST = ["--max-length", "64", "--micro-batch-size", "8", "--batch-size", "16", "--cpus-per-worker", "0.25",
+FAST = ["--max-length", "64", "--schedule.micro-batch-size", "8", "--schedule.batch-size", "16", "--cpus-per-worker", "0.25",
         "--torch-threads", "1", "--eval-batch-size", "32", "--max-failures", "1", "--log-every", "2"]
 
 
@@ -68,17 +68,18 @@ def test_every_shipped_config_loads_and_starts_with_its_command(path):
     module, cls_name = {"pretrain": ("pretrain", "PretrainConfig"), "finetune": ("finetune", "FinetuneConfig"),
                         "sweep": ("sweep", "SweepConfig"), "generator": ("train_generator", "GeneratorConfig")}[job]
     cls = getattr(importlib.import_module(f"jobs.{module}"), cls_name)
-    cfg = cls(**load_yaml(cls, path))
+    cfg = build(cls, load_yaml(cls, path))
     first = path.read_text().splitlines()[0]
     assert re.match(rf"# ray job submit --working-dir \. -- python -m jobs\.{module} --preset {preset}\b", first), first
     assert preset in presets(job)
     if job == "generator":
         return
-    assert cfg.batch_size % (cfg.micro_batch_size * getattr(cfg, "num_workers", 1)) == 0
+    s = cfg.schedule  # the one recipe section, checked by ScorerSchedule and the job's config when built
+    assert s.batch_size % (s.micro_batch_size * getattr(cfg, "num_workers", 1)) == 0
     if preset == "local" and job != "sweep":
         assert not cfg.use_gpu and cfg.cpus_per_worker < 1  # Ray Data must keep a CPU on 2 cores
     if preset == "paper":
-        assert (cfg.lr, cfg.batch_size, cfg.epochs, cfg.train_size, cfg.warmup_ratio) == (2e-5, 128, 1, 102400, 0.1)
+        assert (s.lr, s.batch_size, s.epochs, cfg.train_size, s.warmup_ratio) == (2e-5, 128, 1, 102400, 0.1)
 
 
 # --- bad input (refused in the driver, before Ray starts) -------------------------------------
@@ -116,14 +117,18 @@ def test_unknown_init_path_is_a_clear_error(tmp_path, init):
 
 def test_config_errors_are_clear(tmp_path, capsys, tiny_scorer):
     base = ["--init", tiny_scorer, "--storage-path", str(tmp_path)]
-    assert finetune.main(["--task", "auto_categorization", "--batch-size", "10", "--micro-batch-size", "4", *base]) == 2
-    assert "not a multiple" in capsys.readouterr().err
+    assert finetune.main(["--task", "auto_categorization", "--schedule.batch-size", "10", "--schedule.micro-batch-size", "4", *base]) == 2
+    assert capsys.readouterr().err == "error: --schedule.batch-size 10 must be a multiple of --schedule.micro-batch-size 4\n"
+    assert finetune.main(["--task", "auto_categorization", "--num-workers", "3", *base]) == 2  # 128 over 3 x 32
+    assert "--schedule.batch-size 128 must be a multiple of --schedule.micro-batch-size x --num-workers = 32 x 3" \
+        in capsys.readouterr().err
     assert pretrain.main(["--tasks", "word_sorting", *base]) == 2
     assert "45 evaluation tasks" in capsys.readouterr().err
     assert finetune.main(base) == 2
     assert "--task is required" in capsys.readouterr().err
-    assert finetune.main(["--task", "auto_categorization", "--loss", "hinge", *base]) == 2
-    assert "unknown scorer loss 'hinge'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # the recipe's choices are the flag's: argparse refuses, naming them
+        finetune.main(["--task", "auto_categorization", "--schedule.loss", "hinge", *base])
+    assert e.value.code == 2 and "--schedule.loss: invalid choice: 'hinge'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         finetune.main(["--preset", "nope"])
 
@@ -245,7 +250,6 @@ def test_fault_resumes_from_checkpoint_and_loss_curve_continues(tmp_path, tiny_s
     from cappy_core.pretrain_data import read_pair_columns
     from cappy_core.scorer import Scorer
     from cappy_core.training import fit_scorer
-    from jobs.train_scorer import schedule_of
 
     pairs = write_pairs(synthetic_pairs(128), tmp_path / "train.parquet")
     held = write_pairs(synthetic_pairs(24, seed=2), tmp_path / "eval.parquet")
@@ -264,7 +268,7 @@ def test_fault_resumes_from_checkpoint_and_loss_curve_continues(tmp_path, tiny_s
 
     cfg = config_from_args(finetune.FinetuneConfig,
                            build_parser(finetune.FinetuneConfig, prog="finetune", description="").parse_args(args))
-    schedule = schedule_of(cfg)
+    schedule = cfg.schedule
     scorer = Scorer.from_pretrained(tiny_scorer, dtype="float32", device="cpu", max_length=cfg.max_length,
                                     seed=schedule.seed)
     plain = replace(schedule, micro_batch_size=2 * schedule.micro_batch_size)  # one process, same global batches
@@ -278,7 +282,7 @@ def test_fault_resumes_from_checkpoint_and_loss_curve_continues(tmp_path, tiny_s
     assert "resuming run 'fault'" in again.stdout and SUMMARY.search(again.stdout)
     assert results(exported)["losses"] == res["losses"] and (exported / "cappy_output.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.parquet", "exported", "runs", "train.parquet"]
-    assert finetune.main(args + ["--lr", "1e-3"]) == 2
+    assert finetune.main(args + ["--schedule.lr", "1e-3"]) == 2
     assert "different config (lr: 2e-05 -> 0.001)" in capsys.readouterr().err
 
 
@@ -305,14 +309,14 @@ def test_uri_storage_path_and_output_go_to_ray_train_and_through_staging(tmp_pat
 
     from cappy_core.io import atomic_dir, write_json
     from cappy_core.scorer_runs import OUTPUT_MARKER, TrainOutcome
-    from jobs import train_scorer
+    from jobs import scorer_trainer, train_scorer
 
     monkeypatch.setenv("CAPPY_STAGING_DIR", str(tmp_path / "staging"))
     mem, root = fsspec.filesystem("memory"), f"/bucket/{tmp_path.name}"
     seen = {}
 
     def fake_training(cfg, paths, train_file, eval_file, run_info, log, before_fit, progress=True):
-        seen["storage"] = train_scorer.ray_storage(paths)
+        seen["storage"] = scorer_trainer.ray_storage(paths)
         before_fit()
         seen["uploaded_before_fit"] = sorted(p.removeprefix(root + "/") for p in mem.find(root))
         with atomic_dir(paths["output"]) as tmp:
@@ -354,13 +358,13 @@ def test_ray_train_checkpoints_through_a_non_native_pyarrow_filesystem_and_the_s
     import fsspec
     import pyarrow.fs as pafs
 
-    from jobs import train_scorer
+    from jobs import scorer_trainer
 
     monkeypatch.setenv("CAPPY_STAGING_DIR", str(tmp_path / "staging"))
     mem, root = fsspec.filesystem("memory"), f"/bucket/{tmp_path.name}"
     ckpts = tmp_path / "bucket" / "runs"
     fs = pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem("file")))
-    monkeypatch.setattr(train_scorer, "ray_storage", lambda paths: (str(ckpts), fs))
+    monkeypatch.setattr(scorer_trainer, "ray_storage", lambda paths: (str(ckpts), fs))
     pairs = write_pairs(synthetic_pairs(32), tmp_path / "pairs.parquet")
     args = ["--train-pairs", str(pairs), "--init", tiny_scorer, "--name", "r", "--eval-size", "0",
             "--train-size", "32", "--checkpoint-every", "2", "--storage-path", f"memory:/{root}/runs", *FAST]
@@ -376,7 +380,7 @@ def test_ray_trains_sigint_handler_does_not_outlive_the_fit():
     pretrains before it samples, then ignored Ctrl-C. run_training fits inside keeping_sigint_handler."""
     import signal
 
-    from jobs.train_scorer import keeping_sigint_handler
+    from jobs.scorer_trainer import keeping_sigint_handler
 
     def ours(signum, frame):
         raise KeyboardInterrupt
@@ -397,5 +401,5 @@ def test_ray_trains_sigint_handler_does_not_outlive_the_fit():
         signal.signal(signal.SIGINT, before)
     import inspect
 
-    from jobs.train_scorer import run_training
+    from jobs.scorer_trainer import run_training
     assert "with keeping_sigint_handler():" in inspect.getsource(run_training)

@@ -83,7 +83,7 @@ def test_call_with_deadline_times_out_and_retries_only_unsent_calls():
     from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 
     from serve_app.api import RequestError
-    from serve_app.ingress import Unavailable, call_with_deadline
+    from serve_app.call_policy import Unavailable, call_with_deadline
 
     t0 = time.monotonic()
     with pytest.raises(Unavailable, match="did not answer within 0.2 s"):
@@ -140,7 +140,7 @@ def test_select_bounds_are_checked_before_any_work_and_name_the_field(body, fiel
     from fastapi.exceptions import RequestValidationError
 
     from serve_app.args import IngressArgs
-    from serve_app.ingress import plan_select
+    from serve_app.limits import plan_select
 
     with pytest.raises(RequestValidationError) as info:
         plan_select(_select(**body), IngressArgs())
@@ -152,7 +152,7 @@ def test_select_request_refuses_huge_lists_and_names_while_parsing():
     from pydantic import ValidationError
 
     from serve_app.args import IngressArgs
-    from serve_app.ingress import plan_select
+    from serve_app.limits import plan_select
 
     t0 = time.monotonic()
     with pytest.raises(ValidationError, match="at most 64 items"):  # the issue's 60,000 names: 42.7 s
@@ -358,7 +358,7 @@ def test_openai_model_names_and_task_listing(tmp_path):
     from fastapi import HTTPException
 
     from serve_app.args import list_task_scorers
-    from serve_app.ingress import openai_model_task
+    from serve_app.openai_format import openai_model_task
 
     assert openai_model_task("cappy") is None and openai_model_task("cappy:word_sorting") == "word_sorting"
     for bad in ("gpt-4o", "cappy:", "cappy:../etc", "cappy:a/b"):
@@ -393,7 +393,7 @@ def test_generate_admission_refuses_over_capacity_at_once():
     import httpx
     from fastapi import FastAPI
 
-    from serve_app.ingress import GenerateAdmission
+    from serve_app.middleware import GenerateAdmission
 
     test_app = FastAPI()
     test_app.state.generating, test_app.state.max_generating = 0, 2
@@ -472,7 +472,8 @@ def test_cappy_serve_defaults_follow_the_sweeps_cache_rule(tmp_path):
     """No flags: the generator and pretrained scorer `cappy sweep --preset local` leaves in the cache;
     missing ones are errors that say how to get them; minilm only with --allow-untrained-scorer."""
     from jobs.serve import apply_sweep_defaults
-    from jobs.sweep import SweepConfig, embedded_generator_name, sweep_models
+    from jobs.sweep_config import SweepConfig
+    from jobs.sweep_layout import embedded_generator_name, sweep_models
 
     gen, scorer = sweep_models(cache_dir=str(tmp_path))
     from cappy_core.config import load_yaml

@@ -1,0 +1,110 @@
+"""Scored candidate tables and the fused selector's columns on them: ``score`` (and a selector
+scorer's :data:`SELECTOR_SCORE`) from a scorer, ``mbr`` per instruction, the fused weights fitted
+on labelled (dev) instructions and ``fused`` with them. Nothing here reads a label except
+:func:`fit_fused`, which the sweep only gives dev tables. Tested in ``tests/core/test_task_eval.py``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from cappy_core.selectors import CAPPY_SIGNAL, LM_SIGNAL, MBR_SIGNAL
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+#: The fused selector's signals and the scored-table column each is read from.
+SIGNALS = (CAPPY_SIGNAL, LM_SIGNAL, MBR_SIGNAL)
+SIGNAL_COLUMNS = {CAPPY_SIGNAL: "score", LM_SIGNAL: "logprob_mean", MBR_SIGNAL: "mbr"}
+#: The selector scorer's column: when a table has it, it is the fused selector's Cappy signal.
+SELECTOR_SCORE = "selector_score"
+
+
+def score_table(scorer: Any, table: pa.Table, column: str = "score") -> pa.Table:
+    """``table`` (candidate rows) with ``column`` appended: the scorer's score of each
+    (instruction, text)."""
+    import pyarrow as pa
+
+    scores = scorer.score(table["instruction"].to_pylist(), table["text"].to_pylist())
+    return table.append_column(column, pa.array(scores, pa.float64()))
+
+
+def signal_column(table: pa.Table, name: str) -> str:
+    """The column the fused selector reads signal ``name`` from: :data:`SIGNAL_COLUMNS`, except
+    that the Cappy signal is :data:`SELECTOR_SCORE` when the table has it."""
+    if name == CAPPY_SIGNAL and SELECTOR_SCORE in table.column_names:
+        return SELECTOR_SCORE
+    return SIGNAL_COLUMNS[name]
+
+
+def score_with(scorer: Any, selector: Any | None, table: pa.Table) -> pa.Table:
+    """``table`` with ``score`` and, given a selector scorer, :data:`SELECTOR_SCORE` (:func:`score_table`)."""
+    table = score_table(scorer, table)
+    return table if selector is None else score_table(selector, table, SELECTOR_SCORE)
+
+
+def instruction_rows(instruction_ids: Sequence[str]) -> list[list[int]]:
+    """Row indices of each instruction, in first-appearance order (rows in file order)."""
+    rows: dict[str, list[int]] = {}
+    for i, iid in enumerate(instruction_ids):
+        rows.setdefault(iid, []).append(i)
+    return list(rows.values())
+
+
+def add_mbr(table: pa.Table) -> pa.Table:
+    """``table`` (candidate rows) with ``mbr`` appended: :func:`cappy_core.selectors.mbr_scores`
+    of each instruction's ``text`` (reads no label)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from cappy_core.selectors import mbr_scores
+
+    texts = table["text"].to_pylist()
+    mbr = np.zeros(table.num_rows)
+    for rows in instruction_rows(table["instruction_id"].to_pylist()):
+        mbr[rows] = mbr_scores([texts[i] for i in rows])
+    return table.append_column("mbr", pa.array(mbr, pa.float64()))
+
+
+def add_fused(table: pa.Table, weights: Mapping[str, float]) -> pa.Table:
+    """``table`` (scored, with ``mbr``) with ``fused`` appended: :func:`cappy_core.selectors.fused_scores`
+    of the weighted :data:`SIGNALS` per instruction (reads no label)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from cappy_core.selectors import fused_scores
+
+    cols = {name: np.asarray(table[signal_column(table, name)].to_pylist(), dtype=np.float64) for name in weights}
+    fused = np.zeros(table.num_rows)
+    for rows in instruction_rows(table["instruction_id"].to_pylist()):
+        fused[rows] = fused_scores({name: col[rows] for name, col in cols.items()}, weights)
+    return table.append_column("fused", pa.array(fused, pa.float64()))
+
+
+def with_selector_columns(table: pa.Table, weights: Mapping[str, float] | None = None) -> pa.Table:
+    """A scored candidate table with ``mbr`` (:func:`add_mbr`) and, given ``weights``, ``fused``
+    (:func:`add_fused`) appended. Reads ``instruction_id``, ``text``, ``score`` and
+    ``logprob_mean`` (and :data:`SELECTOR_SCORE` when there): never a label."""
+    table = add_mbr(table)
+    return table if weights is None else add_fused(table, weights)
+
+
+def fit_fused(table: pa.Table) -> tuple[dict[str, float], float | None, int]:
+    """The fused weights fitted on the labelled instructions of a scored table with ``mbr``
+    (:func:`cappy_core.selectors.fit_weights` over :data:`SIGNALS`): ``(weights, mean Rouge-L
+    of their picks, instructions)``. No labelled instruction: equal weights, ``None``, 0."""
+    import numpy as np
+
+    from cappy_core.selectors import fit_weights, weight_grid
+
+    labels = table["label"].to_pylist()
+    cols = {name: np.asarray(table[signal_column(table, name)].to_pylist(), dtype=np.float64) for name in SIGNALS}
+    signals, rouges = [], []
+    for rows in instruction_rows(table["instruction_id"].to_pylist()):
+        if any(labels[i] is None for i in rows):
+            continue
+        signals.append({name: col[rows] for name, col in cols.items()})
+        rouges.append([labels[i] for i in rows])
+    if not signals:
+        return weight_grid(SIGNALS)[0], None, 0
+    weights, value = fit_weights(signals, rouges, SIGNALS)
+    return weights, value, len(signals)

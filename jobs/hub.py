@@ -1,0 +1,46 @@
+"""``--push-to-hub``: a finished scorer folder to a Hugging Face model repo, and the check that
+it can work, made before training rather than after it."""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+from cappy_core.config import ConfigError
+
+
+HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def check_hub_push(repo: str) -> None:
+    """Fail before training, not after, when ``--push-to-hub REPO`` cannot work: a malformed
+    repo id, offline mode, no token, or no route to the hub (one ``whoami`` call)."""
+    if not HUB_REPO.fullmatch(repo):
+        raise ConfigError(f"--push-to-hub {repo!r}: expected a model repo id OWNER/NAME")
+    from huggingface_hub import HfApi, constants, get_token
+
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError(f"--push-to-hub {repo}: HF_HUB_OFFLINE is set; unset it on a machine with network")
+    if not get_token():
+        raise ConfigError(f"--push-to-hub {repo}: no Hugging Face token (set HF_TOKEN or run `hf auth login`)")
+    try:
+        HfApi().whoami()
+    except Exception as e:  # connection refused, DNS, proxy, 401: all "cannot push from here"
+        raise ConfigError(f"--push-to-hub {repo}: cannot reach the Hugging Face hub with this token "
+                          f"({type(e).__name__}: {e})") from e
+
+
+def push_to_hub(folder: str, repo: str, log: Callable[[str], None] = print) -> str:
+    """Upload a scorer folder (weights, tokenizer, cappy.json, model card) to ``repo``; its URL."""
+    from huggingface_hub import HfApi
+
+    from cappy_core.train_state import TRAIN_STATE_FILE
+
+    api = HfApi()
+    api.create_repo(repo, repo_type="model", exist_ok=True)
+    info = api.upload_folder(folder_path=folder, repo_id=repo, repo_type="model",
+                             ignore_patterns=[TRAIN_STATE_FILE, "results.json"],  # local paths, curves
+                             commit_message="Cappy scorer (cappy on Ray)")
+    url = getattr(info, "repo_url", None) or f"https://huggingface.co/{repo}"
+    log(f"pushed {folder} to {url}")
+    return str(url)

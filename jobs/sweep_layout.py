@@ -1,0 +1,157 @@
+"""Where a sweep's things live and which stages it runs: the rules shared by the driver
+(:mod:`jobs.sweep`), ``--dry-run`` (:mod:`jobs.sweep_plan`), ``cappy serve`` and the benchmarks.
+Ray-free and side-effect free: nothing here trains, samples, downloads or writes.
+
+The cache: the embedded generator ``<cache>/generators/<name>`` (:func:`embedded_generator_name`:
+one per training task set and length) and the pretrained scorer ``<cache>/scorer/pretrain-<preset>``.
+``OUT``: ``data/`` (the tasks as Parquet), ``candidates/sampling-<digest>/{train,validation}``
+(one folder per sampling settings, :func:`candidates_folder`), ``tasks/<task>.json`` and
+``tasks/<task>/`` (each result, keyed by :func:`result_key`). :func:`plan_tasks` turns a config,
+its tasks, generator and scorer init into a :class:`SweepPlan`: what the run then executes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from cappy_core.config import ConfigError, key_values, load_yaml
+from cappy_core.data.cache import default_cache_dir
+from cappy_core.io import local_path, with_local_paths
+from cappy_core.remote import filesystem, is_remote, staging_dir
+from cappy_core.task_eval import TaskSettings
+from cappy_core.task_results import RESULT_VERSION, finished, key_digest
+from jobs.cli import presets
+from jobs.sweep_config import SweepConfig
+from jobs.tracking import check_report_to
+
+
+def checked_config(cfg: SweepConfig, preset: str | None = None) -> tuple[SweepConfig, Path]:
+    """``(cfg with local paths, OUT)``, or the :class:`ConfigError` of settings that cannot run
+    from here (the values alone were checked by :class:`SweepConfig`). An ``--out`` URI stays
+    one in ``cfg``; OUT is then its local staging folder (:mod:`cappy_core.remote`)."""
+    check_report_to(cfg.report_to)
+    cfg = with_local_paths(cfg, "task_dir", "cache_dir")
+    if is_remote(cfg.out):
+        filesystem(cfg.out, "--out")  # an unknown scheme or a missing package: refused before any stage
+        return cfg, staging_dir(cfg.out, cfg.cache_dir).resolve()
+    cfg = dataclasses.replace(cfg, out=local_path(cfg.out, "--out"))
+    return cfg, Path(cfg.out or f"~/cappy_runs/sweep-{preset or 'custom'}").expanduser().resolve()
+
+
+def missing_tasks(specs: list[str], cache_dir: str | None, task_dir: list[str] = ()) -> list[str]:
+    """The tasks of ``specs`` that are known but not on this machine; an unknown task raises."""
+    from cappy_core.data.catalog import TaskCatalog
+
+    catalog = TaskCatalog.open(cache_dir, task_dir)
+    return catalog.missing(catalog.resolve(specs, require=False)[0])
+
+
+# --- the cache: generator and scorer init ----------------------------------------------------
+
+def embedded_generator_name(cfg: SweepConfig, tasks: list[str]) -> tuple[str, list[str]]:
+    """(cache name, training tasks) of the embedded generator this sweep trains: one cached
+    generator per task set and training length (the sampling benchmark reads the same one)."""
+    from cappy_core.lm import DEFAULT_GENERATOR_NAME
+
+    train_tasks = sorted(tasks) if cfg.generator_tasks == ["sweep"] else list(cfg.generator_tasks)
+    what = " ".join(train_tasks) + f" updates={cfg.generator_updates} budget={cfg.generator_time_budget_s:g}"
+    return f"{DEFAULT_GENERATOR_NAME}-{hashlib.sha256(what.encode()).hexdigest()[:8]}", train_tasks
+
+
+def pretrain_preset_values(cfg: SweepConfig) -> dict:
+    """The settings of ``pretrain_preset`` (``jobs/configs/pretrain_<preset>.yaml``); an unknown preset raises."""
+    from jobs.pretrain import PretrainConfig
+
+    known = presets("pretrain")
+    if cfg.pretrain_preset not in known:
+        raise ConfigError(f"--pretrain-preset {cfg.pretrain_preset!r}: unknown; choose from {sorted(known)}")
+    return load_yaml(PretrainConfig, known[cfg.pretrain_preset])
+
+
+def pretrained_scorer_path(cfg: SweepConfig) -> Path:
+    """Where the scorer pretrained for this sweep lives: ``<cache>/scorer/pretrain-<preset>``."""
+    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    return cache / "scorer" / f"pretrain-{cfg.pretrain_preset}"
+
+
+def sweep_models(preset: str = "local", cache_dir: str | None = None) -> tuple[Path, Path]:
+    """``(embedded generator folder, pretrained scorer folder)`` that ``cappy sweep --preset PRESET``
+    trains or reuses, by the sweep's own rules (``cappy serve`` serves them by default)."""
+    from cappy_core.config import build
+    from cappy_core.lm import default_generator_path
+
+    cfg = build(SweepConfig, {**load_yaml(SweepConfig, presets("sweep")[preset]), "cache_dir": cache_dir})
+    name, _ = embedded_generator_name(cfg, list(cfg.tasks))
+    return default_generator_path(name, cache_dir=cache_dir), pretrained_scorer_path(cfg)
+
+
+# --- OUT: candidates and results -------------------------------------------------------------
+
+def candidates_folder(cfg: SweepConfig, generator: str) -> str:
+    """The folder name, under ``OUT/candidates``, of the candidates sampled with these settings:
+    one folder per ``"sampling"`` settings and generator, so a rerun with a changed sampling
+    setting samples anew beside the old candidates (and going back reuses them)."""
+    return "sampling-" + key_digest({**key_values(cfg, marker="sampling"), "generator": generator})[:12]
+
+
+def task_settings(cfg: SweepConfig, out: Path, init: str, generator: str) -> TaskSettings:
+    """What every task of the sweep shares (:class:`~cappy_core.task_eval.TaskSettings`): inputs
+    under ``OUT/data`` and ``OUT/candidates/<candidates_folder>``, results under ``OUT/tasks``."""
+    schedule = cfg.schedule if cfg.finetune else None
+    selector = None
+    if schedule is not None and cfg.selector_loss != "same":  # listwise ranks within an instruction: grouped
+        selector = dataclasses.replace(schedule, loss=cfg.selector_loss, group_by_instruction=True)
+    return TaskSettings(data_dir=str(out / "data"), candidates_dir=str(out / "candidates" / candidates_folder(cfg, generator)),
+                        tasks_dir=str(out / "tasks"), init=init, max_length=cfg.max_length, schedule=schedule,
+                        train_size=cfg.train_size, max_train_examples=cfg.max_train_examples_per_task,
+                        score_dtype=cfg.score_dtype, keep_scorer=cfg.keep_scorers,
+                        dev_examples=cfg.dev_examples_per_task, finetune_scope=cfg.finetune_scope,
+                        selector_schedule=selector)
+
+
+def result_key(cfg: SweepConfig, generator: str, init: str, tasks: list[str]) -> dict[str, Any]:
+    """What defines a task's result: the ``"key"`` settings, the generator and scorer init they
+    resolved to, and :data:`~cappy_core.task_results.RESULT_VERSION`; with a scorer trained on every
+    task also the sweep's tasks."""
+    key = {**key_values(cfg), "generator": generator, "scorer": init, "version": RESULT_VERSION}
+    if cfg.trains_on_every_task:
+        key["finetune_tasks"] = sorted(tasks)
+    return key
+
+
+@dataclass
+class SweepPlan:
+    """What a sweep of ``tasks`` does with this generator and scorer init: its settings, the
+    result key, the tasks still to run, the tasks whose candidates are sampled, and the splits
+    with their instruction caps."""
+
+    tasks: list[str]
+    generator: str
+    init: str
+    settings: TaskSettings
+    key: dict[str, Any]
+    todo: list[str]
+    sampled: list[str]
+    splits: list[tuple[str, Optional[int]]]
+
+    @property
+    def digest(self) -> str:
+        return key_digest(self.key)
+
+
+def plan_tasks(cfg: SweepConfig, out: Path, tasks: list[str], generator: str, init: str) -> SweepPlan:
+    """The :class:`SweepPlan` for these tasks: a task is to run unless its result is finished
+    with the same key (``redo``: all); candidates are sampled for the tasks to run (every task
+    when a scorer trains on all of them), for the train split only when it is finetuned on or
+    holds dev instructions."""
+    settings = task_settings(cfg, out, init, generator)
+    key = result_key(cfg, generator, init, tasks)
+    todo = [t for t in tasks if cfg.redo or finished(settings.tasks_dir, t, key_digest(key)) is None]
+    splits = [("train", cfg.max_train_examples_per_task)] if cfg.finetune or cfg.dev_examples_per_task else []
+    return SweepPlan(tasks=list(tasks), generator=generator, init=init, settings=settings, key=key, todo=todo,
+                     sampled=list(tasks) if cfg.trains_on_every_task else todo,
+                     splits=splits + [("validation", cfg.max_examples_per_task)])
