@@ -7,7 +7,7 @@ Each field becomes a flag ``--field-name``; ``metadata={"help": ...}`` on the fi
 ``--help`` text (``"metavar"``, ``"choices"`` and, for a list, ``"repeatable": True`` are
 honoured too). Supported field types: str, int, float, bool (``--x/--no-x``), Optional of
 those, ``list[str]`` / ``list[int]`` / ``list[float]`` (``nargs='+'``), and a dataclass: a
-*section*, one recipe embedded whole (e.g. the scorer's :class:`~cappy_core.training.ScorerSchedule`
+*section*, one recipe embedded whole (e.g. the scorer's :class:`~cappy_core.scorer.training.ScorerSchedule`
 in every job that trains one). A section is a YAML mapping under its name and a flag per field,
 ``--section.field-name``; values given for it replace those of the field's default instance, so
 a job can embed a recipe with defaults of its own. Its validation is its own (``__post_init__``).

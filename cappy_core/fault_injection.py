@@ -14,6 +14,8 @@ tasks that act on them need no environment of their own.
 * ``CAPPY_SWEEP_DIE_TASKS=a,b``: the sweep's Ray task for each named task kills its own worker
   process (as the OOM killer would) before doing any work, in every attempt, so Ray retries it
   ``--task-retries`` times and the sweep records it as failed.
+
+Tested in ``tests/jobs/test_train_scorer.py`` and ``tests/jobs/test_sweep.py``.
 """
 
 from __future__ import annotations

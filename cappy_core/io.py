@@ -15,6 +15,8 @@ failed write removes its temporary and leaves the target as it was.
 * :func:`local_path` / :func:`with_local_paths`: path options accept ``file://`` URIs; other
   schemes (``s3://``, ...) are refused clearly instead of becoming a local ``./s3:/...`` folder
   (``--out`` of the sweep and the sampler goes through :mod:`cappy_core.remote` instead).
+
+Tested in ``tests/core/test_io_lock.py``.
 """
 
 from __future__ import annotations

@@ -283,8 +283,8 @@ def two_nodes(tmp: Path, shared: Path):
 
 def make_models(shared: Path) -> None:
     """A tiny Llama generator and a MiniLM scorer folder in the shared folder."""
-    from cappy_core.lm import tiny_generator
-    from cappy_core.scorer import Scorer
+    from cappy_core.generation.embedded_model import tiny_generator
+    from cappy_core.scorer.model import Scorer
 
     tiny_generator(shared / "gen")
     Scorer.from_pretrained("minilm", seed=0).save_pretrained(shared / "scorer")

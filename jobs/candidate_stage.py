@@ -31,7 +31,7 @@ class CandidateStage:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # engine start logs ~100 lines per actor
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         if os.environ.get("TRANSFORMERS_VERBOSITY", "error") not in ("info", "debug"):  # --log-level debug shows them
-            from cappy_core.scorer import quiet_transformers
+            from cappy_core.scorer.model import quiet_transformers
 
             quiet_transformers()  # the weight-loading bar of every actor would print between the progress bars
         if backend == "hf":
@@ -41,7 +41,7 @@ class CandidateStage:
         self.kw = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, seed=seed)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from cappy_core.candidates import expand_with_candidates
+        from cappy_core.labeling.candidates import expand_with_candidates
 
         started = time.time()
         cands = self.gen.generate(batch["instruction"].to_pylist(), self.decodings,

@@ -5,7 +5,7 @@
     ray job submit --working-dir . -- python -m jobs.eval_mc --tasks ... --scorers ...
 
 For every task, every scorer scores each ``(instruction, choice)`` pair of the task's examples
-(``cappy_core.evaluation.score_choices``; the instruction is the Hugging Face BIG-bench
+(``cappy_core.selection.evaluation.score_choices``; the instruction is the Hugging Face BIG-bench
 ``inputs``, which already lists the choices), picks the highest-scoring choice (ties to the
 first) and counts it correct when it has the top ``choice_score`` (several choices can be
 correct). Printed: one row per task — examples, mean choices per example, chance accuracy (a
@@ -17,7 +17,7 @@ Examples: the task's ``--split`` (default ``validation``, which no job trains on
 Hugging Face loader splits it (already shuffled with seed 42), multiple-choice examples only, the
 first ``--max-examples`` of them (0 = all).
 
-Held-out tasks only (:mod:`cappy_core.classification`). Refused, with an error naming the task:
+Held-out tasks only (:mod:`cappy_core.selection.classification`). Refused, with an error naming the task:
 an unknown task; one of the 45 generative evaluation tasks; a task whose split has no
 multiple-choice examples; and a task a given scorer was trained on (recorded in the scorer
 folder's ``results.json`` / ``cappy.json``, its ``init`` scorer followed). ``--allow-seen-tasks``
@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Optional
 
 from jobs.runtime import job_main
-from cappy_core.classification import (ACCEPTANCE_TASKS, check_tasks, csv_rows, format_table,
+from cappy_core.selection.classification import (ACCEPTANCE_TASKS, check_tasks, csv_rows, format_table,
                                        multiple_choice_examples, results_record, scorer_labels,
                                        seen_tasks, summarise, task_row)
 from cappy_core.config import CacheOptions, ConfigError, to_dict
@@ -90,7 +90,7 @@ def run(cfg: EvalMCConfig, log=None) -> tuple[list[dict], dict, list[str]]:
     """Check, load, score; returns ``(rows, mean, labels)``. Bad input raises ConfigError,
     FileNotFoundError or ValueError before any scorer is loaded."""
     from cappy_core.data.catalog import TaskCatalog
-    from cappy_core.scorer import resolve_source
+    from cappy_core.scorer.model import resolve_source
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if not cfg.tasks:
@@ -117,8 +117,8 @@ def run(cfg: EvalMCConfig, log=None) -> tuple[list[dict], dict, list[str]]:
 
     from tqdm import tqdm
 
-    from cappy_core.evaluation import score_choices
-    from cappy_core.scorer import Scorer, quiet_transformers
+    from cappy_core.selection.evaluation import score_choices
+    from cappy_core.scorer.model import Scorer, quiet_transformers
 
     quiet_transformers()
     labels = scorer_labels(cfg.scorers)

@@ -6,7 +6,7 @@
         --samples /mnt/shared/samples
 
 Pipeline: config → the task's *train* split (validation is the test set, never used here) →
-:func:`cappy_core.labeling.build_training_pairs` rules (references 1.0, random negatives 0.0,
+:func:`cappy_core.labeling.rouge.build_training_pairs` rules (references 1.0, random negatives 0.0,
 ``--samples`` candidates with their Rouge-L labels) → held-out slice by instruction → train cut or
 tiled to ``train_size`` → Ray Train (``jobs/train_scorer.py``) → the finetuned scorer and
 ``results.json``. The eval before training scores the *init* scorer on the same held-out pairs,
@@ -49,7 +49,7 @@ class FinetuneConfig(CacheOptions, TrainScorerConfig):
 
 
 def build_pairs(cfg: FinetuneConfig, pairs_dir: str, log=print) -> tuple[str, str | None]:
-    from cappy_core.pretrain_data import build_pair_mixture, load_examples, read_samples, write_pair_files
+    from cappy_core.labeling.pair_mixture import build_pair_mixture, load_examples, read_samples, write_pair_files
 
     examples, names = load_examples([cfg.task], ["train"], cfg.examples, cfg.cache_dir, log)
     if not examples:

@@ -34,7 +34,7 @@ def push_to_hub(folder: str, repo: str, log: Callable[[str], None] = print) -> s
     """Upload a scorer folder (weights, tokenizer, cappy.json, model card) to ``repo``; its URL."""
     from huggingface_hub import HfApi
 
-    from cappy_core.train_state import TRAIN_STATE_FILE
+    from cappy_core.scorer.train_state import TRAIN_STATE_FILE
 
     api = HfApi()
     api.create_repo(repo, repo_type="model", exist_ok=True)

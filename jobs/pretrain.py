@@ -7,7 +7,7 @@
 
 Pipeline: config → pair mixture (multiple-choice tasks give exact 1/0 labels; generative ones
 references, random negatives and, with ``--samples``, Rouge-L-labelled candidates; capped per
-task; held-out slice by instruction; see ``cappy_core/pretrain_data.py``) written as Parquet under
+task; held-out slice by instruction; see ``cappy_core/labeling/pair_mixture.py``) written as Parquet under
 the run → Ray Train (``jobs/train_scorer.py``) → the final scorer (a Hugging Face folder) and
 ``results.json`` with the resolved config. Rerunning the same command resumes the run from its
 last checkpoint; ``--fresh`` starts over.
@@ -53,7 +53,7 @@ class PretrainConfig(CacheOptions, TrainScorerConfig):
 
 def build_pairs(cfg: PretrainConfig, pairs_dir: str, log=print) -> tuple[str, str | None]:
     from cappy_core.data.tasks import GENERATIVE_45
-    from cappy_core.pretrain_data import build_pair_mixture, load_examples, read_samples, write_pair_files
+    from cappy_core.labeling.pair_mixture import build_pair_mixture, load_examples, read_samples, write_pair_files
 
     def refuse(tasks):
         if tasks:

@@ -23,11 +23,11 @@ Pipeline:
 A rerun skips completed shards and redoes the others from scratch, so an interrupted job resumes
 with exactly instructions × candidates rows and no duplicates (Ray Data's ``write_parquet``
 cannot give that: it names files per block and has no per-input commit; shards, records and the
-summary: ``cappy_core/shards.py``). Sampling seeds come
+summary: ``cappy_core/generation/shards.py``). Sampling seeds come
 from (``--sampling.seed``, instruction id, decoding, sample), so a resumed run samples what an
 uninterrupted one would. ``OUT/sample_config.json`` records the settings that define the output;
 a rerun with different ones is refused (use a new ``--out`` or ``--overwrite``). Schema:
-``cappy_core/candidates.py``.
+``cappy_core/labeling/candidates.py``.
 
 Paths: only the driver reads ``--data`` and writes ``--out``. Under ``ray job submit
 --working-dir .`` relative paths live in the job's copy of the working dir on the head node (the
@@ -143,8 +143,8 @@ def run(cfg: SampleConfig, log=print) -> dict:
 
 
 def _run_locked(cfg: SampleConfig, log) -> dict:
-    from cappy_core import shards as sh
-    from cappy_core.candidates import CANDIDATE_SCHEMA
+    from cappy_core.generation import shards as sh
+    from cappy_core.labeling.candidates import CANDIDATE_SCHEMA
     from cappy_core.data.tasks import resolve_tasks
     from cappy_core.generation import candidates_per_instruction, decodings_from_names, resolve_generator
     from cappy_core.remote import sync_outputs
@@ -193,11 +193,11 @@ def _sample_shards(cfg, todo, generator, decodings, per_instruction, meta, timin
     import ray
     from tqdm import tqdm
 
-    from cappy_core.candidates import add_labels
+    from cappy_core.labeling.candidates import add_labels
     from cappy_core.generation import GeneratorSpec
     from jobs.candidate_stage import CandidateStage
     from cappy_core.remote import sync_outputs
-    from cappy_core.shards import write_shard
+    from cappy_core.generation.shards import write_shard
     from jobs.log_file import init_ray
 
     gen_kwargs = GeneratorSpec(

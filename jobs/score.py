@@ -82,7 +82,7 @@ def run(cfg: ScoreConfig) -> None:
         raise ConfigError("give either --pairs or --instruction/--response, not both")
 
     from cappy_core.data.records import read_text_pairs
-    from cappy_core.scorer import Scorer, quiet_transformers, select_best
+    from cappy_core.scorer.model import Scorer, quiet_transformers, select_best
 
     quiet_transformers()
     if cfg.pairs is not None:

@@ -1,5 +1,5 @@
 """What Ray is for in scorer training: a ``TorchTrainer`` worker group around the plain fit
-(:func:`cappy_core.training.fit_scorer`). Gloo on CPU, nccl on GPU; the group restarts from the
+(:func:`cappy_core.scorer.training.fit_scorer`). Gloo on CPU, nccl on GPU; the group restarts from the
 last checkpoint up to ``max_failures``; every worker reads the same ordered Ray Data stream and
 takes its rank's slice of each global micro-batch, so 1 and N workers see the same batches; DDP;
 rank 0 checkpoints and ``ray.train.report``. The run's lifecycle around it (paths, locks, pairs,
@@ -32,10 +32,10 @@ def train_loop_per_worker(c: dict) -> None:
     import transformers
 
     from cappy_core.fault_injection import check_update
-    from cappy_core.scorer import Scorer
-    from cappy_core.scorer_runs import RunProgress, evaluate_pairs, save_checkpoint
-    from cappy_core.train_state import TrainState, load_train_state
-    from cappy_core.training import fit_scorer, mean_over_ranks, scorer_optimizer, window_rows
+    from cappy_core.scorer.model import Scorer
+    from cappy_core.scorer.runs import RunProgress, evaluate_pairs, save_checkpoint
+    from cappy_core.scorer.train_state import TrainState, load_train_state
+    from cappy_core.scorer.training import fit_scorer, mean_over_ranks, scorer_optimizer, window_rows
 
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger().setLevel(c.get("worker_log_level", logging.INFO))
@@ -127,7 +127,7 @@ def keeping_sigint_handler():
 def run_training(cfg: Any, paths: dict[str, str], train_file: str, eval_file: str | None,
                  run_info: dict, log: Callable[[str], None] = print, before_fit=None, progress: bool = True):
     """Check the pair files, then fit a TorchTrainer and export the final scorer to ``output``;
-    returns a :class:`~cappy_core.scorer_runs.TrainOutcome`. ``progress``: rank 0 prints its
+    returns a :class:`~cappy_core.scorer.runs.TrainOutcome`. ``progress``: rank 0 prints its
     per-update and eval lines (the driver's terminal shows them)."""
     import ray
     import ray.data
@@ -136,10 +136,10 @@ def run_training(cfg: Any, paths: dict[str, str], train_file: str, eval_file: st
 
     from cappy_core.fault_injection import fail_at_update
     from cappy_core.io import atomic_dir, write_json
-    from cappy_core.pretrain_data import check_pair_file, read_pair_columns
-    from cappy_core.scorer_runs import OUTPUT_MARKER, TrainOutcome, check_output
-    from cappy_core.train_state import OPTIMIZER_FILE, load_train_state
-    from cappy_core.training import plan_pair_updates, plan_updates
+    from cappy_core.labeling.pair_mixture import check_pair_file, read_pair_columns
+    from cappy_core.scorer.runs import OUTPUT_MARKER, TrainOutcome, check_output
+    from cappy_core.scorer.train_state import OPTIMIZER_FILE, load_train_state
+    from cappy_core.scorer.training import plan_pair_updates, plan_updates
     from jobs.log_file import init_ray
 
     rows = check_pair_file(train_file)

@@ -93,7 +93,7 @@ def apply_sweep_defaults(raw: dict, allow_untrained: bool, strict: bool = True, 
     named, or ``minilm`` (an untrained head): the sweep's pretrained scorer if cached; else
     ``minilm`` only with ``allow_untrained``, else (``strict``) a ``FileNotFoundError``.
     """
-    from cappy_core.lm import default_generator_path
+    from cappy_core.generation.embedded_model import default_generator_path
     from jobs.sweep_layout import sweep_models
 
     sweep_gen, sweep_scorer = sweep_models(cache_dir=cache_dir)

@@ -6,9 +6,9 @@ or the embedded Llama trained once into the cache on ``--generator-tasks``); **s
 (``--scorer``, or the scorer pretrained once into the cache); **sample + label** (``cappy sample``,
 Ray Data → ``OUT/candidates/sampling-<digest>/{train,validation}``, one folder per sampling settings);
 **per task**, one Ray task each (after one shared
-finetune with ``--finetune-scope all``): finetune, score and evaluate (:func:`cappy_core.task_eval.run_task`),
+finetune with ``--finetune-scope all``): finetune, score and evaluate (:func:`cappy_core.selection.task_eval.run_task`),
 each result written to ``OUT/tasks/<task>.json`` as it arrives (a failure with its error; the sweep
-goes on); **summary** (:func:`cappy_core.report.write_reports`, ``OUT/summary.{md,csv,png,json}``).
+goes on); **summary** (:func:`cappy_core.selection.report.write_reports`, ``OUT/summary.{md,csv,png,json}``).
 
 A rerun computes only the tasks that are missing, failed, or were run with other settings
 (``--redo``: all), sampling only for a changed sampling setting (seed, decodings, max tokens,
@@ -31,8 +31,8 @@ from cappy_core.data.download import download_tasks
 from cappy_core.fault_injection import check_task, sweep_faults
 from cappy_core.io import write_json
 from cappy_core.remote import is_remote, sync_outputs
-from cappy_core.task_eval import TaskSettings, finetune_shared, finetune_shared_selector, run_task
-from cappy_core.task_results import read_result, result_path, result_record
+from cappy_core.selection.task_eval import TaskSettings, finetune_shared, finetune_shared_selector, run_task
+from cappy_core.selection.task_results import read_result, result_path, result_record
 from jobs.log_file import init_ray
 from jobs.runtime import job_main, job_output
 from jobs.scheduling import wait_for_tasks
@@ -99,7 +99,7 @@ def ensure_generator_for(cfg: SweepConfig, tasks: list[str], log) -> str:
 
 def ensure_scorer_init(cfg: SweepConfig, log) -> str:
     """``--scorer`` as given, or the scorer pretrained once into the cache (pretrain job, Ray Train)."""
-    from cappy_core.scorer_runs import check_init
+    from cappy_core.scorer.runs import check_init
 
     if cfg.scorer:  # checked now, not in every task after sampling
         check_init(cfg.scorer, flag="--scorer")
@@ -138,7 +138,7 @@ def sweep_task(task: str, settings: TaskSettings, gpus: float, torch_threads: in
     """One Ray task (a generator): yields ``None`` the moment it starts running (the driver's
     ``--task-timeout-s`` counts from then, not from submission, so queued tasks are not timed,
     and it keeps counting through a retry after a worker death),
-    then :func:`cappy_core.task_eval.run_task`'s result and where it ran (for the multi-node test)."""
+    then :func:`cappy_core.selection.task_eval.run_task`'s result and where it ran (for the multi-node test)."""
     import ray
 
     yield None
@@ -154,7 +154,7 @@ def run_tasks(cfg: SweepConfig, plan: SweepPlan, settings: TaskSettings, log) ->
     import ray
     from tqdm import tqdm
 
-    from cappy_core.report import progress_line
+    from cappy_core.selection.report import progress_line
 
     # max_retries: Ray reruns a task whose worker died (a streaming task from its start; the
     # driver already has its first item); retry_exceptions stays off: a raised error is final.
@@ -193,7 +193,7 @@ def run(cfg: SweepConfig, preset: str | None = None, log=print) -> dict:
 def _run_locked(cfg: SweepConfig, out: Path, preset: str | None, log) -> dict:
     import ray
 
-    from cappy_core.report import write_reports
+    from cappy_core.selection.report import write_reports
 
     stages: dict[str, float] = {}
     t_all = time.monotonic()

@@ -4,7 +4,7 @@ Ray-free, like :mod:`jobs.sweep_layout` and :mod:`jobs.sweep_plan`, which the dr
 (:mod:`jobs.sweep`), ``--dry-run``, ``cappy serve`` and the benchmarks share. Fields marked
 ``"key"`` define a task's result and those marked ``"sampling"`` the sampled candidates
 (:func:`cappy_core.config.key_values`); the finetuning recipe is the one
-:class:`~cappy_core.scorer_schedule.ScorerSchedule`, a section (``--schedule.lr``).
+:class:`~cappy_core.scorer.schedule.ScorerSchedule`, a section (``--schedule.lr``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Optional
 from cappy_core.config import CacheOptions, SettingError
 from cappy_core.data.tasks import LOCAL_TASKS
 from cappy_core.generation import SamplingSpec
-from cappy_core.scorer_schedule import ScorerSchedule
+from cappy_core.scorer.schedule import ScorerSchedule
 from jobs.tracking import TrackingOptions
 
 

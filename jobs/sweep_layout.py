@@ -22,8 +22,8 @@ from cappy_core.config import ConfigError, key_values, load_yaml
 from cappy_core.data.cache import default_cache_dir
 from cappy_core.io import local_path, with_local_paths
 from cappy_core.remote import filesystem, is_remote, staging_dir
-from cappy_core.task_eval import TaskSettings
-from cappy_core.task_results import RESULT_VERSION, finished, key_digest
+from cappy_core.selection.task_eval import TaskSettings
+from cappy_core.selection.task_results import RESULT_VERSION, finished, key_digest
 from jobs.cli import presets
 from jobs.sweep_config import SweepConfig
 from jobs.tracking import check_report_to
@@ -55,7 +55,7 @@ def missing_tasks(specs: list[str], cache_dir: str | None, task_dir: list[str] =
 def embedded_generator_name(cfg: SweepConfig, tasks: list[str]) -> tuple[str, list[str]]:
     """(cache name, training tasks) of the embedded generator this sweep trains: one cached
     generator per task set and training length (the sampling benchmark reads the same one)."""
-    from cappy_core.lm import DEFAULT_GENERATOR_NAME
+    from cappy_core.generation.embedded_model import DEFAULT_GENERATOR_NAME
 
     train_tasks = sorted(tasks) if cfg.generator_tasks == ["sweep"] else list(cfg.generator_tasks)
     what = " ".join(train_tasks) + f" updates={cfg.generator_updates} budget={cfg.generator_time_budget_s:g}"
@@ -82,7 +82,7 @@ def sweep_models(preset: str = "local", cache_dir: str | None = None) -> tuple[P
     """``(embedded generator folder, pretrained scorer folder)`` that ``cappy sweep --preset PRESET``
     trains or reuses, by the sweep's own rules (``cappy serve`` serves them by default)."""
     from cappy_core.config import build
-    from cappy_core.lm import default_generator_path
+    from cappy_core.generation.embedded_model import default_generator_path
 
     cfg = build(SweepConfig, {**load_yaml(SweepConfig, presets("sweep")[preset]), "cache_dir": cache_dir})
     name, _ = embedded_generator_name(cfg, list(cfg.tasks))
@@ -99,7 +99,7 @@ def candidates_folder(cfg: SweepConfig, generator: str) -> str:
 
 
 def task_settings(cfg: SweepConfig, out: Path, init: str, generator: str) -> TaskSettings:
-    """What every task of the sweep shares (:class:`~cappy_core.task_eval.TaskSettings`): inputs
+    """What every task of the sweep shares (:class:`~cappy_core.selection.task_eval.TaskSettings`): inputs
     under ``OUT/data`` and ``OUT/candidates/<candidates_folder>``, results under ``OUT/tasks``."""
     schedule = cfg.schedule if cfg.finetune else None
     selector = None
@@ -115,7 +115,7 @@ def task_settings(cfg: SweepConfig, out: Path, init: str, generator: str) -> Tas
 
 def result_key(cfg: SweepConfig, generator: str, init: str, tasks: list[str]) -> dict[str, Any]:
     """What defines a task's result: the ``"key"`` settings, the generator and scorer init they
-    resolved to, and :data:`~cappy_core.task_results.RESULT_VERSION`; with a scorer trained on every
+    resolved to, and :data:`~cappy_core.selection.task_results.RESULT_VERSION`; with a scorer trained on every
     task also the sweep's tasks."""
     key = {**key_values(cfg), "generator": generator, "scorer": init, "version": RESULT_VERSION}
     if cfg.trains_on_every_task:

@@ -68,7 +68,7 @@ def plan(cfg: SweepConfig, preset: str | None = None) -> dict[str, Any]:
     """The plan as a dict (see :func:`format_plan`): the run's own rules (:mod:`jobs.sweep_layout`)
     applied to what is on disk; raises the run's own config errors."""
     from cappy_core.generation import candidates_per_instruction, decodings_from_names
-    from cappy_core.lm import default_generator_path, is_generator_dir
+    from cappy_core.generation.embedded_model import default_generator_path, is_generator_dir
 
     cfg, out = checked_config(cfg, preset)
     per_instruction = candidates_per_instruction(decodings_from_names(cfg.sampling.decodings,
@@ -98,7 +98,7 @@ def plan(cfg: SweepConfig, preset: str | None = None) -> dict[str, Any]:
                        "seconds": 0.0 if cached else cfg.generator_updates * GENERATOR_S_PER_UPDATE})
 
     if cfg.scorer:
-        from cappy_core.scorer_runs import check_init
+        from cappy_core.scorer.runs import check_init
 
         check_init(cfg.scorer, flag="--scorer")  # the run's own check
         init = cfg.scorer

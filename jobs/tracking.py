@@ -1,7 +1,7 @@
 """Experiment tracking (``--report-to``): a job's curves and metrics in TensorBoard, MLflow or W&B.
 
 Each job logs what it already records, once it has it: pretrain / finetune the loss of every
-update, its learning rate (the schedule's :func:`~cappy_core.training.lr_at`), the evals and the
+update, its learning rate (the schedule's :func:`~cappy_core.scorer.training.lr_at`), the evals and the
 throughput; generator training its loss curve, tokens/s and greedy Rouge-L; the sweep every task's
 metrics, the means and the stage times. The values are the job's own (``results.json``,
 ``cappy_generator.json``, ``summary.json``), so a tracker and the JSON never disagree.
@@ -150,7 +150,7 @@ def report(kind: str, folder: str | Path, run_name: str, params: Mapping[str, An
 
 def scorer_run(tracker: Tracker, results: Mapping[str, Any], total_updates: int) -> None:
     """pretrain / finetune: loss and learning rate per update, evals, throughput."""
-    from cappy_core.training import lr_at, warmup_updates
+    from cappy_core.scorer.training import lr_at, warmup_updates
 
     schedule = results["config"]["schedule"]
     warmup = warmup_updates(total_updates, schedule["warmup_ratio"])

@@ -18,7 +18,7 @@ transformers both run it) on instruction → reference pairs of the BIG-Bench *t
    modelling the instruction too helps a tiny model produce the words most of these tasks copy
    from it (measured on 6 tasks, 400 updates: greedy Rouge-L 8.6 vs 3.8 with the loss on the
    response only; 4 tasks, 300 updates: 16.5 vs 9.1; on all 44 tasks at 500 updates both ≈1);
-4. :func:`cappy_core.generator_training.fit_generator`: length-bucketed batches, bf16 autocast. With
+4. :func:`cappy_core.generation.embedded_training.fit_generator`: length-bucketed batches, bf16 autocast. With
    ``--time-budget-s`` (the whole run's wall clock: data, tokenizer, training, check, save) the
    first ``--calibration-updates`` updates measure the speed and the LR schedule is sized to the
    updates that fit; training also stops gracefully at the deadline;
@@ -46,7 +46,7 @@ from typing import Callable, Optional
 
 from cappy_core.config import CacheOptions, ConfigError, build_parser, config_from_args, run_main, to_dict
 from cappy_core.data.tasks import LOCAL_TASKS
-from cappy_core.lm import DEFAULT_GENERATOR_NAME, default_generator_path, generator_metadata, is_generator_dir
+from cappy_core.generation.embedded_model import DEFAULT_GENERATOR_NAME, default_generator_path, generator_metadata, is_generator_dir
 from jobs.tracking import TrackingOptions, check_report_to
 
 __all__ = ["GeneratorConfig", "ensure_generator", "parse_config", "train_generator", "main"]
@@ -139,7 +139,7 @@ def check_config(cfg: GeneratorConfig) -> None:
 
 def train_generator(cfg: GeneratorConfig, log: Callable[[str], None] = print) -> dict:
     """Train and save the generator described by ``cfg``; returns its metadata."""
-    from cappy_core import generator_training as gt
+    from cappy_core.generation import embedded_training as gt
 
     t_start = time.monotonic()
     check_config(cfg)
@@ -175,7 +175,7 @@ def train_generator(cfg: GeneratorConfig, log: Callable[[str], None] = print) ->
                              max_prompt_tokens=cfg.max_prompt_tokens, prep_seconds=prep_s)
     fit.model.to("cpu")
     metadata["total_seconds"] = time.monotonic() - t_start
-    from cappy_core.lm import save_generator
+    from cappy_core.generation.embedded_model import save_generator
 
     save_generator(fit.model, tokenizer, out, metadata=metadata)
     log(gt.summary_line(out, metadata, time.monotonic() - t_start))

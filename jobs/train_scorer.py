@@ -1,7 +1,7 @@
 """What ``cappy pretrain`` and ``cappy finetune`` share: their settings (:class:`TrainScorerConfig`,
-the recipe a :class:`~cappy_core.scorer_schedule.ScorerSchedule` section) and the run's lifecycle
+the recipe a :class:`~cappy_core.scorer.schedule.ScorerSchedule` section) and the run's lifecycle
 (:func:`run_job`) around the Ray Train fit (:mod:`jobs.scorer_trainer`). Rerunning a
-command resumes its run (:mod:`cappy_core.scorer_runs`). Fault injection: ``--fail-at-update K``
+command resumes its run (:mod:`cappy_core.scorer.runs`). Fault injection: ``--fail-at-update K``
 or ``CAPPY_FAIL_AT_UPDATE=K`` (:mod:`cappy_core.fault_injection`). A URI ``--storage-path``
 (``s3://``, ``gs://``, ...) goes to Ray Train as is; the run's own files are staged locally and
 uploaded, as is a URI ``--output`` (:mod:`cappy_core.remote`).
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from cappy_core.config import ConfigError, SettingError, to_dict
-from cappy_core.scorer_schedule import ScorerSchedule
+from cappy_core.scorer.schedule import ScorerSchedule
 from jobs.hub import check_hub_push, push_to_hub
 from jobs.scorer_trainer import run_training
 from jobs.tracking import TrackingOptions, check_report_to
@@ -102,7 +102,7 @@ class TrainScorerConfig(TrackingOptions):
 def check_config(cfg: TrainScorerConfig) -> None:
     """What the values alone cannot tell (:meth:`TrainScorerConfig.__post_init__` checked those):
     the init scorer, the trackers and the hub are usable from here."""
-    from cappy_core.scorer_runs import check_init
+    from cappy_core.scorer.runs import check_init
 
     check_init(cfg.init, cfg.allow_pickle)
     check_report_to(cfg.report_to)
@@ -117,7 +117,7 @@ def run_job(job: str, cfg: TrainScorerConfig, *, default_name: str, data_key: di
     Ray Train → ``results.json`` beside the exported scorer → one summary line."""
     from cappy_core.io import output_lock, with_local_paths
     from cappy_core.remote import is_remote, locked_output, staging_dir
-    from cappy_core.scorer_runs import check_output, resolve_paths
+    from cappy_core.scorer.runs import check_output, resolve_paths
     from jobs.log_file import log_file, nested
 
     check_config(cfg)
@@ -158,9 +158,9 @@ def run_job(job: str, cfg: TrainScorerConfig, *, default_name: str, data_key: di
 
 def _run_job_locked(job, cfg, paths, data_key, build_pairs, run_info, label, log, progress=True) -> dict:
     from cappy_core.io import write_json
-    from cappy_core.pretrain_data import existing_pair_files
+    from cappy_core.labeling.pair_mixture import existing_pair_files
     from cappy_core.remote import sync_outputs
-    from cappy_core.scorer_runs import check_run_dir, resume_key, summary_line, write_run_record
+    from cappy_core.scorer.runs import check_run_dir, resume_key, summary_line, write_run_record
 
     key = resume_key(cfg, data_key)
     resuming = check_run_dir(paths, key, fresh=cfg.fresh, log=log)

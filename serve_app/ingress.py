@@ -19,8 +19,8 @@ is unavailable → 503 with the reason (and ``Retry-After``); a generate-then-se
 ``max_generating`` in this replica → 503 at once (:mod:`serve_app.middleware`). Every call to
 another deployment has a deadline (``generate_timeout_s`` / ``score_timeout_s``), so no request
 hangs; what is retried and what is a 503 is :mod:`serve_app.call_policy`.
-Route handlers only validate and delegate: scoring is ``cappy_core.scorer``, generation is
-``cappy_core.generation``, the pick is :func:`cappy_core.scorer.select_best`.
+Route handlers only validate and delegate: scoring is ``cappy_core.scorer.model``, generation is
+``cappy_core.generation``, the pick is :func:`cappy_core.scorer.model.select_best`.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the route parameters' real
@@ -89,7 +89,7 @@ class IngressDeployment:
         (dicts), their scores, the fused values (a task's stored selector, ``selector="auto"``),
         the pick's index, the scorer's meta, prompt tokens and timings. The generator reads
         ``prompt`` (chat messages) when given, else ``instruction``; the scorer reads ``instruction``."""
-        from cappy_core.scorer import select_best
+        from cappy_core.scorer.model import select_best
 
         t0 = time.monotonic()
         try:
@@ -106,7 +106,7 @@ class IngressDeployment:
         weights = result.get("selector") if selector == "auto" else None
         fused = None
         if weights:
-            from cappy_core.selectors import fused_for_candidates
+            from cappy_core.selection.selectors import fused_for_candidates
 
             fused = [float(x) for x in fused_for_candidates(scores, [c["logprob_mean"] for c in cands],
                                                             [c["text"] for c in cands], weights)]
@@ -136,7 +136,7 @@ class IngressDeployment:
 
     @app.post("/v1/classify", response_model=ClassifyResponse, summary="Pick the best answer choice")
     async def classify(self, req: ClassifyRequest) -> ClassifyResponse:
-        from cappy_core.scorer import select_best
+        from cappy_core.scorer.model import select_best
 
         check_texts(req.instruction, "choices", req.choices, self.limits.max_choices, self.limits)
         result = await self._score(req.instruction, req.choices, req.task)

@@ -1,6 +1,6 @@
 """``Scorer`` deployment: the Cappy scorer behind ``@serve.batch``, per-task scorers multiplexed.
 
-A thin shell over :class:`cappy_core.scorer.Scorer`: one batched method, :meth:`score`, takes
+A thin shell over :class:`cappy_core.scorer.model.Scorer`: one batched method, :meth:`score`, takes
 ``(instruction, responses)`` per request, concatenates the pairs of every request in the batch
 into one :meth:`Scorer.score` call (which sorts them by length and pads per bucket), and splits
 the scores back. Batch size and wait come from ``user_config`` (``reconfigure``), so ``serve
@@ -29,7 +29,7 @@ import time
 from ray import serve
 
 from cappy_core.data.tasks import UnknownTaskError
-from cappy_core.selectors import read_selector
+from cappy_core.selection.selectors import read_selector
 from serve_app.args import list_task_scorers, resolve_task_scorer
 
 logger = logging.getLogger("ray.serve")
@@ -46,7 +46,7 @@ class ScorerReplica:
                  score_max_tokens: int | None = 1024, torch_threads: int | None = None):
         import torch
 
-        from cappy_core.scorer import Scorer
+        from cappy_core.scorer.model import Scorer
 
         if torch_threads:
             torch.set_num_threads(torch_threads)

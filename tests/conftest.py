@@ -36,7 +36,7 @@ def tiny_bert_scorer(out: Path, num_layers: int = 1) -> str:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from cappy_core.scorer import embedded_model_path
+    from cappy_core.scorer.model import embedded_model_path
 
     torch.manual_seed(0)
     cfg = BertConfig(hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=2, intermediate_size=64,

@@ -16,6 +16,8 @@ TensorFlow:
    validation split at all (the HF loader skips the split).
 4. Record (HF ``_generate_examples``): ``inputs = (task_prefix + input).strip()``, targets and
    choices stripped, ``idx`` = position in the shuffled split.
+
+Tested in ``tests/core/test_bigbench_data.py``.
 """
 
 from __future__ import annotations

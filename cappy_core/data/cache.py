@@ -9,6 +9,8 @@
 
 A file is written there only after its sha256 matched the release manifest, one file at a time,
 so whatever the folder holds is the release's.
+
+Tested in ``tests/core/test_bigbench_data.py``.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ Three kinds of source, later ones winning for a task they all have:
 Vendored records equal the ones prepared from the release's task.json files (the manifest keeps
 their digest and ``cappy data vendor`` checks it), so which source serves a task changes nothing
 downstream.
+
+Tested in ``tests/core/test_bigbench_data.py``.
 """
 
 from __future__ import annotations

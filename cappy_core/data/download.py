@@ -16,6 +16,8 @@ release by definition. Archives are only *read*: members are parsed as data, onl
 ``benchmark_tasks/**/task.json`` is kept, nothing is extracted by name, and nothing from them is
 run (no pip, no setup.py). Files land in ``<cache>/bigbench-1.0.0/benchmark_tasks/`` one by one,
 atomically, so an interrupted download keeps what it verified and resumes.
+
+Tested in ``tests/core/test_bigbench_sources.py``.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ existing files are kept unless ``overwrite``, so an interrupted run resumes wher
 folder; a task kept from an earlier run without a manifest entry gets ``sizes`` and ``source``),
 ``config`` (the arguments of the last run), ``unavailable`` (tasks of the 45 not in the folders,
 with how to add them) and ``skipped_too_few_examples``.
+
+Tested in ``tests/core/test_vendor.py``.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ One row per BIG-Bench example and split. Schema (also in README, "Data formats")
 | references      | list<string>  | reference answers (HF ``targets``)                              |
 | choices         | list<string>  | answer choices of multiple-choice examples, else empty          |
 | choice_scores   | list<double>  | score of each choice (1.0 = correct), aligned with ``choices``  |
+
+Tested in ``tests/core/test_bigbench_data.py``.
 """
 
 from __future__ import annotations

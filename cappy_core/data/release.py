@@ -21,6 +21,8 @@ Manifest schema (JSON, keys sorted, written byte-identically for the same input)
                     "records_sha256" (of its records, :func:`records_sha256`), "sizes":
                     {"train", "validation"}, "canaries": [...], "sources": [paths in files]}}
     left_out      {"<task>": why it is not vendored}
+
+Tested in ``tests/core/test_vendor.py``.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Task specs accepted everywhere a task list is: ``all45``, ``pretrain``, or task names. Names are
 resolved against the tasks actually present (the cache, plus a user's ``--task-dir``); an unknown
 name is an error that lists close matches.
+
+Tested in ``tests/core/test_bigbench_data.py``.
 """
 
 from __future__ import annotations

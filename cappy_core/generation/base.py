@@ -27,6 +27,8 @@ What both backends do the same way
 * Text is ``tokenizer.decode(tokens without the end-of-sequence token, skip_special_tokens=True)``.
 * The model's ``generation_config.json`` (repetition penalties, default temperatures, …) is not
   applied: a :class:`DecodingSpec` alone defines a decoding.
+
+Tested in ``tests/core/test_generation.py``.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from cappy_core.generation.decoding import (
     DecodingSpec,
     candidate_seed,
 )
-from cappy_core.lm import prompt_text
+from cappy_core.generation.embedded_model import prompt_text
 
 #: The paper's prompt length: prompts keep their last 512 tokens (unless a generator folder says it
 #: was trained on fewer).

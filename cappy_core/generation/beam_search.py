@@ -1,5 +1,5 @@
 """Transformers' beam search, one step at a time and backend-free, so that the transformers loop
-and the vLLM backend's one-token requests pick the same beams."""
+and the vLLM backend's one-token requests pick the same beams. Tested in ``tests/core/test_generation.py``."""
 
 from __future__ import annotations
 

@@ -2,6 +2,8 @@
 ``topk<K>``, ``topp<P>``), the paper's 17-candidate plan, how a request's ``num_candidates`` spreads
 over it, and the seed each sample draws with. Backend-free: the CLI, serve's request checks and both
 backends read the same rules.
+
+Tested in ``tests/core/test_generation.py``.
 """
 
 from __future__ import annotations

@@ -33,6 +33,8 @@ samples and beams are two passes as before (the benchmark's old path).
 
 The three give the same candidates up to floating-point rounding (the tests compare them); the
 benchmark (``python -m jobs.bench.sampling``) times them side by side.
+
+Tested in ``tests/core/test_generation.py``.
 """
 
 from __future__ import annotations

@@ -24,6 +24,8 @@ cache: teacher-forced log-likelihoods, ``generate``) is plain SDPA.
 
 It applies to decoder-only models whose attention is transformers' attention interface with full
 causal attention (:func:`supports_shared_prefix`); others keep the repeated cache.
+
+Tested in ``tests/core/test_generation.py``.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@ folder or hub id, checked against the backend), :func:`generator_weights` (the s
 policy) and :func:`load_generator` (a backend by name). The backends are imported only here and
 only when loaded, so ``vllm`` and ``transformers`` load only with their backend, and the backends,
 which import :mod:`~cappy_core.generation.base`, never import this module back.
+
+Tested in ``tests/core/test_generation.py``.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cappy_core.generation.base import DEFAULT_PROMPT_TOKENS, Generator
-from cappy_core.lm import default_generator_path, generator_metadata
+from cappy_core.generation.embedded_model import default_generator_path, generator_metadata
 
 BACKENDS = ("vllm", "hf")
 
@@ -88,7 +90,7 @@ def generator_weights(model: str | Path, allow_pickle: bool = False) -> bool:
     A local folder holding only pickled weights (``*.bin``, ``*.pt``) is refused unless
     ``allow_pickle`` (unpickling runs arbitrary code); a hub id loads safetensors only unless
     ``allow_pickle``."""
-    from cappy_core.scorer import PickleCheckpointError, weights_kind
+    from cappy_core.scorer.model import PickleCheckpointError, weights_kind
 
     path = Path(model).expanduser()
     if not path.is_dir():

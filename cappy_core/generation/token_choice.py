@@ -6,6 +6,8 @@ warpers; top-p as :class:`TopPFromSortedLogits`) warp the raw logits; the draw i
 cumulative distribution at a uniform that is a function of the row's seed and the step only
 (:func:`row_uniforms`), so a sample does not depend on what else is in the batch; the raw
 log-probability of the chosen token is recorded.
+
+Tested in ``tests/core/test_generation.py``.
 """
 
 from __future__ import annotations

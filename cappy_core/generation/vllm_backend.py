@@ -29,6 +29,8 @@ the KV cache, so it defaults to 0.1 there (or pass ``kv_cache_memory_bytes``), a
 eagerly by default (compiling takes ~30 s and did not speed up small models). Either engine starts
 engine processes: create a generator under ``if __name__ == "__main__":`` or inside a Ray actor; the
 async engine is then called from one event loop (the loop of its first request).
+
+Tested in ``tests/core/test_generation.py``.
 """
 
 from __future__ import annotations

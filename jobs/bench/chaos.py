@@ -5,7 +5,7 @@
     python -m jobs.bench.chaos --job sweep --target tasks --kills 3   # only the sweep's task workers
 
 Starts its own local Ray (``--num-cpus``; never another cluster: ``RAY_ADDRESS`` is ignored)
-and a tiny generator (:func:`cappy_core.lm.tiny_generator`) in a temporary folder, runs the job
+and a tiny generator (:func:`cappy_core.generation.embedded_model.tiny_generator`) in a temporary folder, runs the job
 once undisturbed (after a warm-up sampling run, so both timed runs start alike), then again
 into a fresh output while a killer thread, at seeded random moments (``--min-gap-s`` ..
 ``--max-gap-s`` apart, up to ``--kills`` times), SIGKILLs one worker process of this Ray that
@@ -17,7 +17,7 @@ tasks, Ray Data's helper actors (they outlive each dataset, so they draw many ki
 latter (title ``ray::sweep_task``, the Ray task of :func:`jobs.sweep.sweep_task`), which run
 in the sweep's last stage only, so that undirected kills rarely hit them. Ray restarts actors and
 retries tasks (the sweep's own ``--task-retries`` is at least ``--kills``, so one task may lose
-every kill); the sampler commits a shard only when whole (:mod:`cappy_core.shards`).
+every kill); the sampler commits a shard only when whole (:mod:`cappy_core.generation.shards`).
 
 ``--job sample``: ``cappy sample`` on a synthetic task of ``--instructions`` examples (3
 candidates each); ``--job sweep``: ``cappy sweep`` on tense and rephrase (3 validation and 3
@@ -169,7 +169,7 @@ SWEEP_TASKS = ("tense", "rephrase")
 
 def _sweep(cfg: ChaosConfig, gen: Path, out: Path) -> float:
     from cappy_core.generation import SamplingSpec
-    from cappy_core.scorer_schedule import ScorerSchedule
+    from cappy_core.scorer.schedule import ScorerSchedule
     from jobs.sweep import SweepConfig, run as run_sweep
 
     t0 = time.monotonic()
@@ -188,7 +188,7 @@ def _sweep_outcome(out: Path) -> tuple:
     """(the sweep's table and every task's numbers, all its candidate rows)."""
     import pyarrow as pa
 
-    from cappy_core.candidates import read_candidates
+    from cappy_core.labeling.candidates import read_candidates
 
     tasks = {}
     for t in SWEEP_TASKS:
@@ -230,8 +230,8 @@ def _is_actor(pid: int, title: str) -> bool:
 def run(cfg: ChaosConfig) -> int:
     import ray
 
-    from cappy_core.candidates import read_candidates
-    from cappy_core.lm import tiny_generator
+    from cappy_core.labeling.candidates import read_candidates
+    from cappy_core.generation.embedded_model import tiny_generator
 
     if cfg.kills < 0 or cfg.instructions < 1 or cfg.shard_size < 1 or not 0 <= cfg.min_gap_s <= cfg.max_gap_s:
         raise ConfigError("need --kills >= 0, --instructions >= 1, --shard-size >= 1, 0 <= --min-gap-s <= --max-gap-s")

@@ -1,4 +1,4 @@
-"""Benchmark: our exact Rouge-L (cappy_core.labeling) against rouge-score, on real BIG-Bench pairs.
+"""Benchmark: our exact Rouge-L (cappy_core.labeling.rouge) against rouge-score, on real BIG-Bench pairs.
 
     python -m jobs.bench.labeling --pairs 20000 --per-set 17 --seed 0
 
@@ -216,7 +216,7 @@ def run(cfg: LabelingBenchConfig) -> int:
     from rouge_score import rouge_scorer
 
     from cappy_core.data.catalog import TaskCatalog
-    from cappy_core.labeling import RougeL
+    from cappy_core.labeling.rouge import RougeL
 
     catalog = TaskCatalog.open(task_dirs=[cfg.tasks_dir] if cfg.tasks_dir else ())
     pool = load_reference_pool(catalog, max_words=cfg.max_words)

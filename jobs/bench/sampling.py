@@ -138,7 +138,7 @@ def _run(args, tmp: Path) -> dict:
 
     from cappy_core.data.records import Example, split_path, write_examples
     from cappy_core.generation import PAPER_DECODINGS, GeneratorSpec, candidates_per_instruction
-    from cappy_core.lm import generator_metadata, tiny_generator
+    from cappy_core.generation.embedded_model import generator_metadata, tiny_generator
 
     if args.generator == "tiny":
         model = str(tiny_generator(tmp / "tiny"))

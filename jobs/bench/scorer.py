@@ -129,7 +129,7 @@ def run(cfg: ScorerBenchConfig) -> None:
     import torch
 
     from cappy_core.data.catalog import TaskCatalog
-    from cappy_core.scorer import Scorer, flops_per_pair, quiet_transformers
+    from cappy_core.scorer.model import Scorer, flops_per_pair, quiet_transformers
 
     quiet_transformers()
     if cfg.threads:

@@ -5,7 +5,7 @@
 Data: a pretraining pair mixture of a few small BIG-Bench tasks (the local preset's), written
 once as Parquet. Timed on the SAME pairs, same config, one after the other:
 
-- ``plain``: :func:`cappy_core.training.fit_scorer` on the pair file in this process (the same
+- ``plain``: :func:`cappy_core.scorer.training.fit_scorer` on the pair file in this process (the same
   fit the Ray worker runs, fed from memory instead of Ray Data), ``--threads`` torch threads;
 - ``ray_1w``: the ``cappy pretrain`` machinery (``run_training``: TorchTrainer, Ray Data feed via
   ``get_dataset_shard`` + ``iter_torch_batches``, one worker with ``--threads`` threads);
@@ -15,14 +15,14 @@ once as Parquet. Timed on the SAME pairs, same config, one after the other:
 other load hurts both alike. The default is one thread: on a shared 2-core machine one process
 with two torch threads slows down many-fold whenever another process wants a core.
 
-Samples/s is measured the same way in all three (:class:`cappy_core.training.Throughput`): from the
+Samples/s is measured the same way in all three (:class:`cappy_core.scorer.training.Throughput`): from the
 end of the first update to the last, without eval or checkpoint time, so model loading, Ray
 start-up and the feed's first block are not counted; ``ratio_1w_vs_plain`` is the overhead of the
 Ray loop itself (target ≥ 0.9). The machine's other load moves all numbers: run on a quiet one.
 
 With a CUDA GPU (``--gpu``, default when one is visible), it adds a RoBERTa-large-shaped scorer
 (random init from the config, no download) trained with bf16 autocast on synthetic tokens in
-this process: samples/s and MFU = 3 × forward FLOPs per pair (:func:`cappy_core.scorer.
+this process: samples/s and MFU = 3 × forward FLOPs per pair (:func:`cappy_core.scorer.model.
 flops_per_pair`) × samples/s ÷ the best bf16 matmul FLOP/s measured on the same GPU.
 Prints one JSON line.
 """
@@ -65,7 +65,7 @@ class TrainBenchConfig:
 
 
 def make_pairs(cfg: TrainBenchConfig, out_dir: Path) -> str:
-    from cappy_core.pretrain_data import build_pair_mixture, load_examples, write_pairs
+    from cappy_core.labeling.pair_mixture import build_pair_mixture, load_examples, write_pairs
 
     examples, _ = load_examples(cfg.tasks, ["train", "validation"], None, None, log=lambda *_: None)
     train, _ = build_pair_mixture(examples, train_size=cfg.pairs, max_pairs_per_task=max(64, cfg.pairs // 4),
@@ -74,7 +74,7 @@ def make_pairs(cfg: TrainBenchConfig, out_dir: Path) -> str:
 
 
 def train_config(cfg: TrainBenchConfig, workers: int, threads: int, storage: Path, name: str):
-    from cappy_core.scorer_schedule import ScorerSchedule
+    from cappy_core.scorer.schedule import ScorerSchedule
     from jobs.pretrain import PretrainConfig
 
     schedule = ScorerSchedule(lr=5e-5, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size // workers,
@@ -86,7 +86,7 @@ def train_config(cfg: TrainBenchConfig, workers: int, threads: int, storage: Pat
 
 
 def time_ray(cfg: TrainBenchConfig, pairs: str, workers: int, threads: int, storage: Path, name: str) -> dict:
-    from cappy_core.scorer_runs import resolve_paths
+    from cappy_core.scorer.runs import resolve_paths
     from jobs.scorer_trainer import run_training
 
     tc = train_config(cfg, workers, threads, storage, f"bench-{name}")
@@ -99,9 +99,9 @@ def time_ray(cfg: TrainBenchConfig, pairs: str, workers: int, threads: int, stor
 def time_plain(cfg: TrainBenchConfig, pairs: str, storage: Path) -> dict:
     import torch
 
-    from cappy_core.pretrain_data import read_pair_columns
-    from cappy_core.scorer import Scorer
-    from cappy_core.training import Throughput, fit_scorer
+    from cappy_core.labeling.pair_mixture import read_pair_columns
+    from cappy_core.scorer.model import Scorer
+    from cappy_core.scorer.training import Throughput, fit_scorer
 
     tc = train_config(cfg, 1, cfg.threads, storage, "plain")
     torch.set_num_threads(cfg.threads)
@@ -120,8 +120,8 @@ def gpu_bench(cfg: TrainBenchConfig) -> dict:
     import torch
     from transformers import AutoModelForSequenceClassification, RobertaConfig
 
-    from cappy_core.scorer import flops_per_pair
-    from cappy_core.training import ScorerSchedule, scorer_loss, train
+    from cappy_core.scorer.model import flops_per_pair
+    from cappy_core.scorer.training import ScorerSchedule, scorer_loss, train
 
     dev = torch.device("cuda")
     conf = RobertaConfig(vocab_size=50265, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cappy_core.bootstrap import paired_bootstrap
+from cappy_core.selection.bootstrap import paired_bootstrap
 
 
 def test_identical_methods_give_a_zero_width_interval():

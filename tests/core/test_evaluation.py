@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from cappy_core.evaluation import (
+from cappy_core.selection.evaluation import (
     CAPPY, FUSED, MBR, ORACLE, RANDOM, SELF_MEAN, SELF_SUM, ScoredCandidate as C, best_baseline,
     classification_accuracy, evaluate_task, mean_over_tasks, method_order, per_instruction_values, pick, picks,
     ranker_spearman, scored_groups,
@@ -56,7 +56,7 @@ def test_unscored_candidates_leave_cappy_out_and_errors_are_clear():
 
 
 def test_picks_follow_the_one_argmax_rule_of_serve():
-    """Evaluation picks with serve's rule (cappy_core.scorer.select_best): ties to the first, NaN
+    """Evaluation picks with serve's rule (cappy_core.scorer.model.select_best): ties to the first, NaN
     never wins over a number, all NaN is an error naming it."""
     nan = math.nan
     g = group([0.1, 0.2, 0.3, 0.4], [nan, 2.0, 2.0, nan], [nan, -3, -1, -1], [-1.0, -1.0, -1.0, -1.0], DEC)

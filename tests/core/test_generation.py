@@ -42,7 +42,7 @@ def assert_same(a: list[Candidate], b: list[Candidate], tol: float = 1e-4) -> No
 
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory):
-    from cappy_core.lm import tiny_generator
+    from cappy_core.generation.embedded_model import tiny_generator
 
     return tiny_generator(tmp_path_factory.mktemp("gen") / "tiny")
 
@@ -496,7 +496,7 @@ def test_generator_loading_follows_the_scorer_policy(tmp_path, tiny_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from cappy_core.scorer import PickleCheckpointError
+    from cappy_core.scorer.model import PickleCheckpointError
 
     pickled = tmp_path / "pickled"
     shutil.copytree(tiny_path, pickled)

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from rouge_score import rouge_scorer
 
-from cappy_core.labeling import (
+from cappy_core.labeling.rouge import (
     PAIR_SCHEMA,
     LabeledPair,
     build_training_pairs,

@@ -1,4 +1,4 @@
-"""cappy_core.labeling's Rouge-L equals rouge-score's ``score_multi`` exactly (==, not approx)."""
+"""cappy_core.labeling.rouge's Rouge-L equals rouge-score's ``score_multi`` exactly (==, not approx)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rouge_score import rouge_scorer
 
-from cappy_core.labeling import RougeL, rouge_l, rouge_l_batch
+from cappy_core.labeling.rouge import RougeL, rouge_l, rouge_l_batch
 from jobs.bench.labeling import load_reference_pool, make_rouge_pairs
 
 SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from cappy_core.data.records import Example
-from cappy_core.generator_data import (LengthBucketedBatches, LMSequence, collate, encode_examples, mix_tasks,
+from cappy_core.generation.embedded_data import (LengthBucketedBatches, LMSequence, collate, encode_examples, mix_tasks,
                                        tokenizer_texts)
-from cappy_core.lm import (default_generator_path, evaluate_generator, generate_texts, is_generator_dir, new_llama,
+from cappy_core.generation.embedded_model import (default_generator_path, evaluate_generator, generate_texts, is_generator_dir, new_llama,
                            prompt_text, save_generator, tiny_generator, train_tokenizer)
-from cappy_core.training import causal_lm_loss, train
+from cappy_core.scorer.training import causal_lm_loss, train
 
 TEXTS = [
     "Q: What is the capital of France?\nA:\nParis", "Change tense to PAST: I walk.\nA:\nI walked.",

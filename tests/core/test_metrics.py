@@ -1,4 +1,4 @@
-"""cappy_core.metrics: correlations against scipy.stats on seeded random data (ties, constant
+"""cappy_core.scorer.metrics: correlations against scipy.stats on seeded random data (ties, constant
 input, tiny samples), the pairwise metrics against a brute-force count, and hand-computed cases."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from cappy_core import metrics
+from cappy_core.scorer import metrics
 
 
 def scipy_corr(fn, x, y) -> float:

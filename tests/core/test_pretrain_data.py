@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from cappy_core.data.records import Example
-from cappy_core.labeling import LabeledPair, pairs_to_table
-from cappy_core.pretrain_data import (CandidateIndex, LabelError, build_pair_mixture, cap_per_task, check_pair_file,
+from cappy_core.labeling.rouge import LabeledPair, pairs_to_table
+from cappy_core.labeling.pair_mixture import (CandidateIndex, LabelError, build_pair_mixture, cap_per_task, check_pair_file,
                                       example_pairs, read_pairs, read_samples, split_by_instruction, tile,
                                       write_pairs)
 
@@ -137,7 +137,7 @@ def test_read_samples_keys_filters_and_checks_labels(tmp_path):
 
 
 def test_read_samples_from_a_sample_output_reads_completed_shards_and_skips_null_labels(tmp_path):
-    from cappy_core.candidates import done_path, shard_path
+    from cappy_core.labeling.candidates import done_path, shard_path
 
     rows = [("g", "", "train", 0, "g q0", "done a", 0.25, "beam4", 0),
             ("g", "", "train", 1, "g q1", "no refs", None, "beam4", 0)]

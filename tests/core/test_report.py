@@ -1,4 +1,4 @@
-"""The sweep's report (cappy_core.report) on hand-made per-task numbers: the mean row, Cappy minus
+"""The sweep's report (cappy_core.selection.report) on hand-made per-task numbers: the mean row, Cappy minus
 the best baseline, failed tasks listed, the files written, the method order, paired intervals
 against the best baseline and within-instruction Spearman (and old records without them)."""
 
@@ -10,11 +10,11 @@ import random
 
 import pytest
 
-from cappy_core.bootstrap import paired_bootstrap
-from cappy_core.evaluation import (
+from cappy_core.selection.bootstrap import paired_bootstrap
+from cappy_core.selection.evaluation import (
     ScoredCandidate as C, evaluate_task, method_order, per_instruction_values, ranker_spearman,
 )
-from cappy_core.report import markdown_table, progress_line, summary_rows, table_methods, write_reports
+from cappy_core.selection.report import markdown_table, progress_line, summary_rows, table_methods, write_reports
 
 PER_TASK = {
     "a": {"cappy": 30.0, "beam4": 20.0, "sample": 10.0, "self_score_mean": 25.0, "oracle": 40.0, "random": 12.0},
@@ -101,7 +101,7 @@ def test_nothing_finished_is_reported_not_crashed(tmp_path):
 
 
 def test_columns_follow_evaluation_method_order():
-    """One order: the table's columns are cappy_core.evaluation.method_order (what evaluate_task
+    """One order: the table's columns are cappy_core.selection.evaluation.method_order (what evaluate_task
     reports), anything else after it alphabetically."""
     assert table_methods(set(method_order())) == method_order()
     assert table_methods({"random", "zz_new", "beam4", "cappy", "aa_new"}) == ["cappy", "beam4", "random", "aa_new",

@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cappy_core.scorer import (
+from cappy_core.scorer.model import (
     CAPPY_JSON,
     PickleCheckpointError,
     Scorer,
@@ -262,14 +262,14 @@ def test_embedded_head_is_deterministic_in_seed(scorer):
 
 
 def test_a_fresh_head_warns_unless_it_is_about_to_be_trained(caplog, monkeypatch):
-    from cappy_core import scorer as scorer_mod
+    from cappy_core.scorer import model as scorer_mod
 
     monkeypatch.setattr(scorer_mod, "_warned_fresh_head", set())
 
     def ours():  # other libraries may log while loading (what earlier tests set up decides)
-        return [r for r in caplog.records if r.name == "cappy_core.scorer"]
+        return [r for r in caplog.records if r.name == "cappy_core.scorer.model"]
 
-    with caplog.at_level(logging.INFO, logger="cappy_core.scorer"):
+    with caplog.at_level(logging.INFO, logger="cappy_core.scorer.model"):
         Scorer.from_pretrained("minilm", device="cpu", for_training=True)
         Scorer.from_pretrained("minilm", device="cpu", for_training=True)
         assert [r.levelname for r in ours()] == ["INFO", "INFO"]

@@ -11,11 +11,11 @@ import pytest
 
 from cappy_core.config import ConfigError
 from cappy_core.io import LOCK_NAME, atomic_dir
-from cappy_core.scorer_runs import (OUTPUT_MARKER, RUN_RECORD, RunProgress, TrainOutcome, check_output,
+from cappy_core.scorer.runs import (OUTPUT_MARKER, RUN_RECORD, RunProgress, TrainOutcome, check_output,
                                     check_run_dir, format_metrics, resolve_paths, resume_key, summary_line,
                                     write_run_record)
-from cappy_core.scorer_schedule import ScorerSchedule
-from cappy_core.train_state import TrainState
+from cappy_core.scorer.schedule import ScorerSchedule
+from cappy_core.scorer.train_state import TrainState
 
 
 def settings(**changes):

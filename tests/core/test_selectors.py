@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cappy_core.labeling import rouge_l
-from cappy_core.selectors import fit_weights, fused_scores, mbr_scores, standardize, weight_grid
+from cappy_core.labeling.rouge import rouge_l
+from cappy_core.selection.selectors import fit_weights, fused_scores, mbr_scores, standardize, weight_grid
 
 
 def test_mbr_is_the_mean_rouge_against_the_others():
@@ -53,7 +53,7 @@ def test_fit_weights_finds_the_informative_signal():
 
 
 def test_fused_for_candidates_matches_the_fused_signals():
-    from cappy_core.selectors import fused_for_candidates, fused_scores, mbr_scores, standardize
+    from cappy_core.selection.selectors import fused_for_candidates, fused_scores, mbr_scores, standardize
 
     texts = ["a b c", "a b d", "x y z", "a b c"]
     cappy, lm = [0.1, 0.9, 0.3, 0.2], [-1.0, -2.0, -0.5, -1.5]

@@ -1,4 +1,4 @@
-"""One sweep task (cappy_core.task_eval): dev instructions held out of finetuning, the fused
+"""One sweep task (cappy_core.selection.task_eval): dev instructions held out of finetuning, the fused
 selector fitted on them and applied to validation, the scorer's dtype after finetuning, and one
 scorer finetuned for several tasks. Small synthetic tasks on disk; a tiny BERT or a fake scorer."""
 
@@ -12,12 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import tiny_bert_scorer
 
-from cappy_core.candidates import CANDIDATE_SCHEMA, done_path, instruction_id, shard_path
+from cappy_core.labeling.candidates import CANDIDATE_SCHEMA, done_path, instruction_id, shard_path
 from cappy_core.data.records import Example, split_path, write_examples
-from cappy_core.selectors import SELECTOR_FILE, read_selector
-from cappy_core.scored_tables import SIGNALS, add_fused, add_mbr, fit_fused, with_selector_columns
-from cappy_core.task_eval import TaskSettings, finetune, finetune_shared, split_dev, train_pairs
-from cappy_core.training import ScorerSchedule
+from cappy_core.selection.selectors import SELECTOR_FILE, read_selector
+from cappy_core.selection.scored_tables import SIGNALS, add_fused, add_mbr, fit_fused, with_selector_columns
+from cappy_core.selection.task_eval import TaskSettings, finetune, finetune_shared, split_dev, train_pairs
+from cappy_core.scorer.training import ScorerSchedule
 
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa".split()
 LABELS = (0.1, 0.9, 0.3, 0.5)  # per candidate, rotated per instruction
@@ -59,7 +59,7 @@ class LabelScorer:
     """Scores a candidate by its label (looked up by text): a perfectly informative scorer."""
 
     def __init__(self, cands_dir: str):
-        from cappy_core.candidates import read_candidates
+        from cappy_core.labeling.candidates import read_candidates
 
         self.by_text = {}
         for split in ("train", "validation"):
@@ -106,8 +106,8 @@ def test_dev_instructions_never_appear_in_the_finetuning_pairs(tmp_path):
 
 
 def test_selector_columns_read_no_label_and_fused_weights_come_from_dev(tmp_path):
-    from cappy_core.candidates import read_candidates
-    from cappy_core.scored_tables import score_table
+    from cappy_core.labeling.candidates import read_candidates
+    from cappy_core.selection.scored_tables import score_table
 
     _, cands = make_task(tmp_path, "t")
     scorer = LabelScorer(cands)
@@ -128,8 +128,8 @@ def test_selector_columns_read_no_label_and_fused_weights_come_from_dev(tmp_path
 def test_run_task_fits_on_dev_and_records_it(tmp_path, monkeypatch):
     """A fake scorer that knows the labels: the weights fitted on dev favour it, and the fused
     pick on validation is then the oracle's."""
-    from cappy_core.scorer import Scorer
-    from cappy_core.task_eval import run_task
+    from cappy_core.scorer.model import Scorer
+    from cappy_core.selection.task_eval import run_task
 
     data, cands = make_task(tmp_path, "t")
     monkeypatch.setattr(Scorer, "from_pretrained", classmethod(lambda cls, *a, **k: LabelScorer(cands)))
@@ -151,7 +151,7 @@ def test_run_task_fits_on_dev_and_records_it(tmp_path, monkeypatch):
 
 
 def test_run_task_finetunes_without_dev_pairs_and_keeps_the_selector(tmp_path, tiny_scorer):
-    from cappy_core.task_eval import run_task
+    from cappy_core.selection.task_eval import run_task
 
     data, cands = make_task(tmp_path, "t")
     schedule = ScorerSchedule(lr=1e-3, batch_size=8, micro_batch_size=4, seed=0, loss="listwise",
@@ -172,7 +172,7 @@ def test_a_selector_scorer_of_its_own_drives_the_fused_row_only(tmp_path, monkey
     """``selector_schedule``: a second scorer, finetuned with that loss on the same pairs, is the
     fused selector's Cappy signal; the ``cappy`` row stays the first scorer's pick, and the kept
     weights sit with the scorer they were fitted on."""
-    import cappy_core.task_eval as te
+    import cappy_core.selection.task_eval as te
 
     data, cands = make_task(tmp_path, "t")
 
@@ -216,8 +216,8 @@ def test_a_selector_scorer_of_its_own_drives_the_fused_row_only(tmp_path, monkey
 
 
 def test_a_bf16_finetuned_scorer_scores_in_the_score_dtype(tmp_path, tiny_scorer):
-    from cappy_core.labeling import LabeledPair
-    from cappy_core.pretrain_data import write_pairs
+    from cappy_core.labeling.rouge import LabeledPair
+    from cappy_core.labeling.pair_mixture import write_pairs
 
     pairs = write_pairs([LabeledPair(f"q{i}", f"a{i}", i / 8, "candidate", "t") for i in range(8)],
                         tmp_path / "pairs.parquet")
@@ -253,8 +253,8 @@ def test_one_selector_scorer_for_every_task_drives_each_tasks_fused_row(tmp_path
     """``selector_scope: all``: the selector scorer is finetuned once, before the tasks, on each
     task's train_size pairs together (dev held out); every task then scores with it and finetunes
     only its own cappy scorer; a kept task carries a copy with its own weights (serve's folder)."""
-    import cappy_core.task_eval as te
-    from cappy_core.task_eval import finetune_shared_selector
+    import cappy_core.selection.task_eval as te
+    from cappy_core.selection.task_eval import finetune_shared_selector
 
     for task in ("a", "b"):
         data, cands = make_task(tmp_path, task)
@@ -281,7 +281,7 @@ def test_one_selector_scorer_for_every_task_drives_each_tasks_fused_row(tmp_path
         return (Right() if schedule.loss == "listwise" else Wrong()), {"updates": 1}
 
     monkeypatch.setattr(te, "finetune", fake_finetune)
-    monkeypatch.setattr("cappy_core.scorer.Scorer.from_pretrained", lambda folder, **kw: Right())
+    monkeypatch.setattr("cappy_core.scorer.model.Scorer.from_pretrained", lambda folder, **kw: Right())
     settings = TaskSettings(data_dir=data, candidates_dir=cands, tasks_dir=str(tmp_path / "tasks"), init="x",
                             max_length=32, schedule=ScorerSchedule(seed=0), train_size=16, dev_examples=3,
                             keep_scorer=True,

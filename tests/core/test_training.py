@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from cappy_core.scorer_batches import (PairWindowCollator, iter_micro_batches, micro_batches_per_epoch,
+from cappy_core.scorer.batches import (PairWindowCollator, iter_micro_batches, micro_batches_per_epoch,
                                        pack_instructions, table_windows)
-from cappy_core.scorer_schedule import ScorerSchedule
-from cappy_core.train_state import TrainState, load_train_state, save_train_state
-from cappy_core.training import (SCORER_LOSSES, fit_scorer, listwise_loss, lr_at, make_optimizer, plan_pair_updates,
+from cappy_core.scorer.schedule import ScorerSchedule
+from cappy_core.scorer.train_state import TrainState, load_train_state, save_train_state
+from cappy_core.scorer.training import (SCORER_LOSSES, fit_scorer, listwise_loss, lr_at, make_optimizer, plan_pair_updates,
                                  plan_updates, scorer_loss, train, warmup_updates)
 
 scorer_mse_loss = scorer_loss(ScorerSchedule())  # the paper's objective (the default schedule's)

@@ -1,5 +1,5 @@
 """``cappy eval-mc``: the accuracy pipeline on hand-made examples, the held-out checks
-(``cappy_core.classification``), and the command on one real multiple-choice task."""
+(``cappy_core.selection.classification``), and the command on one real multiple-choice task."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from cappy_core.classification import check_tasks, trained_tasks
+from cappy_core.selection.classification import check_tasks, trained_tasks
 from cappy_core.config import ConfigError
-from cappy_core.evaluation import chance_accuracy, classification_accuracy, score_choices
+from cappy_core.selection.evaluation import chance_accuracy, classification_accuracy, score_choices
 from conftest import REPO
 from jobs import eval_mc
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from cappy_core.candidates import done_path, read_candidates, shard_path
+from cappy_core.labeling.candidates import done_path, read_candidates, shard_path
 from cappy_core.data.records import Example, split_path, write_examples
 from conftest import REPO
 
@@ -28,7 +28,7 @@ SHARDS = 8  # one instruction per shard: the unit of resume
 
 @pytest.fixture(scope="module")
 def args(tmp_path_factory):
-    from cappy_core.lm import tiny_generator
+    from cappy_core.generation.embedded_model import tiny_generator
 
     root = tmp_path_factory.mktemp("faults")
     gen = tiny_generator(root / "gen")

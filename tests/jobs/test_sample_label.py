@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cappy_core.candidates import CANDIDATE_SCHEMA, read_candidates
+from cappy_core.labeling.candidates import CANDIDATE_SCHEMA, read_candidates
 from cappy_core.data.records import EXAMPLE_SCHEMA, Example, split_path, write_examples
 from conftest import REPO
 
@@ -29,7 +29,7 @@ def run(*args, **kw):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from cappy_core.lm import tiny_generator
+    from cappy_core.generation.embedded_model import tiny_generator
 
     return tiny_generator(tmp_path_factory.mktemp("gen") / "tiny")
 
@@ -92,7 +92,7 @@ def test_hf_job_labels_resumes_exactly_after_a_kill(tmp_path, tiny, data, ray_ad
     rows = t.to_pylist()
     no_refs = [r for r in rows if r["instruction_id"] == "alpha/train/1"]
     assert len(no_refs) == 5 and all(r["label"] is None for r in no_refs)
-    from cappy_core.labeling import rouge_l
+    from cappy_core.labeling.rouge import rouge_l
 
     labelled = [r for r in rows if r["label"] is not None]
     assert len(labelled) == 17 * 5

@@ -57,7 +57,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 def test_pairs_file_scores_every_row(tmp_path):
     import numpy as np
 
-    from cappy_core.scorer import Scorer
+    from cappy_core.scorer.model import Scorer
 
     pairs = tmp_path / "pairs.jsonl"
     rows = [{"instruction": "What colour is the sky?", "response": "blue"},

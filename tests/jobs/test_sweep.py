@@ -31,8 +31,8 @@ SMALL = ["--max-examples-per-task", "3", "--max-train-examples-per-task", "3", "
 def models(tmp_path_factory):
     """A tiny random T5 (seq2seq, like FLAN-T5) with a BPE tokenizer, a MiniLM scorer folder, and the
     stand-in tasks as a --task-dir."""
-    from cappy_core.lm import tiny_generator
-    from cappy_core.scorer import Scorer
+    from cappy_core.generation.embedded_model import tiny_generator
+    from cappy_core.scorer.model import Scorer
 
     from fake_release import write_standin_tasks
 
@@ -57,7 +57,7 @@ def sweep(out, models, *extra, fail=None, run=subprocess.run, **kw):
 
 @pytest.mark.slow
 def test_failed_task_is_recorded_and_a_rerun_computes_only_it(tmp_path, models, ray_address):
-    from cappy_core.evaluation import evaluate_task, mean_over_tasks, scored_groups
+    from cappy_core.selection.evaluation import evaluate_task, mean_over_tasks, scored_groups
 
     out = tmp_path / "sweep"
     r1 = sweep(out, models, fail="standin_tense")
@@ -201,7 +201,7 @@ def test_settings_checks_and_what_defines_a_result():
     from dataclasses import fields, replace
 
     from cappy_core.config import SettingError, key_values
-    from cappy_core.scorer_schedule import ScorerSchedule
+    from cappy_core.scorer.schedule import ScorerSchedule
     from jobs.sweep_config import SweepConfig
     from jobs.sweep_layout import result_key, task_settings
 
@@ -239,7 +239,7 @@ def test_candidates_are_kept_per_sampling_settings():
     (finetuning, scoring) reuse the candidates."""
     from dataclasses import replace
 
-    from cappy_core.scorer_schedule import ScorerSchedule
+    from cappy_core.scorer.schedule import ScorerSchedule
     from jobs.sweep_config import SweepConfig
     from jobs.sweep_layout import task_settings
 
@@ -301,7 +301,7 @@ def test_the_scheduler_times_out_a_hung_task_the_others_finish_and_a_rerun_retri
     import ray
 
     from cappy_core.io import write_json
-    from cappy_core.task_results import finished, key_digest, result_path, result_record
+    from cappy_core.selection.task_results import finished, key_digest, result_path, result_record
     from jobs.scheduling import wait_for_tasks
 
     def work(task):
@@ -341,7 +341,7 @@ def test_a_task_whose_worker_dies_runs_again_within_the_sweep(tmp_path, ray_addr
     recorded as failed once its retries are used up."""
     import ray
 
-    from cappy_core.task_results import result_record
+    from cappy_core.selection.task_results import result_record
     from jobs.scheduling import wait_for_tasks
 
     def work(task, marker):

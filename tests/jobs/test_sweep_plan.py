@@ -38,14 +38,14 @@ def test_dry_run_reports_missing_data_as_missing_and_an_unknown_task_exits_2(tmp
 
 @pytest.fixture(scope="module")
 def generator(tmp_path_factory):
-    from cappy_core.lm import tiny_generator
+    from cappy_core.generation.embedded_model import tiny_generator
 
     return str(tiny_generator(tmp_path_factory.mktemp("gen") / "llama"))
 
 
 def test_dry_run_plans_from_the_data_and_the_outputs_on_disk(tmp_path, generator, standin_tasks, capsys):
     from cappy_core.data.bigbench import load_task
-    from cappy_core.task_results import key_digest
+    from cappy_core.selection.task_results import key_digest
     from jobs.sweep_layout import result_key, task_settings
     from jobs import sweep
     from jobs.sweep_plan import (SAMPLING_CANDIDATES_PER_S, SHARED_PAIRS_PER_S, TASK_S, TASK_S_WITH_SELECTOR,

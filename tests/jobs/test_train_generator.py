@@ -51,7 +51,7 @@ def test_cli_trains_saves_and_reports(trained):
 def test_saved_generator_loads_with_auto_classes(trained):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cappy_core.lm import prompt_text
+    from cappy_core.generation.embedded_model import prompt_text
 
     out, _ = trained
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -94,7 +94,7 @@ def test_ensure_generator_trains_when_missing(tmp_path, standin_tasks):
     cfg = tg.GeneratorConfig(**{**tiny, "tasks": ["standin_tense"], "task_dir": [str(standin_tasks)], "updates": 3, "time_budget_s": 0,
                                 "eval_examples": 0, "threads": 1})
     path = tg.ensure_generator(tmp_path / "g", config=cfg, log=lambda s: None)
-    from cappy_core.lm import generator_metadata, is_generator_dir
+    from cappy_core.generation.embedded_model import generator_metadata, is_generator_dir
 
     assert is_generator_dir(path) and generator_metadata(path)["training"]["updates"] == 3
 
@@ -163,7 +163,7 @@ def test_loads_in_vllm(trained):
         import json
         from transformers import AutoTokenizer
         from vllm import LLM, SamplingParams
-        from cappy_core.lm import prompt_text
+        from cappy_core.generation.embedded_model import prompt_text
 
         if __name__ == "__main__":
             path = {str(out)!r}

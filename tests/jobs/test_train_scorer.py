@@ -18,8 +18,8 @@ import pytest
 
 from cappy_core.config import build, build_parser, config_from_args, load_yaml
 from cappy_core.fault_injection import FAIL_AT_UPDATE_ENV
-from cappy_core.labeling import LabeledPair, pairs_to_table
-from cappy_core.pretrain_data import write_pairs
+from cappy_core.labeling.rouge import LabeledPair, pairs_to_table
+from cappy_core.labeling.pair_mixture import write_pairs
 from conftest import tiny_bert_scorer, REPO
 from jobs import finetune, pretrain
 from jobs.cli import CONFIG_DIR, presets
@@ -184,7 +184,7 @@ SUMMARY = re.compile(r"^(pretrain|finetune \S+): (\d+)/(\d+) updates in \d+s, lo
 @pytest.mark.slow
 def test_pretrain_then_finetune_two_tasks_at_once_through_the_cli(tmp_path, tiny_scorer, ray_address, standin_tasks):
     from cappy_core.data.prepare import prepare_tasks
-    from cappy_core.scorer import Scorer
+    from cappy_core.scorer.model import Scorer
 
     examples = str(tmp_path / "examples")  # stand-in tasks (tests/fake_release.py), prepared as `cappy data prepare` does
     prepare_tasks(["standin_colors", "standin_sums", "standin_tense", "standin_rephrase"], examples,
@@ -247,9 +247,9 @@ def test_fault_resumes_from_checkpoint_and_loss_curve_continues(tmp_path, tiny_s
     storage; rerunning it with a different config under the same name is refused."""
     from dataclasses import replace
 
-    from cappy_core.pretrain_data import read_pair_columns
-    from cappy_core.scorer import Scorer
-    from cappy_core.training import fit_scorer
+    from cappy_core.labeling.pair_mixture import read_pair_columns
+    from cappy_core.scorer.model import Scorer
+    from cappy_core.scorer.training import fit_scorer
 
     pairs = write_pairs(synthetic_pairs(128), tmp_path / "train.parquet")
     held = write_pairs(synthetic_pairs(24, seed=2), tmp_path / "eval.parquet")
@@ -308,7 +308,7 @@ def test_uri_storage_path_and_output_go_to_ray_train_and_through_staging(tmp_pat
     import pyarrow.fs as pafs
 
     from cappy_core.io import atomic_dir, write_json
-    from cappy_core.scorer_runs import OUTPUT_MARKER, TrainOutcome
+    from cappy_core.scorer.runs import OUTPUT_MARKER, TrainOutcome
     from jobs import scorer_trainer, train_scorer
 
     monkeypatch.setenv("CAPPY_STAGING_DIR", str(tmp_path / "staging"))

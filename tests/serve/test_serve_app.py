@@ -39,7 +39,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def scorers(tmp_path_factory):
     """Offline scorers to compare with: the default, and two 'finetuned' ones (other head seeds)."""
-    from cappy_core.scorer import Scorer
+    from cappy_core.scorer.model import Scorer
 
     root = tmp_path_factory.mktemp("scorers")
     default = Scorer.from_pretrained("minilm", device="cpu")
@@ -48,7 +48,7 @@ def scorers(tmp_path_factory):
     task_b = Scorer.from_pretrained("minilm", seed=2, device="cpu")
     task_b.save_pretrained(root / "runs" / "finetune-task_b" / "scorer")  # where `cappy finetune` writes
     # the sweep stores a task's fused selector beside its scorer; mbr-heavy so it can disagree with Cappy
-    from cappy_core.selectors import write_selector
+    from cappy_core.selection.selectors import write_selector
 
     write_selector(root / "runs" / "finetune-task_b" / "scorer", {"cappy": 0.5, "logprob_mean": 1.0, "mbr": 2.0},
                    task="task_b")
@@ -69,7 +69,7 @@ def url(ray_address, scorers, tmp_path_factory):
     so Serve's controller imports serve_app.app:app_builder and validates the args itself."""
     from ray import serve
 
-    from cappy_core.lm import tiny_generator
+    from cappy_core.generation.embedded_model import tiny_generator
 
     tmp = tmp_path_factory.mktemp("serve")
     gen = tiny_generator(tmp / "tiny")
@@ -172,7 +172,7 @@ def test_select_returns_the_candidate_the_scorer_ranks_highest(url, scorers):
 def test_select_uses_the_tasks_fused_selector(url, scorers):
     """A task whose scorer folder holds selector.json picks by the fused value, computed as the sweep
     computes it; selector="cappy" (or a task without one) picks by the scorer alone."""
-    from cappy_core.selectors import fused_for_candidates
+    from cappy_core.selection.selectors import fused_for_candidates
 
     body = {"instruction": INSTRUCTION, "num_candidates": 5, "return_candidates": True, "task": "task_b"}
     fused = post(url, "/v1/select", body).json()

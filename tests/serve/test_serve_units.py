@@ -521,7 +521,7 @@ def test_auto_backend_serves_an_encoder_decoder_model_with_transformers(tmp_path
     """vLLM does not run T5: ``auto`` loads it with transformers (installed vLLM or not)."""
     from conftest import tiny_t5
 
-    from cappy_core.lm import tiny_generator
+    from cappy_core.generation.embedded_model import tiny_generator
     from serve_app.generator import _load
 
     t5 = tiny_t5(tmp_path / "t5", tiny_generator(tmp_path / "tiny"))

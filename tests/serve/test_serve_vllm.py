@@ -33,7 +33,7 @@ def served(ray_address, tmp_path_factory):
     """``(port, tiny generator folder)`` of one running app with the vLLM generator."""
     from ray import serve
 
-    from cappy_core.lm import tiny_generator
+    from cappy_core.generation.embedded_model import tiny_generator
     from serve_app.app import app_builder
 
     gen = str(tiny_generator(tmp_path_factory.mktemp("tiny") / "tiny"))

@@ -21,7 +21,7 @@ def choose_generator(cfg: ServeBenchConfig, tmp: Path) -> tuple[str, str | None]
     if generator is None:
         generator = str(default_generator_path()) if default_generator_path().is_dir() else None
     if generator is None:
-        from cappy_core.lm import tiny_generator
+        from cappy_core.generation.embedded_model import tiny_generator
 
         return (str(tiny_generator(tmp / "tiny-generator")),
                 "tiny random Llama (no embedded generator trained): throughput only")

@@ -27,7 +27,7 @@ def score_phase(cfg, url, reqs, score_bodies, poller, marks, result) -> None:
     """Offline reference, /v1/score at each concurrency, offline again; figures into ``result``."""
     import torch
 
-    from cappy_core.scorer import Scorer
+    from cappy_core.scorer.model import Scorer
 
     if cfg.offline_threads:
         torch.set_num_threads(cfg.offline_threads)

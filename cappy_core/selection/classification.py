@@ -1,8 +1,8 @@
 """Classification with Cappy alone on held-out multiple-choice tasks: what may be evaluated, and the result table.
 
-The scoring itself is :func:`cappy_core.evaluation.score_choices` (every ``(instruction,
-choice)`` pair), :func:`~cappy_core.evaluation.classification_accuracy` and
-:func:`~cappy_core.evaluation.chance_accuracy`. This module holds the rules around them:
+The scoring itself is :func:`cappy_core.selection.evaluation.score_choices` (every ``(instruction,
+choice)`` pair), :func:`~cappy_core.selection.evaluation.classification_accuracy` and
+:func:`~cappy_core.selection.evaluation.chance_accuracy`. This module holds the rules around them:
 
 * **Held out.** :func:`trained_tasks` reads which tasks a scorer folder was trained on: a folder
   written by ``cappy pretrain`` / ``cappy finetune`` records them in ``results.json``
@@ -17,6 +17,8 @@ choice)`` pair), :func:`~cappy_core.evaluation.classification_accuracy` and
   accuracy, each scorer's accuracy), the unweighted mean over tasks (:func:`summarise`), the
   printed table (:func:`format_table`) and the CSV/JSON forms (:func:`csv_rows`,
   :func:`results_record`).
+
+Tested in ``tests/jobs/test_eval_mc.py``.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def trained_tasks(source: str, available: Iterable[str], depth: int = 0) -> tupl
     hops). A hub id or a folder with neither record is "unknown"; so is a run trained on
     ``--train-pairs`` (its tasks are whatever the pairs held).
     """
-    from cappy_core.scorer import CAPPY_JSON, EMBEDDED_ALIAS, RESULTS_JSON  # torch: only when used
+    from cappy_core.scorer.model import CAPPY_JSON, EMBEDDED_ALIAS, RESULTS_JSON  # torch: only when used
 
     available = list(available)
     if source == EMBEDDED_ALIAS:
@@ -150,7 +152,7 @@ def multiple_choice_examples(examples: Sequence[Any], task: str, split: str, max
 
 def scorer_labels(sources: Sequence[str]) -> list[str]:
     """Short unique column names: ``minilm``/hub ids as given, folders as ``parent/name``."""
-    from cappy_core.scorer import EMBEDDED_ALIAS
+    from cappy_core.scorer.model import EMBEDDED_ALIAS
 
     labels: list[str] = []
     for s in sources:
@@ -166,7 +168,7 @@ def scorer_labels(sources: Sequence[str]) -> list[str]:
 def task_row(task: str, examples: Sequence[Any], scores: Mapping[str, Sequence[Sequence[float]]]) -> dict:
     """One task's row: examples, mean choices per example, chance and each scorer's accuracy
     (``scores[label]`` = one score list per example, aligned with its choices)."""
-    from cappy_core.evaluation import chance_accuracy, classification_accuracy
+    from cappy_core.selection.evaluation import chance_accuracy, classification_accuracy
 
     gold = [list(e.choice_scores) for e in examples]
     return {"task": task, "examples": len(examples),

@@ -17,6 +17,8 @@ Also here: where the embedded generator lives (:func:`default_generator_path`; w
 *name* means is :func:`cappy_core.generation.resolve_generator`), plain transformers generation
 (:func:`generate_texts`) and the quality check that ``cappy generator train`` reports
 (:func:`evaluate_generator`: greedy Rouge-L and the spread of sampled candidates).
+
+Tested in ``tests/core/test_lm.py``.
 """
 
 from __future__ import annotations
@@ -187,7 +189,7 @@ def evaluate_generator(model, tokenizer, examples_by_task: Mapping[str, Sequence
     listed under ``"skipped_tasks"``, so a time budget holds on a busy machine."""
     import time
 
-    from cappy_core.labeling import rouge_l
+    from cappy_core.labeling.rouge import rouge_l
 
     t0 = time.perf_counter()
     tasks: dict[str, dict] = {}

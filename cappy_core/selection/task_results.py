@@ -2,7 +2,7 @@
 ``tasks_dir/<task>.json`` (:func:`result_record`, a failure with its error too), and a task counts
 as finished when its record says ``ok`` and carries the digest (:func:`key_digest`) of the
 settings that define its result (:func:`finished`), so a rerun computes only what is missing,
-failed, or was computed with other settings."""
+failed, or was computed with other settings. Tested in ``tests/jobs/test_sweep.py``."""
 
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ OUTPUT_MARKER = "cappy_output.json"
 
 def check_init(init: str, allow_pickle: bool = False, flag: str = "--init") -> None:
     """Refuse an unusable scorer source in the driver, before any worker starts (clear message)."""
-    from cappy_core.scorer import resolve_source
+    from cappy_core.scorer.model import resolve_source
 
     try:
         resolve_source(init, allow_pickle)
@@ -96,7 +96,7 @@ def check_output(paths: Mapping[str, str]) -> None:
 
 def resume_key(config: Any, data_key: Mapping[str, Any]) -> dict[str, Any]:
     """The key a rerun must match: the job config's defining settings (:func:`cappy_core.config.key_values`:
-    the init, sizes, workers and every :class:`~cappy_core.training.ScorerSchedule` field, by its
+    the init, sizes, workers and every :class:`~cappy_core.scorer.training.ScorerSchedule` field, by its
     bare name) and the job's ``data_key`` (where pairs come from)."""
     from cappy_core.config import key_values
 
@@ -106,7 +106,7 @@ def resume_key(config: Any, data_key: Mapping[str, Any]) -> dict[str, Any]:
 def _recorded_before(name: str, value: Any) -> bool:
     """A schedule setting added after a run was recorded: it ran with the default, so a key
     without it still matches when the value is that default."""
-    from cappy_core.training import ScorerSchedule
+    from cappy_core.scorer.training import ScorerSchedule
 
     default = ScorerSchedule()
     return hasattr(default, name) and getattr(default, name) == value
@@ -145,10 +145,10 @@ def write_run_record(paths: Mapping[str, str], key: Mapping[str, Any], config: M
 
 def save_checkpoint(path: str | Path, scorer: Any, state: Any, optimizer: Any, *, total_updates: int,
                     metadata: Mapping[str, Any]) -> None:
-    """A resumable checkpoint folder: the scorer (:meth:`~cappy_core.scorer.Scorer.save_pretrained`;
+    """A resumable checkpoint folder: the scorer (:meth:`~cappy_core.scorer.model.Scorer.save_pretrained`;
     its ``cappy.json`` records the update, the total and ``metadata``) plus the train state and
-    Adam moments (:func:`~cappy_core.train_state.save_train_state`)."""
-    from cappy_core.train_state import save_train_state
+    Adam moments (:func:`~cappy_core.scorer.train_state.save_train_state`)."""
+    from cappy_core.scorer.train_state import save_train_state
 
     scorer.save_pretrained(path, metadata={"update": state.update, "total_updates": total_updates, **metadata})
     save_train_state(path, state, optimizer, extra={"total_updates": total_updates})
@@ -156,10 +156,10 @@ def save_checkpoint(path: str | Path, scorer: Any, state: Any, optimizer: Any, *
 
 def evaluate_pairs(scorer: Any, pairs: Mapping[str, Sequence[Any]], *, rank: int = 0, world_size: int = 1,
                    batch_size: int = 64) -> dict[str, Any]:
-    """:func:`cappy_core.metrics.scorer_metrics` of ``scorer`` on held-out pair columns; with
+    """:func:`cappy_core.scorer.metrics.scorer_metrics` of ``scorer`` on held-out pair columns; with
     ``world_size`` ranks (``torch.distributed`` initialised) each scores rows ``rank::world_size``
     and the scores are gathered. Leaves the model in train mode (this runs between updates)."""
-    from cappy_core.metrics import scorer_metrics
+    from cappy_core.scorer.metrics import scorer_metrics
 
     n = len(pairs["label"])
     mine = range(rank, n, world_size)
@@ -184,7 +184,7 @@ class RunProgress:
     """What a training attempt does between updates (``fit_scorer``'s ``on_update``): a progress
     line every ``log_every`` updates, an eval every ``eval_every`` and a report every
     ``checkpoint_every`` (and both at the last update). A report carries the mean loss since the
-    previous one, the LR, samples/s (:class:`~cappy_core.training.Throughput`, without eval and
+    previous one, the LR, samples/s (:class:`~cappy_core.scorer.training.Throughput`, without eval and
     report time) and the eval's metrics as ``eval_<name>`` (NaN as ``None``);
     ``report(metrics, with_checkpoint)`` is the caller's (``ray.train.report``). Evals are
     appended to ``state.evals``."""
@@ -192,7 +192,7 @@ class RunProgress:
     def __init__(self, state: Any, total_updates: int, *, report: Callable[[dict, bool], None],
                  evaluate: Callable[[], dict] | None = None, world_size: int = 1, log_every: int = 10,
                  eval_every: int = 100, checkpoint_every: int = 100, log: Callable[[str], None] | None = None):
-        from cappy_core.training import Throughput
+        from cappy_core.scorer.training import Throughput
 
         self.state, self.total, self.report, self.evaluate, self.log = state, total_updates, report, evaluate, log
         self.log_every, self.eval_every, self.checkpoint_every = log_every, eval_every, checkpoint_every

@@ -7,13 +7,15 @@ The steps, each a function with explicit arguments:
 2. :func:`load_generator_data`: each task's BIG-Bench *train* split, and a seeded sample of the
    validation examples of the check's tasks;
 3. :func:`prepare_sequences`: the BPE tokenizer on a sample of that text, then one
-   ``<s>{instruction}\\n{reference}</s>`` sequence per example (:mod:`cappy_core.generator_data`);
-4. :func:`fit_generator`: a new small Llama trained by :func:`cappy_core.training.train` on
+   ``<s>{instruction}\\n{reference}</s>`` sequence per example (:mod:`cappy_core.generation.embedded_data`);
+4. :func:`fit_generator`: a new small Llama trained by :func:`cappy_core.scorer.training.train` on
    length-bucketed batches, for a fixed number of updates or, with a deadline,
    :func:`train_within_budget` (the LR schedule sized to the updates that fit);
 5. :func:`check_generator`: greedy Rouge-L and the spread of sampled candidates
-   (:func:`cappy_core.lm.evaluate_generator`), then :func:`run_record` / :func:`summary_line`
+   (:func:`cappy_core.generation.embedded_model.evaluate_generator`), then :func:`run_record` / :func:`summary_line`
    describe the run for ``cappy_generator.json`` and the log.
+
+Tested in ``tests/core/test_lm.py`` and ``tests/jobs/test_train_generator.py``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from cappy_core.config import ConfigError
-from cappy_core.lm import is_generator_dir
+from cappy_core.generation.embedded_model import is_generator_dir
 
 Log = Callable[[str], None]
 
@@ -94,8 +96,8 @@ def prepare_sequences(train_by_task: Mapping[str, Sequence], *, vocab_size: int,
     ``model_max_length`` becomes ``max_prompt_tokens`` (saved with it: what ``truncation=True``
     keeps by default). Logs the data line (``started``: ``time.monotonic()`` of the run, for the
     preparation time)."""
-    from cappy_core.generator_data import encode_examples, mix_tasks, tokenizer_texts
-    from cappy_core.lm import train_tokenizer
+    from cappy_core.generation.embedded_data import encode_examples, mix_tasks, tokenizer_texts
+    from cappy_core.generation.embedded_model import train_tokenizer
 
     t0 = time.monotonic()
     tokenizer = train_tokenizer(tokenizer_texts(train_by_task, max_chars_per_task=tokenizer_chars_per_task,
@@ -116,7 +118,7 @@ def prepare_sequences(train_by_task: Mapping[str, Sequence], *, vocab_size: int,
 @dataclass
 class FitResult:
     model: Any  # the trained LlamaForCausalLM, still on its training device
-    state: Any  # cappy_core.train_state.TrainState
+    state: Any  # cappy_core.scorer.train_state.TrainState
     stream: Any  # the LengthBucketedBatches it was fed (token counts)
     planned_updates: int
     seconds: float
@@ -141,10 +143,10 @@ def fit_generator(tokenizer, seqs: Sequence, *, hidden_size: int, num_layers: in
     import torch
     from tqdm import tqdm
 
-    from cappy_core.generator_data import LengthBucketedBatches
-    from cappy_core.lm import new_llama
-    from cappy_core.train_state import TrainState
-    from cappy_core.training import causal_lm_loss, make_optimizer, train
+    from cappy_core.generation.embedded_data import LengthBucketedBatches
+    from cappy_core.generation.embedded_model import new_llama
+    from cappy_core.scorer.train_state import TrainState
+    from cappy_core.scorer.training import causal_lm_loss, make_optimizer, train
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = new_llama(tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
@@ -194,11 +196,11 @@ def train_within_budget(model, stream, common: dict, *, lr: float, seed: int, gr
     end; after each quarter of what is left the speed is measured again and the end re-planned,
     the LR continuing from where it was (so a machine that slows down or speeds up, e.g. because
     another job started on it, still ends annealed).
-    Each piece is one call of :func:`cappy_core.training.train`, whose schedule is linear within a
+    Each piece is one call of :func:`cappy_core.scorer.training.train`, whose schedule is linear within a
     call: ``warmup_ratio=1`` gives the ramp, ``warmup_ratio=0`` a line to 0 at ``total_updates``.
     ``common`` holds the other arguments of ``train`` (loss, optimizer, state, ...).
     """
-    from cappy_core.training import train
+    from cappy_core.scorer.training import train
 
     state = common["state"]
     per_update = stream.mean_padded_tokens_per_batch() * grad_accum_steps
@@ -243,9 +245,9 @@ def train_within_budget(model, stream, common: dict, *, lr: float, seed: int, gr
 def check_generator(model, tokenizer, eval_by_task: Mapping[str, Sequence], *, max_prompt_tokens: int,
                     max_new_tokens: int, num_samples: int, seed: int, deadline: float | None,
                     log: Log = print) -> dict:
-    """The quality check (:func:`cappy_core.lm.evaluate_generator`) on ``eval_by_task``; ``{}``
+    """The quality check (:func:`cappy_core.generation.embedded_model.evaluate_generator`) on ``eval_by_task``; ``{}``
     without examples. Tasks not started 5 s before ``deadline`` are skipped (logged)."""
-    from cappy_core.lm import evaluate_generator
+    from cappy_core.generation.embedded_model import evaluate_generator
 
     if not eval_by_task:
         return {}

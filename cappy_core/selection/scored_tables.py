@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from cappy_core.selectors import CAPPY_SIGNAL, LM_SIGNAL, MBR_SIGNAL
+from cappy_core.selection.selectors import CAPPY_SIGNAL, LM_SIGNAL, MBR_SIGNAL
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -51,12 +51,12 @@ def instruction_rows(instruction_ids: Sequence[str]) -> list[list[int]]:
 
 
 def add_mbr(table: pa.Table) -> pa.Table:
-    """``table`` (candidate rows) with ``mbr`` appended: :func:`cappy_core.selectors.mbr_scores`
+    """``table`` (candidate rows) with ``mbr`` appended: :func:`cappy_core.selection.selectors.mbr_scores`
     of each instruction's ``text`` (reads no label)."""
     import numpy as np
     import pyarrow as pa
 
-    from cappy_core.selectors import mbr_scores
+    from cappy_core.selection.selectors import mbr_scores
 
     texts = table["text"].to_pylist()
     mbr = np.zeros(table.num_rows)
@@ -66,12 +66,12 @@ def add_mbr(table: pa.Table) -> pa.Table:
 
 
 def add_fused(table: pa.Table, weights: Mapping[str, float]) -> pa.Table:
-    """``table`` (scored, with ``mbr``) with ``fused`` appended: :func:`cappy_core.selectors.fused_scores`
+    """``table`` (scored, with ``mbr``) with ``fused`` appended: :func:`cappy_core.selection.selectors.fused_scores`
     of the weighted :data:`SIGNALS` per instruction (reads no label)."""
     import numpy as np
     import pyarrow as pa
 
-    from cappy_core.selectors import fused_scores
+    from cappy_core.selection.selectors import fused_scores
 
     cols = {name: np.asarray(table[signal_column(table, name)].to_pylist(), dtype=np.float64) for name in weights}
     fused = np.zeros(table.num_rows)
@@ -90,11 +90,11 @@ def with_selector_columns(table: pa.Table, weights: Mapping[str, float] | None =
 
 def fit_fused(table: pa.Table) -> tuple[dict[str, float], float | None, int]:
     """The fused weights fitted on the labelled instructions of a scored table with ``mbr``
-    (:func:`cappy_core.selectors.fit_weights` over :data:`SIGNALS`): ``(weights, mean Rouge-L
+    (:func:`cappy_core.selection.selectors.fit_weights` over :data:`SIGNALS`): ``(weights, mean Rouge-L
     of their picks, instructions)``. No labelled instruction: equal weights, ``None``, 0."""
     import numpy as np
 
-    from cappy_core.selectors import fit_weights, weight_grid
+    from cappy_core.selection.selectors import fit_weights, weight_grid
 
     labels = table["label"].to_pylist()
     cols = {name: np.asarray(table[signal_column(table, name)].to_pylist(), dtype=np.float64) for name in SIGNALS}

@@ -13,9 +13,9 @@ only model preparation (DDP), the dataset shard and ``ray.train.report`` through
   :data:`SCORER_LOSSES` on the raw first logit: the paper's MSE, a listwise softmax
   cross-entropy over one instruction's candidates, or both) or :func:`causal_lm_loss`
   (next-token cross-entropy).
-* Resumable: :mod:`cappy_core.train_state` (the run's state and the optimizer's beside a
+* Resumable: :mod:`cappy_core.scorer.train_state` (the run's state and the optimizer's beside a
   checkpoint, no pickles).
-* Scorer batches: :mod:`cappy_core.scorer_batches` (length- or instruction-grouped, rank-sliced,
+* Scorer batches: :mod:`cappy_core.scorer.batches` (length- or instruction-grouped, rank-sliced,
   resumable).
 * :func:`fit_scorer`: the scorer's whole fit (collator, windows, resume skip, loss, loop) from a
   :class:`ScorerSchedule`, the one entry point of the Ray Train worker, the sweep's per-task
@@ -34,10 +34,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cappy_core.scorer_batches import (PairWindowCollator, first_window, iter_micro_batches, micro_batches_per_epoch,
+from cappy_core.scorer.batches import (PairWindowCollator, first_window, iter_micro_batches, micro_batches_per_epoch,
                                        pack_instructions, table_windows)
-from cappy_core.scorer_schedule import SCORER_LOSS_NAMES, ScorerSchedule
-from cappy_core.train_state import TrainState
+from cappy_core.scorer.schedule import SCORER_LOSS_NAMES, ScorerSchedule
+from cappy_core.scorer.train_state import TrainState
 
 Batch = Mapping[str, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
@@ -76,7 +76,7 @@ def listwise_loss(scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tens
     return torch.stack(terms).mean() if terms else scores.sum() * 0.0
 
 
-#: Scorer objectives by name (:data:`~cappy_core.scorer_schedule.SCORER_LOSS_NAMES`), each
+#: Scorer objectives by name (:data:`~cappy_core.scorer.schedule.SCORER_LOSS_NAMES`), each
 #: ``(scores, labels, groups, schedule) -> loss`` on the raw first logit (no sigmoid) of a
 #: micro-batch. ``mse`` is the paper's.
 SCORER_LOSSES: dict[str, Callable[..., torch.Tensor]] = {
@@ -288,10 +288,10 @@ def fit_scorer(scorer: Any, pairs: Mapping[str, Sequence[Any]] | None, schedule:
                state: TrainState | None = None, device: torch.device | str | None = None,
                on_update: Callable[[UpdateInfo], None] | None = None,
                reduce_loss: Callable[[float], float] | None = None) -> TrainState:
-    """Train ``scorer`` (a :class:`cappy_core.scorer.Scorer`) per ``schedule``; returns the state.
+    """Train ``scorer`` (a :class:`cappy_core.scorer.model.Scorer`) per ``schedule``; returns the state.
 
     Data: ``pairs`` (columns ``instruction``, ``response``, ``label``, as
-    :func:`cappy_core.pretrain_data.read_pair_columns` returns) cut into windows of
+    :func:`cappy_core.labeling.pair_mixture.read_pair_columns` returns) cut into windows of
     :func:`window_rows`, or ``windows()``, which starts one pass of raw row windows of that size
     (a Ray Data shard's ``iter_batches``; then ``total_updates`` is required). Every rank of
     ``world_size`` gets the same rows and :class:`PairWindowCollator` takes its share. With a

@@ -17,8 +17,8 @@ instruction text), and every choice made after finetuning is made on them. Valid
 are read only by the final evaluation.
 
 Steps: the train pairs (references, random negatives and the labelled candidates of the other
-train instructions, :func:`cappy_core.pretrain_data.build_pair_mixture`, cut or tiled to
-``train_size``) → ``tasks_dir/<task>/train_pairs.parquet`` → :func:`cappy_core.training.fit_scorer`
+train instructions, :func:`cappy_core.labeling.pair_mixture.build_pair_mixture`, cut or tiled to
+``train_size``) → ``tasks_dir/<task>/train_pairs.parquet`` → :func:`cappy_core.scorer.training.fit_scorer`
 from ``init`` with the :class:`ScorerSchedule` (its loss, batches and precision); the finetuned
 scorer then scores in ``score_dtype`` (bf16 autocast only when that says ``bfloat16``). Without
 a schedule the ``init`` scorer scores as is. With a ``selector_schedule`` (``selector_loss:
@@ -29,23 +29,23 @@ scorer is instead finetuned once, before the tasks, on every task's pairs togeth
 (:func:`finetune_shared_selector`, the paper's multi-task step) and each task scores with it
 (``selector_init``). Then:
 
-* **dev** candidates: ``score`` (the scorer), ``mbr`` (:func:`cappy_core.selectors.mbr_scores`
-  per instruction over ``text``) → the fused weights, :func:`cappy_core.selectors.fit_weights`
-  over :data:`cappy_core.scored_tables.SIGNALS` on the labelled dev instructions (equal weights when there is none) →
+* **dev** candidates: ``score`` (the scorer), ``mbr`` (:func:`cappy_core.selection.selectors.mbr_scores`
+  per instruction over ``text``) → the fused weights, :func:`cappy_core.selection.selectors.fit_weights`
+  over :data:`cappy_core.selection.scored_tables.SIGNALS` on the labelled dev instructions (equal weights when there is none) →
   ``fused`` → ``tasks_dir/<task>/dev_scored.parquet`` and every method's Rouge-L on dev
   (``dev_metrics``; ``cappy+lm+mbr`` there is in-sample);
 * **validation** candidates: ``score``, ``mbr`` and ``fused`` with the dev weights (no label is
-  read: :func:`cappy_core.scored_tables.with_selector_columns`) → ``tasks_dir/<task>/validation_scored.parquet`` →
-  :func:`cappy_core.evaluation.evaluate_task`, per-instruction values and rankers' Spearman.
+  read: :func:`cappy_core.selection.scored_tables.with_selector_columns`) → ``tasks_dir/<task>/validation_scored.parquet`` →
+  :func:`cappy_core.selection.evaluation.evaluate_task`, per-instruction values and rankers' Spearman.
 
 With ``keep_scorer`` the finetuned scorer is saved under ``tasks_dir/<task>/scorer`` with the
-fused weights in it (:data:`cappy_core.selectors.SELECTOR_FILE`), for serve; a task with a
+fused weights in it (:data:`cappy_core.selection.selectors.SELECTOR_FILE`), for serve; a task with a
 selector scorer of its own saves that one too, under ``tasks_dir/<task>/selector_scorer``, and the
 weights go there, since they are fitted on its scores; a task scored by the shared scorer,
 ``tasks_dir/_shared/scorer``, keeps its weights in ``tasks_dir/<task>``.
 
 The sweep's bookkeeping of finished tasks (each task's ``tasks_dir/<task>.json``) is
-:mod:`cappy_core.task_results`.
+:mod:`cappy_core.selection.task_results`.
 """
 
 from __future__ import annotations
@@ -58,13 +58,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from cappy_core.scored_tables import add_fused, add_mbr, fit_fused, score_with, with_selector_columns
+from cappy_core.selection.scored_tables import add_fused, add_mbr, fit_fused, score_with, with_selector_columns
 
 if TYPE_CHECKING:  # torch and pyarrow load only where a task runs
     import pyarrow as pa
 
     from cappy_core.data.records import Example
-    from cappy_core.scorer_schedule import ScorerSchedule
+    from cappy_core.scorer.schedule import ScorerSchedule
 
 #: Where :func:`finetune_shared` / :func:`finetune_shared_selector` keep the scorers finetuned on
 #: every task: ``<tasks_dir>/_shared``.
@@ -121,7 +121,7 @@ def train_pairs(task: str, *, data_dir: str | Path, candidates_dir: str | Path, 
                 train_size: int | None, seed: int, dev_examples: int = 0) -> tuple[list, dict[str, int]]:
     """The task's finetuning pairs (dev instructions held out, :func:`split_dev`), cut or tiled
     to ``train_size`` (None: as built), and their sizes."""
-    from cappy_core.pretrain_data import build_pair_mixture, read_samples, tile
+    from cappy_core.labeling.pair_mixture import build_pair_mixture, read_samples, tile
 
     examples, dev = split_dev(sampled_train_examples(data_dir, task, max_train_examples), dev_examples)
     cands = read_samples(Path(candidates_dir) / "train", tasks=[task], splits=["train"])
@@ -140,9 +140,9 @@ def finetune(init: str, pairs_file: str | Path, schedule: ScorerSchedule, *, max
     with the update count, pairs seen, samples/s and the mean loss of the first and last tenth
     of updates. It trains under bf16 autocast when ``schedule.bf16`` and then scores in
     ``score_dtype``."""
-    from cappy_core.pretrain_data import read_pair_columns
-    from cappy_core.scorer import Scorer
-    from cappy_core.training import Throughput, fit_scorer
+    from cappy_core.labeling.pair_mixture import read_pair_columns
+    from cappy_core.scorer.model import Scorer
+    from cappy_core.scorer.training import Throughput, fit_scorer
 
     scorer = Scorer.from_pretrained(init, dtype="bfloat16" if schedule.bf16 else "float32", device=device,
                                     max_length=max_length, allow_pickle=False, seed=schedule.seed,
@@ -160,7 +160,7 @@ def set_device(use_gpu: bool, torch_threads: int) -> str:
     """``"cuda"`` when asked and present, else ``"cpu"`` with ``torch_threads`` threads."""
     import torch
 
-    from cappy_core.scorer import quiet_transformers
+    from cappy_core.scorer.model import quiet_transformers
 
     quiet_transformers()  # load reports and progress bars, once per task process
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
@@ -177,7 +177,7 @@ def _finetune_union(tasks: Sequence[str], settings: TaskSettings, schedule: Scor
     (``train_pairs.parquet`` and ``training.json``, prefixed ``selector_`` for the selector scorer).
     Kept and reused while the record's ``digest`` matches. ``(folder, record)``."""
     from cappy_core.io import atomic_dir, write_json
-    from cappy_core.pretrain_data import write_pairs
+    from cappy_core.labeling.pair_mixture import write_pairs
 
     shared = Path(settings.tasks_dir) / SHARED_DIR
     prefix = "" if name == "scorer" else name.removesuffix("scorer")
@@ -246,7 +246,7 @@ def read_split_candidates(task: str, candidates_dir: str | Path, split: str,
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from cappy_core.candidates import instruction_id, read_candidates
+    from cappy_core.labeling.candidates import instruction_id, read_candidates
 
     table = read_candidates(Path(candidates_dir) / split, tasks=[task], splits=[split])
     if examples is not None:
@@ -260,9 +260,9 @@ def read_split_candidates(task: str, candidates_dir: str | Path, split: str,
 
 def evaluate_scored(table: pa.Table, what: str) -> tuple[list, int, dict[str, Any]]:
     """``(groups, unlabeled instructions, {"metrics", "per_instruction", "spearman"})`` of a
-    scored table with selector columns (:func:`cappy_core.evaluation.evaluate_task` and
+    scored table with selector columns (:func:`cappy_core.selection.evaluation.evaluate_task` and
     friends); ``what`` names the table in the error when no instruction has references."""
-    from cappy_core.evaluation import evaluate_task, per_instruction_values, ranker_spearman, scored_groups
+    from cappy_core.selection.evaluation import evaluate_task, per_instruction_values, ranker_spearman, scored_groups
 
     groups, _, unlabeled = scored_groups(table)
     if not groups:
@@ -283,9 +283,9 @@ def run_task(task: str, settings: TaskSettings, *, use_gpu: bool = False, torch_
     pick's Rouge-L ×100 on dev, ``dev_instructions``: the labelled ones it was fitted on),
     ``"dev_metrics"`` and ``"dev_spearman"``. ``fused_weights`` is None without dev."""
     from cappy_core.io import write_parquet
-    from cappy_core.pretrain_data import write_pairs
-    from cappy_core.scorer import Scorer
-    from cappy_core.selectors import write_selector
+    from cappy_core.labeling.pair_mixture import write_pairs
+    from cappy_core.scorer.model import Scorer
+    from cappy_core.selection.selectors import write_selector
 
     device = set_device(use_gpu, torch_threads)
     timings: dict[str, float] = {}

@@ -1,11 +1,11 @@
-"""Pair files: labelled pairs as Parquet (:data:`cappy_core.labeling.PAIR_SCHEMA`), written,
+"""Pair files: labelled pairs as Parquet (:data:`cappy_core.labeling.rouge.PAIR_SCHEMA`), written,
 checked and read (:func:`write_pairs`, :func:`read_pairs`, :func:`check_pair_file`,
 :func:`read_pair_columns`); a training run keeps its ``train.parquet`` / ``eval.parquet`` in one
 folder (:func:`write_pair_files`, :func:`existing_pair_files`). Also the label-checked Parquet
-reading that the sample files of :mod:`cappy_core.pretrain_data` share (:func:`parquet_files`,
+reading that the sample files of :mod:`cappy_core.labeling.pair_mixture` share (:func:`parquet_files`,
 :func:`check_labels`, :class:`LabelError`).
 
-Separate from :mod:`cappy_core.pretrain_data` because the training jobs read and check pair files
+Separate from :mod:`cappy_core.labeling.pair_mixture` because the training jobs read and check pair files
 without building a mixture. Tested in ``tests/core/test_pretrain_data.py``.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cappy_core.labeling import PAIR_SCHEMA, LabeledPair, pairs_to_table, table_to_pairs
+from cappy_core.labeling.rouge import PAIR_SCHEMA, LabeledPair, pairs_to_table, table_to_pairs
 
 
 class LabelError(ValueError):

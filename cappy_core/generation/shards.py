@@ -3,7 +3,7 @@
 ``cappy sample`` cuts each ``DATA/<task>/<split>.parquet`` (written by ``cappy data prepare``)
 into shards of ``shard_size`` rows. A shard is done when its candidates file
 ``OUT/<task>/<split>/part-NNNNN.parquet`` and then its completion record
-``part-NNNNN.done.json`` are written (layout and schema: :mod:`cappy_core.candidates`); a rerun
+``part-NNNNN.done.json`` are written (layout and schema: :mod:`cappy_core.labeling.candidates`); a rerun
 plans only the shards without a record and redoes each of them whole, so an interrupted run
 resumes with no missing or duplicate rows.
 
@@ -13,6 +13,8 @@ resumes with no missing or duplicate rows.
 * :func:`check_settings`: ``OUT/sample_config.json``, refusing to mix outputs of other settings;
 * :func:`write_shard`: a shard's candidates and its record, each written atomically;
 * :func:`summarize` / :func:`summary_lines`: what a run did, over everything on disk.
+
+Tested in ``tests/jobs/test_sample_label.py`` and ``tests/jobs/test_sample_faults.py``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any, Mapping, Sequence
 
 import pyarrow as pa
 
-from cappy_core.candidates import CANDIDATE_SCHEMA, done_path, instruction_id, shard_path
+from cappy_core.labeling.candidates import CANDIDATE_SCHEMA, done_path, instruction_id, shard_path
 from cappy_core.config import ConfigError
 from cappy_core.io import write_json, write_parquet
 
@@ -141,7 +143,7 @@ def check_settings(out: str | Path, settings: Mapping[str, Any], defining: Seque
 
 def write_shard(out: str | Path, shard: Shard, table: pa.Table, meta: Mapping[str, Any]) -> dict:
     """Write a shard's candidate rows (sorted back to input then candidate order by ``_pos`` and
-    ``_k``, cast to :data:`~cappy_core.candidates.CANDIDATE_SCHEMA`), then its completion record
+    ``_k``, cast to :data:`~cappy_core.labeling.candidates.CANDIDATE_SCHEMA`), then its completion record
     (counts, skipped rows and ``meta``); returns the record."""
     import pyarrow.compute as pc
 

@@ -13,7 +13,7 @@ Labels
   ``max_wrong_choices=k`` only k wrong choices (a seeded random sample) are kept, so an example
   with 118 choices (``periodic_elements``) does not flood the mixture with negatives. An example
   whose choices all score the same says nothing about which is right and is skipped.
-* A **generative** example goes through :func:`cappy_core.labeling.build_training_pairs` with
+* A **generative** example goes through :func:`cappy_core.labeling.rouge.build_training_pairs` with
   the other generative examples of its task: references → 1.0, one random other example's
   reference per positive → 0.0, and its sampled candidates with their Rouge-L labels.
 * **Sampled candidates** (optional, any example kind) come from the sample+label job's Parquet
@@ -46,16 +46,18 @@ Sample files (written by the sampling job; one row per sampled candidate)
 | label       | float64 | its Rouge-L F1 against the references, in [0, 1] (null: none)   |
 | decoding, sample_idx | | which decoding config / sample (not needed here)              |
 
-This is the layout ``cappy sample`` writes (:mod:`cappy_core.candidates`; of its folder only the
+This is the layout ``cappy sample`` writes (:mod:`cappy_core.labeling.candidates`; of its folder only the
 shards with a completion record are read); any folder of Parquet files with these columns works.
 Rows are matched to examples by (task, subtask, split, example_idx) when a file has those
 columns, else by (task, instruction). A null label (an example without references) is skipped;
 a label outside [0, 1] or NaN is an error naming the file and the row.
 
 Examples come from a ``cappy data prepare`` folder or straight from the task catalog (vendored, cached)
-(:func:`load_examples`). Pairs are written and read as Parquet by :mod:`cappy_core.pair_files`
+(:func:`load_examples`). Pairs are written and read as Parquet by :mod:`cappy_core.labeling.pair_files`
 (:func:`write_pairs`, :func:`read_pairs`, :func:`check_pair_file`, :func:`read_pair_columns`,
 :func:`write_pair_files`, :func:`existing_pair_files`); those names are importable from here too.
+
+Tested in ``tests/core/test_pretrain_data.py``.
 """
 
 from __future__ import annotations
@@ -68,8 +70,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from cappy_core.data.records import Example
-from cappy_core.labeling import LabeledPair, build_training_pairs
-from cappy_core.pair_files import (LabelError, check_labels, check_pair_file, existing_pair_files, labels_array,
+from cappy_core.labeling.rouge import LabeledPair, build_training_pairs
+from cappy_core.labeling.pair_files import (LabelError, check_labels, check_pair_file, existing_pair_files, labels_array,
                                    parquet_files, parquet_schema, read_pair_columns, read_pairs,
                                    read_parquet_columns, write_pair_files, write_pairs)
 
@@ -112,9 +114,9 @@ class CandidateIndex:
 def sample_files(path: str | Path, tasks: Iterable[str] | None = None,
                  splits: Iterable[str] | None = None) -> list[Path]:
     """The sample Parquet files under ``path``: for a ``cappy sample`` output folder, its
-    *completed* shards (:func:`cappy_core.candidates.candidate_files`); for any other folder,
+    *completed* shards (:func:`cappy_core.labeling.candidates.candidate_files`); for any other folder,
     every ``*.parquet`` in it (recursively); a file is itself."""
-    from cappy_core.candidates import candidate_files
+    from cappy_core.labeling.candidates import candidate_files
 
     p = Path(path).expanduser()
     if p.is_dir():

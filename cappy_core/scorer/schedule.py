@@ -1,6 +1,6 @@
 """The scorer's training recipe, :class:`ScorerSchedule`: one dataclass, torch-free, so every
 job's config embeds it (``--schedule.lr``, a ``schedule:`` YAML section) without loading torch,
-and :func:`cappy_core.training.fit_scorer` reads it. Its validation is its own."""
+and :func:`cappy_core.scorer.training.fit_scorer` reads it. Its validation is its own. Tested in ``tests/core/test_training.py`` and ``tests/jobs/test_sweep.py``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 from cappy_core.config import SettingError
 
-#: The scorer objectives :data:`cappy_core.training.SCORER_LOSSES` implements; ``mse`` is the paper's.
+#: The scorer objectives :data:`cappy_core.scorer.training.SCORER_LOSSES` implements; ``mse`` is the paper's.
 SCORER_LOSS_NAMES = ("mse", "listwise", "listwise+mse")
 
 

@@ -2,22 +2,22 @@
 
 Main table (``summary.csv``): every method's Rouge-L ×100 (Cappy, the fused selector, the
 baselines, then oracle and random, which bound what any selection can do) and ``cappy - best``:
-Cappy minus the strongest baseline *of the mean row* (:func:`cappy_core.evaluation.best_baseline`,
+Cappy minus the strongest baseline *of the mean row* (:func:`cappy_core.selection.evaluation.best_baseline`,
 MBR included; per task, minus that same baseline), so the last row reads "how far Cappy is above
 the best baseline". The mean is the unweighted mean over the finished tasks; failed or missing
 tasks are listed under the table.
 
 How sure (``summary_ci.csv``): for every method but the bounds and the best baseline itself, the
-paired-bootstrap 95% interval (:func:`cappy_core.bootstrap.paired_bootstrap`: instructions
+paired-bootstrap 95% interval (:func:`cappy_core.selection.bootstrap.paired_bootstrap`: instructions
 resampled within each task, 2,000 resamples, seeded) of method − best baseline, per task and for
 the mean over tasks, from each task record's ``per_instruction`` values
-(:func:`cappy_core.evaluation.per_instruction_values`). A record without them (written before
+(:func:`cappy_core.selection.evaluation.per_instruction_values`). A record without them (written before
 they were recorded) still reports, without intervals; the mean's interval needs every task's.
 Long format: ``method, baseline, task, diff, low, high, half_width`` (``task`` = ``mean`` for the
 mean over tasks), rounded to 0.01.
 
 Rank agreement (``summary_spearman.csv``): each task record's ``spearman``
-(:func:`cappy_core.evaluation.ranker_spearman`), long format ``task, ranker, spearman,
+(:func:`cappy_core.selection.evaluation.ranker_spearman`), long format ``task, ranker, spearman,
 instructions``; the ``mean`` rows are the unweighted mean over the tasks that have a value.
 
 ``summary.json`` holds all of it (``intervals``, ``spearman``: None when no record has them);
@@ -32,8 +32,8 @@ import io
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from cappy_core.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, Interval, paired_bootstrap
-from cappy_core.evaluation import (
+from cappy_core.selection.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, Interval, paired_bootstrap
+from cappy_core.selection.evaluation import (
     BOUNDS, CAPPY, ORACLE, SELECTORS, best_baseline, mean_over_tasks, method_order,
 )
 from cappy_core.io import atomic_path, write_json, write_text
@@ -44,7 +44,7 @@ RESOLUTION_POINTS = 1.0
 
 
 def table_methods(present: set[str]) -> list[str]:
-    """The table's columns: the methods present, in :func:`cappy_core.evaluation.method_order`,
+    """The table's columns: the methods present, in :func:`cappy_core.selection.evaluation.method_order`,
     then any others alphabetically."""
     order = method_order()
     return [m for m in order if m in present] + sorted(present - set(order))

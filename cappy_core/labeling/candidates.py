@@ -20,6 +20,8 @@ settings that define the output. Rows within a file are in input order, then dec
 | logprob_sum    | float64 | the generator's log-likelihood of those tokens (temperature 1, untruncated) |
 | logprob_mean   | float64 | ``logprob_sum / num_tokens``                                             |
 | label          | float64 | Rouge-L F1 against the example's references; null when it has none       |
+
+Tested in ``tests/jobs/test_sample_label.py``.
 """
 
 from __future__ import annotations
@@ -123,7 +125,7 @@ def expand_with_candidates(batch: pa.Table, cands: Sequence[Sequence["Candidate"
 def add_labels(batch: pa.Table) -> pa.Table:
     """Replace ``references`` by ``label``: Rouge-L F1 of each candidate's ``text`` against its
     example's references (null without references)."""
-    from cappy_core.labeling import rouge_l
+    from cappy_core.labeling.rouge import rouge_l
 
     labels = []
     for text, refs in zip(batch["text"].to_pylist(), batch["references"].to_pylist()):

@@ -1,10 +1,10 @@
 """Selection signals beyond the paper's scorer: Rouge-L consensus (MBR) and a fused selector.
 
 Every selector here ranks the candidates of *one* instruction; the pick is the highest value,
-ties to the first candidate in decoding order (:func:`cappy_core.scorer.select_best`).
+ties to the first candidate in decoding order (:func:`cappy_core.scorer.model.select_best`).
 
 * **MBR** (minimum Bayes risk with Rouge-L as the utility, training-free): each candidate's mean
-  Rouge-L F1 (:func:`cappy_core.labeling.rouge_l`) against the *other* candidates of the same
+  Rouge-L F1 (:func:`cappy_core.labeling.rouge.rouge_l`) against the *other* candidates of the same
   instruction — the candidate the others agree with most. Needs no references and no scorer, so
   it is a baseline, not a Cappy variant. Rouge-L F1 is symmetric, so each pair is scored once.
 * **Fused**: standardize each signal within the instruction (z-score over its candidates; a
@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from cappy_core.labeling import rouge_l
+from cappy_core.labeling.rouge import rouge_l
 
 #: Signals a fused selector can combine (names of per-candidate values).
 CAPPY_SIGNAL, LM_SIGNAL, MBR_SIGNAL = "cappy", "logprob_mean", "mbr"
@@ -96,7 +96,7 @@ def fit_weights(instructions: Sequence[Mapping[str, Sequence[float]]], rouges: S
     """The grid point (:func:`weight_grid`) whose fused pick has the highest mean Rouge-L over
     ``instructions`` (each a mapping signal → per-candidate values, aligned with ``rouges``);
     ties to the earliest. Returns ``(weights, mean Rouge-L of its picks)``."""
-    from cappy_core.scorer import select_best  # torch loads only where something is scored
+    from cappy_core.scorer.model import select_best  # torch loads only where something is scored
 
     if not instructions or len(instructions) != len(rouges):
         raise ValueError(f"fit_weights needs aligned, non-empty instructions and rouges "

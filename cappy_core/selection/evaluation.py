@@ -2,13 +2,13 @@
 
 Generation (per task, on validation candidates). Every method picks one candidate per
 instruction; the metric is that candidate's Rouge-L F1 against the best-matching reference
-(``cappy_core.labeling.rouge_l``), averaged over the task's instructions; the summary is the
+(``cappy_core.labeling.rouge.rouge_l``), averaged over the task's instructions; the summary is the
 unweighted mean over tasks, ×100.
 
 * ``cappy``: highest scorer score (the paper's scorer), ties to the first candidate in decoding order.
 * ``cappy+lm+mbr`` (beyond the paper): highest ``fused`` value — the within-instruction
   standardized Cappy score, generator likelihood and MBR, weighted per task on held-out train
-  instructions (:mod:`cappy_core.selectors`); reported only when every candidate has one.
+  instructions (:mod:`cappy_core.selection.selectors`); reported only when every candidate has one.
 * ``beam4`` and one baseline per sampling config: the first sample (``sample_idx == 0``) of that
   decoding — the LLM used alone with that decoding.
 * ``self_score_sum`` / ``self_score_mean``: the candidate the generator itself rates most likely
@@ -18,14 +18,14 @@ unweighted mean over tasks, ×100.
 * ``oracle`` (best of all candidates) and ``random`` (expected value of a uniform pick) bound
   what selection can do; they are reported, not baselines.
 
-Every argmax is :func:`cappy_core.scorer.select_best`, the rule serve uses too: ties go to the
+Every argmax is :func:`cappy_core.scorer.model.select_best`, the rule serve uses too: ties go to the
 first candidate, NaN never wins over a number, and an instruction whose values are all NaN is an
 error. :func:`method_order` is the order methods are reported in (the sweep's table).
 
 Only ``oracle`` (and the ``random`` expectation) read the labels (``rouge``): :func:`picks` is
 every other method's choice without them, so masking validation labels until this final step
 changes no pick. :func:`per_instruction_values` keeps each pick's Rouge-L per instruction (for
-the paired bootstrap of :mod:`cappy_core.bootstrap`); :func:`ranker_spearman` is how well each
+the paired bootstrap of :mod:`cappy_core.selection.bootstrap`); :func:`ranker_spearman` is how well each
 ranking signal orders one instruction's candidates by Rouge-L.
 
 Classification: score each answer choice with Cappy (:func:`score_choices`), argmax (ties to the
@@ -41,8 +41,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from cappy_core.generation import PAPER_DECODING_NAMES
-from cappy_core.metrics import spearman
-from cappy_core.scorer import select_best
+from cappy_core.scorer.metrics import spearman
+from cappy_core.scorer.model import select_best
 
 SELF_SUM, SELF_MEAN, CAPPY, ORACLE, RANDOM = "self_score_sum", "self_score_mean", "cappy", "oracle", "random"
 #: The training-free Rouge-L consensus baseline, and the fused selector (Cappy beyond the paper).
@@ -63,8 +63,8 @@ class ScoredCandidate:
     logprob_sum: float
     logprob_mean: float
     score: float | None = None  # Cappy's raw score, if scored
-    mbr: float | None = None  # mean Rouge-L against the other candidates (cappy_core.selectors.mbr_scores)
-    fused: float | None = None  # the fused selector's value (cappy_core.selectors.fused_scores)
+    mbr: float | None = None  # mean Rouge-L against the other candidates (cappy_core.selection.selectors.mbr_scores)
+    fused: float | None = None  # the fused selector's value (cappy_core.selection.selectors.fused_scores)
 
 
 #: The per-candidate value each ranking method picks the highest of (the rankers of :func:`ranker_spearman`).
@@ -181,7 +181,7 @@ def ranker_spearman(groups: Sequence[Sequence[ScoredCandidate]]) -> dict[str, di
 
 
 def scored_groups(table: Any) -> tuple[list[list[ScoredCandidate]], list[str], int]:
-    """A scored candidate table (``cappy_core.candidates`` columns plus ``score``, and ``mbr`` /
+    """A scored candidate table (``cappy_core.labeling.candidates`` columns plus ``score``, and ``mbr`` /
     ``fused`` where present) as ``(groups, instruction_ids, unlabeled)``: one group of candidates
     per instruction, in file order (= decoding order); instructions without references (null
     labels) are left out and counted in ``unlabeled``."""
@@ -258,7 +258,7 @@ def score_choices(scorer: Any, examples: Sequence[Any], *, chunk_pairs: int = 10
     example, aligned with its ``choices``.
 
     ``scorer`` is anything with ``score(instructions, responses, **score_kwargs) -> list[float]``
-    (a :class:`cappy_core.scorer.Scorer`); ``examples`` anything with ``instruction`` and
+    (a :class:`cappy_core.scorer.model.Scorer`); ``examples`` anything with ``instruction`` and
     ``choices`` (a :class:`cappy_core.data.records.Example`). The pairs of all examples are scored
     together, ``chunk_pairs`` per call (the scorer batches each call by length); ``progress(n)``
     is called after each call with the number of pairs it scored.

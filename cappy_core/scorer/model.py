@@ -10,13 +10,15 @@ Face folder with ``model.safetensors``, the tokenizer files and a small ``cappy.
 what the checkpoint is (format version, base model, ``max_length``, and whatever the caller adds:
 step, metrics, config). Pickled weights are refused unless asked for. The names the loader
 accepts (``"minilm"``, a local folder, a hub id), the weights policy and the format's constants
-live in :mod:`cappy_core.scorer_checkpoint`; the argmax rule in :mod:`cappy_core.scorer_selection`.
-Both are imported here too, so ``from cappy_core.scorer import ...`` reaches every scorer name.
+live in :mod:`cappy_core.scorer.checkpoint`; the argmax rule in :mod:`cappy_core.scorer.pick`.
+Both are imported here too, so ``from cappy_core.scorer.model import ...`` reaches every scorer name.
 
 Scoring (:meth:`Scorer.score`) tokenises every pair once, sorts pairs by token length, forms
 batches of similar length (``batch_size`` pairs, optionally capped by a ``max_tokens`` budget of
 padded tokens per batch), pads each batch only to its own longest pair, and returns the scores in
 input order as ``list[float]``.
+
+Tested in ``tests/core/test_scorer.py``.
 """
 
 from __future__ import annotations
@@ -33,15 +35,15 @@ import numpy as np
 import torch
 
 from cappy_core.io import atomic_dir
-from cappy_core.scorer_checkpoint import (CAPPY_JSON, CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION, EMBEDDED_ALIAS,
+from cappy_core.scorer.checkpoint import (CAPPY_JSON, CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION, EMBEDDED_ALIAS,
                                           EMBEDDED_SOURCE, PICKLE_SUFFIXES, RESULTS_JSON, PickleCheckpointError,
                                           embedded_model_path, model_card, resolve_source, weights_kind)
-from cappy_core.scorer_selection import select_best, select_best_grouped
+from cappy_core.scorer.pick import select_best, select_best_grouped
 
 __all__ = [
     "Scorer", "DTYPES", "DEFAULT_BATCH_SIZE", "DEFAULT_MAX_TOKENS", "flops_per_pair", "length_buckets",
     "quiet_transformers",
-    # re-exported from cappy_core.scorer_checkpoint / cappy_core.scorer_selection
+    # re-exported from cappy_core.scorer.checkpoint / cappy_core.scorer.pick
     "CAPPY_JSON", "CHECKPOINT_FORMAT", "CHECKPOINT_FORMAT_VERSION", "EMBEDDED_ALIAS", "EMBEDDED_SOURCE",
     "RESULTS_JSON", "PickleCheckpointError", "embedded_model_path", "model_card", "resolve_source",
     "weights_kind", "select_best", "select_best_grouped",

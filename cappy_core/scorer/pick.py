@@ -2,7 +2,7 @@
 :func:`select_best_grouped` (many instructions' candidates, flattened). Serve, ``cappy score``
 and evaluation's picks all choose with it, so ties and NaN are decided the same way everywhere.
 
-Separate from :mod:`cappy_core.scorer` because choosing from scores needs no model or torch.
+Separate from :mod:`cappy_core.scorer.model` because choosing from scores needs no model or torch.
 Tested in ``tests/core/test_scorer.py``.
 """
 
