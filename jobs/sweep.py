@@ -93,7 +93,7 @@ def ensure_generator_for(cfg: SweepConfig, tasks: list[str], log) -> str:
     name, train_tasks = embedded_generator_name(cfg, tasks)
     gcfg = GeneratorConfig(name=name, cache_dir=cfg.cache_dir, tasks=train_tasks, task_dir=list(cfg.task_dir),
                            updates=cfg.generator_updates, time_budget_s=cfg.generator_time_budget_s,
-                           eval_tasks=sorted(tasks)[:6], eval_examples=16, seed=cfg.seed, report_to=cfg.report_to)
+                           eval_tasks=sorted(tasks)[:6], eval_examples=16, seed=cfg.sampling.seed, report_to=cfg.report_to)
     return str(ensure_generator(config=gcfg, log=log))
 
 
