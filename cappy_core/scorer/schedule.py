@@ -28,6 +28,8 @@ class ScorerSchedule:
     lr: float = _setting(2e-5, "peak learning rate (AdamW)")
     warmup_ratio: float = _setting(0.1, "fraction of updates of linear warmup")
     weight_decay: float = _setting(0.0, "AdamW weight decay (matrices only)")
+    adam_beta2: float = _setting(0.999, "AdamW's second-moment decay (lower, e.g. 0.98 or 0.95, for short or "
+                                        "large-batch runs)")
     epochs: int = _setting(1, "passes over the training pairs")
     batch_size: int = _setting(128, "effective batch: pairs per optimizer update, over all workers")
     micro_batch_size: int = _setting(32, "pairs per forward pass per worker; accumulation = batch / (micro x workers)")
@@ -49,6 +51,8 @@ class ScorerSchedule:
             raise SettingError("lr", f"must be > 0, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise SettingError("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 < self.adam_beta2 < 1:
+            raise SettingError("adam_beta2", f"must be in (0, 1), got {self.adam_beta2}")
         if not self.listwise_tau > 0:
             raise SettingError("listwise_tau", f"must be > 0, got {self.listwise_tau}")
         if self.mse_weight < 0:

@@ -188,7 +188,7 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0,
 
 def scorer_optimizer(model: torch.nn.Module, schedule: ScorerSchedule) -> torch.optim.Optimizer:
     """The scorer's AdamW as ``schedule`` says (the Ray Train worker and :func:`fit_scorer` alike)."""
-    return make_optimizer(model, schedule.lr, schedule.weight_decay)
+    return make_optimizer(model, schedule.lr, schedule.weight_decay, betas=(0.9, schedule.adam_beta2))
 
 
 def _batch_size(batch: Batch) -> int:

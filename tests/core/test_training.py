@@ -418,3 +418,26 @@ def test_plan_updates():
     grouped = replace(s, group_by_instruction=True)
     per_epoch = len(pack_instructions(cols["instruction"], cols["response"], 8))
     assert plan_pair_updates(cols, grouped) == (2, per_epoch * 2 // 2)
+
+
+def test_a_schedule_setting_reaches_the_optimizer_the_command_line_and_every_key():
+    """adam_beta2, added as one ScorerSchedule field: the optimizer uses it, every training
+    command takes it as --schedule.adam-beta2, and it is in the finetune run's and the sweep's keys."""
+    from cappy_core.config import build_parser, config_from_args, key_values
+    from cappy_core.scorer.runs import resume_key
+    from cappy_core.scorer.training import scorer_optimizer
+    from jobs.finetune import FinetuneConfig
+    from jobs.sweep_config import SweepConfig
+    from jobs.sweep_layout import result_key
+
+    model = torch.nn.Linear(4, 1)
+    assert scorer_optimizer(model, ScorerSchedule()).param_groups[0]["betas"] == (0.9, 0.999)  # AdamW's default
+    assert scorer_optimizer(model, ScorerSchedule(adam_beta2=0.95)).param_groups[0]["betas"] == (0.9, 0.95)
+    for cls in (FinetuneConfig, SweepConfig):
+        args = build_parser(cls, prog="x", description="").parse_args(["--schedule.adam-beta2", "0.98"])
+        assert config_from_args(cls, args).schedule.adam_beta2 == 0.98
+    assert resume_key(FinetuneConfig(schedule=ScorerSchedule(adam_beta2=0.98)), {})["adam_beta2"] == 0.98
+    assert result_key(SweepConfig(), "gen", "init", ["t"])["schedule.adam_beta2"] == 0.999
+    assert "schedule.adam_beta2" in key_values(SweepConfig())
+    with pytest.raises(ValueError, match="adam_beta2 must be in"):
+        ScorerSchedule(adam_beta2=1.0)
