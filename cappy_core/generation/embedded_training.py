@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from cappy_core.config import ConfigError
+from cappy_core.config import ConfigError, SettingError
 from cappy_core.generation.embedded_model import is_generator_dir
 
 Log = Callable[[str], None]
@@ -39,9 +39,9 @@ def check_output_folder(out: Path) -> None:
     """Fail before any work if ``out`` cannot be written, or would destroy something that is
     not a generator."""
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a folder")
+        raise SettingError("out", f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not is_generator_dir(out):
-        raise ConfigError(f"--out {out} is a non-empty folder that is not a generator; refusing to replace it")
+        raise SettingError("out", f"{out} is a non-empty folder that is not a generator; refusing to replace it")
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 import pyarrow as pa
 
 from cappy_core.labeling.candidates import CANDIDATE_SCHEMA, done_path, instruction_id, shard_path
-from cappy_core.config import ConfigError
+from cappy_core.config import SettingError
 from cappy_core.io import write_json, write_parquet
 
 #: Columns of the example Parquet the sampler reads.
@@ -127,7 +127,7 @@ def plan_shards(data: str | Path, out: str | Path, tasks: Sequence[str], splits:
 def check_settings(out: str | Path, settings: Mapping[str, Any], defining: Sequence[str], *,
                    overwrite: bool = False) -> None:
     """Write ``OUT/sample_config.json`` (``settings``); when one is there already and a key of
-    ``defining`` differs, refuse (``ConfigError``) unless ``overwrite``."""
+    ``defining`` differs, refuse (a ``SettingError`` of ``out``) unless ``overwrite``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     f = out / "sample_config.json"
@@ -136,8 +136,8 @@ def check_settings(out: str | Path, settings: Mapping[str, Any], defining: Seque
         diff = [k for k in defining if old.get(k) != settings.get(k)]
         if diff:
             changes = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff)
-            raise ConfigError(f"{out} holds candidates made with other settings ({changes}): use a new --out, "
-                              "or --overwrite to redo the selected shards")
+            raise SettingError("out", f"{out} holds candidates made with other settings ({changes}): use a new one, "
+                               "or overwrite to redo the selected shards", related=["overwrite"])
     write_json(f, dict(settings), indent=2)
 
 

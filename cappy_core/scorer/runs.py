@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from cappy_core.config import ConfigError
+from cappy_core.config import ConfigError, SettingError
 from cappy_core.io import LOCK_NAME
 
 RUN_RECORD = "cappy_run.json"
@@ -48,8 +48,8 @@ def check_name(name: str) -> None:
     ``--fresh``'s deletion) outside it."""
     seps = [s for s in (os.sep, os.altsep, "/", "\\") if s]
     if not name or name in (".", "..") or any(s in name for s in seps) or name != name.strip():
-        raise ConfigError(f"--name {name!r}: a run name must be a single folder name (no path separators, "
-                          "not '.' or '..', no surrounding spaces)")
+        raise SettingError("name", f"{name!r}: a run name must be a single folder name (no path separators, "
+                                   "not '.' or '..', no surrounding spaces)")
 
 
 def resolve_paths(name: str, storage_path: str, *, pairs_dir: Optional[str] = None,
@@ -130,8 +130,9 @@ def check_run_dir(paths: Mapping[str, str], key: Mapping[str, Any], *, fresh: bo
             and not (k not in old and _recorded_before(k, key[k]))}
     if diff:
         shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-        raise ConfigError(f"run {paths['name']!r} in {paths['storage_path']} was started with a "
-                          f"different config ({shown}); pass another --name, or --fresh to discard it")
+        raise SettingError("name", f"{paths['name']!r}: the run in {paths['storage_path']} was started with a "
+                           f"different config ({shown}); pass another name, or fresh to discard it",
+                           related=["fresh"])
     log(f"resuming run {paths['name']!r} from {run_dir}")
     return True
 

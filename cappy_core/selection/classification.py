@@ -27,7 +27,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from cappy_core.config import ConfigError
+from cappy_core.config import ConfigError, SettingError
 from cappy_core.data.tasks import ALL45, GENERATIVE_45, PRETRAIN, UnknownTaskError, expand_task_specs, resolve_tasks
 
 #: Held out of ``jobs/configs/pretrain_local.yaml``, multiple-choice, under 100 validation examples.
@@ -132,7 +132,8 @@ def check_tasks(tasks: Iterable[str], available: Iterable[str],
                 msg = (f"task {t!r} is in the training data of scorer {scorer!r} (its results.json/"
                        "cappy.json); eval-mc is for held-out tasks")
                 if not allow_seen:
-                    raise ConfigError(msg + " (--allow-seen-tasks evaluates it anyway)")
+                    raise SettingError("tasks", msg + " (allow_seen_tasks evaluates it anyway)",
+                                       related=["allow_seen_tasks"])
                 if warn is not None:
                     warn(f"warning: {msg}")
     return names
