@@ -23,12 +23,9 @@ Several tasks finetune concurrently on one cluster as separate jobs, each its ow
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
-from typing import Optional
-
-from cappy_core.config import CacheOptions, ConfigError
+from cappy_core.config import ConfigError
 from jobs.runtime import job_main
-from jobs.train_scorer import TrainScorerConfig, explain, run_job
+from jobs.train_scorer import FinetuneConfig, explain, run_job
 
 JOB = "finetune"
 DESCRIPTION = ("Finetune a Cappy scorer on one task's labelled pairs with Ray Train; "
@@ -37,15 +34,6 @@ EPILOG = """examples:
   cappy finetune --preset local --task auto_categorization
   cappy finetune --preset local --task tense --init ~/cappy_runs/pretrain-local/scorer
   ray job submit --working-dir . -- python -m jobs.finetune --preset paper --task word_sorting"""
-
-
-@dataclass
-class FinetuneConfig(CacheOptions, TrainScorerConfig):
-    task: Optional[str] = field(default=None, metadata={"help": "the task to finetune on (required)"})
-    examples: Optional[str] = field(default=None, metadata={
-        "help": "a `cappy data prepare` folder (default: read the BIG-Bench tasks on this machine directly: vendored or downloaded)"})
-    samples: Optional[str] = field(default=None, metadata={
-        "help": "folder of sample+label Parquet (Rouge-L-labelled candidates for the task)"})
 
 
 def build_pairs(cfg: FinetuneConfig, pairs_dir: str, log=print) -> tuple[str, str | None]:

@@ -19,12 +19,9 @@ without it, straight from the BIG-Bench tasks on this machine (vendored or downl
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
-from typing import Optional
-
-from cappy_core.config import CacheOptions, ConfigError
+from cappy_core.config import ConfigError
 from jobs.runtime import job_main
-from jobs.train_scorer import TrainScorerConfig, explain, run_job
+from jobs.train_scorer import PretrainConfig, explain, run_job
 
 JOB = "pretrain"
 DESCRIPTION = ("Regression-pretrain a Cappy scorer on BIG-Bench tasks outside the 45 evaluation tasks "
@@ -33,22 +30,6 @@ EPILOG = """examples:
   cappy pretrain --preset local
   cappy pretrain --preset local --num-workers 1 --name pretrain-1w
   ray job submit --working-dir . -- python -m jobs.pretrain --preset cluster"""
-
-
-@dataclass
-class PretrainConfig(CacheOptions, TrainScorerConfig):
-    tasks: list[str] = field(default_factory=lambda: ["pretrain"], metadata={
-        "help": "'pretrain' (every BIG-Bench JSON task outside the 45) or task names"})
-    splits: list[str] = field(default_factory=lambda: ["train", "validation"], metadata={
-        "help": "splits of the pretraining tasks to use (none of them is evaluated)"})
-    examples: Optional[str] = field(default=None, metadata={
-        "help": "a `cappy data prepare` folder (default: read the BIG-Bench tasks on this machine directly: vendored or downloaded)"})
-    samples: Optional[str] = field(default=None, metadata={
-        "help": "folder of sample+label Parquet (Rouge-L-labelled candidates) to add"})
-    max_pairs_per_task: Optional[int] = field(default=2000, metadata={
-        "help": "cap per task (whole instructions) so one big task cannot dominate"})
-    max_wrong_choices: Optional[int] = field(default=4, metadata={
-        "help": "wrong choices kept per multiple-choice example (a seeded sample)"})
 
 
 def build_pairs(cfg: PretrainConfig, pairs_dir: str, log=print) -> tuple[str, str | None]:

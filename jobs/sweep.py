@@ -105,7 +105,8 @@ def ensure_scorer_init(cfg: SweepConfig, log) -> str:
         check_init(cfg.scorer, flag="--scorer")
         return cfg.scorer
     from cappy_core.config import build
-    from jobs.pretrain import PretrainConfig, run as run_pretrain
+    from jobs.pretrain import run as run_pretrain
+    from jobs.train_scorer import PretrainConfig
 
     path = pretrained_scorer_path(cfg)
     if (path / "config.json").is_file():

@@ -64,7 +64,7 @@ def embedded_generator_name(cfg: SweepConfig, tasks: list[str]) -> tuple[str, li
 
 def pretrain_preset_values(cfg: SweepConfig) -> dict:
     """The settings of ``pretrain_preset`` (``jobs/configs/pretrain_<preset>.yaml``); an unknown preset raises."""
-    from jobs.pretrain import PretrainConfig
+    from jobs.train_scorer import PretrainConfig
 
     known = presets("pretrain")
     if cfg.pretrain_preset not in known:

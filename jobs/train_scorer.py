@@ -1,5 +1,7 @@
 """What ``cappy pretrain`` and ``cappy finetune`` share: their settings (:class:`TrainScorerConfig`,
-the recipe a :class:`~cappy_core.scorer.schedule.ScorerSchedule` section) and the run's lifecycle
+the recipe a :class:`~cappy_core.scorer.schedule.ScorerSchedule` section; each job's own,
+:class:`PretrainConfig` and :class:`FinetuneConfig`, here too, so the sweep reads a preset without
+importing a job) and the run's lifecycle
 (:func:`run_job`) around the Ray Train fit (:mod:`jobs.scorer_trainer`). Rerunning a
 command resumes its run (:mod:`cappy_core.scorer.runs`). Fault injection: ``--fail-at-update K``
 or ``CAPPY_FAIL_AT_UPDATE=K`` (:mod:`cappy_core.fault_injection`). A URI ``--storage-path``
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from cappy_core.config import ConfigError, SettingError, to_dict
+from cappy_core.config import CacheOptions, ConfigError, SettingError, to_dict
 from cappy_core.scorer.schedule import ScorerSchedule
 from jobs.hub import check_hub_push, push_to_hub
 from jobs.scorer_trainer import run_training
@@ -97,6 +99,31 @@ class TrainScorerConfig(TrackingOptions):
     push_to_hub: Optional[str] = field(default=None, metadata={
         "metavar": "REPO", "help": "upload the finished scorer (with its model card) to this Hugging Face "
                                    "model repo, e.g. me/cappy-tense; checked before training"})
+
+
+@dataclass
+class PretrainConfig(CacheOptions, TrainScorerConfig):
+    tasks: list[str] = field(default_factory=lambda: ["pretrain"], metadata={
+        "help": "'pretrain' (every BIG-Bench JSON task outside the 45) or task names"})
+    splits: list[str] = field(default_factory=lambda: ["train", "validation"], metadata={
+        "help": "splits of the pretraining tasks to use (none of them is evaluated)"})
+    examples: Optional[str] = field(default=None, metadata={
+        "help": "a `cappy data prepare` folder (default: read the BIG-Bench tasks on this machine directly: vendored or downloaded)"})
+    samples: Optional[str] = field(default=None, metadata={
+        "help": "folder of sample+label Parquet (Rouge-L-labelled candidates) to add"})
+    max_pairs_per_task: Optional[int] = field(default=2000, metadata={
+        "help": "cap per task (whole instructions) so one big task cannot dominate"})
+    max_wrong_choices: Optional[int] = field(default=4, metadata={
+        "help": "wrong choices kept per multiple-choice example (a seeded sample)"})
+
+
+@dataclass
+class FinetuneConfig(CacheOptions, TrainScorerConfig):
+    task: Optional[str] = field(default=None, metadata={"help": "the task to finetune on (required)"})
+    examples: Optional[str] = field(default=None, metadata={
+        "help": "a `cappy data prepare` folder (default: read the BIG-Bench tasks on this machine directly: vendored or downloaded)"})
+    samples: Optional[str] = field(default=None, metadata={
+        "help": "folder of sample+label Parquet (Rouge-L-labelled candidates for the task)"})
 
 
 def check_config(cfg: TrainScorerConfig) -> None:

@@ -290,7 +290,7 @@ def write_reports(out: Path, records: Mapping[str, dict], log=print) -> dict:
     if selectors:
         losses = " / ".join(sorted({sel["loss"] for sel in selectors}))
         shared = all(sel.get("scope") == "all" for sel in selectors)
-        sections.append(f"`cappy+lm+mbr` reads its Cappy score from "
+        sections.append("`cappy+lm+mbr` reads its Cappy score from "
                         + ("one scorer finetuned on every task's pairs together" if shared else
                            "a second scorer per task, finetuned on the same pairs")
                         + f" with the {losses} loss (`--selector-loss`"

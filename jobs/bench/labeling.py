@@ -15,7 +15,6 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional, Sequence
 
 from cappy_core.config import ConfigError, build_parser, config_from_args, run_main
