@@ -207,7 +207,7 @@ def _actors() -> list:
     import ray
     from ray.util.state import list_actors
 
-    return list_actors(address=ray.get_runtime_context().gcs_address, detail=True, limit=100_000,
+    return list_actors(address=ray.get_runtime_context().gcs_address, detail=True, limit=10_000,
                        raise_on_missing_output=False)
 
 

@@ -191,6 +191,7 @@ def test_out_uri_writes_a_local_runs_shards_one_upload_per_shard_and_a_rerun_res
     import fsspec
 
     from cappy_core import remote
+    from cappy_core.generation import SamplingSpec
     from jobs.sample_label import SampleConfig, run as run_sample
 
     monkeypatch.setenv("CAPPY_STAGING_DIR", str(tmp_path / "staging"))
@@ -204,9 +205,10 @@ def test_out_uri_writes_a_local_runs_shards_one_upload_per_shard_and_a_rerun_res
         return uploads[-1]
 
     monkeypatch.setattr(remote.StagedOutput, "push", counted)
+    sampling = SamplingSpec(batch_size=2, decodings=["beam2", "sample"], samples_per_decoding=1, max_new_tokens=6,
+                            cpus_per_actor=0.5)
     kw = dict(tasks=["alpha"], splits=["train"], data=str(data), generator=str(tiny), backend="hf", shard_size=2,
-              batch_size=2, decodings=["beam2", "sample"], samples_per_decoding=1, max_new_tokens=6,
-              cpus_per_actor=0.5, label_cpus=0.25, dtype="float32")
+              sampling=sampling, label_cpus=0.25, dtype="float32")
     run_sample(SampleConfig(out=str(tmp_path / "local"), **kw), log=lambda _: None)
     assert uploads == []  # a local --out: no staging, no sync
     summary = run_sample(SampleConfig(out=f"memory:/{root}", **kw), log=lambda _: None)

@@ -476,10 +476,10 @@ def test_cappy_serve_defaults_follow_the_sweeps_cache_rule(tmp_path):
     from jobs.sweep_layout import embedded_generator_name, sweep_models
 
     gen, scorer = sweep_models(cache_dir=str(tmp_path))
-    from cappy_core.config import load_yaml
+    from cappy_core.config import build, load_yaml
     from jobs.cli import presets
 
-    cfg = SweepConfig(**load_yaml(SweepConfig, presets("sweep")["local"]))
+    cfg = build(SweepConfig, load_yaml(SweepConfig, presets("sweep")["local"]))
     assert gen == tmp_path / "generator" / embedded_generator_name(cfg, list(cfg.tasks))[0]
     assert scorer == tmp_path / "scorer" / "pretrain-local"
     with pytest.raises(FileNotFoundError, match="cappy sweep --preset local"):
