@@ -198,7 +198,7 @@ def _add_fields(parser: Any, cls: type, prefix: str, defaults: Any) -> None:
             group = parser.add_argument_group(title, f.metadata.get("help") or (tp.__doc__ or "").strip() or None)
             _add_fields(group, tp, f"{prefix}{f.name}.", default)
             continue
-        flag = "--" + prefix + f.name.replace("_", "-")
+        flag = flag_name(prefix + f.name)
         help_ = f.metadata.get("help", "")
         if default is not None:
             help_ = f"{help_} (default: {default!r})" if help_ else f"default: {default!r}"
