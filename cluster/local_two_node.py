@@ -86,7 +86,9 @@ def free_ports(n: int) -> list[int]:
 
 def ray_env(token: str) -> dict[str, str]:
     """Environment of both nodes and of this client: token auth on, our token, no stray address."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
+    # no RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (the session's loopback-only Ray, jobs/local_ray.py): it forbids a 2nd node
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, OMP_NUM_THREADS="1",
                RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # tear down at once on SIGTERM
                RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")

@@ -114,7 +114,8 @@ class _Active:
 
 
 def init_ray() -> None:
-    """``ray.init()`` unless this process is already connected. Inside :func:`log_file`, Ray's
+    """``ray.init()`` unless this process is already connected (a Ray of its own listens on loopback
+    only: :func:`jobs.local_ray.init_local_ray`). Inside :func:`log_file`, Ray's
     driver logger is attached first, so that what ``ray.init`` logs ("Started a local Ray
     instance") reaches the file: ``import ray`` (in the jobs, run inside the block) gave that
     logger a stderr handler of its own and stopped its propagation, and ``ray.init`` sets its level
@@ -122,10 +123,12 @@ def init_ray() -> None:
     ``--log-level``); that level stays the terminal's, the file gets INFO and up."""
     import ray
 
+    from jobs.local_ray import init_local_ray
+
     started = not ray.is_initialized()
     if _active is None:
         if started:
-            ray.init()
+            init_local_ray()
         return
     ray_logger = logging.getLogger("ray")
     if started:  # the terminal keeps the level ray.init would set
@@ -135,7 +138,7 @@ def init_ray() -> None:
                 _active.terminal.levels[name] = lg.getEffectiveLevel()
     _active.attach({"ray": ray_logger})  # Ray Data's loggers keep their own files in Ray's session folder
     if started:
-        ray.init(logging_level=ray_logger.level)
+        init_local_ray(logging_level=ray_logger.level)
 
 
 def _loggers() -> dict[str, logging.Logger]:

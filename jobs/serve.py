@@ -19,11 +19,19 @@ Ctrl-C / SIGTERM, then delete this application only (``serve.delete``: other app
 shared cluster keep running). ``serve run serve_app/config.yaml`` does the same with
 Ray's CLI; use it for a config with per-deployment ``deployments:`` overrides, which this command
 refuses.
+
+API keys (``--api-key KEY``, repeatable, and/or ``CAPPY_API_KEY=KEY1,KEY2``): every route but
+``/healthz`` then needs ``Authorization: Bearer <key>`` (:mod:`serve_app.auth`). The keys are
+hashed here into the app args' ``ingress.api_key_sha256`` (added to any digests the file has), so
+only sha256 digests reach Ray, Serve's config and ``--dry-run`` (which shows just their count). A
+bind address beyond loopback with no key gets a warning. The local Ray it starts listens on
+127.0.0.1 only (:func:`jobs.local_ray.init_local_ray`).
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import signal
@@ -31,6 +39,7 @@ import sys
 import time
 from pathlib import Path
 
+API_KEY_ENV = "CAPPY_API_KEY"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "serve_app" / "config.yaml"
 
 
@@ -57,7 +66,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--allow-untrained-scorer", action="store_true",
                    help="serve the embedded MiniLM with its untrained head when no pretrained scorer is cached "
                    "(its picks mean nothing; /healthz warns)")
+    p.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every route but /healthz (repeatable; "
+                   f"also ${API_KEY_ENV}, comma-separated); only its sha256 digest reaches the app")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray it starts (default: all)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="port of the local Ray's Prometheus endpoint, where the app's ray_cappy_* metrics are "
+                   "(default: a free one; the URL is printed)")
     p.add_argument("--dry-run", action="store_true", help="validate, print the resolved args as JSON, exit")
     return p
 
@@ -81,6 +96,13 @@ def resolve(args: argparse.Namespace):
                                 ("scorer", "scorers_dir", args.scorers_dir)):
         if value is not None:
             raw.setdefault(section, {})[key] = value
+    keys = api_keys(args)
+    if keys:
+        from serve_app.auth import key_sha256
+
+        ingress = raw.setdefault("ingress", {})
+        digests = list(ingress.get("api_key_sha256") or [])
+        ingress["api_key_sha256"] = digests + [d for d in map(key_sha256, keys) if d not in digests]
     apply_sweep_defaults(raw, getattr(args, "allow_untrained_scorer", False), strict=not args.dry_run)
     return data, app, AppArgs.model_validate(raw)
 
@@ -117,18 +139,45 @@ def apply_sweep_defaults(raw: dict, allow_untrained: bool, strict: bool = True, 
                 "give --scorer, or pass --allow-untrained-scorer to serve MiniLM with an untrained head")
 
 
-def _examples(url: str) -> str:
+def api_keys(args: argparse.Namespace) -> list[str]:
+    """The raw keys of ``--api-key`` and ``$CAPPY_API_KEY`` (comma-separated), in order, no blanks."""
+    given = list(getattr(args, "api_key", None) or []) + os.environ.get(API_KEY_ENV, "").split(",")
+    return list(dict.fromkeys(k.strip() for k in given if k.strip()))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address reaches this machine only: 127.0.0.0/8, ::1, localhost."""
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def exposure_warning(host: str, keyed: bool) -> str | None:
+    """The warning for an endpoint bound beyond loopback without an API key, else None."""
+    if keyed or is_loopback(host):
+        return None
+    return (f"warning: serving on {host} without an API key: anyone who can reach it can use it; "
+            f"set --api-key or {API_KEY_ENV}")
+
+
+def _examples(url: str, keyed: bool = False) -> str:
+    auth = ' -H "Authorization: Bearer $CAPPY_API_KEY"' if keyed else ""
     return "\n".join([
         f"  curl -s {url}/healthz",
-        f"  curl -s {url}/v1/score -H 'content-type: application/json' "
+        f"  curl -s {url}/v1/score{auth} -H 'content-type: application/json' "
         "-d '{\"instruction\": \"Q: 2+2?\\nA:\", \"responses\": [\"4\", \"5\"]}'",
-        f"  curl -s {url}/v1/classify -H 'content-type: application/json' "
+        f"  curl -s {url}/v1/classify{auth} -H 'content-type: application/json' "
         "-d '{\"instruction\": \"Q: 2+2?\\nA:\", \"choices\": [\"4\", \"5\"]}'",
-        f"  curl -s {url}/v1/select -H 'content-type: application/json' "
+        f"  curl -s {url}/v1/select{auth} -H 'content-type: application/json' "
         "-d '{\"instruction\": \"Q: 2+2?\\nA:\", \"num_candidates\": 17}'",
-        f"  curl -s {url}/v1/chat/completions -H 'content-type: application/json' "
+        f"  curl -s {url}/v1/chat/completions{auth} -H 'content-type: application/json' "
         "-d '{\"model\": \"cappy\", \"messages\": [{\"role\": \"user\", \"content\": \"Q: 2+2?\\nA:\"}]}'",
-        f"  OpenAI clients: base_url={url}/v1, model='cappy' or 'cappy:<task>'",
+        f"  OpenAI clients: base_url={url}/v1, model='cappy' or 'cappy:<task>'"
+        + (", api_key=<your key> (above: $CAPPY_API_KEY holds it)" if keyed else ""),
     ])
 
 
@@ -146,22 +195,28 @@ def run(args: argparse.Namespace) -> int:
     host = args.host or http.get("host") or "127.0.0.1"
     port = args.port or http.get("port") or 8000
     name, route = app_entry.get("name", "default"), app_entry.get("route_prefix", "/")
+    keyed = bool(app_args.ingress.api_key_sha256)
+    warning = exposure_warning(str(host), keyed)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     if args.dry_run:
+        dumped = app_args.model_dump()
+        if keyed:  # digests only, and not even those: their count
+            n = len(app_args.ingress.api_key_sha256)
+            dumped["ingress"]["api_key_sha256"] = [f"<{n} key{'s' if n > 1 else ''}>"]
         print(json.dumps({"app": name, "route_prefix": route, "host": host, "port": port,
-                          "args": app_args.model_dump()}, indent=2))
+                          "args": dumped}, indent=2))
         return 0
 
     import ray
     from ray import serve
 
+    from jobs.local_ray import init_local_ray
     from serve_app.app import build_app
 
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(log_to_driver=False)
-        else:  # a private local Ray: loopback only, no dashboard
-            ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
-                     _node_ip_address="127.0.0.1")
+    if not ray.is_initialized():  # join RAY_ADDRESS, else a private local Ray: loopback only, no dashboard
+        init_local_ray(serve=True, num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
+                       **({"_metrics_export_port": args.metrics_port} if args.metrics_port else {}))
     http.update(host=host, port=port)
     serve.start(http_options=http, proxy_location=data.get("proxy_location", "HeadOnly"))
     t0 = time.monotonic()
@@ -175,8 +230,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{shown}:{port}{route.rstrip('/')}"
-    print(f"ready in {time.monotonic() - t0:.0f} s: {url}  (docs: {url}/docs)\n{_examples(url)}\n"
-          "Ctrl-C stops it.", flush=True)
+    print(f"ready in {time.monotonic() - t0:.0f} s: {url}  (docs: {url}/docs)\n{_examples(url, keyed)}\n"
+          f"  metrics (Prometheus, this node): {metrics_url() or 'not exported'}\nCtrl-C stops it.", flush=True)
 
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
@@ -188,6 +243,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"deleting application {name!r}", flush=True)
     _delete(serve, name)
     return 0
+
+
+def metrics_url() -> str | None:
+    """This node's Prometheus endpoint (Ray's metrics agent, which exports the app's metrics)."""
+    import ray
+
+    here = ray.util.get_node_ip_address()
+    for node in ray.nodes():
+        if node.get("Alive") and node.get("NodeManagerAddress") == here and node.get("MetricsExportPort"):
+            return f"http://{here}:{node['MetricsExportPort']}/metrics"
+    return None
 
 
 def _delete(serve, name: str) -> None:

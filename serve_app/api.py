@@ -104,7 +104,9 @@ class CandidateOut(BaseModel):
     text: str
     decoding: str
     sample_idx: int
-    num_tokens: int
+    num_tokens: int = Field(description="its tokens (after a stop string cut it, the tokens kept)")
+    generated_tokens: Optional[int] = Field(None, description="tokens generated for it (what it cost)")
+    stopped: Optional[bool] = Field(None, description="a stop string ended it (OpenAI routes' `stop`)")
     logprob_sum: float = Field(description="generator log-likelihood of the candidate's tokens")
     logprob_mean: float
     score: float = Field(description="scorer logit")
@@ -133,29 +135,7 @@ class Health(BaseModel):
     scorer: Optional[dict] = None
 
 
-# -- OpenAI-compatible routes -------------------------------------------------------------------
-# Same generate-then-select as /v1/select: `n` is how many candidates the generator makes (default:
-# the paper's 17-candidate plan), the single choice returned is Cappy's pick. Fields OpenAI clients
-# commonly send and that a decoding plan overrides (temperature, top_p, user) are accepted and
-# ignored; anything else unknown is a 400 naming it.
-
-MAX_CHAT_MESSAGES = 64
-ChatRole = Literal["system", "developer", "user", "assistant"]
-
-
-class TextPart(_Req):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # e.g. "name": harmless, not used
-
-    role: ChatRole
-    content: str | list[TextPart] = Field(description="text, or a list of text parts (joined)")
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+# The OpenAI routes' request models: serve_app/openai_api.py.
 
 
 def plain_chat(messages: list[dict]) -> str:
@@ -165,33 +145,3 @@ def plain_chat(messages: list[dict]) -> str:
     if len(messages) == 1 and messages[0]["role"] == "user":
         return messages[0]["content"]
     return "\n".join([f"{m['role'].capitalize()}: {m['content']}" for m in messages] + ["Assistant:"])
-
-
-class _OpenAIRequest(_Req):
-    model: str = Field(description="'cappy' (the pretrained scorer) or 'cappy:<task>' (that task's scorer)",
-                       examples=["cappy"], max_length=160)
-    n: Optional[int] = Field(None, ge=1, description="candidates to generate (default: the paper's 17); "
-                             "the response has one choice, the pick")
-    max_tokens: Optional[int] = Field(None, ge=1, description="new tokens per candidate")
-    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
-    stream: Optional[bool] = Field(False, description="not supported: true is a 400")
-    temperature: Optional[float] = Field(None, description="ignored: the decoding plan sets it")
-    top_p: Optional[float] = Field(None, description="ignored: the decoding plan sets it")
-    user: Optional[str] = Field(None, description="ignored")
-    return_candidates: bool = Field(False, description="Cappy extension: every candidate with its score "
-                                    "in the response's `cappy.candidates`")
-
-
-class ChatCompletionRequest(_OpenAIRequest):
-    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_CHAT_MESSAGES)
-    max_completion_tokens: Optional[int] = Field(None, ge=1, description="same as max_tokens")
-
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"model": "cappy", "messages": [{"role": "user", "content": "Q: What is the capital of France?\nA:"}]}]})
-
-
-class CompletionRequest(_OpenAIRequest):
-    prompt: str = Field(min_length=1)
-
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"model": "cappy", "prompt": "Q: What is the capital of France?\nA:", "n": 5}]})

@@ -28,15 +28,20 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from cappy_core.generation import MAX_NEW_TOKENS, MIN_NEW_TOKENS, PAPER_DECODING_NAMES, PAPER_NUM_SAMPLES
 
 #: What a task / multiplexed model id may look like: no slashes, so an id is never a path.
 TASK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 _TASK_ID = re.compile(TASK_ID_PATTERN)
+
+
+#: One ``IngressArgs.api_key_sha256`` entry: the sha256 hex digest of an API key, lowercase.
+SHA256_HEX = r"^[0-9a-f]{64}$"
+_NOT_A_DIGEST = "<not a sha256 hex digest>"  # what an error shows instead of the entry (a raw key, perhaps)
 
 
 #: ``Retry-After`` (seconds) of every 503 the app answers: the ingress's and Serve's own refusals.
@@ -197,6 +202,23 @@ class IngressArgs(ReplicaArgs):
         description="/v1/select decodings when a request names none (paper: 17 candidates)")
     default_num_samples: int = Field(PAPER_NUM_SAMPLES, ge=1,
                                      description="samples per sampling decoding (paper: 4)")
+    stream_keepalive_s: float = Field(5.0, gt=0, le=60, description="with stream=true, an SSE comment line this "
+                                      "often while candidates generate, so the connection stays open")
+
+    api_key_sha256: list[Annotated[str, StringConstraints(pattern=SHA256_HEX)]] = Field(
+        default_factory=list, repr=False,
+        description="API keys, as sha256 hex digests, never the keys themselves (a key's digest: "
+        "`printf %s KEY | sha256sum`): with any, every route but GET /healthz needs 'Authorization: "
+        "Bearer <key>' (else 401, code invalid_api_key); empty: no key needed. `cappy serve --api-key` "
+        "and CAPPY_API_KEY hash their keys into it (serve_app.auth)")
+
+    @field_validator("api_key_sha256", mode="before")
+    @classmethod
+    def _digests_only(cls, value):
+        # an entry that is no digest fails as a placeholder: a raw key put here never reaches an error message
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return [d.strip().lower() if isinstance(d, str) and re.fullmatch(SHA256_HEX, d.strip().lower())
+                else _NOT_A_DIGEST for d in items]
 
     def limits(self) -> dict[str, Any]:
         return self.model_dump(exclude=set(ReplicaArgs.model_fields))

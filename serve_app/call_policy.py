@@ -55,6 +55,9 @@ async def call_with_deadline(make_call: Callable[[], Any], what: str, timeout_s:
         except asyncio.TimeoutError:
             _cancel(response)
             raise Unavailable(f"{what} did not answer within {timeout_s:g} s") from None
+        except asyncio.CancelledError:  # our caller left (a client that disconnected): so does the call
+            _cancel(response)
+            raise
         except (UnknownTaskError, RequestError):
             raise
         except BackPressureError:

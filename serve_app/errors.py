@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve_app import metrics
 from serve_app.openai_format import OpenAIError, is_openai_path, openai_http_error, openai_invalid_body
 
 
@@ -25,13 +26,16 @@ def add_error_handlers(app: FastAPI) -> None:
 
 async def _validation_error(request: Request, exc: RequestValidationError):
     errors = jsonable_encoder(exc.errors(), exclude={"input", "ctx", "url"})
-    if is_openai_path(request.url.path):
+    openai = is_openai_path(request.url.path)
+    metrics.record_rejection(metrics.route_of(request.scope), "invalid_request", 400 if openai else 422)
+    if openai:
         return openai_invalid_body(errors)
     message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in errors)
     return JSONResponse({"detail": errors, "message": message}, status_code=422)
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException):
+    metrics.record_rejection(metrics.route_of(request.scope), metrics.rejection(exc.status_code), exc.status_code)
     if isinstance(exc, OpenAIError) or is_openai_path(request.url.path):
         return openai_http_error(exc)
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)

@@ -10,16 +10,15 @@ candidate does not depend on what else is generated with it.
   request's steps continuously, so a short request does not wait for a long one. When Serve
   cancels a call (the client left, or the ingress's deadline called ``DeploymentResponse.cancel()``)
   its engine requests are aborted. ``info()`` reports ``unfinished_requests``.
-* transformers: requests are batched with ``@serve.batch`` (sizes from ``user_config``); requests
-  that share decodings, length and seed go to the backend as one ``generate`` call, on one
-  dedicated thread (the replica's event loop never blocks).
+* transformers: requests are batched with ``@serve.batch`` (sizes from ``user_config``); those
+  sharing decodings, length and seed are one ``generate`` call, on one dedicated thread.
 
-A failing request fails alone (in a ``@serve.batch``, a group that raises is run again one request
-at a time, and each request gets its own result or error). A ``ValueError`` from the backend (what
-the request asked for) comes back as :class:`serve_app.api.RequestError` (422 at the ingress);
-anything else is the deployment's failure (503). :meth:`check_health` runs a one-token generation
-unless a call succeeded in the last ``HEALTH_FRESH_S`` (and first asks the async engine whether its
-process is alive), so a dead engine takes the replica out of service.
+A failing request fails alone (a ``@serve.batch`` group that raises is run again one request at a
+time). A ``ValueError`` from the backend (what the request asked for) comes back as
+:class:`serve_app.api.RequestError` (422 at the ingress); anything else is the deployment's
+failure (503). :meth:`check_health` runs a one-token generation unless a call succeeded in the
+last ``HEALTH_FRESH_S`` (first asking an async engine if it lives): a dead engine takes the
+replica out of service.
 """
 
 from __future__ import annotations
@@ -83,6 +82,7 @@ class GeneratorReplica:
         self.min_new_tokens = min_new_tokens
         self.seed = seed
         self.batch_sizes: list[int] = []
+        self.cancelled = 0  # calls whose caller left before they finished
         self._last_ok = time.monotonic()
         self._busy_since: float | None = None  # when the running backend call started
         self.info_ = {"backend": self.gen.backend, "model": self.gen.model,
@@ -109,10 +109,12 @@ class GeneratorReplica:
             self._generate_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
 
     async def info(self) -> dict:
-        """What the replica runs; ``unfinished_requests``: engine requests in flight (async engine)."""
+        """What the replica runs; ``unfinished_requests``: engine requests in flight (async engine);
+        ``cancelled_requests``: calls whose caller left (e.g. a client that disconnected)."""
         if self.is_async:
-            return dict(self.info_, unfinished_requests=self.gen.num_unfinished_requests())
-        return dict(self.info_, recent_batch_sizes=self.batch_sizes[-32:])
+            return dict(self.info_, unfinished_requests=self.gen.num_unfinished_requests(),
+                        cancelled_requests=self.cancelled)
+        return dict(self.info_, recent_batch_sizes=self.batch_sizes[-32:], cancelled_requests=self.cancelled)
 
     async def check_health(self) -> None:
         """Serve's periodic probe: raises when the engine cannot generate one token."""
@@ -147,18 +149,59 @@ class GeneratorReplica:
         return out
 
     async def generate(self, prompt: str | list[dict], decodings: tuple, max_new_tokens: int | None,
-                       seed: int | None) -> dict:
-        """``{"candidates": [Candidate fields as dicts], "prompt_tokens", "max_new_tokens", "chat_template"}``
-        for one prompt: an instruction, or chat messages (``{"role", "content"}`` dicts, rendered
-        by :func:`chat_prompt`). On the async engine the request is its own coroutine (cancelling
-        it aborts its engine requests); otherwise batched with concurrent requests. This request's
-        own error is raised here."""
+                       seed: int | None, stop: tuple[str, ...] = ()) -> dict:
+        """``{"candidates": [Candidate's fields + generated_tokens, stopped], "prompt_tokens",
+        "max_new_tokens", "chat_template"}`` for one prompt (an instruction, or chat messages
+        rendered by :func:`chat_prompt`), cut by ``stop`` (:mod:`cappy_core.generation.stops`).
+        On the async engine the request is its own coroutine (cancelling it aborts its engine
+        requests); otherwise batched with others. This request's own error is raised here."""
+        try:
+            if self.is_async:
+                result = await self._generate_async(prompt, decodings, max_new_tokens, seed)
+            else:
+                result = await self._generate_batch(prompt, decodings, max_new_tokens, seed)
+                if isinstance(result, BaseException):
+                    raise result
+            return await self._with_stops(result, stop)
+        except asyncio.CancelledError:  # the caller left: on vLLM, its engine requests are aborted
+            self.cancelled += 1
+            raise
+
+    async def _with_stops(self, result: dict, stop: tuple[str, ...]) -> dict:
+        """``result`` with its candidates as dicts, cut by ``stop`` and the cut ones rescored."""
+        from cappy_core.generation.stops import apply_cuts, rescore_request, stop_cuts
+
+        cands, text = result.pop("candidates"), result.pop("prompt_text")
+        cuts = stop_cuts(cands, stop) if stop else []
+        lps = []
+        if cuts:
+            texts, eos = rescore_request(cuts)
+            try:
+                lps = await self._call("token_logprobs", [text] * len(texts), texts, add_eos=eos)
+            except Exception as e:  # noqa: BLE001 - a ValueError is the request's fault (422)
+                raise _as_request_error(e) from e
+        return dict(result, candidates=apply_cuts(cands, cuts, lps))
+
+    async def _call(self, method: str, *args, **kwargs):
+        """``gen.<method>`` on the async engine (its ``a<method>``), or on the generator thread."""
         if self.is_async:
-            return await self._generate_async(prompt, decodings, max_new_tokens, seed)
-        result = await self._generate_batch(prompt, decodings, max_new_tokens, seed)
-        if isinstance(result, BaseException):
-            raise result
-        return result
+            return await getattr(self.gen, "a" + method)(*args, **kwargs)
+        return await self._run(partial(getattr(self.gen, method), *args, **kwargs))
+
+    async def token_logprobs(self, prompt: str | list[dict], token_ids: list[int]) -> list[tuple[str, float]]:
+        """``(token text, raw log-probability)`` of a candidate's tokens (its ``token_ids``, without
+        the end-of-sequence token) after ``prompt``: an OpenAI ``logprobs`` answer for a choice."""
+        ids = list(token_ids)
+        if ids and ids[-1] in self.gen.eos_ids:
+            ids = ids[:-1]
+        if not ids:
+            return []
+        try:
+            rendered = prompt if isinstance(prompt, str) else chat_prompt(prompt, self.gen.tokenizer)
+            (lps,) = await self._call("ids_logprobs", [rendered], [ids])
+        except Exception as e:  # noqa: BLE001 - a ValueError is the request's fault (422)
+            raise _as_request_error(e) from e
+        return [(self.gen.tokenizer.decode([tok]), float(lp)) for tok, lp in zip(ids, lps)]
 
     async def _generate_async(self, prompt, decodings: tuple, max_new_tokens: int | None, seed: int | None) -> dict:
         try:
@@ -170,7 +213,7 @@ class GeneratorReplica:
         except Exception as e:  # noqa: BLE001 - a ValueError is the request's fault (422)
             raise _as_request_error(e) from e
         self._last_ok = time.monotonic()
-        return _result(cands, len(self.gen.encode_prompts([text])[0]), n_new, self.gen.tokenizer, prompt)
+        return _result(cands, len(self.gen.encode_prompts([text])[0]), n_new, self.gen.tokenizer, prompt, text)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _generate_batch(self, prompts: list, decodings: list[tuple], max_new_tokens: list[int | None],
@@ -215,14 +258,16 @@ class GeneratorReplica:
                             results[i] = _as_request_error(e1)
             for i, r in results.items():
                 out[i] = r if isinstance(r, BaseException) else _result(r[0], r[1], n_new, self.gen.tokenizer,
-                                                                        prompts[i])
+                                                                        prompts[i], texts[i])
         return out
 
 
-def _result(cands: list, prompt_tokens: int, max_new_tokens: int, tokenizer: Any, prompt: str | list) -> dict:
-    """One request's answer (see :meth:`GeneratorReplica.generate`)."""
+def _result(cands: list, prompt_tokens: int, max_new_tokens: int, tokenizer: Any, prompt: str | list,
+            text: str) -> dict:
+    """One request's answer before its stop strings (see :meth:`GeneratorReplica.generate`):
+    its ``Candidate`` records and the prompt text they continue."""
     templated = bool(getattr(tokenizer, "chat_template", None)) and not isinstance(prompt, str)
-    return {"candidates": [dataclasses.asdict(c) for c in cands], "prompt_tokens": prompt_tokens,
+    return {"candidates": list(cands), "prompt_text": text, "prompt_tokens": prompt_tokens,
             "max_new_tokens": max_new_tokens, "chat_template": templated}
 
 

@@ -7,10 +7,11 @@ Routes (OpenAPI docs at ``/docs``, schema at ``/openapi.json``):
 - ``POST /v1/score``: raw scores of given responses.
 - ``POST /v1/classify``: the highest-scoring answer choice.
 - ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``: OpenAI-compatible,
-  the same generate-then-select (``n`` = candidates generated, the one choice = the pick,
-  ``model`` = ``cappy`` or ``cappy:<task>``, Cappy's score in the extra ``cappy`` field); errors in
-  OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` (400 invalid input or
-  ``stream=true``, 404 unknown model, 503 unavailable).
+  the same generate-then-select (``best_of`` = candidates generated, ``n`` = the best ones
+  returned as choices, ``stream``, ``stop``, ``temperature``/``top_p``, ``logprobs``, a list of
+  prompts: :mod:`serve_app.openai_routes`; ``model`` = ``cappy`` or ``cappy:<task>``); errors in
+  OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` (400 invalid or unsupported
+  input, naming the parameter; 404 unknown model; 503 unavailable).
 - ``GET /healthz``: 200 while the ingress runs; ``?deep=true`` also asks both deployments.
 
 Errors: a body over ``max_body_bytes`` → 413; invalid or over-limit fields → 422 whose
@@ -35,16 +36,15 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cappy_core.data.tasks import UnknownTaskError
-from serve_app.api import (CandidateOut, ChatCompletionRequest, ClassifyRequest, ClassifyResponse,
-                           CompletionRequest, Health, RequestError, ScoreMeta, ScoreRequest, ScoreResponse,
-                           SelectRequest, SelectResponse, plain_chat)
+from serve_app.api import (CandidateOut, ClassifyRequest, ClassifyResponse, Health, RequestError, ScoreMeta,
+                           ScoreRequest, ScoreResponse, SelectRequest, SelectResponse)
 from serve_app.args import IngressArgs
 from serve_app.call_policy import Unavailable, call_or_503, call_with_deadline, caller_message
 from serve_app.errors import add_error_handlers, field_error
 from serve_app.limits import check_texts, plan_select
 from serve_app.middleware import add_middleware
-from serve_app.openai_format import (OpenAIError, openai_bound_error, openai_completion, openai_model_task,
-                                     openai_select_error)
+from serve_app.openai_api import ChatCompletionRequest, CompletionRequest
+from serve_app.openai_routes import CHAT, COMPLETION, openai_answer
 
 app = FastAPI(
     title="Cappy on Ray",
@@ -68,6 +68,7 @@ class IngressDeployment:
         # (where this class arrives pickled along with it) this global is that copy.
         app.state.max_body_bytes = self.limits.max_body_bytes
         app.state.max_generating = self.limits.max_generating
+        app.state.api_key_sha256 = tuple(self.limits.api_key_sha256)
         self._gen_info: dict | None = None  # backend and model, asked once
         self.warnings = list(warnings or [])  # shown by /healthz
 
@@ -84,17 +85,20 @@ class IngressDeployment:
             raise field_error("responses", caller_message(e)) from None
 
     async def generate_select(self, instruction: str, specs: tuple, max_new_tokens: int | None, seed: int | None,
-                              task: str | None, selector: str = "auto", prompt: list[dict] | None = None) -> dict:
+                              task: str | None, selector: str = "auto", prompt: list[dict] | None = None,
+                              stop: tuple[str, ...] = (), route: str = "/v1/select") -> dict:
         """Generate-then-select, the one path of /v1/select and the OpenAI routes: the candidates
-        (dicts), their scores, the fused values (a task's stored selector, ``selector="auto"``),
-        the pick's index, the scorer's meta, prompt tokens and timings. The generator reads
-        ``prompt`` (chat messages) when given, else ``instruction``; the scorer reads ``instruction``."""
-        from cappy_core.scorer.model import select_best
+        (dicts, cut by ``stop``), their scores, the fused values (a task's stored selector,
+        ``selector="auto"``), the pick's index and every index best first (``ranked``), the
+        scorer's meta, prompt tokens and timings. The generator reads ``prompt`` (chat messages)
+        when given, else ``instruction``; the scorer reads ``instruction``."""
+        from cappy_core.scorer.pick import rank_best
+        from serve_app.metrics import record_selection, score_margin
 
         t0 = time.monotonic()
         try:
             gen = await call_or_503(
-                lambda: self.generator.generate.remote(prompt or instruction, specs, max_new_tokens, seed),
+                lambda: self.generator.generate.remote(prompt or instruction, specs, max_new_tokens, seed, stop),
                 "generator", self.limits.generate_timeout_s, self.limits.retries)
         except RequestError as e:
             raise field_error("body", caller_message(e)) from None
@@ -110,18 +114,32 @@ class IngressDeployment:
 
             fused = [float(x) for x in fused_for_candidates(scores, [c["logprob_mean"] for c in cands],
                                                             [c["text"] for c in cands], weights)]
+        values = fused if fused is not None else scores
+        ranked = rank_best(values)
+        t3 = time.monotonic()
+        record_selection(route, candidates=len(cands), generated_tokens=sum(c["generated_tokens"] for c in cands),
+                         generate_s=t1 - t0, score_s=t2 - t1, select_s=t3 - t2, margin=score_margin(values))
         return {"candidates": cands, "scores": scores, "fused": fused, "weights": weights or None,
-                "selector": "cappy+lm+mbr" if weights else "cappy",
-                "best": select_best(fused if fused is not None else scores), "meta": self._meta(result),
-                "prompt_tokens": gen["prompt_tokens"], "max_new_tokens": gen["max_new_tokens"],
-                "timings_ms": {"generate": round(1e3 * (t1 - t0), 1), "score": round(1e3 * (t2 - t1), 1)}}
+                "selector": "cappy+lm+mbr" if weights else "cappy", "best": ranked[0], "ranked": ranked,
+                "meta": self._meta(result), "prompt_tokens": gen["prompt_tokens"],
+                "max_new_tokens": gen["max_new_tokens"],
+                "timings_ms": {"generate": round(1e3 * (t1 - t0), 1), "score": round(1e3 * (t2 - t1), 1),
+                               "select": round(1e3 * (t3 - t2), 2)}}
+
+    async def token_logprobs(self, prompt: str | list[dict], token_ids: list[int]) -> list[tuple[str, float]]:
+        """The generator's ``(token, log-probability)`` for each of a candidate's tokens after ``prompt``."""
+        try:
+            return await call_or_503(lambda: self.generator.token_logprobs.remote(prompt, token_ids), "generator",
+                                     self.limits.generate_timeout_s, self.limits.retries)
+        except RequestError as e:
+            raise field_error("body", caller_message(e)) from None
 
     @staticmethod
     def _meta(result: dict) -> ScoreMeta:
         return ScoreMeta(**{k: result[k] for k in ScoreMeta.model_fields})
 
     @staticmethod
-    def _candidates(out: dict) -> list[CandidateOut]:
+    def candidates(out: dict) -> list[CandidateOut]:
         """Every candidate of a generate-then-select result, with its score (and fused value)."""
         return [CandidateOut(**c, score=sc, fused=f) for c, sc, f in
                 zip(out["candidates"], out["scores"], out["fused"] or [None] * len(out["candidates"]))]
@@ -156,19 +174,17 @@ class IngressDeployment:
             selector=out["selector"], selector_weights=out["weights"], index=best,
             decoding=cands[best]["decoding"], sample_idx=cands[best]["sample_idx"], num_candidates=len(cands),
             generator=gen_info, meta=out["meta"], timings_ms=out["timings_ms"],
-            candidates=self._candidates(out) if req.return_candidates else None)
+            candidates=self.candidates(out) if req.return_candidates else None)
 
     # -- OpenAI-compatible routes: the same generate-then-select -----------------------------
 
-    @app.post("/v1/chat/completions", summary="OpenAI chat completion: generate, let Cappy pick")
+    @app.post("/v1/chat/completions", summary="OpenAI chat completion: generate best_of, return the n best")
     async def chat_completions(self, req: ChatCompletionRequest):
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        return await self._openai(req, "chat.completion", plain_chat(messages), messages,
-                                  req.max_completion_tokens or req.max_tokens)
+        return await openai_answer(self, req, CHAT)
 
-    @app.post("/v1/completions", summary="OpenAI completion: generate, let Cappy pick")
+    @app.post("/v1/completions", summary="OpenAI completion: generate best_of, return the n best")
     async def completions(self, req: CompletionRequest):
-        return await self._openai(req, "text_completion", req.prompt, None, req.max_tokens)
+        return await openai_answer(self, req, COMPLETION)
 
     @app.get("/v1/models", summary="OpenAI model list: cappy and cappy:<task> per task scorer")
     async def models(self):
@@ -176,30 +192,6 @@ class IngressDeployment:
         ids = ["cappy"] + [f"cappy:{t}" for t in info.get("tasks", [])]
         return {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "cappy"}
                                            for i in ids]}
-
-    async def _openai(self, req, kind: str, instruction: str, messages: list[dict] | None,
-                      max_new_tokens: int | None) -> dict:
-        task = openai_model_task(req.model)
-        if req.stream:
-            raise OpenAIError(400, "stream=true is not supported: candidates are scored once all are generated",
-                              param="stream", code="unsupported_value")
-        if not instruction.strip():
-            raise OpenAIError(400, "the prompt is empty", param="messages" if messages else "prompt",
-                              code="invalid_value")
-        sel = SelectRequest.model_construct(instruction=instruction, num_candidates=req.n, decodings=None,
-                                            num_samples=None, max_new_tokens=max_new_tokens, seed=req.seed,
-                                            task=task, return_candidates=req.return_candidates, selector="auto")
-        try:
-            specs = plan_select(sel, self.limits)
-        except RequestValidationError as e:
-            raise openai_bound_error(e, chat=bool(messages)) from None
-        try:
-            out = await self.generate_select(instruction, specs, max_new_tokens, req.seed, task, prompt=messages)
-        except RequestValidationError as e:
-            raise openai_select_error(e, req.model) from None
-        candidates = ([c.model_dump(exclude_none=True) for c in self._candidates(out)]
-                      if req.return_candidates else None)
-        return openai_completion(kind, req.model, out, candidates)
 
     async def _generator_info(self) -> dict:
         try:

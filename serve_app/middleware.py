@@ -7,7 +7,9 @@ from __future__ import annotations
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 
+from serve_app import metrics
 from serve_app.args import RETRY_AFTER_S
+from serve_app.auth import ApiKeyAuth
 from serve_app.openai_format import is_openai_path, openai_error
 
 DEFAULT_MAX_BODY_BYTES = 1_000_000
@@ -16,12 +18,15 @@ GENERATE_PATHS = ("/v1/select", "/v1/chat/completions", "/v1/completions")
 
 
 def add_middleware(app: FastAPI) -> None:
-    """Both middlewares on ``app``, with their state: the default body limit, no generating limit."""
+    """The three middlewares on ``app``, with their state: the default body limit, no generating
+    limit, no API key. Starlette runs the last added first: the key, then admission, then the size."""
     app.state.max_body_bytes = DEFAULT_MAX_BODY_BYTES
     app.state.generating = 0  # requests on GENERATE_PATHS in this replica now
     app.state.max_generating = -1  # IngressArgs.max_generating, set by the deployment
+    app.state.api_key_sha256 = ()  # IngressArgs.api_key_sha256, set by the deployment; empty: no key needed
     app.add_middleware(BodySizeLimit)
-    app.add_middleware(GenerateAdmission)  # added last: runs first, before the body is read
+    app.add_middleware(GenerateAdmission)  # before the body is read
+    app.add_middleware(ApiKeyAuth)  # added last: the key is checked before any other refusal
 
 
 class _BodyTooLarge(HTTPException):
@@ -42,6 +47,7 @@ class BodySizeLimit:
         limit = getattr(getattr(scope.get("app"), "state", None), "max_body_bytes", DEFAULT_MAX_BODY_BYTES)
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
+            metrics.record_rejection(metrics.route_of(scope), "body_too_large", 413)
             resp = JSONResponse({"detail": f"request body is larger than {limit} bytes"}, status_code=413)
             return await resp(scope, receive, send)
         seen = 0
@@ -51,7 +57,7 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > limit:
+                if seen > limit:  # counted as a rejection by the app's handler (serve_app.errors)
                     raise _BodyTooLarge(limit)
             return message
 
@@ -77,6 +83,7 @@ class GenerateAdmission:
         if state.generating >= most:
             message = f"generator is overloaded ({most} requests are being served or queued); retry later"
             headers = {"Retry-After": str(RETRY_AFTER_S)}
+            metrics.record_rejection(metrics.route_of(scope), "overloaded", 503)
             if is_openai_path(scope["path"]):
                 resp = openai_error(503, message, "server_error", None, "service_unavailable", headers)
             else:

@@ -18,6 +18,7 @@ from serve_app.args import TASK_ID_PATTERN
 OPENAI_PATHS = ("/chat/completions", "/completions", "/models")
 #: the /v1/select field a bound names → the OpenAI request field the client sent
 _OPENAI_PARAM = {"num_candidates": "n", "max_new_tokens": "max_tokens"}
+_UNSUPPORTED = "this parameter is not supported (README: the OpenAI parameter table)"
 _HTTP_CODE = {503: "service_unavailable", 413: "request_too_large", 404: "not_found"}
 
 
@@ -53,7 +54,7 @@ def openai_invalid_body(errors: list[dict]) -> JSONResponse:
     """Invalid input of an OpenAI route: OpenAI answers 400 naming the parameter, not 422."""
     loc = [str(p) for p in (errors[0].get("loc") or ()) if p != "body"] if errors else []
     message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: "
-                        f"{e.get('msg')}" for e in errors)
+                        f"{_UNSUPPORTED if e.get('type') == 'extra_forbidden' else e.get('msg')}" for e in errors)
     return openai_error(400, message, "invalid_request_error", loc[0] if loc else None, "invalid_value")
 
 
@@ -88,29 +89,97 @@ def openai_select_error(e: RequestValidationError, model: str) -> OpenAIError:
     return OpenAIError(400, err["msg"], param=None, code="invalid_value")
 
 
-def openai_completion(kind: str, model: str, out: dict, candidates: list[dict] | None) -> dict:
-    """The ``chat.completion`` or ``text_completion`` object of a generate-then-select result
-    ``out``: one choice (the pick), usage counting every candidate generated, and Cappy's score
-    in the extra ``cappy`` field (with ``candidates``, when asked for)."""
-    cands, best = out["candidates"], out["best"]
-    pick = cands[best]
-    # a candidate as long as the token limit was cut there (one that ended exactly then reads the same)
-    finish = "length" if pick["num_tokens"] >= out["max_new_tokens"] else "stop"
-    choice = {"index": 0, "finish_reason": finish, "logprobs": None}
-    if kind == "chat.completion":
-        choice["message"] = {"role": "assistant", "content": pick["text"]}
-    else:
-        choice["text"] = pick["text"]
-    generated = sum(c["num_tokens"] for c in cands)
-    cappy = {"score": out["scores"][best], "selector": out["selector"],
-             "scorer": out["meta"].scorer, "decoding": pick["decoding"], "sample_idx": pick["sample_idx"],
-             "index": best, "num_candidates": len(cands), "choice_tokens": pick["num_tokens"],
-             "timings_ms": out["timings_ms"]}
-    if candidates is not None:
-        cappy["candidates"] = candidates
-    prefix = "chatcmpl" if kind == "chat.completion" else "cmpl"
-    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
-            "model": model, "choices": [choice], "system_fingerprint": None,
-            "usage": {"prompt_tokens": out["prompt_tokens"], "completion_tokens": generated,
-                      "total_tokens": out["prompt_tokens"] + generated},
-            "cappy": cappy}
+def finish_reason(cand: dict, max_new_tokens: int) -> str:
+    """``stop`` (end of sequence, or a stop string), or ``length``: a candidate as long as the token
+    limit was cut there (one that ended exactly then reads the same)."""
+    if cand.get("stopped"):
+        return "stop"
+    return "length" if cand.get("generated_tokens", cand["num_tokens"]) >= max_new_tokens else "stop"
+
+
+def openai_logprobs(kind: str, tokens: list[tuple[str, float]] | None) -> dict | None:
+    """A choice's ``logprobs``: chat's ``{"content": [{token, logprob, bytes, top_logprobs}]}``, or
+    the completions API's ``{tokens, token_logprobs, top_logprobs, text_offset}``."""
+    if tokens is None:
+        return None
+    if kind.startswith("chat.completion"):
+        return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
+                            for t, lp in tokens], "refusal": None}
+    offsets, at = [], 0
+    for t, _ in tokens:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": [t for t, _ in tokens], "token_logprobs": [lp for _, lp in tokens], "top_logprobs": None,
+            "text_offset": offsets}
+
+
+def chosen(out: dict, n: int) -> list[int]:
+    """The ``n`` candidates a result returns, best first by the selector: the best of each
+    distinct text first (two samples that wrote the same text are one answer), then, when there
+    are fewer than ``n`` distinct texts, the best of the rest."""
+    seen: set[str] = set()
+    first, rest = [], []
+    for i in out["ranked"]:
+        text = out["candidates"][i]["text"]
+        (rest if text in seen else first).append(i)
+        seen.add(text)
+    return (first + rest)[:n]
+
+
+def openai_choices(kind: str, outs: list[dict], n: int, logprobs: list[list] | None) -> list[dict]:
+    """The choices of a generate-then-select result per prompt (``outs``): its ``n`` best
+    candidates by the selector's value (:func:`chosen`), ``index`` counting over prompts
+    (OpenAI's rule for a list of prompts: prompt ``p``'s ``k``-th choice is ``p * n + k``). Each
+    carries the candidate's score, fused value and decoding in the ``cappy`` extension."""
+    choices = []
+    for p, out in enumerate(outs):
+        for k, best in enumerate(chosen(out, n)):
+            cand = out["candidates"][best]
+            choice = {"index": p * n + k, "finish_reason": finish_reason(cand, out["max_new_tokens"]),
+                      "logprobs": openai_logprobs(kind, logprobs[p][k] if logprobs else None)}
+            if kind == "chat.completion":
+                choice["message"] = {"role": "assistant", "content": cand["text"], "refusal": None}
+            else:
+                choice["text"] = cand["text"]
+            choice["cappy"] = {"score": out["scores"][best], "candidate": best, "decoding": cand["decoding"],
+                               "sample_idx": cand["sample_idx"], "tokens": cand["num_tokens"]}
+            if out["fused"] is not None:
+                choice["cappy"]["fused"] = out["fused"][best]
+            choices.append(choice)
+    return choices
+
+
+def openai_usage(outs: list[dict]) -> dict:
+    """Every prompt token, and every generated token (best-of costs them all)."""
+    prompt = sum(out["prompt_tokens"] for out in outs)
+    generated = sum(c.get("generated_tokens", c["num_tokens"]) for out in outs for c in out["candidates"])
+    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+
+
+def openai_extension(outs: list[dict], candidates: list[list[dict]] | None) -> dict:
+    """The response's ``cappy`` field: per prompt, what selected (selector and its weights, scorer),
+    how many candidates it generated and how long each step took; with ``candidates`` when asked."""
+    prompts = []
+    for p, out in enumerate(outs):
+        entry = {"selector": out["selector"], "scorer": out["meta"].scorer, "num_candidates": len(out["candidates"]),
+                 "timings_ms": out["timings_ms"]}
+        if out["weights"]:
+            entry["selector_weights"] = out["weights"]
+        if candidates is not None:
+            entry["candidates"] = candidates[p]
+        prompts.append(entry)
+    return {"prompts": prompts}
+
+
+def response_id(kind: str) -> str:
+    return f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}"
+
+
+def openai_completion(kind: str, model: str, outs: list[dict], n: int, candidates: list[list[dict]] | None,
+                      logprobs: list[list] | None = None) -> dict:
+    """The ``chat.completion`` or ``text_completion`` object of generate-then-select results (one
+    per prompt): ``n`` choices per prompt, usage counting every candidate generated, Cappy's view
+    in the extra ``cappy`` field."""
+    return {"id": response_id(kind), "object": kind, "created": int(time.time()), "model": model,
+            "choices": openai_choices(kind, outs, n, logprobs), "system_fingerprint": None,
+            "usage": openai_usage(outs), "cappy": openai_extension(outs, candidates)}

@@ -92,8 +92,11 @@ def ray_address() -> str:
     os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "300")
     import ray
 
+    from jobs.local_ray import use_loopback
+
+    use_loopback()  # every Ray server on 127.0.0.1, and the jobs' RAY_ADDRESS stays 127.0.0.1 (jobs/local_ray.py)
     ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                   object_store_memory=1_500_000_000, _node_ip_address="127.0.0.1")
+                   object_store_memory=1_500_000_000)
     address = ctx.address_info["gcs_address"]
     os.environ["RAY_ADDRESS"] = address
     yield address

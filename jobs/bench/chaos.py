@@ -232,6 +232,7 @@ def run(cfg: ChaosConfig) -> int:
 
     from cappy_core.labeling.candidates import read_candidates
     from cappy_core.generation.embedded_model import tiny_generator
+    from jobs.local_ray import init_local_ray
 
     if cfg.kills < 0 or cfg.instructions < 1 or cfg.shard_size < 1 or not 0 <= cfg.min_gap_s <= cfg.max_gap_s:
         raise ConfigError("need --kills >= 0, --instructions >= 1, --shard-size >= 1, 0 <= --min-gap-s <= --max-gap-s")
@@ -244,8 +245,8 @@ def run(cfg: ChaosConfig) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback only, as the tests run it
     # the dashboard serves the state API that tells actors from tasks (_actors); it listens on
     # loopback and its processes (ray-dashboard-*) are not the killer's targets
-    ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, log_to_driver=False,
-             object_store_memory=500_000_000, _node_ip_address="127.0.0.1")
+    init_local_ray(num_cpus=cfg.num_cpus, include_dashboard=True, log_to_driver=False,
+                   object_store_memory=500_000_000)
     if cfg.job == "sweep":
         def job(out: Path) -> float:
             return _sweep(cfg, gen, out)

@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "600")
     import ray
 
+    from jobs.local_ray import init_local_ray
+
     out: dict = {"bench": "train", "model": cfg.model, "pairs": cfg.pairs, "max_length": cfg.max_length,
                  "batch_size": cfg.batch_size, "micro_batch_size": cfg.micro_batch_size, "threads": cfg.threads,
                  "cpu_count": os.cpu_count()}
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         storage = Path(tmp)
         pairs = make_pairs(cfg, storage)
         if not ray.is_initialized():
-            ray.init(include_dashboard=False, log_to_driver=False)
+            init_local_ray(include_dashboard=False, log_to_driver=False)
         plains, ones = [], []
         for r in range(cfg.repeats):
             plains.append(time_plain(cfg, pairs, storage))

@@ -421,6 +421,44 @@ def test_loglik_api(hf):
         hf.generate("one instruction")
 
 
+def test_token_logprobs_add_up_to_the_candidates_likelihood(hf):
+    """A candidate's token_ids rescored one by one give its logprob_sum; text-based per-token
+    values add up to loglik, with add_eos per response."""
+    (cands,) = hf.generate(["Q: x\nA:"], decodings_from_names(["greedy", "temp0.7"], num_samples=2),
+                           max_new_tokens=8, min_new_tokens=2)
+    per_token = hf.ids_logprobs(["Q: x\nA:"] * len(cands), [c.token_ids for c in cands])
+    for c, lps in zip(cands, per_token):
+        assert len(lps) == len(c.token_ids) == c.num_tokens and sum(lps) == pytest.approx(c.logprob_sum, abs=1e-4)
+    (a, b) = hf.token_logprobs(["Q: x\nA:"] * 2, ["Paris", ""], add_eos=[False, True])
+    assert [t for t, _ in b] == [hf.eos_ids[0]] and len(a) == len(hf.tokenizer("Paris", add_special_tokens=False)
+                                                                ["input_ids"])
+    ((n, total),) = hf.loglik(["Q: x\nA:"], ["Paris"], add_eos=False)
+    assert n == len(a) and total == pytest.approx(sum(lp for _, lp in a), abs=1e-9)
+
+
+def test_stop_strings_cut_candidates_and_rescore_them(hf):
+    from cappy_core.generation import Candidate
+    from cappy_core.generation.stops import apply_cuts, check_stops, rescore_request, stop_at, stop_cuts
+
+    assert check_stops(None) == () and check_stops("\n") == ("\n",) and check_stops(["a", "b"]) == ("a", "b")
+    for bad, match in [(["a"] * 5, "at most 4"), ([""], "non-empty"), (["x" * 65], "at most 64")]:
+        with pytest.raises(ValueError, match=match):
+            check_stops(bad)
+    assert stop_at("ab\ncd.", ("\n", "b")) == 1 and stop_at("abc", ("x",)) is None
+    cands = [Candidate("Paris.\nQ: next", "greedy", 0, 9, -9.0, -1.0), Candidate("Lyon", "beam4", 0, 3, -3.0, -1.0),
+             Candidate("\nx", "sample", 0, 2, -2.0, -1.0)]
+    cuts = stop_cuts(cands, ("\n",))
+    assert [(c.index, c.text) for c in cuts] == [(0, "Paris."), (2, "")]
+    texts, eos = rescore_request(cuts)
+    assert eos == [False, True]
+    out = apply_cuts(cands, cuts, hf.token_logprobs(["Q\nA:"] * 2, texts, add_eos=eos))
+    assert [o["text"] for o in out] == ["Paris.", "Lyon", ""] and [o["stopped"] for o in out] == [True, False, True]
+    assert [o["generated_tokens"] for o in out] == [9, 3, 2]  # what they cost stays counted
+    ((n, lp),) = hf.loglik(["Q\nA:"], ["Paris."], add_eos=False)
+    assert out[0]["num_tokens"] == n and out[0]["logprob_sum"] == pytest.approx(lp) and out[1]["logprob_sum"] == -3.0
+    assert out[2]["num_tokens"] == 1 and out[2]["token_ids"] == [hf.eos_ids[0]]
+
+
 def test_hf_seq2seq_model(tmp_path, tiny_path):
     """The transformers backend also runs encoder-decoder models (FLAN-T5 in the paper)."""
     from conftest import tiny_t5

@@ -90,3 +90,20 @@ def test_chat_summary_pairs_twins_and_compares_picks_and_latency():
     assert s["chat"]["requests"] == 3 and s["chat"]["ok"] == 2 and s["chat"]["p50_ms"] in (1100.0, 1200.0)
     assert s["p50_ratio_chat_vs_select"] == round(s["chat"]["p50_ms"] / 1000.0, 3)
     assert (s["twins_answered"], s["twins_same_pick"]) == (2, 1)  # (0, 2): the chat twin failed
+
+
+def test_chat_summary_streams_time_to_first_content_and_compares_text():
+    chat = {"choices": [{"message": {"role": "assistant", "content": "a b"}}]}
+    records = [("chat", (0, 0), 0.0, 1.0, 200, chat), ("stream", (0, 0), 1.0, 2.2, 200, "a b"),
+               ("chat", (0, 1), 2.0, 3.0, 200, chat), ("stream", (0, 1), 3.0, 4.0, 200, "other"),
+               ("stream", (0, 2), 4.0, 5.0, 200, None)]  # no [DONE]: not ok
+    s = chat_summary(records, 1, chat_template=False, firsts=[0.9, 1.1])
+    assert s["stream"]["requests"] == 3 and s["stream"]["ok"] == 2 and s["stream"]["p50_ms"] in (1000.0, 1200.0)
+    assert s["stream"]["first_content_p50_ms"] in (900.0, 1100.0)
+    assert s["stream"]["first_content_vs_chat_p50"] == round(s["stream"]["first_content_p50_ms"] / 1000.0, 3)
+    assert (s["stream_twins"], s["stream_same_text"]) == (2, 1)
+    result = {"config": {"chat_max_latency_ratio": 1.1, "chat_stream": True},
+              "chat": {**s, "select": {"requests": 1, "ok": 1}, "p50_ratio_chat_vs_select": 1.0,
+                       "twins_answered": 1, "twins_same_pick": 1}}
+    failed = {k for k, ok in check_targets(result).items() if not ok}
+    assert failed == {"chat_stream_all_done", "chat_stream_same_text_as_chat"}

@@ -102,6 +102,9 @@ def test_rays_driver_log_reaches_the_file_after_ray_init_and_not_the_terminal(tm
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", ray_init)
+    # init_ray starts its own Ray through jobs.local_ray, which switches Ray to loopback-only: undone afterwards
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", ray_constants.ENABLE_RAY_CLUSTER)
     monkeypatch.setattr(ray_log, "logger_initialized", False)
     request.addfinalizer(functools.partial(logging.setLogRecordFactory, logging.getLogRecordFactory()))
     if imported == "before the block":

@@ -85,7 +85,7 @@ def url(ray_address, scorers, tmp_path_factory):
                    "task_scorers": {"task_a": str(root / "explicit" / "task_a"), "broken": str(root / "nowhere")}},
         "ingress": {"num_cpus": 0.1, "max_candidates": 8, "max_responses": 8, "max_choices": 8,
                     "max_body_bytes": 4096, "max_instruction_chars": 500, "score_timeout_s": 60,
-                    "generate_timeout_s": 60},
+                    "generate_timeout_s": 60, "stream_keepalive_s": 0.05},
     }
     port = _free_port()
     config = yaml.safe_load((REPO / "serve_app" / "config.yaml").read_text())
@@ -323,31 +323,126 @@ def client(url):
 
 def test_openai_chat_completion_is_the_select_pick(client, url):
     """The same generate-then-select as /v1/select: one user message (the tiny generator has no
-    chat template, so its text is the instruction) and n=5 give /v1/select's num_candidates=5 pick."""
-    chat = client.chat.completions.create(model="cappy", messages=[{"role": "user", "content": INSTRUCTION}], n=5,
-                                          extra_body={"return_candidates": True})
+    chat template, so its text is the instruction) and best_of=5 give /v1/select's num_candidates=5 pick."""
+    chat = client.chat.completions.create(model="cappy", messages=[{"role": "user", "content": INSTRUCTION}],
+                                          extra_body={"best_of": 5, "return_candidates": True})
     sel = post(url, "/v1/select", {"instruction": INSTRUCTION, "num_candidates": 5}).json()
     assert chat.object == "chat.completion" and chat.model == "cappy" and len(chat.choices) == 1
-    assert chat.choices[0].message.role == "assistant" and chat.choices[0].message.content == sel["response"]
-    assert chat.choices[0].finish_reason in ("stop", "length")
-    cappy = chat.model_extra["cappy"]
-    assert cappy["score"] == pytest.approx(sel["score"]) and cappy["index"] == sel["index"]
-    assert cappy["num_candidates"] == 5 and len(cappy["candidates"]) == 5 and cappy["scorer"] == "default"
-    best = max(range(5), key=lambda i: (cappy["candidates"][i]["score"], -i))
-    assert cappy["candidates"][best]["text"] == chat.choices[0].message.content
+    (choice,) = chat.choices
+    assert choice.message.role == "assistant" and choice.message.content == sel["response"]
+    assert choice.finish_reason in ("stop", "length")
+    assert choice.model_extra["cappy"]["score"] == pytest.approx(sel["score"])
+    assert choice.model_extra["cappy"]["candidate"] == sel["index"]
+    (prompt,) = chat.model_extra["cappy"]["prompts"]
+    assert prompt["num_candidates"] == 5 and len(prompt["candidates"]) == 5 and prompt["scorer"] == "default"
     usage = chat.usage
-    assert usage.completion_tokens == sum(c["num_tokens"] for c in cappy["candidates"])
+    assert usage.completion_tokens == sum(c["generated_tokens"] for c in prompt["candidates"])
     assert usage.prompt_tokens > 5 and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 
-def test_openai_completion_with_a_task_scorer(client, url):
-    done = client.completions.create(model="cappy:task_b", prompt=INSTRUCTION, n=5, max_tokens=4)
-    sel = post(url, "/v1/select", {"instruction": INSTRUCTION, "num_candidates": 5, "max_new_tokens": 4,
-                                   "task": "task_b"}).json()
-    assert done.object == "text_completion" and done.choices[0].text == sel["response"]
-    cappy = done.model_extra["cappy"]
-    assert cappy["scorer"] == "task_b" and cappy["selector"] == "cappy+lm+mbr" and "candidates" not in cappy
-    assert cappy["choice_tokens"] <= 4
+def test_openai_best_of_generates_and_n_returns_the_best(client, url):
+    done = client.completions.create(model="cappy", prompt=INSTRUCTION, best_of=8, n=3, seed=7,
+                                     extra_body={"return_candidates": True})
+    sel = post(url, "/v1/select", {"instruction": INSTRUCTION, "num_candidates": 8, "seed": 7,
+                                   "return_candidates": True}).json()
+    (prompt,) = done.model_extra["cappy"]["prompts"]
+    assert [c["text"] for c in prompt["candidates"]] == [c["text"] for c in sel["candidates"]]
+    ranked = sorted(range(8), key=lambda i: (-sel["candidates"][i]["score"], i))[:3]
+    assert [c.index for c in done.choices] == [0, 1, 2]
+    assert [c.model_extra["cappy"]["candidate"] for c in done.choices] == ranked
+    assert [c.text for c in done.choices] == [sel["candidates"][i]["text"] for i in ranked]
+    assert done.usage.completion_tokens == sum(c["num_tokens"] for c in sel["candidates"])
+    again = client.completions.create(model="cappy", prompt=INSTRUCTION, best_of=8, n=3, seed=7)
+    assert [c.text for c in again.choices] == [c.text for c in done.choices]  # seed: same candidates
+
+
+def test_openai_stop_and_temperature_zero(client):
+    chat = client.chat.completions.create(model="cappy", messages=[{"role": "user", "content": INSTRUCTION}], n=2,
+                                          stop=[" ", "e"], temperature=0, max_tokens=6,
+                                          extra_body={"best_of": 8, "return_candidates": True})
+    (prompt,) = chat.model_extra["cappy"]["prompts"]
+    assert [c["decoding"] for c in prompt["candidates"]] == ["greedy", "beam4", "beam2", "beam3", "beam5", "beam6",
+                                                             "beam7", "beam8"]
+    assert len(chat.choices) == 2
+    for c in prompt["candidates"]:
+        assert " " not in c["text"] and "e" not in c["text"]
+        assert c["num_tokens"] <= c["generated_tokens"] and (c["stopped"] or c["num_tokens"] == c["generated_tokens"])
+    for choice in chat.choices:
+        cand = prompt["candidates"][choice.model_extra["cappy"]["candidate"]]
+        assert choice.message.content == cand["text"]
+        assert choice.finish_reason == ("stop" if cand["stopped"] or cand["generated_tokens"] < 6 else "length")
+
+
+def test_openai_logprobs_are_the_chosen_tokens(client):
+    chat = client.chat.completions.create(model="cappy", messages=[{"role": "user", "content": INSTRUCTION}],
+                                          logprobs=True, extra_body={"best_of": 3})
+    (choice,) = chat.choices
+    tokens = choice.logprobs.content
+    assert 1 <= len(tokens) <= choice.model_extra["cappy"]["tokens"] and all(t.logprob < 0 for t in tokens)
+    done = client.completions.create(model="cappy", prompt=INSTRUCTION, logprobs=0, best_of=3)
+    lp = done.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) >= 1
+
+
+def test_openai_prompt_list_gives_a_choice_per_prompt(client):
+    prompts = [INSTRUCTION, "Q: What is 2 + 2?\nA:"]
+    both = client.completions.create(model="cappy", prompt=prompts, best_of=4, n=1, seed=1)
+    alone = [client.completions.create(model="cappy", prompt=p, best_of=4, seed=1).choices[0].text for p in prompts]
+    assert [c.index for c in both.choices] == [0, 1] and [c.text for c in both.choices] == alone
+    assert len(both.model_extra["cappy"]["prompts"]) == 2
+
+
+def test_openai_streaming_matches_the_plain_answer(client, url):
+    kw = dict(model="cappy", messages=[{"role": "user", "content": INSTRUCTION}], n=2, seed=3,
+              extra_body={"best_of": 6})
+    plain = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    for k in range(2):
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == k)
+        assert text == plain.choices[k].message.content
+        (fin,) = [c for c in chunks if c.choices and c.choices[0].index == k and c.choices[0].finish_reason]
+        assert fin.choices[0].finish_reason == plain.choices[k].finish_reason
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    raw = requests.post(url + "/v1/completions", json={"model": "cappy", "prompt": INSTRUCTION, "stream": True,
+                                                      "best_of": 8, "max_tokens": 64}, stream=True, timeout=120)
+    lines = [ln for ln in raw.iter_lines() if ln]
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    assert b": keep-alive" in lines and lines[-1] == b"data: [DONE]"  # comments while it generated
+
+
+def test_a_client_that_disconnects_cancels_the_generation(url):
+    """A streamed request whose client leaves while its candidates are queued behind a long
+    request: the Generator's call is cancelled (counted in its info)."""
+    from ray import serve
+
+    gen = serve.get_deployment_handle("Generator", APP)
+    before = gen.info.remote().result()["cancelled_requests"]
+    body = {"model": "cappy", "prompt": INSTRUCTION, "best_of": 8, "temperature": 0, "max_tokens": 200}
+    with ThreadPoolExecutor(1) as pool:
+        long = pool.submit(post, url, "/v1/completions", body)
+        time.sleep(0.3)
+        stream = requests.post(url + "/v1/completions", json=dict(body, stream=True, seed=1), stream=True, timeout=60)
+        lines = stream.iter_lines()
+        assert next(lines) == b": keep-alive"  # it is waiting for its candidates
+        stream.close()  # the client leaves
+        assert long.result().status_code == 200
+    deadline = time.monotonic() + 30
+    while gen.info.remote().result()["cancelled_requests"] == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert gen.info.remote().result()["cancelled_requests"] > before
+
+
+def test_langchain_chat_openai(url):
+    """A second real client: LangChain's ChatOpenAI, plain and streamed."""
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(model="cappy", base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120,
+                     extra_body={"best_of": 4}, seed=5)
+    reply = llm.invoke(INSTRUCTION)
+    assert isinstance(reply.content, str) and reply.response_metadata["finish_reason"] in ("stop", "length")
+    streamed = "".join(chunk.content for chunk in llm.stream(INSTRUCTION))
+    assert streamed == reply.content
 
 
 def test_openai_models_and_errors(client):
@@ -360,11 +455,14 @@ def test_openai_models_and_errors(client):
         client.chat.completions.create(model="gpt-4o", messages=msgs)
     assert (info.value.code, info.value.param, info.value.type) == ("model_not_found", "model", "invalid_request_error")
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="cappy", messages=msgs, stream=True)
-    assert info.value.param == "stream" and "not supported" in info.value.message
+        client.completions.create(model="cappy", prompt="hi", best_of=9)  # the fixture's limit is 8
+    assert info.value.param == "best_of" and "limit is 8" in info.value.message
     with pytest.raises(openai.BadRequestError) as info:
-        client.completions.create(model="cappy", prompt="hi", n=9)  # the fixture's limit is 8
-    assert info.value.param == "n" and "limit is 8" in info.value.message
+        client.completions.create(model="cappy", prompt="hi", best_of=2, n=3)
+    assert info.value.param == "n"
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="cappy", messages=msgs, extra_body={"logit_bias": {"1": 5}})
-    assert info.value.param == "logit_bias"
+    assert info.value.param == "logit_bias" and "not supported" in info.value.message
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="cappy", prompt="hi", echo=True)
+    assert info.value.param == "echo"

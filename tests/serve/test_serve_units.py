@@ -208,7 +208,7 @@ def test_a_failing_request_in_a_generator_batch_fails_alone(batch_outside_serve)
             pass
 
     gen = _bare(GeneratorDeployment, gen=Fake(), _thread=ThreadPoolExecutor(1), max_new_tokens=4,
-                min_new_tokens=1, seed=0, batch_sizes=[], _last_ok=0.0, _busy_since=None)
+                min_new_tokens=1, seed=0, batch_sizes=[], _last_ok=0.0, _busy_since=None, cancelled=0)
     specs = decodings_from_names(["greedy"])
 
     async def main():
@@ -262,7 +262,7 @@ def test_async_engine_requests_run_alone_and_health_asks_the_engine():
 
     fake = FakeAsync()
     gen = _bare(GeneratorDeployment, gen=fake, is_async=True, max_new_tokens=4, min_new_tokens=1, seed=0,
-                _last_ok=0.0, info_={"backend": "vllm"})
+                _last_ok=0.0, info_={"backend": "vllm"}, cancelled=0)
     specs = decodings_from_names(["greedy"])
 
     async def main():
@@ -279,6 +279,7 @@ def test_async_engine_requests_run_alone_and_health_asks_the_engine():
     assert isinstance(bad, RequestError) and "cannot do that" in str(bad)
     assert sorted(fake.calls) == [(["ab"], 2, 5), (["bad"], 4, 0), (["long"], 4, 0)]  # one call each, no batch
     assert fake.cancelled == ["long"] and info["unfinished_requests"] == 2 and gen._last_ok > 0
+    assert info["cancelled_requests"] == 1
     gen._last_ok = time.monotonic()  # fresh: no probe, but the engine is still asked
     asyncio.run(gen.check_health())
     fake.engine.dead = True

@@ -111,7 +111,9 @@ def test_async_engine_gives_the_sync_backends_candidates(served):
     served_cands = [r.result(timeout_s=180)["candidates"] for r in responses]
     with load_generator("vllm", gen, max_model_len=512, dtype="float32", kv_cache_memory_bytes=128 << 20) as sync:
         expected = sync.generate(prompts, specs, max_new_tokens=12, min_new_tokens=3, seed=7)
-    assert served_cands == [[dataclasses.asdict(c) for c in cands] for cands in expected]
+    # no stop strings: every candidate as generated, its tokens all counted
+    assert served_cands == [[dict(dataclasses.asdict(c), generated_tokens=c.num_tokens, stopped=False) for c in cands]
+                            for cands in expected]
     assert [len(c) for c in served_cands] == [8, 8]  # beam, greedy, 3 + 3 samples
 
 

@@ -14,7 +14,8 @@ the phases, each module's docstring says what it measures and its targets:
 2. ``score``: ``/v1/score`` at each ``--concurrency``; target: served ÷ offline pairs/s ≥ 0.7
    (:mod:`.phases.score`);
 3. ``select``: ``/v1/select`` at each ``--select-concurrency`` (:mod:`.phases.select`);
-4. ``chat``: /v1/select and its /v1/chat/completions twin back to back: same latency, same pick
+4. ``chat``: /v1/select, its /v1/chat/completions twin and the same chat streamed, back to back:
+   same latency, same pick, and a stream's first content chunk against the plain latency
    (:mod:`.phases.chat`);
 5. ``autoscaling``: Scorer replica counts from ``serve.status()`` sampled every ``--poll-s``
    through all phases (:mod:`.poller`), then after the load stops until it is back at

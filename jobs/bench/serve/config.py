@@ -58,6 +58,9 @@ class ServeBenchConfig:
                 "the normal phases (select, poison, kill concurrency)"})
     chat_concurrency: int = field(default=2, metadata={
         "help": "clients of the chat phase, each alternating /v1/select and /v1/chat/completions"})
+    chat_stream: bool = field(default=True, metadata={
+        "help": "the chat phase also sends each chat request with stream=true (time to first content chunk); "
+                "--no-chat-stream: plain chat only"})
     chat_candidates: int = field(default=4, metadata={
         "help": "candidates per request of the chat phase (few: the routes' own cost weighs more)"})
     chat_duration_s: float = field(default=30.0, metadata={"help": "length of the chat phase"})

@@ -60,16 +60,13 @@ def _free_port() -> int:
 def deploy(cfg: ServeBenchConfig, generator: str) -> tuple[str, float]:
     """Start (or join ``RAY_ADDRESS``) Ray and Serve on 127.0.0.1 and deploy the app; its URL and
     the seconds Serve took to deploy it."""
-    import ray
     from ray import serve
 
+    from jobs.local_ray import init_local_ray
     from serve_app.app import app_builder
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
-    else:
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    init_local_ray(serve=True, num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=False)  # or join RAY_ADDRESS
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()

@@ -25,6 +25,10 @@ def check_targets(result: dict) -> dict[str, bool]:
                                                 <= cfg["chat_max_latency_ratio"])
         if not ch["chat_template"]:  # templated chat prompts differ from the instruction: other candidates
             t["chat_same_pick_as_select"] = ch["twins_answered"] > 0 and ch["twins_same_pick"] == ch["twins_answered"]
+        if cfg.get("chat_stream"):
+            s = ch["stream"]
+            t["chat_stream_all_done"] = s["ok"] == s["requests"] > 0
+            t["chat_stream_same_text_as_chat"] = ch["stream_twins"] > 0 and ch["stream_same_text"] == ch["stream_twins"]
     if "poison" in result:
         p = result["poison"]
         t["poison_hostile_all_4xx"] = all(400 <= h["status"] < 500 for h in p["hostile"].values())
