@@ -16,10 +16,12 @@ Errors: a :class:`SettingError` names the setting at fault (``schedule.lr``), so
 speaks of flags; :func:`run_main` shows it as the flag (``--schedule.lr``).
 
 One mechanism for every command: :func:`build_parser` (flags from the dataclass, plus
-``--preset NAME`` when the job ships presets, i.e. YAML files), :func:`config_from_args`
-(defaults < ``--preset`` < ``--config`` < flags) and :func:`run_main` (bad input → one
-``error:`` line and exit status 2, no traceback). Option groups repeated across jobs are small
-dataclasses (:class:`CacheOptions`) that job configs inherit.
+``--preset NAME`` when the job ships presets, i.e. YAML files; ``--help`` shows the values of the
+``--preset``/``--config`` on the command line as the defaults), :func:`config_from_args`
+(defaults < ``--preset`` < ``--config`` < flags; ``--print-config`` prints the result as YAML,
+:func:`resolve_and_run`) and :func:`run_main` (bad input → one ``error:`` line and exit status 2,
+no traceback). Option groups repeated across jobs are small dataclasses (:class:`CacheOptions`)
+that job configs inherit.
 """
 
 from __future__ import annotations
@@ -177,18 +179,25 @@ def _hint(cls: type, name: str) -> str:
     return f"; did you mean {', '.join(close)}?" if close else ""
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add ``--config`` and one flag per dataclass field (defaults are resolved later)."""
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type,
+                            shown: Mapping[str, Any] | None = None) -> None:
+    """Add ``--config``, ``--print-config`` and one flag per dataclass field (values are resolved
+    later; ``shown``: values read from ``--preset``/``--config`` that ``--help`` shows as defaults)."""
     parser.add_argument(
         "--config", metavar="YAML", default=None,
         help="YAML file of config values; explicit flags override it",
     )
-    _add_fields(parser, cls, "", None)
+    parser.add_argument(
+        "--print-config", action="store_true",
+        help="print the resolved config (defaults < --preset < --config < flags) as YAML that "
+             "--config reads back, and exit without running anything")
+    _add_fields(parser, cls, "", None, shown or {})
 
 
-def _add_fields(parser: Any, cls: type, prefix: str, defaults: Any) -> None:
+def _add_fields(parser: Any, cls: type, prefix: str, defaults: Any, shown: Mapping[str, Any]) -> None:
     """One flag per field of ``cls`` (``prefix``: ``"section."``); a section gets a group of its own.
-    ``defaults``: the instance whose values ``--help`` shows (a section's default in its job)."""
+    ``defaults``: the instance whose values ``--help`` shows (a section's default in its job);
+    ``shown``: values that replace them (a preset's, a ``--config`` file's)."""
     types_ = _field_types(cls)
     for f in dataclasses.fields(cls):
         tp, _ = _unwrap_optional(types_[f.name])
@@ -196,25 +205,28 @@ def _add_fields(parser: Any, cls: type, prefix: str, defaults: Any) -> None:
         if is_section(tp):
             title = f"{f.name} (--{f.name}.*)"
             group = parser.add_argument_group(title, f.metadata.get("help") or (tp.__doc__ or "").strip() or None)
-            _add_fields(group, tp, f"{prefix}{f.name}.", default)
+            _add_fields(group, tp, f"{prefix}{f.name}.", default, dict(shown.get(f.name) or {}))
             continue
+        default = shown.get(f.name, default)
         flag = flag_name(prefix + f.name)
         help_ = f.metadata.get("help", "")
         if default is not None:
             help_ = f"{help_} (default: {default!r})" if help_ else f"default: {default!r}"
         kwargs: dict[str, Any] = {"dest": prefix + f.name, "default": argparse.SUPPRESS, "help": help_}
-        if "choices" in f.metadata:
-            kwargs["choices"] = f.metadata["choices"]
+        metavar = f.metadata.get("metavar", f.name.upper())
+        if "choices" in f.metadata:  # --help shows them: {a,b,c} in place of a metavar
+            kwargs["choices"] = list(f.metadata["choices"])
+            metavar = f.metadata.get("metavar")
         origin = typing.get_origin(tp)
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif origin in (list, Sequence, tuple):
             (item_tp,) = typing.get_args(tp)[:1] or (str,)
-            kwargs.update(nargs="+", type=item_tp, metavar=f.metadata.get("metavar", f.name.upper()))
+            kwargs.update(nargs="+", type=item_tp, metavar=metavar)
             if f.metadata.get("repeatable"):  # `--x A --x B` accumulates (otherwise the last one wins)
                 kwargs["action"] = "extend"
         else:
-            kwargs.update(type=tp, metavar=f.metadata.get("metavar", f.name.upper()))
+            kwargs.update(type=tp, metavar=metavar)
         parser.add_argument(*f.metadata.get("aliases", ()), flag, **kwargs)  # aliases: e.g. --from
 
 
@@ -224,15 +236,56 @@ def find_presets(config_dir: str | Path, job: str) -> dict[str, Path]:
 
 
 def build_parser(cls: type, *, prog: str, description: str, epilog: str = "",
-                 presets: Mapping[str, Path] | None = None) -> argparse.ArgumentParser:
-    """An argument parser with ``--preset`` (when ``presets``), ``--config`` and one flag per field."""
+                 presets: Mapping[str, Path] | None = None,
+                 argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """An argument parser with ``--preset`` (when ``presets``), ``--config``, ``--print-config`` and
+    one flag per field. With ``argv`` asking for ``--help``, the defaults it shows are those of the
+    ``--preset`` and ``--config`` named in ``argv`` (and its header says whose they are)."""
+    shown, sources = _help_values(cls, argv, presets)
+    if sources:
+        description = (f"Defaults shown are the values of {' and '.join(sources)} "
+                       f"(over the code's defaults).\n\n{description}")
     parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog or None,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     if presets:
         parser.add_argument("--preset", choices=sorted(presets), default=None,
                             help="a shipped config (YAML); --config and explicit flags override it")
-    add_dataclass_arguments(parser, cls)
+    add_dataclass_arguments(parser, cls, shown)
     return parser
+
+
+def _last_value(argv: Sequence[str], flag: str) -> str | None:
+    """The value of the last ``flag VALUE`` / ``flag=VALUE`` in ``argv`` (before ``--``)."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def _help_values(cls: type, argv: Sequence[str] | None,
+                 presets: Mapping[str, Path] | None) -> tuple[dict[str, Any], list[str]]:
+    """``(values, sources)``: what ``--preset``/``--config`` in ``argv`` set, for ``--help`` only
+    (a file that cannot be read is left to the run to report)."""
+    argv = list(argv or ())
+    values: dict[str, Any] = {}
+    sources: list[str] = []
+    if not {"-h", "--help"} & set(argv[: argv.index("--")] if "--" in argv else argv):
+        return values, sources
+    preset, config = _last_value(argv, "--preset"), _last_value(argv, "--config")
+    shipped = (presets or {}).get(preset or "")
+    for label, path in ((f"--preset {preset} ({getattr(shipped, 'name', '')})", shipped),
+                        (f"--config {config}", config)):
+        try:
+            merge(values, load_yaml(cls, path)) if path else None
+            sources += [label] if path else []
+        except ConfigError:
+            pass
+    return values, sources
 
 
 def config_from_args(cls: type[C], args: argparse.Namespace,
@@ -296,6 +349,25 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def config_yaml(cfg: Any) -> str:
+    """The resolved config as YAML that ``--config`` reads back to the same config (``--print-config``)."""
+    def plain(v: Any) -> Any:  # tuples as lists: safe_dump writes no tuples
+        return ({k: plain(x) for k, x in v.items()} if isinstance(v, Mapping)
+                else [plain(x) for x in v] if isinstance(v, (list, tuple)) else v)
+
+    return yaml.safe_dump(plain(to_dict(cfg)), sort_keys=False, default_flow_style=False)
+
+
+def resolve_and_run(cls: type[C], args: argparse.Namespace, presets: Mapping[str, Path] | None,
+                    body: Callable[[C], Optional[int]]) -> Optional[int]:
+    """:func:`config_from_args`, then ``body(config)``; ``--print-config``: print it (YAML) instead."""
+    cfg = config_from_args(cls, args, presets)
+    if getattr(args, "print_config", False):
+        print(config_yaml(cfg), end="")
+        return 0
+    return body(cfg)
+
+
 def key_values(cfg: Any, *, marker: str | None = "key", flat_sections: bool = False) -> dict[str, Any]:
     """What defines a job's result: the values of ``cfg``'s fields marked ``metadata={marker: True}``
     (``marker=None``: every field). A section contributes its own defining fields, those it marks
@@ -346,6 +418,8 @@ def run_main(fn: Callable[[], Optional[int]], *,
     """
     try:
         return int(fn() or 0)
+    except BrokenPipeError:  # stdout closed early (`| head`): the entry point ends quietly
+        raise
     except KeyboardInterrupt:
         print("error: interrupted (Ctrl-C); what finished before is kept and the same command resumes from it",
               file=sys.stderr)

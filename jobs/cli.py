@@ -95,7 +95,7 @@ def apply_log_level(level: str) -> dict[str, int]:
 # (words, module, one-line help). Longest match wins, so "data prepare" beats "data".
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("sweep",), "jobs.sweep",
-     "the main job: sample, finetune a scorer per task, score, and compare Cappy with 7 baselines"),
+     "the main job: sample, finetune a scorer per task, score, and compare Cappy with 8 baselines (MBR included)"),
     (("data", "download"), "jobs.download_data",
      "fetch BIG-Bench task files the package does not ship (--from PATH, then GitHub), each sha256-checked"),
     (("data", "vendor"), "jobs.vendor_data",
@@ -135,7 +135,29 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _group_usage(group: str) -> str:
+    subs = [(" ".join(w), h) for w, _, h in COMMANDS if w[0] == group]
+    width = max(len(w) for w, _ in subs)
+    return "\n".join([f"usage: cappy {group} <command> [options]", "", "commands:"]
+                     + [f"  {w:<{width}}  {h}" for w, h in subs]
+                     + ["", f"Run `cappy {group} <command> --help` for a command's options."])
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``cappy`` entry point; a reader that closes stdout early (``| head``) ends it quietly
+    (Python's "Note on SIGPIPE": stdout pointed at devnull, exit status 141)."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         level, argv = split_log_level(argv)
@@ -157,9 +179,12 @@ def main(argv: list[str] | None = None) -> int:
             best = (words, module)
     if best is None:
         groups = {w[0] for w, _, _ in COMMANDS}
-        if argv[0] in groups:
-            subs = [" ".join(w) for w, _, _ in COMMANDS if w[0] == argv[0]]
-            print(f"cappy {argv[0]}: choose one of: {', '.join(subs)}", file=sys.stderr)
+        if argv[0] in groups:  # `cappy data --help`: the group's commands; `cappy data`: the same, status 2
+            asked = len(argv) > 1 and argv[1] in ("-h", "--help", "help")
+            if len(argv) > 1 and not asked:
+                print(f"cappy {argv[0]}: unknown command {argv[1]!r}\n", file=sys.stderr)
+            print(_group_usage(argv[0]), file=sys.stdout if asked else sys.stderr)
+            return 0 if asked else 2
         else:
             print(f"cappy: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2

@@ -30,14 +30,15 @@ def check_hub_push(repo: str) -> None:
                           f"({type(e).__name__}: {e})") from e
 
 
-def push_to_hub(folder: str, repo: str, log: Callable[[str], None] = print) -> str:
-    """Upload a scorer folder (weights, tokenizer, cappy.json, model card) to ``repo``; its URL."""
+def push_to_hub(folder: str, repo: str, log: Callable[[str], None] = print, private: bool = False) -> str:
+    """Upload a scorer folder (weights, tokenizer, cappy.json, model card) to ``repo``; its URL.
+    ``private``: create the repo private (an existing repo keeps its visibility)."""
     from huggingface_hub import HfApi
 
     from cappy_core.scorer.train_state import TRAIN_STATE_FILE
 
     api = HfApi()
-    api.create_repo(repo, repo_type="model", exist_ok=True)
+    api.create_repo(repo, repo_type="model", exist_ok=True, private=private)
     info = api.upload_folder(folder_path=folder, repo_id=repo, repo_type="model",
                              ignore_patterns=[TRAIN_STATE_FILE, "results.json"],  # local paths, curves
                              commit_message="Cappy scorer (cappy on Ray)")

@@ -8,9 +8,10 @@ import argparse
 import contextlib
 import json
 import logging
+import sys
 from typing import Any, Callable, Iterator, Optional
 
-from cappy_core.config import build_parser, config_from_args, run_main, to_dict
+from cappy_core.config import build_parser, resolve_and_run, run_main, to_dict
 from jobs.cli import presets
 
 
@@ -24,11 +25,11 @@ def job_main(cls: type, body: Callable[[Any, argparse.Namespace], Optional[int]]
     ``add_arguments`` adds flags that are not settings (``--dry-run``); ``body`` reads them from ``args``."""
     shipped = presets(job)
     parser = build_parser(cls, prog=prog or f"python -m {module}", description=description, epilog=epilog,
-                          presets=shipped or None)
+                          presets=shipped or None, argv=sys.argv[1:] if argv is None else argv)
     if add_arguments is not None:
         add_arguments(parser)
     args = parser.parse_args(argv)
-    return run_main(lambda: body(config_from_args(cls, args, shipped), args), explain=explain)
+    return run_main(lambda: resolve_and_run(cls, args, shipped, lambda cfg: body(cfg, args)), explain=explain)
 
 
 @contextlib.contextmanager

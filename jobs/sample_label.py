@@ -56,7 +56,7 @@ from typing import Optional
 import pyarrow as pa
 
 from cappy_core.config import SettingError, key_values
-from cappy_core.generation import BACKENDS, SamplingSpec
+from cappy_core.generation import BACKENDS, DECODE_LOOPS, SamplingSpec
 from jobs.runtime import job_main, job_output
 
 logger = logging.getLogger("jobs.sample_label")  # not __name__: "__main__" under python -m
@@ -72,7 +72,8 @@ class SampleConfig:
 
     tasks: list[str] = field(default_factory=lambda: ["all45"], metadata={
         "help": "'all45', 'pretrain' or task names, among the tasks prepared under --data"})
-    splits: list[str] = field(default_factory=lambda: ["train", "validation"], metadata={"help": "splits to sample"})
+    splits: list[str] = field(default_factory=lambda: ["train", "validation"], metadata={
+        "choices": ["train", "validation"], "help": "splits to sample"})
     data: str = field(default="data/bigbench", metadata={"help": "folder written by `cappy data prepare`"})
     out: str = field(default="data/candidates", metadata={
         "help": "output folder, or a URI (s3://, gs://, ...: written in a local staging folder and uploaded "
@@ -90,7 +91,7 @@ class SampleConfig:
     max_examples_per_task: Optional[int] = field(default=None, metadata={"key": True,
         "help": "use only the first N examples of each task and split (small runs)"})
     shard_size: int = field(default=256, metadata={"key": True, "help": "instructions per output file (the unit of resume)"})
-    decode_loop: str = field(default="shared", metadata={
+    decode_loop: str = field(default="shared", metadata={"choices": list(DECODE_LOOPS),
         "help": "--backend hf: how a prompt's KV cache is kept while its candidates decode: shared (once "
                 "for all of them; the default where the model allows it, else cached), cached (repeated "
                 "per candidate), generate (model.generate per decoding)"})
@@ -110,8 +111,6 @@ class SampleConfig:
         "help": "redo every selected shard, even completed ones, and accept changed settings"})
 
     def __post_init__(self) -> None:
-        from cappy_core.generation import DECODE_LOOPS
-
         for name in ("shard_size", "label_tasks"):  # the sampling section checks its own
             if getattr(self, name) < 1:
                 raise SettingError(name, f"must be >= 1, got {getattr(self, name)}")

@@ -3,7 +3,7 @@
     cappy serve                                   # after `cappy sweep --preset local`: its generator and
                                                   # pretrained scorer, serve_app/config.yaml on 127.0.0.1:8000
     cappy serve --generator /path/to/hf_folder --scorers-dir ~/cappy_runs --port 8080
-    cappy serve --config serve_app/config.yaml --dry-run   # validate and print the resolved args
+    cappy serve --serve-config serve_app/config.yaml --dry-run   # validate and print the resolved args
 
 Defaults (no ``--generator`` / ``--scorer`` and none in the file), by the sweep's own cache rules
 (:func:`jobs.sweep_layout.sweep_models`): the generator ``cappy sweep --preset local`` trained (else the
@@ -11,7 +11,8 @@ one ``cappy generator train`` wrote), and the scorer it pretrained; missing ones
 says how to get them. An untrained scorer head (``minilm``) is served only with
 ``--allow-untrained-scorer``, and ``/healthz`` then says so.
 
-Pipeline: read a Serve config file (``--config``, default ``serve_app/config.yaml``; checked
+Pipeline: read a Serve config file (``--serve-config``, default ``serve_app/config.yaml``; ``--config``,
+its old name, still works for one release with a warning; checked
 against Ray's own schema, and its app ``args`` against ``serve_app.args.AppArgs``) → apply the
 flags → start (or join, with ``RAY_ADDRESS``) Ray and Serve on ``--host:--port`` → ``serve.run``
 the app built by ``serve_app.app:app_builder`` → print the URL and example requests → serve until
@@ -43,6 +44,18 @@ API_KEY_ENV = "CAPPY_API_KEY"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "serve_app" / "config.yaml"
 
 
+CONFIG_DEPRECATED = "--config is deprecated for cappy serve: use --serve-config (a Serve config file)"
+
+
+class _DeprecatedConfig(argparse.Action):
+    """``--config FILE``: ``--serve-config FILE`` with a warning (every other command's ``--config``
+    is its own YAML)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"warning: {CONFIG_DEPRECATED}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog or "python -m jobs.serve",
@@ -51,8 +64,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         epilog="Endpoints: POST /v1/select, /v1/score, /v1/classify; OpenAI-compatible POST /v1/chat/completions, "
         "/v1/completions, GET /v1/models; GET /healthz; docs at /docs.",
     )
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), metavar="YAML",
+    p.add_argument("--serve-config", dest="config", default=str(DEFAULT_CONFIG), metavar="YAML",
                    help="Serve config file (default: serve_app/config.yaml)")
+    p.add_argument("--config", dest="config", action=_DeprecatedConfig, default=argparse.SUPPRESS,
+                   metavar="YAML", help=argparse.SUPPRESS)  # the old name, for one release
     p.add_argument("--app", default=None, help="application name in the file (default: the first)")
     p.add_argument("--host", default=None, help="bind address (default: the file's, else 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default: the file's, else 8000)")

@@ -16,6 +16,7 @@ from cappy_core.config import CacheOptions, SettingError
 from cappy_core.data.tasks import LOCAL_TASKS
 from cappy_core.generation import SamplingSpec
 from cappy_core.scorer.schedule import ScorerSchedule
+from jobs.cli import presets
 from jobs.tracking import TrackingOptions
 
 
@@ -58,7 +59,7 @@ class SweepConfig(CacheOptions, TrackingOptions):
     scorer: Optional[str] = field(default=None, metadata={"key": True,
         "help": "scorer to finetune from: a folder, a hub id (btan2/cappy-large) or 'minilm' "
                 "(default: the scorer pretrained into the cache with `cappy pretrain --preset PRETRAIN_PRESET`)"})
-    pretrain_preset: str = field(default="local", metadata={
+    pretrain_preset: str = field(default="local", metadata={"choices": sorted(presets("pretrain")),
         "help": "pretrain preset used when no --scorer is given and none is cached"})
     finetune: bool = field(default=True, metadata={"key": True,
         "help": "finetune per task (--no-finetune: score with the init scorer as is)"})

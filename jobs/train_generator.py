@@ -37,6 +37,7 @@ The main job calls :func:`ensure_generator`, which trains once and reuses the fo
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 import time
@@ -44,7 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from cappy_core.config import CacheOptions, ConfigError, build_parser, config_from_args, run_main, to_dict
+from cappy_core.config import (CacheOptions, ConfigError, build_parser, config_from_args, resolve_and_run, run_main,
+                               to_dict)
 from cappy_core.data.tasks import LOCAL_TASKS
 from cappy_core.generation.embedded_model import DEFAULT_GENERATOR_NAME, default_generator_path, generator_metadata, is_generator_dir
 from jobs.tracking import TrackingOptions, check_report_to
@@ -203,27 +205,37 @@ def ensure_generator(path: str | Path | None = None, *, config: GeneratorConfig 
     return path
 
 
-def parse_config(argv: list[str] | None = None, prog: str | None = None) -> GeneratorConfig:
-    """defaults < ``--preset`` < ``--config`` YAML < flags."""
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> tuple[argparse.Namespace, dict]:
+    """``(args, presets)``: the parsed command line."""
     from jobs.cli import presets
 
     shipped = presets("generator")
     parser = build_parser(
         GeneratorConfig, prog=prog or "python -m jobs.train_generator", presets=shipped, epilog=EPILOG,
+        argv=sys.argv[1:] if argv is None else argv,
         description="Train the embedded generator (byte-level BPE + small Llama) on BIG-Bench "
                     "instruction → reference pairs and save it as a Hugging Face folder.")
-    return config_from_args(GeneratorConfig, parser.parse_args(argv), shipped)
+    return parser.parse_args(argv), shipped
+
+
+def parse_config(argv: list[str] | None = None, prog: str | None = None) -> GeneratorConfig:
+    """defaults < ``--preset`` < ``--config`` YAML < flags."""
+    args, shipped = parse_args(argv, prog)
+    return config_from_args(GeneratorConfig, args, shipped)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    def body() -> int:
-        cfg = parse_config(argv, prog)
+    def train(cfg: GeneratorConfig) -> int:
         out = output_path(cfg)
         if is_generator_dir(out) and not cfg.force:
             print(f"a generator is already at {out}; nothing to do (--force retrains)")
             return 0
         train_generator(cfg)
         return 0
+
+    def body() -> int:
+        args, shipped = parse_args(argv, prog)
+        return int(resolve_and_run(GeneratorConfig, args, shipped, train) or 0)
 
     return run_main(body)
 

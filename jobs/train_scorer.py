@@ -99,6 +99,8 @@ class TrainScorerConfig(TrackingOptions):
     push_to_hub: Optional[str] = field(default=None, metadata={
         "metavar": "REPO", "help": "upload the finished scorer (with its model card) to this Hugging Face "
                                    "model repo, e.g. me/cappy-tense; checked before training"})
+    private: bool = field(default=False, metadata={
+        "help": "with --push-to-hub: create the model repo private (an existing repo keeps its visibility)"})
 
 
 @dataclass
@@ -213,7 +215,7 @@ def _run_job_locked(job, cfg, paths, data_key, build_pairs, run_info, label, log
     report(cfg.report_to, paths["run_dir"], paths["name"], to_dict(cfg),
            lambda tracker: scorer_run(tracker, results, outcome.total_updates), log)
     if cfg.push_to_hub:
-        results["hub_url"] = push_to_hub(outcome.output, cfg.push_to_hub, log)
+        results["hub_url"] = push_to_hub(outcome.output, cfg.push_to_hub, log, private=cfg.private)
     return results
 
 

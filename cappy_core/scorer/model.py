@@ -38,6 +38,7 @@ from cappy_core.io import atomic_dir
 from cappy_core.scorer.checkpoint import (CAPPY_JSON, CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION, EMBEDDED_ALIAS,
                                           EMBEDDED_SOURCE, PICKLE_SUFFIXES, RESULTS_JSON, PickleCheckpointError,
                                           embedded_model_path, model_card, resolve_source, weights_kind)
+from cappy_core.scorer.embedded import split_revision
 from cappy_core.scorer.pick import select_best, select_best_grouped
 
 __all__ = [
@@ -217,7 +218,7 @@ class Scorer:
                         dtype: str = "float32", device: str | torch.device | None = None,
                         max_length: int | None = None, allow_pickle: bool = False,
                         seed: int = 0, for_training: bool = False) -> "Scorer":
-        """Load a scorer: ``"minilm"``, a local Hugging Face folder, or a hub id.
+        """Load a scorer: ``"minilm"``, a local Hugging Face folder, or a hub id (``REPO@REVISION`` pins a commit).
 
         ``dtype``: ``"float32"`` or ``"bfloat16"`` (weights stay fp32; matmuls run under bf16
         autocast with an fp32 head: as fast as casting the weights to bf16 on an AVX512-BF16 CPU,
@@ -238,11 +239,13 @@ class Scorer:
         meta: dict = {}
         if is_local and (Path(source) / CAPPY_JSON).is_file():
             meta = json.loads((Path(source) / CAPPY_JSON).read_text())
+        source, revision = (source, None) if is_local else split_revision(source)
+        pin = {"revision": revision} if revision else {}  # REPO@REVISION: a pinned hub commit
         try:
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 source, num_labels=1, use_safetensors=use_safetensors, dtype=torch.float32,
-                output_loading_info=True)
-            tokenizer = AutoTokenizer.from_pretrained(source)
+                output_loading_info=True, **pin)
+            tokenizer = AutoTokenizer.from_pretrained(source, **pin)
         except OSError as e:
             if is_local:
                 raise

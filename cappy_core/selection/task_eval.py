@@ -39,7 +39,9 @@ scorer is instead finetuned once, before the tasks, on every task's pairs togeth
   :func:`cappy_core.selection.evaluation.evaluate_task`, per-instruction values and rankers' Spearman.
 
 With ``keep_scorer`` the finetuned scorer is saved under ``tasks_dir/<task>/scorer`` with the
-fused weights in it (:data:`cappy_core.selection.selectors.SELECTOR_FILE`), for serve; a task with a
+fused weights in it (:data:`cappy_core.selection.selectors.SELECTOR_FILE`), for serve, and, once
+validation is evaluated, the Cappy pick's Rouge-L in its ``cappy.json`` and model card
+(``model-index``: :func:`cappy_core.scorer.checkpoint.record_evaluation`); a task with a
 selector scorer of its own saves that one too, under ``tasks_dir/<task>/selector_scorer``, and the
 weights go there, since they are fitted on its scores; a task scored by the shared scorer,
 ``tasks_dir/_shared/scorer``, keeps its weights in ``tasks_dir/<task>``.
@@ -284,7 +286,9 @@ def run_task(task: str, settings: TaskSettings, *, use_gpu: bool = False, torch_
     ``"dev_metrics"`` and ``"dev_spearman"``. ``fused_weights`` is None without dev."""
     from cappy_core.io import write_parquet
     from cappy_core.labeling.pair_mixture import write_pairs
+    from cappy_core.scorer.checkpoint import record_evaluation
     from cappy_core.scorer.model import Scorer
+    from cappy_core.selection.evaluation import CAPPY
     from cappy_core.selection.selectors import write_selector
 
     device = set_device(use_gpu, torch_threads)
@@ -342,7 +346,9 @@ def run_task(task: str, settings: TaskSettings, *, use_gpu: bool = False, torch_
         t = time.monotonic()
     kept = task_dir / "scorer" if settings.keep_scorer and settings.schedule is not None else None
     if kept is not None:
-        scorer.save_pretrained(kept)
+        scorer.save_pretrained(kept, metadata={"run": {"job": "sweep", "name": task, "task": task,
+                                                       "loss": settings.schedule.loss},
+                                               "update": training.get("updates")})
         if selector is not None:  # the weights belong with the scores they were fitted on (serve finds
             kept = task_dir / "selector_scorer"  # a task's selector scorer here, a shared one included)
             selector.save_pretrained(kept)
@@ -356,5 +362,8 @@ def run_task(task: str, settings: TaskSettings, *, use_gpu: bool = False, torch_
     groups, unlabeled, result = evaluate_scored(val, f"task {task}")  # the one place validation labels are read
     sizes.update(validation_instructions=len(groups), validation_candidates=sum(map(len, groups)),
                  validation_unlabeled_instructions=unlabeled)
+    if settings.keep_scorer and settings.schedule is not None and CAPPY in result["metrics"]:
+        record_evaluation(task_dir / "scorer", [{"task": task, "split": "validation", "method": CAPPY,
+                                                 "rouge_l": result["metrics"][CAPPY]}], name=f"cappy-{task}")
     return {**result, "fused_weights": weights, **dev_record, "sizes": sizes,
             "training": training, "timings": timings, "device": device}

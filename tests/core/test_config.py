@@ -97,3 +97,46 @@ def test_key_values_derive_what_defines_a_result_from_the_marked_fields():
     cfg = Job(name="a", recipe=Recipe(lr=0.5, steps=2), workers=3)
     assert key_values(cfg) == {"name": "a", "recipe.lr": 0.5, "recipe.steps": 2, "recipe.fused": False}
     assert key_values(cfg, flat_sections=True) == {"name": "a", "lr": 0.5, "steps": 2, "fused": False}
+
+
+@dataclass
+class Picky:
+    mode: str = field(default="a", metadata={"choices": ["a", "b"], "help": "which"})
+    kinds: list[str] = field(default_factory=lambda: ["x"], metadata={"choices": ["x", "y"]})
+    recipe: Recipe = field(default_factory=Recipe)
+
+
+def test_help_shows_choices_and_the_values_of_the_preset_and_config_on_the_command_line(tmp_path):
+    preset = tmp_path / "job_fast.yaml"
+    preset.write_text("mode: b\nrecipe: {steps: 6}\n")
+    plain = build_parser(Picky, prog="job", description="d").format_help()
+    assert "--mode {a,b}" in plain and "--kinds {x,y} [{x,y} ...]" in plain
+    assert "which (default: 'a')" in plain and "Defaults shown" not in plain
+    shown = build_parser(Picky, prog="job", description="d", presets={"fast": preset},
+                         argv=["--preset", "fast", "--help"]).format_help()
+    assert "which (default: 'b')" in shown and "default: 6" in shown  # a section's value too
+    assert "Defaults shown are the values of --preset fast (job_fast.yaml)" in shown
+    extra = tmp_path / "more.yaml"
+    extra.write_text("mode: a\n")
+    both = build_parser(Picky, prog="job", description="d", presets={"fast": preset},
+                        argv=["--preset=fast", "--config", str(extra), "-h"]).format_help()
+    assert "which (default: 'a')" in both and f"--config {extra}" in both and "default: 6" in both
+
+
+def test_print_config_yaml_reads_back_to_the_same_config(tmp_path, capsys):
+    from cappy_core.config import config_yaml, resolve_and_run
+
+    preset = tmp_path / "job_fast.yaml"
+    preset.write_text("workers: 3\nrecipe: {steps: 6}\n")
+    presets = {"fast": preset}
+    parser = build_parser(Job, prog="job", description="", presets=presets)
+    args = parser.parse_args(["--preset", "fast", "--recipe.lr", "0.5", "--tags", "a", "b", "--print-config"])
+    ran = []
+    assert resolve_and_run(Job, args, presets, ran.append) == 0 and ran == []  # printed, did not run
+    printed = capsys.readouterr().out
+    assert "workers: 3" in printed and "lr: 0.5" in printed
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(printed)
+    again = parse(["--config", str(saved)])
+    assert again == parse(["--preset", "fast", "--recipe.lr", "0.5", "--tags", "a", "b"], presets)
+    assert config_yaml(again) == printed

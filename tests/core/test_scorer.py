@@ -194,7 +194,8 @@ def test_saved_scorer_has_a_model_card_and_loads_in_plain_transformers(scorer, t
            "loss": "mse"}
     scorer.save_pretrained(ckpt, metadata={"update": 8, "total_updates": 8, "metrics": {"spearman": 0.4321}, "run": run})
     card = (ckpt / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: transformers\n") and "\nbase_model: sentence-transformers/all-MiniLM-L6-v2\n" in card
+    assert card.startswith("---\nlicense: apache-2.0\nlibrary_name: transformers\n")
+    assert "\nbase_model: sentence-transformers/all-MiniLM-L6-v2\n" in card and "\n- google/bigbench\n" in card
     for row in ("| training data | BIG-Bench: tense |", "| training pairs | 1,024 (64 held out) |", "| loss | mse |",
                 "| updates | 8 of 8 |", "| metric: spearman | 0.4321 |", "| max length | 512 tokens"):
         assert row in card, row
@@ -287,3 +288,44 @@ def test_flops_per_pair_formula(scorer):
     expected = 2 * n_layers * (4 * d * d + 2 * d * d_ff) * t + 4 * n_layers * t * t * d
     assert math.isclose(flops_per_pair(cfg, t), expected, rel_tol=1e-3)
     assert flops_per_pair(cfg, 2 * t) > 2 * flops_per_pair(cfg, t)  # attention is quadratic
+
+
+def _front_matter(card: str) -> dict:
+    import yaml
+
+    head, sep, _ = card.removeprefix("---\n").partition("\n---\n")
+    assert card.startswith("---\n") and sep, card[:200]
+    return yaml.safe_load(head)
+
+
+def test_model_card_front_matter_carries_license_base_datasets_and_the_sweeps_rouge(tmp_path):
+    """Fast (no model): the card's YAML, as the hub reads it, for a sweep's kept scorer and others."""
+    from cappy_core.scorer.checkpoint import CAPPY_JSON, EMBEDDED_SOURCE, model_card, record_evaluation
+
+    info = {"base_model": EMBEDDED_SOURCE, "model_type": "bert", "max_length": 512,
+            "metadata": {"run": {"job": "sweep", "name": "tense", "task": "tense", "loss": "mse"}}}
+    folder = tmp_path / "scorer"
+    folder.mkdir()
+    (folder / CAPPY_JSON).write_text(json.dumps(info))
+    card = _front_matter(model_card(info, "scorer"))
+    assert card["license"] == "apache-2.0" and card["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert card["datasets"] == ["google/bigbench"] and "model-index" not in card
+    assert card["library_name"] == "transformers" and card["pipeline_tag"] == "text-classification"
+    record_evaluation(folder, [{"task": "tense", "split": "validation", "method": "cappy", "rouge_l": 61.25}],
+                      name="cappy-tense")
+    text = (folder / "README.md").read_text()
+    card = _front_matter(text)
+    index, = card["model-index"]
+    result, = index["results"]
+    assert index["name"] == "cappy-tense" and result["dataset"] == {
+        "type": "google/bigbench", "name": "BIG-Bench tense", "config": "tense", "split": "validation"}
+    assert result["metrics"] == [{"type": "rouge", "name": "Rouge-L (x100) of the selected response", "value": 61.25}]
+    assert "| Rouge-L, BIG-Bench tense validation | 61.25 (the `cappy` pick, x100) |" in text
+    assert json.loads((folder / CAPPY_JSON).read_text())["metadata"]["evaluation"][0]["rouge_l"] == 61.25
+    # other bases: roberta's MIT licence; a pinned hub id loses its revision; an unknown base says so
+    for base, license_, hub in (("roberta-large", "mit", "roberta-large"),
+                                ("sentence-transformers/all-MiniLM-L6-v2@1110a243fdf4706b3f48f1d95db1a4f5529b4d41",
+                                 "apache-2.0", "sentence-transformers/all-MiniLM-L6-v2"),
+                                ("someone/scorer", "unknown", "someone/scorer"), (str(tmp_path), "unknown", None)):
+        card = _front_matter(model_card({"base_model": base, "max_length": 64, "metadata": {}}, "x"))
+        assert card["license"] == license_ and card.get("base_model") == hub and "datasets" not in card

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from conftest import tiny_bert_scorer
 
 from cappy_core.labeling.candidates import CANDIDATE_SCHEMA, done_path, instruction_id, shard_path
@@ -177,8 +178,9 @@ def test_a_selector_scorer_of_its_own_drives_the_fused_row_only(tmp_path, monkey
     data, cands = make_task(tmp_path, "t")
 
     class Saved:
-        def save_pretrained(self, folder):
+        def save_pretrained(self, folder, metadata=None):
             folder.mkdir(parents=True, exist_ok=True)
+            (folder / "cappy.json").write_text(json.dumps({"max_length": 32, "metadata": metadata or {}}))
 
     class Wrong(Saved):  # the generator's own (exactly wrong) ranking: picks the worst candidate
         dtype = "float32"
@@ -213,6 +215,15 @@ def test_a_selector_scorer_of_its_own_drives_the_fused_row_only(tmp_path, monkey
     task_dir = tmp_path / "tasks" / "t"
     assert read_selector(task_dir / "selector_scorer") == rec["fused_weights"]
     assert (task_dir / "scorer").is_dir() and read_selector(task_dir / "scorer") is None
+    # the kept scorer records its validation Rouge-L (the cappy row) in cappy.json and its model card
+    kept = json.loads((task_dir / "scorer" / "cappy.json").read_text())["metadata"]
+    assert kept["run"] == {"job": "sweep", "name": "t", "task": "t", "loss": "mse"} and kept["update"] == 1
+    assert kept["evaluation"] == [{"task": "t", "split": "validation", "method": "cappy", "rouge_l": m["cappy"]}]
+    card = yaml.safe_load((task_dir / "scorer" / "README.md").read_text().split("---\n")[1])
+    result, = card["model-index"][0]["results"]
+    assert card["model-index"][0]["name"] == "cappy-t" and card["datasets"] == ["google/bigbench"]
+    assert result["dataset"]["config"] == "t" and result["dataset"]["split"] == "validation"
+    assert result["metrics"][0]["value"] == pytest.approx(10.0)
 
 
 def test_a_bf16_finetuned_scorer_scores_in_the_score_dtype(tmp_path, tiny_scorer):
@@ -265,10 +276,11 @@ def test_one_selector_scorer_for_every_task_drives_each_tasks_fused_row(tmp_path
         def __init__(self):
             self.by_text = {**LabelScorer(cands).by_text}
 
-        def save_pretrained(self, folder):
+        def save_pretrained(self, folder, metadata=None):
             folder = __import__("pathlib").Path(folder)
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "config.json").write_text("{}")
+            (folder / "cappy.json").write_text(json.dumps({"max_length": 32, "metadata": metadata or {}}))
 
     class Wrong(Right):
         def score(self, instructions, responses):

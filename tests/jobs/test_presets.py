@@ -26,7 +26,7 @@ PRESET_JOBS = {
     "pretrain": ("jobs.pretrain", "PretrainConfig"),        # cappy pretrain --preset NAME
     "sweep": ("jobs.sweep", "SweepConfig"),                 # cappy sweep --preset NAME
 }
-#: ``serve_app/*.yaml``: Serve configs (``cappy serve --config FILE``, ``serve run FILE``).
+#: ``serve_app/*.yaml``: Serve configs (``cappy serve --serve-config FILE``, ``serve run FILE``).
 SERVE_JOB = "jobs.serve"
 
 CONFIG_DIR = REPO / "jobs" / "configs"
@@ -132,7 +132,7 @@ def test_serve_config_validates_and_its_import_path_imports(path):
         # an application builder takes the args (validating them) and returns the app; a bound app is one
         built = target if isinstance(target, Application) else target(app.get("args") or {})
         assert isinstance(built, Application), f"{path.name}: {app['import_path']} gave {type(built).__name__}"
-        # the job that claims Serve configs reads the file the same way (`cappy serve --config FILE --dry-run`)
+        # the job that claims Serve configs reads the file the same way (`cappy serve --serve-config FILE --dry-run`)
         _, entry, _ = serve.resolve(serve.build_parser().parse_args(
-            ["--config", str(path), "--app", app["name"], "--dry-run"]))
+            ["--serve-config", str(path), "--app", app["name"], "--dry-run"]))
         assert entry == app

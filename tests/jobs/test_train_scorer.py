@@ -156,6 +156,33 @@ def test_push_to_hub_fails_before_training_without_network(tmp_path, capsys, tin
     assert not any(tmp_path.glob("finetune-*"))  # nothing was trained
 
 
+def test_push_to_hub_private_creates_a_private_repo(tmp_path, monkeypatch):
+    """``--private`` reaches ``create_repo(private=True)`` (a stand-in HfApi: no network)."""
+    import huggingface_hub
+
+    from jobs.hub import push_to_hub
+
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo, **kw):
+            calls.append(("create", repo, kw))
+
+        def upload_folder(self, **kw):
+            calls.append(("upload", kw["repo_id"], kw))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    for flags, private in (([], False), (["--private"], True)):
+        cfg = config_from_args(finetune.FinetuneConfig, build_parser(finetune.FinetuneConfig, prog="finetune",
+                                                                        description="").parse_args(
+            ["--task", "tense", "--push-to-hub", "me/cappy", *flags]))
+        assert cfg.private is private
+        calls.clear()
+        url = push_to_hub(str(tmp_path), cfg.push_to_hub, log=lambda m: None, private=cfg.private)
+        assert url == "https://huggingface.co/me/cappy" and calls[0][0] == "create"
+        assert calls[0][2]["private"] is private and calls[1][1] == "me/cappy"
+
+
 def test_unknown_task_and_bad_sample_labels(tmp_path, capsys, tiny_scorer, standin_tasks):
     from cappy_core.data.prepare import prepare_tasks
 

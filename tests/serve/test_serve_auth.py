@@ -153,7 +153,7 @@ def test_cappy_serve_adds_the_flags_keys_to_the_files_digests(monkeypatch, tmp_p
     cfg = tmp_path / "serve.yaml"
     cfg.write_text("applications:\n  - name: x\n    import_path: serve_app.app:app_builder\n"
                    f"    args: {{ingress: {{api_key_sha256: [{DIGESTS[0]}]}}}}\n")
-    got = _resolve(["--config", str(cfg), "--api-key", KEYS[1]], monkeypatch)
+    got = _resolve(["--serve-config", str(cfg), "--api-key", KEYS[1]], monkeypatch)
     assert got.ingress.api_key_sha256 == DIGESTS
 
 

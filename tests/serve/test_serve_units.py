@@ -465,7 +465,7 @@ def test_cappy_serve_dry_run(capsys, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("applications:\n  - name: x\n    import_path: serve_app.app:app_builder\n"
                    "    args: {scorer: {modle: minilm}}\n")
-    assert main(["--dry-run", "--config", str(bad)]) == 2
+    assert main(["--dry-run", "--serve-config", str(bad)]) == 2
     assert "modle" in capsys.readouterr().err
 
 
@@ -528,3 +528,17 @@ def test_auto_backend_serves_an_encoder_decoder_model_with_transformers(tmp_path
     t5 = tiny_t5(tmp_path / "t5", tiny_generator(tmp_path / "tiny"))
     gen = _load("auto", str(t5), {"device": "cpu"})
     assert gen.backend == "hf" and gen.is_encoder_decoder and getattr(gen, "engine", None) is None
+
+
+def test_cappy_serve_takes_serve_config_and_the_old_config_with_a_warning(capsys, tmp_path):
+    from jobs.serve import CONFIG_DEPRECATED, DEFAULT_CONFIG, build_parser
+
+    parser = build_parser("cappy serve")
+    text = parser.format_help()
+    assert "--serve-config YAML" in text and "--config" not in text.replace("--serve-config", "")
+    assert parser.parse_args([]).config == str(DEFAULT_CONFIG)
+    assert parser.parse_args(["--serve-config", "a.yaml"]).config == "a.yaml"
+    assert capsys.readouterr().err == ""
+    assert parser.parse_args(["--config", "b.yaml"]).config == "b.yaml"  # still works for one release
+    err = capsys.readouterr().err
+    assert CONFIG_DEPRECATED in err and "use --serve-config" in err
