@@ -16,8 +16,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serve_app.args import TASK_ID_PATTERN
 
 OPENAI_PATHS = ("/chat/completions", "/completions", "/models")
-#: the /v1/select field a bound names → the OpenAI request field the client sent
-_OPENAI_PARAM = {"num_candidates": "n", "max_new_tokens": "max_tokens"}
 _UNSUPPORTED = "this parameter is not supported (README: the OpenAI parameter table)"
 _HTTP_CODE = {503: "service_unavailable", 413: "request_too_large", 404: "not_found"}
 
@@ -67,17 +65,6 @@ def openai_model_task(model: str) -> str | None:
         return model[len("cappy:"):]
     raise OpenAIError(404, f"The model {model[:160]!r} does not exist: use 'cappy' or 'cappy:<task>' (GET /v1/models)",
                       param="model", code="model_not_found")
-
-
-def openai_bound_error(e: RequestValidationError, chat: bool) -> OpenAIError:
-    """A /v1/select bound's 422 (``plan_select``) as a 400 naming the client's field, not
-    /v1/select's (``chat``: the prompt came as ``messages``)."""
-    (err,) = e.errors()
-    field = err["loc"][-1]
-    param = _OPENAI_PARAM.get(field, "messages" if chat and field == "instruction" else
-                              "prompt" if field == "instruction" else field)
-    return OpenAIError(400, f"{param}: {err['msg']}".replace(f"{field}=", f"{param}="), param=param,
-                       code="invalid_value")
 
 
 def openai_select_error(e: RequestValidationError, model: str) -> OpenAIError:
