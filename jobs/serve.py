@@ -155,8 +155,12 @@ def apply_sweep_defaults(raw: dict, allow_untrained: bool, strict: bool = True, 
 
 
 def api_keys(args: argparse.Namespace) -> list[str]:
-    """The raw keys of ``--api-key`` and ``$CAPPY_API_KEY`` (comma-separated), in order, no blanks."""
-    given = list(getattr(args, "api_key", None) or []) + os.environ.get(API_KEY_ENV, "").split(",")
+    """The raw keys of ``--api-key`` and ``$CAPPY_API_KEY`` (comma-separated), in order, no blanks.
+    An empty ``--api-key`` is an error: taken as "no key", it would serve with none."""
+    flags = list(getattr(args, "api_key", None) or [])
+    if any(not k.strip() for k in flags):
+        raise ValueError("--api-key is empty: give the key (or leave the flag out to serve without one)")
+    given = flags + os.environ.get(API_KEY_ENV, "").split(",")
     return list(dict.fromkeys(k.strip() for k in given if k.strip()))
 
 

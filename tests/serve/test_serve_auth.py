@@ -147,6 +147,8 @@ def test_cappy_serve_hashes_the_flags_and_the_env_vars_keys(monkeypatch):
     assert _resolve([], monkeypatch, env_keys=f" {KEYS[0]},{KEYS[1]} ,").ingress.api_key_sha256 == DIGESTS
     both = _resolve(["--api-key", KEYS[1]], monkeypatch, env_keys=f"{KEYS[0]},{KEYS[1]}")
     assert sorted(both.ingress.api_key_sha256) == sorted(DIGESTS)  # both sources, each key once
+    with pytest.raises(ValueError, match="--api-key is empty"):  # never silently keyless
+        _resolve(["--api-key", " "], monkeypatch)
 
 
 def test_cappy_serve_adds_the_flags_keys_to_the_files_digests(monkeypatch, tmp_path):
