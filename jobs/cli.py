@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Callable, Optional
 
 #: Shipped presets: ``jobs/configs/<job>_<preset>.yaml``, each headed by the command that runs it.
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -143,18 +144,24 @@ def _group_usage(group: str) -> str:
                      + ["", f"Run `cappy {group} <command> --help` for a command's options."])
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The ``cappy`` entry point; a reader that closes stdout early (``| head``) ends it quietly
-    (Python's "Note on SIGPIPE": stdout pointed at devnull, exit status 141)."""
+def quiet_pipe(main: Callable[[], Optional[int]]) -> int:
+    """Run an entry point (``sys.exit(quiet_pipe(main))``); a reader that closes stdout early
+    (``| head``) ends it quietly (Python's "Note on SIGPIPE": stdout pointed at devnull, exit
+    status 141) instead of a BrokenPipeError traceback."""
     try:
         try:
-            return _main(argv)
+            return int(main() or 0)
         finally:
             sys.stdout.flush()
     except BrokenPipeError:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``cappy`` entry point; a reader that closes stdout early (``| head``) ends it quietly."""
+    return quiet_pipe(lambda: _main(argv))
 
 
 def _main(argv: list[str] | None = None) -> int:

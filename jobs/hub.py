@@ -4,6 +4,7 @@ it can work, made before training rather than after it."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Callable
 
 from cappy_core.config import ConfigError
@@ -45,3 +46,30 @@ def push_to_hub(folder: str, repo: str, log: Callable[[str], None] = print, priv
     url = getattr(info, "repo_url", None) or f"https://huggingface.co/{repo}"
     log(f"pushed {folder} to {url}")
     return str(url)
+
+
+def sweep_repos(prefix: str, tasks_dir: str | Path, tasks: list[str]) -> dict[str, Path]:
+    """``{repo: folder}`` for ``cappy sweep --keep-scorers --push-to-hub ORG/PREFIX``: each task's
+    kept scorer as ``ORG/PREFIX-<task>`` and its selector scorer (with the fused weights serve reads)
+    as ``ORG/PREFIX-<task>-selector``."""
+    out: dict[str, Path] = {}
+    for task in tasks:
+        for folder, suffix in (("scorer", ""), ("selector_scorer", "-selector")):
+            path = Path(tasks_dir) / task / folder
+            if (path / "cappy.json").is_file():
+                out[f"{prefix}-{task}{suffix}"] = path
+    return out
+
+
+def push_sweep_scorers(prefix: str, tasks_dir: str | Path, tasks: list[str], private: bool = False,
+                       log: Callable[[str], None] = print) -> dict[str, str]:
+    """Push every kept scorer (:func:`sweep_repos`); ``{repo: url, or "error: ..."}``. A failed push
+    is logged and the next one goes on: the sweep's results are already on disk."""
+    results: dict[str, str] = {}
+    for repo, folder in sweep_repos(prefix, tasks_dir, tasks).items():
+        try:
+            results[repo] = push_to_hub(str(folder), repo, log, private=private)
+        except Exception as e:  # network, permissions, quota: the others may still go
+            results[repo] = f"error: {type(e).__name__}: {e}"
+            log(f"push of {folder} to {repo} failed: {type(e).__name__}: {e}")
+    return results

@@ -31,11 +31,9 @@ def train_loop_per_worker(c: dict) -> None:
     import torch
     import transformers
 
-    from cappy_core.fault_injection import check_update
     from cappy_core.scorer.model import Scorer
-    from cappy_core.scorer.runs import RunProgress, evaluate_pairs, save_checkpoint
     from cappy_core.scorer.train_state import TrainState, load_train_state
-    from cappy_core.scorer.training import fit_scorer, mean_over_ranks, scorer_optimizer, window_rows
+    from cappy_core.scorer.training import scorer_optimizer
 
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger().setLevel(c.get("worker_log_level", logging.INFO))
@@ -65,8 +63,26 @@ def train_loop_per_worker(c: dict) -> None:
     if resumed:
         state.resumes.append(state.update)
     eval_rows = ray.get(c["eval_pairs"]) if c["eval_pairs"] is not None else None
+    # --report-to: rank 0 logs each update's loss and LR as it is made, each report's evals and throughput
+    from jobs.tracking import Tracker
+
+    with Tracker(c.get("tracking") if rank == 0 else None, in_ray_train=True) as tracker:
+        _fit(c, scorer, model, optimizer, state, rank, world, device, eval_rows, fail_at, say, tracker)
+
+
+def _fit(c, scorer, model, optimizer, state, rank, world, device, eval_rows, fail_at, say, tracker) -> None:
+    """The worker's fit, once its scorer, optimizer and state are ready: reports, evals, updates."""
+    import ray.train
+
+    from cappy_core.fault_injection import check_update
+    from cappy_core.scorer.runs import RunProgress, evaluate_pairs, save_checkpoint
+    from cappy_core.scorer.training import fit_scorer, mean_over_ranks, window_rows
+    from jobs.tracking import training_report
+
+    schedule, total = c["schedule"], c["total_updates"]
 
     def report(metrics: dict, with_checkpoint: bool) -> None:
+        training_report(tracker, metrics)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "scorer"
             if with_checkpoint and rank == 0:
@@ -84,6 +100,7 @@ def train_loop_per_worker(c: dict) -> None:
 
     def on_update(info) -> None:
         check_update(info.update, fail_at)
+        tracker.scalars({"train/loss": info.loss, "train/lr": info.lr}, info.update)
         progress(info)
 
     shard, rows = ray.train.get_dataset_shard("train"), window_rows(schedule, world)
@@ -125,10 +142,12 @@ def keeping_sigint_handler():
 
 
 def run_training(cfg: Any, paths: dict[str, str], train_file: str, eval_file: str | None,
-                 run_info: dict, log: Callable[[str], None] = print, before_fit=None, progress: bool = True):
+                 run_info: dict, log: Callable[[str], None] = print, before_fit=None, progress: bool = True,
+                 tracking=None):
     """Check the pair files, then fit a TorchTrainer and export the final scorer to ``output``;
     returns a :class:`~cappy_core.scorer.runs.TrainOutcome`. ``progress``: rank 0 prints its
-    per-update and eval lines (the driver's terminal shows them)."""
+    per-update and eval lines (the driver's terminal shows them); ``tracking``: the
+    :class:`~jobs.tracking.TrackingRun` rank 0 logs into as it trains."""
     import ray
     import ray.data
     import ray.train
@@ -165,7 +184,7 @@ def run_training(cfg: Any, paths: dict[str, str], train_file: str, eval_file: st
         "total_updates": total, "grad_accum_steps": accum, "torch_threads": threads,
         "checkpoint_every": cfg.checkpoint_every, "eval_every": cfg.eval_every or cfg.checkpoint_every,
         "log_every": cfg.log_every, "eval_batch_size": cfg.eval_batch_size,
-        "fail_at_update": fail_at_update(cfg.fail_at_update), "progress": progress,
+        "fail_at_update": fail_at_update(cfg.fail_at_update), "progress": progress, "tracking": tracking,
         # Ray Train's workers log at INFO through the root logger ("Reporting training result ..."),
         # which its LoggingConfig level does not filter: below --log-level debug, only warnings
         "worker_log_level": logging.INFO if os.environ.get("CAPPY_LOG_LEVEL") == "debug" else logging.WARNING,

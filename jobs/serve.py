@@ -285,4 +285,6 @@ def _delete(serve, name: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jobs.cli import quiet_pipe
+
+    sys.exit(quiet_pipe(main))  # `| head` ends it quietly

@@ -31,7 +31,8 @@ from cappy_core.data.download import download_tasks
 from cappy_core.fault_injection import check_task, sweep_faults
 from cappy_core.io import write_json
 from cappy_core.remote import is_remote, sync_outputs
-from cappy_core.selection.task_eval import TaskSettings, finetune_shared, finetune_shared_selector, run_task
+from cappy_core.selection.task_eval import (TaskSettings, finetune_shared, finetune_shared_selector,
+                                            record_shared_evaluation, run_task)
 from cappy_core.selection.task_results import read_result, result_path, result_record
 from jobs.log_file import init_ray
 from jobs.runtime import job_main, job_output
@@ -188,23 +189,29 @@ def run(cfg: SweepConfig, preset: str | None = None, log=print) -> dict:
     cfg, out = checked_config(cfg, preset)
     target = cfg.out if is_remote(cfg.out) else str(out)
     with job_output(target, "--out", "cappy sweep", JOB, cfg, log, cache_dir=cfg.cache_dir, logger=logger) as (_, log):
-        return _run_locked(cfg, out, preset, log)
+        from jobs.tracking import Tracker, tracking
+
+        with tracking(cfg.report_to, out, "sweep", to_dict(cfg), log) as run, Tracker(run) as tracker:
+            return _run_locked(cfg, out, preset, log, tracker)
 
 
-def _run_locked(cfg: SweepConfig, out: Path, preset: str | None, log) -> dict:
+def _run_locked(cfg: SweepConfig, out: Path, preset: str | None, log, tracker) -> dict:
     import ray
 
     from cappy_core.selection.report import write_reports
+    from jobs.tracking import sweep_run
 
     stages: dict[str, float] = {}
     t_all = time.monotonic()
 
-    def stage(name: str, message: str | None, fn, *args):  # log, run fn(*args), record its seconds
+    def stage(name: str, message: str | None, fn, *args):  # log, run fn(*args), record (and track) its seconds
         if message:
             log(message)
         t = time.monotonic()
         result = fn(*args)
         stages[name] = round(time.monotonic() - t, 1)
+        tracker.scalars({f"stages/{name}": stages[name]}, 0)
+        tracker.flush()
         return result
 
     tasks = stage("data_s", f"== sweep into {out}", ensure_data, cfg, out, log)
@@ -236,13 +243,19 @@ def _run_locked(cfg: SweepConfig, out: Path, preset: str | None, log) -> dict:
               run_tasks, cfg, plan, settings, log)
     records = {task: read_result(settings.tasks_dir, task) for task in tasks}
     summary = stage("report_s", None, write_reports, out, records, log)
+    if cfg.keep_scorers:  # the shared scorers' cards get every task's row (each task's own got its row)
+        record_shared_evaluation(settings.tasks_dir, records)
     stages["total_s"] = round(time.monotonic() - t_all, 1)
-    write_json(out / "sweep_run.json", {"config": to_dict(cfg), "preset": preset, "generator": generator,
-                                        "scorer_init": init, "tasks": tasks, "ran": todo, "stages": stages})
+    run_record = {"config": to_dict(cfg), "preset": preset, "generator": generator, "scorer_init": init,
+                  "tasks": tasks, "ran": todo, "stages": stages}
+    write_json(out / "sweep_run.json", run_record)
     log(f"stage times (s): {json.dumps(stages)}")
-    from jobs.tracking import report, sweep_run
+    sweep_run(tracker, summary, records, stages)
+    if cfg.push_to_hub:  # last: a failed push loses nothing above
+        from jobs.hub import push_sweep_scorers
 
-    report(cfg.report_to, out, "sweep", to_dict(cfg), lambda tracker: sweep_run(tracker, summary, records, stages), log)
+        summary["hub"] = push_sweep_scorers(cfg.push_to_hub, settings.tasks_dir, tasks, cfg.private, log)
+        write_json(out / "sweep_run.json", {**run_record, "hub": summary["hub"]})
     return summary
 
 
@@ -253,7 +266,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
             print(format_plan(plan(cfg, args.preset)))
             return 0
-        return 1 if run(cfg, preset=args.preset).get("failed") else 0
+        summary = run(cfg, preset=args.preset)
+        pushes_failed = any(v.startswith("error:") for v in (summary.get("hub") or {}).values())
+        return 1 if summary.get("failed") or pushes_failed else 0
 
     return job_main(SweepConfig, body, job=JOB, module="jobs.sweep", argv=argv, prog=prog, description=DESCRIPTION,
                     epilog=EPILOG, add_arguments=lambda parser: parser.add_argument(
@@ -262,4 +277,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jobs.cli import quiet_pipe
+
+    sys.exit(quiet_pipe(main))  # `| head` ends it quietly

@@ -86,6 +86,12 @@ class SweepConfig(CacheOptions, TrackingOptions):
         "choices": ["float32", "bfloat16"], "help": "dtype for scoring the validation candidates"})
     keep_scorers: bool = field(default=False, metadata={
         "help": "save each task's finetuned scorer under OUT/tasks/<task>/scorer"})
+    push_to_hub: Optional[str] = field(default=None, metadata={
+        "help": "with --keep-scorers: push each kept scorer to the Hugging Face hub once the report is written, "
+                "as ORG/PREFIX-<task> (its selector scorer, with the fused weights, as ORG/PREFIX-<task>-selector); "
+                "give ORG/PREFIX"})
+    private: bool = field(default=False, metadata={
+        "help": "with --push-to-hub: create the model repos private (an existing repo keeps its visibility)"})
     # per-task resources
     cpus_per_task: float = field(default=1.0, metadata={"help": "CPUs reserved per task (finetune + score)"})
     gpus_per_task: float = field(default=0.0, metadata={"help": "GPUs per task (fractions pack tasks on a GPU)"})
@@ -105,6 +111,9 @@ class SweepConfig(CacheOptions, TrackingOptions):
             raise SettingError("dev_examples_per_task", f"{self.dev_examples_per_task} leaves none of the {cap} train "
                                "instructions (max_train_examples_per_task) to finetune on",
                                related=["max_train_examples_per_task"])
+        if self.push_to_hub and not self.keep_scorers:
+            raise SettingError("push_to_hub", "pushes the scorers --keep-scorers keeps: add --keep-scorers",
+                               related=["keep_scorers"])
         if self.selector_scope == "all" and self.selector_loss == "same":
             raise SettingError("selector_scope", "all finetunes one selector scorer for every task: it needs "
                                "selector_loss listwise (or listwise+mse)", related=["selector_loss"])

@@ -34,6 +34,10 @@ def checked_config(cfg: SweepConfig, preset: str | None = None) -> tuple[SweepCo
     from here (the values alone were checked by :class:`SweepConfig`). An ``--out`` URI stays
     one in ``cfg``; OUT is then its local staging folder (:mod:`cappy_core.remote`)."""
     check_report_to(cfg.report_to)
+    if cfg.push_to_hub:  # ORG/PREFIX-<task>: a repo id once a task name is added; a token and a route now
+        from jobs.hub import check_hub_push
+
+        check_hub_push(cfg.push_to_hub)
     cfg = with_local_paths(cfg, "task_dir", "cache_dir")
     if is_remote(cfg.out):
         filesystem(cfg.out, "--out")  # an unknown scheme or a missing package: refused before any stage

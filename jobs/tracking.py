@@ -1,26 +1,31 @@
-"""Experiment tracking (``--report-to``): a job's curves and metrics in TensorBoard, MLflow or W&B.
+"""Experiment tracking (``--report-to``): a job's curves and metrics in TensorBoard, MLflow or W&B,
+*while it runs*. Where they go is decided once, on the driver (:func:`tracking`, which reads the
+environment there), and travels as a picklable :class:`TrackingRun` to whoever logs: the rank-0
+Ray Train worker for pretrain / finetune (each update's loss and LR as it is made, each report's
+evals and throughput), the job's own process for generator training and for the sweep (each
+stage's seconds as it ends, then the task metrics, means, paired intervals and the report's files).
 
-Each job logs what it already records, once it has it: pretrain / finetune the loss of every
-update, its learning rate (the schedule's :func:`~cappy_core.scorer.training.lr_at`), the evals and the
-throughput; generator training its loss curve, tokens/s and greedy Rouge-L; the sweep every task's
-metrics, the means and the stage times. The values are the job's own (``results.json``,
-``cappy_generator.json``, ``summary.json``), so a tracker and the JSON never disagree.
+- **TensorBoard**: event files under ``FOLDER/tensorboard/<run>`` (``tensorboardX``), on disk
+  within 2 s and flushed at every report.
+- **MLflow**: ``MLFLOW_TRACKING_URI`` / ``MLFLOW_EXPERIMENT_NAME`` when set; otherwise a file store
+  under ``FOLDER/mlruns``, experiment ``cappy``. The driver creates the run and marks it FINISHED
+  or FAILED; workers log into it by id, so a restarted worker group continues the same run.
+- **W&B**: ``WANDB_MODE`` / ``WANDB_PROJECT`` when set (``online`` needs a key); otherwise offline
+  files under ``FOLDER/wandb`` (``wandb sync``), project ``cappy``. Workers use Ray's ``setup_wandb``.
 
-All three work offline on local files: TensorBoard event files (``tensorboardX``, which the vLLM
-extras install; ``pip install -e ".[tracking]"`` otherwise) under ``FOLDER/tensorboard/<run>``,
-an MLflow file store under ``FOLDER/mlruns`` (experiment ``cappy``), W&B in offline mode under
-``FOLDER/wandb`` (``wandb sync`` uploads it later; its rows are written in step order when the
-run closes, since W&B drops a step lower than one it has). A missing package is an error naming it.
+A missing package, or W&B online without a key, is an error before the job starts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping
 
 from cappy_core.config import flatten
 
@@ -33,12 +38,13 @@ class TrackingOptions:
     """``--report-to``, shared by the jobs that train or evaluate (their configs inherit it)."""
 
     report_to: str = field(default="none", metadata={
-        "choices": list(REPORT_TO), "help": "also log curves and metrics to TensorBoard, MLflow or W&B "
-                                            "(offline, local files under the job's output folder)"})
+        "choices": list(REPORT_TO), "help": "also log curves and metrics, live, to TensorBoard, MLflow or W&B "
+                                            "(MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_NAME, WANDB_MODE / WANDB_PROJECT "
+                                            "when set; else local files under the job's output folder)"})
 
 
 def check_report_to(kind: str) -> None:
-    """Fail before the job runs when the tracker's package is missing."""
+    """Fail before the job runs when the tracker's package is missing, or W&B would need a login."""
     if kind not in REPORT_TO:
         raise ValueError(f"--report-to {kind!r}: choose one of {', '.join(REPORT_TO)}")
     if kind == "none":
@@ -49,6 +55,12 @@ def check_report_to(kind: str) -> None:
     if importlib.util.find_spec(package) is None:
         raise ImportError(f"--report-to {kind}: the {package!r} package is not installed "
                           f"(pip install {'-e .[tracking]' if kind == 'tensorboard' else package})")
+    if kind == "wandb" and os.environ.get("WANDB_MODE", "offline") not in ("offline", "disabled", "dryrun"):
+        import wandb
+
+        if not os.environ.get("WANDB_API_KEY") and not wandb.api.api_key:
+            raise ValueError(f"--report-to wandb with WANDB_MODE={os.environ['WANDB_MODE']}: no W&B key "
+                             "(run `wandb login` or set WANDB_API_KEY; unset WANDB_MODE to log offline)")
 
 
 def _numeric(values: Mapping[str, Any]) -> dict[str, float]:
@@ -62,120 +74,224 @@ def mlflow_key(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", name)
 
 
-class Tracker:
-    """One run of one tracker: :meth:`scalars` at a step, :meth:`close` → where it was written."""
+def _allow_file_store(uri: str) -> None:
+    if uri.startswith("file:") or "://" not in uri:  # MLflow 3 keeps the file store behind this opt-in
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
-    def __init__(self, kind: str, folder: str | Path, run_name: str, params: Mapping[str, Any]):
-        check_report_to(kind)
-        self.kind, folder = kind, Path(folder)
-        flat = {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
-                for k, v in flatten(params).items()}  # a section's settings as schedule.lr, ...
-        if kind == "tensorboard":
+
+@dataclass
+class TrackingRun:
+    """One run of one tracker, resolved on the driver; picklable, so a Ray Train worker opens it."""
+
+    kind: str
+    name: str
+    folder: str  # the job's folder: TensorBoard events, the default MLflow store, W&B's files
+    params: dict = field(default_factory=dict)  # flat: schedule.lr, ...
+    mlflow_uri: str = ""
+    experiment: str = ""
+    run_id: str = ""  # MLflow's run (created by the driver) or W&B's run id
+    wandb_mode: str = ""
+    wandb_project: str = ""
+
+    @property
+    def where(self) -> str:
+        if self.kind == "tensorboard":
+            return str(Path(self.folder) / "tensorboard" / self.name)
+        if self.kind == "mlflow":
+            return f"{self.mlflow_uri} (experiment {self.experiment}, run {self.run_id})"
+        return f"{Path(self.folder) / 'wandb'} ({self.wandb_mode}, project {self.wandb_project}, run {self.run_id})"
+
+
+def start_run(kind: str, folder: str | Path, name: str, params: Mapping[str, Any]) -> TrackingRun | None:
+    """The driver's half: read the environment, create the MLflow run (with the params) or pick the
+    W&B run id. None for ``--report-to none``."""
+    if kind == "none":
+        return None
+    check_report_to(kind)
+    flat = {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
+            for k, v in flatten(params).items()}
+    run = TrackingRun(kind, name, str(Path(folder).resolve()), flat)
+    if kind == "mlflow":
+        from mlflow.entities import Param
+
+        run.mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI") or (Path(run.folder) / "mlruns").as_uri()
+        run.experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "cappy"
+        _allow_file_store(run.mlflow_uri)
+        client = _mlflow_client(run.mlflow_uri)
+        exp = client.get_experiment_by_name(run.experiment)
+        created = client.create_run(exp.experiment_id if exp else client.create_experiment(run.experiment),
+                                    run_name=name, tags={"cappy.job": name.split("-")[0]})
+        run.run_id = created.info.run_id
+        client.log_batch(run.run_id, params=[Param(k, str(v)[:500]) for k, v in flat.items()])
+    elif kind == "wandb":
+        run.wandb_mode = os.environ.get("WANDB_MODE") or "offline"
+        run.wandb_project = os.environ.get("WANDB_PROJECT") or "cappy"
+        run.run_id = uuid.uuid4().hex[:8]  # W&B ids: letters and digits
+    return run
+
+
+def _mlflow_client(uri: str):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def finish_run(run: TrackingRun | None, ok: bool) -> None:
+    """The driver's last word: MLflow's run status (W&B and TensorBoard are closed by their writer)."""
+    if run is not None and run.kind == "mlflow":
+        _mlflow_client(run.mlflow_uri).set_terminated(run.run_id, "FINISHED" if ok else "FAILED")
+
+
+@contextlib.contextmanager
+def tracking(kind: str, folder: str | Path, name: str, params: Mapping[str, Any],
+             log: Callable[[str], None] = print) -> Iterator[TrackingRun | None]:
+    """:func:`start_run` … :func:`finish_run` around a job; logs where the run is."""
+    run = start_run(kind, folder, name, params)
+    if run is not None:
+        log(f"{kind}: {run.where}")
+    ok = False
+    try:
+        yield run
+        ok = True
+    finally:
+        finish_run(run, ok)
+
+
+class Tracker:
+    """The writer for a :class:`TrackingRun`, opened where the metrics are made (a no-op for None):
+    :meth:`scalars` at a step, :meth:`artifact` for a file, :meth:`flush`, :meth:`close`."""
+
+    def __init__(self, run: TrackingRun | None, in_ray_train: bool = False):
+        self.run, self.kind = run, run.kind if run else "none"
+        if self.kind == "tensorboard":
             from tensorboardX import SummaryWriter
 
-            self.where = folder / "tensorboard" / run_name
-            self._tb = SummaryWriter(logdir=str(self.where))
-            self._tb.add_text("config", "\n".join(f"    {k}: {v}" for k, v in flat.items()), 0)
-        elif kind == "mlflow":
-            # the file store needs no database packages and no server; MLflow 3 keeps it behind this opt-in
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-            import mlflow
+            self._tb = SummaryWriter(logdir=run.where, flush_secs=2)  # its thread writes to disk this often
+            self._tb.add_text("config", "\n".join(f"    {k}: {v}" for k, v in run.params.items()), 0)
+        elif self.kind == "mlflow":
+            _allow_file_store(run.mlflow_uri)
+            self._ml = _mlflow_client(run.mlflow_uri)
+        elif self.kind == "wandb":
+            self._wb = _open_wandb(run, in_ray_train)
+        self._last_step = -1
 
-            self.where = folder / "mlruns"
-            self._ml = mlflow.MlflowClient(tracking_uri=self.where.resolve().as_uri())
-            exp = self._ml.get_experiment_by_name("cappy")
-            exp_id = exp.experiment_id if exp else self._ml.create_experiment("cappy")
-            self._run = self._ml.create_run(exp_id, run_name=run_name)
-            for k, v in flat.items():
-                self._ml.log_param(self._run.info.run_id, k, str(v)[:500])
-        else:
-            import wandb
+    def __enter__(self) -> "Tracker":
+        return self
 
-            self.where = folder / "wandb"
-            self.where.mkdir(parents=True, exist_ok=True)
-            # wandb's own console report (run summary, sync hint) only at --log-level debug
-            quiet = os.environ.get("CAPPY_LOG_LEVEL", "info") != "debug"
-            # (no reinit: report() finishes each run, so none is active when the next job's opens)
-            self._wb = wandb.init(project="cappy", name=run_name, config=flat, dir=str(self.where), mode="offline",
-                                  settings=wandb.Settings(silent=quiet))
-            # W&B drops a step lower than one already logged (a job logs its evals, from update 0,
-            # after its losses): rows are kept per step and logged in step order at close
-            self._rows: dict[int, dict[str, float]] = {}
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def scalars(self, values: Mapping[str, Any], step: int) -> None:
         values = _numeric(values)
+        if not values or self.kind == "none":
+            return
         if self.kind == "tensorboard":
             for k, v in values.items():
                 self._tb.add_scalar(k, v, step)
         elif self.kind == "mlflow":
-            for k, v in values.items():
-                self._ml.log_metric(self._run.info.run_id, mlflow_key(k), v, step=step)
-        else:
-            self._rows.setdefault(step, {}).update(values)
+            import time
 
-    def curve(self, tag: str, values: Sequence[float], first_step: int = 1) -> None:
-        for i, v in enumerate(values):
-            self.scalars({tag: v}, first_step + i)
+            from mlflow.entities import Metric
 
-    def close(self) -> Path:
-        if self.kind == "tensorboard":
-            self._tb.close()
-        elif self.kind == "mlflow":
-            self._ml.set_terminated(self._run.info.run_id)
-        else:
-            for step in sorted(self._rows):
-                self._wb.log(self._rows[step], step=step)
-            self._wb.finish()
+            now = int(time.time() * 1000)
+            self._ml.log_batch(self.run.run_id, metrics=[Metric(mlflow_key(k), v, now, step) for k, v in values.items()])
+        else:  # W&B drops a step below one it has: a job logs in step order (evals at their update)
+            self._wb.log(values, step=max(step, self._last_step))
+        self._last_step = max(step, self._last_step)
+
+    def artifact(self, path: str | Path) -> None:
+        """A file of the job's (the sweep's chart and tables): an MLflow artifact, a W&B image or
+        file, TensorBoard image or text."""
+        path = Path(path)
+        if self.kind == "none" or not path.is_file():
+            return
+        if self.kind == "mlflow":
+            self._ml.log_artifact(self.run.run_id, str(path))
+        elif self.kind == "tensorboard":
+            if path.suffix == ".png":
+                import numpy as np
+                from PIL import Image
+
+                self._tb.add_image(path.stem, np.asarray(Image.open(path).convert("RGB")), 0, dataformats="HWC")
+            else:
+                self._tb.add_text(path.name, path.read_text(), 0)
+        elif path.suffix == ".png":
             import wandb
 
-            wandb.teardown()  # finish() can return before the run file is whole; teardown waits for its writer
-        return self.where
+            self._wb.log({path.stem: wandb.Image(str(path))}, step=max(self._last_step, 0))
+        else:
+            self._wb.save(str(path), base_path=str(path.parent), policy="now")
+
+    def flush(self) -> None:
+        if self.kind == "tensorboard":
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self.kind == "tensorboard":
+            self._tb.close()
+        elif self.kind == "wandb":
+            self._wb.finish()
+            _open_wandb_runs.remove(self.run.run_id)
+            if not _open_wandb_runs:  # (the sweep's own run stays open around the generator's)
+                import wandb
+
+                wandb.teardown()  # finish() can return before the run file is whole; teardown waits for its writer
+        self.kind = "none"
 
 
-def report(kind: str, folder: str | Path, run_name: str, params: Mapping[str, Any],
-           write: Callable[[Tracker], None], log: Callable[[str], None] = print) -> Path | None:
-    """Open a tracker (unless ``kind`` is ``none``), let ``write`` log into it, close it."""
-    if kind == "none":
-        return None
-    tracker = Tracker(kind, folder, run_name, params)
-    try:
-        write(tracker)
-    finally:
-        where = tracker.close()
-    log(f"{kind}: {where}")
-    return where
+_open_wandb_runs: list[str] = []  # this process's open W&B runs
+
+
+def _open_wandb(run: TrackingRun, in_ray_train: bool):
+    """W&B's run ``run.run_id``: through Ray's ``setup_wandb`` inside a Ray Train worker, else
+    ``wandb.init``; resumed when a restarted worker opens it again."""
+    import wandb
+
+    folder = Path(run.folder) / "wandb"
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["WANDB_MODE"] = run.wandb_mode  # setup_wandb reads the mode from here (no key offline)
+    # W&B's own console report (run summary, sync hint) only at --log-level debug
+    quiet = os.environ.get("CAPPY_LOG_LEVEL", "info") != "debug"
+    kwargs = dict(project=run.wandb_project, name=run.name, id=run.run_id, resume="allow", mode=run.wandb_mode,
+                  dir=str(folder), settings=wandb.Settings(silent=quiet))
+    if in_ray_train:
+        from ray.air.integrations.wandb import setup_wandb
+
+        opened = setup_wandb(run.params, rank_zero_only=True, group=None, reinit="finish_previous", **kwargs)
+    else:  # beside another run of this process (the sweep's, while it trains the generator)
+        opened = wandb.init(config=run.params, reinit="create_new", **kwargs)
+    _open_wandb_runs.append(run.run_id)
+    return opened
 
 
 # --- what each job logs ----------------------------------------------------------------------
 
-def scorer_run(tracker: Tracker, results: Mapping[str, Any], total_updates: int) -> None:
-    """pretrain / finetune: loss and learning rate per update, evals, throughput."""
-    from cappy_core.scorer.training import lr_at, warmup_updates
-
-    schedule = results["config"]["schedule"]
-    warmup = warmup_updates(total_updates, schedule["warmup_ratio"])
-    for i, loss in enumerate(results["losses"]):
-        tracker.scalars({"train/loss": loss, "train/lr": lr_at(i, total_updates, warmup, schedule["lr"])}, i + 1)
-    for ev in results.get("evals") or []:
-        tracker.scalars({f"eval/{k}": v for k, v in ev.items() if k != "update"}, int(ev.get("update", 0)))
-    last = len(results["losses"])
-    tracker.scalars({"train/samples_per_s": results.get("samples_per_s"), "train/seconds": results.get("seconds")}, last)
-
-
-def generator_run(tracker: Tracker, losses: Sequence[float], metadata: Mapping[str, Any]) -> None:
-    """generator training: loss per update, then throughput and the greedy eval."""
-    tracker.curve("train/loss", losses)
-    training = metadata.get("training", {})
-    tracker.scalars({"train/tokens_per_s": training.get("tokens_per_s"), "train/seconds": training.get("seconds"),
-                     **{f"eval/{k}": v for k, v in (metadata.get("eval") or {}).items()}}, len(losses))
+def training_report(tracker: Tracker, metrics: Mapping[str, Any]) -> None:
+    """A scorer worker's report (:class:`~cappy_core.scorer.runs.RunProgress`): its evals as
+    ``eval/<name>``, its throughput, flushed so a reader sees them now."""
+    values = {f"eval/{k[5:]}": v for k, v in metrics.items() if k.startswith("eval_")}
+    if "samples_per_s" in metrics:
+        values["train/samples_per_s"] = metrics["samples_per_s"]
+    tracker.scalars(values, int(metrics.get("update", 0)))
+    tracker.flush()
 
 
 def sweep_run(tracker: Tracker, summary: Mapping[str, Any], records: Mapping[str, dict],
               stages: Mapping[str, float]) -> None:
-    """the sweep: each task's metrics and training numbers, the means, the stage times (step 0)."""
+    """The sweep's end: each task's metrics and training numbers, the means, the stage times, the
+    paired intervals against the best baseline (``intervals/<method>/<task or mean>/<low|mean|high>``),
+    all at step 0, then the report's chart and tables as artifacts."""
     for task, rec in records.items():
         if rec.get("status") == "ok":
             tracker.scalars({f"{task}/{m}": v for m, v in rec.get("metrics", {}).items()}, 0)
             tracker.scalars({f"{task}/training/{k}": v for k, v in (rec.get("training") or {}).items()}, 0)
     tracker.scalars({f"mean/{m}": v for m, v in (summary.get("mean") or {}).items()}, 0)
     tracker.scalars({f"stages/{k}": v for k, v in stages.items()}, 0)
+    for method, iv in ((summary.get("intervals") or {}).get("methods") or {}).items():
+        for where, x in [("mean", iv.get("mean")), *(iv.get("per_task") or {}).items()]:
+            if x:
+                tracker.scalars({f"intervals/{method}/{where}/{k}": x.get(k) for k in ("low", "mean", "high")}, 0)
+    for key in ("chart", "table", "csv", "csv_ci"):
+        if summary.get(key):
+            tracker.artifact(summary[key])
+    tracker.flush()

@@ -163,13 +163,25 @@ def train_generator(cfg: GeneratorConfig, log: Callable[[str], None] = print) ->
         max_per_task=cfg.max_per_task, max_prompt_tokens=cfg.max_prompt_tokens,
         max_response_tokens=cfg.max_response_tokens, seed=cfg.seed, log=log, started=t_start)
     prep_s = time.monotonic() - t_start
+    from jobs.tracking import Tracker, tracking
+
+    # beside the generator folder, not in it: the folder is written atomically and read by vLLM
+    with tracking(cfg.report_to, out.parent / "runs", out.name, to_dict(cfg), log) as run, Tracker(run) as tracker:
+        return _fit_check_save(cfg, gt, data, tokenizer, seqs, out, t_start, prep_s, deadline, train_deadline,
+                               tracker, log)
+
+
+def _fit_check_save(cfg, gt, data, tokenizer, seqs, out, t_start, prep_s, deadline, train_deadline, tracker,
+                    log) -> dict:
+    """Training (each update's loss and LR to ``tracker`` as it is made), the check, the folder."""
     fit = gt.fit_generator(
         tokenizer, seqs, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
         intermediate_size=cfg.intermediate_size, loss_on=cfg.loss_on, batch_size=cfg.batch_size,
         grad_accum_steps=cfg.grad_accum_steps, lr=cfg.lr, warmup_ratio=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, bf16=cfg.bf16, seed=cfg.seed,
         updates=cfg.updates, calibration_updates=cfg.calibration_updates, deadline=train_deadline,
-        device=cfg.device, log=log)
+        device=cfg.device, log=log,
+        on_update=lambda info: tracker.scalars({"train/loss": info.loss, "train/lr": info.lr}, info.update))
     metrics = gt.check_generator(fit.model, tokenizer, data.eval_by_task, max_prompt_tokens=cfg.max_prompt_tokens,
                                  max_new_tokens=cfg.eval_max_new_tokens, num_samples=cfg.eval_samples,
                                  seed=cfg.seed, deadline=deadline, log=log)
@@ -181,11 +193,9 @@ def train_generator(cfg: GeneratorConfig, log: Callable[[str], None] = print) ->
 
     save_generator(fit.model, tokenizer, out, metadata=metadata)
     log(gt.summary_line(out, metadata, time.monotonic() - t_start))
-    from jobs.tracking import generator_run, report
-
-    # beside the generator folder, not in it: the folder is written atomically and read by vLLM
-    report(cfg.report_to, out.parent / "runs", out.name, to_dict(cfg),
-           lambda tracker: generator_run(tracker, fit.state.losses, metadata), log)
+    training = metadata.get("training", {})
+    tracker.scalars({"train/tokens_per_s": training.get("tokens_per_s"), "train/seconds": training.get("seconds"),
+                     **{f"eval/{k}": v for k, v in (metadata.get("eval") or {}).items()}}, fit.state.update)
     return metadata
 
 
@@ -241,4 +251,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jobs.cli import quiet_pipe
+
+    sys.exit(quiet_pipe(main))  # `| head` ends it quietly

@@ -201,19 +201,17 @@ def _run_job_locked(job, cfg, paths, data_key, build_pairs, run_info, label, log
         write_run_record(paths, key, to_dict(cfg))
         sync_outputs()  # a URI --storage-path gets the run record and the pairs before training
 
-    outcome = run_training(cfg, paths, files[0], files[1], run_info={"job": job, "name": paths["name"], **run_info},
-                           progress=progress,
-                           log=log, before_fit=before_fit)
+    from jobs.tracking import tracking
+
+    with tracking(cfg.report_to, paths["run_dir"], paths["name"], to_dict(cfg), log) as run:
+        outcome = run_training(cfg, paths, files[0], files[1], run_info={"job": job, "name": paths["name"], **run_info},
+                               progress=progress, log=log, before_fit=before_fit, tracking=run)
     results = {"job": job, "config": to_dict(cfg), "paths": paths, "train_pairs": files[0],
                "eval_pairs": files[1], "updates": outcome.updates, "seconds": outcome.seconds,
                "samples_per_s": outcome.samples_per_s, "resumed_at": outcome.resumes,
                "losses": outcome.losses, "evals": outcome.evals}
     write_json(Path(outcome.output) / "results.json", results)
     log(summary_line(label, outcome))
-    from jobs.tracking import report, scorer_run
-
-    report(cfg.report_to, paths["run_dir"], paths["name"], to_dict(cfg),
-           lambda tracker: scorer_run(tracker, results, outcome.total_updates), log)
     if cfg.push_to_hub:
         results["hub_url"] = push_to_hub(outcome.output, cfg.push_to_hub, log, private=cfg.private)
     return results

@@ -90,4 +90,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jobs.cli import quiet_pipe
+
+    sys.exit(quiet_pipe(main))  # `| head` ends it quietly

@@ -10,6 +10,7 @@ Tested in ``tests/core/test_bigbench_data.py``.
 from __future__ import annotations
 
 import difflib
+import functools
 from importlib import resources
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -46,6 +47,20 @@ LOCAL_TASKS: tuple[str, ...] = ("simple_text_editing", "tense", "gender_inclusiv
 LOCAL_PRETRAIN_TASKS: tuple[str, ...] = ("general_knowledge", "riddle_sense", "cause_and_effect", "physical_intuition",
                                          "snarks", "hindu_knowledge", "misconceptions", "strategyqa", "navigate",
                                          "periodic_elements")
+
+
+def is_bigbench_task(name: str) -> bool:
+    """A task name of BIG-Bench 1.0.0 (the paper's 45, the local pretraining set, the release
+    manifest's when one ships); a ``--task-dir`` task of another name is not (model cards then
+    list no hub dataset for it)."""
+    return name in GENERATIVE_45 or name in LOCAL_PRETRAIN_TASKS or name in _manifest_tasks()
+
+
+@functools.lru_cache(maxsize=1)
+def _manifest_tasks() -> frozenset:
+    from cappy_core.data.release import load_manifest
+
+    return frozenset(load_manifest().tasks)
 
 
 class UnknownTaskError(ValueError):

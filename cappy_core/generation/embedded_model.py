@@ -84,10 +84,11 @@ def new_llama(tokenizer, *, hidden_size: int = 256, num_layers: int = 4, num_hea
 
 
 def save_generator(model, tokenizer, path: str | Path, *, metadata: dict | None = None) -> Path:
-    """Save as a Hugging Face folder (safetensors + tokenizer + ``cappy_generator.json``)
-    atomically: a half-written generator is never left where the main job looks for one."""
+    """Save as a Hugging Face folder (safetensors + tokenizer + ``cappy_generator.json`` + a model
+    card) atomically: a half-written generator is never left where the main job looks for one."""
     import json
 
+    from cappy_core.generation.card import generator_card
     from cappy_core.io import atomic_dir
 
     path = Path(path)
@@ -95,6 +96,7 @@ def save_generator(model, tokenizer, path: str | Path, *, metadata: dict | None 
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / METADATA_FILE).write_text(json.dumps(metadata or {}, indent=2) + "\n")
+        (tmp / "README.md").write_text(generator_card(metadata or {}, path.name))
     return path
 
 

@@ -135,11 +135,13 @@ def fit_generator(tokenizer, seqs: Sequence, *, hidden_size: int, num_layers: in
                   intermediate_size: int | None, loss_on: str, batch_size: int, grad_accum_steps: int,
                   lr: float, warmup_ratio: float, weight_decay: float, max_grad_norm: float | None,
                   bf16: bool, seed: int, updates: int | None, calibration_updates: int,
-                  deadline: float | None, device: str | None = None, log: Log = print) -> FitResult:
+                  deadline: float | None, device: str | None = None, log: Log = print,
+                  on_update: Callable[[Any], None] | None = None) -> FitResult:
     """A new Llama sized by the arguments, trained on ``seqs`` (``loss_on``: ``all`` tokens or
     the ``response``): ``updates`` updates with a warmup of ``warmup_ratio``, or, when
     ``updates`` is None, as many as fit before ``deadline`` (:func:`train_within_budget`). The
-    batch stream also stops at ``deadline``. Progress goes to a bar on stderr."""
+    batch stream also stops at ``deadline``. Progress goes to a bar on stderr, and each update's
+    ``info`` (update, loss, lr) to ``on_update``."""
     import torch
     from tqdm import tqdm
 
@@ -162,7 +164,11 @@ def fit_generator(tokenizer, seqs: Sequence, *, hidden_size: int, num_layers: in
                total=updates or None, dynamic_ncols=True)
     t_train = time.monotonic()
 
+    after_update = on_update
+
     def on_update(info) -> None:
+        if after_update is not None:
+            after_update(info)
         bar.update(1)
         secs = time.monotonic() - t_train
         bar.set_postfix(loss=f"{info.loss:.3f}", lr=f"{info.lr:.1e}", tok_s=f"{stream.tokens / secs:,.0f}",

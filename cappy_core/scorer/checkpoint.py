@@ -57,7 +57,8 @@ class PickleCheckpointError(ValueError):
 #: finetune inherits its base's). Anything else is ``unknown``: set it on the hub yourself.
 BASE_LICENSES = {"sentence-transformers/all-MiniLM-L6-v2": "apache-2.0", "roberta-large": "mit",
                  "FacebookAI/roberta-large": "mit", "roberta-base": "mit", "FacebookAI/roberta-base": "mit"}
-#: The training data's hub dataset id (every task this project trains on is a BIG-Bench task).
+#: The training data's hub dataset id, for BIG-Bench tasks (a ``--task-dir`` task of another
+#: name gets none: :func:`cappy_core.data.tasks.is_bigbench_task`).
 BIGBENCH_DATASET = "google/bigbench"
 
 
@@ -83,19 +84,31 @@ def card_metadata(info: dict, name: str) -> dict:
                   "pipeline_tag": "text-classification", "tags": ["cappy", "cross-encoder", "text-ranking"]}
     if base:
         card["base_model"] = base
+    from cappy_core.data.tasks import is_bigbench_task
+
     evaluation = [e for e in meta.get("evaluation") or [] if isinstance(e.get("rouge_l"), (int, float))]
-    if run.get("tasks") or run.get("task") or evaluation:
+    tasks = list(run.get("tasks") or ([run["task"]] if run.get("task") else [])) + [e["task"] for e in evaluation]
+    if any(map(is_bigbench_task, tasks)):
         card["datasets"] = [BIGBENCH_DATASET]
     if evaluation:
         card["model-index"] = [{"name": name, "results": [{
             "task": {"type": "text-ranking", "name": f"response selection ({e.get('method', 'cappy')})"},
-            "dataset": {"type": BIGBENCH_DATASET, "name": f"BIG-Bench {e['task']}", "config": e["task"],
-                        "split": e.get("split", "validation")},
+            "dataset": index_dataset(e["task"], e.get("split", "validation")),
             "metrics": [{"type": "rouge", "name": "Rouge-L (x100) of the selected response",
                          "value": round(float(e["rouge_l"]), 4)}],
             "source": {"name": "cappy sweep", "url": "https://arxiv.org/abs/2311.06720"},
         } for e in evaluation]}]
     return card
+
+
+def index_dataset(task: str, split: str) -> dict:
+    """A ``model-index`` result's ``dataset``: BIG-Bench's hub id for a BIG-Bench task, else the
+    task's own name (a ``--task-dir`` task)."""
+    from cappy_core.data.tasks import is_bigbench_task
+
+    where = ({"type": BIGBENCH_DATASET, "name": f"BIG-Bench {task}"} if is_bigbench_task(task)
+             else {"type": task, "name": f"{task} (a --task-dir task)"})
+    return {**where, "config": task, "split": split}
 
 
 def record_evaluation(folder: str | os.PathLike, evaluation: list[dict], name: str | None = None) -> None:
@@ -120,6 +133,8 @@ def model_card(info: dict, name: str) -> str:
     (:func:`card_metadata`) carries ``license``, ``base_model``, ``datasets`` and, when
     ``metadata["evaluation"]`` holds a sweep's results, a ``model-index``.
     """
+    from cappy_core.data.tasks import is_bigbench_task
+
     meta = info.get("metadata") or {}
     run = meta.get("run") or {}
     base = info.get("base_model") or "unknown"
@@ -130,7 +145,8 @@ def model_card(info: dict, name: str) -> str:
     tasks = run.get("tasks") or ([run["task"]] if run.get("task") else None)
     if tasks:
         shown = ", ".join(map(str, tasks[:12])) + (f" and {len(tasks) - 12} more" if len(tasks) > 12 else "")
-        rows.append(("training data", f"BIG-Bench: {shown}"))
+        source = "BIG-Bench" if all(map(is_bigbench_task, tasks)) else "tasks"
+        rows.append(("training data", f"{source}: {shown}"))
     if run.get("train_pairs") is not None:
         rows.append(("training pairs", f"{run['train_pairs']:,} ({run.get('eval_pairs', 0):,} held out)"))
     if run.get("loss"):

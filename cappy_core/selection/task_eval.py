@@ -240,6 +240,25 @@ def finetune_shared_selector(tasks: Sequence[str], settings: TaskSettings, diges
                                shared_selector_training=record)
 
 
+def record_shared_evaluation(tasks_dir: str | Path, records: dict[str, dict]) -> list[str]:
+    """A sweep's end: the shared scorers (``<tasks_dir>/_shared/{scorer,selector_scorer}``) get each
+    finished task's validation Rouge-L of the row they pick for (``cappy``, ``cappy+lm+mbr``) in
+    their ``cappy.json`` and model card. Returns the folders written."""
+    from cappy_core.scorer.checkpoint import CAPPY_JSON, record_evaluation
+    from cappy_core.selection.evaluation import CAPPY, FUSED
+
+    written = []
+    for folder, method in (("scorer", CAPPY), ("selector_scorer", FUSED)):
+        path = Path(tasks_dir) / SHARED_DIR / folder
+        rows = [{"task": task, "split": "validation", "method": method, "rouge_l": rec["metrics"][method]}
+                for task, rec in sorted(records.items())
+                if rec.get("status") == "ok" and method in (rec.get("metrics") or {})]
+        if (path / CAPPY_JSON).is_file() and rows:
+            record_evaluation(path, rows, name=f"cappy-shared-{folder.replace('_', '-')}")
+            written.append(str(path))
+    return written
+
+
 # --- scoring and the selector columns ----------------------------------------------------------
 
 def read_split_candidates(task: str, candidates_dir: str | Path, split: str,
@@ -288,7 +307,7 @@ def run_task(task: str, settings: TaskSettings, *, use_gpu: bool = False, torch_
     from cappy_core.labeling.pair_mixture import write_pairs
     from cappy_core.scorer.checkpoint import record_evaluation
     from cappy_core.scorer.model import Scorer
-    from cappy_core.selection.evaluation import CAPPY
+    from cappy_core.selection.evaluation import CAPPY, FUSED
     from cappy_core.selection.selectors import write_selector
 
     device = set_device(use_gpu, torch_threads)
@@ -365,5 +384,9 @@ def run_task(task: str, settings: TaskSettings, *, use_gpu: bool = False, torch_
     if settings.keep_scorer and settings.schedule is not None and CAPPY in result["metrics"]:
         record_evaluation(task_dir / "scorer", [{"task": task, "split": "validation", "method": CAPPY,
                                                  "rouge_l": result["metrics"][CAPPY]}], name=f"cappy-{task}")
+    if kept == task_dir / "selector_scorer" and FUSED in result["metrics"]:  # kept above; its row: the fused pick
+        record_evaluation(task_dir / "selector_scorer", [{"task": task, "split": "validation", "method": FUSED,
+                                                          "rouge_l": result["metrics"][FUSED]}],
+                          name=f"cappy-selector-{task}")
     return {**result, "fused_weights": weights, **dev_record, "sizes": sizes,
             "training": training, "timings": timings, "device": device}

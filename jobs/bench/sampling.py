@@ -237,4 +237,6 @@ def _run(args, tmp: Path) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jobs.cli import quiet_pipe
+
+    sys.exit(quiet_pipe(main))  # `| head` ends it quietly

@@ -146,9 +146,12 @@ def test_group_help_through_the_entry_point():
     assert proc.returncode == 0 and "data prepare" in proc.stdout
 
 
-@pytest.mark.parametrize("argv", [["finetune", "--help"], ["--help"], ["sweep", "--print-config"]])
+@pytest.mark.parametrize("argv", [["jobs.cli", "finetune", "--help"], ["jobs.cli", "--help"],
+                                  ["jobs.cli", "sweep", "--print-config"], ["jobs.finetune", "--print-config"],
+                                  ["jobs.train_generator", "--print-config"]])
 def test_a_closed_stdout_ends_the_command_quietly(argv):
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *argv], cwd=REPO,
+    """`cappy ...` and every `python -m jobs.<job>` (Ray's job entry points)."""
+    proc = subprocess.Popen([sys.executable, "-m", *argv], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()  # the reader is gone before the command writes (`| head -0`)
     err = proc.stderr.read().decode()

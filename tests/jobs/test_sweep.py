@@ -126,15 +126,87 @@ def test_failed_task_is_recorded_and_a_rerun_computes_only_it(tmp_path, models, 
         assert r["status"] == "ok" and r["training"]["scope"] == "all" and r["fused_weights"]
 
     # one listwise selector scorer for both tasks, finetuned before them; each task finetunes its cappy scorer
-    r6 = sweep(other, models, "--schedule.lr", "5e-5", "--sampling.seed", "1", "--schedule.seed", "1", "--selector-loss", "listwise", "--selector-scope", "all")
+    # (kept scorers: their cards carry the validation row they pick for; live TensorBoard tracking)
+    r6 = sweep(other, models, "--schedule.lr", "5e-5", "--sampling.seed", "1", "--schedule.seed", "1", "--selector-loss",
+               "listwise", "--selector-scope", "all", "--keep-scorers", "--report-to", "tensorboard")
     assert r6.returncode == 0, r6.stderr[-3000:]
     assert "2 to run" in r6.stdout and "== one listwise selector scorer finetuned on all tasks" in r6.stdout
     sel = json.loads((other / "tasks" / "_shared" / "selector_training.json").read_text())
     assert sel["tasks"] == sorted(TASKS) and sel["train_pairs"] == 2 * 16 and sel["loss"] == "listwise"
+    summary = json.loads((other / "summary.json").read_text())
     for t in TASKS:
         r = json.loads((other / "tasks" / f"{t}.json").read_text())
         assert r["status"] == "ok" and "scope" not in r["training"] and r["training"]["selector"] == sel
         assert "selector_score" in pq.read_table(other / "tasks" / t / "validation_scored.parquet").column_names
+        assert card_results(other / "tasks" / t / "scorer") == [("cappy", t, pytest.approx(r["metrics"]["cappy"], abs=1e-4))]
+        assert card_results(other / "tasks" / t / "selector_scorer") == \
+            [("cappy+lm+mbr", t, pytest.approx(r["metrics"]["cappy+lm+mbr"], abs=1e-4))]
+    shared = card_results(other / "tasks" / "_shared" / "selector_scorer")  # every task's fused row
+    assert [(m, t) for m, t, _ in shared] == [("cappy+lm+mbr", t) for t in sorted(TASKS)]
+    from test_tracking import read_tensorboard
+
+    logged = read_tensorboard(other / "tensorboard" / "sweep")
+    assert {"stages/data_s", "stages/tasks_s", "stages/report_s", "mean/cappy"} <= set(logged)
+    fused = summary["intervals"]["methods"]["cappy+lm+mbr"]["mean"]
+    assert logged["intervals/cappy_lm_mbr/mean/low"] == [(0, pytest.approx(fused["low"], abs=1e-4))]
+    assert "summary" in image_tags(other / "tensorboard" / "sweep")  # the report's chart
+
+
+def card_results(folder: Path) -> list[tuple]:
+    """``[(method, task, Rouge-L)]`` of a kept scorer's model card (its ``model-index``)."""
+    import yaml
+
+    card = yaml.safe_load((folder / "README.md").read_text().split("---\n")[1])
+    return [(r["task"]["name"].split("(")[1].rstrip(")"), r["dataset"]["config"], r["metrics"][0]["value"])
+            for r in card["model-index"][0]["results"]]
+
+
+def image_tags(folder: Path) -> set[str]:
+    from tensorboardX.proto import event_pb2
+    import struct
+
+    tags = set()
+    for path in folder.rglob("events.out.tfevents.*"):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 12 + n + 4
+            tags |= {v.tag for v in event.summary.value if v.WhichOneof("value") == "image"}
+    return tags
+
+
+def test_push_to_hub_pushes_every_kept_scorer_and_goes_on_past_a_failure(tmp_path, monkeypatch):
+    """`cappy sweep --keep-scorers --push-to-hub ORG/PREFIX`: ORG/PREFIX-<task> and
+    ORG/PREFIX-<task>-selector (a stand-in HfApi: no network); one refused push is reported, the
+    others still go."""
+    import huggingface_hub
+
+    from jobs.hub import push_sweep_scorers
+
+    for task, folders in (("tense", ("scorer", "selector_scorer")), ("rephrase", ("scorer",)), ("sums", ())):
+        for f in folders:
+            (tmp_path / task / f).mkdir(parents=True)
+            (tmp_path / task / f / "cappy.json").write_text("{}")
+    uploads = []
+
+    class FakeApi:
+        def create_repo(self, repo, **kw):
+            if repo == "me/cappy-rephrase":
+                raise PermissionError("403: not your namespace")
+            assert kw["private"] is True
+
+        def upload_folder(self, **kw):
+            uploads.append((kw["repo_id"], Path(kw["folder_path"]).relative_to(tmp_path).as_posix()))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    lines: list[str] = []
+    got = push_sweep_scorers("me/cappy", tmp_path, ["tense", "rephrase", "sums"], private=True, log=lines.append)
+    assert uploads == [("me/cappy-tense", "tense/scorer"), ("me/cappy-tense-selector", "tense/selector_scorer")]
+    assert got == {"me/cappy-tense": "https://huggingface.co/me/cappy-tense",
+                   "me/cappy-tense-selector": "https://huggingface.co/me/cappy-tense-selector",
+                   "me/cappy-rephrase": "error: PermissionError: 403: not your namespace"}
+    assert any("push of" in line and "me/cappy-rephrase failed" in line for line in lines)
 
 
 @pytest.mark.slow
@@ -227,7 +299,8 @@ def test_settings_checks_and_what_defines_a_result():
             (lambda: replace(ok.sampling, batch_rows=0), "batch_rows", ">= 1"),
             (lambda: replace(ok, dev_examples_per_task=40), "dev_examples_per_task", "leaves none of the 40"),
             (lambda: replace(ok, dev_examples_per_task=-1), "dev_examples_per_task", ">= 0"),
-            (lambda: replace(listwise, listwise_tau=0.0), "listwise_tau", "> 0")):
+            (lambda: replace(listwise, listwise_tau=0.0), "listwise_tau", "> 0"),
+            (lambda: replace(ok, push_to_hub="me/cappy"), "push_to_hub", "add --keep-scorers")):
         with pytest.raises(SettingError, match=match) as e:
             bad()
         assert e.value.setting == setting

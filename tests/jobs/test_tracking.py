@@ -4,6 +4,7 @@ from the files the tracker wrote (offline, local)."""
 from __future__ import annotations
 
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -49,65 +50,142 @@ def test_generator_training_logs_its_own_loss_curve_to_tensorboard(tmp_path, sta
     assert not (tmp_path / "gen" / "tensorboard").exists()  # beside the generator folder, not in it
 
 
-RESULTS = {"config": {"schedule": {"lr": 1e-3, "warmup_ratio": 0.25}}, "losses": [0.9, 0.7, 0.4, 0.35], "seconds": 12.5,
-           "samples_per_s": 80.0, "evals": [{"update": 0, "mse": 0.5, "spearman": 0.1},
-                                            {"update": 4, "mse": 0.3, "spearman": 0.4}]}
+LOSSES, LRS = [0.9, 0.7, 0.4, 0.35], [0.0, 1e-3, 2e-3 / 3, 1e-3 / 3]
 
 
-def test_scorer_run_logs_loss_lr_evals_and_throughput(tmp_path):
+def scorer_like_run(tracker: tracking.Tracker, after_update=lambda update: None) -> None:
+    """What a scorer worker logs: the eval before update 0, each update's loss and LR, a report
+    (evals and throughput) at update 4."""
+    tracking.training_report(tracker, {"update": 0, "eval_mse": 0.5, "eval_spearman": 0.1})
+    for i, (loss, lr) in enumerate(zip(LOSSES, LRS)):
+        tracker.scalars({"train/loss": loss, "train/lr": lr}, i + 1)
+        after_update(i + 1)
+    tracking.training_report(tracker, {"update": 4, "loss": 0.5, "lr": 0.0, "samples_per_s": 80.0,
+                                       "eval_mse": 0.3, "eval_spearman": 0.4, "eval_pearson": None})
+
+
+def test_tensorboard_events_are_readable_while_the_run_goes(tmp_path):
     pytest.importorskip("tensorboardX")
-    where = tracking.report("tensorboard", tmp_path, "finetune-tense", {"lr": 1e-3},
-                            lambda t: tracking.scorer_run(t, RESULTS, total_updates=4), log=lambda s: None)
-    logged = read_tensorboard(where)
-    assert logged["train/loss"] == [(i + 1, pytest.approx(v)) for i, v in enumerate(RESULTS["losses"])]
-    # the schedule the loop used: one warmup update (ceil(4 x 0.25)) from 0, then linear to 0
-    assert [v for _, v in logged["train/lr"]] == pytest.approx([0.0, 1e-3, 2e-3 / 3, 1e-3 / 3])
+    seen: dict[int, dict] = {}
+    with tracking.tracking("tensorboard", tmp_path, "finetune-tense", {"lr": 1e-3}, log=lambda s: None) as run, \
+            tracking.Tracker(run) as tracker:
+        assert run.where == str(tmp_path.resolve() / "tensorboard" / "finetune-tense")
+        scorer_like_run(tracker)
+        # tensorboardX writes from a thread of its own and flushes at each report: readable within moments
+        deadline = time.monotonic() + 10
+        while "train/samples_per_s" not in seen.setdefault("before close", {}) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            seen["before close"] = read_tensorboard(Path(run.where))
+    logged = read_tensorboard(Path(run.where))
+    assert seen["before close"] == logged
+    assert logged["train/loss"] == [(i + 1, pytest.approx(v)) for i, v in enumerate(LOSSES)]
+    assert [v for _, v in logged["train/lr"]] == pytest.approx(LRS)
     assert logged["eval/spearman"] == [(0, pytest.approx(0.1)), (4, pytest.approx(0.4))]
-    assert logged["train/samples_per_s"] == [(4, 80.0)]
+    assert logged["train/samples_per_s"] == [(4, 80.0)] and "eval/pearson" not in logged  # None: not logged
 
 
-def test_mlflow_file_store_holds_the_same_curve(tmp_path, monkeypatch):
-    mlflow = pytest.importorskip("mlflow")
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # what the tracker sets; restored afterwards
-    where = tracking.report("mlflow", tmp_path, "finetune-tense", {"lr": 1e-3, "tasks": ["tense"]},
-                            lambda t: tracking.scorer_run(t, RESULTS, total_updates=4), log=lambda s: None)
-    client = mlflow.MlflowClient(tracking_uri=where.resolve().as_uri())
-    (run,) = client.search_runs([client.get_experiment_by_name("cappy").experiment_id])
-    history = client.get_metric_history(run.info.run_id, "train/loss")
+def mlflow_runs(uri: str, experiment: str):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client, (client.search_runs([exp.experiment_id]) if exp else [])
+
+
+def test_mlflow_honours_the_tracking_uri_and_experiment_and_shows_the_run_live(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    store = (tmp_path / "elsewhere" / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "team-cappy")
+    counts: list[tuple[str, int]] = []
+
+    def read(update: int) -> None:  # the store as another process sees it, mid-run
+        client, (live,) = mlflow_runs(store, "team-cappy")
+        counts.append((live.info.status, len(client.get_metric_history(live.info.run_id, "train/loss"))))
+
+    with tracking.tracking("mlflow", tmp_path / "job", "finetune-tense", {"lr": 1e-3, "tasks": ["tense"]},
+                           log=lambda s: None) as run, tracking.Tracker(run) as tracker:
+        scorer_like_run(tracker, after_update=read)
+    assert counts == [("RUNNING", 1), ("RUNNING", 2), ("RUNNING", 3), ("RUNNING", 4)]
+    assert not (tmp_path / "job" / "mlruns").exists()  # the URI, not the default file store
+    client, (done,) = mlflow_runs(store, "team-cappy")
+    history = client.get_metric_history(done.info.run_id, "train/loss")
     assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == \
-        [(i + 1, pytest.approx(v)) for i, v in enumerate(RESULTS["losses"])]
-    assert run.data.params["tasks"] == "['tense']" and run.info.run_name == "finetune-tense"
+        [(i + 1, pytest.approx(v)) for i, v in enumerate(LOSSES)]
+    assert done.info.status == "FINISHED" and done.info.run_name == "finetune-tense"
+    assert done.data.params["tasks"] == "['tense']" and done.data.metrics["eval/spearman"] == pytest.approx(0.4)
+
+
+def test_mlflow_defaults_to_a_file_store_in_the_job_folder_and_marks_a_failed_run(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    with pytest.raises(RuntimeError, match="worker died"):
+        with tracking.tracking("mlflow", tmp_path, "pretrain-local", {}, log=lambda s: None) as run, \
+                tracking.Tracker(run) as tracker:
+            tracker.scalars({"train/loss": 1.0}, 1)
+            raise RuntimeError("worker died")
+    _, (failed,) = mlflow_runs((tmp_path / "mlruns").as_uri(), "cappy")
+    assert failed.info.status == "FAILED" and failed.data.metrics == {"train/loss": 1.0}
 
 
 SWEEP_RECORDS = {"tense": {"status": "ok", "metrics": {"cappy": 16.9, "beam4": 16.9, "cappy+lm+mbr": 18.1},
                            "training": {"samples_per_s": 9.0}},
                  "rephrase": {"status": "failed", "error": "x"}}
-SWEEP_SUMMARY = {"mean": {"cappy": 16.9, "beam4": 16.9, "cappy+lm+mbr": 18.1}}
 
 
-def test_sweep_run_logs_task_metrics_means_and_stages(tmp_path):
+def sweep_summary(folder: Path) -> dict:
+    """A report's summary (written files and the intervals against the best baseline)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.figure(figsize=(2, 1)).savefig(folder / "summary.png")
+    plt.close("all")
+    (folder / "summary.md").write_text("| method | tense |\n|---|---:|\n| cappy | 16.9 |\n")
+    iv = {"mean": 1.2, "low": 0.4, "high": 2.0, "half_width": 0.8}
+    return {"mean": {"cappy": 16.9, "beam4": 16.9, "cappy+lm+mbr": 18.1}, "chart": str(folder / "summary.png"),
+            "table": str(folder / "summary.md"),
+            "intervals": {"baseline": "beam4", "methods": {"cappy+lm+mbr": {"mean": iv, "per_task": {"tense": iv}},
+                                                           "cappy": {"mean": None, "per_task": {}}}}}
+
+
+def run_sweep_tracker(kind: str, folder: Path) -> tracking.TrackingRun:
+    with tracking.tracking(kind, folder, "sweep", {}, log=lambda s: None) as run, tracking.Tracker(run) as tracker:
+        tracking.sweep_run(tracker, sweep_summary(folder), SWEEP_RECORDS, {"tasks_s": 591.0})
+    return run
+
+
+def test_sweep_run_logs_task_metrics_means_stages_intervals_and_its_chart(tmp_path):
     pytest.importorskip("tensorboardX")
-    where = tracking.report("tensorboard", tmp_path, "sweep", {}, lambda t: tracking.sweep_run(
-        t, SWEEP_SUMMARY, SWEEP_RECORDS, {"tasks_s": 591.0}), log=lambda s: None)
-    logged = read_tensorboard(where)
+    run = run_sweep_tracker("tensorboard", tmp_path)
+    logged = read_tensorboard(Path(run.where))
     assert logged["tense/cappy"] == [(0, pytest.approx(16.9))] and logged["mean/beam4"] == [(0, pytest.approx(16.9))]
     assert logged["mean/cappy_lm_mbr"] == [(0, pytest.approx(18.1))]  # tensorboardX: "+" becomes "_" too
     assert logged["stages/tasks_s"] == [(0, 591.0)] and logged["tense/training/samples_per_s"] == [(0, 9.0)]
-    assert not any(tag.startswith("rephrase/") for tag in logged)
+    assert logged["intervals/cappy_lm_mbr/mean/low"] == [(0, pytest.approx(0.4))]
+    assert logged["intervals/cappy_lm_mbr/tense/high"] == [(0, pytest.approx(2.0))]
+    assert not any(tag.startswith(("rephrase/", "intervals/cappy/")) for tag in logged)
 
 
-def test_sweep_run_in_mlflow_renames_what_mlflow_refuses(tmp_path, monkeypatch):
+def test_sweep_run_in_mlflow_renames_what_mlflow_refuses_and_keeps_the_chart(tmp_path, monkeypatch):
     """MLflow refuses '+' in a metric name (the fused row, cappy+lm+mbr): it becomes '_', and the
     sweep's whole record arrives (a refused name ended the run after its first metric)."""
-    mlflow = pytest.importorskip("mlflow")
+    pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    where = tracking.report("mlflow", tmp_path, "sweep", {}, lambda t: tracking.sweep_run(
-        t, SWEEP_SUMMARY, SWEEP_RECORDS, {"tasks_s": 591.0}), log=lambda s: None)
-    client = mlflow.MlflowClient(tracking_uri=where.resolve().as_uri())
-    (run,) = client.search_runs([client.get_experiment_by_name("cappy").experiment_id])
+    run_sweep_tracker("mlflow", tmp_path)
+    client, (run,) = mlflow_runs((tmp_path / "mlruns").as_uri(), "cappy")
+    interval = {f"intervals/cappy_lm_mbr/{w}/{k}": v for w in ("mean", "tense")
+                for k, v in (("low", 0.4), ("mean", 1.2), ("high", 2.0))}
     assert run.data.metrics == {"tense/cappy": 16.9, "tense/beam4": 16.9, "tense/cappy_lm_mbr": 18.1,
                                 "tense/training/samples_per_s": 9.0, "mean/cappy": 16.9, "mean/beam4": 16.9,
-                                "mean/cappy_lm_mbr": 18.1, "stages/tasks_s": 591.0}
+                                "mean/cappy_lm_mbr": 18.1, "stages/tasks_s": 591.0, **interval}
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == ["summary.md", "summary.png"]
 
 
 def test_unknown_or_missing_tracker_is_a_clear_error(monkeypatch):
@@ -117,6 +195,15 @@ def test_unknown_or_missing_tracker_is_a_clear_error(monkeypatch):
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ImportError, match="--report-to wandb: the 'wandb' package is not installed"):
+        tracking.check_report_to("wandb")
+
+
+def test_wandb_online_without_a_key_is_refused_before_the_job(monkeypatch, tmp_path):
+    wandb = pytest.importorskip("wandb", reason="wandb is in the dev extra: pip install -e '.[dev]'")
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setattr(type(wandb.api), "api_key", property(lambda self: None), raising=False)
+    with pytest.raises(ValueError, match="WANDB_MODE=online: no W&B key .*wandb login"):
         tracking.check_report_to("wandb")
 
 
@@ -154,31 +241,37 @@ def read_wandb(folder: Path) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
-def test_wandb_offline_run_holds_the_same_curve_and_the_evals_from_update_0(tmp_path, monkeypatch, capfd):
+def test_wandb_offline_run_holds_the_curve_and_the_evals_from_update_0(tmp_path, monkeypatch, capfd):
     wandb = pytest.importorskip("wandb", reason="wandb is in the dev extra: pip install -e '.[dev]'")
     for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "home"))  # nothing written outside the test's folder
     # no network whatever the tracker asks for: offline, no login, no stored key, no W&B server
-    for var in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_ENTITY"):
+    for var in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_ENTITY", "WANDB_MODE"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_PROJECT", "team-cappy")
     asked: list[dict] = []
     init = wandb.init
     monkeypatch.setattr(wandb, "init", lambda **kw: asked.append(kw) or init(**kw))
-    where = tracking.report("wandb", tmp_path, "finetune-tense", {"lr": 1e-3, "tasks": ["tense"]},
-                            lambda t: tracking.scorer_run(t, RESULTS, total_updates=4), log=lambda s: None)
-    # wandb-core writes the run file asynchronously: run.finish() alone can return before its last
-    # records reach the disk (about half of the reads then found a partial file); the tracker waits
-    # for the writer, so the file is whole the moment report() returns
-    assert [kw["mode"] for kw in asked] == ["offline"]  # the tracker itself asks for offline mode
-    assert where == tmp_path / "wandb"
-    assert [p.parent.name.startswith("offline-run-") for p in where.rglob("run-*.wandb")] == [True]
-    logged = read_wandb(where)
-    assert logged["train/loss"] == [(i + 1, pytest.approx(v)) for i, v in enumerate(RESULTS["losses"])]
-    assert [v for _, v in logged["train/lr"]] == pytest.approx([0.0, 1e-3, 2e-3 / 3, 1e-3 / 3])
-    # logged after the losses but kept: W&B would drop step 0 once step 4 was written
+    with tracking.tracking("wandb", tmp_path, "sweep", {}, log=lambda s: None) as outer, \
+            tracking.Tracker(outer) as sweep:
+        sweep.scalars({"stages/data_s": 1.0}, 0)
+        # the sweep's generator training opens a second run in the same process and closes it
+        with tracking.tracking("wandb", tmp_path, "finetune-tense", {"lr": 1e-3, "tasks": ["tense"]},
+                               log=lambda s: None) as run, tracking.Tracker(run) as tracker:
+            scorer_like_run(tracker)
+        sweep.scalars({"stages/generator_s": 2.0}, 0)  # the sweep's run is still open
+    # the tracker asks for offline mode when WANDB_MODE is unset, and the project WANDB_PROJECT names
+    assert [(kw["mode"], kw["project"], kw["name"]) for kw in asked] == \
+        [("offline", "team-cappy", "sweep"), ("offline", "team-cappy", "finetune-tense")]
+    files = {p.parent.name.split("-")[-1]: p.parent for p in (tmp_path / "wandb").rglob("run-*.wandb")}
+    assert set(files) == {outer.run_id, run.run_id}
+    # wandb-core writes the run file asynchronously: the tracker waits for the writer, so the file is whole
+    logged = read_wandb(files[run.run_id])
+    assert logged["train/loss"] == [(i + 1, pytest.approx(v)) for i, v in enumerate(LOSSES)]
+    assert [v for _, v in logged["train/lr"]] == pytest.approx(LRS)
     assert logged["eval/spearman"] == [(0, pytest.approx(0.1)), (4, pytest.approx(0.4))]
     assert logged["train/samples_per_s"] == [(4, 80.0)]
+    assert read_wandb(files[outer.run_id]) == {"stages/data_s": [(0, 1.0)], "stages/generator_s": [(0, 2.0)]}
     # its console report (run summary, sync hints) only at --log-level debug; W&B's import-time notices
     # about other packages in use ("Detected [openai] in use") are not the run's
     err = [line for line in capfd.readouterr().err.splitlines() if line.startswith("wandb:")]

@@ -46,6 +46,15 @@ def test_cli_trains_saves_and_reports(trained):
     assert "greedy Rouge-L" in proc.stdout and "tokens/s" in proc.stdout and "final loss" in proc.stdout
     assert "training generator" in proc.stderr  # the progress bar
     assert not list(out.parent.glob("tiny.*"))  # written atomically: no temp folder left
+    # a model card: license, no hub dataset for these --task-dir tasks, the check's greedy Rouge-L per task
+    import yaml
+
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert (front["license"], front["pipeline_tag"], "datasets" in front) == ("apache-2.0", "text-generation", False)
+    results = {r["dataset"]["config"]: r["metrics"][0]["value"] for r in front["model-index"][0]["results"]}
+    assert results == {t: pytest.approx(ev["tasks"][t]["greedy_rouge_l"], abs=1e-4) for t in TASKS}
+    assert "| updates | 15 (" in card and "| training data | tasks: standin_rephrase, standin_tense |" in card
 
 
 def test_saved_generator_loads_with_auto_classes(trained):

@@ -244,7 +244,8 @@ def test_pretrain_then_finetune_two_tasks_at_once_through_the_cli(tmp_path, tiny
     assert logged["eval/mse"][-1][1] == pytest.approx(res["evals"][-1]["mse"], rel=1e-6)
     # the model card says what the scorer was trained on
     card = (pretrained / "README.md").read_text()
-    assert "| training data | BIG-Bench: standin_colors, standin_sums |" in card
+    assert "| training data | tasks: standin_colors, standin_sums |" in card  # not BIG-Bench's: no hub dataset
+    assert "google/bigbench" not in card
     n_train, n_eval = (pq.read_metadata(res[k]).num_rows for k in ("train_pairs", "eval_pairs"))
     assert f"| training pairs | {n_train:,} ({n_eval:,} held out) |" in card, card
     assert "| loss | mse |" in card and "| updates | 6 of 6 |" in card
@@ -266,7 +267,8 @@ def test_pretrain_then_finetune_two_tasks_at_once_through_the_cli(tmp_path, tiny
 
 
 @pytest.mark.slow
-def test_fault_resumes_from_checkpoint_and_loss_curve_continues(tmp_path, tiny_scorer, ray_address, capsys):
+def test_fault_resumes_from_checkpoint_and_loss_curve_continues(tmp_path, tiny_scorer, ray_address, capsys,
+                                                                monkeypatch):
     """Two DDP workers; one raises after update 5 on its first attempt; the group restarts from
     the update-4 checkpoint and finishes all 8 updates. The loss curve (all-reduced over ranks)
     equals an uninterrupted run of the same loop in a plain process on the same global batches,
@@ -283,13 +285,22 @@ def test_fault_resumes_from_checkpoint_and_loss_curve_continues(tmp_path, tiny_s
     args = ["--train-pairs", str(pairs), "--eval-pairs", str(held), "--init", tiny_scorer,
             "--storage-path", str(tmp_path / "runs"), "--name", "fault", "--eval-size", "24",
             "--checkpoint-every", "4", *FAST, "--num-workers", "2"]
-    proc = run_job(["-m", "jobs.finetune", *args], env={FAIL_AT_UPDATE_ENV: "5"})
+    proc = run_job(["-m", "jobs.finetune", *args, "--report-to", "mlflow"], env={FAIL_AT_UPDATE_ENV: "5"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "injected fault after update 5" in proc.stdout + proc.stderr
     output = tmp_path / "runs" / "fault" / "scorer"
     res = results(output)
     assert res["updates"] == 8 and len(res["losses"]) == 8 and res["resumed_at"] == [4]
     assert [e["update"] for e in res["evals"]] == [0, 4, 8]  # the eval history survives the restart
+    # --report-to mlflow: the restarted worker group logs into the same run, which ends FINISHED
+    from test_tracking import mlflow_runs
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # (MLflow 3 reads a file store only with it)
+    client, (run,) = mlflow_runs((tmp_path / "runs" / "fault" / "mlruns").as_uri(), "cappy")
+    losses = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}
+    assert run.info.status == "FINISHED" and sorted(losses) == list(range(1, 9))
+    assert [losses[u] for u in range(1, 9)] == pytest.approx(res["losses"], rel=1e-6)
+    assert sorted({m.step for m in client.get_metric_history(run.info.run_id, "eval/mse")}) == [0, 4, 8]
     assert json.loads((output / "cappy_output.json").read_text())["run"] == "fault"  # marked as the job's own
     assert not (tmp_path / "runs" / "fault" / ".cappy.lock").exists()  # the run folder's lock was released
 
@@ -311,6 +322,45 @@ def test_fault_resumes_from_checkpoint_and_loss_curve_continues(tmp_path, tiny_s
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.parquet", "exported", "runs", "train.parquet"]
     assert finetune.main(args + ["--schedule.lr", "1e-3"]) == 2
     assert "different config (lr: 2e-05 -> 0.001)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_mlflow_store_shows_the_training_run_while_it_goes(tmp_path, tiny_scorer, ray_address, monkeypatch):
+    """`--report-to mlflow` with MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_NAME set: the store, read
+    from here while the job runs, already holds the run (RUNNING) and a growing loss curve."""
+    import time
+
+    pairs = write_pairs(synthetic_pairs(384), tmp_path / "train.parquet")
+    store = (tmp_path / "store").as_uri()
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": store, "MLFLOW_EXPERIMENT_NAME": "live",
+           "MLFLOW_ALLOW_FILE_STORE": "true"}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "pretrain", "--train-pairs", str(pairs), "--init",
+                             tiny_scorer, "--storage-path", str(tmp_path / "runs"), "--eval-size", "0", *FAST,
+                             "--schedule.epochs", "2", "--checkpoint-every", "12", "--report-to", "mlflow"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    from test_tracking import mlflow_runs
+
+    seen: list[int] = []  # the loss curve's length at each read that found the job still running
+    try:
+        while proc.poll() is None:
+            _, runs = mlflow_runs(store, "live")
+            if runs and runs[0].info.status == "RUNNING":
+                client = mlflow_runs(store, "live")[0]
+                n = len(client.get_metric_history(runs[0].info.run_id, "train/loss"))
+                if proc.poll() is None and n and (not seen or n > seen[-1]):
+                    seen.append(n)
+            time.sleep(0.2)
+        out = proc.stdout.read()
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    assert f"mlflow: {store} (experiment live, run " in out
+    client, (run,) = mlflow_runs(store, "live")
+    total = len(client.get_metric_history(run.info.run_id, "train/loss"))
+    assert run.info.status == "FINISHED" and total == results(tmp_path / "runs" / "pretrain" / "scorer")["updates"]
+    assert len(seen) >= 2 and 0 < seen[0] < seen[-1] <= total, (seen, total)  # read mid-run, and growing
+    assert not (tmp_path / "runs" / "pretrain" / "mlruns").exists()  # the URI, not the run folder's store
 
 
 @pytest.mark.slow
