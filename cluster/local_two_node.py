@@ -298,7 +298,7 @@ def submit_sweep(nodes: TwoNodes, shared: Path, timeout_s: float) -> dict:
     client = JobSubmissionClient(nodes.dashboard)
     out = shared / "sweep"
     entrypoint = shlex.join(["python", "-m", "jobs.sweep", "--tasks", *TASKS, *(["--task-dir", *TASK_DIR] if TASK_DIR else []),
-                             "--out", str(out), "--generator",
+                             "--out", str(out), "--cache-dir", str(shared / "cache"), "--generator",
                              str(shared / "gen"), "--scorer", str(shared / "scorer"), *SWEEP_ARGS])
     runtime_env = {"working_dir": str(REPO), "excludes": EXCLUDES,
                    "env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",

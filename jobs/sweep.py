@@ -4,7 +4,8 @@ Stages, each reusing what an earlier run left (examples: ``cappy sweep --help``)
 BIG-Bench tasks on this machine, fetched with ``cappy data download`` if missing → ``OUT/data``); **generator** (``--generator``,
 or the embedded Llama trained once into the cache on ``--generator-tasks``); **scorer init**
 (``--scorer``, or the scorer pretrained once into the cache); **sample + label** (``cappy sample``,
-Ray Data → ``OUT/candidates/sampling-<digest>/{train,validation}``, one folder per sampling settings);
+Ray Data → ``<cache>/stages/sampling/sampling-<digest>/{train,validation}``, linked from
+``OUT/candidates``, one folder per sampling settings and generator);
 **per task**, one Ray task each (after one shared
 finetune with ``--finetune-scope all``): finetune, score and evaluate (:func:`cappy_core.selection.task_eval.run_task`),
 each result written to ``OUT/tasks/<task>.json`` as it arrives (a failure with its error; the sweep
@@ -14,6 +15,8 @@ A rerun computes only the tasks that are missing, failed, or were run with other
 (``--redo``: all), sampling only for a changed sampling setting (seed, decodings, max tokens,
 generator, ...); a second sweep on the same OUT is refused while one runs, and the lock of a
 killed one is taken over (:func:`cappy_core.io.output_lock`), so nothing left behind blocks a rerun.
+A sweep into a new OUT reuses the candidates and finetunes earlier sweeps left in the stage cache
+(:mod:`cappy_core.stage_cache`) for the same inputs; ``--no-cache`` turns it off.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from jobs.log_file import init_ray
 from jobs.runtime import job_main, job_output
 from jobs.scheduling import wait_for_tasks
 from jobs.sweep_config import SweepConfig
+from jobs.sweep_sampling import sample
 from jobs.sweep_layout import (SweepPlan, checked_config, embedded_generator_name, missing_tasks, plan_tasks,
                                pretrain_preset_values, pretrained_scorer_path)
 
@@ -54,7 +58,8 @@ EPILOG = """examples:
   cappy sweep --tasks word_sorting --generator google/flan-t5-small --backend hf --scorer btan2/cappy-large
 
 outputs (OUT): tasks/<task>.json per task, summary.md / summary.csv / summary.png / summary.json,
-candidates/ (sampled and labelled), data/ (BIG-Bench Parquet), sweep_run.json (stage timings),
+candidates/ (sampled and labelled: a link into the stage cache <cache>/stages, which also keeps
+every finetuned scorer for reuse by later sweeps; --no-cache: off), data/ (BIG-Bench Parquet), sweep_run.json (stage timings),
 logs/sweep-<UTC time>.log (the full log, also what --log-level hides from the terminal)"""
 
 
@@ -120,19 +125,6 @@ def ensure_scorer_init(cfg: SweepConfig, log) -> str:
                   report_to=cfg.report_to)
     run_pretrain(build(PretrainConfig, values), log=log)
     return str(path)
-
-
-def sample(cfg: SweepConfig, plan: SweepPlan, out: Path, log) -> None:
-    """Candidates for the plan's splits (train: finetuning and dev; validation: evaluation) of its
-    sampled tasks, one ``cappy sample`` output per split under the plan's candidates folder (one
-    folder per sampling settings: a changed setting samples anew there, instead of being refused)."""
-    from jobs.sample_label import SampleConfig, run as run_sample
-
-    for split, cap in plan.splits:
-        log(f"-- {split} split")
-        run_sample(SampleConfig(
-            tasks=plan.sampled, splits=[split], data=str(out / "data"), out=str(Path(plan.settings.candidates_dir) / split),
-            generator=plan.generator, backend=cfg.backend, sampling=cfg.sampling, max_examples_per_task=cap), log=log)
 
 
 def sweep_task(task: str, settings: TaskSettings, gpus: float, torch_threads: int,
@@ -242,6 +234,10 @@ def _run_locked(cfg: SweepConfig, out: Path, preset: str | None, log, tracker) -
               + (f" + {cfg.gpus_per_task} GPU" if cfg.gpus_per_task else "") + " each",
               run_tasks, cfg, plan, settings, log)
     records = {task: read_result(settings.tasks_dir, task) for task in tasks}
+    if settings.stage_cache and todo:  # what this run took from the stage cache instead of computing
+        reused = [t for t in todo if str((records[t].get("training") or {}).get("cache", "")).startswith("reused")]
+        log(f"stage cache {settings.stage_cache}: {len(reused)} of {len(todo)} task finetune(s) reused"
+            + (f" ({', '.join(reused)})" if reused else ""))
     summary = stage("report_s", None, write_reports, out, records, log)
     if cfg.keep_scorers:  # the shared scorers' cards get every task's row (each task's own got its row)
         record_shared_evaluation(settings.tasks_dir, records)

@@ -30,6 +30,9 @@ class SweepConfig(CacheOptions, TrackingOptions):
         "help": "output folder (default ~/cappy_runs/sweep-<preset>), or a URI (s3://, gs://, ...: built in a local "
                 "staging folder under the cache, uploaded after each task)"})
     redo: bool = field(default=False, metadata={"help": "recompute every task, even finished ones"})
+    cache: bool = field(default=True, metadata={
+        "help": "reuse and keep stage outputs in the stage cache (<cache>/stages: sampled candidates and finetuned "
+                "scorers, keyed by everything they depend on); --no-cache: neither, and candidates are sampled under OUT"})
     task_timeout_s: float = field(default=0.0, metadata={
         "help": "cancel a task (finetune + score) running longer than this and record it as failed; a rerun "
                 "retries it (0: no limit)"})
@@ -87,7 +90,7 @@ class SweepConfig(CacheOptions, TrackingOptions):
     keep_scorers: bool = field(default=False, metadata={
         "help": "save each task's finetuned scorer under OUT/tasks/<task>/scorer"})
     push_to_hub: Optional[str] = field(default=None, metadata={
-        "help": "with --keep-scorers: push each kept scorer to the Hugging Face hub once the report is written, "
+        "metavar": "ORG/PREFIX", "help": "with --keep-scorers: push each kept scorer to the Hugging Face hub once the report is written, "
                 "as ORG/PREFIX-<task> (its selector scorer, with the fused weights, as ORG/PREFIX-<task>-selector); "
                 "give ORG/PREFIX"})
     private: bool = field(default=False, metadata={

@@ -4,8 +4,10 @@ Ray-free and side-effect free: nothing here trains, samples, downloads or writes
 
 The cache: the embedded generator ``<cache>/generators/<name>`` (:func:`embedded_generator_name`:
 one per training task set and length) and the pretrained scorer ``<cache>/scorer/pretrain-<preset>``.
-``OUT``: ``data/`` (the tasks as Parquet), ``candidates/sampling-<digest>/{train,validation}``
-(one folder per sampling settings, :func:`candidates_folder`), ``tasks/<task>.json`` and
+The stage cache ``<cache>/stages`` (:mod:`cappy_core.stage_cache`): sampled candidates and finetuned
+scorers, reused by any OUT. ``OUT``: ``data/`` (the tasks as Parquet), ``candidates/sampling-<digest>``
+(a link into the stage cache, or the candidates themselves with ``--no-cache``: one folder per
+sampling settings and generator, :func:`candidates_folder`), ``tasks/<task>.json`` and
 ``tasks/<task>/`` (each result, keyed by :func:`result_key`). :func:`plan_tasks` turns a config,
 its tasks, generator and scorer init into a :class:`SweepPlan`: what the run then executes.
 """
@@ -96,20 +98,48 @@ def sweep_models(preset: str = "local", cache_dir: str | None = None) -> tuple[P
 # --- OUT: candidates and results -------------------------------------------------------------
 
 def candidates_folder(cfg: SweepConfig, generator: str) -> str:
-    """The folder name, under ``OUT/candidates``, of the candidates sampled with these settings:
-    one folder per ``"sampling"`` settings and generator, so a rerun with a changed sampling
-    setting samples anew beside the old candidates (and going back reuses them)."""
-    return "sampling-" + key_digest({**key_values(cfg, marker="sampling"), "generator": generator})[:12]
+    """The folder name of the candidates sampled with these settings: one folder per ``"sampling"``
+    settings and generator (its files' fingerprint, not its path: a retrained generator samples
+    anew), so a rerun with a changed sampling setting samples anew beside the old candidates (and
+    going back reuses them). Each task's candidates in it are tied to its examples
+    (:data:`EXAMPLES_RECORD`)."""
+    from cappy_core.stage_cache import folder_fingerprint
+
+    return "sampling-" + key_digest({**key_values(cfg, marker="sampling"),
+                                     "generator": folder_fingerprint(generator)})[:12]
+
+
+#: ``<candidates>/<split>/<task>/examples.json``: the fingerprint of the examples the task's
+#: candidates were sampled from (a task whose examples changed is sampled anew).
+EXAMPLES_RECORD = "examples.json"
+
+
+def stage_cache_root(cfg: SweepConfig) -> Optional[Path]:
+    """``<cache>/stages``, or None with ``--no-cache`` or an ``--out`` URI (whose candidates stay
+    in OUT, uploaded with it)."""
+    from cappy_core.stage_cache import default_root
+
+    return None if not cfg.cache or is_remote(cfg.out) else default_root(cfg.cache_dir)
+
+
+def candidates_dir(cfg: SweepConfig, out: Path, generator: str) -> Path:
+    """Where this sweep's candidates are: in the stage cache (``<cache>/stages/sampling/<folder>``,
+    linked from ``OUT/candidates/<folder>``), else ``OUT/candidates/<folder>``."""
+    root = stage_cache_root(cfg)
+    return (root / "sampling" if root else out / "candidates") / candidates_folder(cfg, generator)
 
 
 def task_settings(cfg: SweepConfig, out: Path, init: str, generator: str) -> TaskSettings:
     """What every task of the sweep shares (:class:`~cappy_core.selection.task_eval.TaskSettings`): inputs
-    under ``OUT/data`` and ``OUT/candidates/<candidates_folder>``, results under ``OUT/tasks``."""
+    under ``OUT/data`` and :func:`candidates_dir`, results under ``OUT/tasks``, finetunes through
+    the stage cache."""
     schedule = cfg.schedule if cfg.finetune else None
     selector = None
     if schedule is not None and cfg.selector_loss != "same":  # listwise ranks within an instruction: grouped
         selector = dataclasses.replace(schedule, loss=cfg.selector_loss, group_by_instruction=True)
-    return TaskSettings(data_dir=str(out / "data"), candidates_dir=str(out / "candidates" / candidates_folder(cfg, generator)),
+    root = stage_cache_root(cfg)
+    return TaskSettings(data_dir=str(out / "data"), candidates_dir=str(candidates_dir(cfg, out, generator)),
+                        stage_cache=str(root) if root else None,
                         tasks_dir=str(out / "tasks"), init=init, max_length=cfg.max_length, schedule=schedule,
                         train_size=cfg.train_size, max_train_examples=cfg.max_train_examples_per_task,
                         score_dtype=cfg.score_dtype, keep_scorer=cfg.keep_scorers,

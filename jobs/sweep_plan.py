@@ -137,13 +137,61 @@ def plan(cfg: SweepConfig, preset: str | None = None) -> dict[str, Any]:
     stages.append({"stage": "tasks", "cached": not p.todo and not missing, "seconds": len(p.todo) * per_task,
                    "what": f"{len(tasks) - len(p.todo)} finished with these settings, {len(p.todo)} to run "
                            f"({cfg.cpus_per_task} CPU{f' + {cfg.gpus_per_task} GPU' if cfg.gpus_per_task else ''} each)"})
+    cache_root = p.settings.stage_cache
+    cache_lines = [] if missing or not cache_root else _stage_cache_lines(cfg, p, out, rows)
     if missing:
         for s in stages:
             if s["stage"] in ("sample + label", "shared selector", "tasks"):
                 s["what"] = "not known until the missing tasks are here"
-    return {"out": str(out), "tasks": tasks, "missing": missing, "unavailable": unavailable, "sizes_from": sizes_from,
+    return {"out": str(out), "tasks": tasks, "stage_cache": cache_root, "stage_cache_lines": cache_lines, "missing": missing, "unavailable": unavailable, "sizes_from": sizes_from,
             "splits": [s for s, _ in p.splits], "candidates_per_instruction": per_instruction, "rows": rows,
             "stages": stages, "estimated_s": sum(s["seconds"] for s in stages), "rates": RATES_SOURCE}
+
+
+def _stage_cache_lines(cfg: SweepConfig, p, out: Path, rows: list[dict]) -> list[str]:
+    """Per stage the stage cache would serve: ``reuse (key …)`` or ``run (because …)``, by the
+    run's own keys (the candidates folder; each task's finetunes, from the pairs it would build)."""
+    import tempfile
+
+    from cappy_core.data.prepare import prepare_tasks
+    from cappy_core.labeling.pair_files import pairs_to_table
+    from cappy_core.selection.task_eval import finetune_key, train_pairs
+    from cappy_core.stage_cache import StageCache, table_fingerprint
+
+    settings = p.settings
+    cands = Path(settings.candidates_dir)
+    todo = [r for r in rows if r["task"] in p.sampled]
+    missing = sum(max(0, r[s] - r[f"{s}_sampled"]) for r in todo for s, _ in p.splits)
+    lines = [f"candidates: reuse (key {cands.name})" if not missing else
+             f"candidates: run (because {missing:,} instruction(s) are not in {cands} yet)"]
+    schedules = [(w, s) for w, s in (("finetune", settings.schedule), ("selector finetune", settings.selector_schedule))
+                 if s is not None]
+    if not schedules or not p.todo:
+        return lines
+    if not (Path(settings.init).is_dir() or settings.init == "minilm" or not Path(settings.init).is_absolute()):
+        return lines + [f"{t} {w}: run (because the scorer init is trained first)" for t in p.todo for w, _ in schedules]
+    cache, by_task = StageCache(settings.stage_cache), {r["task"]: r for r in rows}
+    with tempfile.TemporaryDirectory(prefix="cappy-dry-run-") as tmp:
+        data = out / "data"
+        if not all((data / t / "train.parquet").is_file() for t in p.todo):  # as the run would prepare it
+            data = Path(tmp)
+            prepare_tasks(p.todo, str(data), task_dirs=cfg.task_dir, cache_dir=cfg.cache_dir, log=lambda *_: None)
+        for task in p.todo:
+            r = by_task[task]
+            if r["train_sampled"] < r["train"]:
+                lines += [f"{task} {w}: run (because its train candidates are {r['train_sampled']} of {r['train']} "
+                          "instructions)" for w, _ in schedules]
+                continue
+            pairs, _ = train_pairs(task, data_dir=data, candidates_dir=cands, max_train_examples=settings.max_train_examples,
+                                   train_size=settings.train_size, seed=settings.schedule.seed,
+                                   dev_examples=settings.dev_examples)
+            fingerprint = table_fingerprint(pairs_to_table(pairs))
+            for what, schedule in schedules:
+                key = finetune_key(settings, fingerprint, schedule)
+                name = cache.path("finetune", key).name
+                lines.append(f"{task} {what}: reuse (key {name})" if cache.lookup("finetune", key) else
+                             f"{task} {what}: run (because the cache has no key {name})")
+    return lines
 
 
 def _sampled(folder: Path, task: str, split: str) -> int:
@@ -175,6 +223,8 @@ def format_plan(p: dict[str, Any]) -> str:
     for s in p["stages"]:
         state = "cached" if s["cached"] else f"~{s['seconds'] / 60:.1f} min"
         lines.append(f"  {s['stage']:<15} {state:<11} {s['what']}")
+    if p.get("stage_cache"):
+        lines += ["", f"stage cache ({p['stage_cache']}; --no-cache: off):"] + [f"  {x}" for x in p["stage_cache_lines"]]
     lines += ["", f"estimated time: ~{p['estimated_s'] / 60:.0f} min ({p['rates']})"
               + (f"; not counting the {len(p['missing'])} missing task(s)" if p.get("missing") else "")]
     return "\n".join(lines)

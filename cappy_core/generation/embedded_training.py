@@ -272,9 +272,15 @@ def run_record(fit: FitResult, tokenizer, seqs: Sequence, data: GeneratorData, m
     import torch
     import transformers
 
+    from cappy_core.flops import decoder_train_flops_per_token, matmul_flops
+
     state, stream, model = fit.state, fit.stream, fit.model
     stride = max(1, len(state.losses) // 200)
     n_tokens = sum(len(s) for s in seqs)
+    # against the arithmetic limit: useful (unpadded) training FLOP/s over the matmul rate at these threads
+    per_token = decoder_train_flops_per_token(model, n_tokens / len(seqs))
+    cuda = fit.device.startswith("cuda")
+    peak = matmul_flops(device=fit.device, dtype=torch.bfloat16 if cuda else None)
     return {
         "kind": "cappy-embedded-generator",
         "prompt_format": "<s>{instruction}\\n{response}</s>",
@@ -292,6 +298,8 @@ def run_record(fit: FitResult, tokenizer, seqs: Sequence, data: GeneratorData, m
             "tokens_per_s": stream.tokens / fit.seconds, "seconds": fit.seconds, "final_loss": fit.final_loss,
             "loss_curve": [[i + 1, round(l, 4)] for i, l in enumerate(state.losses)][::stride],
             "threads": torch.get_num_threads(), "device": fit.device,
+            "train_flops_per_token": per_token, "matmul_flops": peak,
+            "fraction_of_bound": stream.tokens / fit.seconds * per_token / peak,
         },
         "prep_seconds": prep_seconds,
         "eval": metrics,
@@ -303,7 +311,8 @@ def summary_line(out: Path, record: dict, total_seconds: float) -> str:
     """The one line ``cappy generator train`` ends with."""
     tr, metrics = record["training"], record["eval"]
     line = (f"generator saved to {out}: {record['model']['parameters'] / 1e6:.1f}M params, {tr['updates']} updates "
-            f"({tr['sequences_seen']} sequences) in {tr['seconds']:.0f}s at {tr['tokens_per_s']:,.0f} tokens/s, "
+            f"({tr['sequences_seen']} sequences) in {tr['seconds']:.0f}s at {tr['tokens_per_s']:,.0f} tokens/s "
+            f"({tr['fraction_of_bound']:.2f} of the matmul bound), "
             f"final loss {tr['final_loss']:.3f}; total {total_seconds:.0f}s")
     if metrics:
         cfg = record["config"]

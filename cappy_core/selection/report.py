@@ -154,8 +154,11 @@ def spearman_section(spearman: Mapping[str, Any]) -> str:
 def progress_line(task: str, record: Mapping) -> str:
     """One finished task, as the sweep prints it: Cappy, beam4 and oracle, and its wall time."""
     m, nan = record["metrics"], float("nan")
+    training = record.get("training") or {}
+    reused = [what for what, info in (("finetune", training), ("selector finetune", training.get("selector")))
+              if isinstance(info, dict) and str(info.get("cache", "")).startswith("reused")]
     return (f"{task}: cappy {m.get(CAPPY, nan):.1f}, beam4 {m.get('beam4', nan):.1f}, oracle {m[ORACLE]:.1f} "
-            f"({record['wall_s']:.0f}s)")
+            f"({record['wall_s']:.0f}s" + "".join(f"; {w} reused from the stage cache" for w in reused) + ")")
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

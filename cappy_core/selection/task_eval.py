@@ -93,6 +93,7 @@ class TaskSettings:
     selector_schedule: Optional[ScorerSchedule] = None  # the fused selector's own scorer; None: schedule's
     selector_init: Optional[str] = None  # a selector scorer shared by every task (finetune_shared_selector)
     shared_selector_training: Optional[dict] = None  # finetune_shared_selector's record
+    stage_cache: Optional[str] = None  # finetunes reused from / kept in this stage cache; None: off
 
 
 # --- instructions and pairs ------------------------------------------------------------------
@@ -158,6 +159,43 @@ def finetune(init: str, pairs_file: str | Path, schedule: ScorerSchedule, *, max
                     "loss_first_tenth": sum(state.losses[:k]) / k, "loss_last_tenth": sum(state.losses[-k:]) / k}
 
 
+def finetune_key(settings: TaskSettings, pairs_fingerprint: str, schedule: ScorerSchedule) -> dict[str, Any]:
+    """What a finetune's output depends on: the init's weights, the pairs' rows, the schedule, the length."""
+    from cappy_core.stage_cache import folder_fingerprint
+
+    return {"init": folder_fingerprint(settings.init), "pairs": pairs_fingerprint,
+            "schedule": dataclasses.asdict(schedule), "max_length": settings.max_length}
+
+
+def cached_finetune(settings: TaskSettings, pairs_file: str | Path, schedule: ScorerSchedule, *,
+                    device: str) -> tuple[Any, dict[str, Any]]:
+    """:func:`finetune` through the stage cache (``settings.stage_cache``): an earlier finetune of
+    the same scorer init (its weights' fingerprint) on the same pairs (their rows) with the same
+    schedule and length is loaded instead of trained again. The info says which:
+    ``"cache": "reused KEY"`` or ``"stored KEY"``."""
+    from cappy_core.io import write_json
+    from cappy_core.scorer.model import Scorer
+    from cappy_core.stage_cache import StageCache, table_fingerprint
+
+    cache = StageCache(settings.stage_cache)
+    if cache.root is None:
+        return finetune(settings.init, pairs_file, schedule, max_length=settings.max_length, device=device,
+                        score_dtype=settings.score_dtype)
+    key = finetune_key(settings, table_fingerprint(pairs_file), schedule)
+    hit = cache.lookup("finetune", key)
+    if hit is not None:  # loaded as finetune leaves it: training dtype, then scoring in score_dtype
+        scorer = Scorer.from_pretrained(hit, dtype="bfloat16" if schedule.bf16 else "float32", device=device,
+                                        max_length=settings.max_length)
+        scorer.dtype = settings.score_dtype
+        return scorer, {**json.loads((hit / "training.json").read_text()), "cache": f"reused {hit.name}"}
+    scorer, info = finetune(settings.init, pairs_file, schedule, max_length=settings.max_length, device=device,
+                            score_dtype=settings.score_dtype)
+    with cache.fill("finetune", key) as tmp:
+        scorer.save_pretrained(tmp)
+        write_json(tmp / "training.json", info)
+    return scorer, {**info, "cache": f"stored {cache.path('finetune', key).name}"}
+
+
 def set_device(use_gpu: bool, torch_threads: int) -> str:
     """``"cuda"`` when asked and present, else ``"cpu"`` with ``torch_threads`` threads."""
     import torch
@@ -203,8 +241,7 @@ def _finetune_union(tasks: Sequence[str], settings: TaskSettings, schedule: Scor
     pairs_file = write_pairs(union, shared / f"{prefix}train_pairs.parquet")
     pairs_s = time.monotonic() - t
     t = time.monotonic()
-    scorer, info = finetune(settings.init, pairs_file, schedule, max_length=settings.max_length,
-                            device=device, score_dtype=settings.score_dtype)
+    scorer, info = cached_finetune(settings, pairs_file, schedule, device=device)
     with atomic_dir(folder) as tmp:
         scorer.save_pretrained(tmp)
     record = {"digest": digest, "scope": "all", "tasks": sorted(tasks), "train_pairs": len(union),
@@ -329,14 +366,12 @@ def run_task(task: str, settings: TaskSettings, *, use_gpu: bool = False, torch_
         pairs_file = write_pairs(pairs, task_dir / "train_pairs.parquet")
         timings["pairs_s"] = time.monotonic() - t
         t = time.monotonic()
-        scorer, training = finetune(settings.init, pairs_file, settings.schedule, max_length=settings.max_length,
-                                    device=device, score_dtype=settings.score_dtype)
+        scorer, training = cached_finetune(settings, pairs_file, settings.schedule, device=device)
         timings["finetune_s"] = time.monotonic() - t
         if settings.selector_schedule is not None:
             t = time.monotonic()
-            selector, training["selector"] = finetune(settings.init, pairs_file, settings.selector_schedule,
-                                                      max_length=settings.max_length, device=device,
-                                                      score_dtype=settings.score_dtype)
+            selector, training["selector"] = cached_finetune(settings, pairs_file, settings.selector_schedule,
+                                                             device=device)
             training["selector"]["loss"] = settings.selector_schedule.loss
             timings["selector_finetune_s"] = time.monotonic() - t
     else:

@@ -43,6 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from cappy_core.flops import matmul_flops
+
 PATHS = ("vllm", "hf-generate", "hf-cached", "hf", "job-vllm", "job-hf-cached", "job-hf")
 
 
@@ -66,23 +68,6 @@ def local_sweep_generator() -> str:
         raise SystemExit(f"the local sweep's embedded generator is not at {path}: run `cappy sweep --preset local` "
                          "(it trains it), or pass --generator PATH (or --generator tiny)")
     return str(path)
-
-
-def matmul_flops(threads: int, n: int = 512, reps: int = 20) -> float:
-    """fp32 FLOP/s of an n×n matmul at ``threads`` threads (best of three rounds)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        best = min(best, time.perf_counter() - t)
-    torch.set_num_threads(before)
-    return 2 * n ** 3 * reps / best
 
 
 def time_direct(gen, instructions: list[str], batch_size: int, **kw) -> tuple[float, int, int]:
@@ -159,7 +144,7 @@ def _run(args, tmp: Path) -> dict:
     params = sum(x.numel() for x in AutoModelForCausalLM.from_pretrained(model).parameters())
     tok = AutoTokenizer.from_pretrained(model)
     prompt_tokens = sum(min(len(tok(t + "\n")["input_ids"]), max_prompt) for t in instructions)
-    bound = matmul_flops(args.threads)
+    bound = matmul_flops(512, reps=20, threads=args.threads)
     res: dict = {"bench": "sampling", "generator": model, "params": params, "instructions": len(instructions),
                  "candidates_per_instruction": candidates_per_instruction(PAPER_DECODINGS),
                  "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from cappy_core.config import build_parser, config_from_args, run_main
+from cappy_core.flops import matmul_flops
 
 DEFAULT_TASKS = ["tense", "rephrase", "simple_text_editing", "word_sorting",
                  "gender_inclusive_sentences_german", "unnatural_in_context_learning",
@@ -79,21 +80,6 @@ def bench_pairs(catalog, tasks: list[str], n: int, seed: int = 0) -> tuple[list[
     if len(out) < n:
         raise ValueError(f"only {len(out)} pairs in tasks {tasks}; ask for fewer or add tasks")
     return [i for i, _ in out], [r for _, r in out]
-
-
-def matmul_flops(n: int = 1024, reps: int = 10, dtype=None) -> float:
-    """Best-of-``reps`` FLOP/s of an ``n×n @ n×n`` torch.matmul at the current thread count."""
-    import torch
-
-    a = torch.randn(n, n, dtype=dtype or torch.float32)
-    b = torch.randn(n, n, dtype=dtype or torch.float32)
-    torch.matmul(a, b)
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - t)
-    return 2.0 * n ** 3 / best
 
 
 def time_ref_pad512(scorer, instructions, responses, batch_size: int) -> float:

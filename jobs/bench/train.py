@@ -1,6 +1,7 @@
 """Scorer training throughput: the Ray Train loop vs the same loop in a plain process.
 
     python -m jobs.bench.train [--pairs 384] [--model minilm] [--max-length 128] [--threads 1] [--repeats 2]
+                               [--tasks ... --examples DIR]
 
 Data: a pretraining pair mixture of a few small BIG-Bench tasks (the local preset's), written
 once as Parquet. Timed on the SAME pairs, same config, one after the other:
@@ -10,6 +11,12 @@ once as Parquet. Timed on the SAME pairs, same config, one after the other:
 - ``ray_1w``: the ``cappy pretrain`` machinery (``run_training``: TorchTrainer, Ray Data feed via
   ``get_dataset_shard`` + ``iter_torch_batches``, one worker with ``--threads`` threads);
 - ``ray_2w``: the same with 2 workers (gloo DDP) of ``--threads`` threads each.
+
+Against the arithmetic limit: ``*_fraction_of_bound`` = samples/s × 3 × the forward FLOPs of a
+pair at its real token length (:func:`cappy_core.scorer.model.flops_per_pair`; 6 × parameters ×
+tokens plus attention; padding not counted, so padded tokens show as waste) ÷ ``matmul_fp32_flops``
+(the best 1024² fp32 ``torch.matmul`` at ``--threads`` threads). Without BIG-Bench on the machine,
+``--examples DIR`` reads the tasks from a ``cappy data prepare`` folder (any ``--task-dir`` tasks).
 
 ``plain`` and ``ray_1w`` alternate ``--repeats`` times and the best of each counts, so a burst of
 other load hurts both alike. The default is one thread: on a shared 2-core machine one process
@@ -56,6 +63,8 @@ class TrainBenchConfig:
     two_workers: bool = field(default=True, metadata={"help": "also time 2 workers"})
     tasks: list[str] = field(default_factory=lambda: list(LOCAL_TASKS), metadata={
         "help": "BIG-Bench tasks the pairs come from"})
+    examples: Optional[str] = field(default=None, metadata={
+        "help": "a `cappy data prepare` folder to read the tasks from (default: the task catalog: vendored, cached)"})
     gpu: Optional[bool] = field(default=None, metadata={
         "help": "also time a RoBERTa-large-shaped scorer in bf16 on the GPU (default: if CUDA is visible)"})
     gpu_seq_len: int = field(default=256, metadata={"help": "GPU part: tokens per pair"})
@@ -67,10 +76,27 @@ class TrainBenchConfig:
 def make_pairs(cfg: TrainBenchConfig, out_dir: Path) -> str:
     from cappy_core.labeling.pair_mixture import build_pair_mixture, load_examples, write_pairs
 
-    examples, _ = load_examples(cfg.tasks, ["train", "validation"], None, None, log=lambda *_: None)
+    examples, _ = load_examples(cfg.tasks, ["train", "validation"], cfg.examples, None, log=lambda *_: None)
     train, _ = build_pair_mixture(examples, train_size=cfg.pairs, max_pairs_per_task=max(64, cfg.pairs // 4),
                                   max_wrong_choices=4, seed=cfg.seed)
     return str(write_pairs(train, out_dir / "train.parquet"))
+
+
+def flop_bound(cfg: TrainBenchConfig, pairs: str) -> dict:
+    """What one training sample costs: 3 × the forward FLOPs of its pair at its real (unpadded)
+    token length (:func:`cappy_core.scorer.model.flops_per_pair`: 2 × linear parameters × tokens
+    + attention, i.e. 6 × parameters × tokens for a training step), averaged over the pairs; and
+    the machine's fp32 matmul rate at ``--threads`` threads (the bound it is measured against)."""
+    from cappy_core.labeling.pair_mixture import read_pair_columns
+    from cappy_core.scorer.model import Scorer, flops_per_pair
+    from cappy_core.flops import matmul_flops
+
+    cols = read_pair_columns(pairs)
+    scorer = Scorer.from_pretrained(cfg.model, device="cpu", max_length=cfg.max_length)
+    lengths = [len(ids) for ids in scorer.encode(cols["instruction"], cols["response"])["input_ids"]]
+    per_sample = 3.0 * sum(flops_per_pair(scorer.model.config, n) for n in lengths) / len(lengths)
+    peak = matmul_flops(1024, threads=cfg.threads)
+    return {"mean_tokens": sum(lengths) / len(lengths), "train_flops_per_sample": per_sample, "matmul_fp32_flops": peak}
 
 
 def train_config(cfg: TrainBenchConfig, workers: int, threads: int, storage: Path, name: str):
@@ -172,6 +198,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="cappy-bench-train-") as tmp:
         storage = Path(tmp)
         pairs = make_pairs(cfg, storage)
+        bound = flop_bound(cfg, pairs)
         if not ray.is_initialized():
             init_local_ray(include_dashboard=False, log_to_driver=False)
         plains, ones = [], []
@@ -184,7 +211,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                    ratio_1w_vs_plain=one["samples_per_s"] / plain["samples_per_s"],
                    plain_runs=[round(x["samples_per_s"], 3) for x in plains],
                    ray_1w_runs=[round(x["samples_per_s"], 3) for x in ones],
-                   ray_1w_wall_s=one["wall_s"], updates=one["updates"])
+                   ray_1w_wall_s=one["wall_s"], updates=one["updates"], mean_tokens=bound["mean_tokens"],
+                   matmul_fp32_flops=round(bound["matmul_fp32_flops"], -6),
+                   # useful training FLOP/s (padding not counted) over the matmul rate at the same threads
+                   plain_fraction_of_bound=plain["samples_per_s"] * bound["train_flops_per_sample"]
+                   / bound["matmul_fp32_flops"],
+                   ray_1w_fraction_of_bound=one["samples_per_s"] * bound["train_flops_per_sample"]
+                   / bound["matmul_fp32_flops"])
         if cfg.two_workers:
             two = time_ray(cfg, pairs, 2, cfg.threads, storage, "2w")
             out.update(ray_2w_samples_per_s=two["samples_per_s"], ray_2w_wall_s=two["wall_s"],

@@ -48,7 +48,8 @@ def sweep(out, models, *extra, fail=None, run=subprocess.run, **kw):
     env.pop("CAPPY_SWEEP_FAIL_TASKS", None)
     if fail:
         env["CAPPY_SWEEP_FAIL_TASKS"] = fail
-    args = [sys.executable, "-m", "jobs.sweep", "--tasks", *TASKS, "--out", str(out),
+    # the stage cache beside OUT: the test's own, shared by the sweeps of one test
+    args = [sys.executable, "-m", "jobs.sweep", "--tasks", *TASKS, "--out", str(out), "--cache-dir", str(out.parent / "cache"),
             "--task-dir", str(models / "tasks"), "--generator", str(models / "t5"), "--backend", "hf", "--scorer", str(models / "scorer"), *SMALL, *extra]
     if run is subprocess.run:
         kw.update(capture_output=True, timeout=600)
@@ -110,11 +111,12 @@ def test_failed_task_is_recorded_and_a_rerun_computes_only_it(tmp_path, models, 
     assert "0 task(s) already finished with these settings; 2 to run" in r3.stdout
     assert r3.stdout.count("sampled 6 instructions") == 2 and len(list(out.glob("candidates/sampling-*"))) == 2
 
-    # the same command into a fresh folder (sampling included) gives the same numbers
+    # the same command into a fresh folder, sampling and finetuning again (--no-cache), gives the same numbers
     other = tmp_path / "again"
-    r4 = sweep(other, models, "--schedule.lr", "5e-5", "--sampling.seed", "1", "--schedule.seed", "1")
+    r4 = sweep(other, models, "--schedule.lr", "5e-5", "--sampling.seed", "1", "--schedule.seed", "1", "--no-cache")
     assert r4.returncode == 0, r4.stderr[-3000:]
     assert numbers(other) == numbers(out)
+    assert r4.stdout.count("sampled 6 instructions") == 2 and not (other / "candidates").is_symlink()
 
     r5 = sweep(other, models, "--schedule.lr", "5e-5", "--sampling.seed", "1", "--schedule.seed", "1", "--finetune-scope", "all")  # one scorer for both tasks
     assert r5.returncode == 0, r5.stderr[-3000:]
@@ -150,6 +152,39 @@ def test_failed_task_is_recorded_and_a_rerun_computes_only_it(tmp_path, models, 
     fused = summary["intervals"]["methods"]["cappy+lm+mbr"]["mean"]
     assert logged["intervals/cappy_lm_mbr/mean/low"] == [(0, pytest.approx(fused["low"], abs=1e-4))]
     assert "summary" in image_tags(other / "tensorboard" / "sweep")  # the report's chart
+
+
+@pytest.mark.slow
+def test_a_new_out_reuses_the_stage_cache_and_runs_only_what_changed(tmp_path, models, ray_address):
+    """A second sweep into a new OUT that changes only the selector's loss: sampling and each
+    task's cappy finetune come from the stage cache (the log and --dry-run say so), the selector
+    scorers are finetuned, and every row that does not read the selector is unchanged. A third
+    with --no-cache computes everything again and gets the first's numbers."""
+    a = sweep(tmp_path / "a", models)
+    assert a.returncode == 0, a.stderr[-3000:]
+    assert "candidates: sample into the stage cache's" in a.stdout
+    dry = sweep(tmp_path / "b", models, "--selector-loss", "listwise", "--dry-run")
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    plan_lines = dry.stdout.split("stage cache (")[1]
+    assert "candidates: reuse (key sampling-" in plan_lines
+    for t in TASKS:
+        assert f"{t} finetune: reuse (key " in plan_lines and f"{t} selector finetune: run (because" in plan_lines
+    b = sweep(tmp_path / "b", models, "--selector-loss", "listwise")
+    assert b.returncode == 0, b.stderr[-3000:]
+    assert "candidates: reuse the stage cache's" in b.stdout and b.stdout.count("sampled 0 instructions") == 2
+    assert (tmp_path / "b" / "candidates").is_dir() and next((tmp_path / "b" / "candidates").iterdir()).is_symlink()
+    for t in TASKS:
+        ra, rb = (json.loads((tmp_path / o / "tasks" / f"{t}.json").read_text()) for o in ("a", "b"))
+        key = ra["training"]["cache"].split()[1]
+        assert ra["training"]["cache"].startswith("stored ") and rb["training"]["cache"] == f"reused {key}"
+        assert rb["training"]["selector"]["cache"].startswith("stored ")
+        assert f"{t}: cappy" in b.stdout and "finetune reused from the stage cache" in b.stdout
+        assert {m: v for m, v in rb["metrics"].items() if m != "cappy+lm+mbr"} == \
+            {m: v for m, v in ra["metrics"].items() if m != "cappy+lm+mbr"}
+    c = sweep(tmp_path / "c", models, "--no-cache")
+    assert c.returncode == 0, c.stderr[-3000:]
+    assert c.stdout.count("sampled 6 instructions") == 2 and "stage cache" not in c.stdout
+    assert numbers(tmp_path / "c") == numbers(tmp_path / "a")
 
 
 def card_results(folder: Path) -> list[tuple]:
@@ -321,7 +356,9 @@ def test_candidates_are_kept_per_sampling_settings():
     def folder(cfg, generator="/gen/a"):
         return task_settings(cfg, Path("/out"), "init", generator).candidates_dir
 
-    assert folder(base).startswith("/out/candidates/sampling-") and folder(base) == folder(replace(base))
+    assert Path(folder(base)).name.startswith("sampling-") and folder(base) == folder(replace(base))
+    assert folder(replace(base, cache=False)).startswith("/out/candidates/sampling-")  # in OUT, not the cache
+    assert Path(folder(replace(base, cache=False))).name == Path(folder(base)).name
     sampling = base.sampling
     changed = [replace(base, sampling=replace(sampling, seed=1)), replace(base, sampling=replace(sampling, decodings=["beam4"])),
                replace(base, sampling=replace(sampling, max_new_tokens=32)),

@@ -52,7 +52,8 @@ def test_dry_run_plans_from_the_data_and_the_outputs_on_disk(tmp_path, generator
                                  plan)
 
     out = tmp_path / "out"
-    argv = ["--tasks", *TASKS, "--task-dir", str(standin_tasks), "--out", str(out), "--generator", generator, "--backend", "hf", "--scorer", "minilm",
+    argv = ["--tasks", *TASKS, "--task-dir", str(standin_tasks), "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
+            "--generator", generator, "--backend", "hf", "--scorer", "minilm",
             "--max-examples-per-task", "20", "--max-train-examples-per-task", "30", "--dry-run"]
     assert sweep.main(argv) == 0
     text = capsys.readouterr().out
@@ -63,7 +64,8 @@ def test_dry_run_plans_from_the_data_and_the_outputs_on_disk(tmp_path, generator
     want = {t: (min(30, sizes[t]["train"]), min(20, sizes[t]["validation"])) for t in TASKS}
     for t, (tr, va) in want.items():
         assert f"| {t} | {tr} (0) | {va} (0) | {(tr + va) * 17:,} | no |" in text
-    cfg = sweep.SweepConfig(tasks=TASKS, task_dir=[str(standin_tasks)], out=str(out), generator=generator, backend="hf", scorer="minilm",
+    cfg = sweep.SweepConfig(tasks=TASKS, task_dir=[str(standin_tasks)], out=str(out), cache_dir=str(tmp_path / "cache"),
+                            generator=generator, backend="hf", scorer="minilm",
                             max_examples_per_task=20, max_train_examples_per_task=30)
     p = plan(cfg)
     assert [(r["task"], r["train"], r["validation"]) for r in sorted(p["rows"], key=lambda r: TASKS.index(r["task"]))] \

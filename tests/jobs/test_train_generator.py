@@ -38,6 +38,9 @@ def test_cli_trains_saves_and_reports(trained):
     out, proc = trained
     meta = json.loads((out / "cappy_generator.json").read_text())
     assert meta["training"]["updates"] == 15 and meta["training"]["tokens_per_s"] > 0
+    tr = meta["training"]  # useful training FLOP/s over the matmul rate at the same threads
+    assert tr["fraction_of_bound"] == pytest.approx(tr["tokens_per_s"] * tr["train_flops_per_token"] / tr["matmul_flops"])
+    assert 0 < tr["fraction_of_bound"] < 2 and "of the matmul bound" in proc.stdout
     assert meta["tasks"] == sorted(TASKS) and meta["config"]["hidden_size"] == 64
     assert meta["max_prompt_tokens"] == 96 and meta["prompt_format"] == "<s>{instruction}\\n{response}</s>"
     ev = meta["eval"]

@@ -392,7 +392,7 @@ def test_uri_storage_path_and_output_go_to_ray_train_and_through_staging(tmp_pat
     mem, root = fsspec.filesystem("memory"), f"/bucket/{tmp_path.name}"
     seen = {}
 
-    def fake_training(cfg, paths, train_file, eval_file, run_info, log, before_fit, progress=True):
+    def fake_training(cfg, paths, train_file, eval_file, run_info, log, before_fit, progress=True, tracking=None):
         seen["storage"] = scorer_trainer.ray_storage(paths)
         before_fit()
         seen["uploaded_before_fit"] = sorted(p.removeprefix(root + "/") for p in mem.find(root))
