@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from cappy_core.config import ConfigError, build_parser, config_from_args, run_main
+from cappy_core.config import ConfigError, build_parser, resolve_and_run, run_main
 
 
 @dataclass
@@ -305,7 +305,7 @@ def run(cfg: ChaosConfig) -> int:
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     parser = build_parser(ChaosConfig, prog=prog or "python -m jobs.bench.chaos", description=__doc__.splitlines()[0])
     args = parser.parse_args(argv)
-    return run_main(lambda: run(config_from_args(ChaosConfig, args)))
+    return run_main(lambda: resolve_and_run(ChaosConfig, args, None, run))  # --print-config: the YAML, no run
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from cappy_core.config import ConfigError, build_parser, config_from_args, run_main
+from cappy_core.config import ConfigError, build_parser, resolve_and_run, run_main
 
 # Generative tasks whose references are mostly short to medium (words) and varied: English
 # sentences, word lists, German with umlauts and gender stars, labels, multi-reference sets.
@@ -256,7 +256,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     parser = build_parser(LabelingBenchConfig, prog=prog or "python -m jobs.bench.labeling",
                           description=__doc__.splitlines()[0])
     args = parser.parse_args(argv)
-    return run_main(lambda: run(config_from_args(LabelingBenchConfig, args)))
+    return run_main(lambda: resolve_and_run(LabelingBenchConfig, args, None, run))  # --print-config: the YAML, no run
 
 
 if __name__ == "__main__":

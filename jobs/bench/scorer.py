@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from cappy_core.config import build_parser, config_from_args, run_main
+from cappy_core.config import build_parser, resolve_and_run, run_main
 from cappy_core.flops import matmul_flops
 
 DEFAULT_TASKS = ["tense", "rephrase", "simple_text_editing", "word_sorting",
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = build_parser(ScorerBenchConfig, prog=prog or "python -m jobs.bench.scorer",
                           description=__doc__.splitlines()[0])
     args = parser.parse_args(argv)
-    return run_main(lambda: run(config_from_args(ScorerBenchConfig, args)))
+    return run_main(lambda: resolve_and_run(ScorerBenchConfig, args, None, run))  # --print-config: the YAML, no run
 
 
 if __name__ == "__main__":

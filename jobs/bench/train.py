@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from cappy_core.config import build_parser, config_from_args
+from cappy_core.config import build_parser, resolve_and_run
 
 LOCAL_TASKS = ["general_knowledge", "riddle_sense", "cause_and_effect", "physical_intuition", "snarks",
                "hindu_knowledge", "misconceptions", "strategyqa", "navigate", "periodic_elements"]
@@ -186,7 +186,11 @@ def gpu_bench(cfg: TrainBenchConfig) -> dict:
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = build_parser(TrainBenchConfig, prog=prog or "python -m jobs.bench.train",
                           description=__doc__.split("\n")[0])
-    cfg = config_from_args(TrainBenchConfig, parser.parse_args(argv))
+    # --print-config: the YAML, no run
+    return int(resolve_and_run(TrainBenchConfig, parser.parse_args(argv), None, run) or 0)
+
+
+def run(cfg: TrainBenchConfig) -> int:
     os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "600")
     import ray
 

@@ -169,3 +169,24 @@ def test_the_baseline_count_is_the_reports():
     words = {7: "seven", 8: "eight", 9: "nine"}
     readme = (REPO / "README.md").read_text()
     assert f"against the {words[n]} baselines" in readme
+
+
+@pytest.mark.parametrize("bench", ["scorer", "train", "labeling", "chaos"])
+def test_every_benchmark_prints_its_config_and_runs_nothing(bench, capsys):
+    """`python -m jobs.bench.<name> --print-config`: the resolved YAML, exit 0, no benchmark run
+    (the benchmarks used to ignore the flag and start measuring)."""
+    import importlib
+
+    import yaml
+
+    module = importlib.import_module(f"jobs.bench.{bench}")
+    assert "--print-config" in module_help(module, capsys)
+    assert module.main(["--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert isinstance(printed, dict) and printed
+
+
+def module_help(module, capsys) -> str:
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    return capsys.readouterr().out
