@@ -6,7 +6,6 @@ failed, or was computed with other settings. Tested in ``tests/jobs/test_sweep.p
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 import traceback
@@ -18,8 +17,10 @@ RESULT_VERSION = 2
 
 
 def key_digest(key: Mapping[str, Any]) -> str:
-    """A short digest of the settings that define a task's result."""
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """A short digest of the settings that define a task's result (the stage cache's digest)."""
+    from cappy_core.stage_cache import digest
+
+    return digest(key)
 
 
 def result_path(tasks_dir: str | Path, task: str) -> Path:

@@ -197,18 +197,10 @@ def card_results(folder: Path) -> list[tuple]:
 
 
 def image_tags(folder: Path) -> set[str]:
-    from tensorboardX.proto import event_pb2
-    import struct
+    from test_tracking import tensorboard_events
 
-    tags = set()
-    for path in folder.rglob("events.out.tfevents.*"):
-        data, pos = path.read_bytes(), 0
-        while pos < len(data):
-            (n,) = struct.unpack("<Q", data[pos:pos + 8])
-            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
-            pos += 12 + n + 4
-            tags |= {v.tag for v in event.summary.value if v.WhichOneof("value") == "image"}
-    return tags
+    return {v.tag for event in tensorboard_events(folder) for v in event.summary.value
+            if v.WhichOneof("value") == "image"}
 
 
 def test_push_to_hub_pushes_every_kept_scorer_and_goes_on_past_a_failure(tmp_path, monkeypatch):

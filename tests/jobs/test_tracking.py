@@ -12,21 +12,26 @@ import pytest
 from jobs import tracking
 
 
-def read_tensorboard(folder: Path) -> dict[str, list[tuple[int, float]]]:
-    """``{tag: [(step, value)]}`` from the event files under ``folder`` (TFRecord framing:
-    length, its CRC, the serialized Event, its CRC)."""
+def tensorboard_events(folder: Path):
+    """The Events of the event files under ``folder`` (TFRecord framing: length, its CRC, the
+    serialized Event, its CRC)."""
     from tensorboardX.proto import event_pb2
 
-    out: dict[str, list[tuple[int, float]]] = {}
     for path in sorted(folder.rglob("events.out.tfevents.*")):
         data, pos = path.read_bytes(), 0
         while pos < len(data):
             (n,) = struct.unpack("<Q", data[pos:pos + 8])
-            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+            yield event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
             pos += 12 + n + 4
-            for v in event.summary.value:
-                if v.WhichOneof("value") == "simple_value":
-                    out.setdefault(v.tag, []).append((event.step, v.simple_value))
+
+
+def read_tensorboard(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """``{tag: [(step, value)]}`` of the scalars under ``folder``."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for event in tensorboard_events(folder):
+        for v in event.summary.value:
+            if v.WhichOneof("value") == "simple_value":
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
     return out
 
 
