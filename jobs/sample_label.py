@@ -210,14 +210,18 @@ def _sample_shards(cfg, todo, generator, decodings, per_instruction, meta, timin
         # Ray Data fails the job when a generator actor dies while loading its model (its default,
         # 0); one killed there (preempted, OOM) is replaced, a model that never loads still fails.
         ray.data.DataContext.get_current().max_consecutive_actor_init_deaths = INIT_DEATHS
-    ds = ray.data.from_arrow([s.rows for s in todo])
+    # One block per generator call, not per shard: a free actor takes the next call, so at the end no
+    # actor idles while another works through a whole shard (the tasks' shards differ in size).
+    size = cfg.sampling.batch_size
+    ds = ray.data.from_arrow([s.rows.slice(i, size) for s in todo for i in range(0, s.rows.num_rows, size)])
     ds = ds.map_batches(
         CandidateStage, batch_format="pyarrow", batch_size=cfg.sampling.batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.sampling.num_actors),
         num_cpus=cfg.sampling.cpus_per_actor, num_gpus=cfg.sampling.gpus_per_actor or None,
         fn_constructor_kwargs=dict(backend=cfg.backend, generator=generator, generator_kwargs=gen_kwargs,
                                    decodings=decodings, max_new_tokens=cfg.sampling.max_new_tokens,
-                                   min_new_tokens=cfg.sampling.min_new_tokens, seed=cfg.sampling.seed))
+                                   min_new_tokens=cfg.sampling.min_new_tokens, seed=cfg.sampling.seed,
+                                   prompt_format=cfg.sampling.prompt_format))
     # Rouge-L labels: stateless CPU tasks
     ds = ds.map_batches(add_labels, batch_format="pyarrow", num_cpus=cfg.label_cpus,
                         compute=ray.data.TaskPoolStrategy(size=cfg.label_tasks))

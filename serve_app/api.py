@@ -116,7 +116,8 @@ class CandidateOut(BaseModel):
 class SelectResponse(BaseModel):
     response: str = Field(description="the candidate the selector ranks highest")
     score: float = Field(description="its scorer logit")
-    selector: str = Field(description="what picked it: 'cappy', or 'cappy+lm+mbr' with the task's weights")
+    selector: str = Field(description="what picked it: 'cappy', 'cappy+lm+mbr' with the task's weights, or 'mbr' "
+                          "(consensus: no trained scorer on the machine)")
     selector_weights: Optional[dict[str, float]] = Field(None, description="the fused selector's weights")
     index: int = Field(description="its position among the candidates (decoding order)")
     decoding: str
@@ -136,12 +137,3 @@ class Health(BaseModel):
 
 
 # The OpenAI routes' request models: serve_app/openai_api.py.
-
-
-def plain_chat(messages: list[dict]) -> str:
-    """The instruction for chat messages when the generator's tokenizer has no chat template: one
-    user message is its text as it is (so it matches /v1/select with that instruction); otherwise
-    one ``Role: text`` line per message and a final ``Assistant:`` cue."""
-    if len(messages) == 1 and messages[0]["role"] == "user":
-        return messages[0]["content"]
-    return "\n".join([f"{m['role'].capitalize()}: {m['content']}" for m in messages] + ["Assistant:"])

@@ -23,6 +23,8 @@ from serve_app.scorer import ScorerDeployment
 
 UNTRAINED_SCORER_WARNING = ("the default scorer is MiniLM with an untrained head: its picks mean nothing; serve a "
                             "pretrained scorer (cappy pretrain, or the sweep's)")
+CONSENSUS_WARNING = ("no trained scorer on this machine: the default pick is the candidate that agrees most with the "
+                     "others (MBR), not Cappy's; serve a pretrained scorer (cappy pretrain, or the sweep's) for Cappy's picks")
 
 
 def build_app(args: AppArgs) -> Application:
@@ -34,8 +36,10 @@ def build_app(args: AppArgs) -> Application:
         s.model, dtype=s.dtype, device=s.device, max_length=s.max_length, seed=s.seed,
         task_scorers=s.task_scorers, scorers_dir=s.scorers_dir, unknown_task=s.unknown_task,
         max_models_per_replica=s.max_models_per_replica, score_batch_size=s.score_batch_size,
-        score_max_tokens=s.score_max_tokens, torch_threads=s.torch_threads)
-    warnings = [UNTRAINED_SCORER_WARNING] if s.model == "minilm" else []
+        score_max_tokens=s.score_max_tokens, torch_threads=s.torch_threads, selector=s.selector)
+    warnings = []
+    if s.model == "minilm":
+        warnings.append(CONSENSUS_WARNING if s.selector and not s.selector.get("cappy") else UNTRAINED_SCORER_WARNING)
     limits = i.limits()
     if limits["max_generating"] is None:  # admit what the Generator holds; refuse the rest at once
         limits["max_generating"] = g.capacity()

@@ -141,6 +141,10 @@ class ScorerArgs(ReplicaArgs):
     device: Optional[str] = Field(None, description="cpu, cuda (default: cuda if available)")
     max_length: Optional[int] = Field(None, ge=8, description="pair truncation (default: the checkpoint's, else 512)")
     seed: int = Field(0, description="initialises a head the checkpoint lacks ('minilm')")
+    selector: Optional[dict[str, float]] = Field(
+        None, description="fused weights (cappy, logprob_mean, mbr) for the default scorer's picks; null: the ones "
+                          "stored in its folder (selector.json), else Cappy alone. {mbr: 1}: consensus only, what "
+                          "`cappy serve` uses when this machine has no trained scorer")
     task_scorers: dict[str, str] = Field(default_factory=dict, description="explicit id → checkpoint map")
     scorers_dir: Optional[str] = Field(None, description="folder of per-task scorers: <dir>/<id>/ or "
                                        "<dir>/finetune-<id>/scorer/")

@@ -34,6 +34,8 @@ from typing import Any
 
 from ray import serve
 
+from cappy_core.generation.prompts import chat_prompt
+
 logger = logging.getLogger("ray.serve")
 
 HEALTH_FRESH_S = 30.0  # a successful call this recent proves the engine works: no probe
@@ -269,19 +271,6 @@ def _result(cands: list, prompt_tokens: int, max_new_tokens: int, tokenizer: Any
     templated = bool(getattr(tokenizer, "chat_template", None)) and not isinstance(prompt, str)
     return {"candidates": list(cands), "prompt_text": text, "prompt_tokens": prompt_tokens,
             "max_new_tokens": max_new_tokens, "chat_template": templated}
-
-
-def chat_prompt(messages: list[dict], tokenizer: Any) -> str:
-    """The instruction chat messages make: the tokenizer's chat template with the generation prompt
-    when it has one (its leading BOS text dropped: the prompt encoder adds BOS itself), else
-    :func:`serve_app.api.plain_chat`."""
-    from serve_app.api import plain_chat
-
-    if not getattr(tokenizer, "chat_template", None):
-        return plain_chat(messages)
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    bos = getattr(tokenizer, "bos_token", None)
-    return text[len(bos):] if bos and text.startswith(bos) else text
 
 
 def _as_request_error(e: Exception) -> Exception:

@@ -56,6 +56,16 @@ add_middleware(app)
 add_error_handlers(app)
 
 
+def selector_label(weights: dict | None) -> str:
+    """What picked: ``cappy`` (no weights), ``cappy+lm+mbr`` (fused weights with Cappy in them), or the
+    signals a Cappy-free default weighs (``mbr``: no trained scorer on the machine)."""
+    if not weights:
+        return "cappy"
+    if weights.get("cappy"):
+        return "cappy+lm+mbr"
+    return "+".join(label for key, label in (("logprob_mean", "lm"), ("mbr", "mbr")) if weights.get(key))
+
+
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress(app)
 class IngressDeployment:
@@ -120,7 +130,7 @@ class IngressDeployment:
         record_selection(route, candidates=len(cands), generated_tokens=sum(c["generated_tokens"] for c in cands),
                          generate_s=t1 - t0, score_s=t2 - t1, select_s=t3 - t2, margin=score_margin(values))
         return {"candidates": cands, "scores": scores, "fused": fused, "weights": weights or None,
-                "selector": "cappy+lm+mbr" if weights else "cappy", "best": ranked[0], "ranked": ranked,
+                "selector": selector_label(weights), "best": ranked[0], "ranked": ranked,
                 "meta": self._meta(result), "prompt_tokens": gen["prompt_tokens"],
                 "max_new_tokens": gen["max_new_tokens"],
                 "timings_ms": {"generate": round(1e3 * (t1 - t0), 1), "score": round(1e3 * (t2 - t1), 1),
@@ -190,8 +200,11 @@ class IngressDeployment:
     async def models(self):
         info = await call_or_503(lambda: self.scorer.info.remote(), "scorer", 10.0, 0)
         ids = ["cappy"] + [f"cappy:{t}" for t in info.get("tasks", [])]
-        return {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "cappy"}
-                                           for i in ids]}
+        data = [{"id": i, "object": "model", "created": 0, "owned_by": "cappy"} for i in ids]
+        # what "cappy" picks with (an extension field; clients ignore it): the default scorer and its weights
+        data[0]["cappy"] = {"scorer": info.get("model"), "selector": selector_label(info.get("selector")),
+                            "selector_weights": info.get("selector")}
+        return {"object": "list", "data": data}
 
     async def _generator_info(self) -> dict:
         try:
@@ -215,4 +228,4 @@ class IngressDeployment:
         if sc.get("untrained_head") and not warnings:
             warnings = ["the default scorer has an untrained head: its picks mean nothing"]
         return Health(status="ok", warnings=warnings, generator={k: gen.get(k) for k in ("backend", "model")},
-                      scorer={k: sc.get(k) for k in ("model", "replica")})
+                      scorer={k: sc.get(k) for k in ("model", "replica", "selector")})

@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 
 from cappy_core.generation import gather_or_cancel
-from serve_app.api import plain_chat
+from cappy_core.generation.prompts import plain_chat
 from serve_app.openai_api import ChatCompletionRequest, CompletionRequest
 from serve_app.openai_format import OpenAIError, chosen, openai_completion, openai_model_task, openai_select_error
 from serve_app.openai_plan import check_prompts, plan_openai

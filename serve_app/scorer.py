@@ -43,7 +43,8 @@ class ScorerReplica:
                  max_length: int | None = None, seed: int = 0, task_scorers: dict | None = None,
                  scorers_dir: str | None = None, unknown_task: str = "default",
                  max_models_per_replica: int = 3, score_batch_size: int = 128,
-                 score_max_tokens: int | None = 1024, torch_threads: int | None = None):
+                 score_max_tokens: int | None = 1024, torch_threads: int | None = None,
+                 selector: dict | None = None):
         import torch
 
         from cappy_core.scorer.model import Scorer
@@ -52,6 +53,8 @@ class ScorerReplica:
             torch.set_num_threads(torch_threads)
         self._load_kwargs = dict(dtype=dtype, device=device)
         self.default = Scorer.from_pretrained(model, max_length=max_length, seed=seed, **self._load_kwargs)
+        # The default scorer's fused weights: given, else those stored beside it (the sweep's selector scorer).
+        self.default.selector = selector or (read_selector(model) if os.path.isdir(model) else None)
         self.model = model
         self.task_scorers = dict(task_scorers or {})
         self.scorers_dir = scorers_dir
@@ -141,7 +144,8 @@ class ScorerReplica:
         process id and its recent batch sizes."""
         return {"model": self.model, "replica": self.replica, "pid": os.getpid(), "time": time.time(),
                 "tasks": list_task_scorers(self.task_scorers, self.scorers_dir), "recent_batches": self.batches[-64:],
-                "untrained_head": bool(getattr(self.default, "fresh_params", ()))}
+                "untrained_head": bool(getattr(self.default, "fresh_params", ())),
+                "selector": self.default.selector}
 
 
 # The replica class is a module attribute of its own, so cloudpickle sends it by reference (the replica

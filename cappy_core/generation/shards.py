@@ -124,6 +124,10 @@ def plan_shards(data: str | Path, out: str | Path, tasks: Sequence[str], splits:
     return todo, done
 
 
+#: Settings that define candidates but came after outputs that lack them: those outputs had this value.
+SETTINGS_ADDED_LATER = {"prompt_format": "plain"}
+
+
 def check_settings(out: str | Path, settings: Mapping[str, Any], defining: Sequence[str], *,
                    overwrite: bool = False) -> None:
     """Write ``OUT/sample_config.json`` (``settings``); when one is there already and a key of
@@ -132,7 +136,7 @@ def check_settings(out: str | Path, settings: Mapping[str, Any], defining: Seque
     out.mkdir(parents=True, exist_ok=True)
     f = out / "sample_config.json"
     if f.is_file() and not overwrite:
-        old = json.loads(f.read_text())
+        old = {**SETTINGS_ADDED_LATER, **json.loads(f.read_text())}
         diff = [k for k in defining if old.get(k) != settings.get(k)]
         if diff:
             changes = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff)

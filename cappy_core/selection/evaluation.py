@@ -184,14 +184,14 @@ def scored_groups(table: Any) -> tuple[list[list[ScoredCandidate]], list[str], i
     """A scored candidate table (``cappy_core.labeling.candidates`` columns plus ``score``, and ``mbr`` /
     ``fused`` where present) as ``(groups, instruction_ids, unlabeled)``: one group of candidates
     per instruction, in file order (= decoding order); instructions without references (null
-    labels) are left out and counted in ``unlabeled``."""
+    labels, or NaN: no Rouge-L is NaN, so it grades nothing) are left out and counted in ``unlabeled``."""
     optional = [c for c in ("mbr", "fused") if c in table.column_names]
     cols = table.select(["instruction_id", "decoding", "sample_idx", "label", "logprob_sum", "logprob_mean",
                          "score"] + optional).to_pydict()
     groups: dict[str, list[ScoredCandidate]] = {}
     unlabeled: set[str] = set()
     for i, iid in enumerate(cols["instruction_id"]):
-        if cols["label"][i] is None:
+        if cols["label"][i] is None or math.isnan(cols["label"][i]):
             unlabeled.add(iid)
             continue
         groups.setdefault(iid, []).append(ScoredCandidate(

@@ -317,17 +317,18 @@ def read_split_candidates(task: str, candidates_dir: str | Path, split: str,
 
 
 def evaluate_scored(table: pa.Table, what: str) -> tuple[list, int, dict[str, Any]]:
-    """``(groups, unlabeled instructions, {"metrics", "per_instruction", "spearman"})`` of a
-    scored table with selector columns (:func:`cappy_core.selection.evaluation.evaluate_task` and
-    friends); ``what`` names the table in the error when no instruction has references."""
+    """``(groups, unlabeled instructions, {"metrics", "per_instruction", "instruction_ids", "spearman"})``
+    of a scored table with selector columns (:func:`cappy_core.selection.evaluation.evaluate_task` and
+    friends; ``instruction_ids`` name the instructions ``per_instruction`` is in the order of); ``what``
+    names the table in the error when no instruction has references."""
     from cappy_core.selection.evaluation import evaluate_task, per_instruction_values, ranker_spearman, scored_groups
 
-    groups, _, unlabeled = scored_groups(table)
+    groups, ids, unlabeled = scored_groups(table)
     if not groups:
         raise ValueError(f"{what}: no instruction has references to evaluate against")
     metrics = evaluate_task(groups)
     return groups, unlabeled, {"metrics": metrics, "per_instruction": per_instruction_values(groups),
-                               "spearman": ranker_spearman(groups)}
+                               "instruction_ids": ids, "spearman": ranker_spearman(groups)}
 
 
 # --- one task --------------------------------------------------------------------------------
@@ -339,7 +340,8 @@ def run_task(task: str, settings: TaskSettings, *, use_gpu: bool = False, torch_
     "fused_weights", "sizes", "training", "timings", "device"}`` (the task's result record, less
     the sweep's bookkeeping); with dev held out also ``"fused_fit"`` (``dev_rouge``: the fitted
     pick's Rouge-L ×100 on dev, ``dev_instructions``: the labelled ones it was fitted on),
-    ``"dev_metrics"`` and ``"dev_spearman"``. ``fused_weights`` is None without dev."""
+    ``"dev_metrics"``, ``"dev_spearman"``, ``"dev_per_instruction"`` and ``"dev_instruction_ids"``
+    (what ``cappy dev-report`` compares). ``fused_weights`` is None without dev."""
     from cappy_core.io import write_parquet
     from cappy_core.labeling.pair_mixture import write_pairs
     from cappy_core.scorer.checkpoint import record_evaluation
@@ -393,7 +395,9 @@ def run_task(task: str, settings: TaskSettings, *, use_gpu: bool = False, torch_
                                    "dev_instructions": fitted_on}
         if fitted_on:
             _, _, dev_eval = evaluate_scored(dev, f"task {task} dev")
-            dev_record.update(dev_metrics=dev_eval["metrics"], dev_spearman=dev_eval["spearman"])
+            dev_record.update(dev_metrics=dev_eval["metrics"], dev_spearman=dev_eval["spearman"],
+                              dev_per_instruction=dev_eval["per_instruction"],
+                              dev_instruction_ids=dev_eval["instruction_ids"])
         sizes.update(dev_instructions=len(dev_examples), dev_labelled_instructions=fitted_on,
                      dev_candidates=dev.num_rows)
         timings["dev_s"] = time.monotonic() - t

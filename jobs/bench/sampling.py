@@ -3,9 +3,12 @@
     python -m jobs.bench.sampling [--instructions 48] [--paths PATH ...] [--profile]
 
 The generator is the local sweep's embedded generator (``cappy sweep --preset local`` trains and
-caches it; ``--generator PATH`` for another, ``--generator tiny`` for a tiny random Llama). The
-instructions are the first train instructions of the sweep's six tasks, round-robin (BIG-Bench
-must be on this machine: vendored, or ``cappy data download``). The paper's 17 decodings, 64 new tokens at most.
+caches it; ``--generator PATH`` for another, ``--generator smollm2`` for SmolLM2-135M-Instruct,
+``--generator tiny`` for a tiny random Llama). The instructions are the first train instructions
+of the sweep's six tasks, round-robin (BIG-Bench must be on this machine: vendored, or ``cappy data
+download``; ``--examples DIR`` reads a ``cappy data prepare`` folder instead), as the generator's
+prompt format makes them (``--prompt-format``; smollm2: its chat template). The paper's 17
+decodings, 64 new tokens at most.
 Paths, run one after another in this process:
 
 - ``vllm``: :class:`VLLMGenerator` called directly, ``--batch-size`` instructions per call;
@@ -44,15 +47,27 @@ import time
 from pathlib import Path
 
 from cappy_core.flops import matmul_flops
+from cappy_core.generation.prompts import PROMPT_FORMATS
 
 PATHS = ("vllm", "hf-generate", "hf-cached", "hf", "job-vllm", "job-hf-cached", "job-hf")
 
 
-def bench_instructions(n: int) -> list[str]:
-    """The first train instructions of the local sweep's tasks, round-robin."""
+def bench_instructions(n: int, examples: str | None = None) -> list[str]:
+    """The first train instructions of the local sweep's tasks (or of every task in a ``cappy data
+    prepare`` folder, ``examples``), round-robin."""
     from cappy_core.data.catalog import TaskCatalog
     from cappy_core.data.tasks import LOCAL_TASKS
 
+    if examples:
+        from cappy_core.labeling.pair_mixture import load_examples
+
+        root = Path(examples).expanduser()
+        tasks = sorted(p.name for p in root.iterdir() if (p / "train.parquet").is_file()) if root.is_dir() else []
+        if not tasks:
+            raise SystemExit(f"--examples {root}: no task folder with a train.parquet (write one with `cappy data prepare`)")
+        loaded, _ = load_examples(tasks, ["train"], str(root), None, log=lambda *_: None)
+        per_task = [[e.instruction for e in loaded if e.task == t] for t in tasks]
+        return [x for k in range(n) for x in (p[k] for p in per_task if k < len(p))][:n]
     catalog = TaskCatalog.open()
     catalog.resolve(LOCAL_TASKS)  # missing ones: a clear error, with how to get them
     per_task = [[e.instruction for e in catalog.load(t)["train"]] for t in LOCAL_TASKS]
@@ -97,7 +112,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32, help="instructions per generator call (all paths)")
     p.add_argument("--batch-rows", type=int, default=640, help="hf paths: candidate rows decoded in one batch "
                    "(default: the local sweep's, one generator call of 32 instructions x (16 samples + 4 beams))")
-    p.add_argument("--generator", default=None, help="HF folder, or 'tiny' (default: the local sweep's)")
+    p.add_argument("--generator", default=None, help="HF folder, smollm2 (SmolLM2-135M-Instruct, fetched and "
+                   "converted on first use), or 'tiny' (default: the local sweep's)")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default=None, help="plain: the instruction as it is; "
+                   "chat: as one user message through the chat template (default: chat for a generator whose "
+                   "cappy_generator.json says so, such as smollm2, else plain)")
+    p.add_argument("--examples", default=None, metavar="DIR", help="instructions from a `cappy data prepare` folder "
+                   "(its tasks' train splits, round-robin) instead of the local sweep's tasks")
     p.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
     p.add_argument("--threads", type=int, default=1, help="torch threads of the direct paths (the actor's: 1)")
     p.add_argument("--vllm-dtype", default="auto", help="dtype for the vLLM paths (auto = as saved)")
@@ -137,15 +158,20 @@ def _run(args, tmp: Path) -> dict:
     else:
         model = local_sweep_generator()
     max_prompt = int(generator_metadata(model).get("max_prompt_tokens", 512))
-    instructions = bench_instructions(args.instructions)
-    kw = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=3)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cappy_core.generation.prompts import format_instruction
 
     params = sum(x.numel() for x in AutoModelForCausalLM.from_pretrained(model).parameters())
     tok = AutoTokenizer.from_pretrained(model)
+    prompt_format = args.prompt_format or generator_metadata(model).get("prompt_format", "plain")
+    instructions = [format_instruction(t, tok, prompt_format)
+                    for t in bench_instructions(args.instructions, args.examples)]
+    kw = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=3)
     prompt_tokens = sum(min(len(tok(t + "\n")["input_ids"]), max_prompt) for t in instructions)
     bound = matmul_flops(512, reps=20, threads=args.threads)
     res: dict = {"bench": "sampling", "generator": model, "params": params, "instructions": len(instructions),
+                 "prompt_format": prompt_format, "prompt_tokens": prompt_tokens,
                  "candidates_per_instruction": candidates_per_instruction(PAPER_DECODINGS),
                  "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
                  "batch_rows": args.batch_rows, "threads": args.threads,

@@ -15,13 +15,16 @@ def test_the_default_is_the_papers_17_candidates_and_its_key_is_what_defines_the
     spec = SamplingSpec()
     assert spec.decodings == list(PAPER_DECODING_NAMES)
     assert candidates_per_instruction(decodings_from_names(spec.decodings, spec.samples_per_decoding)) == 17
-    assert set(key_values(spec)) == {"decodings", "samples_per_decoding", "max_new_tokens", "min_new_tokens", "seed"}
+    assert set(key_values(spec)) == {"decodings", "samples_per_decoding", "max_new_tokens", "min_new_tokens", "seed",
+                                     "prompt_format"}
+    assert spec.prompt_format == "plain"  # the paper's: the instruction as it is
 
 
 @pytest.mark.parametrize("changes, setting", [
     ({"decodings": ["beam4", "nucleus"]}, "decodings"), ({"samples_per_decoding": 0}, "samples_per_decoding"),
     ({"max_new_tokens": 2, "min_new_tokens": 3}, "min_new_tokens"), ({"num_actors": 0}, "num_actors"),
-    ({"batch_rows": 0}, "batch_rows"), ({"cpus_per_actor": 0.0}, "cpus_per_actor")])
+    ({"batch_rows": 0}, "batch_rows"), ({"cpus_per_actor": 0.0}, "cpus_per_actor"),
+    ({"prompt_format": "chatml"}, "prompt_format")])
 def test_settings_that_cannot_sample_are_refused_by_name(changes, setting):
     with pytest.raises(SettingError) as e:
         replace(SamplingSpec(), **changes)

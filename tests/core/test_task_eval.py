@@ -143,6 +143,10 @@ def test_run_task_fits_on_dev_and_records_it(tmp_path, monkeypatch):
     assert m["cappy"] == m["oracle"] == pytest.approx(90.0) and m["cappy+lm+mbr"] == pytest.approx(90.0)
     assert m["self_score_mean"] == pytest.approx(10.0) and "mbr" in m
     assert set(rec["dev_metrics"]) == set(m)
+    # dev picks per instruction, named, as `cappy dev-report` reads them; their means are the dev table's
+    assert rec["dev_instruction_ids"] == [f"t/train/{i}" for i in (5, 6, 7)]
+    for method, values in rec["dev_per_instruction"].items():
+        assert len(values) == 3 and sum(values) / 3 == pytest.approx(rec["dev_metrics"][method])
     assert len(rec["per_instruction"]["cappy+lm+mbr"]) == 4 and "cappy" in rec["spearman"]
     json.dumps(rec)  # the record is JSON as it is
     val = pq.read_table(tmp_path / "tasks" / "t" / "validation_scored.parquet")
@@ -320,3 +324,61 @@ def test_one_selector_scorer_for_every_task_drives_each_tasks_fused_row(tmp_path
         assert read_selector(kept) == r["fused_weights"] and read_selector(kept.parent / "scorer") is None
     again = finetune_shared_selector(["a", "b"], settings, "digest-1")  # same digest: kept, not retrained
     assert again.shared_selector_training == json.loads(json.dumps(rec)) and len(seen) == 1
+
+
+class TextScorer:
+    """Scores a pair from its text alone (no label anywhere), deterministically."""
+
+    dtype = "float32"
+
+    def score(self, instructions, responses):
+        return [sum(map(ord, i + "|" + r)) % 101 / 101 for i, r in zip(instructions, responses)]
+
+
+@pytest.mark.parametrize("perturb", ["shuffled", "nan"])
+def test_validation_labels_change_no_pick_and_no_fused_weight(tmp_path, monkeypatch, perturb):
+    """The validation labels on disk are read only to grade the picks: shuffled, or NaN for half the
+    instructions (then ungraded, counted as unlabeled), every selector picks the same candidates and
+    the fused weights fitted on dev are the same. The scorer reads text only."""
+    from cappy_core.labeling.candidates import read_candidates
+    from cappy_core.scorer.model import Scorer
+    from cappy_core.selection.task_eval import run_task
+
+    data, cands = make_task(tmp_path, "t", n_train=10, n_val=6)
+    monkeypatch.setattr(Scorer, "from_pretrained", classmethod(lambda cls, *a, **k: TextScorer()))
+
+    def run(name: str) -> tuple[dict, pa.Table]:
+        settings = TaskSettings(data_dir=data, candidates_dir=cands, tasks_dir=str(tmp_path / name), init="fake",
+                                max_length=32, dev_examples=4)
+        rec = run_task("t", settings)
+        return rec, pq.read_table(tmp_path / name / "t" / "validation_scored.parquet")
+
+    before, scored = run("before")
+    shard = shard_path(f"{cands}/validation", "t", "validation", 0)
+    table = pq.read_table(shard)
+    labels = table["label"].to_numpy()
+    if perturb == "shuffled":
+        new = np.random.default_rng(0).permutation(labels)
+    else:
+        new = np.where(np.asarray(table["example_idx"]) % 2 == 1, np.nan, labels)
+    pq.write_table(table.set_column(table.schema.get_field_index("label"), "label", pa.array(new)), shard)
+    assert read_candidates(f"{cands}/validation")["label"].to_pylist() != labels.tolist()
+    after, rescored = run("after")
+
+    assert after["fused_weights"] == before["fused_weights"] and after["fused_fit"] == before["fused_fit"]
+    for column in ("instruction_id", "text", "score", "mbr", "fused"):
+        assert rescored[column].to_pylist() == scored[column].to_pylist(), column
+    assert _picks(rescored) == _picks(scored) and set(_picks(scored)) >= {"cappy", "cappy+lm+mbr", "mbr", "beam4"}
+    if perturb == "shuffled":
+        assert after["metrics"] != before["metrics"]  # the grades did read the new labels
+    else:
+        assert after["sizes"]["validation_unlabeled_instructions"] == 3 and len(after["per_instruction"]["cappy"]) == 3
+
+
+def _picks(scored: pa.Table) -> dict[str, list[int]]:
+    """Every selector's and baseline's pick per instruction from a scored table, its labels blanked."""
+    from cappy_core.selection.evaluation import BOUNDS, picks, scored_groups, task_methods
+
+    blank = scored.set_column(scored.schema.get_field_index("label"), "label", pa.array([0.0] * scored.num_rows))
+    groups, _, _ = scored_groups(blank)
+    return picks(groups, [m for m in task_methods(groups) if m not in BOUNDS])

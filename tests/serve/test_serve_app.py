@@ -448,8 +448,11 @@ def test_langchain_chat_openai(url):
 def test_openai_models_and_errors(client):
     import openai
 
-    ids = [m.id for m in client.models.list()]
+    models = client.models.list().data
+    ids = [m.id for m in models]
     assert ids[0] == "cappy" and {"cappy:task_a", "cappy:task_b"} <= set(ids)
+    # what "cappy" picks with: the fixture's default scorer, untrained minilm, with no fused weights
+    assert models[0].model_extra["cappy"] == {"scorer": "minilm", "selector": "cappy", "selector_weights": None}
     msgs = [{"role": "user", "content": "hi"}]
     with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(model="gpt-4o", messages=msgs)

@@ -335,24 +335,37 @@ def test_health_checks_exercise_the_model():
 
 
 def test_chat_prompt_uses_the_template_or_the_documented_plain_join():
-    from serve_app.generator import chat_prompt
+    from cappy_core.generation.prompts import chat_prompt, format_instruction
 
     class Plain:
         chat_template = None
 
     class Templated:
         chat_template = "x"
-        bos_token = "<s>"
+        bos_token, bos_token_id = "<s>", 1
+
+        def __init__(self, adds_bos: bool = True, newline: str = ""):
+            self.adds, self.newline = adds_bos, newline
+
+        def __call__(self, text):
+            return {"input_ids": ([1] if self.adds else []) + [5]}
 
         def apply_chat_template(self, messages, tokenize, add_generation_prompt):
             assert not tokenize and add_generation_prompt
-            return "<s>" + "".join(f"<|{m['role']}|>{m['content']}" for m in messages) + "<|assistant|>"
+            return "<s>" + "".join(f"<|{m['role']}|>{m['content']}" for m in messages) + "<|assistant|>" + self.newline
 
     one = [{"role": "user", "content": "Q: 2+2?\nA:"}]
     two = [{"role": "system", "content": "Be brief."}, *one]
     assert chat_prompt(one, Plain()) == "Q: 2+2?\nA:"  # one user message: the same as /v1/select
     assert chat_prompt(two, Plain()) == "System: Be brief.\nUser: Q: 2+2?\nA:\nAssistant:"
     assert chat_prompt(two, Templated()) == "<|system|>Be brief.<|user|>Q: 2+2?\nA:<|assistant|>"
+    # BOS text stays when the tokenizer would not add it back (SmolLM2: BOS is <|im_start|>, never added);
+    # the template's trailing newline goes: the prompt encoder appends one.
+    assert chat_prompt(one, Templated(adds_bos=False, newline="\n")) == "<s><|user|>Q: 2+2?\nA:<|assistant|>"
+    assert format_instruction("Q: 2+2?\nA:", Templated(), "chat") == "<|user|>Q: 2+2?\nA:<|assistant|>"
+    assert format_instruction("Q: 2+2?\nA:", Plain(), "plain") == "Q: 2+2?\nA:"
+    with pytest.raises(ValueError, match="has none"):
+        format_instruction("Q", Plain(), "chat")
 
 
 def test_openai_model_names_and_task_listing(tmp_path):
@@ -469,10 +482,16 @@ def test_cappy_serve_dry_run(capsys, tmp_path):
     assert "modle" in capsys.readouterr().err
 
 
-def test_cappy_serve_defaults_follow_the_sweeps_cache_rule(tmp_path):
+def test_cappy_serve_defaults_follow_the_sweeps_cache_rule(tmp_path, monkeypatch, capsys):
     """No flags: the generator and pretrained scorer `cappy sweep --preset local` leaves in the cache;
-    missing ones are errors that say how to get them; minilm only with --allow-untrained-scorer."""
+    on a machine with neither, SmolLM2 (fetched on the driver) and MiniLM picking by consensus (MBR);
+    its raw untrained scores only with --allow-untrained-scorer."""
+    import cappy_core.generation.packaged as packaged
     from jobs.serve import apply_sweep_defaults
+
+    fetched = []
+    monkeypatch.setattr(packaged, "ensure_packaged_generator",
+                        lambda name, cache_dir, log: fetched.append(name) or tmp_path / "generator" / "smol")
     from jobs.sweep_config import SweepConfig
     from jobs.sweep_layout import embedded_generator_name, sweep_models
 
@@ -483,8 +502,14 @@ def test_cappy_serve_defaults_follow_the_sweeps_cache_rule(tmp_path):
     cfg = build(SweepConfig, load_yaml(SweepConfig, presets("sweep")["local"]))
     assert gen == tmp_path / "generator" / embedded_generator_name(cfg, list(cfg.tasks))[0]
     assert scorer == tmp_path / "scorer" / "pretrain-local"
-    with pytest.raises(FileNotFoundError, match="cappy sweep --preset local"):
-        apply_sweep_defaults({}, False, cache_dir=str(tmp_path))
+    fresh: dict = {}
+    apply_sweep_defaults(fresh, False, cache_dir=str(tmp_path))
+    assert fresh == {"generator": {"model": str(tmp_path / "generator" / "smol")},
+                     "scorer": {"model": "minilm", "selector": {"mbr": 1.0}}} and fetched == ["smollm2"]
+    assert "serving smollm2" in capsys.readouterr().err
+    dry: dict = {}
+    apply_sweep_defaults(dry, False, strict=False, cache_dir=str(tmp_path))  # --dry-run fetches nothing
+    assert dry["generator"] == {"model": "smollm2"} and fetched == ["smollm2"]
     for folder in (gen, scorer):
         folder.mkdir(parents=True)
         (folder / "config.json").write_text("{}")
@@ -495,11 +520,9 @@ def test_cappy_serve_defaults_follow_the_sweeps_cache_rule(tmp_path):
     apply_sweep_defaults(given, False, cache_dir=str(tmp_path))
     assert given == {"generator": {"model": "/g"}, "scorer": {"model": "/s"}}
     (scorer / "config.json").unlink()
-    with pytest.raises(FileNotFoundError, match="--allow-untrained-scorer"):
-        apply_sweep_defaults({}, False, cache_dir=str(tmp_path))
     raw = {}
     apply_sweep_defaults(raw, True, cache_dir=str(tmp_path))
-    assert raw["scorer"]["model"] == "minilm"
+    assert raw["scorer"] == {"model": "minilm"}  # --allow-untrained-scorer: its own scores pick
 
 
 def test_deployments_pickle_by_reference_after_in_process_batches(batch_outside_serve):
