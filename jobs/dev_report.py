@@ -40,10 +40,12 @@ def run(cfg: DevReportConfig) -> None:
 
     if not cfg.out:
         raise SettingError("out", "give the sweep output to report on")
-    records = dev_records(cfg.out)
+    records, without = dev_records(cfg.out)
     print(f"# dev report: {cfg.out}\n\n{dev_table(records)['markdown']}")
+    if without:
+        print(f"\nNot in the table (finished without dev picks recorded: rerun them): {', '.join(without)}")
     if cfg.against:
-        other = dev_records(cfg.against)
+        other, _ = dev_records(cfg.against)
         print(f"\n## against {cfg.against}\n\n{compare_dev(records, other, names=('out', 'against'))['markdown']}")
 
 

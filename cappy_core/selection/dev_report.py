@@ -24,10 +24,10 @@ from cappy_core.selection.report import interval_cell, markdown_table, paired_in
 __all__ = ["compare_dev", "dev_records", "dev_table"]
 
 
-def dev_records(out: str | Path) -> dict[str, dict[str, Any]]:
-    """``{task: record}`` of the finished tasks in a sweep's ``OUT/tasks`` that recorded dev picks.
-    A folder with none is an error that says why (no sweep there, no dev held out, or results
-    from before dev picks were recorded)."""
+def dev_records(out: str | Path) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """``({task: record}, tasks without)``: the finished tasks in a sweep's ``OUT/tasks`` that
+    recorded dev picks, and the finished ones that did not. A folder with none is an error that
+    says why (no sweep there, no dev held out, or results from before dev picks were recorded)."""
     folder = Path(out).expanduser() / "tasks"
     if not folder.is_dir():
         raise FileNotFoundError(f"{out}: no tasks/ folder (not a `cappy sweep` output)")
@@ -45,7 +45,7 @@ def dev_records(out: str | Path) -> dict[str, dict[str, Any]]:
                "--dev-examples-per-task N (the local preset holds out 16), or rerun it (results from before dev "
                "picks were recorded)") if without else "no finished task"
         raise ValueError(f"{out}: {why}")
-    return records
+    return records, without
 
 
 def dev_table(records: Mapping[str, Mapping[str, Any]], *, resamples: int = DEFAULT_RESAMPLES,

@@ -30,8 +30,10 @@ def values(rng, n, shift):
 def test_the_dev_table_is_the_records_means_with_selectors_against_the_best_dev_baseline(tmp_path):
     rng = np.random.default_rng(0)
     out = write_sweep(tmp_path / "a", {"t1": values(rng, 16, 3.0), "t2": values(rng, 12, 3.0)})
-    records = dev_records(out)
+    records = dev_records(out)[0]
     assert sorted(records) == ["t1", "t2"]  # the failed task is left out
+    (out / "tasks" / "old.json").write_text(json.dumps({"task": "old", "status": "ok", "metrics": {}}))
+    assert sorted(dev_records(out)[0]) == ["t1", "t2"] and dev_records(out)[1] == ["old"]
     table = dev_table(records)
     assert table["best_baseline"] == "mbr"  # beam4 + 1
     mean_row = table["rows"][-1]
@@ -53,14 +55,14 @@ def test_two_sweeps_are_compared_on_the_dev_instructions_they_share(tmp_path):
     vb = {m: [v[k] for k in order] + [99.0] for m, v in va.items()}
     vb["cappy"] = [x - 1.5 for x in vb["cappy"][:-1]] + [99.0]
     b = write_sweep(tmp_path / "b", {"t1": vb}, ids={"t1": [f"t1/train/{k}" for k in order] + ["t1/train/99"]})
-    cmp = compare_dev(dev_records(a), dev_records(b))
+    cmp = compare_dev(dev_records(a)[0], dev_records(b)[0])
     assert cmp["matched"] == {"t1": (8, 8, 9)}
     d = cmp["methods"]["cappy"]["diff"]
     assert (d.mean, d.low, d.high) == pytest.approx((1.5, 1.5, 1.5))
     assert cmp["methods"]["beam4"]["diff"].mean == pytest.approx(0.0)  # aligned by id, not by position
     assert list(cmp["methods"])[:2] == ["cappy", "cappy+lm+mbr"]
     with pytest.raises(ValueError, match="share no finished task"):
-        compare_dev(dev_records(a), dev_records(write_sweep(tmp_path / "c", {"t9": va})))
+        compare_dev(dev_records(a)[0], dev_records(write_sweep(tmp_path / "c", {"t9": va}))[0])
 
 
 def test_outputs_without_dev_picks_say_why_and_the_command_prints_both(tmp_path, capsys):
