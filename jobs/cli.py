@@ -99,6 +99,8 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
      "the main job: sample, finetune a scorer per task, score, and compare Cappy with 8 baselines (MBR included)"),
     (("dev-report",), "jobs.dev_report",
      "a sweep's figures on held-out train instructions (what its settings are chosen on), or two sweeps compared"),
+    (("cost-curve",), "jobs.cost_curve",
+     "a sweep's Rouge-L against candidates generated (1-17) per selector, and an adaptive stopping rule fitted on dev"),
     (("data", "download"), "jobs.download_data",
      "fetch BIG-Bench task files the package does not ship (--from PATH, then GitHub), each sha256-checked"),
     (("data", "vendor"), "jobs.vendor_data",

@@ -2,6 +2,8 @@
 
     cappy serve                                   # after `cappy sweep --preset local`: its generator and
                                                   # pretrained scorer, serve_app/config.yaml on 127.0.0.1:8000
+    cappy serve --sweep OUT                       # a sweep's generator, its tasks' scorers, and for other
+                                                  # tasks its scorer finetuned on all of them
     cappy serve --generator /path/to/hf_folder --scorers-dir ~/cappy_runs --port 8080
     cappy serve --serve-config serve_app/config.yaml --dry-run   # validate and print the resolved args
 
@@ -34,15 +36,13 @@ bind address beyond loopback with no key gets a warning. The local Ray it starts
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
-import os
 import signal
 import sys
 import time
 from pathlib import Path
 
-API_KEY_ENV = "CAPPY_API_KEY"
+from jobs.serve_access import API_KEY_ENV, api_keys, exposure_warning
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "serve_app" / "config.yaml"
 
 
@@ -81,6 +81,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--scorer", default=None, help="default scorer: 'minilm', a folder or a hub id")
     p.add_argument("--scorers-dir", default=None, help="per-task scorers: <dir>/<task>/, <dir>/<task>/scorer/ "
                    "(a sweep's OUT/tasks with --keep-scorers) or <dir>/finetune-<task>/scorer/")
+    p.add_argument("--sweep", default=None, metavar="OUT", help="serve a finished `cappy sweep` output: its "
+                   "generator, its kept per-task scorers, and for any other task the scorer finetuned on all its "
+                   "tasks with fused weights fitted across them (flags given here win)")
     p.add_argument("--allow-untrained-scorer", action="store_true",
                    help="with no pretrained scorer cached, pick by the untrained MiniLM head's scores (they mean "
                    "nothing; /healthz warns) instead of by consensus among the candidates (MBR), the default")
@@ -107,11 +110,16 @@ def resolve(args: argparse.Namespace):
         raise ValueError(f"{args.config}: per-deployment `deployments:` overrides are applied by "
                          "`serve run`/`serve deploy`, not by `cappy serve`; put the values in `args`")
     raw = json.loads(json.dumps(app.get("args") or {}))
-    for section, key, value in (("generator", "model", args.generator),
+    swept = {}
+    if getattr(args, "sweep", None):
+        from jobs.sweep_layout import sweep_serving
+
+        swept = sweep_serving(args.sweep)
+    for section, key, value in (("generator", "model", args.generator or swept.get("generator")),
                                 ("generator", "backend", args.generator_backend),
                                 ("generator", "max_new_tokens", args.max_new_tokens),
-                                ("scorer", "model", args.scorer),
-                                ("scorer", "scorers_dir", args.scorers_dir)):
+                                ("scorer", "model", args.scorer or swept.get("scorer")),
+                                ("scorer", "scorers_dir", args.scorers_dir or swept.get("scorers_dir"))):
         if value is not None:
             raw.setdefault(section, {})[key] = value
     keys = api_keys(args)
@@ -162,35 +170,6 @@ def apply_sweep_defaults(raw: dict, allow_untrained: bool, strict: bool = True, 
             sc["model"] = "minilm"
             if not allow_untrained and sc.get("selector") is None:
                 sc["selector"] = dict(CONSENSUS_SELECTOR)
-
-
-def api_keys(args: argparse.Namespace) -> list[str]:
-    """The raw keys of ``--api-key`` and ``$CAPPY_API_KEY`` (comma-separated), in order, no blanks.
-    An empty ``--api-key`` is an error: taken as "no key", it would serve with none."""
-    flags = list(getattr(args, "api_key", None) or [])
-    if any(not k.strip() for k in flags):
-        raise ValueError("--api-key is empty: give the key (or leave the flag out to serve without one)")
-    given = flags + os.environ.get(API_KEY_ENV, "").split(",")
-    return list(dict.fromkeys(k.strip() for k in given if k.strip()))
-
-
-def is_loopback(host: str) -> bool:
-    """Whether a bind address reaches this machine only: 127.0.0.0/8, ::1, localhost."""
-    host = host.strip().strip("[]")
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: it may resolve to anything
-        return False
-
-
-def exposure_warning(host: str, keyed: bool) -> str | None:
-    """The warning for an endpoint bound beyond loopback without an API key, else None."""
-    if keyed or is_loopback(host):
-        return None
-    return (f"warning: serving on {host} without an API key: anyone who can reach it can use it; "
-            f"set --api-key or {API_KEY_ENV}")
 
 
 def _examples(url: str, keyed: bool = False) -> str:

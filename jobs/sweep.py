@@ -37,11 +37,14 @@ from cappy_core.remote import is_remote, sync_outputs
 from cappy_core.selection.task_eval import (TaskSettings, finetune_shared, finetune_shared_selector,
                                             record_shared_evaluation, run_task)
 from cappy_core.selection.task_results import read_result, result_path, result_record
+from cappy_core.selection.zero_shot import fit_pooled_selector, with_zero_shot
+from jobs.cost_curve import write_cost_curve
 from jobs.log_file import init_ray
 from jobs.runtime import job_main, job_output
 from jobs.scheduling import wait_for_tasks
 from jobs.sweep_config import SweepConfig
 from jobs.sweep_sampling import sample
+from jobs.sweep_zero_shot import run_zero_shot_stage
 from jobs.sweep_layout import (SweepPlan, checked_config, embedded_generator_name, missing_tasks, plan_tasks,
                                pretrain_preset_values, pretrained_scorer_path)
 
@@ -171,6 +174,15 @@ def run_tasks(cfg: SweepConfig, plan: SweepPlan, settings: TaskSettings, log) ->
     bar.close()
 
 
+def cost_curve(out: Path, records: dict, log) -> None:
+    """``OUT/cost_curve.*`` (:func:`jobs.cost_curve.write_cost_curve`): an extra view of the same
+    picks, so its failure is a warning and costs no result."""
+    try:
+        write_cost_curve(out, records, log=log)
+    except Exception as e:  # noqa: BLE001
+        log(f"warning: no cost curve ({type(e).__name__}: {e}); `cappy cost-curve --out {out}` retries it")
+
+
 # --- the driver ------------------------------------------------------------------------------
 
 def run(cfg: SweepConfig, preset: str | None = None, log=print) -> dict:
@@ -233,12 +245,20 @@ def _run_locked(cfg: SweepConfig, out: Path, preset: str | None, log, tracker) -
         stage("tasks_s", f"== finetune, score and evaluate: {len(todo)} Ray task(s), {cfg.cpus_per_task} CPU"
               + (f" + {cfg.gpus_per_task} GPU" if cfg.gpus_per_task else "") + " each",
               run_tasks, cfg, plan, settings, log)
-    records = {task: read_result(settings.tasks_dir, task) for task in tasks}
+    if cfg.zero_shot:  # after the tasks: the same finetune once per task, on the other tasks' pairs
+        stage("zero_shot_s", "== zero-shot rows: each task picked by a selector finetuned on the other tasks",
+              run_zero_shot_stage, cfg, plan, tasks, log)
+    records = with_zero_shot(settings.tasks_dir, {task: read_result(settings.tasks_dir, task) for task in tasks})
+    pooled = fit_pooled_selector(settings.tasks_dir, tasks)  # the endpoint's pick for a task without a scorer
+    if pooled:
+        log(f"fused weights for tasks without a scorer of their own: {pooled['weights']} (fitted on "
+            f"{pooled['dev_instructions']} dev instructions of {pooled['tasks']} task(s)) in {pooled['folder']}")
     if settings.stage_cache and todo:  # what this run took from the stage cache instead of computing
         reused = [t for t in todo if str((records[t].get("training") or {}).get("cache", "")).startswith("reused")]
         log(f"stage cache {settings.stage_cache}: {len(reused)} of {len(todo)} task finetune(s) reused"
             + (f" ({', '.join(reused)})" if reused else ""))
     summary = stage("report_s", None, write_reports, out, records, log)
+    stage("cost_curve_s", None, cost_curve, out, records, log)
     if cfg.keep_scorers:  # the shared scorers' cards get every task's row (each task's own got its row)
         record_shared_evaluation(settings.tasks_dir, records)
     stages["total_s"] = round(time.monotonic() - t_all, 1)

@@ -85,6 +85,10 @@ class SweepConfig(CacheOptions, TrackingOptions):
                                       "which runs alone before the tasks; 0: --torch-threads"})
     dev_examples_per_task: int = field(default=0, metadata={"key": True, "help": "hold out the last N sampled train "
                                        "instructions per task from finetuning; the fused selector is fitted on them"})
+    zero_shot: bool = field(default=False, metadata={"help": "also score each task with a selector that never saw "
+                            "it (the same finetune on the other tasks' pairs, fused weights fitted on their dev "
+                            "instructions): rows cappy-0shot and fused-0shot, what the endpoint does for an unseen "
+                            "task; one more finetune per task (kept under OUT/tasks/_zero_shot)"})
     score_dtype: str = field(default="float32", metadata={"key": True,
         "choices": ["float32", "bfloat16"], "help": "dtype for scoring the validation candidates"})
     keep_scorers: bool = field(default=False, metadata={
@@ -114,6 +118,9 @@ class SweepConfig(CacheOptions, TrackingOptions):
             raise SettingError("dev_examples_per_task", f"{self.dev_examples_per_task} leaves none of the {cap} train "
                                "instructions (max_train_examples_per_task) to finetune on",
                                related=["max_train_examples_per_task"])
+        if self.zero_shot and not (self.finetune and self.dev_examples_per_task > 0):
+            raise SettingError("zero_shot", "fits its fused weights on the other tasks' dev instructions: it needs "
+                               "finetune and dev_examples_per_task > 0", related=["dev_examples_per_task", "finetune"])
         if self.push_to_hub and not self.keep_scorers:
             raise SettingError("push_to_hub", "pushes the scorers --keep-scorers keeps: add --keep-scorers",
                                related=["keep_scorers"])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -93,6 +94,24 @@ def sweep_models(preset: str = "local", cache_dir: str | None = None) -> tuple[P
     cfg = build(SweepConfig, {**load_yaml(SweepConfig, presets("sweep")[preset]), "cache_dir": cache_dir})
     name, _ = embedded_generator_name(cfg, list(cfg.tasks))
     return default_generator_path(name, cache_dir=cache_dir), pretrained_scorer_path(cfg)
+
+
+def sweep_serving(out: str | Path) -> dict[str, str]:
+    """What ``cappy serve --sweep OUT`` serves from a finished sweep: its generator
+    (``sweep_run.json``), the per-task scorers it kept (``OUT/tasks``), and as the default scorer,
+    for any task without one, the scorer finetuned on every task's pairs
+    (``tasks/_shared/selector_scorer``, else ``tasks/_shared/scorer``, with the fused weights fitted
+    on all tasks' dev instructions) or else the scorer the sweep started from."""
+    out = Path(out).expanduser()
+    try:
+        run = json.loads((out / "sweep_run.json").read_text())
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"--sweep {out}: no readable sweep_run.json (not a finished `cappy sweep` output): "
+                                f"{e}") from None
+    shared = out / "tasks" / "_shared"
+    scorer = next((shared / n for n in ("selector_scorer", "scorer") if (shared / n / "config.json").is_file()), None)
+    return {"generator": run["generator"], "scorer": str(scorer or run["scorer_init"]),
+            "scorers_dir": str(out / "tasks")}
 
 
 # --- OUT: candidates and results -------------------------------------------------------------

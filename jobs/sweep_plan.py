@@ -148,11 +148,20 @@ def plan(cfg: SweepConfig, preset: str | None = None) -> dict[str, Any]:
     stages.append({"stage": "tasks", "cached": not p.todo and not missing, "seconds": len(p.todo) * per_task,
                    "what": f"{len(tasks) - len(p.todo)} finished with these settings, {len(p.todo)} to run "
                            f"({cfg.cpus_per_task} CPU{f' + {cfg.gpus_per_task} GPU' if cfg.gpus_per_task else ''} each)"})
+    if cfg.zero_shot:  # the run's own rule: a result recorded with these settings is kept
+        from jobs.sweep_zero_shot import finished_zero_shot
+
+        zs_todo = [t for t in tasks if cfg.redo or not finished_zero_shot(p.settings.tasks_dir, t, p.digest)]
+        stages.append({"stage": "zero-shot", "cached": not zs_todo and not missing,
+                       "what": f"{len(tasks) - len(zs_todo)} recorded, {len(zs_todo)} to run (each: a finetune "
+                               f"on the other {len(tasks) - 1} task(s) x {cfg.train_size} pairs)",
+                       # the shared finetune's pair rate: the same machine, busy the same way
+                       "seconds": len(zs_todo) * (len(tasks) - 1) * cfg.train_size / SHARED_PAIRS_PER_S})
     cache_root = p.settings.stage_cache
     cache_lines = [] if missing or not cache_root else _stage_cache_lines(cfg, p, out, rows)
     if missing:
         for s in stages:
-            if s["stage"] in ("sample + label", "shared selector", "tasks"):
+            if s["stage"] in ("sample + label", "shared selector", "tasks", "zero-shot"):
                 s["what"] = "not known until the missing tasks are here"
     return {"out": str(out), "tasks": tasks, "stage_cache": cache_root, "stage_cache_lines": cache_lines, "missing": missing, "unavailable": unavailable, "sizes_from": sizes_from,
             "splits": [s for s, _ in p.splits], "candidates_per_instruction": per_instruction, "rows": rows,

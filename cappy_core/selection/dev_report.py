@@ -6,7 +6,9 @@ fused selector's weights are fitted there) and records every method's pick on th
 is the dev counterpart of the validation table, with each selector's paired interval against the
 best dev baseline; :func:`compare_dev` sets two sweeps side by side on the dev instructions they
 share (e.g. ``--sampling.prompt-format plain`` against ``chat``, or two selector losses), method by
-method, with paired intervals. Neither reads validation: a setting chosen from these figures was
+method, with paired intervals. With ``cappy sweep --zero-shot``, the rows ``cappy-0shot`` and
+``fused-0shot`` are there too: each task's dev picked by a selector that never saw the task,
+what a change to that recipe is judged on. Neither reads validation: a setting chosen from these figures was
 not chosen on the data the final table reports. ``cappy dev-report`` prints both. Tested in
 ``tests/core/test_dev_report.py``.
 """
@@ -40,6 +42,10 @@ def dev_records(out: str | Path) -> tuple[dict[str, dict[str, Any]], list[str]]:
             records[rec.get("task", path.stem)] = rec
         else:
             without.append(path.stem)
+    if records:  # with --zero-shot, each task's picks by a selector that never saw it, on its dev too
+        from cappy_core.selection.zero_shot import with_zero_shot
+
+        records = with_zero_shot(folder, records)
     if not records:
         why = (f"{len(without)} finished task(s) recorded no dev picks ({', '.join(without[:6])}): run the sweep with "
                "--dev-examples-per-task N (the local preset holds out 16), or rerun it (results from before dev "

@@ -49,8 +49,11 @@ SELF_SUM, SELF_MEAN, CAPPY, ORACLE, RANDOM = "self_score_sum", "self_score_mean"
 MBR, FUSED = "mbr", "cappy+lm+mbr"
 #: Bounds of what selection can do: reported, never a baseline.
 BOUNDS = (ORACLE, RANDOM)
+#: The same two picks by a scorer that never saw the task (``cappy sweep --zero-shot``,
+#: :mod:`cappy_core.selection.zero_shot`): what the endpoint does for a task without its own scorer.
+CAPPY_0SHOT, FUSED_0SHOT = "cappy-0shot", "fused-0shot"
 #: Cappy's selectors: compared against the baselines, never one of them.
-SELECTORS = (CAPPY, FUSED)
+SELECTORS = (CAPPY, FUSED, CAPPY_0SHOT, FUSED_0SHOT)
 
 
 @dataclass(frozen=True)

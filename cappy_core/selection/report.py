@@ -20,6 +20,10 @@ Rank agreement (``summary_spearman.csv``): each task record's ``spearman``
 (:func:`cappy_core.selection.evaluation.ranker_spearman`), long format ``task, ranker, spearman,
 instructions``; the ``mean`` rows are the unweighted mean over the tasks that have a value.
 
+Tasks the scorer never saw (``cappy sweep --zero-shot``): the rows ``cappy-0shot`` and
+``fused-0shot`` (:mod:`cappy_core.selection.zero_shot`), with their paired intervals against
+beam4 and MBR as well (:func:`zero_shot_section`, ``summary.json``'s ``zero_shot``).
+
 ``summary.json`` holds all of it (``intervals``, ``spearman``: None when no record has them);
 ``summary.png`` shows the selectors' differences from the best baseline with their intervals as
 error bars, and every method's mean.
@@ -34,7 +38,7 @@ from typing import Any, Mapping, Sequence
 
 from cappy_core.selection.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, Interval, paired_bootstrap
 from cappy_core.selection.evaluation import (
-    BOUNDS, CAPPY, ORACLE, SELECTORS, best_baseline, mean_over_tasks, method_order,
+    BOUNDS, CAPPY, CAPPY_0SHOT, FUSED_0SHOT, MBR, ORACLE, SELECTORS, best_baseline, mean_over_tasks, method_order,
 )
 from cappy_core.io import atomic_path, write_json, write_text
 
@@ -47,6 +51,7 @@ def table_methods(present: set[str]) -> list[str]:
     """The table's columns: the methods present, in :func:`cappy_core.selection.evaluation.method_order`,
     then any others alphabetically."""
     order = method_order()
+    order[2:2] = [CAPPY_0SHOT, FUSED_0SHOT]  # after the fused selector: added to a record by --zero-shot
     return [m for m in order if m in present] + sorted(present - set(order))
 
 
@@ -116,6 +121,26 @@ def intervals_section(intervals: Mapping[str, Mapping[str, Any]], baseline: str,
         lines += ["", f"{n} validation instructions per task cannot resolve differences below "
                       f"±{cappy.half_width:.1f} points (the half-width of Cappy − {baseline} on the mean)."]
     return "\n".join(lines)
+
+
+def zero_shot_section(per_instruction: Mapping[str, Mapping[str, Sequence[float]]], tasks: Sequence[str],
+                      baselines: Sequence[str] = ("beam4", MBR)) -> tuple[str, dict[str, Any]] | None:
+    """The Markdown section on the zero-shot rows and its JSON: each row − each of ``baselines``
+    (those every task has), mean over tasks with its paired 95% interval; None without the rows."""
+    rows = [m for m in (CAPPY_0SHOT, FUSED_0SHOT) if all(m in per_instruction.get(t, {}) for t in tasks)]
+    if not rows or not tasks:
+        return None
+    lines = ["## Tasks the scorer never saw (leave-one-task-out)", "",
+             "`cappy-0shot` / `fused-0shot`: each task picked by a selector finetuned on the *other* tasks' pairs, "
+             "its fused weights fitted on their dev instructions, the way `cappy serve` picks for a task without a "
+             "scorer of its own. Mean over tasks, paired 95% intervals:", ""]
+    out: dict[str, Any] = {}
+    for base in [b for b in baselines if all(b in per_instruction.get(t, {}) for t in tasks)]:
+        ivs = paired_intervals(per_instruction, rows, base, tasks)
+        out[base] = {m: {"mean": interval_json(iv["mean"]),
+                         "per_task": {t: interval_json(x) for t, x in iv["per_task"].items()}} for m, iv in ivs.items()}
+        lines += [f"- {m} − {base}: {interval_cell(iv['mean'])}" for m, iv in ivs.items()]
+    return "\n".join(lines), out
 
 
 # --- rank agreement within instructions -----------------------------------------------------
@@ -300,6 +325,10 @@ def write_reports(out: Path, records: Mapping[str, dict], log=print) -> dict:
                         + (", `--selector-scope all`" if shared else "") + "); `cappy` is the paper's MSE scorer.")
     if intervals:
         sections.append(intervals_section(intervals, best, tasks, sizes))
+    zero_shot = zero_shot_section(per_instruction, tasks) if per_instruction else None
+    if zero_shot is not None:
+        sections.append(zero_shot[0])
+        summary["zero_shot"] = zero_shot[1]
     if without:
         sections.append(f"No paired intervals for {', '.join(without)}: "
                         + ("their results were" if len(without) > 1 else "its result was")

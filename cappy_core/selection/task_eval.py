@@ -209,17 +209,18 @@ def set_device(use_gpu: bool, torch_threads: int) -> str:
     return device
 
 
-def _finetune_union(tasks: Sequence[str], settings: TaskSettings, schedule: ScorerSchedule, name: str,
-                    digest: str, *, use_gpu: bool, torch_threads: int) -> tuple[str, dict[str, Any]]:
-    """One scorer from ``settings.init`` finetuned with ``schedule`` on the union of every task's
+def finetune_union(tasks: Sequence[str], settings: TaskSettings, schedule: ScorerSchedule, name: str,
+                   digest: str, *, use_gpu: bool, torch_threads: int,
+                   home: str | Path | None = None) -> tuple[str, dict[str, Any]]:
+    """One scorer from ``settings.init`` finetuned with ``schedule`` on the union of ``tasks``'
     train pairs, each task's cut or tiled to ``train_size`` as its own finetune would see them
-    (dev held out), shuffled; saved as ``<tasks_dir>/_shared/<name>`` beside its pairs and record
-    (``train_pairs.parquet`` and ``training.json``, prefixed ``selector_`` for the selector scorer).
-    Kept and reused while the record's ``digest`` matches. ``(folder, record)``."""
+    (dev held out), shuffled; saved as ``<home>/<name>`` (``home``: ``<tasks_dir>/_shared``) beside
+    its pairs and record (``train_pairs.parquet`` and ``training.json``, prefixed ``selector_`` for
+    the selector scorer). Kept and reused while the record's ``digest`` matches. ``(folder, record)``."""
     from cappy_core.io import atomic_dir, write_json
     from cappy_core.labeling.pair_mixture import write_pairs
 
-    shared = Path(settings.tasks_dir) / SHARED_DIR
+    shared = Path(home) if home is not None else Path(settings.tasks_dir) / SHARED_DIR
     prefix = "" if name == "scorer" else name.removesuffix("scorer")
     folder, record_file = shared / name, shared / f"{prefix}training.json"
     if record_file.is_file() and folder.is_dir():
@@ -253,25 +254,25 @@ def _finetune_union(tasks: Sequence[str], settings: TaskSettings, schedule: Scor
 
 def finetune_shared(tasks: Sequence[str], settings: TaskSettings, digest: str, *, use_gpu: bool = False,
                     torch_threads: int = 1) -> TaskSettings:
-    """``finetune_scope: all``: one scorer for every task (:func:`_finetune_union` with the
+    """``finetune_scope: all``: one scorer for every task (:func:`finetune_union` with the
     schedule), ``<tasks_dir>/_shared/scorer``. Returns the settings that score every task with it
     (``init`` that folder, no schedule, ``shared_training`` its record)."""
     if settings.schedule is None:
         raise ValueError("finetune_shared needs a schedule")
-    folder, record = _finetune_union(tasks, settings, settings.schedule, "scorer", digest, use_gpu=use_gpu,
+    folder, record = finetune_union(tasks, settings, settings.schedule, "scorer", digest, use_gpu=use_gpu,
                                      torch_threads=torch_threads)
     return dataclasses.replace(settings, init=folder, schedule=None, shared_training=record)
 
 
 def finetune_shared_selector(tasks: Sequence[str], settings: TaskSettings, digest: str, *, use_gpu: bool = False,
                              torch_threads: int = 1) -> TaskSettings:
-    """``selector_scope: all``: one selector scorer for every task (:func:`_finetune_union` with
+    """``selector_scope: all``: one selector scorer for every task (:func:`finetune_union` with
     the selector schedule: the paper's multi-task step, for the fused selector's Cappy signal),
     ``<tasks_dir>/_shared/selector_scorer``. Returns the settings whose tasks score with it
     (``selector_init`` that folder, no selector schedule, ``shared_selector_training`` its record)."""
     if settings.selector_schedule is None:
         raise ValueError("finetune_shared_selector needs a selector schedule")
-    folder, record = _finetune_union(tasks, settings, settings.selector_schedule, "selector_scorer", digest,
+    folder, record = finetune_union(tasks, settings, settings.selector_schedule, "selector_scorer", digest,
                                      use_gpu=use_gpu, torch_threads=torch_threads)
     return dataclasses.replace(settings, selector_init=folder, selector_schedule=None,
                                shared_selector_training=record)

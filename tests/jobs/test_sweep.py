@@ -152,6 +152,31 @@ def test_failed_task_is_recorded_and_a_rerun_computes_only_it(tmp_path, models, 
     fused = summary["intervals"]["methods"]["cappy+lm+mbr"]["mean"]
     assert logged["intervals/cappy_lm_mbr/mean/low"] == [(0, pytest.approx(fused["low"], abs=1e-4))]
     assert "summary" in image_tags(other / "tensorboard" / "sweep")  # the report's chart
+    pooled = json.loads((other / "tasks" / "_shared" / "selector_scorer" / "selector.json").read_text())
+    assert pooled["scope"].startswith("all tasks") and pooled["dev_instructions"] == 2  # serve's default pick
+
+    # --zero-shot: the finished tasks are kept; each is picked by a selector finetuned on the other one only
+    r7 = sweep(other, models, "--schedule.lr", "5e-5", "--sampling.seed", "1", "--schedule.seed", "1", "--selector-loss",
+               "listwise", "--selector-scope", "all", "--keep-scorers", "--zero-shot")
+    assert r7.returncode == 0, r7.stderr[-3000:]
+    assert "0 to run" in r7.stdout and "0 task(s) already have zero-shot rows with these settings; 2 to run" in r7.stdout
+    for t, other_task in zip(TASKS, reversed(TASKS)):
+        pairs = pq.read_table(other / "tasks" / "_zero_shot" / t / "train_pairs.parquet")["instruction"].to_pylist()
+        assert len(pairs) == 16 and all(p in other_task_instructions(other, other_task) for p in pairs)
+    header = next(csv.reader((other / "summary.csv").open()))
+    assert {"cappy-0shot", "fused-0shot"} <= set(header) and "Tasks the scorer never saw" in (other / "summary.md").read_text()
+    zero = json.loads((other / "summary.json").read_text())["zero_shot"]
+    assert set(zero) == {"beam4", "mbr"} and set(zero["mbr"]) == {"cappy-0shot", "fused-0shot"}
+    table = (other / "summary.csv").read_text()
+    r8 = sweep(other, models, "--schedule.lr", "5e-5", "--sampling.seed", "1", "--schedule.seed", "1", "--selector-loss",
+               "listwise", "--selector-scope", "all", "--keep-scorers", "--zero-shot")
+    assert "2 task(s) already have zero-shot rows with these settings; 0 to run" in r8.stdout
+    assert (other / "summary.csv").read_text() == table
+
+
+def other_task_instructions(out: Path, task: str) -> set[str]:
+    """The instructions of ``task``'s own finetuning pairs in a sweep's OUT."""
+    return set(pq.read_table(out / "tasks" / task / "train_pairs.parquet")["instruction"].to_pylist())
 
 
 @pytest.mark.slow
@@ -312,7 +337,7 @@ def test_settings_checks_and_what_defines_a_result():
     assert {"dev_examples_per_task", "finetune_scope", "selector_loss", "selector_scope", "sampling.seed",
             "sampling.decodings", "sampling.max_new_tokens"} <= set(key)
     assert not {"redo", "task_timeout_s", "cpus_per_task", "keep_scorers", "sampling.num_actors",
-                "sampling.batch_size"} & set(key_values(ok))
+                "sampling.batch_size", "zero_shot"} & set(key_values(ok))
     s = task_settings(ok, Path("/tmp/out"), "init", "gen").schedule
     assert s is ok.schedule and (s.loss, s.group_by_instruction, s.mse_weight) == ("listwise+mse", True, 0.5)
     sel = task_settings(replace(ok, selector_loss="listwise"), Path("/tmp/out"), "init", "gen").selector_schedule
@@ -327,7 +352,8 @@ def test_settings_checks_and_what_defines_a_result():
             (lambda: replace(ok, dev_examples_per_task=40), "dev_examples_per_task", "leaves none of the 40"),
             (lambda: replace(ok, dev_examples_per_task=-1), "dev_examples_per_task", ">= 0"),
             (lambda: replace(listwise, listwise_tau=0.0), "listwise_tau", "> 0"),
-            (lambda: replace(ok, push_to_hub="me/cappy"), "push_to_hub", "add --keep-scorers")):
+            (lambda: replace(ok, push_to_hub="me/cappy"), "push_to_hub", "add --keep-scorers"),
+            (lambda: replace(ok, zero_shot=True, dev_examples_per_task=0), "zero_shot", "dev_examples_per_task > 0")):
         with pytest.raises(SettingError, match=match) as e:
             bad()
         assert e.value.setting == setting

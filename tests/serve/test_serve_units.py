@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 
@@ -523,6 +524,29 @@ def test_cappy_serve_defaults_follow_the_sweeps_cache_rule(tmp_path, monkeypatch
     raw = {}
     apply_sweep_defaults(raw, True, cache_dir=str(tmp_path))
     assert raw["scorer"] == {"model": "minilm"}  # --allow-untrained-scorer: its own scores pick
+
+
+def test_cappy_serve_sweep_serves_a_sweeps_models_and_its_shared_scorer_for_other_tasks(tmp_path):
+    """`--sweep OUT`: the sweep's generator, OUT/tasks as the per-task scorers, and as the default
+    the scorer finetuned on every task (its pooled fused weights in it); flags still win. A folder
+    that is no finished sweep is a clear error naming it."""
+    from jobs.serve import build_parser, resolve
+
+    out = tmp_path / "out"
+    shared = out / "tasks" / "_shared" / "selector_scorer"
+    shared.mkdir(parents=True)
+    (shared / "config.json").write_text("{}")
+    (out / "sweep_run.json").write_text(json.dumps({"generator": "/gen", "scorer_init": "/init"}))
+    parse = build_parser("cappy serve").parse_args
+    _, _, args = resolve(parse(["--sweep", str(out), "--dry-run"]))
+    assert (args.generator.model, args.scorer.model, args.scorer.scorers_dir) == ("/gen", str(shared),
+                                                                                   str(out / "tasks"))
+    _, _, args = resolve(parse(["--sweep", str(out), "--scorer", "/mine", "--dry-run"]))
+    assert args.scorer.model == "/mine" and args.generator.model == "/gen"
+    (shared / "config.json").unlink()  # no scorer for every task: the one the sweep started from
+    assert resolve(parse(["--sweep", str(out), "--dry-run"]))[2].scorer.model == "/init"
+    with pytest.raises(FileNotFoundError, match=f"--sweep {tmp_path}: no readable sweep_run.json"):
+        resolve(parse(["--sweep", str(tmp_path), "--dry-run"]))
 
 
 def test_deployments_pickle_by_reference_after_in_process_batches(batch_outside_serve):
