@@ -51,7 +51,9 @@ def run_zero_shot_stage(cfg: SweepConfig, plan: SweepPlan, tasks: list[str], log
             task = refs[done[0]]
             try:
                 rec = ray.get(done[0])
-                bar.write(f"{task} zero-shot: " + ", ".join(f"{row} {v:.1f}" for row, v in _means(rec).items()))
+                reused = str(rec["training"].get("cache", "")).startswith("reused")
+                bar.write(f"{task} zero-shot: " + ", ".join(f"{row} {v:.1f}" for row, v in _means(rec).items())
+                          + (" (finetune reused from the stage cache)" if reused else ""))
             except Exception as e:  # the others go on; the report names what is missing
                 failed.append(task)
                 log(f"task {task}: zero-shot rows failed: {type(getattr(e, 'cause', None) or e).__name__}: "

@@ -11,8 +11,9 @@ transformers both run it) on instruction → reference pairs of the BIG-Bench *t
 
 1. config (defaults < ``--preset`` (``jobs/configs/generator_{cpu,tiny}.yaml``) < ``--config YAML``
    < flags);
-2. data: each task's train split, capped at ``--max-per-task`` examples; validation examples of
-   ``--eval-tasks`` for the final check;
+2. data: each task's train split, capped at ``--max-per-task`` examples, less the last
+   ``--eval-examples`` train examples of each ``--eval-tasks`` task, held out for the final check
+   (validation is never read);
 3. tokenizer trained on a sample of that text; sequences ``<s>{instruction}\\n{reference}</s>``
    (instruction cut from the left); the loss covers every token by default (``--loss-on all``):
    modelling the instruction too helps a tiny model produce the words most of these tasks copy
@@ -22,7 +23,7 @@ transformers both run it) on instruction → reference pairs of the BIG-Bench *t
    ``--time-budget-s`` (the whole run's wall clock: data, tokenizer, training, check, save) the
    first ``--calibration-updates`` updates measure the speed and the LR schedule is sized to the
    updates that fit; training also stops gracefully at the deadline;
-5. check: greedy Rouge-L and the spread of sampled candidates on the validation examples;
+5. check: greedy Rouge-L and the spread of sampled candidates on the held-out train examples;
 6. save: a Hugging Face folder (safetensors + tokenizer + ``cappy_generator.json`` with config,
    steps, tokens/s, loss and the check's metrics), written atomically.
 
@@ -110,8 +111,9 @@ class GeneratorConfig(CacheOptions, TrackingOptions):
     seed: int = field(default=0, metadata={"help": "seeds data order, references, init and sampling"})
     # final check
     eval_tasks: list[str] = field(default_factory=lambda: list(LOCAL_TASKS), metadata={
-        "help": "validation tasks for the greedy Rouge-L check"})
-    eval_examples: int = field(default=32, metadata={"help": "validation examples per eval task (0: no check)"})
+        "help": "tasks for the greedy Rouge-L check (on held-out train examples)"})
+    eval_examples: int = field(default=32, metadata={"help": "train examples per eval task held out of training for the quality check (its last ones, at "
+                                "most a fifth of its train split; validation is never read; 0: no check)"})
     eval_samples: int = field(default=4, metadata={"help": "sampled candidates per example for the spread"})
     eval_max_new_tokens: int = field(default=64, metadata={"help": "new tokens per candidate in the check"})
 

@@ -4,8 +4,9 @@ The steps, each a function with explicit arguments:
 
 1. :func:`check_output_folder`: fail before any work if the folder cannot be written or holds
    something that is not a generator;
-2. :func:`load_generator_data`: each task's BIG-Bench *train* split, and a seeded sample of the
-   validation examples of the check's tasks;
+2. :func:`load_generator_data`: each task's BIG-Bench *train* split, less the last few train
+   examples of each of the check's tasks, held out for the check (validation is never read, so a
+   training choice made on the check was not made on the sweep's final table);
 3. :func:`prepare_sequences`: the BPE tokenizer on a sample of that text, then one
    ``<s>{instruction}\\n{reference}</s>`` sequence per example (:mod:`cappy_core.generation.embedded_data`);
 4. :func:`fit_generator`: a new small Llama trained by :func:`cappy_core.scorer.training.train` on
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -55,16 +55,18 @@ def check_output_folder(out: Path) -> None:
 @dataclass
 class GeneratorData:
     train_by_task: dict[str, list]  # task -> train examples
-    eval_by_task: dict[str, list]  # task -> the check's validation examples (with references)
+    eval_by_task: dict[str, list]  # task -> the check's held-out train examples (with references)
     unavailable: dict[str, str]  # task -> why it is not available offline
 
 
 def load_generator_data(tasks: Sequence[str], *, eval_tasks: Sequence[str], eval_examples: int,
                         task_dir: Sequence[str] = (), cache_dir: str | None = None,
                         log: Log = print) -> GeneratorData:
-    """Train splits of ``tasks`` (``all45``, ``pretrain`` or names) and up to ``eval_examples``
-    validation examples of each of ``eval_tasks`` (none when ``eval_examples`` is 0), from the
-    BIG-Bench tasks on this machine (vendored, downloaded) plus ``task_dir`` folders. Tasks with too few examples are skipped (logged)."""
+    """Train splits of ``tasks`` (``all45``, ``pretrain`` or names) and, for the check, the last
+    ``eval_examples`` train examples of each of ``eval_tasks`` (at most a fifth of its train split;
+    none when ``eval_examples`` is 0), held out: no training sequence has their instruction. From
+    the BIG-Bench tasks on this machine (vendored, downloaded) plus ``task_dir`` folders. Tasks with
+    too few examples are skipped (logged)."""
     from cappy_core.data.bigbench import TooFewExamples
     from cappy_core.data.catalog import TaskCatalog
 
@@ -82,9 +84,13 @@ def load_generator_data(tasks: Sequence[str], *, eval_tasks: Sequence[str], eval
         raise ConfigError(f"no training examples in tasks {list(tasks)}")
     eval_by_task = {}
     for t in eval_names:
-        if t in splits:
-            val = [e for e in splits[t]["validation"] if e.references]
-            eval_by_task[t] = random.Random(0).sample(val, min(eval_examples, len(val)))
+        train = splits[t]["train"] if t in splits else []
+        held = [e for e in train[len(train) - min(eval_examples, len(train) // 5):] if e.references]
+        if held:
+            eval_by_task[t] = held
+            texts = {e.instruction for e in held}
+            if t in train_by_task:  # and any duplicate of their instruction: it would leak the answer
+                train_by_task[t] = [e for e in train_by_task[t] if e.instruction not in texts]
     return GeneratorData(train_by_task, eval_by_task, unavailable)
 
 
@@ -318,5 +324,6 @@ def summary_line(out: Path, record: dict, total_seconds: float) -> str:
         cfg = record["config"]
         line += (f"; greedy Rouge-L {metrics['greedy_rouge_l']:.1f}, {metrics['num_samples']} samples "
                  f"{metrics['sample_rouge_l']:.1f} (spread {metrics['sample_spread']:.1f}, oracle "
-                 f"{metrics['oracle_rouge_l']:.1f}) on {len(metrics['tasks'])} tasks × ≤{cfg['eval_examples']}")
+                 f"{metrics['oracle_rouge_l']:.1f}) on {len(metrics['tasks'])} tasks × ≤{cfg['eval_examples']} held-out train "
+                 "examples")
     return line

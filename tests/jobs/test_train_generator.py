@@ -60,6 +60,28 @@ def test_cli_trains_saves_and_reports(trained):
     assert "| updates | 15 (" in card and "| training data | tasks: standin_rephrase, standin_tense |" in card
 
 
+def test_the_check_reads_held_out_train_examples_never_validation(standin_tasks):
+    """The quality check's examples are each eval task's last train examples (at most a fifth),
+    and no training example shares their instruction; validation is not read."""
+    from cappy_core.generation.embedded_training import load_generator_data
+
+    data = load_generator_data(TASKS, eval_tasks=TASKS[:1], eval_examples=4, task_dir=[str(standin_tasks)])
+    splits = splits_of(standin_tasks, TASKS[0])
+    held, train = data.eval_by_task[TASKS[0]], data.train_by_task[TASKS[0]]
+    assert held == splits["train"][-4:] and len(train) == len(splits["train"]) - 4
+    assert not {e.instruction for e in held} & {e.instruction for e in train}
+    assert not {e.instruction for e in held} & {e.instruction for e in splits["validation"]}
+    assert data.train_by_task[TASKS[1]] == splits_of(standin_tasks, TASKS[1])["train"]  # not an eval task: whole
+    few = load_generator_data(TASKS, eval_tasks=TASKS[:1], eval_examples=1000, task_dir=[str(standin_tasks)])
+    assert len(few.eval_by_task[TASKS[0]]) == len(splits["train"]) // 5
+
+
+def splits_of(task_dir, task: str) -> dict:
+    from cappy_core.data.catalog import TaskCatalog
+
+    return TaskCatalog.open(None, [str(task_dir)]).load(task)
+
+
 def test_saved_generator_loads_with_auto_classes(trained):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
