@@ -103,14 +103,18 @@ def _chart(path: Path, points: Mapping[str, Any], adaptive: Mapping[str, Any]) -
 
     fig, ax = plt.subplots(figsize=(6, 4))
     try:
-        for m in CURVE_METHODS:
-            ax.plot(COUNTS, [points[f"{m}@{k}"]["rouge_l"] for k in COUNTS], marker="o", label=m)
+        for m in CURVE_METHODS:  # error bars: the 95% interval of the point's difference from beam4 alone
+            ys = [points[f"{m}@{k}"]["rouge_l"] for k in COUNTS]
+            ivs = [points[f"{m}@{k}"]["vs_beam4"] for k in COUNTS]
+            err = [[iv["mean"] - iv["low"] for iv in ivs], [iv["high"] - iv["mean"] for iv in ivs]]
+            ax.errorbar(COUNTS, ys, yerr=err, marker="o", capsize=3, label=m)
         ax.scatter([adaptive["mean_candidates"]], [adaptive["rouge_l"]], marker="*", s=160, color="black",
                    label="adaptive (fused)", zorder=3)
         ax.set_xscale("log", base=2)
         ax.set_xticks(COUNTS, [str(k) for k in COUNTS])
         ax.set_xlabel("candidates generated")
         ax.set_ylabel("Rouge-L ×100 (validation, mean over tasks)")
+        ax.set_title("error bars: 95% interval of the difference from beam4", fontsize=8)
         ax.legend(fontsize=8)
         fig.tight_layout()
         with atomic_path(path) as tmp:

@@ -32,6 +32,7 @@ GENERATOR_S_PER_UPDATE = 482 / 1500
 PRETRAIN_LOCAL_S = 172.0
 SAMPLING_CANDIDATES_PER_S = 926 * 17 / 264
 TASK_S = 832 / 6  # wall seconds per task at the local preset's sizes and concurrency, one finetune
+TASK_S_SCORING = 507 / 12  # the same without finetuning: scoring dev and validation with one scorer
 TASK_S_WITH_SELECTOR = 1156 / 6  # the same with a selector scorer of its own (a second finetune)
 SHARED_PAIRS_PER_S = 6 * 1024 / 619  # a finetune on every task's pairs (--selector-scope all), 2 threads, alone
 DOWNLOAD_S = 41.0
@@ -144,7 +145,8 @@ def plan(cfg: SweepConfig, preset: str | None = None) -> dict[str, Any]:
         stages.append({"stage": "shared selector", "cached": not p.todo and not missing,
                        "what": f"one {cfg.selector_loss} scorer finetuned on {len(tasks)} x {cfg.train_size} pairs",
                        "seconds": len(tasks) * cfg.train_size / SHARED_PAIRS_PER_S if p.todo else 0.0})
-    per_task = TASK_S if cfg.selector_loss == "same" or not cfg.finetune or cfg.shared_selector else TASK_S_WITH_SELECTOR
+    per_task = (TASK_S_SCORING if not cfg.finetune else
+                TASK_S if cfg.selector_loss == "same" or cfg.shared_selector else TASK_S_WITH_SELECTOR)
     stages.append({"stage": "tasks", "cached": not p.todo and not missing, "seconds": len(p.todo) * per_task,
                    "what": f"{len(tasks) - len(p.todo)} finished with these settings, {len(p.todo)} to run "
                            f"({cfg.cpus_per_task} CPU{f' + {cfg.gpus_per_task} GPU' if cfg.gpus_per_task else ''} each)"})
@@ -159,6 +161,12 @@ def plan(cfg: SweepConfig, preset: str | None = None) -> dict[str, Any]:
                        "seconds": len(zs_todo) * (len(tasks) - 1) * cfg.train_size / SHARED_PAIRS_PER_S})
     cache_root = p.settings.stage_cache
     cache_lines = [] if missing or not cache_root else _stage_cache_lines(cfg, p, out, rows)
+    reused = [t for t in p.todo if cfg.finetune and any(x.startswith(f"{t} ") for x in cache_lines)
+              and all(x.split(": ", 1)[1].startswith("reuse") for x in cache_lines if x.startswith(f"{t} "))]
+    if reused:  # their finetunes come from the stage cache: scoring only
+        tasks_stage = next(s for s in stages if s["stage"] == "tasks")
+        tasks_stage["seconds"] -= len(reused) * (per_task - TASK_S_SCORING)
+        tasks_stage["what"] += f"; {len(reused)} with every finetune in the stage cache (scoring only)"
     if missing:
         for s in stages:
             if s["stage"] in ("sample + label", "shared selector", "tasks", "zero-shot"):
@@ -185,7 +193,7 @@ def _stage_cache_lines(cfg: SweepConfig, p, out: Path, rows: list[dict]) -> list
     lines = [f"candidates: reuse (key {cands.name})" if not missing else
              f"candidates: run (because {missing:,} instruction(s) are not in {cands} yet)"]
     schedules = [(w, s) for w, s in (("finetune", settings.schedule), ("selector finetune", settings.selector_schedule))
-                 if s is not None]
+                 if s is not None and not (w == "selector finetune" and cfg.shared_selector)]  # shared: not per task
     if not schedules or not p.todo:
         return lines
     if not (Path(settings.init).is_dir() or settings.init == "minilm" or not Path(settings.init).is_absolute()):

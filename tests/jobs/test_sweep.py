@@ -206,6 +206,8 @@ def test_a_new_out_reuses_the_stage_cache_and_runs_only_what_changed(tmp_path, m
         assert f"{t}: cappy" in b.stdout and "finetune reused from the stage cache" in b.stdout
         assert {m: v for m, v in rb["metrics"].items() if m != "cappy+lm+mbr"} == \
             {m: v for m, v in ra["metrics"].items() if m != "cappy+lm+mbr"}
+    again = sweep(tmp_path / "d", models, "--dry-run")  # a's settings: the estimate counts scoring only
+    assert again.returncode == 0 and "2 with every finetune in the stage cache (scoring only)" in again.stdout
     c = sweep(tmp_path / "c", models, "--no-cache")
     assert c.returncode == 0, c.stderr[-3000:]
     assert c.stdout.count("sampled 6 instructions") == 2 and "stage cache" not in c.stdout

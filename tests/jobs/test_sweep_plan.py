@@ -48,8 +48,8 @@ def test_dry_run_plans_from_the_data_and_the_outputs_on_disk(tmp_path, generator
     from cappy_core.selection.task_results import key_digest
     from jobs.sweep_layout import result_key, task_settings
     from jobs import sweep
-    from jobs.sweep_plan import (SAMPLING_CANDIDATES_PER_S, SHARED_PAIRS_PER_S, TASK_S, TASK_S_WITH_SELECTOR,
-                                 plan)
+    from jobs.sweep_plan import (SAMPLING_CANDIDATES_PER_S, SHARED_PAIRS_PER_S, TASK_S, TASK_S_SCORING,
+                                 TASK_S_WITH_SELECTOR, plan)
 
     out = tmp_path / "out"
     argv = ["--tasks", *TASKS, "--task-dir", str(standin_tasks), "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
@@ -81,6 +81,13 @@ def test_dry_run_plans_from_the_data_and_the_outputs_on_disk(tmp_path, generator
                                                            train_size=100))["stages"]}
     assert one["tasks"]["seconds"] == pytest.approx(2 * TASK_S)
     assert one["shared selector"]["seconds"] == pytest.approx(2 * 100 / SHARED_PAIRS_PER_S)
+    # --zero-shot: one finetune per task on the other tasks' pairs; without finetuning, scoring only
+    zs = {s["stage"]: s for s in plan(dataclasses.replace(cfg, zero_shot=True, dev_examples_per_task=4,
+                                                          train_size=100))["stages"]}
+    assert zs["zero-shot"]["what"].startswith("0 recorded, 2 to run (each: a finetune on the other 1 task(s) x 100")
+    assert zs["zero-shot"]["seconds"] == pytest.approx(2 * 1 * 100 / SHARED_PAIRS_PER_S)
+    bare = {s["stage"]: s for s in plan(dataclasses.replace(cfg, finetune=False))["stages"]}
+    assert bare["tasks"]["seconds"] == pytest.approx(2 * TASK_S_SCORING)
 
     # tense finished with these settings (the sweep's own key) and 7 rephrase validation instructions sampled:
     # tense is neither sampled nor run again; rephrase samples what is left
