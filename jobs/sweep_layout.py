@@ -109,6 +109,9 @@ def sweep_serving(out: str | Path) -> dict[str, str]:
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"--sweep {out}: no readable sweep_run.json (not a finished `cappy sweep` output): "
                                 f"{e}") from None
+    if not (isinstance(run, dict) and isinstance(run.get("generator"), str) and isinstance(run.get("scorer_init"), str)):
+        raise ValueError(f"--sweep {out}: {out / 'sweep_run.json'} names no generator and scorer_init "
+                         "(not written by `cappy sweep`)")
     shared = out / "tasks" / "_shared"
     scorer = next((shared / n for n in ("selector_scorer", "scorer") if (shared / n / "config.json").is_file()), None)
     return {"generator": run["generator"], "scorer": str(scorer or run["scorer_init"]),

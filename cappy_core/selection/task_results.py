@@ -28,9 +28,18 @@ def result_path(tasks_dir: str | Path, task: str) -> Path:
 
 
 def read_result(tasks_dir: str | Path, task: str) -> dict:
-    """The task's result record, or ``{"task": task, "status": "missing"}``."""
+    """The task's result record, or ``{"task": task, "status": "missing"}``; a file that is not a
+    record is an error naming it."""
     path = result_path(tasks_dir, task)
-    return json.loads(path.read_text()) if path.is_file() else {"task": task, "status": "missing"}
+    if not path.is_file():
+        return {"task": task, "status": "missing"}
+    try:
+        rec = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not a task result record ({e}); delete it to recompute the task") from None
+    if not isinstance(rec, dict):
+        raise ValueError(f"{path}: not a task result record (a JSON {type(rec).__name__}); delete it to recompute the task")
+    return rec
 
 
 def result_record(task: str, key: Mapping[str, Any], config: Mapping[str, Any],

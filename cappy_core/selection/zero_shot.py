@@ -190,6 +190,11 @@ def with_zero_shot(tasks_dir: str | Path, records: Mapping[str, dict[str, Any]])
     out = {}
     for task, rec in records.items():
         path = Path(tasks_dir) / ZERO_SHOT_DIR / task / "result.json"
-        zero = json.loads(path.read_text()) if rec.get("status") == "ok" and path.is_file() else None
+        zero = None
+        if rec.get("status") == "ok" and path.is_file():
+            try:
+                zero = json.loads(path.read_text())
+            except ValueError as e:
+                raise ValueError(f"{path}: not a zero-shot result ({e}); delete it and rerun with --zero-shot") from None
         out[task] = merge_zero_shot(rec, zero) if zero and zero.get("sweep_digest") == rec.get("key_digest") else rec
     return out

@@ -118,6 +118,19 @@ def test_rows_merge_by_instruction_and_never_become_the_baseline(tmp_path):
     assert CAPPY_0SHOT in with_zero_shot(tmp_path, {"a": record})["a"]["metrics"]
     (home / "result.json").write_text(json.dumps({**zero, "sweep_digest": "other"}))
     assert with_zero_shot(tmp_path, {"a": record})["a"] == record
+    (home / "result.json").write_text("{")  # a broken file: an error naming it, not a silent gap
+    with pytest.raises(ValueError, match="result.json: not a zero-shot result"):
+        with_zero_shot(tmp_path, {"a": record})
+
+
+def test_a_broken_task_record_is_an_error_naming_it(tmp_path):
+    from cappy_core.selection.task_results import read_result
+
+    assert read_result(tmp_path, "a")["status"] == "missing"
+    for text in ("", "[1]"):
+        (tmp_path / "a.json").write_text(text)
+        with pytest.raises(ValueError, match="a.json: not a task result record"):
+            read_result(tmp_path, "a")
 
 
 def test_the_endpoints_default_weights_are_fitted_on_every_tasks_dev(tmp_path, monkeypatch):

@@ -547,6 +547,9 @@ def test_cappy_serve_sweep_serves_a_sweeps_models_and_its_shared_scorer_for_othe
     assert resolve(parse(["--sweep", str(out), "--dry-run"]))[2].scorer.model == "/init"
     with pytest.raises(FileNotFoundError, match=f"--sweep {tmp_path}: no readable sweep_run.json"):
         resolve(parse(["--sweep", str(tmp_path), "--dry-run"]))
+    (out / "sweep_run.json").write_text("[1]")
+    with pytest.raises(ValueError, match="sweep_run.json names no generator"):
+        resolve(parse(["--sweep", str(out), "--dry-run"]))
 
 
 def test_deployments_pickle_by_reference_after_in_process_batches(batch_outside_serve):
