@@ -55,11 +55,11 @@ def write_cost_curve(out: str | Path, records: Mapping[str, Mapping[str, Any]], 
     val = {t: pq.read_table(out / "tasks" / t / "validation_scored.parquet") for t in tasks}
     dev = {t: pq.read_table(out / "tasks" / t / "dev_scored.parquet") for t in tasks}
     curves = {t: curve(val[t], weights[t]) for t in tasks}
-    rows, points = [["method", "k", "rouge_l", "diff_vs_beam4", "low", "high"]], {}
+    rows, points, intervals = [["method", "k", "rouge_l", "diff_vs_beam4", "low", "high"]], {}, {}
     for m in CURVE_METHODS:
         for k in COUNTS:
             mean = float(np.mean([np.mean(curves[t][m][k]) for t in tasks]))
-            iv, _ = paired_bootstrap({t: (curves[t][m][k], curves[t]["beam4"][1]) for t in tasks})
+            iv = intervals[m, k] = paired_bootstrap({t: (curves[t][m][k], curves[t]["beam4"][1]) for t in tasks})[0]
             points[f"{m}@{k}"] = {"rouge_l": mean, "vs_beam4": interval_json(iv)}
             rows.append([m, k, round(mean, 2), round(iv.mean, 2), round(iv.low, 2), round(iv.high, 2)])
     fit = fit_tau([(dev[t], weights[t]) for t in tasks], tolerance)
@@ -67,19 +67,17 @@ def write_cost_curve(out: str | Path, records: Mapping[str, Mapping[str, Any]], 
     full = {t: curves[t][FUSED][COUNTS[-1]] for t in tasks}
     iv, _ = paired_bootstrap({t: (runs[t][0], full[t]) for t in tasks})
     cands = float(np.mean([np.mean(runs[t][1]) for t in tasks]))
-    adaptive = {"tau": None if math.isinf(fit["tau"]) else fit["tau"], "dev": fit, "rouge_l":
-                float(np.mean([np.mean(runs[t][0]) for t in tasks])), "mean_candidates": cands,
-                "fraction_of_candidates": cands / COUNTS[-1], "vs_fused_all": interval_json(iv)}
-    adaptive["dev"] = {**fit, "tau": adaptive["tau"]}
+    tau = None if math.isinf(fit["tau"]) else fit["tau"]  # JSON has no inf: None = never stop early
+    adaptive = {"tau": tau, "dev": {**fit, "tau": tau}, "rouge_l": float(np.mean([np.mean(runs[t][0]) for t in tasks])),
+                "mean_candidates": cands, "fraction_of_candidates": cands / COUNTS[-1], "vs_fused_all": interval_json(iv)}
     md = [f"# Rouge-L ×100 against candidates generated ({len(tasks)} task(s), validation)", "",
           "| method | " + " | ".join(f"k={k}" for k in COUNTS) + " |", "|---" + "|---:" * len(COUNTS) + "|"]
     md += ["| " + m + " | " + " | ".join(f"{points[f'{m}@{k}']['rouge_l']:.1f}" for k in COUNTS) + " |"
            for m in CURVE_METHODS]
     md += ["", "Each point − beam4 alone, paired 95% interval:", ""]
-    md += [f"- {m} @ {k}: {interval_cell(paired_bootstrap({t: (curves[t][m][k], curves[t]['beam4'][1]) for t in tasks})[0])}"
-           for m in CURVE_METHODS[1:] for k in COUNTS]
-    tau = "never stop early (no margin kept dev within the tolerance)" if adaptive["tau"] is None else f"tau {fit['tau']}"
-    md += ["", f"Adaptive rule ({tau}, fitted on dev: {fit['dev_rouge']:.1f} vs {fit['dev_full']:.1f} with every "
+    md += [f"- {m} @ {k}: {interval_cell(intervals[m, k])}" for m in CURVE_METHODS[1:] for k in COUNTS]
+    rule = "never stop early (no margin kept dev within the tolerance)" if tau is None else f"tau {tau}"
+    md += ["", f"Adaptive rule ({rule}, fitted on dev: {fit['dev_rouge']:.1f} vs {fit['dev_full']:.1f} with every "
            f"candidate, tolerance {tolerance}): {adaptive['rouge_l']:.1f} with {cands:.1f} candidates on average "
            f"({100 * adaptive['fraction_of_candidates']:.0f}% of {COUNTS[-1]}); − the fused pick of all "
            f"{COUNTS[-1]}: {interval_cell(iv)}"]

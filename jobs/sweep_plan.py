@@ -160,9 +160,7 @@ def plan(cfg: SweepConfig, preset: str | None = None) -> dict[str, Any]:
                        # the shared finetune's pair rate: the same machine, busy the same way
                        "seconds": len(zs_todo) * (len(tasks) - 1) * cfg.train_size / SHARED_PAIRS_PER_S})
     cache_root = p.settings.stage_cache
-    cache_lines = [] if missing or not cache_root else _stage_cache_lines(cfg, p, out, rows)
-    reused = [t for t in p.todo if cfg.finetune and any(x.startswith(f"{t} ") for x in cache_lines)
-              and all(x.split(": ", 1)[1].startswith("reuse") for x in cache_lines if x.startswith(f"{t} "))]
+    cache_lines, reused = ([], []) if missing or not cache_root else _stage_cache_lines(cfg, p, out, rows)
     if reused:  # their finetunes come from the stage cache: scoring only
         tasks_stage = next(s for s in stages if s["stage"] == "tasks")
         tasks_stage["seconds"] -= len(reused) * (per_task - TASK_S_SCORING)
@@ -176,9 +174,10 @@ def plan(cfg: SweepConfig, preset: str | None = None) -> dict[str, Any]:
             "stages": stages, "estimated_s": sum(s["seconds"] for s in stages), "rates": RATES_SOURCE}
 
 
-def _stage_cache_lines(cfg: SweepConfig, p, out: Path, rows: list[dict]) -> list[str]:
+def _stage_cache_lines(cfg: SweepConfig, p, out: Path, rows: list[dict]) -> tuple[list[str], list[str]]:
     """Per stage the stage cache would serve: ``reuse (key …)`` or ``run (because …)``, by the
-    run's own keys (the candidates folder; each task's finetunes, from the pairs it would build)."""
+    run's own keys (the candidates folder; each task's finetunes, from the pairs it would build);
+    and the tasks to run whose every finetune it holds."""
     import tempfile
 
     from cappy_core.data.prepare import prepare_tasks
@@ -195,10 +194,10 @@ def _stage_cache_lines(cfg: SweepConfig, p, out: Path, rows: list[dict]) -> list
     schedules = [(w, s) for w, s in (("finetune", settings.schedule), ("selector finetune", settings.selector_schedule))
                  if s is not None and not (w == "selector finetune" and cfg.shared_selector)]  # shared: not per task
     if not schedules or not p.todo:
-        return lines
+        return lines, []
     if not (Path(settings.init).is_dir() or settings.init == "minilm" or not Path(settings.init).is_absolute()):
-        return lines + [f"{t} {w}: run (because the scorer init is trained first)" for t in p.todo for w, _ in schedules]
-    cache, by_task = StageCache(settings.stage_cache), {r["task"]: r for r in rows}
+        return lines + [f"{t} {w}: run (because the scorer init is trained first)" for t in p.todo for w, _ in schedules], []
+    cache, by_task, reused = StageCache(settings.stage_cache), {r["task"]: r for r in rows}, []
     with tempfile.TemporaryDirectory(prefix="cappy-dry-run-") as tmp:
         data = out / "data"
         if not all((data / t / "train.parquet").is_file() for t in p.todo):  # as the run would prepare it
@@ -214,12 +213,16 @@ def _stage_cache_lines(cfg: SweepConfig, p, out: Path, rows: list[dict]) -> list
                                    train_size=settings.train_size, seed=settings.schedule.seed,
                                    dev_examples=settings.dev_examples)
             fingerprint = table_fingerprint(pairs_to_table(pairs))
+            hits = []
             for what, schedule in schedules:
                 key = finetune_key(settings, fingerprint, schedule)
                 name = cache.path("finetune", key).name
-                lines.append(f"{task} {what}: reuse (key {name})" if cache.lookup("finetune", key) else
+                hits.append(cache.lookup("finetune", key) is not None)
+                lines.append(f"{task} {what}: reuse (key {name})" if hits[-1] else
                              f"{task} {what}: run (because the cache has no key {name})")
-    return lines
+            if all(hits):
+                reused.append(task)
+    return lines, reused
 
 
 def _sampled(folder: Path, task: str, split: str) -> int:

@@ -1,6 +1,6 @@
 """What a decoder-only generator is conditioned on, for an instruction or for chat messages.
 
-Two prompt formats (``--prompt-format``): ``plain``, the instruction as it is (the paper's
+Two prompt formats (``--sampling.prompt-format``): ``plain``, the instruction as it is (the paper's
 format, and the only one a model without a chat template has), and ``chat``, the instruction as
 one user message through the tokenizer's chat template (an instruct model such as SmolLM2). The
 generator's prompt encoder (:meth:`~cappy_core.generation.Generator.encode_prompts`) then adds the
@@ -59,5 +59,5 @@ def format_instruction(instruction: str, tokenizer: Any, prompt_format: str) -> 
         raise ValueError(f"prompt format {prompt_format!r}: choose one of {', '.join(PROMPT_FORMATS)}")
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("prompt format 'chat' needs a generator whose tokenizer has a chat template; this one has "
-                         "none (use --prompt-format plain)")
+                         "none (use --sampling.prompt-format plain)")
     return chat_prompt([{"role": "user", "content": instruction}], tokenizer)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from cappy_core.generation.decoding import PAPER_DECODING_NAMES
-from cappy_core.selection.evaluation import CAPPY, FUSED, MBR
+from cappy_core.selection.evaluation import CAPPY, FUSED, MBR, is_unlabeled
 from cappy_core.selection.scored_tables import SELECTOR_SCORE, instruction_rows
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ def _instructions(table: pa.Table) -> list[dict[str, Any]]:
         rows = [rows[i] for i in generation_order([cols["decoding"][r] for r in rows],
                                                   [cols["sample_idx"][r] for r in rows])]
         labels = [cols["label"][r] for r in rows]
-        if any(x is None or math.isnan(x) for x in labels):
+        if any(map(is_unlabeled, labels)):
             continue
         signal = cols[SELECTOR_SCORE] if SELECTOR_SCORE in cols else cols["score"]
         out.append({"id": cols["instruction_id"][rows[0]], "label": np.array(labels), "pos": rows,
@@ -120,20 +120,38 @@ def margin(fused: Sequence[float], weights: Mapping[str, float]) -> float:
     return 0.0 if len(v) < 2 or total == 0 else float((v[0] - v[1]) / total)
 
 
+def rounds(table: pa.Table, weights: Mapping[str, float],
+           counts: Sequence[int] = COUNTS) -> list[list[tuple[int, float, float]]]:
+    """Per labelled instruction, each round of the adaptive rule as ``(k, Rouge-L ×100 of the fused
+    pick among the first k, its margin)``: computed once, whatever ``tau`` then reads them."""
+    out = []
+    for ins in _instructions(table):
+        n, steps = len(ins["text"]), []
+        for k in dict.fromkeys(min(k, n) for k in counts):
+            if k == 1:  # one candidate: beam4 alone, no margin yet
+                steps.append((1, 100.0 * float(ins["label"][0]), -math.inf))
+                continue
+            fused = _fused(ins, k, weights)
+            steps.append((k, 100.0 * float(ins["label"][_best(list(fused), ins)]), margin(fused, weights)))
+        out.append(steps)
+    return out
+
+
+def _stop(steps: Sequence[tuple[int, float, float]], tau: float) -> tuple[float, int]:
+    """``(Rouge-L, candidates)`` where the rule with threshold ``tau`` stops: the first round whose
+    margin reaches it, else the last."""
+    for k, value, m in steps:
+        if m >= tau:
+            return value, k
+    return steps[-1][1], steps[-1][0]
+
+
 def adaptive_picks(table: pa.Table, weights: Mapping[str, float], tau: float,
                    counts: Sequence[int] = COUNTS) -> tuple[list[float], list[int]]:
     """The adaptive rule with threshold ``tau`` (module doc): per labelled instruction, the
     Rouge-L ×100 of its fused pick and the number of candidates it generated."""
-    values, used = [], []
-    for ins in _instructions(table):
-        n = len(ins["text"])
-        for k in [min(k, n) for k in counts]:
-            fused = _fused(ins, k, weights) if k > 1 else np.zeros(1)
-            if k == n or (k > 1 and margin(fused, weights) >= tau):
-                break
-        values.append(100.0 * float(ins["label"][_best(list(fused), ins) if k > 1 else 0]))
-        used.append(k)
-    return values, used
+    stops = [_stop(steps, tau) for steps in rounds(table, weights, counts)]
+    return [v for v, _ in stops], [k for _, k in stops]
 
 
 def fit_tau(dev_tables: Sequence[tuple[pa.Table, Mapping[str, float]]], tolerance: float = 0.5,
@@ -144,12 +162,17 @@ def fit_tau(dev_tables: Sequence[tuple[pa.Table, Mapping[str, float]]], toleranc
     none is. Returns ``{"tau", "dev_rouge", "dev_full", "dev_candidates"}``."""
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0 Rouge-L points, got {tolerance}")
-    full = float(np.mean([np.mean(adaptive_picks(t, w, math.inf, counts)[0]) for t, w in dev_tables]))
+    per_task = [rounds(t, w, counts) for t, w in dev_tables]
+
+    def mean_over_tasks(tau: float) -> tuple[float, float]:
+        stops = [[_stop(steps, tau) for steps in task] for task in per_task]
+        return (float(np.mean([np.mean([v for v, _ in s]) for s in stops])),
+                float(np.mean([np.mean([k for _, k in s]) for s in stops])))
+
+    full = mean_over_tasks(math.inf)[0]
     best = None
     for tau in TAU_GRID:
-        runs = [adaptive_picks(t, w, tau, counts) for t, w in dev_tables]
-        rouge = float(np.mean([np.mean(v) for v, _ in runs]))
-        cands = float(np.mean([np.mean(u) for _, u in runs]))
+        rouge, cands = mean_over_tasks(tau)
         if rouge >= full - tolerance and (best is None or cands < best["dev_candidates"]):
             best = {"tau": tau, "dev_rouge": rouge, "dev_full": full, "dev_candidates": cands}
     return best

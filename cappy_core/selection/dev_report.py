@@ -15,13 +15,13 @@ not chosen on the data the final table reports. ``cappy dev-report`` prints both
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Mapping
 
 from cappy_core.selection.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, paired_bootstrap
 from cappy_core.selection.evaluation import BOUNDS, SELECTORS
 from cappy_core.selection.report import interval_cell, markdown_table, paired_intervals, summary_rows
+from cappy_core.selection.task_results import read_result
 
 __all__ = ["compare_dev", "dev_records", "dev_table"]
 
@@ -35,7 +35,7 @@ def dev_records(out: str | Path) -> tuple[dict[str, dict[str, Any]], list[str]]:
         raise FileNotFoundError(f"{out}: no tasks/ folder (not a `cappy sweep` output)")
     records, without = {}, []
     for path in sorted(folder.glob("*.json")):
-        rec = json.loads(path.read_text())
+        rec = read_result(folder, path.stem)
         if rec.get("status") != "ok":
             continue
         if rec.get("dev_per_instruction") and rec.get("dev_instruction_ids"):

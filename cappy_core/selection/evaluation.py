@@ -183,6 +183,11 @@ def ranker_spearman(groups: Sequence[Sequence[ScoredCandidate]]) -> dict[str, di
     return out
 
 
+def is_unlabeled(label: float | None) -> bool:
+    """A candidate whose instruction has no references: a null label, or NaN (no Rouge-L is NaN)."""
+    return label is None or math.isnan(label)
+
+
 def scored_groups(table: Any) -> tuple[list[list[ScoredCandidate]], list[str], int]:
     """A scored candidate table (``cappy_core.labeling.candidates`` columns plus ``score``, and ``mbr`` /
     ``fused`` where present) as ``(groups, instruction_ids, unlabeled)``: one group of candidates
@@ -194,7 +199,7 @@ def scored_groups(table: Any) -> tuple[list[list[ScoredCandidate]], list[str], i
     groups: dict[str, list[ScoredCandidate]] = {}
     unlabeled: set[str] = set()
     for i, iid in enumerate(cols["instruction_id"]):
-        if cols["label"][i] is None or math.isnan(cols["label"][i]):
+        if is_unlabeled(cols["label"][i]):
             unlabeled.add(iid)
             continue
         groups.setdefault(iid, []).append(ScoredCandidate(

@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from cappy_core.selection.evaluation import CAPPY_0SHOT, FUSED_0SHOT
+from cappy_core.selection.evaluation import CAPPY_0SHOT, FUSED_0SHOT, is_unlabeled
 from cappy_core.selection.scored_tables import SELECTOR_SCORE, add_mbr, fit_fused, instruction_rows, score_table
 from cappy_core.selection.task_eval import (SHARED_DIR, TaskSettings, finetune_union, read_split_candidates,
                                             sampled_train_examples, set_device, split_dev)
@@ -56,7 +55,7 @@ def pick_rows(table: pa.Table, weights: Mapping[str, float]) -> dict[str, dict[s
     out: dict[str, dict[str, float]] = {}
     for rows in instruction_rows(cols["instruction_id"]):
         labels = [cols["label"][i] for i in rows]
-        if any(x is None or math.isnan(x) for x in labels):
+        if any(map(is_unlabeled, labels)):
             continue
         scores = [cols["score"][i] for i in rows]
         fused = fused_for_candidates(scores, [cols["logprob_mean"][i] for i in rows], [cols["text"][i] for i in rows],
