@@ -205,6 +205,17 @@ def _describe(holder: dict) -> str:
             f"started {holder.get('started')}")
 
 
+def lock_holder(target: str | os.PathLike, *, file: bool = False) -> dict | None:
+    """Who holds ``target``'s lock now (:func:`output_lock`): its holder record, or None when the
+    lock is free or its holder is dead (same host). A holder on another host counts as live."""
+    holder = _read_holder(lock_path_for(target, file=file))
+    if holder is None or holder.get("unreadable"):
+        return None
+    if holder.get("writing") or holder.get("host") != socket.gethostname():
+        return holder
+    return holder if _alive(holder) else None
+
+
 def _read_holder(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())

@@ -8,7 +8,8 @@ embedded scorer by its recorded sha256, a hub id by its name and revision), a Pa
 rows (:func:`table_fingerprint`), plus :data:`CODE_VERSION` where the code's output changes.
 
 Entries are written atomically (:func:`cappy_core.io.atomic_dir`): a reader finds a whole entry or
-none. Used by the sweep (:mod:`jobs.sweep`) for its sampled candidates and by
+none. A reuse touches the entry, so :func:`entries` knows when each was last used and
+:func:`prune` removes the least recently used first (``cappy cache prune``). Used by the sweep (:mod:`jobs.sweep`) for its sampled candidates and by
 :func:`cappy_core.selection.task_eval.run_task` for each finetune. Tested in
 ``tests/core/test_stage_cache.py``.
 """
@@ -19,6 +20,9 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
@@ -92,9 +96,12 @@ class StageCache:
         return None if self.root is None else self.root / stage / digest({**key, "code": CODE_VERSION})
 
     def lookup(self, stage: str, key: Mapping[str, Any]) -> Optional[Path]:
-        """The entry for ``key``, when a whole one is there."""
+        """The entry for ``key``, when a whole one is there (marked used: :func:`touch`)."""
         path = self.path(stage, key)
-        return path if path is not None and (path / RECORD).is_file() else None
+        if path is None or not (path / RECORD).is_file():
+            return None
+        touch(path)
+        return path
 
     @contextlib.contextmanager
     def fill(self, stage: str, key: Mapping[str, Any]) -> Iterator[Optional[Path]]:
@@ -117,3 +124,115 @@ def default_root(cache_dir: str | os.PathLike | None) -> Path:
     from cappy_core.data.cache import default_cache_dir
 
     return (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / "stages"
+
+
+# --- what the cache holds, and pruning it -----------------------------------------------------
+
+#: An entry used (read or written) this recently may belong to a running job: never pruned.
+IN_USE_S = 600.0
+
+
+def touch(path: str | os.PathLike) -> None:
+    """Mark an entry used now (its folder's mtime), for least-recently-used pruning."""
+    with contextlib.suppress(OSError):
+        os.utime(path)
+
+
+#: ``<entry>/.users/<digest>.json``: an output folder that links to the entry (``{"out": ...}``);
+#: while that output's lock is held (its job runs) the entry is in use.
+USERS = ".users"
+
+
+def mark_user(entry: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Record that output folder ``out`` reads ``entry`` (a sweep's candidates): :func:`prune`
+    keeps the entry while a job holds ``out``'s lock, and names ``out`` when it removes it."""
+    from cappy_core.io import write_json
+
+    out = str(Path(out).expanduser().resolve())
+    write_json(Path(entry) / USERS / f"{hashlib.sha256(out.encode()).hexdigest()[:16]}.json", {"out": out})
+
+
+def users(entry: str | os.PathLike) -> list[tuple[str, bool]]:
+    """The output folders recorded as reading ``entry``: ``(out, running)``, ``running`` when a job
+    holds that output's lock now."""
+    from cappy_core.io import lock_holder
+
+    found = []
+    for record in sorted((Path(entry) / USERS).glob("*.json")):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            out = str(json.loads(record.read_text())["out"])
+            found.append((out, Path(out).is_dir() and lock_holder(out) is not None))
+    return found
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One cached stage output: ``<root>/<stage>/<name>``; ``last_used``: the newest mtime in it (a
+    reuse touches the folder; a job writing into it touches its files); ``partial``: a temporary
+    folder a writer left (a crash, or a write in progress) or a sampling folder with no finished shard."""
+
+    stage: str
+    path: Path
+    bytes: int
+    last_used: float
+    partial: bool
+    users: tuple[tuple[str, bool], ...] = ()  # :func:`users`
+
+    @property
+    def in_use(self) -> bool:
+        return any(running for _, running in self.users)
+
+
+def _scan(folder: Path) -> tuple[int, float]:
+    size, newest = 0, folder.stat().st_mtime
+    for base, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(base, name))
+                newest = max(newest, st.st_mtime)
+                size += st.st_size if name in files else 0
+    return size, newest
+
+
+def entries(root: str | os.PathLike) -> list[Entry]:
+    """Every entry under ``root`` (``<cache>/stages``), least recently used first."""
+    root = Path(root).expanduser()
+    found = []
+    for stage_dir in sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []:
+        for path in sorted(p for p in stage_dir.iterdir() if p.is_dir() and not p.is_symlink()):
+            size, used = _scan(path)
+            temporary = path.name.startswith(".")
+            unfinished = not (path / RECORD).is_file() and not any(path.glob("*/*/*/part-*.done.json"))
+            found.append(Entry(stage_dir.name, path, size, used, temporary or unfinished, tuple(users(path))))
+    return sorted(found, key=lambda e: (e.last_used, str(e.path)))
+
+
+def prune_plan(found: list[Entry], *, older_than_s: Optional[float] = None, max_bytes: Optional[int] = None,
+               stages: Optional[set[str]] = None, now: Optional[float] = None) -> list[Entry]:
+    """What :func:`prune` removes from ``found`` (least recently used first): of the ``stages``
+    named (all if None), every entry not used for ``older_than_s``, then the least recently used
+    until the whole cache is at most ``max_bytes``. Entries a running job reads (:attr:`Entry.in_use`)
+    or that were used in the last :data:`IN_USE_S` are kept whatever is asked; with neither limit,
+    every other entry goes."""
+    now = time.time() if now is None else now
+    candidates = [e for e in found if (stages is None or e.stage in stages) and not e.in_use
+                  and now - e.last_used >= IN_USE_S]
+    if older_than_s is None and max_bytes is None:
+        return candidates
+    drop = [e for e in candidates if older_than_s is not None and now - e.last_used >= older_than_s]
+    if max_bytes is not None:
+        total = sum(e.bytes for e in found) - sum(e.bytes for e in drop)
+        for e in candidates:
+            if total <= max_bytes:
+                break
+            if e not in drop:
+                drop.append(e)
+                total -= e.bytes
+    return sorted(drop, key=lambda e: (e.last_used, str(e.path)))
+
+
+def remove(entry: Entry) -> None:
+    """Delete one entry: renamed aside first, so a reader finds it whole or not at all."""
+    aside = entry.path.with_name(f".{entry.path.name}.pruned-{os.getpid()}")
+    os.replace(entry.path, aside)
+    shutil.rmtree(aside)

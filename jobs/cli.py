@@ -121,6 +121,10 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
      "pretrain the scorer on BIG-Bench tasks outside the 45 with Ray Train (rerun resumes)"),
     (("finetune",), "jobs.finetune",
      "finetune a scorer on one task's labelled pairs with Ray Train (rerun resumes)"),
+    (("cache", "list"), "jobs.stage_cache_cli",
+     "the stage cache's entries (sampled candidates, finetuned scorers): size, last use, the sweeps that read them"),
+    (("cache", "prune"), "jobs.stage_cache_cli",
+     "free the stage cache: least recently used entries first (--older-than DAYS, --max-size SIZE, --all)"),
     (("serve",), "jobs.serve",
      "serve generate-then-select (generator + batched scorer) with Ray Serve locally; prints the URL"),
 ]

@@ -18,7 +18,9 @@ What both backends do the same way
   ``length_penalty``, ``early_stopping=False``); the vLLM backend runs the same algorithm.
 * **Seeds**: sample ``j`` of decoding ``d`` for the instruction with key ``k`` uses seed
   :func:`candidate_seed` ``(seed, k, d) + j`` (vLLM's own rule for ``SamplingParams(n, seed)``),
-  so a run is reproducible whatever the batching; the key defaults to the instruction text.
+  so a run is reproducible whatever the batching, and samples 2..3 asked alone
+  (``DecodingSpec.first_sample=2``) are those of a call asking for 0..3; the key defaults to the
+  instruction text.
 * **Log-likelihood**: ``logprob_sum`` is the model's own log-probability of the candidate's
   tokens at temperature 1 with nothing truncated (raw ``log_softmax`` of the logits, whatever
   decoding produced it), counting the end-of-sequence token when the candidate ended with one;
@@ -105,7 +107,8 @@ class Generator(ABC):
                  min_new_tokens: int = MIN_NEW_TOKENS,
                  seed: int = 0) -> list[list[Candidate]]:
         """Candidates for each instruction: for each decoding in order, its ``num_samples``
-        candidates (``sample_idx`` 0..n-1). ``keys`` (default: the instructions) seed sampling."""
+        candidates (``sample_idx`` from its ``first_sample``, 0..n-1 by default). ``keys`` (default:
+        the instructions) seed sampling."""
         plan = self._plan(instructions, decodings, keys, max_new_tokens, min_new_tokens, seed)
         if plan is None:
             return []
@@ -147,7 +150,7 @@ class Generator(ABC):
             return None
         prompts = self.encode_prompts(instructions)
         sampled_specs = [d for d in decodings if d.kind != "beam"]
-        seeds = [[candidate_seed(seed, k, d.name) for k in keys] for d in sampled_specs]
+        seeds = [[candidate_seed(seed, k, d.name) + d.first_sample for k in keys] for d in sampled_specs]
         return prompts, sampled_specs, seeds, [d for d in decodings if d.kind == "beam"]
 
     def _assemble(self, n: int, decodings, sampled_specs, sampled, beam_specs, beams) -> list[list[Candidate]]:
@@ -162,7 +165,7 @@ class Generator(ABC):
                 if len(results) != d.num_samples:
                     raise RuntimeError(f"{self.backend} returned {len(results)} candidates for {d.name}, "
                                        f"expected {d.num_samples}")
-                cands += [self._candidate(d.name, j, ids, lp) for j, (ids, lp) in enumerate(results)]
+                cands += [self._candidate(d.name, d.first_sample + j, ids, lp) for j, (ids, lp) in enumerate(results)]
             out.append(cands)
         return out
 

@@ -43,12 +43,18 @@ class DecodingSpec:
     top_k: int = 0
     top_p: float = 1.0
     length_penalty: float = 1.0
+    #: The index of this spec's first sample: samples ``first_sample .. first_sample+num_samples-1``
+    #: of the decoding, each the same candidate as in a call that asks for all of them (its seed is
+    #: its index's), so a caller can generate a decoding's samples a few at a time.
+    first_sample: int = 0
 
     def __post_init__(self):
         if self.kind not in ("greedy", "beam", "sample"):
             raise ValueError(f"decoding {self.name!r}: kind must be greedy, beam or sample, got {self.kind!r}")
         if self.num_samples < 1:
             raise ValueError(f"decoding {self.name!r}: num_samples must be >= 1")
+        if self.first_sample < 0 or (self.kind != "sample" and self.first_sample):
+            raise ValueError(f"decoding {self.name!r}: first_sample must be >= 0, and 0 unless it samples")
         if self.kind != "sample" and self.num_samples != 1:
             raise ValueError(f"decoding {self.name!r}: only sampling gives more than one candidate")
         if self.kind == "beam" and not 2 <= self.num_beams <= MAX_BEAMS:

@@ -9,7 +9,8 @@ so on. With k candidates every method picks among the first k: ``beam4`` (always
 fused weights, z-scored over those k, MBR recomputed on them: what serve computes for k
 candidates, :func:`cappy_core.selection.selectors.fused_for_candidates`).
 
-**Adaptive rule** (:func:`adaptive_picks`). Generate the candidates in rounds of the curve's k
+**Adaptive rule** (:func:`adaptive_picks` on a sweep's tables; serve's ``adaptive`` requests
+generate by :func:`adaptive_rounds`). Generate the candidates in rounds of the curve's k
 (1, 2, 4, 8, 17); after each round from 2 on, stop when the fused value's margin between the best
 and second-best candidate (:func:`margin`: per unit of weight, so in within-instruction standard
 deviations of the signals) is at least ``tau``. ``tau``
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
-from cappy_core.generation.decoding import PAPER_DECODING_NAMES
+from cappy_core.generation.decoding import PAPER_DECODING_NAMES, DecodingSpec
 from cappy_core.selection.evaluation import CAPPY, FUSED, MBR, is_unlabeled
 from cappy_core.selection.scored_tables import SELECTOR_SCORE, instruction_rows
 
@@ -46,6 +47,28 @@ def generation_order(decodings: Sequence[str], sample_idx: Sequence[int]) -> lis
     rank = {d: i for i, d in enumerate(PAPER_DECODING_NAMES)}
     return sorted(range(len(decodings)), key=lambda i: (sample_idx[i], rank.get(decodings[i], len(rank)),
                                                         decodings[i]))
+
+
+def adaptive_rounds(specs: Sequence[DecodingSpec], counts: Sequence[int] = COUNTS) -> list[list[DecodingSpec]]:
+    """What the adaptive rule generates in each round, for a request's decodings: their candidates
+    in generation order (by sample index, then the request's decoding order: for the paper's 17,
+    beam4 then one sample of each sampling decoding in turn, as :func:`generation_order`), cut at
+    ``counts`` (capped at the total), each round's part as specs of its own
+    (``DecodingSpec.first_sample``: a sample is the same candidate whichever round draws it)."""
+    import dataclasses
+
+    order = sorted(((j, s) for s, d in enumerate(specs) for j in range(d.first_sample, d.first_sample + d.num_samples)))
+    cuts = sorted({min(k, len(order)) for k in counts} | {len(order)})
+    out, start = [], 0
+    for end in cuts:
+        part: dict[int, list[int]] = {}
+        for j, s in order[start:end]:
+            part.setdefault(s, []).append(j)
+        out.append([specs[s] if len(js) == specs[s].num_samples and js[0] == specs[s].first_sample
+                    else dataclasses.replace(specs[s], num_samples=len(js), first_sample=js[0])
+                    for s, js in sorted(part.items())])
+        start = end
+    return [r for r in out if r]
 
 
 def _instructions(table: pa.Table) -> list[dict[str, Any]]:

@@ -11,7 +11,8 @@ import pyarrow as pa
 import pytest
 
 from cappy_core.generation.decoding import PAPER_DECODING_NAMES
-from cappy_core.selection.cost_curve import COUNTS, adaptive_picks, curve, fit_tau, generation_order, margin
+from cappy_core.selection.cost_curve import (COUNTS, adaptive_picks, adaptive_rounds, curve, fit_tau,
+                                          generation_order, margin)
 from cappy_core.selection.scored_tables import with_selector_columns
 from cappy_core.selection.task_eval import evaluate_scored
 
@@ -69,3 +70,23 @@ def test_adaptive_rule_spans_stopping_at_two_to_using_every_candidate():
     with pytest.raises(ValueError, match="tolerance"):
         fit_tau([(t, weights)], tolerance=-1)
     assert COUNTS[0] == 1 and COUNTS[-1] == 17
+
+
+def test_adaptive_rounds_generate_the_curves_first_k_and_each_candidate_once():
+    """Serve's rounds: after each, the candidates generated are the curve's first k (1, 2, 4, 8,
+    17) in generation order; a request's own decodings are cut the same way."""
+    from cappy_core.generation.decoding import PAPER_DECODINGS, decodings_from_names
+
+    names = [d.name for d in PAPER_DECODINGS for _ in range(d.num_samples)]
+    idx = [j for d in PAPER_DECODINGS for j in range(d.num_samples)]
+    order = [(names[i], idx[i]) for i in generation_order(names, idx)]
+    rounds = adaptive_rounds(PAPER_DECODINGS)
+    assert [sum(d.num_samples for d in r) for r in rounds] == [1, 1, 2, 4, 9]
+    seen: list[tuple[str, int]] = []
+    for r, k in zip(rounds, COUNTS):
+        seen += [(d.name, d.first_sample + j) for d in r for j in range(d.num_samples)]
+        assert sorted(seen) == sorted(order[:k])
+    assert len(set(seen)) == 17
+    small = adaptive_rounds(decodings_from_names(["greedy", "sample"], num_samples=2))
+    assert [[(d.name, d.first_sample, d.num_samples) for d in r] for r in small] == \
+        [[("greedy", 0, 1)], [("sample", 0, 1)], [("sample", 1, 1)]]

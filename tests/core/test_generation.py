@@ -247,6 +247,26 @@ def test_hf_sampling_is_reproducible_and_independent_of_batching(hf):
     assert [c.text for c in other_key[0]] != [c.text for c in alone[0]]
 
 
+def test_a_decodings_later_samples_asked_alone_are_the_same_candidates(hf):
+    """``first_sample``: samples 2..3 generated on their own are those of one call for 0..3 (the
+    adaptive rule generates a decoding's samples a few at a time)."""
+    import dataclasses
+
+    (whole,) = decodings_from_names(["topk40"], num_samples=4)
+    together = hf.generate(PROMPTS, [whole], **SMALL)
+    head = dataclasses.replace(whole, num_samples=2)
+    tail = dataclasses.replace(whole, num_samples=2, first_sample=2)
+    parts = [a + b for a, b in zip(hf.generate(PROMPTS, [head], **SMALL), hf.generate(PROMPTS, [tail], **SMALL))]
+    for x, y in zip(together, parts):
+        assert [c.sample_idx for c in y] == [0, 1, 2, 3]
+        assert_same(x, y)
+    assert len({c.text for c in together[0]}) > 1
+    with pytest.raises(ValueError, match="first_sample"):
+        dataclasses.replace(whole, first_sample=-1)
+    with pytest.raises(ValueError, match="first_sample"):
+        decodings_from_names(["beam4"])[0].__class__("beam4", "beam", num_beams=4, first_sample=1)
+
+
 def test_sampling_draws_follow_the_warped_distribution():
     """The per-row rule draws each token with its (warped) probability, never a masked or
     zero-probability one, and a row's uniform depends on its seed and step only."""

@@ -64,3 +64,66 @@ def test_an_entry_is_whole_or_absent_and_keyed_by_everything(tmp_path):
     assert off.lookup("finetune", key) is None
     with off.fill("finetune", key) as tmp:
         assert tmp is None
+
+
+def _aged(path, seconds_ago: float) -> None:
+    """Every file and folder under ``path`` last touched ``seconds_ago``."""
+    import os
+    import time
+
+    when = time.time() - seconds_ago
+    for p in [*path.rglob("*"), path]:
+        os.utime(p, (when, when), follow_symlinks=False)
+
+
+def test_prune_removes_the_least_recently_used_and_never_what_a_running_sweep_reads(tmp_path):
+    import time
+
+    from cappy_core.io import output_lock
+    from cappy_core.stage_cache import IN_USE_S, entries, mark_user, prune_plan, remove
+
+    cache, day = StageCache(tmp_path / "stages"), 86400
+    ages = {}
+    for i, age in enumerate((30 * day, 3 * day, 1 * day, 60.0)):  # the last was used a minute ago
+        with cache.fill("finetune", {"i": i}) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"w" * 1000)
+        ages[cache.path("finetune", {"i": i}).name] = age
+    sampling = tmp_path / "stages" / "sampling" / "sampling-abc"
+    (sampling / "train" / "t1" / "t").mkdir(parents=True)
+    (sampling / "train" / "t1" / "t" / "part-0.parquet").write_bytes(b"p" * 5000)
+    (sampling / "train" / "t1" / "t" / "part-0.done.json").write_text("{}")
+    out = tmp_path / "sweep_out"
+    out.mkdir()
+    mark_user(sampling, out)
+    for e in entries(tmp_path / "stages"):
+        _aged(e.path, ages.get(e.path.name, 40 * day))
+    found = entries(tmp_path / "stages")
+    assert [e.stage for e in found] == ["sampling", "finetune", "finetune", "finetune", "finetune"]  # oldest first
+    assert found[0].users == ((str(out.resolve()), False),) and not found[0].in_use and not found[0].partial
+    assert all(e.bytes >= 1000 for e in found) and found[0].bytes >= 5000
+    now = time.time()
+
+    def names(plan):
+        return [e.path.name for e in plan]
+
+    # --older-than: entries not used for that long; the minute-old one never, even with --all
+    assert names(prune_plan(found, older_than_s=10 * day, now=now)) == names(found[:2])
+    assert names(prune_plan(found, older_than_s=2.5 * day, now=now)) == names(found[:3])
+    assert names(prune_plan(found, now=now)) == names(found[:4])  # --all keeps the one used < IN_USE_S ago
+    assert found[4].last_used > now - IN_USE_S
+    # --max-size: least recently used until the total fits
+    total = sum(e.bytes for e in found)
+    assert names(prune_plan(found, max_bytes=total - found[0].bytes, now=now)) == names(found[:1])
+    assert names(prune_plan(found, max_bytes=total - found[0].bytes - 1, now=now)) == names(found[:2])
+    assert names(prune_plan(found, max_bytes=0, stages={"finetune"}, now=now)) == names(found[1:4])
+    with output_lock(out, "cappy sweep"):  # a sweep into OUT runs: its candidates are in use
+        busy = entries(tmp_path / "stages")
+        assert busy[0].in_use and busy[0].users == ((str(out.resolve()), True),)
+        assert names(prune_plan(busy, max_bytes=0, now=now)) == names(found[1:4])
+    remove(found[1])
+    assert not found[1].path.exists() and cache.lookup("finetune", {"i": 0}) is None
+    assert [e.path.name for e in entries(tmp_path / "stages")] == names(found[:1] + found[2:])
+    assert not list(found[1].path.parent.glob(".*"))  # nothing left aside
+    hit = cache.lookup("finetune", {"i": 1})  # a reuse marks the entry used now
+    assert hit is not None
+    assert next(e for e in entries(tmp_path / "stages") if e.path == hit).last_used > now - 5

@@ -42,14 +42,14 @@ JOBS = [(words, module) for words, module, _ in COMMANDS if module != "jobs.serv
 NAMES = [" ".join(w) for w, _ in JOBS]
 
 
-def _help(module: str, argv: list[str], capsys, monkeypatch) -> tuple[str, type]:
+def _help(module: str, argv: list[str], capsys, monkeypatch, prog: str = "cappy x") -> tuple[str, type]:
     """``module``'s ``--help`` text and the config dataclass its parser was built from."""
     seen = []
     real = config.add_dataclass_arguments
     monkeypatch.setattr(config, "add_dataclass_arguments",
                         lambda parser, cls, shown=None: (seen.append(cls), real(parser, cls, shown)))
     with pytest.raises(SystemExit) as e:
-        importlib.import_module(module).main(argv + ["--help"], prog="cappy x")
+        importlib.import_module(module).main(argv + ["--help"], prog=prog)
     assert e.value.code == 0
     assert len(seen) == 1
     return capsys.readouterr().out, seen[0]
@@ -66,7 +66,7 @@ def _choice_fields(cls: type, prefix: str = ""):
 
 @pytest.mark.parametrize("words,module", JOBS, ids=NAMES)
 def test_every_job_help_lists_each_settings_choices_and_print_config(words, module, capsys, monkeypatch):
-    text, cls = _help(module, [], capsys, monkeypatch)
+    text, cls = _help(module, [], capsys, monkeypatch, prog="cappy " + " ".join(words))
     assert "--print-config" in text
     for name, choices in _choice_fields(cls):
         assert f"{config.flag_name(name)} {{{','.join(choices)}}}" in text, name
@@ -100,7 +100,7 @@ def _print_config(words, argv, capsys) -> str:
 @pytest.mark.parametrize("words,module", JOBS, ids=NAMES)
 def test_print_config_reads_back_to_the_same_config(words, module, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        importlib.import_module(module).main(["--help"], prog="cappy x")
+        importlib.import_module(module).main(["--help"], prog="cappy " + " ".join(words))
     offers_presets = "[--preset" in capsys.readouterr().out  # `generator train` does, `generator fetch` not
     argv = ["--preset", sorted(presets(words[0]))[0]] if presets(words[0]) and offers_presets else []
     printed = _print_config(words, argv, capsys)

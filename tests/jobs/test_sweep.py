@@ -198,6 +198,11 @@ def test_a_new_out_reuses_the_stage_cache_and_runs_only_what_changed(tmp_path, m
     assert b.returncode == 0, b.stderr[-3000:]
     assert "candidates: reuse the stage cache's" in b.stdout and b.stdout.count("sampled 0 instructions") == 2
     assert (tmp_path / "b" / "candidates").is_dir() and next((tmp_path / "b" / "candidates").iterdir()).is_symlink()
+    from cappy_core.stage_cache import entries
+
+    sampling = [e for e in entries(tmp_path / "cache" / "stages") if e.stage == "sampling"]
+    assert len(sampling) == 1 and not sampling[0].in_use  # `cappy cache prune` sees who read it, neither running
+    assert sorted(o for o, _ in sampling[0].users) == [str((tmp_path / o).resolve()) for o in ("a", "b")]
     for t in TASKS:
         ra, rb = (json.loads((tmp_path / o / "tasks" / f"{t}.json").read_text()) for o in ("a", "b"))
         key = ra["training"]["cache"].split()[1]
