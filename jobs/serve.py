@@ -83,6 +83,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--scorer", default=None, help="default scorer: 'minilm', a folder or a hub id")
     p.add_argument("--scorers-dir", default=None, help="per-task scorers: <dir>/<task>/, <dir>/<task>/scorer/ "
                    "(a sweep's OUT/tasks with --keep-scorers) or <dir>/finetune-<task>/scorer/")
+    p.add_argument("--adaptive-tau", type=float, default=None, metavar="TAU",
+                   help="threshold of /v1/select's adaptive rule (stop generating once the fused margin reaches "
+                   "it); default: the one --sweep's cost curve fitted on dev")
     p.add_argument("--sweep", default=None, metavar="OUT", help="serve a finished `cappy sweep` output: its "
                    "generator, its kept per-task scorers, and for any other task the scorer finetuned on all its "
                    "tasks with fused weights fitted across them (flags given here win)")
@@ -121,7 +124,9 @@ def resolve(args: argparse.Namespace):
                                 ("generator", "backend", args.generator_backend),
                                 ("generator", "max_new_tokens", args.max_new_tokens),
                                 ("scorer", "model", args.scorer or swept.get("scorer")),
-                                ("scorer", "scorers_dir", args.scorers_dir or swept.get("scorers_dir"))):
+                                ("scorer", "scorers_dir", args.scorers_dir or swept.get("scorers_dir")),
+                                ("ingress", "adaptive_tau", args.adaptive_tau if args.adaptive_tau is not None
+                                 else swept.get("adaptive_tau"))):
         if value is not None:
             raw.setdefault(section, {})[key] = value
     keys = api_keys(args)

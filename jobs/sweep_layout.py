@@ -102,7 +102,8 @@ def sweep_serving(out: str | Path) -> dict[str, str]:
     (``sweep_run.json``), the per-task scorers it kept (``OUT/tasks``), and as the default scorer,
     for any task without one, the scorer finetuned on every task's pairs
     (``tasks/_shared/selector_scorer``, else ``tasks/_shared/scorer``, with the fused weights fitted
-    on all tasks' dev instructions) or else the scorer the sweep started from."""
+    on all tasks' dev instructions) or else the scorer the sweep started from; and the adaptive
+    rule's ``adaptive_tau`` when its cost curve fitted one (``cost_curve.json``)."""
     out = Path(out).expanduser()
     try:
         run = json.loads((out / "sweep_run.json").read_text())
@@ -114,8 +115,12 @@ def sweep_serving(out: str | Path) -> dict[str, str]:
                          "(not written by `cappy sweep`)")
     shared = out / "tasks" / "_shared"
     scorer = next((shared / n for n in ("selector_scorer", "scorer") if (shared / n / "config.json").is_file()), None)
-    return {"generator": run["generator"], "scorer": str(scorer or run["scorer_init"]),
-            "scorers_dir": str(out / "tasks")}
+    served = {"generator": run["generator"], "scorer": str(scorer or run["scorer_init"]), "scorers_dir": str(out / "tasks")}
+    try:  # the adaptive rule's threshold, fitted on dev by the cost curve (None there: never stop early)
+        tau = json.loads((out / "cost_curve.json").read_text())["adaptive"]["tau"]
+    except (OSError, ValueError, KeyError, TypeError):
+        tau = None
+    return {**served, "adaptive_tau": float(tau)} if isinstance(tau, (int, float)) else served
 
 
 # --- OUT: candidates and results -------------------------------------------------------------

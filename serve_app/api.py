@@ -70,6 +70,11 @@ class SelectRequest(_Req):
         "auto", description="auto: the task's fused selector (cappy+lm+mbr, weights fitted by the sweep on "
         "held-out train instructions and stored beside its scorer) when it has one, else Cappy alone; "
         "cappy: the scorer alone")
+    adaptive: bool = Field(False, description="generate the candidates in rounds (1, 2, 4, 8, then the rest, in "
+                           "generation order: beam first, then one sample of each decoding in turn) and stop once "
+                           "the fused selector's margin between its top two reaches the endpoint's threshold "
+                           "(fitted by the sweep on held-out train instructions): fewer candidates when the pick "
+                           "is clear. Needs fused weights (a sweep's scorer) and selector 'auto'")
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"instruction": "Q: What is the capital of France?\nA:", "num_candidates": 17, "return_candidates": True}]})
@@ -119,13 +124,16 @@ class SelectResponse(BaseModel):
     selector: str = Field(description="what picked it: 'cappy', 'cappy+lm+mbr' with the task's weights, or 'mbr' "
                           "(consensus: no trained scorer on the machine)")
     selector_weights: Optional[dict[str, float]] = Field(None, description="the fused selector's weights")
-    index: int = Field(description="its position among the candidates (decoding order)")
+    index: int = Field(description="its position among the candidates (decoding order; with adaptive, the "
+                       "order the rounds generated them)")
     decoding: str
     sample_idx: int
     num_candidates: int
     generator: dict = Field(description="backend and model that generated the candidates")
     meta: ScoreMeta
     timings_ms: dict[str, float]
+    adaptive: Optional[dict] = Field(None, description="with adaptive: the threshold (tau), rounds generated of "
+                                     "those planned, whether it stopped early, and the last round's fused margin")
     candidates: Optional[list[CandidateOut]] = None
 
 

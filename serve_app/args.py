@@ -207,6 +207,10 @@ class IngressArgs(ReplicaArgs):
         description="/v1/select decodings when a request names none (paper: 17 candidates)")
     default_num_samples: int = Field(PAPER_NUM_SAMPLES, ge=1,
                                      description="samples per sampling decoding (paper: 4)")
+    adaptive_tau: Optional[float] = Field(
+        None, ge=0, description="the adaptive rule's threshold (/v1/select with adaptive: stop generating once the "
+        "fused margin reaches it); `cappy serve --sweep OUT` sets the one the sweep's cost curve fitted on dev. "
+        "None: adaptive requests are refused")
     stream_keepalive_s: float = Field(5.0, gt=0, le=60, description="with stream=true, an SSE comment line this "
                                       "often while candidates generate, so the connection stays open")
 

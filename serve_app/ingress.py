@@ -94,47 +94,76 @@ class IngressDeployment:
         except RequestError as e:
             raise field_error("responses", caller_message(e)) from None
 
+    async def _generate(self, prompt: str | list[dict], specs: tuple, max_new_tokens: int | None,
+                        seed: int | None, stop: tuple[str, ...]) -> dict:
+        try:
+            return await call_or_503(
+                lambda: self.generator.generate.remote(prompt, specs, max_new_tokens, seed, stop),
+                "generator", self.limits.generate_timeout_s, self.limits.retries)
+        except RequestError as e:
+            raise field_error("body", caller_message(e)) from None
+
     async def generate_select(self, instruction: str, specs: tuple, max_new_tokens: int | None, seed: int | None,
                               task: str | None, selector: str = "auto", prompt: list[dict] | None = None,
-                              stop: tuple[str, ...] = (), route: str = "/v1/select") -> dict:
+                              stop: tuple[str, ...] = (), route: str = "/v1/select", adaptive: bool = False) -> dict:
         """Generate-then-select, the one path of /v1/select and the OpenAI routes: the candidates
         (dicts, cut by ``stop``), their scores, the fused values (a task's stored selector,
         ``selector="auto"``), the pick's index and every index best first (``ranked``), the
         scorer's meta, prompt tokens and timings. The generator reads ``prompt`` (chat messages)
-        when given, else ``instruction``; the scorer reads ``instruction``."""
+        when given, else ``instruction``; the scorer reads ``instruction``.
+
+        ``adaptive``: the candidates come in rounds (1, 2, 4, 8, then the rest: generation order,
+        :func:`~cappy_core.selection.cost_curve.adaptive_rounds`), each scored as it arrives, and
+        generation stops once the fused margin reaches the ingress's ``adaptive_tau``
+        (:func:`~cappy_core.selection.cost_curve.margin`, the rule ``cappy cost-curve`` fits on dev);
+        ``adaptive`` in the result says where it stopped."""
         from cappy_core.scorer.pick import rank_best
+        from cappy_core.selection.cost_curve import adaptive_rounds, margin
+        from cappy_core.selection.selectors import fused_for_candidates
         from serve_app.metrics import record_selection, score_margin
 
-        t0 = time.monotonic()
-        try:
-            gen = await call_or_503(
-                lambda: self.generator.generate.remote(prompt or instruction, specs, max_new_tokens, seed, stop),
-                "generator", self.limits.generate_timeout_s, self.limits.retries)
-        except RequestError as e:
-            raise field_error("body", caller_message(e)) from None
-        cands = gen["candidates"]
-        t1 = time.monotonic()
-        result = await self._score(instruction, [c["text"] for c in cands], task)
+        tau = self.limits.adaptive_tau
+        if adaptive and tau is None:
+            raise field_error("adaptive", "this endpoint has no adaptive threshold: serve a sweep whose cost curve "
+                              "fitted one (`cappy serve --sweep OUT`) or set ingress.adaptive_tau")
+        if adaptive and selector != "auto":
+            raise field_error("adaptive", "the adaptive rule reads the fused selector: use selector 'auto'")
+        rounds = adaptive_rounds(specs) if adaptive else [list(specs)]
+        cands, scores, fused, weights, result, gen = [], [], None, None, {}, {}
+        gen_s = score_s = select_s = 0.0
+        stopped = None
+        for n, part in enumerate(rounds, 1):
+            t0 = time.monotonic()
+            gen = await self._generate(prompt or instruction, tuple(part), max_new_tokens, seed, stop)
+            t1 = time.monotonic()
+            result = await self._score(instruction, [c["text"] for c in gen["candidates"]], task)
+            t2 = time.monotonic()
+            cands, scores = cands + gen["candidates"], scores + list(result["scores"])
+            weights = result.get("selector") if selector == "auto" else None
+            if adaptive and not weights:
+                raise field_error("adaptive", f"the {'task ' + repr(task) if task else 'default'} scorer has no "
+                                  "fused weights: the adaptive rule needs them (a sweep's scorer)")
+            if weights:
+                fused = [float(x) for x in fused_for_candidates(scores, [c["logprob_mean"] for c in cands],
+                                                                [c["text"] for c in cands], weights)]
+            gen_s, score_s, select_s = gen_s + t1 - t0, score_s + t2 - t1, select_s + time.monotonic() - t2
+            if adaptive and len(cands) > 1 and margin(fused, weights) >= tau:
+                stopped = n
+                break
         t2 = time.monotonic()
-        scores = result["scores"]
-        weights = result.get("selector") if selector == "auto" else None
-        fused = None
-        if weights:
-            from cappy_core.selection.selectors import fused_for_candidates
-
-            fused = [float(x) for x in fused_for_candidates(scores, [c["logprob_mean"] for c in cands],
-                                                            [c["text"] for c in cands], weights)]
         values = fused if fused is not None else scores
         ranked = rank_best(values)
-        t3 = time.monotonic()
+        select_s += time.monotonic() - t2
         record_selection(route, candidates=len(cands), generated_tokens=sum(c["generated_tokens"] for c in cands),
-                         generate_s=t1 - t0, score_s=t2 - t1, select_s=t3 - t2, margin=score_margin(values))
+                         generate_s=gen_s, score_s=score_s, select_s=select_s, margin=score_margin(values))
         return {"candidates": cands, "scores": scores, "fused": fused, "weights": weights or None,
                 "selector": selector_label(weights), "best": ranked[0], "ranked": ranked,
                 "meta": self._meta(result), "prompt_tokens": gen["prompt_tokens"],
                 "max_new_tokens": gen["max_new_tokens"],
-                "timings_ms": {"generate": round(1e3 * (t1 - t0), 1), "score": round(1e3 * (t2 - t1), 1),
-                               "select": round(1e3 * (t3 - t2), 2)}}
+                "adaptive": {"tau": tau, "rounds": n, "of_rounds": len(rounds), "stopped_early": stopped is not None,
+                             "margin": margin(fused, weights)} if adaptive else None,
+                "timings_ms": {"generate": round(1e3 * gen_s, 1), "score": round(1e3 * score_s, 1),
+                               "select": round(1e3 * select_s, 2)}}
 
     async def token_logprobs(self, prompt: str | list[dict], token_ids: list[int]) -> list[tuple[str, float]]:
         """The generator's ``(token, log-probability)`` for each of a candidate's tokens after ``prompt``."""
@@ -176,14 +205,15 @@ class IngressDeployment:
               summary="Generate candidates and return the one the scorer ranks highest")
     async def select(self, req: SelectRequest) -> SelectResponse:
         specs = plan_select(req, self.limits)
-        out = await self.generate_select(req.instruction, specs, req.max_new_tokens, req.seed, req.task, req.selector)
+        out = await self.generate_select(req.instruction, specs, req.max_new_tokens, req.seed, req.task, req.selector,
+                                         adaptive=req.adaptive)
         cands, best = out["candidates"], out["best"]
         gen_info = self._gen_info or await self._generator_info()
         return SelectResponse(
             response=cands[best]["text"], score=out["scores"][best],
             selector=out["selector"], selector_weights=out["weights"], index=best,
             decoding=cands[best]["decoding"], sample_idx=cands[best]["sample_idx"], num_candidates=len(cands),
-            generator=gen_info, meta=out["meta"], timings_ms=out["timings_ms"],
+            generator=gen_info, meta=out["meta"], timings_ms=out["timings_ms"], adaptive=out["adaptive"],
             candidates=self.candidates(out) if req.return_candidates else None)
 
     # -- OpenAI-compatible routes: the same generate-then-select -----------------------------

@@ -70,6 +70,9 @@ class _OpenAIRequest(_Req):
     user: Optional[str] = Field(None, max_length=256, description="accepted, not used")
     return_candidates: bool = Field(False, description="Cappy extension: every candidate with its score "
                                     "in the response's `cappy.prompts[].candidates`")
+    adaptive: bool = Field(False, description="Cappy extension: generate best_of in rounds (1, 2, 4, 8, the rest) "
+                           "and stop once the fused selector's margin reaches the endpoint's threshold; "
+                           "`cappy.prompts[].adaptive` says where it stopped (needs a sweep's scorer)")
 
     _stop = field_validator("stop")(lambda v: list(check_stops(v)) or None)
     _penalties = field_validator("frequency_penalty", "presence_penalty")(

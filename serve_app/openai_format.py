@@ -73,7 +73,8 @@ def openai_select_error(e: RequestValidationError, model: str) -> OpenAIError:
     if err["loc"][-1] == "task":
         return OpenAIError(404, f"The model {model!r} does not exist: {err['msg']}", param="model",
                            code="model_not_found")
-    return OpenAIError(400, err["msg"], param=None, code="invalid_value")
+    return OpenAIError(400, err["msg"], param="adaptive" if err["loc"][-1] == "adaptive" else None,
+                       code="invalid_value")
 
 
 def finish_reason(cand: dict, max_new_tokens: int) -> str:
@@ -152,6 +153,8 @@ def openai_extension(outs: list[dict], candidates: list[list[dict]] | None) -> d
                  "timings_ms": out["timings_ms"]}
         if out["weights"]:
             entry["selector_weights"] = out["weights"]
+        if out.get("adaptive"):
+            entry["adaptive"] = out["adaptive"]
         if candidates is not None:
             entry["candidates"] = candidates[p]
         prompts.append(entry)

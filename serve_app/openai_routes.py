@@ -43,7 +43,7 @@ async def openai_answer(ingress, req: ChatCompletionRequest | CompletionRequest,
         try:
             outs = await gather_or_cancel([
                 ingress.generate_select(text, specs, req.new_tokens(), req.seed, task, prompt=prompt,
-                                        stop=req.stops(), route=ROUTES[kind])
+                                        stop=req.stops(), route=ROUTES[kind], adaptive=req.adaptive)
                 for text, prompt in zip(instructions, prompts)])
         except RequestValidationError as e:
             raise openai_select_error(e, req.model) from None

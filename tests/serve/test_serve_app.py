@@ -26,6 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # deploys the app onc
 INSTRUCTION = "Sort the words: pear apple fig\nA:"
 RESPONSES = ["apple fig pear", "pear fig apple", "fig", ""]
 APP = "cappy_test"
+ADAPTIVE_TAU = 0.8  # the ingress's adaptive threshold (a sweep fits it on dev)
 GENERATOR_QUEUE = 4  # the fixture's Generator max_queued_requests (max_ongoing_requests: 8); ≥ the 4 good
 # requests test_hostile_requests_among_good_ones_fail_alone sends together, which may wait in the router
 
@@ -85,7 +86,7 @@ def url(ray_address, scorers, tmp_path_factory):
                    "task_scorers": {"task_a": str(root / "explicit" / "task_a"), "broken": str(root / "nowhere")}},
         "ingress": {"num_cpus": 0.1, "max_candidates": 8, "max_responses": 8, "max_choices": 8,
                     "max_body_bytes": 4096, "max_instruction_chars": 500, "score_timeout_s": 60,
-                    "generate_timeout_s": 60, "stream_keepalive_s": 0.05},
+                    "generate_timeout_s": 60, "stream_keepalive_s": 0.05, "adaptive_tau": ADAPTIVE_TAU},
     }
     port = _free_port()
     config = yaml.safe_load((REPO / "serve_app" / "config.yaml").read_text())
@@ -187,6 +188,51 @@ def test_select_uses_the_tasks_fused_selector(url, scorers):
     assert alone["selector"] == "cappy" and "selector_weights" not in alone
     assert alone["index"] == max(range(5), key=lambda i: (cands[i]["score"], -i))
     assert post(url, "/v1/select", {**body, "task": "task_a"}).json()["selector"] == "cappy"  # no selector.json
+
+
+def test_adaptive_select_stops_at_the_first_round_whose_fused_margin_reaches_tau(url):
+    """``adaptive``: rounds of 1, 2, 4, then 8 candidates (of the request's 8, in generation order),
+    each the candidate the whole request would have generated; the stop is where the fused margin
+    of the candidates so far first reaches the ingress's tau, as ``cappy cost-curve`` computes it."""
+    from cappy_core.selection.cost_curve import margin
+    from cappy_core.selection.selectors import fused_for_candidates
+
+    instructions = [INSTRUCTION, "Q: Change tense to PAST: I eat.\nA:", "Q: 2 + 2 =\nA:", "Name a colour:"]
+    body = {"num_candidates": 8, "return_candidates": True, "task": "task_b"}
+    stops = []
+    for text in instructions:
+        full = post(url, "/v1/select", {**body, "instruction": text}).json()
+        r = post(url, "/v1/select", {**body, "instruction": text, "adaptive": True})
+        assert r.status_code == 200, r.text
+        out = r.json()
+        cands, info = out["candidates"], out["adaptive"]
+        by_id = {(c["decoding"], c["sample_idx"]): c["text"] for c in full["candidates"]}
+        assert [c["decoding"] for c in cands[:2]] == ["beam4", "sample"]
+        assert all(by_id[(c["decoding"], c["sample_idx"])] == c["text"] for c in cands)  # the same candidates
+        weights = out["selector_weights"]
+        margins = {k: margin(fused_for_candidates([c["score"] for c in cands[:k]], [c["logprob_mean"] for c in cands[:k]],
+                                                  [c["text"] for c in cands[:k]], weights), weights)
+                   for k in (2, 4, 8) if k <= len(cands)}
+        k = next((k for k in (2, 4, 8) if margins.get(k, -1) >= ADAPTIVE_TAU), 8)
+        assert out["num_candidates"] == len(cands) == k and info["tau"] == ADAPTIVE_TAU
+        assert info["stopped_early"] == (margins[k] >= ADAPTIVE_TAU) and info["margin"] == pytest.approx(margins[k])
+        assert info["rounds"] == {2: 2, 4: 3, 8: 4}[k] and info["of_rounds"] == 4
+        assert out["index"] == max(range(k), key=lambda i: (cands[i]["fused"], -i))
+        stops.append(k)
+    assert "adaptive" not in full
+    no_weights = post(url, "/v1/select", {"instruction": INSTRUCTION, "num_candidates": 8, "adaptive": True})
+    assert no_weights.status_code == 422 and "fused weights" in no_weights.text and "adaptive" in no_weights.text
+    alone = post(url, "/v1/select", {**body, "instruction": INSTRUCTION, "adaptive": True, "selector": "cappy"})
+    assert alone.status_code == 422 and "selector 'auto'" in alone.text
+    assert set(stops) == {2, 8}  # these instructions stop early and run to the end: both branches ran
+    chat = post(url, "/v1/chat/completions", {"model": "cappy:task_b", "best_of": 8, "adaptive": True,
+                                              "messages": [{"role": "user", "content": instructions[1]}]})
+    assert chat.status_code == 200, chat.text
+    (entry,) = chat.json()["cappy"]["prompts"]
+    assert entry["adaptive"]["stopped_early"] and entry["num_candidates"] == 2
+    refused = post(url, "/v1/chat/completions", {"model": "cappy", "adaptive": True, "best_of": 4,
+                                                 "messages": [{"role": "user", "content": "hi"}]})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "adaptive"
 
 
 def test_multiplexed_task_scorers(url, scorers):

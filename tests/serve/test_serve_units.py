@@ -541,8 +541,13 @@ def test_cappy_serve_sweep_serves_a_sweeps_models_and_its_shared_scorer_for_othe
     _, _, args = resolve(parse(["--sweep", str(out), "--dry-run"]))
     assert (args.generator.model, args.scorer.model, args.scorer.scorers_dir) == ("/gen", str(shared),
                                                                                    str(out / "tasks"))
-    _, _, args = resolve(parse(["--sweep", str(out), "--scorer", "/mine", "--dry-run"]))
-    assert args.scorer.model == "/mine" and args.generator.model == "/gen"
+    assert args.ingress.adaptive_tau is None  # no cost curve: adaptive requests are refused
+    (out / "cost_curve.json").write_text(json.dumps({"adaptive": {"tau": 0.6}}))
+    assert resolve(parse(["--sweep", str(out), "--dry-run"]))[2].ingress.adaptive_tau == 0.6
+    _, _, args = resolve(parse(["--sweep", str(out), "--scorer", "/mine", "--adaptive-tau", "0.2", "--dry-run"]))
+    assert args.scorer.model == "/mine" and args.generator.model == "/gen" and args.ingress.adaptive_tau == 0.2
+    (out / "cost_curve.json").write_text(json.dumps({"adaptive": {"tau": None}}))  # dev: never stop early
+    assert resolve(parse(["--sweep", str(out), "--dry-run"]))[2].ingress.adaptive_tau is None
     (shared / "config.json").unlink()  # no scorer for every task: the one the sweep started from
     assert resolve(parse(["--sweep", str(out), "--dry-run"]))[2].scorer.model == "/init"
     with pytest.raises(FileNotFoundError, match=f"--sweep {tmp_path}: no readable sweep_run.json"):
