@@ -77,7 +77,7 @@ def _fit(c, scorer, model, optimizer, state, rank, world, device, eval_rows, fai
     from cappy_core.fault_injection import check_update
     from cappy_core.scorer.runs import RunProgress, evaluate_pairs, save_checkpoint
     from cappy_core.scorer.training import fit_scorer, mean_over_ranks, window_rows
-    from jobs.tracking import training_report
+    from jobs.tracking_reports import training_report
 
     schedule, total = c["schedule"], c["total_updates"]
 

@@ -203,7 +203,7 @@ def _run_locked(cfg: SweepConfig, out: Path, preset: str | None, log, tracker) -
     import ray
 
     from cappy_core.selection.report import write_reports
-    from jobs.tracking import sweep_run
+    from jobs.tracking_reports import sweep_run
 
     stages: dict[str, float] = {}
     t_all = time.monotonic()

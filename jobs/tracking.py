@@ -10,6 +10,8 @@ stage's seconds as it ends, then the task metrics, means, paired intervals and t
 - **MLflow**: ``MLFLOW_TRACKING_URI`` / ``MLFLOW_EXPERIMENT_NAME`` when set; otherwise a file store
   under ``FOLDER/mlruns``, experiment ``cappy``. The driver creates the run and marks it FINISHED
   or FAILED; workers log into it by id, so a restarted worker group continues the same run.
+  Metrics are logged asynchronously (a remote server's round trip is not on the training loop)
+  and waited on at every flush and at close.
 - **W&B**: ``WANDB_MODE`` / ``WANDB_PROJECT`` when set (``online`` needs a key); otherwise offline
   files under ``FOLDER/wandb`` (``wandb sync``), project ``cappy``. Workers use Ray's ``setup_wandb``.
 
@@ -171,6 +173,7 @@ class Tracker:
         elif self.kind == "mlflow":
             _allow_file_store(run.mlflow_uri)
             self._ml = _mlflow_client(run.mlflow_uri)
+            self._pending: list = []  # MLflow's RunOperations of the async log_batch calls not yet waited on
         elif self.kind == "wandb":
             self._wb = _open_wandb(run, in_ray_train)
         self._last_step = -1
@@ -193,8 +196,9 @@ class Tracker:
 
             from mlflow.entities import Metric
 
-            now = int(time.time() * 1000)
-            self._ml.log_batch(self.run.run_id, metrics=[Metric(mlflow_key(k), v, now, step) for k, v in values.items()])
+            now = int(time.time() * 1000)  # async: a remote server's round trip stays off the training loop
+            self._pending.append(self._ml.log_batch(self.run.run_id, synchronous=False, metrics=[
+                Metric(mlflow_key(k), v, now, step) for k, v in values.items()]))
         else:  # W&B drops a step below one it has: a job logs in step order (evals at their update)
             self._wb.log(values, step=max(step, self._last_step))
         self._last_step = max(step, self._last_step)
@@ -223,10 +227,15 @@ class Tracker:
             self._wb.save(str(path), base_path=str(path.parent), policy="now")
 
     def flush(self) -> None:
+        """Everything logged so far is written (MLflow: its async batches waited on; errors raise here)."""
         if self.kind == "tensorboard":
             self._tb.flush()
+        elif self.kind == "mlflow":
+            while self._pending:
+                self._pending.pop(0).wait()
 
     def close(self) -> None:
+        self.flush()  # before the driver marks an MLflow run FINISHED
         if self.kind == "tensorboard":
             self._tb.close()
         elif self.kind == "wandb":
@@ -262,36 +271,3 @@ def _open_wandb(run: TrackingRun, in_ray_train: bool):
         opened = wandb.init(config=run.params, reinit="create_new", **kwargs)
     _open_wandb_runs.append(run.run_id)
     return opened
-
-
-# --- what each job logs ----------------------------------------------------------------------
-
-def training_report(tracker: Tracker, metrics: Mapping[str, Any]) -> None:
-    """A scorer worker's report (:class:`~cappy_core.scorer.runs.RunProgress`): its evals as
-    ``eval/<name>``, its throughput, flushed so a reader sees them now."""
-    values = {f"eval/{k[5:]}": v for k, v in metrics.items() if k.startswith("eval_")}
-    if "samples_per_s" in metrics:
-        values["train/samples_per_s"] = metrics["samples_per_s"]
-    tracker.scalars(values, int(metrics.get("update", 0)))
-    tracker.flush()
-
-
-def sweep_run(tracker: Tracker, summary: Mapping[str, Any], records: Mapping[str, dict],
-              stages: Mapping[str, float]) -> None:
-    """The sweep's end: each task's metrics and training numbers, the means, the stage times, the
-    paired intervals against the best baseline (``intervals/<method>/<task or mean>/<low|mean|high>``),
-    all at step 0, then the report's chart and tables as artifacts."""
-    for task, rec in records.items():
-        if rec.get("status") == "ok":
-            tracker.scalars({f"{task}/{m}": v for m, v in rec.get("metrics", {}).items()}, 0)
-            tracker.scalars({f"{task}/training/{k}": v for k, v in (rec.get("training") or {}).items()}, 0)
-    tracker.scalars({f"mean/{m}": v for m, v in (summary.get("mean") or {}).items()}, 0)
-    tracker.scalars({f"stages/{k}": v for k, v in stages.items()}, 0)
-    for method, iv in ((summary.get("intervals") or {}).get("methods") or {}).items():
-        for where, x in [("mean", iv.get("mean")), *(iv.get("per_task") or {}).items()]:
-            if x:
-                tracker.scalars({f"intervals/{method}/{where}/{k}": x.get(k) for k in ("low", "mean", "high")}, 0)
-    for key in ("chart", "table", "csv", "csv_ci"):
-        if summary.get(key):
-            tracker.artifact(summary[key])
-    tracker.flush()

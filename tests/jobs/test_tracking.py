@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs import tracking
+from jobs import tracking, tracking_reports
 
 
 def tensorboard_events(folder: Path):
@@ -61,11 +61,11 @@ LOSSES, LRS = [0.9, 0.7, 0.4, 0.35], [0.0, 1e-3, 2e-3 / 3, 1e-3 / 3]
 def scorer_like_run(tracker: tracking.Tracker, after_update=lambda update: None) -> None:
     """What a scorer worker logs: the eval before update 0, each update's loss and LR, a report
     (evals and throughput) at update 4."""
-    tracking.training_report(tracker, {"update": 0, "eval_mse": 0.5, "eval_spearman": 0.1})
+    tracking_reports.training_report(tracker, {"update": 0, "eval_mse": 0.5, "eval_spearman": 0.1})
     for i, (loss, lr) in enumerate(zip(LOSSES, LRS)):
         tracker.scalars({"train/loss": loss, "train/lr": lr}, i + 1)
         after_update(i + 1)
-    tracking.training_report(tracker, {"update": 4, "loss": 0.5, "lr": 0.0, "samples_per_s": 80.0,
+    tracking_reports.training_report(tracker, {"update": 4, "loss": 0.5, "lr": 0.0, "samples_per_s": 80.0,
                                        "eval_mse": 0.3, "eval_spearman": 0.4, "eval_pearson": None})
 
 
@@ -105,9 +105,15 @@ def test_mlflow_honours_the_tracking_uri_and_experiment_and_shows_the_run_live(t
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "team-cappy")
     counts: list[tuple[str, int]] = []
 
-    def read(update: int) -> None:  # the store as another process sees it, mid-run
-        client, (live,) = mlflow_runs(store, "team-cappy")
-        counts.append((live.info.status, len(client.get_metric_history(live.info.run_id, "train/loss"))))
+    def read(update: int) -> None:  # the store as another process sees it, mid-run (logging is async: within 5 s)
+        deadline = time.monotonic() + 5
+        while True:
+            client, (live,) = mlflow_runs(store, "team-cappy")
+            n = len(client.get_metric_history(live.info.run_id, "train/loss"))
+            if n >= update or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        counts.append((live.info.status, n))
 
     with tracking.tracking("mlflow", tmp_path / "job", "finetune-tense", {"lr": 1e-3, "tasks": ["tense"]},
                            log=lambda s: None) as run, tracking.Tracker(run) as tracker:
@@ -160,7 +166,7 @@ def sweep_summary(folder: Path) -> dict:
 
 def run_sweep_tracker(kind: str, folder: Path) -> tracking.TrackingRun:
     with tracking.tracking(kind, folder, "sweep", {}, log=lambda s: None) as run, tracking.Tracker(run) as tracker:
-        tracking.sweep_run(tracker, sweep_summary(folder), SWEEP_RECORDS, {"tasks_s": 591.0})
+        tracking_reports.sweep_run(tracker, sweep_summary(folder), SWEEP_RECORDS, {"tasks_s": 591.0})
     return run
 
 
