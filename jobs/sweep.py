@@ -249,7 +249,7 @@ def _run_locked(cfg: SweepConfig, out: Path, preset: str | None, log, tracker) -
         stage("zero_shot_s", "== zero-shot rows: each task picked by a selector finetuned on the other tasks",
               run_zero_shot_stage, cfg, plan, tasks, log)
     records = with_zero_shot(settings.tasks_dir, {task: read_result(settings.tasks_dir, task) for task in tasks})
-    pooled = fit_pooled_selector(settings.tasks_dir, tasks)  # the endpoint's pick for a task without a scorer
+    pooled = fit_pooled_selector(settings.tasks_dir, tasks, cfg.selector_signals)  # for a task with no scorer
     if pooled:
         log(f"fused weights for tasks without a scorer of their own: {pooled['weights']} (fitted on "
             f"{pooled['dev_instructions']} dev instructions of {pooled['tasks']} task(s)) in {pooled['folder']}")

@@ -16,6 +16,8 @@ from cappy_core.config import CacheOptions, SettingError
 from cappy_core.data.tasks import LOCAL_TASKS
 from cappy_core.generation import SamplingSpec
 from cappy_core.scorer.schedule import ScorerSchedule
+from cappy_core.selection.scored_tables import SIGNALS
+from cappy_core.selection.selectors import ALL_SIGNALS
 from jobs.cli import presets
 from jobs.tracking import TrackingOptions
 
@@ -85,6 +87,10 @@ class SweepConfig(CacheOptions, TrackingOptions):
                                       "which runs alone before the tasks; 0: --torch-threads"})
     dev_examples_per_task: int = field(default=0, metadata={"key": True, "help": "hold out the last N sampled train "
                                        "instructions per task from finetuning; the fused selector is fitted on them"})
+    selector_signals: list[str] = field(default_factory=lambda: list(SIGNALS), metadata={
+        "key": True, "choices": list(ALL_SIGNALS), "help": "what the fused selector weighs, each z-scored within an "
+        "instruction: the Cappy score, the mean log-likelihood, MBR consensus, and the candidate's length in words "
+        "(signed weight); weights fitted on dev"})
     zero_shot: bool = field(default=False, metadata={"help": "also score each task with a selector that never saw "
                             "it (the same finetune on the other tasks' pairs, fused weights fitted on their dev "
                             "instructions): rows cappy-0shot and fused-0shot, what the endpoint does for an unseen "
@@ -124,6 +130,8 @@ class SweepConfig(CacheOptions, TrackingOptions):
         if self.push_to_hub and not self.keep_scorers:
             raise SettingError("push_to_hub", "pushes the scorers --keep-scorers keeps: add --keep-scorers",
                                related=["keep_scorers"])
+        if not self.selector_signals or len(set(self.selector_signals)) != len(self.selector_signals):
+            raise SettingError("selector_signals", f"{self.selector_signals}: name each signal once, at least one")
         if self.selector_scope == "all" and self.selector_loss == "same":
             raise SettingError("selector_scope", "all finetunes one selector scorer for every task: it needs "
                                "selector_loss listwise (or listwise+mse)", related=["selector_loss"])

@@ -172,7 +172,7 @@ def task_settings(cfg: SweepConfig, out: Path, init: str, generator: str) -> Tas
                         train_size=cfg.train_size, max_train_examples=cfg.max_train_examples_per_task,
                         score_dtype=cfg.score_dtype, keep_scorer=cfg.keep_scorers,
                         dev_examples=cfg.dev_examples_per_task, finetune_scope=cfg.finetune_scope,
-                        selector_schedule=selector)
+                        selector_schedule=selector, selector_signals=tuple(cfg.selector_signals))
 
 
 def result_key(cfg: SweepConfig, generator: str, init: str, tasks: list[str]) -> dict[str, Any]:

@@ -63,7 +63,8 @@ def selector_label(weights: dict | None) -> str:
         return "cappy"
     if weights.get("cappy"):
         return "cappy+lm+mbr"
-    return "+".join(label for key, label in (("logprob_mean", "lm"), ("mbr", "mbr")) if weights.get(key))
+    return "+".join(label for key, label in (("logprob_mean", "lm"), ("mbr", "mbr"), ("length", "length"))
+                    if weights.get(key))
 
 
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from cappy_core.selection.selectors import CAPPY_SIGNAL, LM_SIGNAL, MBR_SIGNAL
+from cappy_core.selection.selectors import CAPPY_SIGNAL, LENGTH_SIGNAL, LM_SIGNAL, MBR_SIGNAL
 
 if TYPE_CHECKING:
+    import numpy as np
     import pyarrow as pa
 
-#: The fused selector's signals and the scored-table column each is read from.
-SIGNALS = (CAPPY_SIGNAL, LM_SIGNAL, MBR_SIGNAL)
-SIGNAL_COLUMNS = {CAPPY_SIGNAL: "score", LM_SIGNAL: "logprob_mean", MBR_SIGNAL: "mbr"}
+#: The fused selector's signals (the sweep's default ``selector_signals``; ``length`` joined them
+#: after it raised the leave-one-task-out pick on the held-out tasks' dev instructions) and the
+#: scored-table column each is read from (``length`` is computed from ``text``).
+SIGNALS = (CAPPY_SIGNAL, LM_SIGNAL, MBR_SIGNAL, LENGTH_SIGNAL)
+SIGNAL_COLUMNS = {CAPPY_SIGNAL: "score", LM_SIGNAL: "logprob_mean", MBR_SIGNAL: "mbr", LENGTH_SIGNAL: "text"}
 #: The selector scorer's column: when a table has it, it is the fused selector's Cappy signal.
 SELECTOR_SCORE = "selector_score"
 
@@ -34,6 +37,16 @@ def signal_column(table: pa.Table, name: str) -> str:
     if name == CAPPY_SIGNAL and SELECTOR_SCORE in table.column_names:
         return SELECTOR_SCORE
     return SIGNAL_COLUMNS[name]
+
+
+def signal_values(table: pa.Table, name: str) -> np.ndarray:
+    """Signal ``name`` of every row (:func:`signal_column`; ``length`` from the texts)."""
+    import numpy as np
+
+    from cappy_core.selection.selectors import length_signal
+
+    column = table[signal_column(table, name)].to_pylist()
+    return np.asarray(length_signal(column) if name == LENGTH_SIGNAL else column, dtype=np.float64)
 
 
 def score_with(scorer: Any, selector: Any | None, table: pa.Table) -> pa.Table:
@@ -73,7 +86,7 @@ def add_fused(table: pa.Table, weights: Mapping[str, float]) -> pa.Table:
 
     from cappy_core.selection.selectors import fused_scores
 
-    cols = {name: np.asarray(table[signal_column(table, name)].to_pylist(), dtype=np.float64) for name in weights}
+    cols = {name: signal_values(table, name) for name in weights}
     fused = np.zeros(table.num_rows)
     for rows in instruction_rows(table["instruction_id"].to_pylist()):
         fused[rows] = fused_scores({name: col[rows] for name, col in cols.items()}, weights)
@@ -88,23 +101,22 @@ def with_selector_columns(table: pa.Table, weights: Mapping[str, float] | None =
     return table if weights is None else add_fused(table, weights)
 
 
-def fit_fused(table: pa.Table) -> tuple[dict[str, float], float | None, int]:
+def fit_fused(table: pa.Table, signals: Sequence[str] = SIGNALS) -> tuple[dict[str, float], float | None, int]:
     """The fused weights fitted on the labelled instructions of a scored table with ``mbr``
-    (:func:`cappy_core.selection.selectors.fit_weights` over :data:`SIGNALS`): ``(weights, mean Rouge-L
-    of their picks, instructions)``. No labelled instruction: equal weights, ``None``, 0."""
-    import numpy as np
-
+    (:func:`cappy_core.selection.selectors.fit_weights` over ``signals``): ``(weights, mean Rouge-L
+    of their picks, instructions)``. No labelled instruction: the grid's first point, ``None``, 0."""
     from cappy_core.selection.selectors import fit_weights, weight_grid
 
+    signals = tuple(signals)
     labels = table["label"].to_pylist()
-    cols = {name: np.asarray(table[signal_column(table, name)].to_pylist(), dtype=np.float64) for name in SIGNALS}
-    signals, rouges = [], []
+    cols = {name: signal_values(table, name) for name in signals}
+    instructions, rouges = [], []
     for rows in instruction_rows(table["instruction_id"].to_pylist()):
         if any(labels[i] is None for i in rows):
             continue
-        signals.append({name: col[rows] for name, col in cols.items()})
+        instructions.append({name: col[rows] for name, col in cols.items()})
         rouges.append([labels[i] for i in rows])
-    if not signals:
-        return weight_grid(SIGNALS)[0], None, 0
-    weights, value = fit_weights(signals, rouges, SIGNALS)
-    return weights, value, len(signals)
+    if not instructions:
+        return weight_grid(signals)[0], None, 0
+    weights, value = fit_weights(instructions, rouges, signals)
+    return weights, value, len(instructions)

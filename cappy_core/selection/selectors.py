@@ -25,10 +25,14 @@ import numpy as np
 
 from cappy_core.labeling.rouge import rouge_l
 
-#: Signals a fused selector can combine (names of per-candidate values).
-CAPPY_SIGNAL, LM_SIGNAL, MBR_SIGNAL = "cappy", "logprob_mean", "mbr"
+#: Signals a fused selector can combine (names of per-candidate values). ``length``: the candidate's
+#: words (whitespace-separated), a candidate-aware feature the sweep fuses only when asked.
+CAPPY_SIGNAL, LM_SIGNAL, MBR_SIGNAL, LENGTH_SIGNAL = "cappy", "logprob_mean", "mbr", "length"
+ALL_SIGNALS = (CAPPY_SIGNAL, LM_SIGNAL, MBR_SIGNAL, LENGTH_SIGNAL)
 #: Weight values tried for each signal; the grid's first point is all-ones (equal weights).
 WEIGHT_GRID: tuple[float, ...] = (1.0, 0.5, 2.0, 0.0)
+#: Signals whose better direction is not known in advance: signed weights, 0 first (unused on a tie).
+SIGNED_GRID: dict[str, tuple[float, ...]] = {LENGTH_SIGNAL: (0.0, 0.5, -0.5, 1.0, -1.0)}
 #: The fused selector's file in a scorer folder.
 SELECTOR_FILE = "selector.json"
 
@@ -70,22 +74,30 @@ def fused_scores(signals: Mapping[str, Sequence[float]], weights: Mapping[str, f
     return out
 
 
+def length_signal(texts: Sequence[str]) -> list[float]:
+    """The ``length`` signal: each candidate's number of whitespace-separated words."""
+    return [float(len(t.split())) for t in texts]
+
+
 def fused_for_candidates(cappy: Sequence[float], logprob_mean: Sequence[float], texts: Sequence[str],
                          weights: Mapping[str, float]) -> np.ndarray:
     """The fused selector's value of each of one instruction's candidates from their Cappy scores,
-    mean log-likelihoods and texts (MBR is computed only when it has a weight); serve uses this
-    with a task's stored weights."""
+    mean log-likelihoods and texts (MBR and length are computed only when they have a weight);
+    serve uses this with a task's stored weights."""
     signals: dict[str, Sequence[float]] = {CAPPY_SIGNAL: cappy, LM_SIGNAL: logprob_mean}
     if weights.get(MBR_SIGNAL):
         signals[MBR_SIGNAL] = mbr_scores(texts)
+    if weights.get(LENGTH_SIGNAL):
+        signals[LENGTH_SIGNAL] = length_signal(texts)
     return fused_scores(signals, {k: w for k, w in weights.items() if w or k in signals})
 
 
 def weight_grid(names: Sequence[str]) -> list[dict[str, float]]:
-    """Every combination of :data:`WEIGHT_GRID` values over ``names``, all-zero excluded, in a
-    fixed order that starts with equal weights."""
+    """Every combination of :data:`WEIGHT_GRID` values (:data:`SIGNED_GRID` for a signed signal)
+    over ``names``, all-zero excluded, in a fixed order that starts with equal weights (and a
+    signed signal unused)."""
     grid = []
-    for combo in itertools.product(WEIGHT_GRID, repeat=len(names)):
+    for combo in itertools.product(*(SIGNED_GRID.get(n, WEIGHT_GRID) for n in names)):
         if any(combo):
             grid.append(dict(zip(names, combo)))
     return grid

@@ -60,7 +60,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from cappy_core.selection.scored_tables import add_fused, add_mbr, fit_fused, score_with, with_selector_columns
+from cappy_core.selection.scored_tables import (SIGNALS, add_fused, add_mbr, fit_fused, score_with,
+                                               with_selector_columns)
 
 if TYPE_CHECKING:  # torch and pyarrow load only where a task runs
     import pyarrow as pa
@@ -94,6 +95,7 @@ class TaskSettings:
     selector_init: Optional[str] = None  # a selector scorer shared by every task (finetune_shared_selector)
     shared_selector_training: Optional[dict] = None  # finetune_shared_selector's record
     stage_cache: Optional[str] = None  # finetunes reused from / kept in this stage cache; None: off
+    selector_signals: tuple[str, ...] = SIGNALS  # what the fused selector weighs (fit_fused)
 
 
 # --- instructions and pairs ------------------------------------------------------------------
@@ -389,7 +391,7 @@ def run_task(task: str, settings: TaskSettings, *, use_gpu: bool = False, torch_
     if dev_examples:
         dev = add_mbr(score_with(scorer, selector, read_split_candidates(task, settings.candidates_dir, "train",
                                                                          dev_examples)))
-        weights, dev_value, fitted_on = fit_fused(dev)
+        weights, dev_value, fitted_on = fit_fused(dev, settings.selector_signals)
         dev = add_fused(dev, weights)
         write_parquet(dev, task_dir / "dev_scored.parquet")
         dev_record["fused_fit"] = {"dev_rouge": None if dev_value is None else 100.0 * dev_value,

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from cappy_core.selection.evaluation import CAPPY_0SHOT, FUSED_0SHOT, is_unlabeled
-from cappy_core.selection.scored_tables import SELECTOR_SCORE, add_mbr, fit_fused, instruction_rows, score_table
+from cappy_core.selection.scored_tables import (SELECTOR_SCORE, SIGNALS, add_mbr, fit_fused, instruction_rows,
+                                               score_table)
 from cappy_core.selection.task_eval import (SHARED_DIR, TaskSettings, finetune_union, read_split_candidates,
                                             sampled_train_examples, set_device, split_dev)
 
@@ -65,9 +66,11 @@ def pick_rows(table: pa.Table, weights: Mapping[str, float]) -> dict[str, dict[s
     return out
 
 
-def fit_across_tasks(tables: Sequence[pa.Table], score_column: str = "score") -> tuple[dict[str, float], float | None, int]:
-    """:func:`cappy_core.selection.scored_tables.fit_fused` on several tasks' scored dev tables
-    pooled (``score_column`` is the Cappy signal): ``(weights, dev Rouge-L of their picks, instructions)``."""
+def fit_across_tasks(tables: Sequence[pa.Table], score_column: str = "score",
+                     signals: Sequence[str] = SIGNALS) -> tuple[dict[str, float], float | None, int]:
+    """:func:`cappy_core.selection.scored_tables.fit_fused` over ``signals`` on several tasks' scored
+    dev tables pooled (``score_column`` is the Cappy signal): ``(weights, dev Rouge-L of their picks,
+    instructions)``."""
     import pyarrow as pa
 
     pooled = []
@@ -77,10 +80,11 @@ def fit_across_tasks(tables: Sequence[pa.Table], score_column: str = "score") ->
         cols = {c: t[score_column if c == "score" else c] for c in _FIT_COLUMNS}
         pooled.append(pa.table({c: col.cast(pa.float64()) if c in ("label", "score", "logprob_mean", "mbr")
                                 else col.cast(pa.string()) for c, col in cols.items()}))
-    return fit_fused(pa.concat_tables(pooled))
+    return fit_fused(pa.concat_tables(pooled), signals)
 
 
-def fit_pooled_selector(tasks_dir: str | Path, tasks: Sequence[str]) -> dict[str, Any] | None:
+def fit_pooled_selector(tasks_dir: str | Path, tasks: Sequence[str],
+                        signals: Sequence[str] = SIGNALS) -> dict[str, Any] | None:
     """The endpoint's default selector: the shared scorer's fused weights fitted on every task's
     dev instructions pooled, written to its ``selector.json``. The shared scorer is
     ``_shared/selector_scorer`` (the tasks' dev tables hold its scores as ``selector_score``), else
@@ -100,7 +104,7 @@ def fit_pooled_selector(tasks_dir: str | Path, tasks: Sequence[str]) -> dict[str
     tables = [t for t in tables if column in t.column_names]
     if not tables:
         return None
-    weights, value, fitted_on = fit_across_tasks(tables, column)
+    weights, value, fitted_on = fit_across_tasks(tables, column, signals)
     info = {"scope": "all tasks' dev instructions, pooled", "tasks": len(tables), "dev_instructions": fitted_on,
             "dev_rouge": None if value is None else 100.0 * value}
     write_selector(shared / name, weights, scorer=str(shared / name), **info)
@@ -144,7 +148,8 @@ def run_zero_shot(task: str, tasks: Sequence[str], settings: TaskSettings, diges
     t = time.monotonic()
     device = set_device(use_gpu, torch_threads)
     scorer = Scorer.from_pretrained(folder, dtype=settings.score_dtype, device=device, max_length=settings.max_length)
-    weights, value, fitted_on = fit_across_tasks([score_table(scorer, dev_candidates(o, settings)) for o in others])
+    weights, value, fitted_on = fit_across_tasks([score_table(scorer, dev_candidates(o, settings)) for o in others],
+                                                 signals=settings.selector_signals)
     fit = {"tasks": others, "dev_instructions": fitted_on, "dev_rouge": None if value is None else 100.0 * value}
     write_selector(folder, weights, scorer=folder, **fit)
     result = {"task": task, "sweep_digest": digest, "weights": weights, "fit": fit, "training": {k: v for k, v in training.items()

@@ -64,3 +64,34 @@ def test_fused_for_candidates_matches_the_fused_signals():
     no_mbr = fused_for_candidates(cappy, lm, texts, {"cappy": 1.0, "logprob_mean": 1.0, "mbr": 0.0})
     assert list(no_mbr) == pytest.approx(list(fused_scores({"cappy": cappy, "logprob_mean": lm},
                                                            {"cappy": 1.0, "logprob_mean": 1.0})))
+
+
+def test_length_is_a_signed_lever_fitted_on_dev_and_computed_from_the_texts():
+    """``length`` (words): its weights are signed with 0 first, so a tie leaves it unused; where the
+    shorter candidate is the better one the fit finds a negative weight, and serve's fused value
+    computes the same signal from the texts."""
+    import pyarrow as pa
+
+    from cappy_core.selection.scored_tables import add_fused, add_mbr, fit_fused
+    from cappy_core.selection.selectors import fused_for_candidates, length_signal
+
+    g = weight_grid(["cappy", "length"])
+    assert g[0] == {"cappy": 1.0, "length": 0.0} and len(g) == 4 * 5 - 1
+    assert {w["length"] for w in g} == {0.0, 0.5, -0.5, 1.0, -1.0}
+    assert length_signal(["a b  c", "", "one"]) == [3.0, 0.0, 1.0]
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(20):  # the label falls with length; cappy and the LM are noise
+        for j, n in enumerate(rng.permutation([1, 2, 4, 7])):
+            rows.append({"instruction_id": f"i{i}", "text": " ".join(["w"] * int(n)), "label": 1.0 / n,
+                         "score": float(rng.normal()), "logprob_mean": float(rng.normal())})
+    table = add_mbr(pa.Table.from_pylist(rows))
+    weights, value, n = fit_fused(table, ["cappy", "logprob_mean", "length"])
+    assert n == 20 and weights["length"] < 0 and value == pytest.approx(1.0)
+    base, base_value, _ = fit_fused(table, ["cappy", "logprob_mean", "mbr"])  # without length
+    assert "length" not in base and base_value < value
+    fused = add_fused(table, weights)["fused"].to_pylist()
+    first = [r for r in rows if r["instruction_id"] == "i0"]
+    served = fused_for_candidates([r["score"] for r in first], [r["logprob_mean"] for r in first],
+                                  [r["text"] for r in first], weights)
+    assert list(served) == pytest.approx(fused[:4])

@@ -123,7 +123,7 @@ def test_selector_columns_read_no_label_and_fused_weights_come_from_dev(tmp_path
     assert fused["fused"].to_pylist() == add_fused(add_mbr(val), weights)["fused"].to_pylist()
     # an instruction with no labels does not count; none at all: equal weights
     unlabeled = dev.set_column(dev.schema.get_field_index("label"), "label", pa.nulls(dev.num_rows, pa.float64()))
-    assert fit_fused(unlabeled) == ({s: 1.0 for s in SIGNALS}, None, 0)
+    assert fit_fused(unlabeled) == ({s: 0.0 if s == "length" else 1.0 for s in SIGNALS}, None, 0)
 
 
 def test_run_task_fits_on_dev_and_records_it(tmp_path, monkeypatch):
