@@ -81,7 +81,7 @@ def test_failed_task_is_recorded_and_a_rerun_computes_only_it(tmp_path, models, 
     assert rephrase["training"]["updates"] == 2 and rephrase["sizes"]["train_pairs"] == 16
     # the last sampled train instruction is dev: no finetuning pair, the fused weights are fitted on it
     assert rephrase["sizes"]["dev_instructions"] == 1 and rephrase["sizes"]["train_examples"] <= 2
-    assert set(rephrase["fused_weights"]) == {"cappy", "logprob_mean", "mbr"} and "cappy" in rephrase["dev_metrics"]
+    assert set(rephrase["fused_weights"]) == {"cappy", "logprob_mean", "mbr", "length"} and "cappy" in rephrase["dev_metrics"]
     dev = pq.read_table(out / "tasks" / "standin_rephrase" / "dev_scored.parquet")
     assert set(dev["example_idx"].to_pylist()) == {2} and set(dev["split"].to_pylist()) == {"train"}
     pairs = pq.read_table(out / "tasks" / "standin_rephrase" / "train_pairs.parquet")
