@@ -82,6 +82,9 @@ class IngressDeployment:
         app.state.api_key_sha256 = tuple(self.limits.api_key_sha256)
         self._gen_info: dict | None = None  # backend and model, asked once
         self.warnings = list(warnings or [])  # shown by /healthz
+        from cappy_core.selection.selectors import mbr_scores
+
+        mbr_scores(["warm", "up"])  # the first Rouge-L builds its scorer (~1 s): here, not in a request's select step
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -114,12 +117,12 @@ class IngressDeployment:
         when given, else ``instruction``; the scorer reads ``instruction``.
 
         ``adaptive``: the candidates come in rounds (1, 2, 4, 8, then the rest: generation order,
-        :func:`~cappy_core.selection.cost_curve.adaptive_rounds`), each scored as it arrives, and
+        :func:`~cappy_core.selection.adaptive.adaptive_rounds`), each scored as it arrives, and
         generation stops once the fused margin reaches the ingress's ``adaptive_tau``
-        (:func:`~cappy_core.selection.cost_curve.margin`, the rule ``cappy cost-curve`` fits on dev);
+        (:func:`~cappy_core.selection.adaptive.margin`, the rule ``cappy cost-curve`` fits on dev);
         ``adaptive`` in the result says where it stopped."""
         from cappy_core.scorer.pick import rank_best
-        from cappy_core.selection.cost_curve import adaptive_rounds, margin
+        from cappy_core.selection.adaptive import adaptive_rounds, margin
         from cappy_core.selection.selectors import fused_for_candidates
         from serve_app.metrics import record_selection, score_margin
 

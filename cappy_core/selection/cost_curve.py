@@ -10,7 +10,7 @@ fused weights, z-scored over those k, MBR recomputed on them: what serve compute
 candidates, :func:`cappy_core.selection.selectors.fused_for_candidates`).
 
 **Adaptive rule** (:func:`adaptive_picks` on a sweep's tables; serve's ``adaptive`` requests
-generate by :func:`adaptive_rounds`). Generate the candidates in rounds of the curve's k
+generate by :func:`cappy_core.selection.adaptive.adaptive_rounds`). Generate the candidates in rounds of the curve's k
 (1, 2, 4, 8, 17); after each round from 2 on, stop when the fused value's margin between the best
 and second-best candidate (:func:`margin`: per unit of weight, so in within-instruction standard
 deviations of the signals) is at least ``tau``. ``tau``
@@ -26,15 +26,14 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
-from cappy_core.generation.decoding import PAPER_DECODING_NAMES, DecodingSpec
+from cappy_core.generation.decoding import PAPER_DECODING_NAMES
+from cappy_core.selection.adaptive import COUNTS, margin
 from cappy_core.selection.evaluation import CAPPY, FUSED, MBR, is_unlabeled
 from cappy_core.selection.scored_tables import SELECTOR_SCORE, instruction_rows
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-#: The curve's candidate counts (the paper's 17 last).
-COUNTS = (1, 2, 4, 8, 17)
 #: The rows of the curve: the LLM alone, consensus, the scorer and the fused selector.
 CURVE_METHODS = ("beam4", MBR, CAPPY, FUSED)
 #: Margins (:func:`margin`) the adaptive rule's ``tau`` is chosen from; inf: never stop early.
@@ -47,28 +46,6 @@ def generation_order(decodings: Sequence[str], sample_idx: Sequence[int]) -> lis
     rank = {d: i for i, d in enumerate(PAPER_DECODING_NAMES)}
     return sorted(range(len(decodings)), key=lambda i: (sample_idx[i], rank.get(decodings[i], len(rank)),
                                                         decodings[i]))
-
-
-def adaptive_rounds(specs: Sequence[DecodingSpec], counts: Sequence[int] = COUNTS) -> list[list[DecodingSpec]]:
-    """What the adaptive rule generates in each round, for a request's decodings: their candidates
-    in generation order (by sample index, then the request's decoding order: for the paper's 17,
-    beam4 then one sample of each sampling decoding in turn, as :func:`generation_order`), cut at
-    ``counts`` (capped at the total), each round's part as specs of its own
-    (``DecodingSpec.first_sample``: a sample is the same candidate whichever round draws it)."""
-    import dataclasses
-
-    order = sorted(((j, s) for s, d in enumerate(specs) for j in range(d.first_sample, d.first_sample + d.num_samples)))
-    cuts = sorted({min(k, len(order)) for k in counts} | {len(order)})
-    out, start = [], 0
-    for end in cuts:
-        part: dict[int, list[int]] = {}
-        for j, s in order[start:end]:
-            part.setdefault(s, []).append(j)
-        out.append([specs[s] if len(js) == specs[s].num_samples and js[0] == specs[s].first_sample
-                    else dataclasses.replace(specs[s], num_samples=len(js), first_sample=js[0])
-                    for s, js in sorted(part.items())])
-        start = end
-    return [r for r in out if r]
 
 
 def _instructions(table: pa.Table) -> list[dict[str, Any]]:
@@ -131,16 +108,6 @@ def curve(table: pa.Table, weights: Mapping[str, float], counts: Sequence[int] =
             for m in CURVE_METHODS:
                 out[m][k].append(100.0 * float(ins["label"][_pick(m, ins, kk, weights)]))
     return out
-
-
-def margin(fused: Sequence[float], weights: Mapping[str, float]) -> float:
-    """The fused value's best minus second-best, per unit of weight (``fused / Σ weights``: a
-    weighted mean of the signals' within-instruction z-scores). Not divided by the fused value's
-    own spread: with two candidates that would always be 2; this way it is 2 only when every
-    signal prefers the same one, and less as they disagree."""
-    v = np.sort(np.asarray(fused, dtype=np.float64))[::-1]
-    total = sum(abs(w) for w in weights.values())
-    return 0.0 if len(v) < 2 or total == 0 else float((v[0] - v[1]) / total)
 
 
 def rounds(table: pa.Table, weights: Mapping[str, float],

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pytest
 
 from cappy_core.generation.decoding import PAPER_DECODING_NAMES
-from cappy_core.selection.cost_curve import (COUNTS, adaptive_picks, adaptive_rounds, curve, fit_tau,
-                                          generation_order, margin)
+from cappy_core.selection.adaptive import adaptive_rounds
+from cappy_core.selection.cost_curve import COUNTS, adaptive_picks, curve, fit_tau, generation_order, margin
 from cappy_core.selection.scored_tables import with_selector_columns
 from cappy_core.selection.task_eval import evaluate_scored
 

@@ -194,7 +194,7 @@ def test_adaptive_select_stops_at_the_first_round_whose_fused_margin_reaches_tau
     """``adaptive``: rounds of 1, 2, 4, then 8 candidates (of the request's 8, in generation order),
     each the candidate the whole request would have generated; the stop is where the fused margin
     of the candidates so far first reaches the ingress's tau, as ``cappy cost-curve`` computes it."""
-    from cappy_core.selection.cost_curve import margin
+    from cappy_core.selection.adaptive import margin
     from cappy_core.selection.selectors import fused_for_candidates
 
     instructions = [INSTRUCTION, "Q: Change tense to PAST: I eat.\nA:", "Q: 2 + 2 =\nA:", "Name a colour:"]

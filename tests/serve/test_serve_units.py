@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import json
 import re
 import time
@@ -619,3 +621,12 @@ def test_cappy_serve_takes_serve_config_and_the_old_config_with_a_warning(capsys
     assert parser.parse_args(["--config", "b.yaml"]).config == "b.yaml"  # still works for one release
     err = capsys.readouterr().err
     assert CONFIG_DEPRECATED in err and "use --serve-config" in err
+
+
+def test_the_ingress_select_path_does_not_import_torch():
+    """The ingress (0.1 CPU) picks with the fused selector and the adaptive rule: those modules load
+    without torch (importing it would cost ~1 s and hundreds of MB on the request path)."""
+    code = ("import sys; import serve_app.ingress, cappy_core.selection.adaptive, cappy_core.selection.selectors, "
+            "cappy_core.scorer.pick; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
