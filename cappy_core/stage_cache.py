@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
 #: Bump when a stage's output for the same inputs changes (a fix in finetuning or sampling).
-CODE_VERSION = 1
+CODE_VERSION = 2  # 2: the fused AdamW step (the same updates up to float rounding)
 RECORD = "stage.json"
 _MODEL_FILES = ("*.safetensors", "*.bin", "config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
                 "merges.txt", "vocab.json", "special_tokens_map.json", "generation_config.json")
