@@ -65,8 +65,10 @@ def embedded_generator_name(cfg: SweepConfig, tasks: list[str]) -> tuple[str, li
     from cappy_core.generation.embedded_model import DEFAULT_GENERATOR_NAME
 
     train_tasks = sorted(tasks) if cfg.generator_tasks == ["sweep"] else list(cfg.generator_tasks)
+    # the check's train examples are not trained on, and the fused AdamW step rounds differently: each
+    # made another generator than the names before them
     what = (" ".join(train_tasks) + f" updates={cfg.generator_updates} budget={cfg.generator_time_budget_s:g}"
-            " check=held-out-train")  # the check's train examples are not trained on (not the same generator)
+            " check=held-out-train adamw=fused")
     return f"{DEFAULT_GENERATOR_NAME}-{hashlib.sha256(what.encode()).hexdigest()[:8]}", train_tasks
 
 
