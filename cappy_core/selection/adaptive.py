@@ -1,7 +1,8 @@
 """The adaptive rule's two halves that serve shares with the cost curve (no torch here: the
 ingress imports it): which candidates each round generates (:func:`adaptive_rounds`) and the
 fused margin that stops it (:func:`margin`). The rule itself, fitted and graded on a sweep's
-tables: :mod:`cappy_core.selection.cost_curve`."""
+tables: :mod:`cappy_core.selection.cost_curve`. Tested in ``tests/core/test_cost_curve.py`` and,
+served, in ``tests/serve/test_serve_app.py``."""
 
 from __future__ import annotations
 
