@@ -9,7 +9,8 @@ rows (:func:`table_fingerprint`), plus :data:`CODE_VERSION` where the code's out
 
 Entries are written atomically (:func:`cappy_core.io.atomic_dir`): a reader finds a whole entry or
 none. A reuse touches the entry, so :func:`entries` knows when each was last used and
-:func:`prune` removes the least recently used first (``cappy cache prune``). Used by the sweep (:mod:`jobs.sweep`) for its sampled candidates and by
+:func:`prune_plan` picks the least recently used first (``cappy cache prune``). Used by the sweep
+(:mod:`jobs.sweep`) for its sampled candidates and by
 :func:`cappy_core.selection.task_eval.run_task` for each finetune. Tested in
 ``tests/core/test_stage_cache.py``.
 """
@@ -95,12 +96,14 @@ class StageCache:
     def path(self, stage: str, key: Mapping[str, Any]) -> Optional[Path]:
         return None if self.root is None else self.root / stage / digest({**key, "code": CODE_VERSION})
 
-    def lookup(self, stage: str, key: Mapping[str, Any]) -> Optional[Path]:
-        """The entry for ``key``, when a whole one is there (marked used: :func:`touch`)."""
+    def lookup(self, stage: str, key: Mapping[str, Any], *, mark_used: bool = True) -> Optional[Path]:
+        """The entry for ``key``, when a whole one is there; ``mark_used``: a reuse (:func:`touch`),
+        not a plan looking ahead."""
         path = self.path(stage, key)
         if path is None or not (path / RECORD).is_file():
             return None
-        touch(path)
+        if mark_used:
+            touch(path)
         return path
 
     @contextlib.contextmanager
@@ -144,8 +147,8 @@ USERS = ".users"
 
 
 def mark_user(entry: str | os.PathLike, out: str | os.PathLike) -> None:
-    """Record that output folder ``out`` reads ``entry`` (a sweep's candidates): :func:`prune`
-    keeps the entry while a job holds ``out``'s lock, and names ``out`` when it removes it."""
+    """Record that output folder ``out`` reads ``entry`` (a sweep's candidates), which marks it
+    used: pruning keeps the entry while a job holds ``out``'s lock, and names ``out`` when it removes it."""
     from cappy_core.io import write_json
 
     out = str(Path(out).expanduser().resolve())
@@ -182,15 +185,19 @@ class Entry:
     def in_use(self) -> bool:
         return any(running for _, running in self.users)
 
+    def protected(self, now: float) -> bool:
+        """Never pruned: a running job reads it, or it was used in the last :data:`IN_USE_S`."""
+        return self.in_use or now - self.last_used < IN_USE_S
+
 
 def _scan(folder: Path) -> tuple[int, float]:
     size, newest = 0, folder.stat().st_mtime
     for base, dirs, files in os.walk(folder):
-        for name in dirs + files:
+        for name, is_file in [(d, False) for d in dirs] + [(f, True) for f in files]:
             with contextlib.suppress(OSError):
                 st = os.lstat(os.path.join(base, name))
                 newest = max(newest, st.st_mtime)
-                size += st.st_size if name in files else 0
+                size += st.st_size if is_file else 0
     return size, newest
 
 
@@ -209,14 +216,12 @@ def entries(root: str | os.PathLike) -> list[Entry]:
 
 def prune_plan(found: list[Entry], *, older_than_s: Optional[float] = None, max_bytes: Optional[int] = None,
                stages: Optional[set[str]] = None, now: Optional[float] = None) -> list[Entry]:
-    """What :func:`prune` removes from ``found`` (least recently used first): of the ``stages``
-    named (all if None), every entry not used for ``older_than_s``, then the least recently used
-    until the whole cache is at most ``max_bytes``. Entries a running job reads (:attr:`Entry.in_use`)
-    or that were used in the last :data:`IN_USE_S` are kept whatever is asked; with neither limit,
-    every other entry goes."""
+    """What to remove from ``found`` (least recently used first): of the ``stages`` named (all if
+    None), every entry not used for ``older_than_s``, then the least recently used until the whole
+    cache is at most ``max_bytes``. :meth:`Entry.protected` entries are kept whatever is asked;
+    with neither limit, every other entry goes."""
     now = time.time() if now is None else now
-    candidates = [e for e in found if (stages is None or e.stage in stages) and not e.in_use
-                  and now - e.last_used >= IN_USE_S]
+    candidates = [e for e in found if (stages is None or e.stage in stages) and not e.protected(now)]
     if older_than_s is None and max_bytes is None:
         return candidates
     drop = [e for e in candidates if older_than_s is not None and now - e.last_used >= older_than_s]

@@ -103,7 +103,7 @@ def prune(cfg: CachePruneConfig, log=print) -> list:
     drop = prune_plan(found, older_than_s=None if cfg.older_than is None else cfg.older_than * 86400,
                       max_bytes=None if cfg.max_size is None else parse_size(cfg.max_size),
                       stages=set(cfg.stage) or None, now=now)
-    kept = [e for e in found if e.in_use or now - e.last_used < IN_USE_S]
+    kept = [e for e in found if e.protected(now)]
     verb = "would remove" if cfg.dry_run else "removing"
     log(f"stage cache {root}: {len(found)} entries, {human(sum(e.bytes for e in found))}; {verb} {len(drop)}, "
         f"{human(sum(e.bytes for e in drop))}" + (f" ({len(kept)} in use or used in the last "
@@ -119,6 +119,10 @@ def prune(cfg: CachePruneConfig, log=print) -> list:
     return drop
 
 
+def _done(_entries: list) -> int:  # a job's exit status: what was listed or removed was printed
+    return 0
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """``cappy cache list|prune`` (``prog`` names which), or ``python -m jobs.stage_cache_cli [list|prune]``."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -127,14 +131,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         command = argv.pop(0) if argv and argv[0] in ("list", "prune") else "list"
         prog = f"{prog or 'python -m jobs.stage_cache_cli'} {command}"
     if command == "prune":
-        return job_main(CachePruneConfig, lambda cfg, _: prune(cfg) and None, job="cache",
+        return job_main(CachePruneConfig, lambda cfg, _: _done(prune(cfg)), job="cache",
                         module="jobs.stage_cache_cli", argv=argv, prog=prog,
                         description="Remove stage-cache entries, least recently used first; never one a running "
                                     "sweep reads, nor one used in the last 10 minutes. A removed entry is only "
                                     "recomputed: the next sweep that needs it samples or finetunes again.",
                         epilog="Examples:\n  cappy cache prune --max-size 20G --dry-run\n"
                                "  cappy cache prune --older-than 14 --stage finetune")
-    return job_main(CacheListConfig, lambda cfg, _: list_entries(cfg) and None, job="cache",
+    return job_main(CacheListConfig, lambda cfg, _: _done(list_entries(cfg)), job="cache",
                     module="jobs.stage_cache_cli", argv=argv, prog=prog,
                     description="Every stage-cache entry: stage, key, size, when last used, and the sweep folders "
                                 "that read it (least recently used first; `cappy cache prune` frees the disk).",

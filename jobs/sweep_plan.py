@@ -217,7 +217,7 @@ def _stage_cache_lines(cfg: SweepConfig, p, out: Path, rows: list[dict]) -> tupl
             for what, schedule in schedules:
                 key = finetune_key(settings, fingerprint, schedule)
                 name = cache.path("finetune", key).name
-                hits.append(cache.lookup("finetune", key) is not None)
+                hits.append(cache.lookup("finetune", key, mark_used=False) is not None)
                 lines.append(f"{task} {what}: reuse (key {name})" if hits[-1] else
                              f"{task} {what}: run (because the cache has no key {name})")
             if all(hits):

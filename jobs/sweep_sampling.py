@@ -33,7 +33,7 @@ def sample(cfg: SweepConfig, plan: SweepPlan, out: Path, log) -> None:
 def link_candidates(out: Path, cands: Path, log) -> None:
     """Candidates in the stage cache: ``OUT/candidates/<folder>`` links to them, and they record
     OUT as their user (:func:`~cappy_core.stage_cache.mark_user`); says whether any are there to reuse."""
-    from cappy_core.stage_cache import mark_user, touch
+    from cappy_core.stage_cache import mark_user
 
     done = sum(1 for _ in cands.glob("*/*/*/part-*.done.json"))
     if out in cands.parents:
@@ -44,9 +44,7 @@ def link_candidates(out: Path, cands: Path, log) -> None:
     if not link.exists() and not link.is_symlink():
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(cands, target_is_directory=True)
-    cands.mkdir(parents=True, exist_ok=True)
-    mark_user(cands, out)  # `cappy cache prune` keeps them while this sweep runs
-    touch(cands)
+    mark_user(cands, out)  # marks them used; `cappy cache prune` keeps them while this sweep runs
 
 
 def keep_matching_examples(split_dir: Path, tasks: list[str], data: Path, split: str, log) -> None:

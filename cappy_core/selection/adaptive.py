@@ -6,6 +6,7 @@ served, in ``tests/serve/test_serve_app.py``."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -22,8 +23,6 @@ def adaptive_rounds(specs: Sequence[DecodingSpec], counts: Sequence[int] = COUNT
     beam4 then one sample of each sampling decoding in turn, as :func:`generation_order`), cut at
     ``counts`` (capped at the total), each round's part as specs of its own
     (``DecodingSpec.first_sample``: a sample is the same candidate whichever round draws it)."""
-    import dataclasses
-
     order = sorted(((j, s) for s, d in enumerate(specs) for j in range(d.first_sample, d.first_sample + d.num_samples)))
     cuts = sorted({min(k, len(order)) for k in counts} | {len(order)})
     out, start = [], 0
@@ -31,8 +30,7 @@ def adaptive_rounds(specs: Sequence[DecodingSpec], counts: Sequence[int] = COUNT
         part: dict[int, list[int]] = {}
         for j, s in order[start:end]:
             part.setdefault(s, []).append(j)
-        out.append([specs[s] if len(js) == specs[s].num_samples and js[0] == specs[s].first_sample
-                    else dataclasses.replace(specs[s], num_samples=len(js), first_sample=js[0])
+        out.append([dataclasses.replace(specs[s], num_samples=len(js), first_sample=js[0])
                     for s, js in sorted(part.items())])
         start = end
     return [r for r in out if r]

@@ -10,11 +10,11 @@ fused weights, z-scored over those k, MBR recomputed on them: what serve compute
 candidates, :func:`cappy_core.selection.selectors.fused_for_candidates`).
 
 **Adaptive rule** (:func:`adaptive_picks` on a sweep's tables; serve's ``adaptive`` requests
-generate by :func:`cappy_core.selection.adaptive.adaptive_rounds`). Generate the candidates in rounds of the curve's k
-(1, 2, 4, 8, 17); after each round from 2 on, stop when the fused value's margin between the best
-and second-best candidate (:func:`margin`: per unit of weight, so in within-instruction standard
-deviations of the signals) is at least ``tau``. ``tau``
-is fitted on dev (:func:`fit_tau`): the grid value with the fewest candidates on average whose
+generate by :func:`cappy_core.selection.adaptive.adaptive_rounds`). Generate the candidates in
+rounds of the curve's k (1, 2, 4, 8, 17); after each round from 2 on, stop when the fused value's
+margin between the best and second-best candidate (:func:`~cappy_core.selection.adaptive.margin`:
+per unit of weight, so in within-instruction standard deviations of the signals) is at least
+``tau``. ``tau`` is fitted on dev (:func:`fit_tau`): the grid value with the fewest candidates on average whose
 dev Rouge-L is within ``tolerance`` points of the fused pick from every candidate. Validation is
 only graded.
 """

@@ -13,9 +13,9 @@ if TYPE_CHECKING:
     import numpy as np
     import pyarrow as pa
 
-#: The fused selector's signals (the sweep's default ``selector_signals``; ``length`` joined them
-#: after it raised the leave-one-task-out pick on the held-out tasks' dev instructions) and the
-#: scored-table column each is read from (``length`` is computed from ``text``).
+#: The fused selector's signals (the sweep's default ``selector_signals``; ``length`` joined them on
+#: the held-out tasks' dev comparison README quotes) and the scored-table column each is read from
+#: (``length`` is computed from ``text``).
 SIGNALS = (CAPPY_SIGNAL, LM_SIGNAL, MBR_SIGNAL, LENGTH_SIGNAL)
 SIGNAL_COLUMNS = {CAPPY_SIGNAL: "score", LM_SIGNAL: "logprob_mean", MBR_SIGNAL: "mbr", LENGTH_SIGNAL: "text"}
 #: The selector scorer's column: when a table has it, it is the fused selector's Cappy signal.

@@ -26,7 +26,7 @@ import numpy as np
 from cappy_core.labeling.rouge import rouge_l
 
 #: Signals a fused selector can combine (names of per-candidate values). ``length``: the candidate's
-#: words (whitespace-separated), a candidate-aware feature the sweep fuses only when asked.
+#: words (whitespace-separated), a candidate-aware feature.
 CAPPY_SIGNAL, LM_SIGNAL, MBR_SIGNAL, LENGTH_SIGNAL = "cappy", "logprob_mean", "mbr", "length"
 ALL_SIGNALS = (CAPPY_SIGNAL, LM_SIGNAL, MBR_SIGNAL, LENGTH_SIGNAL)
 #: Weight values tried for each signal; the grid's first point is all-ones (equal weights).
