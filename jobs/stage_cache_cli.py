@@ -74,10 +74,25 @@ def _line(e, now: float) -> str:
     return f"  {e.stage:<9} {e.path.name:<28} {human(e.bytes):>9}  {_age(now - e.last_used):<12}{flags}{outs}"
 
 
-def list_entries(cfg: CacheOptions, log=print) -> list:
-    from cappy_core.stage_cache import default_root, entries
+def _root(cfg: CacheOptions):
+    """``<cache>/stages``; a cache path that is a file, or holds a file as ``stages``, is an error."""
+    from cappy_core.stage_cache import default_root
 
-    root, now = default_root(cfg.cache_dir), time.time()
+    root = default_root(cfg.cache_dir)
+    for path in (root.parent, root):
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(f"--cache-dir: {path} is not a folder (the cache holds its stage cache in "
+                                     f"{root.name}/)")
+    return root
+
+
+def list_entries(cfg: CacheOptions, log=print) -> list:
+    from cappy_core.stage_cache import entries
+
+    root, now = _root(cfg), time.time()
+    if not root.is_dir():
+        log(f"no stage cache at {root}: nothing cached yet")
+        return []
     found = entries(root)
     log(f"stage cache {root}: {len(found)} entries, {human(sum(e.bytes for e in found))} "
         "(least recently used first)")
@@ -88,7 +103,7 @@ def list_entries(cfg: CacheOptions, log=print) -> list:
 
 def prune(cfg: CachePruneConfig, log=print) -> list:
     """Remove (or with ``dry_run`` list) the entries ``cfg`` selects; returns them."""
-    from cappy_core.stage_cache import IN_USE_S, default_root, entries, prune_plan, remove
+    from cappy_core.stage_cache import IN_USE_S, entries, prune_plan, remove
 
     if cfg.older_than is None and cfg.max_size is None and not cfg.all:
         raise ValueError("say what to prune: --older-than DAYS, --max-size SIZE, or --all (`cappy cache list` "
@@ -98,7 +113,10 @@ def prune(cfg: CachePruneConfig, log=print) -> list:
                            related=("older_than", "max_size"))
     if cfg.older_than is not None and cfg.older_than < 0:
         raise SettingError("older_than", f"is {cfg.older_than} days: give a number >= 0")
-    root, now = default_root(cfg.cache_dir), time.time()
+    root, now = _root(cfg), time.time()
+    if not root.is_dir():
+        log(f"no stage cache at {root}: nothing to prune")
+        return []
     found = entries(root)
     drop = prune_plan(found, older_than_s=None if cfg.older_than is None else cfg.older_than * 86400,
                       max_bytes=None if cfg.max_size is None else parse_size(cfg.max_size),

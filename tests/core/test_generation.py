@@ -263,6 +263,7 @@ def _later_samples_alone(gen):
     assert len({c.text for c in together[0]}) > 1
 
 
+@pytest.mark.slow
 def test_vllm_later_samples_asked_alone_are_the_same_candidates(vllm_gen):
     _later_samples_alone(vllm_gen)  # vLLM's SamplingParams(n, seed) draws sample j with seed + j
 

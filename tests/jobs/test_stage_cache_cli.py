@@ -57,3 +57,17 @@ def test_prune_refuses_to_guess(tmp_path, capsys):
                                        ("2GiB", 2 << 30), ("123", 123)])
 def test_sizes(text, size):
     assert parse_size(text) == size
+
+
+def test_a_cache_path_that_is_not_a_folder_is_named_and_a_missing_one_holds_nothing(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a cache")
+    for command in ("cappy cache list", "cappy cache prune"):
+        extra = ["--all"] if command.endswith("prune") else []
+        assert main(["--cache-dir", str(tmp_path / "file"), *extra], prog=command) == 2
+        assert f"{tmp_path / 'file'} is not a folder" in capsys.readouterr().err
+        assert main(["--cache-dir", str(tmp_path / "nowhere"), *extra], prog=command) == 0
+        assert f"no stage cache at {tmp_path / 'nowhere' / 'stages'}" in capsys.readouterr().out
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "stages").write_text("")  # an empty file where the stage cache should be
+    assert main(["--cache-dir", str(tmp_path / "c"), "--all"], prog="cappy cache prune") == 2
+    assert f"{tmp_path / 'c' / 'stages'} is not a folder" in capsys.readouterr().err
