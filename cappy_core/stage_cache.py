@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
@@ -92,6 +93,9 @@ class StageCache:
 
     def __init__(self, root: str | os.PathLike | None):
         self.root = Path(root).expanduser() if root else None
+        #: entries this object reused (a marked lookup) and stored, per stage: what a job reports.
+        self.reused: Counter[str] = Counter()
+        self.stored: Counter[str] = Counter()
 
     def path(self, stage: str, key: Mapping[str, Any]) -> Optional[Path]:
         return None if self.root is None else self.root / stage / digest({**key, "code": CODE_VERSION})
@@ -104,6 +108,7 @@ class StageCache:
             return None
         if mark_used:
             touch(path)
+            self.reused[stage] += 1
         return path
 
     @contextlib.contextmanager
@@ -120,6 +125,7 @@ class StageCache:
             yield tmp
             (tmp / RECORD).write_text(json.dumps({"stage": stage, "key": key, "code": CODE_VERSION},
                                                  indent=2, default=str) + "\n")
+        self.stored[stage] += 1
 
 
 def default_root(cache_dir: str | os.PathLike | None) -> Path:

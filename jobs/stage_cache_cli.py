@@ -5,11 +5,11 @@
     cappy cache prune --older-than 14
 
 The stage cache (``<cache>/stages``: ``--cache-dir``, ``$CAPPY_CACHE_DIR`` or ``~/.cache/cappy``)
-keeps each sweep's sampled candidates (``sampling/``) and every finetuned scorer (``finetune/``,
-90 MB for MiniLM, 1.4 GB for RoBERTa-large) under a digest of their inputs
-(:mod:`cappy_core.stage_cache`); it only grows. ``prune`` removes the least recently used entries
+keeps each sweep's sampled candidates (``sampling/``), every finetuned scorer (``finetune/``,
+90 MB for MiniLM, 1.4 GB for RoBERTa-large) and every scored table (``scores/``, one float per
+candidate) under a digest of their inputs (:mod:`cappy_core.stage_cache`); it only grows. ``prune`` removes the least recently used entries
 first; it never removes one a running sweep reads, nor one used in the last 10 minutes. A removed
-entry is only recomputed: a later sweep that needs it samples or finetunes again. An old sweep
+entry is only recomputed: a later sweep that needs it samples, finetunes or scores again. An old sweep
 folder whose ``candidates/`` linked to removed candidates keeps its tables; rerunning it samples anew.
 """
 
@@ -63,7 +63,8 @@ class CachePruneConfig(CacheOptions):
         "metavar": "SIZE", "help": "then remove the least recently used until the stage cache is at most SIZE "
                                    "(500M, 20G; 0 empties it)"})
     stage: list[str] = field(default_factory=list, metadata={
-        "choices": ["sampling", "finetune"], "repeatable": True, "help": "prune only these stages (default both)"})
+        "choices": ["sampling", "finetune", "scores"], "repeatable": True,
+        "help": "prune only these stages (default all)"})
     all: bool = field(default=False, metadata={"help": "remove every entry not in use"})
     dry_run: bool = field(default=False, metadata={"help": "list what would be removed, remove nothing"})
 

@@ -36,7 +36,7 @@ from cappy_core.io import write_json
 from cappy_core.remote import is_remote, sync_outputs
 from cappy_core.selection.task_eval import (TaskSettings, finetune_shared, finetune_shared_selector,
                                             record_shared_evaluation, run_task)
-from cappy_core.selection.task_results import read_result, result_path, result_record
+from cappy_core.selection.task_results import read_result, result_path, result_record, stage_cache_line
 from cappy_core.selection.zero_shot import fit_pooled_selector, with_zero_shot
 from jobs.cost_curve import write_cost_curve
 from jobs.log_file import init_ray
@@ -254,9 +254,7 @@ def _run_locked(cfg: SweepConfig, out: Path, preset: str | None, log, tracker) -
         log(f"fused weights for tasks without a scorer of their own: {pooled['weights']} (fitted on "
             f"{pooled['dev_instructions']} dev instructions of {pooled['tasks']} task(s)) in {pooled['folder']}")
     if settings.stage_cache and todo:  # what this run took from the stage cache instead of computing
-        reused = [t for t in todo if str((records[t].get("training") or {}).get("cache", "")).startswith("reused")]
-        log(f"stage cache {settings.stage_cache}: {len(reused)} of {len(todo)} task finetune(s) reused"
-            + (f" ({', '.join(reused)})" if reused else ""))
+        log(stage_cache_line(settings.stage_cache, records, todo))
     summary = stage("report_s", None, write_reports, out, records, log)
     stage("cost_curve_s", None, cost_curve, out, records, log)
     if cfg.keep_scorers:  # the shared scorers' cards get every task's row (each task's own got its row)

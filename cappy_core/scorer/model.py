@@ -280,6 +280,22 @@ class Scorer:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def fingerprint(self) -> str:
+        """What this scorer's scores depend on, as a sha256: every tensor of its weights (name,
+        dtype, shape and bytes), its architecture and tokenizer (class and vocabulary size),
+        ``max_length`` and ``dtype``. Equal for the same weights however they were obtained (a
+        fresh finetune or its stage-cache copy), so scores can be cached by it
+        (:func:`cappy_core.selection.scored_tables.cached_scores`); ~0.1 s for MiniLM's 90 MB."""
+        import hashlib
+
+        h = hashlib.sha256(json.dumps([type(self.model).__name__, type(self.tokenizer).__name__,
+                                       len(self.tokenizer), self.max_length, self.dtype]).encode())
+        with torch.no_grad():
+            for name, t in self.model.state_dict().items():
+                h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+                h.update(t.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().data)
+        return "weights:" + h.hexdigest()
+
     # ------------------------------------------------------------------ scoring
     def encode(self, instructions: Sequence[str], responses: Sequence[str]) -> dict[str, list[list[int]]]:
         """Tokenise pairs once, unpadded: ``tokenizer(instructions, responses, truncation=

@@ -13,6 +13,8 @@ if TYPE_CHECKING:
     import numpy as np
     import pyarrow as pa
 
+    from cappy_core.stage_cache import StageCache
+
 #: The fused selector's signals (the sweep's default ``selector_signals``; ``length`` joined them on
 #: the held-out tasks' dev comparison README quotes) and the scored-table column each is read from
 #: (``length`` is computed from ``text``).
@@ -22,13 +24,43 @@ SIGNAL_COLUMNS = {CAPPY_SIGNAL: "score", LM_SIGNAL: "logprob_mean", MBR_SIGNAL: 
 SELECTOR_SCORE = "selector_score"
 
 
-def score_table(scorer: Any, table: pa.Table, column: str = "score") -> pa.Table:
+#: The stage-cache stage of scored tables (:func:`cached_scores`).
+SCORES_STAGE = "scores"
+
+
+def cached_scores(scorer: Any, table: pa.Table, cache: StageCache | None = None) -> list[float]:
+    """The scorer's score of each (instruction, text) row of ``table``. With ``cache`` (a
+    :class:`cappy_core.stage_cache.StageCache` that is on), the scores an earlier run computed
+    with the same scorer (:meth:`cappy_core.scorer.model.Scorer.fingerprint`: weights, length,
+    dtype) on the same pairs (the rows' instruction and text) are read back from its ``scores``
+    stage instead, and new ones are kept there: a rerun rescores nothing."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cappy_core.stage_cache import table_fingerprint
+
+    instructions, texts = table["instruction"].to_pylist(), table["text"].to_pylist()
+    if cache is None or cache.root is None:
+        return scorer.score(instructions, texts)
+    key = {"scorer": scorer.fingerprint(), "pairs": table_fingerprint(table, ["instruction", "text"])}
+    hit = cache.lookup(SCORES_STAGE, key)
+    if hit is not None:
+        scores = pq.read_table(hit / "scores.parquet")["score"].to_pylist()
+        if len(scores) == table.num_rows:
+            return scores
+        cache.reused[SCORES_STAGE] -= 1  # a damaged entry (not the table's row count): recomputed, replaced
+    scores = scorer.score(instructions, texts)
+    with cache.fill(SCORES_STAGE, key) as tmp:
+        pq.write_table(pa.table({"score": pa.array(scores, pa.float64())}), tmp / "scores.parquet")
+    return scores
+
+
+def score_table(scorer: Any, table: pa.Table, column: str = "score", cache: StageCache | None = None) -> pa.Table:
     """``table`` (candidate rows) with ``column`` appended: the scorer's score of each
-    (instruction, text)."""
+    (instruction, text), through ``cache`` when given (:func:`cached_scores`)."""
     import pyarrow as pa
 
-    scores = scorer.score(table["instruction"].to_pylist(), table["text"].to_pylist())
-    return table.append_column(column, pa.array(scores, pa.float64()))
+    return table.append_column(column, pa.array(cached_scores(scorer, table, cache), pa.float64()))
 
 
 def signal_column(table: pa.Table, name: str) -> str:
@@ -49,10 +81,10 @@ def signal_values(table: pa.Table, name: str) -> np.ndarray:
     return np.asarray(length_signal(column) if name == LENGTH_SIGNAL else column, dtype=np.float64)
 
 
-def score_with(scorer: Any, selector: Any | None, table: pa.Table) -> pa.Table:
+def score_with(scorer: Any, selector: Any | None, table: pa.Table, cache: StageCache | None = None) -> pa.Table:
     """``table`` with ``score`` and, given a selector scorer, :data:`SELECTOR_SCORE` (:func:`score_table`)."""
-    table = score_table(scorer, table)
-    return table if selector is None else score_table(selector, table, SELECTOR_SCORE)
+    table = score_table(scorer, table, cache=cache)
+    return table if selector is None else score_table(selector, table, SELECTOR_SCORE, cache)
 
 
 def instruction_rows(instruction_ids: Sequence[str]) -> list[list[int]]:

@@ -60,7 +60,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from cappy_core.selection.scored_tables import (SIGNALS, add_fused, add_mbr, fit_fused, score_with,
+from cappy_core.selection.scored_tables import (SCORES_STAGE, SIGNALS, add_fused, add_mbr, fit_fused, score_with,
                                                with_selector_columns)
 
 if TYPE_CHECKING:  # torch and pyarrow load only where a task runs
@@ -344,15 +344,19 @@ def run_task(task: str, settings: TaskSettings, *, use_gpu: bool = False, torch_
     the sweep's bookkeeping); with dev held out also ``"fused_fit"`` (``dev_rouge``: the fitted
     pick's Rouge-L ×100 on dev, ``dev_instructions``: the labelled ones it was fitted on),
     ``"dev_metrics"``, ``"dev_spearman"``, ``"dev_per_instruction"`` and ``"dev_instruction_ids"``
-    (what ``cappy dev-report`` compares). ``fused_weights`` is None without dev."""
+    (what ``cappy dev-report`` compares). ``fused_weights`` is None without dev. With the stage
+    cache on, every scored table goes through it too, and ``"scores_cache"`` counts the tables
+    ``reused`` and ``stored`` (:func:`cappy_core.selection.scored_tables.cached_scores`)."""
     from cappy_core.io import write_parquet
     from cappy_core.labeling.pair_mixture import write_pairs
     from cappy_core.scorer.checkpoint import record_evaluation
     from cappy_core.scorer.model import Scorer
     from cappy_core.selection.evaluation import CAPPY, FUSED
     from cappy_core.selection.selectors import write_selector
+    from cappy_core.stage_cache import StageCache
 
     device = set_device(use_gpu, torch_threads)
+    cache = StageCache(settings.stage_cache)  # scored tables (and each finetune, in cached_finetune)
     timings: dict[str, float] = {}
     t = time.monotonic()
     selector = None  # the fused selector's own scorer (settings.selector_schedule), else the scorer's scores
@@ -390,7 +394,7 @@ def run_task(task: str, settings: TaskSettings, *, use_gpu: bool = False, torch_
     weights, dev_record = None, {}  # dev: fit the fused selector (and report every method there)
     if dev_examples:
         dev = add_mbr(score_with(scorer, selector, read_split_candidates(task, settings.candidates_dir, "train",
-                                                                         dev_examples)))
+                                                                         dev_examples), cache))
         weights, dev_value, fitted_on = fit_fused(dev, settings.selector_signals)
         dev = add_fused(dev, weights)
         write_parquet(dev, task_dir / "dev_scored.parquet")
@@ -417,7 +421,7 @@ def run_task(task: str, settings: TaskSettings, *, use_gpu: bool = False, torch_
         write_selector(kept or task_dir, weights, task=task, scorer=str(kept or settings.init),
                        **dev_record["fused_fit"])
     val = read_split_candidates(task, settings.candidates_dir, "validation")
-    val = with_selector_columns(score_with(scorer, selector, val), weights)
+    val = with_selector_columns(score_with(scorer, selector, val, cache), weights)
     write_parquet(val, task_dir / "validation_scored.parquet")
     timings["score_s"] = time.monotonic() - t
     groups, unlabeled, result = evaluate_scored(val, f"task {task}")  # the one place validation labels are read
@@ -430,5 +434,6 @@ def run_task(task: str, settings: TaskSettings, *, use_gpu: bool = False, torch_
         record_evaluation(task_dir / "selector_scorer", [{"task": task, "split": "validation", "method": FUSED,
                                                           "rouge_l": result["metrics"][FUSED]}],
                           name=f"cappy-selector-{task}")
-    return {**result, "fused_weights": weights, **dev_record, "sizes": sizes,
-            "training": training, "timings": timings, "device": device}
+    scores_cache = {"reused": cache.reused[SCORES_STAGE], "stored": cache.stored[SCORES_STAGE]}
+    return {**result, "fused_weights": weights, **dev_record, "sizes": sizes, "training": training,
+            "timings": timings, "device": device, **({"scores_cache": scores_cache} if cache.root else {})}

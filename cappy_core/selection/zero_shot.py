@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from cappy_core.selection.evaluation import CAPPY_0SHOT, FUSED_0SHOT, is_unlabeled
-from cappy_core.selection.scored_tables import (SELECTOR_SCORE, SIGNALS, add_mbr, fit_fused, instruction_rows,
-                                               score_table)
+from cappy_core.selection.scored_tables import (SCORES_STAGE, SELECTOR_SCORE, SIGNALS, add_mbr, fit_fused,
+                                               instruction_rows, score_table)
 from cappy_core.selection.task_eval import (SHARED_DIR, TaskSettings, finetune_union, read_split_candidates,
                                             sampled_train_examples, set_device, split_dev)
 
@@ -133,6 +133,7 @@ def run_zero_shot(task: str, tasks: Sequence[str], settings: TaskSettings, diges
     from cappy_core.io import write_json
     from cappy_core.scorer.model import Scorer
     from cappy_core.selection.selectors import write_selector
+    from cappy_core.stage_cache import StageCache
 
     others = [t for t in tasks if t != task]
     schedule = settings.selector_schedule or settings.schedule
@@ -148,16 +149,19 @@ def run_zero_shot(task: str, tasks: Sequence[str], settings: TaskSettings, diges
     t = time.monotonic()
     device = set_device(use_gpu, torch_threads)
     scorer = Scorer.from_pretrained(folder, dtype=settings.score_dtype, device=device, max_length=settings.max_length)
-    weights, value, fitted_on = fit_across_tasks([score_table(scorer, dev_candidates(o, settings)) for o in others],
-                                                 signals=settings.selector_signals)
+    cache = StageCache(settings.stage_cache)  # a rerun reads these scores back (cached_scores)
+    weights, value, fitted_on = fit_across_tasks([score_table(scorer, dev_candidates(o, settings), cache=cache)
+                                                  for o in others], signals=settings.selector_signals)
     fit = {"tasks": others, "dev_instructions": fitted_on, "dev_rouge": None if value is None else 100.0 * value}
     write_selector(folder, weights, scorer=folder, **fit)
     result = {"task": task, "sweep_digest": digest, "weights": weights, "fit": fit, "training": {k: v for k, v in training.items()
                                                                          if k != "sizes"},
-              "dev": pick_rows(score_table(scorer, dev_candidates(task, settings)), weights),
+              "dev": pick_rows(score_table(scorer, dev_candidates(task, settings), cache=cache), weights),
               "validation": pick_rows(score_table(scorer, read_split_candidates(task, settings.candidates_dir,
-                                                                                "validation")), weights),
+                                                                                "validation"), cache=cache), weights),
               "timings": {"finetune_s": finetune_s, "score_s": time.monotonic() - t}}
+    if cache.root is not None:
+        result["scores_cache"] = {"reused": cache.reused[SCORES_STAGE], "stored": cache.stored[SCORES_STAGE]}
     write_json(home / "result.json", result)
     return result
 
@@ -183,7 +187,7 @@ def merge_zero_shot(record: dict[str, Any], zero: Mapping[str, Any]) -> dict[str
             per[row] = [values[i][row] for i in ids]
             metrics[row] = sum(per[row]) / len(per[row])
         record[per_key], record[metrics_key] = per, metrics
-    record["zero_shot"] = {k: zero[k] for k in ("weights", "fit", "training", "timings") if k in zero}
+    record["zero_shot"] = {k: zero[k] for k in ("weights", "fit", "training", "timings", "scores_cache") if k in zero}
     return record
 
 

@@ -186,6 +186,20 @@ def test_save_load_round_trip(scorer, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+def test_the_fingerprint_is_the_weights_length_and_dtype_not_where_they_came_from(scorer, tmp_path):
+    import torch
+
+    scorer.save_pretrained(tmp_path / "a")
+    loaded = Scorer.from_pretrained(tmp_path / "a", device="cpu", seed=123)
+    assert loaded.fingerprint() == scorer.fingerprint()  # a saved copy is the same scorer
+    assert Scorer.from_pretrained(tmp_path / "a", device="cpu", max_length=64).fingerprint() != scorer.fingerprint()
+    assert Scorer.from_pretrained(tmp_path / "a", device="cpu", dtype="bfloat16").fingerprint() != scorer.fingerprint()
+    with torch.no_grad():  # one weight of one layer nudged by a float's last bit
+        w = next(p for n, p in loaded.model.named_parameters() if n.endswith("classifier.weight"))
+        w[0, 0] = torch.nextafter(w[0, 0], torch.tensor(1e9))
+    assert loaded.fingerprint() != scorer.fingerprint()
+
+
 def test_saved_scorer_has_a_model_card_and_loads_in_plain_transformers(scorer, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

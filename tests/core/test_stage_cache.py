@@ -66,6 +66,49 @@ def test_an_entry_is_whole_or_absent_and_keyed_by_everything(tmp_path):
         assert tmp is None
 
 
+class CountingScorer:
+    """A scorer stub: a fixed score per text, the calls counted, ``fingerprint`` its weights' name."""
+
+    def __init__(self, weights: str = "w1"):
+        self.weights, self.calls = weights, 0
+
+    def fingerprint(self) -> str:
+        return self.weights
+
+    def score(self, instructions, texts):
+        self.calls += 1
+        return [float(len(t)) + 0.125 * (self.weights == "w2") for t in texts]
+
+
+def test_scores_are_computed_once_per_scorer_and_pairs_and_a_damaged_entry_is_recomputed(tmp_path):
+    from cappy_core.selection.scored_tables import SCORES_STAGE, cached_scores, score_table
+
+    table = pa.table({"instruction": ["q1", "q1", "q2"], "text": ["a", "bbb", "cc"], "label": [0.1, 0.2, 0.3]})
+    scorer = CountingScorer()
+    first = StageCache(tmp_path / "stages")
+    assert cached_scores(scorer, table, first) == [1.0, 3.0, 2.0] and scorer.calls == 1
+    assert (first.reused[SCORES_STAGE], first.stored[SCORES_STAGE]) == (0, 1)
+    rerun = StageCache(tmp_path / "stages")  # a later job: the same scorer and pairs are read back
+    scored = score_table(scorer, table.set_column(2, "label", pa.array([0.9, 0.8, 0.7])), "s", rerun)
+    assert scored["s"].to_pylist() == [1.0, 3.0, 2.0] and scorer.calls == 1  # labels are not part of the key
+    assert (rerun.reused[SCORES_STAGE], rerun.stored[SCORES_STAGE]) == (1, 0)
+    other = CountingScorer("w2")  # other weights, or another text: scored anew
+    assert cached_scores(other, table, rerun) == [1.125, 3.125, 2.125] and other.calls == 1
+    assert cached_scores(scorer, table.set_column(1, "text", pa.array(["a", "bbb", "c"])), rerun)[2] == 1.0
+    assert scorer.calls == 2
+    entry = next(p for p in (tmp_path / "stages" / SCORES_STAGE).iterdir()
+                 if pq.read_table(p / "scores.parquet").num_rows == 3 and
+                 pq.read_table(p / "scores.parquet")["score"].to_pylist() == [1.0, 3.0, 2.0])
+    pq.write_table(pa.table({"score": [1.0]}), entry / "scores.parquet")  # damaged: one row for three
+    again = StageCache(tmp_path / "stages")
+    assert cached_scores(scorer, table, again) == [1.0, 3.0, 2.0] and scorer.calls == 3
+    assert (again.reused[SCORES_STAGE], again.stored[SCORES_STAGE]) == (0, 1)
+    assert pq.read_table(entry / "scores.parquet")["score"].to_pylist() == [1.0, 3.0, 2.0]  # replaced whole
+    off = CountingScorer()
+    assert cached_scores(off, table, StageCache(None)) == [1.0, 3.0, 2.0] and off.calls == 1  # --no-cache
+    assert cached_scores(off, table) == [1.0, 3.0, 2.0] and off.calls == 2
+
+
 def _aged(path, seconds_ago: float) -> None:
     """Every file and folder under ``path`` last touched ``seconds_ago``."""
     import os

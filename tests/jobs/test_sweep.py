@@ -184,7 +184,8 @@ def test_a_new_out_reuses_the_stage_cache_and_runs_only_what_changed(tmp_path, m
     """A second sweep into a new OUT that changes only the selector's loss: sampling and each
     task's cappy finetune come from the stage cache (the log and --dry-run say so), the selector
     scorers are finetuned, and every row that does not read the selector is unchanged. A third
-    with --no-cache computes everything again and gets the first's numbers."""
+    with a's settings into a new OUT trains and scores nothing and gets a's numbers; one with
+    --no-cache computes everything again and gets them too."""
     a = sweep(tmp_path / "a", models)
     assert a.returncode == 0, a.stderr[-3000:]
     assert "candidates: sample into the stage cache's" in a.stdout
@@ -208,11 +209,17 @@ def test_a_new_out_reuses_the_stage_cache_and_runs_only_what_changed(tmp_path, m
         key = ra["training"]["cache"].split()[1]
         assert ra["training"]["cache"].startswith("stored ") and rb["training"]["cache"] == f"reused {key}"
         assert rb["training"]["selector"]["cache"].startswith("stored ")
+        # the cappy scorer's dev and validation scores are read back; the new selector's computed
+        assert ra["scores_cache"] == {"reused": 0, "stored": 2} and rb["scores_cache"] == {"reused": 2, "stored": 2}
         assert f"{t}: cappy" in b.stdout and "finetune reused from the stage cache" in b.stdout
         assert {m: v for m, v in rb["metrics"].items() if m != "cappy+lm+mbr"} == \
             {m: v for m, v in ra["metrics"].items() if m != "cappy+lm+mbr"}
     again = sweep(tmp_path / "d", models, "--dry-run")  # a's settings: the estimate counts scoring only
     assert again.returncode == 0 and "2 with every finetune in the stage cache (scoring only)" in again.stdout
+    d = sweep(tmp_path / "d", models)  # nothing changed, a new OUT: nothing trained or scored, the same numbers
+    assert d.returncode == 0, d.stderr[-3000:]
+    assert "2 of 2 task finetune(s) reused (" in d.stdout and "; 4 of 4 scored table(s) reused" in d.stdout
+    assert numbers(tmp_path / "d") == numbers(tmp_path / "a")
     c = sweep(tmp_path / "c", models, "--no-cache")
     assert c.returncode == 0, c.stderr[-3000:]
     assert c.stdout.count("sampled 6 instructions") == 2 and "stage cache" not in c.stdout
