@@ -1,7 +1,7 @@
 """Scorer training throughput: the Ray Train loop vs the same loop in a plain process.
 
     python -m jobs.bench.train [--pairs 384] [--model minilm] [--max-length 128] [--threads 1] [--repeats 2]
-                               [--tasks ... --examples DIR]
+                               [--layouts] [--tasks ... --examples DIR]
 
 Data: a pretraining pair mixture of a few small BIG-Bench tasks (the local preset's), written
 once as Parquet. Timed on the SAME pairs, same config, one after the other:
@@ -10,7 +10,10 @@ once as Parquet. Timed on the SAME pairs, same config, one after the other:
   fit the Ray worker runs, fed from memory instead of Ray Data), ``--threads`` torch threads;
 - ``ray_1w``: the ``cappy pretrain`` machinery (``run_training``: TorchTrainer, Ray Data feed via
   ``get_dataset_shard`` + ``iter_torch_batches``, one worker with ``--threads`` threads);
-- ``ray_2w``: the same with 2 workers (gloo DDP) of ``--threads`` threads each.
+- ``ray_2w``: the same with 2 workers (gloo DDP) of ``--threads`` threads each;
+- with ``--layouts``, the ways to spend two cores outside Ray Train: ``plain_2t`` (one process,
+  two threads) and ``two_procs_1t`` (two one-thread plain processes at once, their samples/s
+  added: the sweep's two tasks finetuning side by side), each against ``plain_2t``.
 
 Against the arithmetic limit: ``*_fraction_of_bound`` = samples/s × 3 × the forward FLOPs of a
 pair at its real token length (:func:`cappy_core.scorer.model.flops_per_pair`; 6 × parameters ×
@@ -61,6 +64,9 @@ class TrainBenchConfig:
     threads: int = field(default=1, metadata={"help": "torch threads of the plain run and of each worker"})
     repeats: int = field(default=2, metadata={"help": "alternate plain / 1-worker runs this often; best of each"})
     two_workers: bool = field(default=True, metadata={"help": "also time 2 workers"})
+    layouts: bool = field(default=False, metadata={
+        "help": "also time the two ways to use 2 cores outside Ray Train: one process with 2 threads, and two "
+                "1-thread processes at once (their samples/s added: two tasks finetuning side by side)"})
     tasks: list[str] = field(default_factory=lambda: list(LOCAL_TASKS), metadata={
         "help": "BIG-Bench tasks the pairs come from"})
     examples: Optional[str] = field(default=None, metadata={
@@ -122,15 +128,16 @@ def time_ray(cfg: TrainBenchConfig, pairs: str, workers: int, threads: int, stor
     return {"samples_per_s": outcome.samples_per_s, "updates": outcome.updates, "wall_s": time.time() - t}
 
 
-def time_plain(cfg: TrainBenchConfig, pairs: str, storage: Path) -> dict:
+def time_plain(cfg: TrainBenchConfig, pairs: str, storage: Path, threads: int | None = None) -> dict:
     import torch
 
     from cappy_core.labeling.pair_mixture import read_pair_columns
     from cappy_core.scorer.model import Scorer
     from cappy_core.scorer.training import Throughput, fit_scorer
 
-    tc = train_config(cfg, 1, cfg.threads, storage, "plain")
-    torch.set_num_threads(cfg.threads)
+    threads = threads or cfg.threads
+    tc = train_config(cfg, 1, threads, storage, "plain")
+    torch.set_num_threads(threads)
     t = time.time()
     schedule = tc.schedule
     scorer = Scorer.from_pretrained(tc.init, dtype="bfloat16" if schedule.bf16 else "float32", device="cpu",
@@ -139,6 +146,28 @@ def time_plain(cfg: TrainBenchConfig, pairs: str, storage: Path) -> dict:
     state = fit_scorer(scorer, read_pair_columns(pairs), schedule, device="cpu",
                        on_update=lambda info: rate.__setitem__(0, meter.tick(info.samples)))
     return {"samples_per_s": rate[0], "updates": state.update, "wall_s": time.time() - t}
+
+
+def _one_thread_rate(cfg: TrainBenchConfig, pairs: str, storage: str) -> float:
+    """A child process's one-thread plain run (:func:`time_layouts`)."""
+    return time_plain(cfg, pairs, Path(storage), threads=1)["samples_per_s"]
+
+
+def time_layouts(cfg: TrainBenchConfig, pairs: str, storage: Path) -> dict:
+    """The 2-core layouts on the same pairs: ``plain_2t`` (one process, two torch threads) and
+    ``two_procs_1t`` (two one-thread processes training at once, samples/s added), best of
+    ``--repeats`` each, alternated."""
+    import multiprocessing
+
+    two_threads, side_by_side = [], []
+    ctx = multiprocessing.get_context("spawn")
+    for _ in range(cfg.repeats):
+        two_threads.append(time_plain(cfg, pairs, storage, threads=2)["samples_per_s"])
+        with ctx.Pool(2) as pool:
+            side_by_side.append(sum(pool.starmap(_one_thread_rate, [(cfg, pairs, str(storage))] * 2)))
+    return {"plain_2t_samples_per_s": max(two_threads), "two_procs_1t_samples_per_s": max(side_by_side),
+            "plain_2t_runs": [round(x, 3) for x in two_threads],
+            "two_procs_1t_runs": [round(x, 3) for x in side_by_side]}
 
 
 def gpu_bench(cfg: TrainBenchConfig) -> dict:
@@ -226,6 +255,13 @@ def run(cfg: TrainBenchConfig) -> int:
             two = time_ray(cfg, pairs, 2, cfg.threads, storage, "2w")
             out.update(ray_2w_samples_per_s=two["samples_per_s"], ray_2w_wall_s=two["wall_s"],
                        speedup_2w_vs_1w=two["samples_per_s"] / one["samples_per_s"])
+        if cfg.layouts:  # against one process with two threads, the baseline of a 2-core machine
+            out.update(time_layouts(cfg, pairs, storage))
+            base = out["plain_2t_samples_per_s"]
+            out.update(two_procs_1t_vs_plain_2t=out["two_procs_1t_samples_per_s"] / base,
+                       plain_1t_vs_plain_2t=plain["samples_per_s"] / base)
+            if cfg.two_workers:
+                out["ray_2w_vs_plain_2t"] = out["ray_2w_samples_per_s"] / base
     use_gpu = cfg.gpu
     if use_gpu is None:
         import torch
