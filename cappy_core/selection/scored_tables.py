@@ -136,7 +136,9 @@ def with_selector_columns(table: pa.Table, weights: Mapping[str, float] | None =
 def fit_fused(table: pa.Table, signals: Sequence[str] = SIGNALS) -> tuple[dict[str, float], float | None, int]:
     """The fused weights fitted on the labelled instructions of a scored table with ``mbr``
     (:func:`cappy_core.selection.selectors.fit_weights` over ``signals``): ``(weights, mean Rouge-L
-    of their picks, instructions)``. No labelled instruction: the grid's first point, ``None``, 0."""
+    of their picks, instructions)``; an instruction with a null or NaN label is left out. No
+    labelled instruction: the grid's first point, ``None``, 0."""
+    from cappy_core.selection.evaluation import is_unlabeled
     from cappy_core.selection.selectors import fit_weights, weight_grid
 
     signals = tuple(signals)
@@ -144,7 +146,7 @@ def fit_fused(table: pa.Table, signals: Sequence[str] = SIGNALS) -> tuple[dict[s
     cols = {name: signal_values(table, name) for name in signals}
     instructions, rouges = [], []
     for rows in instruction_rows(table["instruction_id"].to_pylist()):
-        if any(labels[i] is None for i in rows):
+        if any(is_unlabeled(labels[i]) for i in rows):  # null or NaN: no references, nothing to fit
             continue
         instructions.append({name: col[rows] for name, col in cols.items()})
         rouges.append([labels[i] for i in rows])

@@ -4,7 +4,6 @@ hub ids parse (no network: resolution only)."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 

@@ -124,6 +124,8 @@ def test_selector_columns_read_no_label_and_fused_weights_come_from_dev(tmp_path
     # an instruction with no labels does not count; none at all: equal weights
     unlabeled = dev.set_column(dev.schema.get_field_index("label"), "label", pa.nulls(dev.num_rows, pa.float64()))
     assert fit_fused(unlabeled) == ({s: 0.0 if s == "length" else 1.0 for s in SIGNALS}, None, 0)
+    nan = dev.set_column(dev.schema.get_field_index("label"), "label", pa.array([float("nan")] * dev.num_rows))
+    assert fit_fused(nan) == fit_fused(unlabeled)  # NaN (no references) is unlabelled too, not a worst pick
 
 
 def test_run_task_fits_on_dev_and_records_it(tmp_path, monkeypatch):

@@ -379,7 +379,6 @@ def test_candidates_are_kept_per_sampling_settings():
     (finetuning, scoring) reuse the candidates."""
     from dataclasses import replace
 
-    from cappy_core.scorer.schedule import ScorerSchedule
     from jobs.sweep_config import SweepConfig
     from jobs.sweep_layout import task_settings
 

@@ -438,17 +438,17 @@ def test_generate_admission_refuses_over_capacity_at_once():
             assert test_app.state.generating == 2, [t.result().text for t in held if t.done()]
             busy = await client.post("/v1/select", json={})
             chat = await client.post("/v1/chat/completions", json={})
-            score = await client.post("/v1/score", json={})
+            scored = await client.post("/v1/score", json={})
             release.set()
             done = [r.status_code for r in await asyncio.gather(*held)]
             again = await client.post("/v1/select", json={})
-            return busy, chat, score, done, again
+            return busy, chat, scored, done, again
 
-    busy, chat, score, done, again = asyncio.run(scenario())
+    busy, chat, scored, done, again = asyncio.run(scenario())
     assert busy.status_code == 503 and busy.headers["retry-after"] == "1", busy.text
     assert "overloaded" in busy.json()["detail"]
     assert chat.status_code == 503 and chat.json()["error"]["code"] == "service_unavailable", chat.text
-    assert score.status_code == 200 and done == [200, 200] and again.status_code == 200
+    assert scored.status_code == 200 and done == [200, 200] and again.status_code == 200
     assert test_app.state.generating == 0
 
 
