@@ -124,6 +124,8 @@ def run(cfg: ScorerBenchConfig) -> None:
 
     catalog = TaskCatalog.open(task_dirs=[cfg.task_root] if cfg.task_root else ())
     instructions, responses = bench_pairs(catalog, cfg.tasks, cfg.pairs, cfg.seed)
+    distinct = list(dict.fromkeys(zip(instructions, responses)))  # Scorer.score scores a repeated pair once:
+    instructions, responses = [i for i, _ in distinct], [r for _, r in distinct]  # time and count each once
     scorer = Scorer.from_pretrained(cfg.scorer, device="cpu")
     lengths = [len(x) for x in scorer.encode(instructions, responses)["input_ids"]]
     useful_flops = sum(flops_per_pair(scorer.model.config, t) for t in lengths)

@@ -129,7 +129,23 @@ def test_score_and_select(scorer):
     cands = ["blue", "green", "red", "blue"]
     idx, scores = scorer.score_and_select("What colour is the sky?", cands)
     assert len(scores) == 4 and idx == select_best(scores)
-    assert scores[0] == pytest.approx(scores[3], abs=1e-6)  # duplicates score the same
+    assert scores[0] == scores[3]  # duplicates are scored once: exactly the same score
+
+
+def test_a_repeated_pair_is_scored_once_and_every_copy_gets_its_score(scorer, monkeypatch):
+    ins, res = _pairs(12, seed=7)
+    ref = scorer.score(ins, res)
+    seen = []
+    real = Scorer._score
+    monkeypatch.setattr(Scorer, "_score", lambda self, i, r, *a: seen.append(len(i)) or real(self, i, r, *a))
+    order = [3, 0, 3, 5, 0, 0, 11, 3]  # repeats, out of order; "b" vs "a" below: same response, other instruction
+    got = scorer.score([ins[k] for k in order], [res[k] for k in order])
+    assert seen == [4]  # the four distinct pairs, once each
+    _assert_same_scores(got, [ref[k] for k in order])
+    assert got[0] == got[2] == got[7] and got[1] == got[4] == got[5]
+    seen.clear()
+    two = scorer.score(["a", "b", "a"], ["same", "same", "same"])
+    assert seen == [2] and two[0] == two[2] and two[0] != two[1]  # a pair is (instruction, response)
 
 
 def test_select_best_rules():
