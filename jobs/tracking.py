@@ -10,8 +10,8 @@ stage's seconds as it ends, then the task metrics, means, paired intervals and t
 - **MLflow**: ``MLFLOW_TRACKING_URI`` / ``MLFLOW_EXPERIMENT_NAME`` when set; otherwise a file store
   under ``FOLDER/mlruns``, experiment ``cappy``. The driver creates the run and marks it FINISHED
   or FAILED; workers log into it by id, so a restarted worker group continues the same run.
-  Metrics are logged asynchronously (a remote server's round trip is not on the training loop)
-  and waited on at every flush and at close.
+  Metrics are logged asynchronously (a remote server's round trip is not on the training loop),
+  one batch in flight at a time, and waited on at every flush and at close.
 - **W&B**: ``WANDB_MODE`` / ``WANDB_PROJECT`` when set (``online`` needs a key); otherwise offline
   files under ``FOLDER/wandb`` (``wandb sync``), project ``cappy``. Workers use Ray's ``setup_wandb``.
 
@@ -196,7 +196,11 @@ class Tracker:
 
             from mlflow.entities import Metric
 
-            now = int(time.time() * 1000)  # async: a remote server's round trip stays off the training loop
+            # async: a remote server's round trip stays off the training loop. One batch in flight
+            # at a time: MLflow runs queued batches on a thread pool, and two batches of one run
+            # at once race in a file store (both create metrics/<task>: "File exists").
+            self.flush()
+            now = int(time.time() * 1000)
             self._pending.append(self._ml.log_batch(self.run.run_id, synchronous=False, metrics=[
                 Metric(mlflow_key(k), v, now, step) for k, v in values.items()]))
         else:  # W&B drops a step below one it has: a job logs in step order (evals at their update)

@@ -199,6 +199,34 @@ def test_sweep_run_in_mlflow_renames_what_mlflow_refuses_and_keeps_the_chart(tmp
     assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == ["summary.md", "summary.png"]
 
 
+def test_mlflow_keeps_one_async_batch_in_flight(tmp_path, monkeypatch):
+    """MLflow runs queued async batches on a thread pool; two batches of one run at once raced in
+    the file store ("File exists: .../metrics/tense", about one sweep record in 40). Each batch
+    is waited on before the next is sent, and all at close."""
+    pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    in_flight, most = [], [0]
+
+    class Op:
+        def wait(self):
+            in_flight.remove(self)
+
+    with tracking.tracking("mlflow", tmp_path, "sweep", {}, log=lambda s: None) as run, tracking.Tracker(run) as tracker:
+        def log_batch(run_id, synchronous=True, metrics=()):
+            assert not synchronous  # async still: the training loop does not wait for this batch
+            in_flight.append(Op())
+            most[0] = max(most[0], len(in_flight))
+            return in_flight[-1]
+
+        monkeypatch.setattr(tracker._ml, "log_batch", log_batch)
+        for step in range(5):
+            tracker.scalars({"a/b": float(step), "a/c": 1.0}, step)
+        assert len(in_flight) == 1
+    assert most[0] == 1 and not in_flight
+
+
 def test_unknown_or_missing_tracker_is_a_clear_error(monkeypatch):
     with pytest.raises(ValueError, match="--report-to 'comet'"):
         tracking.check_report_to("comet")
