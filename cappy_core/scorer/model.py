@@ -285,7 +285,9 @@ class Scorer:
         dtype, shape and bytes), its architecture and tokenizer (class and vocabulary size),
         ``max_length`` and ``dtype``. Equal for the same weights however they were obtained (a
         fresh finetune or its stage-cache copy), so scores can be cached by it
-        (:func:`cappy_core.selection.scored_tables.cached_scores`); ~0.1 s for MiniLM's 90 MB."""
+        (:func:`cappy_core.selection.scored_tables.cached_scores`); ~0.1 s for MiniLM's 90 MB.
+        Hashed anew on every call: a tensor's version counter cannot tell whether it changed
+        (the fused AdamW step updates the weights without moving it)."""
         import hashlib
 
         h = hashlib.sha256(json.dumps([type(self.model).__name__, type(self.tokenizer).__name__,
