@@ -164,7 +164,8 @@ def plan(cfg: SweepConfig, preset: str | None = None) -> dict[str, Any]:
     if reused:  # their finetunes come from the stage cache: scoring only
         tasks_stage = next(s for s in stages if s["stage"] == "tasks")
         tasks_stage["seconds"] -= len(reused) * (per_task - TASK_S_SCORING)
-        tasks_stage["what"] += f"; {len(reused)} with every finetune in the stage cache (scoring only)"
+        tasks_stage["what"] += (f"; {len(reused)} with every finetune in the stage cache (scoring only, counted "
+                                "in full: scores the stage cache holds are read back)")
     if missing:
         for s in stages:
             if s["stage"] in ("sample + label", "shared selector", "tasks", "zero-shot"):

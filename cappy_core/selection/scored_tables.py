@@ -5,6 +5,7 @@ on labelled (dev) instructions and ``fused`` with them. Nothing here reads a lab
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from cappy_core.selection.selectors import CAPPY_SIGNAL, LENGTH_SIGNAL, LM_SIGNAL, MBR_SIGNAL
@@ -45,13 +46,19 @@ def cached_scores(scorer: Any, table: pa.Table, cache: StageCache | None = None)
     key = {"scorer": scorer.fingerprint(), "pairs": table_fingerprint(table, ["instruction", "text"])}
     hit = cache.lookup(SCORES_STAGE, key)
     if hit is not None:
-        scores = pq.read_table(hit / "scores.parquet")["score"].to_pylist()
-        if len(scores) == table.num_rows:
+        try:
+            scores = pq.read_table(hit / "scores.parquet")["score"].to_pylist()
+        except (OSError, KeyError, pa.ArrowException):  # unreadable, or no score column
+            scores = None
+        if scores is not None and len(scores) == table.num_rows:
             return scores
-        cache.reused[SCORES_STAGE] -= 1  # a damaged entry (not the table's row count): recomputed, replaced
+        cache.reused[SCORES_STAGE] -= 1  # a damaged entry: recomputed and replaced below
     scores = scorer.score(instructions, texts)
-    with cache.fill(SCORES_STAGE, key) as tmp:
-        pq.write_table(pa.table({"score": pa.array(scores, pa.float64())}), tmp / "scores.parquet")
+    try:
+        with cache.fill(SCORES_STAGE, key) as tmp:
+            pq.write_table(pa.table({"score": pa.array(scores, pa.float64())}), tmp / "scores.parquet")
+    except OSError as e:  # a full or read-only cache costs the reuse, not these scores
+        logging.getLogger(__name__).warning("stage cache: scores not kept (%s)", e)
     return scores
 
 

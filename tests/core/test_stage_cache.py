@@ -104,6 +104,11 @@ def test_scores_are_computed_once_per_scorer_and_pairs_and_a_damaged_entry_is_re
     assert cached_scores(scorer, table, again) == [1.0, 3.0, 2.0] and scorer.calls == 3
     assert (again.reused[SCORES_STAGE], again.stored[SCORES_STAGE]) == (0, 1)
     assert pq.read_table(entry / "scores.parquet")["score"].to_pylist() == [1.0, 3.0, 2.0]  # replaced whole
+    (entry / "scores.parquet").write_bytes(b"not parquet")  # unreadable: the same
+    assert cached_scores(scorer, table, StageCache(tmp_path / "stages")) == [1.0, 3.0, 2.0] and scorer.calls == 4
+    assert pq.read_table(entry / "scores.parquet")["score"].to_pylist() == [1.0, 3.0, 2.0]
+    (tmp_path / "a-file").write_text("")  # a cache that cannot be written: the scores still come back
+    assert cached_scores(scorer, table, StageCache(tmp_path / "a-file" / "stages")) == [1.0, 3.0, 2.0]
     off = CountingScorer()
     assert cached_scores(off, table, StageCache(None)) == [1.0, 3.0, 2.0] and off.calls == 1  # --no-cache
     assert cached_scores(off, table) == [1.0, 3.0, 2.0] and off.calls == 2
