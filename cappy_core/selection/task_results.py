@@ -71,11 +71,11 @@ def finished(tasks_dir: str | Path, task: str, digest: str) -> dict | None:
 
 def stage_cache_line(stage_cache: str, records: Mapping[str, Mapping[str, Any]], ran: list[str]) -> str:
     """What the tasks that ``ran`` took from the stage cache instead of computing: their finetunes
-    (``training.cache`` says ``reused KEY``) and scored tables (``scores_cache``, the zero-shot
-    rows' ones included), as the sweep logs it."""
+    (``training.cache`` says ``reused KEY``) and scored tables (``scores_cache``, their zero-shot
+    rows' ones included), as the sweep logs it. Tasks an earlier run finished are not counted."""
     reused = [t for t in ran if str((records[t].get("training") or {}).get("cache", "")).startswith("reused")]
-    counts = [c for t in records for c in (records[t].get("scores_cache"), (records[t].get("zero_shot") or {})
-                                           .get("scores_cache")) if isinstance(c, Mapping)]
+    counts = [c for t in ran for c in (records[t].get("scores_cache"), (records[t].get("zero_shot") or {})
+                                       .get("scores_cache")) if isinstance(c, Mapping)]
     tables = sum(c.get("reused", 0) for c in counts), sum(c.get("reused", 0) + c.get("stored", 0) for c in counts)
     return (f"stage cache {stage_cache}: {len(reused)} of {len(ran)} task finetune(s) reused"
             + (f" ({', '.join(reused)})" if reused else "") + f"; {tables[0]} of {tables[1]} scored table(s) reused")

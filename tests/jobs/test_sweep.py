@@ -242,6 +242,17 @@ def image_tags(folder: Path) -> set[str]:
             if v.WhichOneof("value") == "image"}
 
 
+def test_the_stage_cache_line_counts_only_what_this_run_computed():
+    from cappy_core.selection.task_results import stage_cache_line
+
+    records = {"a": {"training": {"cache": "reused k1"}, "scores_cache": {"reused": 2, "stored": 0},
+                     "zero_shot": {"scores_cache": {"reused": 5, "stored": 1}}},
+               "b": {"training": {"cache": "stored k2"}, "scores_cache": {"reused": 0, "stored": 2}},
+               "c": {"training": {"cache": "reused k3"}, "scores_cache": {"reused": 2, "stored": 0}}}  # earlier run
+    assert stage_cache_line("/c", records, ["a", "b"]) == (
+        "stage cache /c: 1 of 2 task finetune(s) reused (a); 7 of 10 scored table(s) reused")
+
+
 def test_push_to_hub_pushes_every_kept_scorer_and_goes_on_past_a_failure(tmp_path, monkeypatch):
     """`cappy sweep --keep-scorers --push-to-hub ORG/PREFIX`: ORG/PREFIX-<task> and
     ORG/PREFIX-<task>-selector (a stand-in HfApi: no network); one refused push is reported, the
