@@ -1,7 +1,7 @@
 """Scorer training throughput: the Ray Train loop vs the same loop in a plain process.
 
     python -m jobs.bench.train [--pairs 384] [--model minilm] [--max-length 128] [--threads 1] [--repeats 2]
-                               [--layouts] [--tasks ... --examples DIR]
+                               [--compile] [--layouts] [--tasks ... --examples DIR]
 
 Data: a pretraining pair mixture of a few small BIG-Bench tasks (the local preset's), written
 once as Parquet. Timed on the SAME pairs, same config, one after the other:
@@ -11,6 +11,8 @@ once as Parquet. Timed on the SAME pairs, same config, one after the other:
 - ``ray_1w``: the ``cappy pretrain`` machinery (``run_training``: TorchTrainer, Ray Data feed via
   ``get_dataset_shard`` + ``iter_torch_batches``, one worker with ``--threads`` threads);
 - ``ray_2w``: the same with 2 workers (gloo DDP) of ``--threads`` threads each;
+- with ``--compile``, ``plain_compiled``: the plain loop on ``torch.compile(model, dynamic=True)``
+  (inductor; its recompiles for new shapes after the first update count against it);
 - with ``--layouts``, the ways to spend two cores outside Ray Train: ``plain_2t`` (one process,
   two threads) and ``two_procs_1t`` (two one-thread plain processes at once, their samples/s
   added: the sweep's two tasks finetuning side by side), each against ``plain_2t``.
@@ -64,6 +66,9 @@ class TrainBenchConfig:
     threads: int = field(default=1, metadata={"help": "torch threads of the plain run and of each worker"})
     repeats: int = field(default=2, metadata={"help": "alternate plain / 1-worker runs this often; best of each"})
     two_workers: bool = field(default=True, metadata={"help": "also time 2 workers"})
+    compile: bool = field(default=False, metadata={
+        "help": "also time the plain loop with torch.compile(model, dynamic=True) (inductor), its compile and "
+                "recompile time after the first update included, against the plain loop"})
     layouts: bool = field(default=False, metadata={
         "help": "also time the two ways to use 2 cores outside Ray Train: one process with 2 threads, and two "
                 "1-thread processes at once (their samples/s added: two tasks finetuning side by side)"})
@@ -128,7 +133,8 @@ def time_ray(cfg: TrainBenchConfig, pairs: str, workers: int, threads: int, stor
     return {"samples_per_s": outcome.samples_per_s, "updates": outcome.updates, "wall_s": time.time() - t}
 
 
-def time_plain(cfg: TrainBenchConfig, pairs: str, storage: Path, threads: int | None = None) -> dict:
+def time_plain(cfg: TrainBenchConfig, pairs: str, storage: Path, threads: int | None = None,
+               compiled: bool = False) -> dict:
     import torch
 
     from cappy_core.labeling.pair_mixture import read_pair_columns
@@ -143,7 +149,8 @@ def time_plain(cfg: TrainBenchConfig, pairs: str, storage: Path, threads: int | 
     scorer = Scorer.from_pretrained(tc.init, dtype="bfloat16" if schedule.bf16 else "float32", device="cpu",
                                     max_length=tc.max_length, seed=schedule.seed, for_training=True)
     meter, rate = Throughput(1), [0.0]
-    state = fit_scorer(scorer, read_pair_columns(pairs), schedule, device="cpu",
+    model = torch.compile(scorer.model, dynamic=True) if compiled else None  # None: scorer.model
+    state = fit_scorer(scorer, read_pair_columns(pairs), schedule, device="cpu", model=model,
                        on_update=lambda info: rate.__setitem__(0, meter.tick(info.samples)))
     return {"samples_per_s": rate[0], "updates": state.update, "wall_s": time.time() - t}
 
@@ -251,6 +258,10 @@ def run(cfg: TrainBenchConfig) -> int:
                    / bound["matmul_fp32_flops"],
                    ray_1w_fraction_of_bound=one["samples_per_s"] * bound["train_flops_per_sample"]
                    / bound["matmul_fp32_flops"])
+        if cfg.compile:  # best of --repeats, against the best plain run above
+            runs = [time_plain(cfg, pairs, storage, compiled=True)["samples_per_s"] for _ in range(cfg.repeats)]
+            out.update(plain_compiled_samples_per_s=max(runs), plain_compiled_runs=[round(x, 3) for x in runs],
+                       compiled_vs_plain=max(runs) / plain["samples_per_s"])
         if cfg.two_workers:
             two = time_ray(cfg, pairs, 2, cfg.threads, storage, "2w")
             out.update(ray_2w_samples_per_s=two["samples_per_s"], ray_2w_wall_s=two["wall_s"],
