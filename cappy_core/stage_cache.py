@@ -11,7 +11,8 @@ Entries are written atomically (:func:`cappy_core.io.atomic_dir`): a reader find
 none. A reuse touches the entry, so :func:`entries` knows when each was last used and
 :func:`prune_plan` picks the least recently used first (``cappy cache prune``). Used by the sweep
 (:mod:`jobs.sweep`) for its sampled candidates and by
-:func:`cappy_core.selection.task_eval.run_task` for each finetune. Tested in
+:func:`cappy_core.selection.task_eval.run_task` for each finetune and scored table
+(:func:`cappy_core.selection.scored_tables.cached_scores`). Tested in
 ``tests/core/test_stage_cache.py``.
 """
 
@@ -107,9 +108,17 @@ class StageCache:
         if path is None or not (path / RECORD).is_file():
             return None
         if mark_used:
-            touch(path)
-            self.reused[stage] += 1
+            self.mark_reused(stage, path)
         return path
+
+    def mark_reused(self, stage: str, path: Path) -> None:
+        """Count ``path`` (an entry :meth:`lookup` found without marking it) as reused, and touch it."""
+        touch(path)
+        self.reused[stage] += 1
+
+    def counts(self, stage: str) -> dict[str, int]:
+        """``{"reused": n, "stored": m}``: the entries of ``stage`` this object reused and stored."""
+        return {"reused": self.reused[stage], "stored": self.stored[stage]}
 
     @contextlib.contextmanager
     def fill(self, stage: str, key: Mapping[str, Any]) -> Iterator[Optional[Path]]:

@@ -44,15 +44,16 @@ def cached_scores(scorer: Any, table: pa.Table, cache: StageCache | None = None)
     if cache is None or cache.root is None:
         return scorer.score(instructions, texts)
     key = {"scorer": scorer.fingerprint(), "pairs": table_fingerprint(table, ["instruction", "text"])}
-    hit = cache.lookup(SCORES_STAGE, key)
+    hit = cache.lookup(SCORES_STAGE, key, mark_used=False)  # a reuse once read whole
     if hit is not None:
         try:
             scores = pq.read_table(hit / "scores.parquet")["score"].to_pylist()
         except (OSError, KeyError, pa.ArrowException):  # unreadable, or no score column
             scores = None
         if scores is not None and len(scores) == table.num_rows:
+            cache.mark_reused(SCORES_STAGE, hit)
             return scores
-        cache.reused[SCORES_STAGE] -= 1  # a damaged entry: recomputed and replaced below
+        # a damaged entry: recomputed and replaced below
     scores = scorer.score(instructions, texts)
     try:
         with cache.fill(SCORES_STAGE, key) as tmp:

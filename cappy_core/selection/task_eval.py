@@ -434,6 +434,6 @@ def run_task(task: str, settings: TaskSettings, *, use_gpu: bool = False, torch_
         record_evaluation(task_dir / "selector_scorer", [{"task": task, "split": "validation", "method": FUSED,
                                                           "rouge_l": result["metrics"][FUSED]}],
                           name=f"cappy-selector-{task}")
-    scores_cache = {"reused": cache.reused[SCORES_STAGE], "stored": cache.stored[SCORES_STAGE]}
     return {**result, "fused_weights": weights, **dev_record, "sizes": sizes, "training": training,
-            "timings": timings, "device": device, **({"scores_cache": scores_cache} if cache.root else {})}
+            "timings": timings, "device": device,
+            **({"scores_cache": cache.counts(SCORES_STAGE)} if cache.root else {})}

@@ -161,7 +161,7 @@ def run_zero_shot(task: str, tasks: Sequence[str], settings: TaskSettings, diges
                                                                                 "validation"), cache=cache), weights),
               "timings": {"finetune_s": finetune_s, "score_s": time.monotonic() - t}}
     if cache.root is not None:
-        result["scores_cache"] = {"reused": cache.reused[SCORES_STAGE], "stored": cache.stored[SCORES_STAGE]}
+        result["scores_cache"] = cache.counts(SCORES_STAGE)
     write_json(home / "result.json", result)
     return result
 
